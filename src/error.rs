@@ -1,0 +1,328 @@
+//! The one public error type of the crate.
+//!
+//! Every fallible operation returns [`Error`], a boxed [`ErrorKind`] plus a
+//! [`Location`] that says where the problem is: which file, which shard,
+//! which tensor and which byte offset, as far as they are known.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A specialised `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where an error happened. Every field is optional; the `Display` of
+/// [`Error`] prints the ones that are known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Location {
+    /// The file being read or written.
+    pub file: Option<PathBuf>,
+    /// The shard index inside a container.
+    pub shard: Option<u32>,
+    /// The layer (module path), e.g. `transformer_blocks.0.attn.to_q`.
+    pub layer: Option<String>,
+    /// The stored tensor key, e.g. `x.weight._data`.
+    pub tensor: Option<String>,
+    /// The absolute byte offset in the file.
+    pub offset: Option<u64>,
+}
+
+/// What went wrong.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An operating-system I/O error.
+    Io(std::io::Error),
+    /// The file does not start with the container magic.
+    BadMagic,
+    /// The container's major version is not one this reader knows.
+    UnsupportedVersion {
+        /// Major version found in the file.
+        major: u16,
+        /// Minor version found in the file.
+        minor: u16,
+    },
+    /// The file ends before a structure it declares.
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// How many bytes were needed (end offset).
+        needed: u64,
+        /// How many bytes the file has.
+        available: u64,
+    },
+    /// A declared size or count exceeds a documented limit.
+    LimitExceeded {
+        /// The limit's name, as in the spec.
+        what: &'static str,
+        /// The declared value.
+        value: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Arithmetic on declared sizes, shapes or offsets overflows.
+    Overflow {
+        /// What was being computed.
+        what: &'static str,
+    },
+    /// The file breaks a structural rule of the format (offsets, padding,
+    /// ordering, cross-references). The message names the rule.
+    Malformed(String),
+    /// The manifest could not be decoded.
+    ManifestDecode(String),
+    /// A stored hash does not match the bytes.
+    HashMismatch {
+        /// What was hashed (manifest, shard header, tensor).
+        what: String,
+        /// The hash recorded in the file (hex).
+        expected: String,
+        /// The hash of the bytes found (hex).
+        actual: String,
+    },
+    /// A safetensors header or file is invalid.
+    Safetensors(String),
+    /// A compressed chunk could not be decoded.
+    Decompress(String),
+    /// A tensor, layer or shard was asked for and does not exist.
+    NotFound(String),
+    /// The dtype is not supported by this operation.
+    UnsupportedDtype(String),
+    /// The input is valid but this operation cannot be done on it.
+    Unsupported(String),
+    /// The layout of a layer is inconsistent (wrong shapes, missing parts,
+    /// a quantization map that disagrees with the tensors).
+    Layout(String),
+    /// Layers whose layout cannot be determined from the input alone; the
+    /// message says which hint resolves them.
+    Ambiguous(String),
+    /// A JSON side file (index, qmap, config, descriptor) is invalid.
+    Json(String),
+    /// The caller used the API wrongly (e.g. wrote tensors out of plan order).
+    Usage(String),
+    /// The output exists and overwriting was not allowed.
+    OutputExists(PathBuf),
+    /// The operation was interrupted (Ctrl-C); no output was left behind.
+    Interrupted,
+}
+
+/// The error type of every ckptkit operation.
+///
+/// It carries an [`ErrorKind`] and a [`Location`]; both are boxed so that
+/// `Result<T>` stays small.
+pub struct Error(Box<Inner>);
+
+struct Inner {
+    kind: ErrorKind,
+    loc: Location,
+}
+
+impl Error {
+    /// Creates an error of the given kind with no location.
+    pub fn new(kind: ErrorKind) -> Self {
+        Error(Box::new(Inner {
+            kind,
+            loc: Location::default(),
+        }))
+    }
+
+    /// Shorthand for [`ErrorKind::Malformed`].
+    pub fn malformed(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Malformed(msg.into()))
+    }
+
+    /// Shorthand for [`ErrorKind::Layout`].
+    pub fn layout(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Layout(msg.into()))
+    }
+
+    /// Shorthand for [`ErrorKind::Usage`].
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Usage(msg.into()))
+    }
+
+    /// Shorthand for [`ErrorKind::Overflow`].
+    pub fn overflow(what: &'static str) -> Self {
+        Self::new(ErrorKind::Overflow { what })
+    }
+
+    /// The kind of error.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.0.kind
+    }
+
+    /// Consumes the error, returning its kind.
+    pub fn into_kind(self) -> ErrorKind {
+        self.0.kind
+    }
+
+    /// Where the error happened.
+    pub fn location(&self) -> &Location {
+        &self.0.loc
+    }
+
+    /// Sets the file, unless one is already set.
+    pub fn with_file(mut self, p: impl AsRef<Path>) -> Self {
+        if self.0.loc.file.is_none() {
+            self.0.loc.file = Some(p.as_ref().to_path_buf());
+        }
+        self
+    }
+
+    /// Sets the shard index, unless one is already set.
+    pub fn with_shard(mut self, s: u32) -> Self {
+        self.0.loc.shard.get_or_insert(s);
+        self
+    }
+
+    /// Sets the layer, unless one is already set.
+    pub fn with_layer(mut self, l: impl Into<String>) -> Self {
+        if self.0.loc.layer.is_none() {
+            self.0.loc.layer = Some(l.into());
+        }
+        self
+    }
+
+    /// Sets the tensor key, unless one is already set.
+    pub fn with_tensor(mut self, t: impl Into<String>) -> Self {
+        if self.0.loc.tensor.is_none() {
+            self.0.loc.tensor = Some(t.into());
+        }
+        self
+    }
+
+    /// Sets the byte offset, unless one is already set.
+    pub fn with_offset(mut self, o: u64) -> Self {
+        self.0.loc.offset.get_or_insert(o);
+        self
+    }
+
+    /// True when this is an I/O error from the operating system.
+    pub fn is_io(&self) -> bool {
+        matches!(self.0.kind, ErrorKind::Io(_))
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorKind::Io(e) => write!(f, "I/O error: {e}"),
+            ErrorKind::BadMagic => write!(
+                f,
+                "not a ckptkit container (bad magic); is this a .safetensors file?"
+            ),
+            ErrorKind::UnsupportedVersion { major, minor } => write!(
+                f,
+                "container format version {major}.{minor} is not supported by this reader \
+                 (it reads major version 1); upgrade ckptkit"
+            ),
+            ErrorKind::Truncated {
+                what,
+                needed,
+                available,
+            } => write!(
+                f,
+                "file truncated: {what} needs {needed} bytes but the file has {available}"
+            ),
+            ErrorKind::LimitExceeded { what, value, limit } => {
+                write!(f, "{what} is {value}, over the limit of {limit}")
+            }
+            ErrorKind::Overflow { what } => write!(f, "arithmetic overflow computing {what}"),
+            ErrorKind::Malformed(m) => write!(f, "malformed container: {m}"),
+            ErrorKind::ManifestDecode(m) => write!(f, "manifest cannot be decoded: {m}"),
+            ErrorKind::HashMismatch {
+                what,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "integrity check failed for {what}: recorded blake3 {expected}, found {actual}"
+            ),
+            ErrorKind::Safetensors(m) => write!(f, "invalid safetensors data: {m}"),
+            ErrorKind::Decompress(m) => write!(f, "compressed chunk cannot be decoded: {m}"),
+            ErrorKind::NotFound(m) => write!(f, "not found: {m}"),
+            ErrorKind::UnsupportedDtype(m) => write!(f, "unsupported dtype: {m}"),
+            ErrorKind::Unsupported(m) => write!(f, "unsupported: {m}"),
+            ErrorKind::Layout(m) => write!(f, "layout error: {m}"),
+            ErrorKind::Ambiguous(m) => write!(f, "ambiguous layout: {m}"),
+            ErrorKind::Json(m) => write!(f, "invalid JSON side file: {m}"),
+            ErrorKind::Usage(m) => write!(f, "{m}"),
+            ErrorKind::OutputExists(p) => write!(
+                f,
+                "output {} already exists; pass --force to replace it",
+                p.display()
+            ),
+            ErrorKind::Interrupted => write!(f, "interrupted; no output was written"),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let l = &self.0.loc;
+        let mut parts = Vec::new();
+        if let Some(p) = &l.file {
+            parts.push(p.display().to_string());
+        }
+        if let Some(s) = l.shard {
+            parts.push(format!("shard {s}"));
+        }
+        if let Some(s) = &l.layer {
+            parts.push(format!("layer `{s}`"));
+        }
+        if let Some(s) = &l.tensor {
+            parts.push(format!("tensor `{s}`"));
+        }
+        if let Some(o) = l.offset {
+            parts.push(format!("byte {o}"));
+        }
+        if parts.is_empty() {
+            write!(f, "{}", self.0.kind)
+        } else {
+            write!(f, "{}: {}", parts.join(", "), self.0.kind)
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Error({:?}, {:?})", self.0.kind, self.0.loc)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.0.kind {
+            ErrorKind::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<ErrorKind> for Error {
+    fn from(k: ErrorKind) -> Self {
+        Error::new(k)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::new(ErrorKind::Io(e))
+    }
+}
+
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> Self {
+        match e.0.kind {
+            ErrorKind::Io(io) => io,
+            _ => std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        }
+    }
+}
+
+/// Hex rendering of a hash for messages.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}

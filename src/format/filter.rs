@@ -1,0 +1,279 @@
+//! Compression of tensor chunks: the float plane filter and the chunk
+//! codecs (spec/container.md §4).
+//!
+//! The float filter rotates every 16- or 32-bit float left by one bit, so
+//! that the sign sits next to the mantissa and the exponent fills the top
+//! bits, then splits the elements into byte planes, most significant plane
+//! first. For bf16 and f32 the first plane is exactly the exponent, which
+//! compresses well; the other planes hold sign and mantissa bits, which
+//! are close to random and are usually stored raw.
+
+use crate::dtype::Dtype;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::manifest::Codec;
+
+/// Number of byte planes the filter makes for a dtype (its element size).
+pub fn planes(dtype: Dtype) -> usize {
+    dtype.size()
+}
+
+/// Splits `raw` (elements of `dtype`, a 2- or 4-byte float) into byte
+/// planes written to `out` (same length): plane `p` holds byte `size-1-p`
+/// of every rotated element.
+pub fn split(dtype: Dtype, raw: &[u8], out: &mut [u8]) -> Result<()> {
+    let n = check(dtype, raw.len(), out.len())?;
+    match dtype.size() {
+        2 => {
+            let (hi, lo) = out.split_at_mut(n);
+            for ((c, h), l) in raw.chunks_exact(2).zip(hi.iter_mut()).zip(lo.iter_mut()) {
+                let v = u16::from_le_bytes([c[0], c[1]]).rotate_left(1);
+                let [b0, b1] = v.to_le_bytes();
+                *h = b1;
+                *l = b0;
+            }
+        }
+        4 => {
+            let (p0, rest) = out.split_at_mut(n);
+            let (p1, rest) = rest.split_at_mut(n);
+            let (p2, p3) = rest.split_at_mut(n);
+            for (i, c) in raw.chunks_exact(4).enumerate() {
+                let v = u32::from_le_bytes([c[0], c[1], c[2], c[3]]).rotate_left(1);
+                let b = v.to_le_bytes();
+                p0[i] = b[3];
+                p1[i] = b[2];
+                p2[i] = b[1];
+                p3[i] = b[0];
+            }
+        }
+        _ => unreachable_dtype(dtype)?,
+    }
+    Ok(())
+}
+
+/// Inverse of [`split`].
+pub fn merge(dtype: Dtype, planes: &[u8], out: &mut [u8]) -> Result<()> {
+    let n = check(dtype, out.len(), planes.len())?;
+    match dtype.size() {
+        2 => {
+            let (hi, lo) = planes.split_at(n);
+            for ((c, h), l) in out.chunks_exact_mut(2).zip(hi).zip(lo) {
+                let v = u16::from_le_bytes([*l, *h]).rotate_right(1);
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        4 => {
+            let (p0, rest) = planes.split_at(n);
+            let (p1, rest) = rest.split_at(n);
+            let (p2, p3) = rest.split_at(n);
+            for (i, c) in out.chunks_exact_mut(4).enumerate() {
+                let v = u32::from_le_bytes([p3[i], p2[i], p1[i], p0[i]]).rotate_right(1);
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        _ => unreachable_dtype(dtype)?,
+    }
+    Ok(())
+}
+
+fn unreachable_dtype(dtype: Dtype) -> Result<()> {
+    Err(Error::new(ErrorKind::UnsupportedDtype(format!(
+        "the float filter applies to F16, BF16 and F32, not {dtype}"
+    ))))
+}
+
+fn check(dtype: Dtype, a: usize, b: usize) -> Result<usize> {
+    if !dtype.is_filterable_float() {
+        unreachable_dtype(dtype)?;
+    }
+    let s = dtype.size();
+    if a != b || a % s != 0 {
+        return Err(Error::malformed(format!(
+            "float filter: {a} bytes is not a whole number of {dtype} elements (or {b} != {a})"
+        )));
+    }
+    Ok(a / s)
+}
+
+/// Encodes one chunk of raw bytes. Returns the stored bytes.
+///
+/// * [`Codec::Zstd`]: one zstd frame if strictly smaller than `raw`, else
+///   `raw` itself.
+/// * [`Codec::ZstdFloatPlanes`]: the planes of [`split`], each stored as a
+///   record `u32 LE length ‖ bytes`, where a length equal to the plane's
+///   size means raw and a smaller one means a zstd frame.
+pub fn encode_chunk(codec: Codec, dtype: Dtype, level: i32, raw: &[u8]) -> Result<Vec<u8>> {
+    match codec {
+        Codec::Plain => Ok(raw.to_vec()),
+        Codec::Zstd => {
+            let z = zstd::bulk::compress(raw, level)?;
+            Ok(if z.len() < raw.len() { z } else { raw.to_vec() })
+        }
+        Codec::ZstdFloatPlanes => {
+            let mut planes = vec![0u8; raw.len()];
+            split(dtype, raw, &mut planes)?;
+            let n = raw.len() / dtype.size();
+            let mut out = Vec::with_capacity(raw.len() + 16);
+            for plane in planes.chunks(n.max(1)).take(dtype.size()) {
+                let z = zstd::bulk::compress(plane, level)?;
+                let body: &[u8] = if z.len() < plane.len() { &z } else { plane };
+                out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                out.extend_from_slice(body);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Decodes one stored chunk into `out`, whose length is the chunk's raw
+/// length (known from the manifest). Never allocates more than `out.len()`
+/// of scratch.
+pub fn decode_chunk(codec: Codec, dtype: Dtype, stored: &[u8], out: &mut [u8]) -> Result<()> {
+    match codec {
+        Codec::Plain => copy_exact(stored, out),
+        Codec::Zstd => unzstd_or_raw(stored, out),
+        Codec::ZstdFloatPlanes => {
+            let n = check(dtype, out.len(), out.len())?;
+            let mut planes = vec![0u8; out.len()];
+            let mut rest = stored;
+            for plane in planes.chunks_mut(n.max(1)).take(dtype.size()) {
+                let (lenb, r) = split_at_checked(rest, 4)?;
+                let len = u32::from_le_bytes([lenb[0], lenb[1], lenb[2], lenb[3]]) as usize;
+                let (body, r) = split_at_checked(r, len)?;
+                unzstd_or_raw(body, plane)?;
+                rest = r;
+            }
+            if !rest.is_empty() {
+                return Err(Error::new(ErrorKind::Decompress(format!(
+                    "{} bytes after the last plane record",
+                    rest.len()
+                ))));
+            }
+            merge(dtype, &planes, out)
+        }
+    }
+}
+
+fn split_at_checked(b: &[u8], n: usize) -> Result<(&[u8], &[u8])> {
+    if b.len() < n {
+        return Err(Error::new(ErrorKind::Decompress(format!(
+            "plane record needs {n} bytes, {} left",
+            b.len()
+        ))));
+    }
+    Ok(b.split_at(n))
+}
+
+fn copy_exact(stored: &[u8], out: &mut [u8]) -> Result<()> {
+    if stored.len() != out.len() {
+        return Err(Error::new(ErrorKind::Decompress(format!(
+            "raw chunk is {} bytes, expected {}",
+            stored.len(),
+            out.len()
+        ))));
+    }
+    out.copy_from_slice(stored);
+    Ok(())
+}
+
+/// A stored body equal in length to its raw size is raw; a shorter one is a
+/// single zstd frame that must decode to exactly `out.len()` bytes; a longer
+/// one is invalid.
+fn unzstd_or_raw(stored: &[u8], out: &mut [u8]) -> Result<()> {
+    if stored.len() == out.len() {
+        out.copy_from_slice(stored);
+        return Ok(());
+    }
+    if stored.len() > out.len() {
+        return Err(Error::new(ErrorKind::Decompress(format!(
+            "stored chunk ({} bytes) is larger than its raw size ({})",
+            stored.len(),
+            out.len()
+        ))));
+    }
+    // Check the frame's declared content size before decoding.
+    match zstd::zstd_safe::get_frame_content_size(stored) {
+        Ok(Some(sz)) if sz == out.len() as u64 => {}
+        Ok(Some(sz)) => {
+            return Err(Error::new(ErrorKind::Decompress(format!(
+                "zstd frame declares {sz} bytes, expected {}",
+                out.len()
+            ))))
+        }
+        _ => {
+            return Err(Error::new(ErrorKind::Decompress(
+                "not a zstd frame with a declared content size".into(),
+            )))
+        }
+    }
+    let mut d = zstd::bulk::Decompressor::new()?;
+    let n = d
+        .decompress_to_buffer(stored, out)
+        .map_err(|e| Error::new(ErrorKind::Decompress(e.to_string())))?;
+    if n != out.len() {
+        return Err(Error::new(ErrorKind::Decompress(format!(
+            "zstd frame gave {n} bytes, expected {}",
+            out.len()
+        ))));
+    }
+    // exactly one frame: compressed size must equal the whole body
+    match zstd::zstd_safe::find_frame_compressed_size(stored) {
+        Ok(sz) if sz == stored.len() => Ok(()),
+        _ => Err(Error::new(ErrorKind::Decompress(
+            "trailing bytes after the zstd frame".into(),
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn split_merge_roundtrip(v in proptest::collection::vec(any::<u8>(), 0..512), d in 0usize..3) {
+            let dtype = [Dtype::BF16, Dtype::F16, Dtype::F32][d];
+            let n = v.len() / dtype.size() * dtype.size();
+            let raw = &v[..n];
+            let mut p = vec![0; n];
+            split(dtype, raw, &mut p).unwrap();
+            let mut back = vec![0; n];
+            merge(dtype, &p, &mut back).unwrap();
+            prop_assert_eq!(&back[..], raw);
+        }
+
+        #[test]
+        fn chunk_roundtrip(v in proptest::collection::vec(0u8..4, 0..4096), c in 0usize..3, d in 0usize..3) {
+            let dtype = [Dtype::BF16, Dtype::F16, Dtype::F32][d];
+            let codec = [Codec::Plain, Codec::Zstd, Codec::ZstdFloatPlanes][c];
+            let n = v.len() / 4 * 4;
+            let raw = &v[..n];
+            let stored = encode_chunk(codec, dtype, 1, raw).unwrap();
+            let mut out = vec![0; n];
+            decode_chunk(codec, dtype, &stored, &mut out).unwrap();
+            prop_assert_eq!(&out[..], raw);
+        }
+    }
+
+    #[test]
+    fn bf16_exponent_lands_in_first_plane() {
+        // 1.0 bf16 = 0x3F80: sign 0, exponent 0x7F, mantissa 0
+        let raw = 0x3F80u16.to_le_bytes();
+        let mut p = [0u8; 2];
+        split(Dtype::BF16, &raw, &mut p).unwrap();
+        assert_eq!(p, [0x7F, 0x00]);
+        // -1.5 = 0xBFC0: exponent 0x7F, mantissa 0x40, sign 1 -> low plane 0x81
+        let raw = 0xBFC0u16.to_le_bytes();
+        split(Dtype::BF16, &raw, &mut p).unwrap();
+        assert_eq!(p, [0x7F, 0x81]);
+    }
+
+    #[test]
+    fn oversized_or_garbage_frames_are_errors() {
+        let mut out = [0u8; 8];
+        assert!(decode_chunk(Codec::Zstd, Dtype::U8, &[1; 9], &mut out).is_err());
+        assert!(decode_chunk(Codec::Zstd, Dtype::U8, &[1; 5], &mut out).is_err());
+        let z = zstd::bulk::compress(&[0u8; 16], 1).unwrap();
+        assert!(decode_chunk(Codec::Zstd, Dtype::U8, &z, &mut out).is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! The manifest: the schema and integrity record of a container.
+//!
+//! These types are encoded with bincode 2.0.1 (`config::standard()`:
+//! little-endian, variable-length integers); spec/container.md §5 gives the
+//! byte-level encoding field by field. Field order here *is* the encoding:
+//! never reorder fields or enum variants; later minor versions add
+//! information through [`Extension`] records.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::Dtype;
+
+/// A 32-byte blake3 digest.
+pub type Hash = [u8; 32];
+
+/// Format version (major.minor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// Incompatible changes bump the major version.
+    pub major: u16,
+    /// Compatible additions (new extensions) bump the minor version.
+    pub minor: u16,
+}
+
+/// The whole manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Must equal the version in the fixed header.
+    pub version: Version,
+    /// Free-form user metadata (training step, source, notes...).
+    pub metadata: BTreeMap<String, String>,
+    /// Which tool wrote the container and from what.
+    pub provenance: Provenance,
+    /// The shard table, in file order.
+    pub shards: Vec<Shard>,
+    /// The layer table: how stored tensors make up the model's layers.
+    pub layers: Vec<Layer>,
+    /// Named extension sections (see [`Extension`]).
+    pub extensions: Vec<Extension>,
+}
+
+/// Where a container came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Tool name, e.g. `ckptkit`.
+    pub tool: String,
+    /// Tool version, e.g. `0.1.0`.
+    pub tool_version: String,
+    /// The source files the container was made from.
+    pub sources: Vec<SourceFile>,
+}
+
+/// One source file of a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// Path as given to the tool (informational).
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// blake3 of the whole file, when it was computed.
+    pub blake3: Option<Hash>,
+}
+
+/// How a shard's tensor data is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    /// The shard is stored verbatim: it is a complete safetensors file.
+    None,
+    /// Each tensor's bytes are cut into chunks of `chunk_size` raw bytes
+    /// (the last chunk of a tensor may be shorter), each stored raw or as an
+    /// independent zstd frame.
+    Zstd {
+        /// Raw bytes per chunk; a multiple of 8 between
+        /// [`MIN_CHUNK_SIZE`](crate::format::MIN_CHUNK_SIZE) and
+        /// [`MAX_CHUNK_SIZE`](crate::format::MAX_CHUNK_SIZE).
+        chunk_size: u32,
+    },
+}
+
+/// One shard: a safetensors blob inside the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// The file name this shard has when extracted
+    /// (e.g. `model-00001-of-00002.safetensors`).
+    pub name: String,
+    /// Absolute offset of the shard's first byte in the container.
+    pub offset: u64,
+    /// Bytes the shard occupies in the container.
+    pub stored_len: u64,
+    /// Bytes of the safetensors header: 8 + N.
+    pub header_len: u64,
+    /// blake3 of those `header_len` bytes.
+    pub header_blake3: Hash,
+    /// Compression of the tensor data.
+    pub compression: Compression,
+    /// The shard's tensors, in safetensors data order.
+    pub tensors: Vec<StoredTensor>,
+}
+
+/// How one stored tensor's chunks are encoded (compressed shards only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Codec {
+    /// Uncompressed shard: the bytes are in place.
+    Plain,
+    /// Each chunk is raw (stored length = raw length) or one zstd frame.
+    Zstd,
+    /// Each chunk is float-filtered into byte planes, and each plane is
+    /// stored raw or as one zstd frame (spec/container.md §4.3).
+    ZstdFloatPlanes,
+}
+
+/// A tensor as stored in a shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredTensor {
+    /// Key in the shard's safetensors header.
+    pub key: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape (rank at most [`MAX_RANK`](crate::format::MAX_RANK)).
+    pub shape: Vec<u64>,
+    /// blake3 of the tensor's raw (uncompressed) bytes.
+    pub blake3: Hash,
+    /// Encoding of the chunks.
+    pub codec: Codec,
+    /// Stored length of each chunk; empty for [`Codec::Plain`].
+    pub chunks: Vec<u32>,
+}
+
+/// The weight quantization of a layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WeightQuant {
+    /// Not quantized.
+    Plain,
+    /// optimum-quanto: `qtype` is quanto's name (`qint8`, `qint4`, ...).
+    Quanto {
+        /// Weight qtype name as quanto writes it in its map.
+        qtype: String,
+        /// Group size along the flattened weight, `None` = per output row.
+        group_size: Option<u64>,
+    },
+    /// An int8 layout: a preset name (`int8`, `int8:bnb`, ...) or a
+    /// descriptor.
+    Int8 {
+        /// Preset name or `custom`.
+        layout: String,
+        /// The descriptor as canonical JSON (empty for built-in presets).
+        descriptor: String,
+    },
+}
+
+/// The quantization record of a layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quantization {
+    /// How the weights are stored.
+    pub weights: WeightQuant,
+    /// Activation qtype name (quanto), or `None`.
+    pub activations: Option<String>,
+}
+
+/// The role of a stored part within a logical tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    /// The values themselves (plain tensor or quantized payload).
+    Data,
+    /// A scale.
+    Scale,
+    /// A float shift (quanto `_shift`).
+    Shift,
+    /// An integer zero point.
+    ZeroPoint,
+    /// Any other constant tensor a layout needs, by name.
+    Other(String),
+}
+
+/// How a logical tensor is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encoding {
+    /// One `Data` part that is the tensor itself.
+    Plain,
+    /// Parts combined by the layer's [`WeightQuant`].
+    Quantized,
+}
+
+/// A stored tensor that makes up (part of) a logical tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    /// What this part is.
+    pub role: Role,
+    /// Index into [`Manifest::shards`].
+    pub shard: u32,
+    /// Key inside that shard.
+    pub key: String,
+    /// Stored dtype (must match the shard table).
+    pub dtype: Dtype,
+    /// Stored shape (must match the shard table).
+    pub shape: Vec<u64>,
+    /// blake3 of the stored bytes (must match the shard table).
+    pub blake3: Hash,
+}
+
+/// A model parameter or buffer (`weight`, `bias`, `input_scale`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogicalTensor {
+    /// Name relative to the layer.
+    pub name: String,
+    /// The dtype the model sees.
+    pub dtype: Dtype,
+    /// The shape the model sees.
+    pub shape: Vec<u64>,
+    /// How it is encoded.
+    pub encoding: Encoding,
+    /// Its stored parts.
+    pub parts: Vec<Part>,
+}
+
+/// A layer: a module path with its logical tensors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// The module path (`transformer_blocks.0.attn.to_q`); empty for
+    /// top-level tensors.
+    pub path: String,
+    /// Quantization record.
+    pub quant: Quantization,
+    /// Logical tensors.
+    pub tensors: Vec<LogicalTensor>,
+    /// Per-layer extensions.
+    pub extensions: Vec<Extension>,
+}
+
+/// A named extension section. Readers skip unknown extensions unless
+/// `critical` is set, in which case they refuse the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extension {
+    /// Reverse-DNS-style name, e.g. `ckptkit.example`.
+    pub name: String,
+    /// A reader that does not know this extension must refuse the file.
+    pub critical: bool,
+    /// Opaque payload.
+    pub data: Vec<u8>,
+}
+
+impl Layer {
+    /// Iterates over every stored part of every logical tensor.
+    pub fn parts(&self) -> impl Iterator<Item = &Part> {
+        self.tensors.iter().flat_map(|t| t.parts.iter())
+    }
+}

@@ -1,0 +1,58 @@
+//! The `.ckpk` container format, version 1: pure functions over bytes, no
+//! I/O. spec/container.md is the normative description; each rule there
+//! names the function here that enforces it.
+
+pub mod filter;
+pub mod header;
+pub mod manifest;
+pub mod st_header;
+pub mod validate;
+
+mod codec;
+pub use codec::{decode_manifest, encode_manifest};
+
+/// The 8 magic bytes at offset 0.
+pub const MAGIC: [u8; 8] = [0x89, b'C', b'K', b'P', b'K', 0x0D, 0x0A, 0x1A];
+/// Major version this crate reads and writes.
+pub const VERSION_MAJOR: u16 = 1;
+/// Minor version this crate writes.
+pub const VERSION_MINOR: u16 = 0;
+/// Size of the fixed header.
+pub const HEADER_LEN: u64 = 64;
+/// Shards start on multiples of this (so tensor data can be mapped aligned).
+pub const SHARD_ALIGN: u64 = 64;
+/// The manifest starts on a multiple of this.
+pub const MANIFEST_ALIGN: u64 = 8;
+
+/// Largest manifest a reader accepts (bytes).
+pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
+/// Most shards in one container.
+pub const MAX_SHARDS: u64 = 65_536;
+/// Most stored tensors in one container (all shards).
+pub const MAX_TENSORS: u64 = 1 << 20;
+/// Most layers in one container.
+pub const MAX_LAYERS: u64 = 1 << 20;
+/// Most parts in one logical tensor.
+pub const MAX_PARTS: u64 = 16;
+/// Largest tensor rank.
+pub const MAX_RANK: usize = 8;
+/// Longest key, layer path, or shard name (bytes).
+pub const MAX_NAME_LEN: usize = 4096;
+/// Most `metadata` entries.
+pub const MAX_METADATA_ENTRIES: usize = 4096;
+/// Largest safetensors header (`N`), as the safetensors crate enforces.
+pub const MAX_ST_HEADER_LEN: u64 = 100_000_000;
+/// Smallest allowed chunk size.
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+/// Largest allowed chunk size: a reader never needs more scratch than this
+/// per chunk.
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+/// Default chunk size for writers.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+
+/// Rounds `x` up to a multiple of `a` (a power of two), with overflow
+/// checking.
+pub fn align_up(x: u64, a: u64) -> Option<u64> {
+    debug_assert!(a.is_power_of_two());
+    x.checked_add(a - 1).map(|v| v & !(a - 1))
+}

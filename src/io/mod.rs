@@ -1,0 +1,107 @@
+//! Sources and sinks: safetensors files, Hugging Face sharded directories,
+//! containers; memory-mapped windows; atomic commits.
+
+pub mod atomic;
+pub mod container;
+pub mod safetensors_file;
+pub mod sharded;
+pub mod source;
+pub mod writer;
+
+use std::fs::File;
+use std::ops::Deref;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use memmap2::{Mmap, MmapOptions};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The bytes of one tensor: a read-only window mapped from the file
+/// (zero-copy, released when dropped) or an owned buffer (decompressed
+/// data).
+#[derive(Debug)]
+pub enum TensorBytes {
+    /// A memory-mapped window of exactly the tensor's bytes.
+    Mapped(Mmap),
+    /// Owned bytes.
+    Owned(Vec<u8>),
+}
+
+impl Deref for TensorBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            TensorBytes::Mapped(m) => m,
+            TensorBytes::Owned(v) => v,
+        }
+    }
+}
+
+impl TensorBytes {
+    /// Converts into an owned vector (copies a mapped window).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            TensorBytes::Mapped(m) => m.to_vec(),
+            TensorBytes::Owned(v) => v,
+        }
+    }
+}
+
+/// Maps `len` bytes at `offset` of `file` (which the caller has checked lie
+/// inside the file). Empty ranges give an empty owned buffer.
+pub fn map_window(file: &File, path: &Path, offset: u64, len: u64) -> Result<TensorBytes> {
+    if len == 0 {
+        return Ok(TensorBytes::Owned(Vec::new()));
+    }
+    let l = usize::try_from(len).map_err(|_| Error::overflow("window length"))?;
+    // SAFETY: the map is read-only. Like every mmap-based reader, we rely on
+    // the file not being truncated or modified while mapped; ckptkit never
+    // modifies inputs and writes outputs through new files and renames.
+    let m = unsafe { MmapOptions::new().offset(offset).len(l).map(file) }
+        .map_err(|e| Error::from(e).with_file(path).with_offset(offset))?;
+    Ok(TensorBytes::Mapped(m))
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`, reporting truncation with
+/// its position.
+pub fn read_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::new(ErrorKind::Truncated {
+                what: "data",
+                needed: offset.saturating_add(buf.len() as u64),
+                available: file.metadata().map(|m| m.len()).unwrap_or(0),
+            })
+            .with_file(path)
+            .with_offset(offset)
+        } else {
+            Error::from(e).with_file(path).with_offset(offset)
+        }
+    })
+}
+
+/// Size of hashing windows for whole-file passes.
+pub(crate) const WINDOW: u64 = 64 << 20;
+
+/// blake3 of `len` bytes at `offset`, read through successive mapped
+/// windows so that resident memory stays bounded.
+pub fn hash_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(WINDOW);
+        let w = map_window(file, path, offset + done, n)?;
+        #[cfg(unix)]
+        if let TensorBytes::Mapped(m) = &w {
+            let _ = m.advise(memmap2::Advice::Sequential);
+        }
+        if n >= 1 << 20 {
+            h.update_rayon(&w);
+        } else {
+            h.update(&w);
+        }
+        done += n;
+    }
+    Ok(h.finalize())
+}

@@ -1,0 +1,558 @@
+//! Streaming writers: a plain safetensors file and the `.ckpk` container.
+//!
+//! Both take the plan of a shard (keys, dtypes, shapes) up front, write the
+//! safetensors header from it, and then accept each tensor's bytes as they
+//! are produced, so memory is bounded by the largest tensor. Uncompressed
+//! data is written in place with positioned writes, so tensors may arrive
+//! in any order and from several threads. Outputs are committed
+//! atomically.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::format::filter::encode_chunk;
+use crate::format::header::FixedHeader;
+use crate::format::manifest::{
+    Codec, Compression, Extension, Hash, Layer, Manifest, Provenance, Shard, StoredTensor, Version,
+};
+use crate::format::st_header::{self, StHeader};
+use crate::format::{
+    align_up, encode_manifest, validate, DEFAULT_CHUNK_SIZE, HEADER_LEN, MANIFEST_ALIGN,
+    SHARD_ALIGN, VERSION_MAJOR, VERSION_MINOR,
+};
+use crate::io::atomic::{check_interrupt, AtomicFile};
+
+/// Hashes bytes, in parallel for large inputs.
+pub fn blake3_of(bytes: &[u8]) -> Hash {
+    let mut h = blake3::Hasher::new();
+    if bytes.len() >= 1 << 20 {
+        h.update_rayon(bytes);
+    } else {
+        h.update(bytes);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The plan of one safetensors blob.
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    /// The `8 + N` header bytes.
+    pub header_bytes: Vec<u8>,
+    /// The parsed form, tensors in data order.
+    pub header: StHeader,
+}
+
+impl ShardPlan {
+    /// Plans a blob for these tensors and metadata.
+    pub fn new(
+        tensors: &[(String, Dtype, Vec<u64>)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let (header_bytes, header) = st_header::build(tensors, metadata)?;
+        Ok(ShardPlan {
+            header_bytes,
+            header,
+        })
+    }
+
+    fn index_of(&self, key: &str) -> Result<usize> {
+        self.header
+            .tensors
+            .iter()
+            .position(|t| t.key == key)
+            .ok_or_else(|| Error::usage(format!("tensor `{key}` is not in the shard plan")))
+    }
+}
+
+/// Positioned writes of a planned blob into a file at `base`.
+#[derive(Debug)]
+struct InPlace {
+    base: u64,
+    plan: ShardPlan,
+    hashes: Mutex<Vec<Option<Hash>>>,
+}
+
+impl InPlace {
+    fn new(file: &std::fs::File, base: u64, plan: ShardPlan) -> Result<Self> {
+        file.write_all_at(&plan.header_bytes, base)?;
+        let end = base
+            .checked_add(plan.header.file_len())
+            .ok_or_else(|| Error::overflow("output length"))?;
+        if file.metadata()?.len() < end {
+            file.set_len(end)?;
+        }
+        let n = plan.header.tensors.len();
+        Ok(InPlace {
+            base,
+            plan,
+            hashes: Mutex::new(vec![None; n]),
+        })
+    }
+
+    fn write(&self, file: &std::fs::File, key: &str, bytes: &[u8]) -> Result<Hash> {
+        check_interrupt()?;
+        let i = self.plan.index_of(key)?;
+        let t = &self.plan.header.tensors[i];
+        if bytes.len() as u64 != t.len() {
+            return Err(Error::usage(format!(
+                "tensor `{key}` has {} bytes, the plan says {}",
+                bytes.len(),
+                t.len()
+            )));
+        }
+        let off = self.base + self.plan.header.header_len + t.start;
+        let (h, w) = rayon::join(|| blake3_of(bytes), || file.write_all_at(bytes, off));
+        w?;
+        let mut g = self
+            .hashes
+            .lock()
+            .map_err(|_| Error::usage("writer poisoned"))?;
+        if g[i].is_some() {
+            return Err(Error::usage(format!("tensor `{key}` written twice")));
+        }
+        g[i] = Some(h);
+        Ok(h)
+    }
+
+    fn finish(self) -> Result<(ShardPlan, Vec<Hash>)> {
+        let hashes = self
+            .hashes
+            .into_inner()
+            .map_err(|_| Error::usage("writer poisoned"))?;
+        let mut out = Vec::with_capacity(hashes.len());
+        for (t, h) in self.plan.header.tensors.iter().zip(hashes) {
+            out.push(h.ok_or_else(|| {
+                Error::usage(format!("tensor `{}` was planned but never written", t.key))
+            })?);
+        }
+        Ok((self.plan, out))
+    }
+}
+
+/// Writes one safetensors file atomically.
+#[derive(Debug)]
+pub struct SafetensorsWriter {
+    out: AtomicFile,
+    shard: InPlace,
+}
+
+impl SafetensorsWriter {
+    /// Creates the temporary output and writes the header.
+    pub fn create(
+        path: &Path,
+        tensors: &[(String, Dtype, Vec<u64>)],
+        metadata: &BTreeMap<String, String>,
+        overwrite: bool,
+    ) -> Result<Self> {
+        let plan = ShardPlan::new(tensors, metadata).map_err(|e| e.with_file(path))?;
+        let out = AtomicFile::create(path, overwrite)?;
+        let shard = InPlace::new(out.file()?, 0, plan).map_err(|e| e.with_file(out.temp()))?;
+        Ok(SafetensorsWriter { out, shard })
+    }
+
+    /// The plan (tensors in data order).
+    pub fn plan(&self) -> &ShardPlan {
+        &self.shard.plan
+    }
+
+    /// Writes one tensor (any order; callable from several threads).
+    pub fn write_tensor(&self, key: &str, bytes: &[u8]) -> Result<Hash> {
+        let f = self.out.file()?;
+        self.shard
+            .write(f, key, bytes)
+            .map_err(|e| e.with_file(self.out.dest()).with_tensor(key))
+    }
+
+    /// Checks that every tensor was written, then commits. Returns the
+    /// hashes in data order.
+    pub fn finish(self) -> Result<Vec<(String, Hash)>> {
+        let (plan, hashes) = self.shard.finish()?;
+        self.out.commit()?;
+        Ok(plan
+            .header
+            .tensors
+            .into_iter()
+            .map(|t| t.key)
+            .zip(hashes)
+            .collect())
+    }
+}
+
+/// zstd settings of a compressed container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZstdOptions {
+    /// zstd level (1 is fastest and, for weights, as good as 3).
+    pub level: i32,
+    /// Raw bytes per chunk.
+    pub chunk_size: u32,
+    /// Use the float plane filter on F16/BF16/F32 tensors.
+    pub float_filter: bool,
+}
+
+impl Default for ZstdOptions {
+    fn default() -> Self {
+        ZstdOptions {
+            level: 1,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            float_filter: true,
+        }
+    }
+}
+
+/// Options of a container writer.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerOptions {
+    /// Compress shards with zstd (`None` = uncompressed, memory-mappable).
+    pub compression: Option<ZstdOptions>,
+    /// Replace an existing output.
+    pub overwrite: bool,
+}
+
+#[derive(Debug)]
+enum OpenShard {
+    Plain(Arc<InPlace>),
+    Zstd {
+        plan: ShardPlan,
+        opts: ZstdOptions,
+        next: usize,
+        tensors: Vec<StoredTensor>,
+    },
+}
+
+#[derive(Debug)]
+struct State {
+    pos: u64,
+    shards: Vec<Shard>,
+    open: Option<(String, u64, OpenShard)>,
+}
+
+/// Streams a `.ckpk` container to disk.
+///
+/// ```no_run
+/// # fn main() -> ckptkit::Result<()> {
+/// use ckptkit::{ContainerWriter, ContainerOptions, Dtype};
+/// let mut w = ContainerWriter::create("out.ckpk".as_ref(), ContainerOptions::default())?;
+/// w.begin_shard("model.safetensors", &[("x.weight".into(), Dtype::BF16, vec![2, 2])], &Default::default())?;
+/// w.write_tensor("x.weight", &[0u8; 8])?;
+/// w.finish_shard()?;
+/// w.finish(None, Default::default(), Vec::new())?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ContainerWriter {
+    out: AtomicFile,
+    opts: ContainerOptions,
+    state: Mutex<State>,
+}
+
+impl ContainerWriter {
+    /// Creates the temporary output.
+    pub fn create(path: &Path, opts: ContainerOptions) -> Result<Self> {
+        let out = AtomicFile::create(path, opts.overwrite)?;
+        out.file()?.set_len(HEADER_LEN)?;
+        Ok(ContainerWriter {
+            out,
+            opts,
+            state: Mutex::new(State {
+                pos: HEADER_LEN,
+                shards: Vec::new(),
+                open: None,
+            }),
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| Error::usage("container writer poisoned"))
+    }
+
+    /// Starts a shard named `name` (its file name when extracted) holding
+    /// these tensors.
+    pub fn begin_shard(
+        &mut self,
+        name: &str,
+        tensors: &[(String, Dtype, Vec<u64>)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let plan = ShardPlan::new(tensors, metadata)?;
+        let file = self.out.file()?;
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| Error::usage("container writer poisoned"))?;
+        if st.open.is_some() {
+            return Err(Error::usage("begin_shard while another shard is open"));
+        }
+        if !crate::format::validate::safe_file_name(name) {
+            return Err(Error::usage(format!(
+                "shard name `{name}` is not a plain file name"
+            )));
+        }
+        let base = align_up(st.pos, SHARD_ALIGN).ok_or_else(|| Error::overflow("shard offset"))?;
+        let open = match self.opts.compression {
+            None => OpenShard::Plain(Arc::new(InPlace::new(file, base, plan)?)),
+            Some(opts) => {
+                file.write_all_at(&plan.header_bytes, base)?;
+                st.pos = base + plan.header_bytes.len() as u64;
+                OpenShard::Zstd {
+                    plan,
+                    opts,
+                    next: 0,
+                    tensors: Vec::new(),
+                }
+            }
+        };
+        st.open = Some((name.to_string(), base, open));
+        Ok(())
+    }
+
+    /// Writes one tensor of the open shard. Uncompressed shards accept any
+    /// order (and several threads); compressed shards need the plan's data
+    /// order.
+    pub fn write_tensor(&self, key: &str, bytes: &[u8]) -> Result<Hash> {
+        let file = self.out.file()?;
+        let mut st = self.lock()?;
+        let pos = st.pos;
+        let Some((_, _, open)) = st.open.as_mut() else {
+            return Err(Error::usage("write_tensor with no open shard"));
+        };
+        match open {
+            OpenShard::Plain(ip) => {
+                // InPlace is internally synchronised: write without holding
+                // the writer's lock so that several threads can write at once.
+                let ip = Arc::clone(ip);
+                drop(st);
+                ip.write(file, key, bytes)
+                    .map_err(|e| e.with_tensor(key).with_file(self.out.dest()))
+            }
+            OpenShard::Zstd {
+                plan,
+                opts,
+                next,
+                tensors,
+            } => {
+                check_interrupt()?;
+                let t = plan.header.tensors.get(*next).ok_or_else(|| {
+                    Error::usage(format!("tensor `{key}` is beyond the shard plan"))
+                })?;
+                if t.key != key {
+                    return Err(Error::usage(format!(
+                        "compressed shards take tensors in data order: expected `{}`, got `{key}`",
+                        t.key
+                    )));
+                }
+                if bytes.len() as u64 != t.len() {
+                    return Err(Error::usage(format!(
+                        "tensor `{key}` has {} bytes, the plan says {}",
+                        bytes.len(),
+                        t.len()
+                    )));
+                }
+                let codec = if opts.float_filter && t.dtype.is_filterable_float() {
+                    Codec::ZstdFloatPlanes
+                } else {
+                    Codec::Zstd
+                };
+                let (hash, chunks) = rayon::join(
+                    || blake3_of(bytes),
+                    || compress_tensor(codec, t.dtype, *opts, bytes),
+                );
+                let chunks = chunks?;
+                let mut off = pos;
+                let mut lens = Vec::with_capacity(chunks.len());
+                for c in &chunks {
+                    file.write_all_at(c, off)?;
+                    off += c.len() as u64;
+                    lens.push(c.len() as u32);
+                }
+                tensors.push(StoredTensor {
+                    key: t.key.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    blake3: hash,
+                    codec,
+                    chunks: lens,
+                });
+                *next += 1;
+                st.pos = off;
+                Ok(hash)
+            }
+        }
+    }
+
+    /// Closes the open shard; every planned tensor must have been written.
+    /// Returns its index.
+    pub fn finish_shard(&mut self) -> Result<u32> {
+        let st = self
+            .state
+            .get_mut()
+            .map_err(|_| Error::usage("container writer poisoned"))?;
+        let (name, base, open) = st
+            .open
+            .take()
+            .ok_or_else(|| Error::usage("finish_shard with no open shard"))?;
+        let shard = match open {
+            OpenShard::Plain(ip) => {
+                let ip = Arc::try_unwrap(ip)
+                    .map_err(|_| Error::usage("a tensor write is still running"))?;
+                let (plan, hashes) = ip.finish()?;
+                let stored_len = plan.header.file_len();
+                st.pos = base + stored_len;
+                Shard {
+                    name,
+                    offset: base,
+                    stored_len,
+                    header_len: plan.header.header_len,
+                    header_blake3: blake3_of(&plan.header_bytes),
+                    compression: Compression::None,
+                    tensors: plan
+                        .header
+                        .tensors
+                        .into_iter()
+                        .zip(hashes)
+                        .map(|(t, h)| StoredTensor {
+                            key: t.key,
+                            dtype: t.dtype,
+                            shape: t.shape,
+                            blake3: h,
+                            codec: Codec::Plain,
+                            chunks: Vec::new(),
+                        })
+                        .collect(),
+                }
+            }
+            OpenShard::Zstd {
+                plan,
+                opts,
+                next,
+                tensors,
+            } => {
+                if next != plan.header.tensors.len() {
+                    return Err(Error::usage(format!(
+                        "tensor `{}` was planned but never written",
+                        plan.header.tensors[next].key
+                    )));
+                }
+                Shard {
+                    name,
+                    offset: base,
+                    stored_len: st.pos - base,
+                    header_len: plan.header.header_len,
+                    header_blake3: blake3_of(&plan.header_bytes),
+                    compression: Compression::Zstd {
+                        chunk_size: opts.chunk_size,
+                    },
+                    tensors,
+                }
+            }
+        };
+        st.shards.push(shard);
+        Ok((st.shards.len() - 1) as u32)
+    }
+
+    /// Writes the manifest and the fixed header, then commits the file.
+    ///
+    /// `layers`: the layer table; its parts need only `role`, `shard` and
+    /// `key` (dtype, shape and hash are filled from the shard tables). With
+    /// `None`, every stored tensor becomes a plain logical tensor of the
+    /// layer named by its key up to the last dot.
+    pub fn finish(
+        self,
+        layers: Option<Vec<Layer>>,
+        metadata: BTreeMap<String, String>,
+        extensions: Vec<Extension>,
+    ) -> Result<Manifest> {
+        self.finish_with_provenance(layers, metadata, extensions, Vec::new())
+    }
+
+    /// Like [`finish`](Self::finish), also recording source files.
+    pub fn finish_with_provenance(
+        mut self,
+        layers: Option<Vec<Layer>>,
+        metadata: BTreeMap<String, String>,
+        extensions: Vec<Extension>,
+        sources: Vec<crate::format::manifest::SourceFile>,
+    ) -> Result<Manifest> {
+        let st = self
+            .state
+            .get_mut()
+            .map_err(|_| Error::usage("container writer poisoned"))?;
+        if st.open.is_some() {
+            return Err(Error::usage("finish with a shard still open"));
+        }
+        let shards = std::mem::take(&mut st.shards);
+        let mut layers = match layers {
+            Some(l) => l,
+            None => crate::schema::plain_layers(&shards),
+        };
+        crate::schema::fill_parts(&mut layers, &shards)?;
+        let manifest = Manifest {
+            version: Version {
+                major: VERSION_MAJOR,
+                minor: VERSION_MINOR,
+            },
+            metadata,
+            provenance: Provenance {
+                tool: "ckptkit".into(),
+                tool_version: env!("CARGO_PKG_VERSION").into(),
+                sources,
+            },
+            shards,
+            layers,
+            extensions,
+        };
+        let bytes = encode_manifest(&manifest)?;
+        let moff = if manifest.shards.is_empty() {
+            HEADER_LEN
+        } else {
+            align_up(st.pos, MANIFEST_ALIGN).ok_or_else(|| Error::overflow("manifest offset"))?
+        };
+        let mut hdr = FixedHeader {
+            version: manifest.version,
+            manifest_offset: moff,
+            manifest_len: bytes.len() as u64,
+            digest: [0; 32],
+        };
+        hdr.digest = FixedHeader::compute_digest(&hdr.prefix(), &bytes);
+        // Refuse to commit anything a reader would reject.
+        validate::validate(&manifest, &hdr)?;
+        let file = self.out.file()?;
+        file.set_len(moff)?;
+        file.write_all_at(&bytes, moff)?;
+        file.write_all_at(&hdr.encode(), 0)?;
+        self.out.commit()?;
+        Ok(manifest)
+    }
+}
+
+fn compress_tensor(
+    codec: Codec,
+    dtype: Dtype,
+    opts: ZstdOptions,
+    bytes: &[u8],
+) -> Result<Vec<Vec<u8>>> {
+    let cs = opts.chunk_size as usize;
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    // 1-byte payloads (int8, fp8, packed int4) rarely compress: try the first
+    // chunk and store the rest raw when it does not pay.
+    if dtype.size() == 1 && codec == Codec::Zstd {
+        let first = &bytes[..cs.min(bytes.len())];
+        let z = encode_chunk(codec, dtype, opts.level, first)?;
+        if z.len() as f64 > 0.97 * first.len() as f64 {
+            return Ok(bytes.chunks(cs).map(|c| c.to_vec()).collect());
+        }
+    }
+    bytes
+        .par_chunks(cs)
+        .map(|c| encode_chunk(codec, dtype, opts.level, c))
+        .collect()
+}
