@@ -317,7 +317,14 @@ pub fn parse(bytes: &[u8], total_len: Option<u64>) -> Result<StHeader> {
             end,
         });
     }
-    tensors.sort_by(|a, b| (a.start, a.end).cmp(&(b.start, b.end)));
+    // Data order; empty tensors sharing an offset are ordered as the crate's
+    // writer orders them (dtype descending, then key).
+    tensors.sort_by(|a, b| {
+        (a.start, a.end)
+            .cmp(&(b.start, b.end))
+            .then(b.dtype.to_st().cmp(&a.dtype.to_st()))
+            .then(a.key.cmp(&b.key))
+    });
     let mut pos = 0u64;
     for t in &tensors {
         if t.start != pos {
@@ -350,10 +357,20 @@ pub fn parse(bytes: &[u8], total_len: Option<u64>) -> Result<StHeader> {
     // Cross-check with the safetensors crate's own parser.
     let theirs: safetensors::tensor::Metadata =
         serde_json::from_str(text).map_err(|e| st_err(format!("safetensors crate: {e}")))?;
-    let keys = theirs.offset_keys();
-    if keys.len() != tensors.len() || keys.iter().zip(&tensors).any(|(k, t)| k != &t.key) {
+    let agree = theirs.tensors().len() == tensors.len()
+        && tensors.iter().all(|t| {
+            theirs.info(&t.key).is_some_and(|i| {
+                i.dtype == t.dtype.to_st()
+                    && i.shape
+                        .iter()
+                        .map(|&d| d as u64)
+                        .eq(t.shape.iter().copied())
+                    && (i.data_offsets.0 as u64, i.data_offsets.1 as u64) == (t.start, t.end)
+            })
+        });
+    if !agree {
         return Err(st_err(
-            "the safetensors crate disagrees about the tensor order",
+            "the safetensors crate reads this header differently",
         ));
     }
     Ok(StHeader {
