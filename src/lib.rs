@@ -55,6 +55,7 @@ mod error;
 pub mod format;
 pub mod io;
 // pub mod layout;
+pub mod convert;
 pub mod schema;
 
 pub use crate::dtype::{byte_len, numel, Dtype};

@@ -93,3 +93,96 @@ pub fn fill_parts(layers: &mut [Layer], shards: &[Shard]) -> Result<()> {
     }
     Ok(())
 }
+
+/// A layer as `inspect` reports it, for any source.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerReport {
+    /// Module path.
+    pub path: String,
+    /// Human-readable layout (`plain BF16`, `quanto qint8`, ...).
+    pub layout: String,
+    /// Logical tensors: name, dtype, shape.
+    pub tensors: Vec<(String, String, Vec<u64>)>,
+    /// Stored keys.
+    pub stored: Vec<String>,
+    /// Stored bytes.
+    pub bytes: u64,
+}
+
+/// Describes the layers of a container from its manifest.
+pub fn report_layers(layers: &[Layer]) -> Vec<LayerReport> {
+    layers
+        .iter()
+        .map(|l| LayerReport {
+            path: l.path.clone(),
+            layout: layout_name(l),
+            tensors: l
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype.to_string(), t.shape.clone()))
+                .collect(),
+            stored: l.parts().map(|p| p.key.clone()).collect(),
+            bytes: l
+                .parts()
+                .map(|p| crate::dtype::byte_len(p.dtype, &p.shape).unwrap_or(0))
+                .sum(),
+        })
+        .collect()
+}
+
+/// The display name of a layer's layout.
+pub fn layout_name(l: &Layer) -> String {
+    let w = match &l.quant.weights {
+        WeightQuant::Plain => {
+            let d = l
+                .tensors
+                .iter()
+                .find(|t| t.name == "weight")
+                .or(l.tensors.first())
+                .map(|t| t.dtype.to_string())
+                .unwrap_or_default();
+            format!("plain {d}")
+        }
+        WeightQuant::Quanto { qtype, group_size } => match group_size {
+            Some(g) => format!("quanto {qtype} group {g}"),
+            None => format!("quanto {qtype}"),
+        },
+        WeightQuant::Int8 { layout, .. } => layout.clone(),
+    };
+    match &l.quant.activations {
+        Some(a) => format!("{w}, activations {a}"),
+        None => w,
+    }
+}
+
+/// Plain layers of any tensor source: every stored tensor is a plain
+/// logical tensor of the layer named by its key up to the last dot.
+pub fn source_layers(src: &dyn crate::io::source::TensorSource) -> Vec<Layer> {
+    let shards: Vec<Shard> = src
+        .files()
+        .iter()
+        .enumerate()
+        .map(|(fi, name)| Shard {
+            name: name.clone(),
+            offset: 0,
+            stored_len: 0,
+            header_len: 0,
+            header_blake3: [0; 32],
+            compression: crate::format::manifest::Compression::None,
+            tensors: src
+                .tensors()
+                .iter()
+                .filter(|t| t.file == fi)
+                .map(|t| crate::format::manifest::StoredTensor {
+                    key: t.key.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    blake3: [0; 32],
+                    codec: crate::format::manifest::Codec::Plain,
+                    chunks: Vec::new(),
+                })
+                .collect(),
+        })
+        .collect();
+    plain_layers(&shards)
+}

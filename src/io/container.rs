@@ -392,6 +392,11 @@ impl TensorSource for Container {
             .map(|s| s.name.clone())
             .collect()
     }
+    fn file_metadata(&self, file: usize) -> BTreeMap<String, String> {
+        self.shard_metadata(file as u32)
+            .cloned()
+            .unwrap_or_default()
+    }
     fn read(&self, key: &str) -> Result<TensorBytes> {
         check_unique(&self.inventory, &self.path.display().to_string())?;
         let (s, _) = self.key_index.get(key).copied().ok_or_else(|| {

@@ -207,6 +207,12 @@ impl TensorSource for ShardedDir {
     fn files(&self) -> Vec<String> {
         self.files.iter().map(|(n, _)| n.clone()).collect()
     }
+    fn file_metadata(&self, file: usize) -> BTreeMap<String, String> {
+        self.files
+            .get(file)
+            .map(|(_, f)| f.metadata().clone())
+            .unwrap_or_default()
+    }
     fn read(&self, key: &str) -> Result<TensorBytes> {
         let i = *self.by_key.get(key).ok_or_else(|| {
             Error::new(ErrorKind::NotFound(format!("tensor `{key}`"))).with_file(&self.dir)

@@ -35,6 +35,11 @@ pub trait TensorSource: Send + Sync {
     fn metadata(&self) -> &BTreeMap<String, String>;
     /// The names of the files (or shards) that hold the tensors.
     fn files(&self) -> Vec<String>;
+    /// The `__metadata__` of one file (or shard) of the source.
+    fn file_metadata(&self, file: usize) -> BTreeMap<String, String> {
+        let _ = file;
+        self.metadata().clone()
+    }
     /// Reads one tensor's bytes.
     fn read(&self, key: &str) -> Result<TensorBytes>;
     /// Finds a tensor by key.

@@ -1,0 +1,262 @@
+//! `migrate`: inspect, verify and convert checkpoints.
+//!
+//! A thin command line over the ckptkit library: argument parsing,
+//! printing and exit codes live here; all the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ckptkit::convert::{convert, ConvertOptions};
+use ckptkit::schema::{report_layers, source_layers, LayerReport};
+use ckptkit::{open_source, Container, InputKind, ZstdOptions};
+use clap::{Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  # what is in this checkpoint?
+  migrate inspect model.safetensors
+  # pack a checkpoint into a compressed, hash-verified container
+  migrate convert model.safetensors model.ckpk --compress zstd
+  # unpack a container back to safetensors
+  migrate convert model.ckpk model.safetensors
+  # check every hash of a container
+  migrate verify model.ckpk";
+
+#[derive(Parser)]
+#[command(name = "migrate", version, about = "Inspect, verify and convert ML checkpoints", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// No progress or summary output.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert INPUT to OUTPUT (format from OUTPUT's extension:
+    /// .safetensors, .ckpk, or a directory).
+    Convert {
+        /// A .safetensors file, a sharded directory, or a .ckpk container.
+        input: PathBuf,
+        /// Output path.
+        output: PathBuf,
+        /// Target layout. Only `keep` is available in this version.
+        #[arg(long, default_value = "keep")]
+        to: String,
+        /// Compress a container output: `zstd` or `zstd:LEVEL`.
+        #[arg(long)]
+        compress: Option<String>,
+        /// Disable the float plane filter when compressing.
+        #[arg(long)]
+        no_float_filter: bool,
+        /// Show the plan, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Replace an existing output.
+        #[arg(long)]
+        force: bool,
+        /// Largest data bytes per file when writing a directory.
+        #[arg(long, default_value_t = 5_000_000_000)]
+        max_shard_size: u64,
+    },
+    /// List layers, layouts, shapes and sizes.
+    Inspect {
+        /// Input checkpoint.
+        input: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check structure and hashes. Exit 0 only when everything holds.
+    Verify {
+        /// Input checkpoint.
+        input: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    // Ctrl-C: stop at the next tensor; writers remove their temporaries.
+    install_ctrlc();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn install_ctrlc() {
+    extern "C" fn on_signal(_: libc::c_int) {
+        ckptkit::io::atomic::request_interrupt();
+    }
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    // SAFETY: the handler only stores to an atomic flag, which is
+    // async-signal-safe.
+    unsafe {
+        // a closed pipe (`migrate inspect x | head`) ends the process quietly
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+}
+
+fn parse_compress(s: &str) -> Result<ZstdOptions, String> {
+    let mut o = ZstdOptions::default();
+    match s.split_once(':') {
+        None if s == "zstd" => Ok(o),
+        Some(("zstd", lvl)) => {
+            o.level = lvl.parse().map_err(|_| format!("bad zstd level `{lvl}`"))?;
+            if !(1..=22).contains(&o.level) {
+                return Err(format!("zstd level {lvl} is outside 1..=22"));
+            }
+            Ok(o)
+        }
+        _ => Err(format!("unknown compression `{s}`; use zstd or zstd:LEVEL")),
+    }
+}
+
+fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
+    match cli.cmd {
+        Cmd::Convert {
+            input,
+            output,
+            to,
+            compress,
+            no_float_filter,
+            dry_run,
+            json,
+            force,
+            max_shard_size,
+        } => {
+            if to != "keep" {
+                eprintln!("error: target `{to}` is not available in this version (only `keep`)");
+                return Ok(2);
+            }
+            let compression = match compress.as_deref().map(parse_compress).transpose() {
+                Ok(c) => c.map(|mut c| {
+                    c.float_filter = !no_float_filter;
+                    c
+                }),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            };
+            let opts = ConvertOptions {
+                compression,
+                overwrite: force,
+                dry_run,
+                max_shard_size,
+            };
+            let s = convert(&input, &output, &opts)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "tensors": s.tensors, "layers": s.layers, "bytes_in": s.bytes_in,
+                        "bytes_out": s.bytes_out, "seconds": s.seconds, "dry_run": dry_run,
+                        "output": output.display().to_string(),
+                    })
+                );
+            } else if !cli.quiet {
+                if dry_run {
+                    println!(
+                        "dry run: would write {} tensors in {} layers ({} bytes) to {}",
+                        s.tensors,
+                        s.layers,
+                        s.bytes_in,
+                        output.display()
+                    );
+                } else {
+                    let gbs = s.bytes_in as f64 / s.seconds.max(1e-9) / 1e9;
+                    println!(
+                        "wrote {}: {} tensors, {} layers (all kept, lossless), {} bytes in, {} bytes out, {:.2} s ({gbs:.2} GB/s)",
+                        output.display(),
+                        s.tensors,
+                        s.layers,
+                        s.bytes_in,
+                        s.bytes_out,
+                        s.seconds
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Inspect { input, json } => {
+            let kind = ckptkit::io::source::input_kind(&input)?;
+            let layers: Vec<LayerReport> = if kind == InputKind::Container {
+                report_layers(Container::open(&input)?.layers())
+            } else {
+                let src = open_source(&input)?;
+                report_layers(&source_layers(src.as_ref()))
+            };
+            let total: u64 = layers.iter().map(|l| l.bytes).sum();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"input": input.display().to_string(), "layers": layers, "total_bytes": total})
+                );
+            } else {
+                for l in &layers {
+                    let shapes: Vec<String> = l
+                        .tensors
+                        .iter()
+                        .map(|(n, d, s)| format!("{n} {d} {s:?}"))
+                        .collect();
+                    println!(
+                        "{:<48} {:<24} {:>12} B  {}",
+                        if l.path.is_empty() {
+                            "(top level)"
+                        } else {
+                            &l.path
+                        },
+                        l.layout,
+                        l.bytes,
+                        shapes.join(", ")
+                    );
+                }
+                println!("{} layers, {} bytes", layers.len(), total);
+            }
+            Ok(0)
+        }
+        Cmd::Verify { input, json } => {
+            let kind = ckptkit::io::source::input_kind(&input)?;
+            let (tensors, bytes) = if kind == InputKind::Container {
+                let c = Container::open(&input)?;
+                let r = c.verify()?;
+                (r.tensors, r.bytes)
+            } else {
+                let src = open_source(&input)?;
+                (
+                    src.tensors().len() as u64,
+                    src.tensors().iter().map(|t| t.len).sum(),
+                )
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": true, "tensors": tensors, "bytes": bytes})
+                );
+            } else if !cli.quiet {
+                println!("ok: {} tensors, {bytes} bytes verified", tensors);
+            }
+            Ok(0)
+        }
+    }
+}
