@@ -49,13 +49,13 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod convert;
 mod dtype;
 mod error;
-// pub mod float;
+pub mod float;
 pub mod format;
 pub mod io;
-// pub mod layout;
-pub mod convert;
+pub mod layout;
 pub mod schema;
 
 pub use crate::dtype::{byte_len, numel, Dtype};

@@ -34,7 +34,13 @@ fn part(role: Role, key: &str) -> Part {
     }
 }
 
-fn logical(name: &str, dtype: Dtype, shape: Vec<u64>, enc: Encoding, parts: Vec<Part>) -> LogicalTensor {
+fn logical(
+    name: &str,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    enc: Encoding,
+    parts: Vec<Part>,
+) -> LogicalTensor {
     LogicalTensor {
         name: name.into(),
         dtype,
@@ -46,22 +52,62 @@ fn logical(name: &str, dtype: Dtype, shape: Vec<u64>, enc: Encoding, parts: Vec<
 
 /// Writes one vector. `quantized` adds a quanto qint8 layer record.
 fn make(path: &Path, comp: Option<ZstdOptions>, quantized: bool) {
-    let mut w = ContainerWriter::create(path, ContainerOptions { compression: comp, overwrite: true }).unwrap();
+    let mut w = ContainerWriter::create(
+        path,
+        ContainerOptions {
+            compression: comp,
+            overwrite: true,
+        },
+    )
+    .unwrap();
     let mut tensors: Vec<T> = vec![
-        ("proj.weight".into(), Dtype::BF16, vec![4, 8], bf16_weights(11, 32)),
-        ("proj.bias".into(), Dtype::BF16, vec![4], bf16_weights(12, 4)),
+        (
+            "proj.weight".into(),
+            Dtype::BF16,
+            vec![4, 8],
+            bf16_weights(11, 32),
+        ),
+        (
+            "proj.bias".into(),
+            Dtype::BF16,
+            vec![4],
+            bf16_weights(12, 4),
+        ),
         ("norm.weight".into(), Dtype::F32, vec![8], bytes(13, 32)),
     ];
     if quantized {
         tensors = vec![
-            ("q.weight._data".into(), Dtype::I8, vec![4, 8], bytes(21, 32)),
-            ("q.weight._scale".into(), Dtype::BF16, vec![4, 1], bf16_weights(22, 4)),
+            (
+                "q.weight._data".into(),
+                Dtype::I8,
+                vec![4, 8],
+                bytes(21, 32),
+            ),
+            (
+                "q.weight._scale".into(),
+                Dtype::BF16,
+                vec![4, 1],
+                bf16_weights(22, 4),
+            ),
             ("q.bias".into(), Dtype::BF16, vec![4], bf16_weights(23, 4)),
-            ("q.input_scale".into(), Dtype::BF16, vec![], vec![0x80, 0x3f]),
-            ("q.output_scale".into(), Dtype::BF16, vec![], vec![0x80, 0x3f]),
+            (
+                "q.input_scale".into(),
+                Dtype::BF16,
+                vec![],
+                vec![0x80, 0x3f],
+            ),
+            (
+                "q.output_scale".into(),
+                Dtype::BF16,
+                vec![],
+                vec![0x80, 0x3f],
+            ),
         ];
     }
-    let mut plan: Vec<(String, Dtype, Vec<u64>)> = tensors.iter().map(|t| (t.0.clone(), t.1, t.2.clone())).collect();
+    let mut plan: Vec<(String, Dtype, Vec<u64>)> = tensors
+        .iter()
+        .map(|t| (t.0.clone(), t.1, t.2.clone()))
+        .collect();
     w.begin_shard("model.safetensors", &plan, &md()).unwrap();
     ckptkit::format::st_header::crate_order(&mut plan);
     for (k, _, _) in &plan {
@@ -73,17 +119,44 @@ fn make(path: &Path, comp: Option<ZstdOptions>, quantized: bool) {
         vec![Layer {
             path: "q".into(),
             quant: Quantization {
-                weights: WeightQuant::Quanto { qtype: "qint8".into(), group_size: None },
+                weights: WeightQuant::Quanto {
+                    qtype: "qint8".into(),
+                    group_size: None,
+                },
                 activations: None,
             },
             tensors: vec![
-                logical("weight", Dtype::BF16, vec![4, 8], Encoding::Quantized, vec![
-                    part(Role::Data, "q.weight._data"),
-                    part(Role::Scale, "q.weight._scale"),
-                ]),
-                logical("bias", Dtype::BF16, vec![4], Encoding::Plain, vec![part(Role::Data, "q.bias")]),
-                logical("input_scale", Dtype::BF16, vec![], Encoding::Plain, vec![part(Role::Data, "q.input_scale")]),
-                logical("output_scale", Dtype::BF16, vec![], Encoding::Plain, vec![part(Role::Data, "q.output_scale")]),
+                logical(
+                    "weight",
+                    Dtype::BF16,
+                    vec![4, 8],
+                    Encoding::Quantized,
+                    vec![
+                        part(Role::Data, "q.weight._data"),
+                        part(Role::Scale, "q.weight._scale"),
+                    ],
+                ),
+                logical(
+                    "bias",
+                    Dtype::BF16,
+                    vec![4],
+                    Encoding::Plain,
+                    vec![part(Role::Data, "q.bias")],
+                ),
+                logical(
+                    "input_scale",
+                    Dtype::BF16,
+                    vec![],
+                    Encoding::Plain,
+                    vec![part(Role::Data, "q.input_scale")],
+                ),
+                logical(
+                    "output_scale",
+                    Dtype::BF16,
+                    vec![],
+                    Encoding::Plain,
+                    vec![part(Role::Data, "q.output_scale")],
+                ),
             ],
             extensions: vec![],
         }]
@@ -123,7 +196,11 @@ fn vectors_match_recipes_and_json() {
     let regen = std::env::var_os("CKPTKIT_REGEN_VECTORS").is_some();
     let tmp = tempfile::tempdir().unwrap();
     for (name, quantized, comp) in VECTORS {
-        let comp = comp.map(|(f, cs)| ZstdOptions { level: 3, chunk_size: cs, float_filter: f });
+        let comp = comp.map(|(f, cs)| ZstdOptions {
+            level: 3,
+            chunk_size: cs,
+            float_filter: f,
+        });
         let fresh = tmp.path().join(format!("{name}.ckpk"));
         make(&fresh, comp, quantized);
         let fresh_bytes = std::fs::read(&fresh).unwrap();
@@ -135,8 +212,12 @@ fn vectors_match_recipes_and_json() {
             std::fs::write(&committed, &fresh_bytes).unwrap();
             std::fs::write(&committed_json, &fresh_json).unwrap();
         }
-        let bytes = std::fs::read(&committed).unwrap_or_else(|_| panic!("missing {}", committed.display()));
-        assert_eq!(bytes, fresh_bytes, "{name}.ckpk differs from what the writer produces");
+        let bytes =
+            std::fs::read(&committed).unwrap_or_else(|_| panic!("missing {}", committed.display()));
+        assert_eq!(
+            bytes, fresh_bytes,
+            "{name}.ckpk differs from what the writer produces"
+        );
         let c = Container::open(&committed).unwrap();
         c.verify().unwrap();
         let json = std::fs::read_to_string(&committed_json).unwrap();

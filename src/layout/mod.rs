@@ -1,0 +1,4 @@
+//! Layouts: how a logical tensor is made of stored tensors, one module per
+//! family.
+
+pub mod quanto;

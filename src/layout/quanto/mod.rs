@@ -1,0 +1,850 @@
+//! The optimum-quanto 0.2.7 layout: key naming, reading a checkpoint's
+//! layers from the files alone (with `quanto_qmap.json`, a diffusers
+//! `quantization_config`, ckptkit's own schema, or inference), and the
+//! quantize / dequantize passes. spec/layouts.md describes it in prose.
+
+pub mod math;
+pub mod pack;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use math::QType;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, ErrorKind, Result};
+use crate::float::FloatDtype;
+use crate::format::manifest::{
+    Encoding, Layer, LogicalTensor, Part, Quantization, Role, WeightQuant,
+};
+use crate::io::source::{SourceTensor, TensorSource};
+use crate::schema::split_key;
+
+/// The side file optimum-quanto writes beside a checkpoint.
+pub const QMAP_FILE: &str = "quanto_qmap.json";
+/// The `__metadata__` key under which ckptkit records its layer schema.
+pub const SCHEMA_KEY: &str = "ckptkit.schema";
+
+/// One entry of a quantization map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QmapEntry {
+    /// Weight qtype name or `"none"`.
+    pub weights: String,
+    /// Activation qtype name or `"none"`.
+    pub activations: String,
+}
+
+/// A quanto quantization map (`quanto_qmap.json`), in file order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuantoMap {
+    /// Module path → entry, in the order quanto wrote them.
+    pub entries: Vec<(String, QmapEntry)>,
+}
+
+/// Largest side file (qmap, config) accepted.
+pub const MAX_SIDE_FILE: u64 = 64 << 20;
+
+fn json_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Json(format!("{what}: {e}")))
+}
+
+/// Reads a small JSON side file with a size cap.
+pub fn read_side_file(path: &Path) -> Result<String> {
+    let md = std::fs::metadata(path).map_err(|e| Error::from(e).with_file(path))?;
+    if md.len() > MAX_SIDE_FILE {
+        return Err(Error::new(ErrorKind::LimitExceeded {
+            what: "side file size",
+            value: md.len(),
+            limit: MAX_SIDE_FILE,
+        })
+        .with_file(path));
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::from(e).with_file(path))
+}
+
+fn valid_qtype(name: &str) -> bool {
+    name == "none" || QType::from_name(name).is_some()
+}
+
+impl QuantoMap {
+    /// Parses and validates a qmap (every qtype must be known).
+    pub fn parse(text: &str) -> Result<QuantoMap> {
+        let v: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).map_err(|e| json_err("quanto_qmap.json", e))?;
+        let mut entries = Vec::with_capacity(v.len());
+        for (k, e) in v {
+            let e: QmapEntry = serde_json::from_value(e)
+                .map_err(|er| json_err(&format!("quanto_qmap.json entry `{k}`"), er))?;
+            for (what, q) in [("weights", &e.weights), ("activations", &e.activations)] {
+                if !valid_qtype(q) {
+                    return Err(json_err(
+                        "quanto_qmap.json",
+                        format!("module `{k}`: unknown {what} qtype `{q}`"),
+                    ));
+                }
+            }
+            entries.push((k, e));
+        }
+        Ok(QuantoMap { entries })
+    }
+
+    /// Reads a qmap file.
+    pub fn from_file(path: &Path) -> Result<QuantoMap> {
+        Self::parse(&read_side_file(path)?).map_err(|e| e.with_file(path))
+    }
+
+    /// The entry of a module.
+    pub fn get(&self, module: &str) -> Option<&QmapEntry> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k == module)
+            .map(|(_, e)| e)
+    }
+
+    /// Renders as optimum-quanto writes it (`json.dump(qmap, f, indent=4)`).
+    pub fn to_json(&self) -> String {
+        let mut m = serde_json::Map::new();
+        for (k, e) in &self.entries {
+            m.insert(
+                k.clone(),
+                serde_json::json!({"weights": e.weights, "activations": e.activations}),
+            );
+        }
+        let mut out = Vec::new();
+        let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+        // serialising a Map of strings cannot fail
+        let _ = serde::Serialize::serialize(&serde_json::Value::Object(m), &mut ser);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// A diffusers `QuantoConfig` (`config.json` → `quantization_config` with
+/// `quant_method: "quanto"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiffusersQuanto {
+    /// Weight qtype (`float8` is `qfloat8_e4m3fn`).
+    pub weights: QType,
+    /// Modules left unquantized.
+    pub modules_to_not_convert: Vec<String>,
+}
+
+impl DiffusersQuanto {
+    /// Reads the `quantization_config` of a `config.json`, if it is quanto's.
+    pub fn from_config(text: &str) -> Result<Option<DiffusersQuanto>> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| json_err("config.json", e))?;
+        let Some(q) = v.get("quantization_config") else {
+            return Ok(None);
+        };
+        if q.get("quant_method").and_then(|m| m.as_str()) != Some("quanto") {
+            return Ok(None);
+        }
+        let w = q
+            .get("weights_dtype")
+            .and_then(|w| w.as_str())
+            .ok_or_else(|| json_err("config.json", "quantization_config has no weights_dtype"))?;
+        let weights = match w {
+            "float8" => QType::QFloat8E4M3Fn,
+            "int8" => QType::QInt8,
+            "int4" => QType::QInt4,
+            "int2" => QType::QInt2,
+            other => {
+                return Err(json_err(
+                    "config.json",
+                    format!("unknown quanto weights_dtype `{other}`"),
+                ))
+            }
+        };
+        let modules_to_not_convert = q
+            .get("modules_to_not_convert")
+            .and_then(|m| m.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Some(DiffusersQuanto {
+            weights,
+            modules_to_not_convert,
+        }))
+    }
+}
+
+/// One layer of ckptkit's schema as recorded in `__metadata__`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaEntry {
+    /// Weight qtype name, or `none`.
+    pub weights: String,
+    /// Activation qtype name, or `none`.
+    pub activations: String,
+    /// Group size.
+    pub group_size: Option<u64>,
+    /// Logical weight dtype.
+    pub dtype: String,
+    /// Logical weight shape.
+    pub shape: Vec<u64>,
+}
+
+/// ckptkit's schema: module path → entry.
+pub type Schema = BTreeMap<String, SchemaEntry>;
+
+/// Parses the schema from a source's metadata, if present.
+pub fn schema_of(metadata: &BTreeMap<String, String>) -> Result<Option<Schema>> {
+    match metadata.get(SCHEMA_KEY) {
+        None => Ok(None),
+        Some(s) => {
+            #[derive(Deserialize)]
+            struct W {
+                version: u32,
+                layers: Schema,
+            }
+            let w: W = serde_json::from_str(s).map_err(|e| json_err(SCHEMA_KEY, e))?;
+            if w.version != 1 {
+                return Err(json_err(
+                    SCHEMA_KEY,
+                    format!("unknown version {}", w.version),
+                ));
+            }
+            Ok(Some(w.layers))
+        }
+    }
+}
+
+/// Renders a schema for `__metadata__`.
+pub fn schema_json(schema: &Schema) -> String {
+    serde_json::json!({"version": 1, "layers": schema}).to_string()
+}
+
+/// What the reader may use besides the tensors themselves.
+#[derive(Default)]
+pub struct Hints<'a> {
+    /// The quantization map (from `quanto_qmap.json` or given).
+    pub qmap: Option<QuantoMap>,
+    /// A diffusers `QuantoConfig`.
+    pub diffusers: Option<DiffusersQuanto>,
+    /// A plain checkpoint of the same model to take logical shapes from.
+    pub shapes_from: Option<&'a dyn TensorSource>,
+}
+
+/// Converts a float dtype to ours.
+pub fn dtype_of_float(f: FloatDtype) -> Dtype {
+    match f {
+        FloatDtype::Bf16 => Dtype::BF16,
+        FloatDtype::F16 => Dtype::F16,
+        FloatDtype::F32 => Dtype::F32,
+    }
+}
+
+/// Converts our dtype to a float dtype (F16, BF16, F32 only).
+pub fn float_of(d: Dtype) -> Option<FloatDtype> {
+    match d {
+        Dtype::BF16 => Some(FloatDtype::Bf16),
+        Dtype::F16 => Some(FloatDtype::F16),
+        Dtype::F32 => Some(FloatDtype::F32),
+        _ => None,
+    }
+}
+
+/// The stored dtype of a qtype's data tensor.
+pub fn data_dtype(q: QType) -> Dtype {
+    match q {
+        QType::QInt8 => Dtype::I8,
+        QType::QInt4 | QType::QInt2 => Dtype::U8,
+        QType::QFloat8E4M3Fn => Dtype::F8E4M3,
+        QType::QFloat8E5M2 => Dtype::F8E5M2,
+        QType::QFloat8E4M3FnUz => Dtype::F8E4M3Fnuz,
+    }
+}
+
+/// Stored keys of a quantized weight: (data, scale, shift).
+pub fn weight_keys(module: &str, q: QType) -> (String, String, Option<String>) {
+    let p = if module.is_empty() {
+        String::new()
+    } else {
+        format!("{module}.")
+    };
+    (
+        format!("{p}weight.{}", q.data_key()),
+        format!("{p}weight._scale"),
+        q.is_packed().then(|| format!("{p}weight._shift")),
+    )
+}
+
+#[derive(Default, Debug)]
+struct Group<'s> {
+    data: Option<&'s SourceTensor>,
+    packed: Option<&'s SourceTensor>,
+    scale: Option<&'s SourceTensor>,
+    shift: Option<&'s SourceTensor>,
+    plain: Vec<&'s SourceTensor>,
+}
+
+/// Natural order of module paths: numeric components compare as numbers.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let mut x = a.split('.');
+    let mut y = b.split('.');
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, _) => return std::cmp::Ordering::Less,
+            (_, None) => return std::cmp::Ordering::Greater,
+            (Some(p), Some(q)) => {
+                let o = match (p.parse::<u64>(), q.parse::<u64>()) {
+                    (Ok(i), Ok(j)) => i.cmp(&j),
+                    _ => p.cmp(q),
+                };
+                if o != std::cmp::Ordering::Equal {
+                    return o;
+                }
+            }
+        }
+    }
+}
+
+fn part(role: Role, t: &SourceTensor) -> Part {
+    Part {
+        role,
+        shard: t.file as u32,
+        key: t.key.clone(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+        blake3: [0; 32],
+    }
+}
+
+fn plain_tensor(name: &str, t: &SourceTensor) -> LogicalTensor {
+    LogicalTensor {
+        name: name.to_string(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+        encoding: Encoding::Plain,
+        parts: vec![part(Role::Data, t)],
+    }
+}
+
+fn lerr(path: &str, msg: impl Into<String>) -> Error {
+    Error::layout(msg).with_layer(path)
+}
+
+/// Reads the layers of a source: quanto-quantized weights are grouped from
+/// their keys (`weight._data`, `weight._data._data`, `weight._scale`,
+/// `weight._shift`), their qtype taken from the qmap, the diffusers config,
+/// ckptkit's schema, or the dtypes; logical shapes and group sizes are
+/// inferred (spec/layouts.md §2.4). Any contradiction between a hint and
+/// the tensors is an error naming the layer; layers that stay ambiguous are
+/// listed together in one error that says which hint resolves them.
+pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<Layer>> {
+    let schema = schema_of(src.metadata())?;
+    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for t in src.tensors() {
+        let (module, role) = if let Some(m) = t.key.strip_suffix(".weight._data._data") {
+            (m, 1)
+        } else if let Some(m) = t.key.strip_suffix(".weight._data") {
+            (m, 0)
+        } else if let Some(m) = t.key.strip_suffix(".weight._scale") {
+            (m, 2)
+        } else if let Some(m) = t.key.strip_suffix(".weight._shift") {
+            (m, 3)
+        } else {
+            (split_key(&t.key).0, 4)
+        };
+        let g = groups.entry(module.to_string()).or_insert_with(|| {
+            order.push(module.to_string());
+            Group::default()
+        });
+        let slot = match role {
+            0 => &mut g.data,
+            1 => &mut g.packed,
+            2 => &mut g.scale,
+            3 => &mut g.shift,
+            _ => {
+                g.plain.push(t);
+                continue;
+            }
+        };
+        *slot = Some(t);
+    }
+    // modules the qmap names that hold no tensors (never happens for real
+    // quanto files) are ignored; modules it names with weights must exist.
+    let mut ambiguous: Vec<String> = Vec::new();
+    let mut layers = Vec::with_capacity(order.len());
+    order.sort_by(|a, b| natural_cmp(a, b));
+    for path in order {
+        let Some(g) = groups.remove(&path) else {
+            continue;
+        };
+        let qentry = hints.qmap.as_ref().and_then(|m| m.get(&path));
+        let activations = qentry
+            .map(|e| e.activations.clone())
+            .or_else(|| {
+                schema
+                    .as_ref()
+                    .and_then(|s| s.get(&path))
+                    .map(|e| e.activations.clone())
+            })
+            .filter(|a| a != "none");
+        let is_quanto =
+            g.data.is_some() || g.packed.is_some() || g.scale.is_some() || g.shift.is_some();
+        let mut tensors: Vec<LogicalTensor> = Vec::new();
+        let mut weights = WeightQuant::Plain;
+        if is_quanto {
+            match quanto_weight(&path, &g, qentry, hints, schema.as_ref())? {
+                Some((lt, wq)) => {
+                    tensors.push(lt);
+                    weights = wq;
+                }
+                None => {
+                    ambiguous.push(path.clone());
+                    continue;
+                }
+            }
+        } else if let Some(e) = qentry {
+            if e.weights != "none" && g.plain.iter().any(|t| split_key(&t.key).1 == "weight") {
+                // a plain weight where the map expects a quantized one:
+                // quanto would load it unfrozen; we read it as plain.
+            }
+        }
+        for t in &g.plain {
+            tensors.push(plain_tensor(split_key(&t.key).1, t));
+        }
+        layers.push(Layer {
+            path,
+            quant: Quantization {
+                weights,
+                activations,
+            },
+            tensors,
+            extensions: Vec::new(),
+        });
+    }
+    if !ambiguous.is_empty() {
+        let n = ambiguous.len();
+        let list: Vec<&str> = ambiguous.iter().take(20).map(|s| s.as_str()).collect();
+        return Err(Error::new(ErrorKind::Ambiguous(format!(
+            "{n} quantized layer(s) whose qtype or logical shape cannot be told from the tensors alone: {}{}; \
+             pass the quanto map (--qmap quanto_qmap.json) or a plain checkpoint of the same model \
+             (--shapes-from model.safetensors), or convert from a ckptkit container or a file ckptkit wrote",
+            list.join(", "),
+            if n > 20 { ", ..." } else { "" }
+        ))));
+    }
+    if let Some(m) = &hints.qmap {
+        let have: std::collections::HashSet<&str> =
+            layers.iter().map(|l| l.path.as_str()).collect();
+        for (k, e) in &m.entries {
+            if e.weights != "none" && !have.contains(k.as_str()) {
+                return Err(lerr(
+                    k,
+                    format!("the quanto map says `{}` weights, but the checkpoint has no tensor of this module", e.weights),
+                ));
+            }
+        }
+    }
+    Ok(layers)
+}
+
+fn qtype_from_data_dtype(d: Dtype) -> Option<QType> {
+    match d {
+        Dtype::I8 => Some(QType::QInt8),
+        Dtype::F8E4M3 => Some(QType::QFloat8E4M3Fn),
+        Dtype::F8E5M2 => Some(QType::QFloat8E5M2),
+        Dtype::F8E4M3Fnuz => Some(QType::QFloat8E4M3FnUz),
+        _ => None,
+    }
+}
+
+/// Reads one quanto weight. `Ok(None)` = ambiguous without more hints.
+fn quanto_weight(
+    path: &str,
+    g: &Group<'_>,
+    qentry: Option<&QmapEntry>,
+    hints: &Hints<'_>,
+    schema: Option<&Schema>,
+) -> Result<Option<(LogicalTensor, WeightQuant)>> {
+    let sch = schema.and_then(|s| s.get(path));
+    let scale = g.scale.ok_or_else(|| {
+        lerr(
+            path,
+            "quantized weight without `weight._scale`: the checkpoint is incomplete",
+        )
+    })?;
+    let t = float_of(scale.dtype).ok_or_else(|| {
+        lerr(
+            path,
+            format!(
+                "`weight._scale` has dtype {}, expected BF16, F16 or F32",
+                scale.dtype
+            ),
+        )
+    })?;
+    if g.data.is_some() && g.packed.is_some() {
+        return Err(lerr(
+            path,
+            "both `weight._data` and `weight._data._data` are present",
+        ));
+    }
+    // qtype: qmap > schema > diffusers config > dtypes
+    let stated: Option<(QType, &str)> = if let Some(e) = qentry {
+        if e.weights == "none" {
+            return Err(lerr(
+                path,
+                "the quanto map says this module is not quantized, but it has quantized tensors",
+            ));
+        }
+        QType::from_name(&e.weights).map(|q| (q, "the quanto map"))
+    } else if let Some(e) = sch {
+        QType::from_name(&e.weights).map(|q| (q, "the ckptkit schema"))
+    } else if let Some(d) = &hints.diffusers {
+        Some((d.weights, "config.json quantization_config"))
+    } else {
+        None
+    };
+    let data = g.data.or(g.packed).ok_or_else(|| {
+        lerr(
+            path,
+            "quantized weight without `weight._data` (or `weight._data._data`)",
+        )
+    })?;
+    let from_dtype = qtype_from_data_dtype(data.dtype);
+    if let Some((q, src)) = stated {
+        let ok = if q.is_packed() {
+            g.packed.is_some() && data.dtype == Dtype::U8
+        } else {
+            g.data.is_some() && from_dtype == Some(q)
+        };
+        if !ok {
+            return Err(lerr(
+                path,
+                format!(
+                    "{src} says {} but the checkpoint stores `{}` as {}: the map does not describe this checkpoint",
+                    q.name(),
+                    data.key,
+                    data.dtype
+                ),
+            ));
+        }
+    }
+    let logical_dtype = dtype_of_float(t);
+    // Logical shape candidates.
+    let shape_hint: Option<Vec<u64>> = sch.map(|e| e.shape.clone()).or_else(|| {
+        hints.shapes_from.and_then(|s| {
+            let k = format!("{path}.weight");
+            s.get(&k).map(|t| t.shape.clone())
+        })
+    });
+    let bias_o: Option<u64> = g
+        .plain
+        .iter()
+        .find(|t| split_key(&t.key).1 == "bias" && t.shape.len() == 1)
+        .map(|t| t.shape[0]);
+    let (qtype, shape, group) = if g.data.is_some() {
+        // 8-bit: data shape is the logical shape
+        let q = match stated {
+            Some((q, _)) => q,
+            None => from_dtype.ok_or_else(|| {
+                lerr(
+                    path,
+                    format!(
+                        "`{}` has dtype {}, which no 8-bit quanto qtype stores",
+                        data.key, data.dtype
+                    ),
+                )
+            })?,
+        };
+        (q, data.shape.clone(), None)
+    } else {
+        let candidates: Vec<QType> = match stated {
+            Some((q, _)) => vec![q],
+            None => vec![QType::QInt4, QType::QInt2],
+        };
+        let mut found: Vec<(QType, Vec<u64>, Option<u64>)> = Vec::new();
+        for q in candidates {
+            for (shape, gs) in
+                packed_shapes(q, &data.shape, &scale.shape, bias_o, shape_hint.as_deref())
+            {
+                if let Ok(s) = math::quanto_shapes(q, &shape, gs) {
+                    let shift_ok = g.shift.is_some_and(|sh| sh.shape == s.scale);
+                    if s.data == data.shape && s.scale == scale.shape && shift_ok {
+                        found.push((q, shape, gs));
+                    }
+                }
+            }
+        }
+        found.dedup();
+        match found.len() {
+            1 => found.remove(0),
+            0 => {
+                if g.shift.is_none() {
+                    return Err(lerr(
+                        path,
+                        "packed quantized weight without `weight._shift`",
+                    ));
+                }
+                if let Some(h) = &shape_hint {
+                    return Err(lerr(path, format!(
+                        "stored shapes (data {:?}, scale {:?}) fit no qint4/qint2 weight of shape {h:?}",
+                        data.shape, scale.shape
+                    )));
+                }
+                if stated.is_some() || bias_o.is_some() {
+                    return Err(lerr(
+                        path,
+                        format!(
+                            "stored shapes (data {:?}, scale {:?}, shift {:?}) fit no {} weight",
+                            data.shape,
+                            scale.shape,
+                            g.shift.map(|s| s.shape.clone()).unwrap_or_default(),
+                            stated.map(|s| s.0.name()).unwrap_or("qint4/qint2")
+                        ),
+                    ));
+                }
+                return Ok(None);
+            }
+            _ => return Ok(None),
+        }
+    };
+    // Every part must have exactly the shape quanto writes.
+    let s = math::quanto_shapes(qtype, &shape, group).map_err(|e| lerr(path, e.to_string()))?;
+    if data.shape != s.data || data.dtype != data_dtype(qtype) {
+        return Err(lerr(
+            path,
+            format!(
+                "`{}` is {} {:?}; a {} weight of shape {shape:?} stores {} {:?}",
+                data.key,
+                data.dtype,
+                data.shape,
+                qtype.name(),
+                data_dtype(qtype),
+                s.data
+            ),
+        ));
+    }
+    if scale.shape != s.scale {
+        return Err(lerr(
+            path,
+            format!(
+                "`{}` has shape {:?}; a {} weight of shape {shape:?} stores {:?}",
+                scale.key,
+                scale.shape,
+                qtype.name(),
+                s.scale
+            ),
+        ));
+    }
+    let mut parts = vec![part(Role::Data, data), part(Role::Scale, scale)];
+    match (qtype.is_packed(), g.shift) {
+        (true, Some(sh)) => {
+            let float_ok = sh.dtype == scale.dtype;
+            let int_ok = matches!(sh.dtype, Dtype::U8 | Dtype::I8);
+            if sh.shape != s.scale || !(float_ok || int_ok) {
+                return Err(lerr(
+                    path,
+                    format!(
+                        "`{}` is {} {:?}; expected {} (or an integer zero point) of shape {:?}",
+                        sh.key, sh.dtype, sh.shape, scale.dtype, s.scale
+                    ),
+                ));
+            }
+            parts.push(part(
+                if float_ok {
+                    Role::Shift
+                } else {
+                    Role::ZeroPoint
+                },
+                sh,
+            ));
+        }
+        (true, None) => {
+            return Err(lerr(
+                path,
+                "packed quantized weight without `weight._shift`",
+            ))
+        }
+        (false, Some(sh)) => {
+            return Err(lerr(
+                path,
+                format!("`{}` is present but {} has no shift", sh.key, qtype.name()),
+            ))
+        }
+        (false, None) => {}
+    }
+    if let Some(h) = &shape_hint {
+        if *h != shape {
+            return Err(lerr(
+                path,
+                format!("logical shape {shape:?} from the tensors, {h:?} from the hint"),
+            ));
+        }
+    }
+    Ok(Some((
+        LogicalTensor {
+            name: "weight".into(),
+            dtype: logical_dtype,
+            shape,
+            encoding: Encoding::Quantized,
+            parts,
+        },
+        WeightQuant::Quanto {
+            qtype: qtype.name().to_string(),
+            group_size: group,
+        },
+    )))
+}
+
+/// Candidate (logical shape, group size) pairs for packed data.
+fn packed_shapes(
+    q: QType,
+    data: &[u64],
+    scale: &[u64],
+    bias_o: Option<u64>,
+    hint: Option<&[u64]>,
+) -> Vec<(Vec<u64>, Option<u64>)> {
+    let mut out = Vec::new();
+    let vpi = (8 / q.bits()) as u64;
+    let mut push = |shape: Vec<u64>| {
+        let Some(n) = crate::dtype::numel(&shape).ok() else {
+            return;
+        };
+        let Some(&o) = shape.first() else { return };
+        // a bias gives the out dimension
+        if o == 0 || bias_o.is_some_and(|b| b != o) {
+            return;
+        }
+        let gs = math::group_size(o, n);
+        out.push((shape, gs));
+    };
+    if let Some(h) = hint {
+        push(h.to_vec());
+        return out;
+    }
+    let (Some(&d0), Some(&s0)) = (data.first(), scale.first()) else {
+        return out;
+    };
+    // ungrouped: data [ceil(O/vpi), *rest], scale [O,1,..] (or [1, I] when O == 1)
+    if scale.iter().skip(1).all(|&x| x == 1) && d0 == s0.div_ceil(vpi) && data.len() >= 2 {
+        let mut s = vec![s0];
+        s.extend_from_slice(&data[1..]);
+        push(s);
+    }
+    if scale.len() == 2 && s0 == 1 && d0 == 1 && data.len() == 2 {
+        push(vec![1, data[1]]);
+    }
+    // grouped: data [ceil(ng/vpi), G], scale [ng, 1]; 2-D [O, ng*G/O]
+    if data.len() == 2 && scale.len() == 2 && scale[1] == 1 {
+        let (ng, g) = (s0, data[1]);
+        let total = ng.saturating_mul(g);
+        let os: Vec<u64> = match bias_o {
+            Some(o) => vec![o],
+            // without a bias every O dividing the total with a consistent
+            // group is a candidate; more than one makes it ambiguous
+            None => (1..=ng).filter(|o| ng % o == 0).collect(),
+        };
+        for o in os {
+            if o > 0 && total % o == 0 {
+                push(vec![o, total / o]);
+            }
+        }
+    }
+    out
+}
+
+/// Reads the tensors of a quantized weight and dequantizes it to its
+/// logical dtype, bit-identically to quanto's `dequantize()`.
+pub fn dequantize_weight(
+    src: &dyn TensorSource,
+    layer: &Layer,
+    weight: &LogicalTensor,
+) -> Result<Vec<u8>> {
+    let WeightQuant::Quanto { qtype, group_size } = &layer.quant.weights else {
+        return Err(lerr(&layer.path, "not a quanto layer"));
+    };
+    let q = QType::from_name(qtype)
+        .ok_or_else(|| lerr(&layer.path, format!("unknown qtype {qtype}")))?;
+    let t =
+        float_of(weight.dtype).ok_or_else(|| lerr(&layer.path, "logical dtype is not a float"))?;
+    let get = |role: &Role| weight.parts.iter().find(|p| &p.role == role);
+    let dpart = get(&Role::Data).ok_or_else(|| lerr(&layer.path, "no data part"))?;
+    let spart = get(&Role::Scale).ok_or_else(|| lerr(&layer.path, "no scale part"))?;
+    let shpart = get(&Role::Shift).or_else(|| get(&Role::ZeroPoint));
+    let db = src.read(&dpart.key)?;
+    let sb = src.read(&spart.key)?;
+    let shb = match shpart {
+        Some(p) => Some(src.read(&p.key)?),
+        None => None,
+    };
+    let sd = |d: Dtype| {
+        math::StorageDtype::from_safetensors_name(d.name()).ok_or_else(|| {
+            lerr(
+                &layer.path,
+                format!("dtype {d} is not a quanto storage dtype"),
+            )
+        })
+    };
+    let parts = math::QuantizedParts {
+        data: math::QuantoTensorRef {
+            dtype: sd(dpart.dtype)?,
+            shape: &dpart.shape,
+            bytes: &db,
+        },
+        scale: math::QuantoTensorRef {
+            dtype: sd(spart.dtype)?,
+            shape: &spart.shape,
+            bytes: &sb,
+        },
+        shift: match (shpart, &shb) {
+            (Some(p), Some(b)) => Some(math::QuantoTensorRef {
+                dtype: sd(p.dtype)?,
+                shape: &p.shape,
+                bytes: b,
+            }),
+            _ => None,
+        },
+    };
+    math::dequantize(q, t, &weight.shape, *group_size, &parts)
+        .map_err(|e| lerr(&layer.path, e.to_string()))
+}
+
+/// Finds the `quanto_qmap.json` beside an input (a file's directory, or the
+/// directory itself).
+pub fn qmap_beside(input: &Path) -> Result<Option<QuantoMap>> {
+    let dir = if input.is_dir() {
+        input.to_path_buf()
+    } else {
+        input.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let p = if dir.as_os_str().is_empty() {
+        Path::new(QMAP_FILE).to_path_buf()
+    } else {
+        dir.join(QMAP_FILE)
+    };
+    if p.is_file() {
+        Ok(Some(QuantoMap::from_file(&p)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Finds a diffusers quanto config in `config.json` beside an input.
+pub fn diffusers_beside(input: &Path) -> Result<Option<DiffusersQuanto>> {
+    let dir = if input.is_dir() {
+        input.to_path_buf()
+    } else {
+        input.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let p = dir.join("config.json");
+    if p.is_file() {
+        DiffusersQuanto::from_config(&read_side_file(&p)?).map_err(|e| e.with_file(&p))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Indexes a layer list by path.
+pub fn by_path(layers: &[Layer]) -> HashMap<&str, &Layer> {
+    layers.iter().map(|l| (l.path.as_str(), l)).collect()
+}

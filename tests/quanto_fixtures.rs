@@ -1,0 +1,213 @@
+//! Bit-exactness against files written by the real optimum-quanto 0.2.7
+//! (tests/fixtures/quanto, made by tests/interop/gen_quanto_fixtures.py;
+//! see the README there). No Python is needed to run these.
+
+use std::path::{Path, PathBuf};
+
+use ckptkit::layout::quanto::{self, math, Hints, QType, QuantoMap};
+use ckptkit::{SafetensorsFile, TensorSource, WeightQuant};
+
+fn cases() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quanto");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("case.json").is_file())
+        .collect();
+    v.sort();
+    assert!(v.len() >= 20, "fixtures missing");
+    v
+}
+
+fn case_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap()
+}
+
+/// Quantized modules of a case: (name, weight shape, group size).
+fn modules(c: &serde_json::Value) -> Vec<(String, Option<u64>)> {
+    c["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["weight_qtype"].as_str().is_some_and(|w| w != "none"))
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["group_size"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn dequantize_matches_quanto_bit_for_bit() {
+    let mut checked = 0;
+    for dir in cases() {
+        let src = SafetensorsFile::open(&dir.join("quantized.safetensors")).unwrap();
+        let gold = SafetensorsFile::open(&dir.join("dequantized.safetensors")).unwrap();
+        let qmap = QuantoMap::from_file(&dir.join("quanto_qmap.json")).unwrap();
+        // the map alone resolves every layer that has a bias; a plain
+        // checkpoint of the same model resolves the rest
+        let hints = Hints {
+            qmap: Some(qmap.clone()),
+            ..Default::default()
+        };
+        let layers = match quanto::detect_layers(&src, &hints) {
+            Ok(l) => l,
+            Err(e) => {
+                assert!(
+                    e.to_string().contains("lin_nobias"),
+                    "{}: {e}",
+                    dir.display()
+                );
+                let float = SafetensorsFile::open(&dir.join("float.safetensors")).unwrap();
+                let hints = Hints {
+                    qmap: Some(qmap),
+                    shapes_from: Some(&float),
+                    ..Default::default()
+                };
+                quanto::detect_layers(&src, &hints).unwrap()
+            }
+        };
+        for l in &layers {
+            let WeightQuant::Quanto { .. } = &l.quant.weights else {
+                continue;
+            };
+            let w = l.tensors.iter().find(|t| t.name == "weight").unwrap();
+            let ours = quanto::dequantize_weight(&src, l, w).unwrap();
+            let key = format!("{}.weight", l.path);
+            let theirs = gold.read(&key).unwrap();
+            assert_eq!(&ours[..], &theirs[..], "{}: {key}", dir.display());
+            checked += 1;
+        }
+        assert_eq!(
+            layers
+                .iter()
+                .filter(|l| matches!(l.quant.weights, WeightQuant::Quanto { .. }))
+                .count(),
+            gold.tensors().len(),
+            "{}",
+            dir.display()
+        );
+    }
+    assert!(checked > 150, "only {checked} weights checked");
+}
+
+#[test]
+fn quantize_matches_quanto_bit_for_bit() {
+    let mut checked = 0;
+    for dir in cases() {
+        let c = case_json(&dir);
+        let qtype = QType::from_name(c["weights"].as_str().unwrap()).unwrap();
+        let float = SafetensorsFile::open(&dir.join("float.safetensors")).unwrap();
+        let q = SafetensorsFile::open(&dir.join("quantized.safetensors")).unwrap();
+        let qmap = QuantoMap::from_file(&dir.join("quanto_qmap.json")).unwrap();
+        for (m, e) in &qmap.entries {
+            if e.weights == "none" {
+                continue;
+            }
+            let wkey = format!("{m}.weight");
+            let wt = float.get(&wkey).unwrap();
+            let dt = quanto::float_of(wt.dtype).unwrap();
+            let gs = if qtype.is_packed() {
+                math::group_size(wt.shape[0], ckptkit::numel(&wt.shape).unwrap())
+            } else {
+                None
+            };
+            let bytes = float.read(&wkey).unwrap();
+            let ours = math::quantize(qtype, dt, &wt.shape, &bytes, gs).unwrap();
+            let (dk, sk, shk) = quanto::weight_keys(m, qtype);
+            assert_eq!(
+                &ours.data.bytes[..],
+                &q.read(&dk).unwrap()[..],
+                "{}: {dk}",
+                dir.display()
+            );
+            assert_eq!(ours.data.shape, q.get(&dk).unwrap().shape);
+            assert_eq!(
+                &ours.scale.bytes[..],
+                &q.read(&sk).unwrap()[..],
+                "{}: {sk}",
+                dir.display()
+            );
+            assert_eq!(ours.scale.shape, q.get(&sk).unwrap().shape);
+            if let Some(shk) = shk {
+                let sh = ours.shift.as_ref().unwrap();
+                assert_eq!(
+                    &sh.bytes[..],
+                    &q.read(&shk).unwrap()[..],
+                    "{}: {shk}",
+                    dir.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 150, "only {checked} weights checked");
+}
+
+#[test]
+fn inference_without_qmap_agrees_with_the_real_map() {
+    // With no map, 8-bit qtypes come from the dtypes and packed ones from
+    // the shapes; whatever is inferred must equal what quanto recorded, and
+    // whatever cannot be inferred must be reported as ambiguous.
+    for dir in cases() {
+        let c = case_json(&dir);
+        let src = SafetensorsFile::open(&dir.join("quantized.safetensors")).unwrap();
+        match quanto::detect_layers(&src, &Hints::default()) {
+            Ok(layers) => {
+                for (m, gs) in modules(&c) {
+                    let l = layers.iter().find(|l| l.path == m).unwrap();
+                    match &l.quant.weights {
+                        WeightQuant::Quanto { qtype, group_size } => {
+                            assert_eq!(qtype, c["weights"].as_str().unwrap(), "{m}");
+                            assert_eq!(*group_size, gs, "{}: {m}", dir.display());
+                        }
+                        other => panic!("{m}: {other:?}"),
+                    }
+                }
+            }
+            Err(e) => {
+                assert!(
+                    matches!(e.kind(), ckptkit::ErrorKind::Ambiguous(_)),
+                    "{}: {e}",
+                    dir.display()
+                );
+                assert!(e.to_string().contains("--qmap"), "{e}");
+                assert!(QType::from_name(c["weights"].as_str().unwrap())
+                    .unwrap()
+                    .is_packed());
+            }
+        }
+    }
+}
+
+#[test]
+fn contradicting_qmap_is_refused_naming_the_layer() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quanto/bf16-qint8");
+    let src = SafetensorsFile::open(&dir.join("quantized.safetensors")).unwrap();
+    let mut qmap = QuantoMap::from_file(&dir.join("quanto_qmap.json")).unwrap();
+    let (m, _) = qmap.entries[0].clone();
+    qmap.entries[0].1.weights = "qint4".into();
+    let e = quanto::detect_layers(
+        &src,
+        &Hints {
+            qmap: Some(qmap),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e.kind(), ckptkit::ErrorKind::Layout(_)), "{e}");
+    assert_eq!(e.location().layer.as_deref(), Some(m.as_str()), "{e}");
+    assert!(e.to_string().contains("qint4"), "{e}");
+}
+
+#[test]
+fn qmap_renders_as_quanto_writes_it() {
+    for dir in cases() {
+        let text = std::fs::read_to_string(dir.join("quanto_qmap.json")).unwrap();
+        let m = QuantoMap::parse(&text).unwrap();
+        assert_eq!(m.to_json(), text, "{}", dir.display());
+    }
+}
