@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ckptkit::convert::{convert, ConvertOptions};
+use ckptkit::convert::{convert, input_layers, like_target, ConvertOptions};
+use ckptkit::plan::{Plan, PlanOptions, Target};
 use ckptkit::schema::{report_layers, source_layers, LayerReport};
 use ckptkit::{open_source, Container, InputKind, ZstdOptions};
 use clap::{Parser, Subcommand};
@@ -41,9 +42,26 @@ enum Cmd {
         input: PathBuf,
         /// Output path.
         output: PathBuf,
-        /// Target layout. Only `keep` is available in this version.
+        /// Target layout: keep, plain, plain:bf16|f16|f32,
+        /// quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz.
         #[arg(long, default_value = "keep")]
         to: String,
+        /// Take every layer's layout from REF: a checkpoint (with its
+        /// quanto_qmap.json), a container, or a quanto_qmap.json alone.
+        #[arg(long, conflicts_with = "to")]
+        like: Option<PathBuf>,
+        /// The input's quanto map (default: quanto_qmap.json beside INPUT).
+        #[arg(long)]
+        qmap: Option<PathBuf>,
+        /// A plain checkpoint of the same model to take logical shapes from.
+        #[arg(long)]
+        shapes_from: Option<PathBuf>,
+        /// Only convert layers whose module path matches (fnmatch; `*` spans dots).
+        #[arg(long)]
+        include: Vec<String>,
+        /// Leave layers whose module path matches unchanged.
+        #[arg(long)]
+        exclude: Vec<String>,
         /// Compress a container output: `zstd` or `zstd:LEVEL`.
         #[arg(long)]
         compress: Option<String>,
@@ -67,6 +85,12 @@ enum Cmd {
     Inspect {
         /// Input checkpoint.
         input: PathBuf,
+        /// The input's quanto map (default: quanto_qmap.json beside INPUT).
+        #[arg(long)]
+        qmap: Option<PathBuf>,
+        /// A plain checkpoint of the same model to take logical shapes from.
+        #[arg(long)]
+        shapes_from: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -131,12 +155,75 @@ fn parse_compress(s: &str) -> Result<ZstdOptions, String> {
     }
 }
 
+fn summarize(p: &Plan) -> String {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut lossy = 0;
+    for l in &p.layers {
+        let k = if l.from == l.to {
+            "kept".to_string()
+        } else {
+            format!("{} -> {}", l.from, l.to)
+        };
+        *counts.entry(k).or_default() += 1;
+        lossy += (!l.lossless) as usize;
+    }
+    let mut parts: Vec<String> = counts
+        .into_iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
+    parts.push(if lossy == 0 {
+        "all lossless".into()
+    } else {
+        format!("{lossy} lossy")
+    });
+    parts.join(", ")
+}
+
+fn print_plan(p: &Plan) {
+    println!(
+        "{:<44} {:<28} {:<28} {:>8} passes",
+        "layer", "from", "to", "lossless"
+    );
+    for l in &p.layers {
+        let passes: Vec<String> = l
+            .passes
+            .iter()
+            .map(|x| {
+                serde_json::to_value(x)
+                    .ok()
+                    .and_then(|v| v.get("pass").and_then(|s| s.as_str()).map(String::from))
+                    .unwrap_or_default()
+            })
+            .collect();
+        println!(
+            "{:<44} {:<28} {:<28} {:>8} {}",
+            if l.path.is_empty() {
+                "(top level)"
+            } else {
+                &l.path
+            },
+            l.from,
+            l.to,
+            if l.lossless { "yes" } else { "no" },
+            passes.join(" + ")
+        );
+    }
+    for u in &p.unmatched {
+        println!("unmatched: the reference has layer `{u}`, the input does not");
+    }
+}
+
 fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
     match cli.cmd {
         Cmd::Convert {
             input,
             output,
             to,
+            like,
+            qmap,
+            shapes_from,
+            include,
+            exclude,
             compress,
             no_float_filter,
             dry_run,
@@ -144,10 +231,16 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             force,
             max_shard_size,
         } => {
-            if to != "keep" {
-                eprintln!("error: target `{to}` is not available in this version (only `keep`)");
-                return Ok(2);
-            }
+            let target = match &like {
+                Some(r) => like_target(r)?,
+                None => match Target::parse(&to) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Ok(2);
+                    }
+                },
+            };
             let compression = match compress.as_deref().map(parse_compress).transpose() {
                 Ok(c) => c.map(|mut c| {
                     c.float_filter = !no_float_filter;
@@ -163,8 +256,17 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 overwrite: force,
                 dry_run,
                 max_shard_size,
+                target,
+                select: PlanOptions { include, exclude },
+                qmap,
+                shapes_from,
             };
             let s = convert(&input, &output, &opts)?;
+            if dry_run && !json && !cli.quiet {
+                if let Some(p) = &s.plan {
+                    print_plan(p);
+                }
+            }
             if json {
                 println!(
                     "{}",
@@ -172,6 +274,8 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                         "tensors": s.tensors, "layers": s.layers, "bytes_in": s.bytes_in,
                         "bytes_out": s.bytes_out, "seconds": s.seconds, "dry_run": dry_run,
                         "output": output.display().to_string(),
+                        "lossless": s.plan.as_ref().map(|p| p.lossless()).unwrap_or(true),
+                        "plan": s.plan,
                     })
                 );
             } else if !cli.quiet {
@@ -185,8 +289,13 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     );
                 } else {
                     let gbs = s.bytes_in as f64 / s.seconds.max(1e-9) / 1e9;
+                    let kinds = s
+                        .plan
+                        .as_ref()
+                        .map(summarize)
+                        .unwrap_or_else(|| "all kept, lossless".into());
                     println!(
-                        "wrote {}: {} tensors, {} layers (all kept, lossless), {} bytes in, {} bytes out, {:.2} s ({gbs:.2} GB/s)",
+                        "wrote {}: {} tensors, {} layers ({kinds}), {} bytes in, {} bytes out, {:.2} s ({gbs:.2} GB/s)",
                         output.display(),
                         s.tensors,
                         s.layers,
@@ -198,19 +307,31 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             }
             Ok(0)
         }
-        Cmd::Inspect { input, json } => {
-            let kind = ckptkit::io::source::input_kind(&input)?;
-            let layers: Vec<LayerReport> = if kind == InputKind::Container {
-                report_layers(Container::open(&input)?.layers())
-            } else {
-                let src = open_source(&input)?;
-                report_layers(&source_layers(src.as_ref()))
+        Cmd::Inspect {
+            input,
+            qmap,
+            shapes_from,
+            json,
+        } => {
+            let src = open_source(&input)?;
+            let opts = ConvertOptions {
+                qmap,
+                shapes_from,
+                ..Default::default()
+            };
+            let mut problems = Vec::new();
+            let layers: Vec<LayerReport> = match input_layers(&input, src.as_ref(), &opts) {
+                Ok(l) => report_layers(&l),
+                Err(e) => {
+                    problems.push(e.to_string());
+                    report_layers(&source_layers(src.as_ref()))
+                }
             };
             let total: u64 = layers.iter().map(|l| l.bytes).sum();
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"input": input.display().to_string(), "layers": layers, "total_bytes": total})
+                    serde_json::json!({"input": input.display().to_string(), "layers": layers, "total_bytes": total, "problems": problems})
                 );
             } else {
                 for l in &layers {
@@ -232,8 +353,11 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     );
                 }
                 println!("{} layers, {} bytes", layers.len(), total);
+                for p in &problems {
+                    println!("problem: {p}");
+                }
             }
-            Ok(0)
+            Ok(if problems.is_empty() { 0 } else { 1 })
         }
         Cmd::Verify { input, json } => {
             let kind = ckptkit::io::source::input_kind(&input)?;

@@ -18,6 +18,8 @@ use crate::io::container::Container;
 use crate::io::sharded::{find_index, plan_shards, ShardIndex};
 use crate::io::source::{input_kind, open_source, InputKind, SourceTensor, TensorSource};
 use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter, ZstdOptions};
+use crate::layout::quanto::{self, Hints, QuantoMap, QMAP_FILE};
+use crate::plan::{plan, Plan, PlanOptions, Target};
 use crate::Dtype;
 
 /// The kind of output, decided by the output path.
@@ -51,6 +53,14 @@ pub struct ConvertOptions {
     pub dry_run: bool,
     /// Largest data size of one file when writing a directory.
     pub max_shard_size: u64,
+    /// Target layouts.
+    pub target: Target,
+    /// Layer selection.
+    pub select: PlanOptions,
+    /// The input's quanto map (default: `quanto_qmap.json` beside it).
+    pub qmap: Option<PathBuf>,
+    /// A plain checkpoint of the same model to take logical shapes from.
+    pub shapes_from: Option<PathBuf>,
 }
 
 impl Default for ConvertOptions {
@@ -60,12 +70,42 @@ impl Default for ConvertOptions {
             overwrite: false,
             dry_run: false,
             max_shard_size: 5_000_000_000,
+            target: Target::Keep,
+            select: PlanOptions::default(),
+            qmap: None,
+            shapes_from: None,
         }
     }
 }
 
+/// Reads the layers of any input: a container's manifest, or the quanto-aware
+/// grouping of a safetensors source with the hints found beside it or given.
+pub fn input_layers(
+    input: &Path,
+    src: &dyn TensorSource,
+    opts: &ConvertOptions,
+) -> Result<Vec<Layer>> {
+    if input_kind(input)? == InputKind::Container {
+        return Ok(Container::open(input)?.layers().to_vec());
+    }
+    let qmap = match &opts.qmap {
+        Some(p) => Some(QuantoMap::from_file(p)?),
+        None => quanto::qmap_beside(input)?,
+    };
+    let shapes = match &opts.shapes_from {
+        Some(p) => Some(open_source(p)?),
+        None => None,
+    };
+    let hints = Hints {
+        qmap,
+        diffusers: quanto::diffusers_beside(input)?,
+        shapes_from: shapes.as_deref(),
+    };
+    quanto::detect_layers(src, &hints)
+}
+
 /// What a conversion did.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Summary {
     /// Stored tensors written.
     pub tensors: usize,
@@ -79,6 +119,8 @@ pub struct Summary {
     pub files: Vec<PathBuf>,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// The plan that was executed (or would be, for a dry run).
+    pub plan: Option<Plan>,
 }
 
 fn same_or_inside(input: &Path, output: &Path) -> Result<bool> {
@@ -116,10 +158,24 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Sum
     if !opts.overwrite && std::fs::symlink_metadata(output).is_ok() {
         return Err(Error::new(ErrorKind::OutputExists(output.to_path_buf())));
     }
-    let layers = if kind == InputKind::Container {
-        Some(Container::open(input)?.layers().to_vec())
-    } else {
-        None
+    let multi_file = src.files().len() > 1;
+    if opts.target != Target::Keep
+        || okind == OutputKind::Safetensors
+        || (okind == OutputKind::Directory && !multi_file)
+    {
+        match convert_planned(input, output, src.as_ref(), okind, opts, t0) {
+            Err(e)
+                if opts.target == Target::Keep && matches!(e.kind(), ErrorKind::Ambiguous(_)) => {}
+            r => return r,
+        }
+    }
+    let layers = match input_layers(input, src.as_ref(), opts) {
+        Ok(l) => Some(l),
+        // a byte copy to safetensors needs no understanding of the layers
+        Err(e) if okind != OutputKind::Container && matches!(e.kind(), ErrorKind::Ambiguous(_)) => {
+            None
+        }
+        Err(e) => return Err(e),
     };
     let n_layers = layers
         .as_ref()
@@ -168,6 +224,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Sum
         bytes_out,
         files,
         seconds: t0.elapsed().as_secs_f64(),
+        plan: None,
     })
 }
 
@@ -217,6 +274,9 @@ pub fn check_free_space(output: &Path, need: u64) -> Result<()> {
     Ok(())
 }
 
+/// A sink for one tensor's bytes (positioned, thread-safe).
+type WriteFn<'a> = dyn Fn(&str, &[u8]) -> Result<[u8; 32]> + Sync + 'a;
+
 fn plan_of(tensors: &[&SourceTensor]) -> Vec<(String, Dtype, Vec<u64>)> {
     tensors
         .iter()
@@ -228,7 +288,7 @@ fn plan_of(tensors: &[&SourceTensor]) -> Vec<(String, Dtype, Vec<u64>)> {
 fn copy_parallel(
     src: &dyn TensorSource,
     tensors: &[&SourceTensor],
-    write: &(dyn Fn(&str, &[u8]) -> Result<[u8; 32]> + Sync),
+    write: &WriteFn<'_>,
 ) -> Result<()> {
     tensors.par_iter().try_for_each(|t| {
         check_interrupt()?;
@@ -380,4 +440,349 @@ fn write_directory(
     }
     dir.commit()?;
     Ok(vec![output.to_path_buf()])
+}
+
+/// Groups whole layers into output files of at most `max` bytes each.
+fn group_layers(p: &Plan, max: u64) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = 0u64;
+    for (i, l) in p.layers.iter().enumerate() {
+        if !cur.is_empty() && size.saturating_add(l.bytes_out) > max {
+            groups.push(std::mem::take(&mut cur));
+            size = 0;
+        }
+        cur.push(i);
+        size = size.saturating_add(l.bytes_out);
+    }
+    if !cur.is_empty() || groups.is_empty() {
+        groups.push(cur);
+    }
+    groups
+}
+
+fn outputs_of(p: &Plan, idx: &[usize]) -> Vec<(String, Dtype, Vec<u64>)> {
+    idx.iter()
+        .flat_map(|&i| {
+            p.layers[i]
+                .output
+                .parts()
+                .map(|q| (q.key.clone(), q.dtype, q.shape.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// ckptkit's schema of the quanto layers of a plan (for `__metadata__`).
+fn schema_for(p: &Plan) -> Option<String> {
+    let mut s = quanto::Schema::new();
+    for l in &p.layers {
+        let o = &l.output;
+        let w = o.tensors.iter().find(|t| t.name == "weight");
+        let (weights, gs) = match &o.quant.weights {
+            crate::WeightQuant::Quanto { qtype, group_size } => (qtype.clone(), *group_size),
+            _ if o.quant.activations.is_some() => ("none".to_string(), None),
+            _ => continue,
+        };
+        s.insert(
+            o.path.clone(),
+            quanto::SchemaEntry {
+                weights,
+                activations: o.quant.activations.clone().unwrap_or_else(|| "none".into()),
+                group_size: gs,
+                dtype: w.map(|w| w.dtype.to_string()).unwrap_or_default(),
+                shape: w.map(|w| w.shape.clone()).unwrap_or_default(),
+            },
+        );
+    }
+    (!s.is_empty()).then(|| quanto::schema_json(&s))
+}
+
+/// The quanto map of a plan's output (modules in natural path order).
+pub fn qmap_for(p: &Plan) -> QuantoMap {
+    let mut entries = Vec::new();
+    for l in &p.layers {
+        let o = &l.output;
+        let w = match &o.quant.weights {
+            crate::WeightQuant::Quanto { qtype, .. } => qtype.clone(),
+            _ if o.quant.activations.is_some() => "none".into(),
+            _ => continue,
+        };
+        entries.push((
+            o.path.clone(),
+            quanto::QmapEntry {
+                weights: w,
+                activations: o.quant.activations.clone().unwrap_or_else(|| "none".into()),
+            },
+        ));
+    }
+    QuantoMap { entries }
+}
+
+fn run_layers(src: &dyn TensorSource, p: &Plan, idx: &[usize], write: &WriteFn<'_>) -> Result<()> {
+    idx.par_iter().try_for_each(|&i| {
+        check_interrupt()?;
+        let lp = &p.layers[i];
+        for (k, b) in crate::plan::execute(src, lp).map_err(|e| e.with_layer(lp.path.clone()))? {
+            write(&k, &b)?;
+        }
+        Ok(())
+    })
+}
+
+fn convert_planned(
+    input: &Path,
+    output: &Path,
+    src: &dyn TensorSource,
+    okind: OutputKind,
+    opts: &ConvertOptions,
+    t0: Instant,
+) -> Result<Summary> {
+    let layers = input_layers(input, src, opts)?;
+    let p = plan(&layers, &opts.target, &opts.select)?;
+    if !p.unmatched.is_empty() {
+        let n = p.unmatched.len();
+        let list: Vec<&str> = p.unmatched.iter().take(20).map(|s| s.as_str()).collect();
+        return Err(Error::layout(format!(
+            "the reference expects {n} layer(s) the input does not have: {}{}",
+            list.join(", "),
+            if n > 20 { ", ..." } else { "" }
+        )));
+    }
+    let bytes_in: u64 = p.layers.iter().map(|l| l.bytes_in).sum();
+    let bytes_out: u64 = p.layers.iter().map(|l| l.bytes_out).sum();
+    let mut summary = Summary {
+        tensors: p.outputs().len(),
+        layers: p.layers.len(),
+        bytes_in,
+        bytes_out,
+        files: vec![output.to_path_buf()],
+        seconds: 0.0,
+        plan: None,
+    };
+    if opts.dry_run {
+        summary.seconds = t0.elapsed().as_secs_f64();
+        summary.plan = Some(p);
+        return Ok(summary);
+    }
+    clean_stale_temps(output);
+    check_free_space(output, bytes_out)?;
+    let mut md = src.metadata().clone();
+    md.remove(quanto::SCHEMA_KEY);
+    md.entry("format".into()).or_insert_with(|| "pt".into());
+    if let Some(s) = schema_for(&p) {
+        md.insert(quanto::SCHEMA_KEY.into(), s);
+    }
+    match okind {
+        OutputKind::Safetensors => {
+            check_qmap_slot(input, output, opts.overwrite)?;
+            let w = SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite)?;
+            let all: Vec<usize> = (0..p.layers.len()).collect();
+            run_layers(src, &p, &all, &|k, b| w.write_tensor(k, b))?;
+            commit_with_qmap(output, &p, || w.finish().map(|_| ()))?;
+        }
+        OutputKind::Directory => {
+            let dir = AtomicDir::create(output, opts.overwrite)?;
+            let groups = group_layers(&p, opts.max_shard_size);
+            let n = groups.len();
+            let stem = "model";
+            let mut index = ShardIndex::default();
+            let mut total = 0u64;
+            for (gi, g) in groups.iter().enumerate() {
+                let name = if n == 1 {
+                    format!("{stem}.safetensors")
+                } else {
+                    format!("{stem}-{:05}-of-{n:05}.safetensors", gi + 1)
+                };
+                let outs = outputs_of(&p, g);
+                let w = SafetensorsWriter::create(&dir.path().join(&name), &outs, &md, false)?;
+                run_layers(src, &p, g, &|k, b| w.write_tensor(k, b))?;
+                w.finish()?;
+                for (k, d, s) in outs {
+                    total += crate::dtype::byte_len(d, &s)?;
+                    index.weight_map.insert(k, name.clone());
+                }
+            }
+            if n > 1 {
+                index
+                    .metadata
+                    .insert("total_size".into(), serde_json::Value::from(total));
+                let text = serde_json::to_string_pretty(&index)
+                    .map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
+                std::fs::write(
+                    dir.path().join(format!("{stem}.safetensors.index.json")),
+                    text,
+                )?;
+            }
+            if p.has_quanto() {
+                std::fs::write(dir.path().join(QMAP_FILE), qmap_for(&p).to_json())?;
+            }
+            dir.commit()?;
+        }
+        OutputKind::Container => {
+            if opts.compression.is_some() {
+                // compressed shards take tensors in data order; write the
+                // migrated layers uncompressed beside the output, then pack.
+                let tmp = crate::io::atomic::temp_path_for(output).with_extension("ckpk");
+                let mut o = opts.clone();
+                o.compression = None;
+                o.overwrite = false;
+                let r = convert_planned(input, &tmp, src, OutputKind::Container, &o, t0).and_then(
+                    |_| {
+                        let mut k = opts.clone();
+                        k.target = Target::Keep;
+                        convert(&tmp, output, &k)
+                    },
+                );
+                let _ = std::fs::remove_file(&tmp);
+                r?;
+            } else {
+                let mut w = ContainerWriter::create(
+                    output,
+                    ContainerOptions {
+                        compression: None,
+                        overwrite: opts.overwrite,
+                    },
+                )?;
+                let groups = group_layers(&p, opts.max_shard_size);
+                let n = groups.len();
+                let mut out_layers = Vec::new();
+                for (gi, g) in groups.iter().enumerate() {
+                    let name = if n == 1 {
+                        "model.safetensors".to_string()
+                    } else {
+                        format!("model-{:05}-of-{n:05}.safetensors", gi + 1)
+                    };
+                    w.begin_shard(&name, &outputs_of(&p, g), &md)?;
+                    {
+                        let wr = &w;
+                        run_layers(src, &p, g, &|k, b| wr.write_tensor(k, b))?;
+                    }
+                    w.finish_shard()?;
+                    for &i in g {
+                        let mut l = p.layers[i].output.clone();
+                        for t in &mut l.tensors {
+                            for part in &mut t.parts {
+                                part.shard = gi as u32;
+                            }
+                        }
+                        out_layers.push(l);
+                    }
+                }
+                let size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+                w.finish_with_provenance(
+                    Some(out_layers),
+                    BTreeMap::new(),
+                    Vec::new(),
+                    vec![SourceFile {
+                        path: input.display().to_string(),
+                        size,
+                        blake3: None,
+                    }],
+                )?;
+            }
+        }
+    }
+    summary.seconds = t0.elapsed().as_secs_f64();
+    summary.bytes_out = dir_size(output);
+    summary.plan = Some(p);
+    Ok(summary)
+}
+
+fn parent_of(p: &Path) -> PathBuf {
+    let d = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    d.canonicalize().unwrap_or_else(|_| d.to_path_buf())
+}
+
+/// The `quanto_qmap.json` beside a safetensors output belongs to that
+/// output alone: refuse to touch one that is the input's companion, and
+/// replace another only with `--force`.
+fn check_qmap_slot(input: &Path, output: &Path, overwrite: bool) -> Result<()> {
+    let qpath = output.with_file_name(QMAP_FILE);
+    if !qpath.exists() {
+        return Ok(());
+    }
+    let input_dir = if input.is_dir() {
+        input.canonicalize().unwrap_or_else(|_| input.to_path_buf())
+    } else {
+        parent_of(input)
+    };
+    if parent_of(output) == input_dir {
+        return Err(Error::usage(format!(
+            "{} would replace the input's {QMAP_FILE}; write the output to another directory",
+            output.display()
+        )));
+    }
+    if !overwrite {
+        return Err(Error::new(ErrorKind::OutputExists(qpath)));
+    }
+    Ok(())
+}
+
+/// Commits a safetensors output together with its `quanto_qmap.json`
+/// companion: the qmap is written first (to a temporary), then both are
+/// renamed into place; a stale qmap beside an output that has no quanto
+/// layers is removed, so a qmap never describes another file.
+fn commit_with_qmap(output: &Path, p: &Plan, finish: impl FnOnce() -> Result<()>) -> Result<()> {
+    let qpath = output.with_file_name(QMAP_FILE);
+    if p.has_quanto() {
+        let q = crate::io::atomic::AtomicFile::create(&qpath, true)?;
+        use std::io::Write;
+        let mut f = q.file()?;
+        f.write_all(qmap_for(p).to_json().as_bytes())?;
+        finish()?;
+        q.commit()?;
+    } else {
+        finish()?;
+        if qpath.is_file() {
+            std::fs::remove_file(&qpath).map_err(|e| Error::from(e).with_file(&qpath))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a `--like` reference: a `quanto_qmap.json` file alone, a
+/// checkpoint (with the qmap beside it, if any) or a container.
+pub fn like_target(reference: &Path) -> Result<Target> {
+    let mut m = BTreeMap::new();
+    let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
+    if is_json {
+        let q = QuantoMap::from_file(reference)?;
+        for (k, e) in q.entries {
+            m.insert(
+                k,
+                crate::plan::LikeLayer {
+                    qtype: crate::layout::quanto::QType::from_name(&e.weights),
+                    activations: (e.activations != "none").then_some(e.activations),
+                    shape: None,
+                    dtype: None,
+                },
+            );
+        }
+        return Ok(Target::Like(m));
+    }
+    let src = open_source(reference)?;
+    let layers = input_layers(reference, src.as_ref(), &ConvertOptions::default())?;
+    for l in layers {
+        let w = l.tensors.iter().find(|t| t.name == "weight");
+        let qtype = match &l.quant.weights {
+            crate::WeightQuant::Quanto { qtype, .. } => {
+                crate::layout::quanto::QType::from_name(qtype)
+            }
+            _ => None,
+        };
+        m.insert(
+            l.path.clone(),
+            crate::plan::LikeLayer {
+                qtype,
+                activations: l.quant.activations.clone(),
+                shape: w.map(|w| w.shape.clone()),
+                dtype: w.map(|w| w.dtype),
+            },
+        );
+    }
+    Ok(Target::Like(m))
 }

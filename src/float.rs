@@ -701,8 +701,11 @@ impl Fp8Kind {
         }
     }
 
-    /// Decodes one fp8 code to `f32` (exact). NaN codes give a quiet NaN (with the code's sign,
-    /// except for e4m3fnuz whose single NaN is returned positive).
+    /// Decodes one fp8 code to `f32` (exact).
+    ///
+    /// NaN codes decode to the NaN bit patterns torch's CPU conversion produces, which then
+    /// propagate through dequantization: e4m3fn `0x7F`/`0xFF` → `0x7FF00000` with the sign,
+    /// e5m2 NaNs → `0x7FC00000 | payload << 21` with the sign, e4m3fnuz `0x80` → `0x7FC00001`.
     #[inline]
     pub fn decode(self, code: u8) -> f32 {
         self.decode_table()[usize::from(code)]

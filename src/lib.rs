@@ -56,6 +56,7 @@ pub mod float;
 pub mod format;
 pub mod io;
 pub mod layout;
+pub mod plan;
 pub mod schema;
 
 pub use crate::dtype::{byte_len, numel, Dtype};

@@ -184,7 +184,10 @@ fn render(c: &Container) -> String {
     serde_json::to_string_pretty(&v).unwrap() + "\n"
 }
 
-const VECTORS: [(&str, bool, Option<(bool, u32)>); 4] = [
+/// name, quantized layer record, compression (float filter, chunk size)
+type Recipe = (&'static str, bool, Option<(bool, u32)>);
+
+const VECTORS: [Recipe; 4] = [
     ("plain", false, None),
     ("quantized", true, None),
     ("compressed", false, Some((false, 4096))),

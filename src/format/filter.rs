@@ -86,7 +86,7 @@ fn check(dtype: Dtype, a: usize, b: usize) -> Result<usize> {
         unreachable_dtype(dtype)?;
     }
     let s = dtype.size();
-    if a != b || a % s != 0 {
+    if a != b || !a.is_multiple_of(s) {
         return Err(Error::malformed(format!(
             "float filter: {a} bytes is not a whole number of {dtype} elements (or {b} != {a})"
         )));

@@ -93,7 +93,7 @@ pub fn base_container(compressed: bool) -> Vec<u8> {
         ),
     ];
     let s1 = vec![("c.weight".to_string(), Dtype::F32, vec![3, 2], bytes(4, 24))];
-    let comp = compressed.then(|| ZstdOptions {
+    let comp = compressed.then_some(ZstdOptions {
         level: 1,
         chunk_size: 4096,
         float_filter: true,

@@ -390,6 +390,10 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
             .filter(|a| a != "none");
         let is_quanto =
             g.data.is_some() || g.packed.is_some() || g.scale.is_some() || g.shift.is_some();
+        // an activation record only describes a module that carries quanto's
+        // activation-scale buffers
+        let has_act_buffers = g.plain.iter().any(|t| split_key(&t.key).1 == "input_scale");
+        let activations = activations.filter(|_| is_quanto || has_act_buffers);
         let mut tensors: Vec<LogicalTensor> = Vec::new();
         let mut weights = WeightQuant::Plain;
         if is_quanto {

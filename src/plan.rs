@@ -1,0 +1,677 @@
+//! The planner and passes: per layer, from the source layout to the target
+//! layout, as a list of passes marked lossless or lossy, then executed
+//! layer by layer.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::dtype::{byte_len, Dtype};
+use crate::error::{Error, ErrorKind, Result};
+use crate::float::{cast, FloatDtype};
+use crate::format::manifest::{
+    Encoding, Layer, LogicalTensor, Part, Quantization, Role, WeightQuant,
+};
+use crate::io::source::TensorSource;
+use crate::layout::quanto::{self, math, QType};
+use crate::schema::layout_name;
+
+/// What to convert to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Same layouts.
+    Keep,
+    /// Dequantize every quantized layer; optionally cast floats to a dtype.
+    Plain(Option<Dtype>),
+    /// Quantize selected plain layers with optimum-quanto; quanto layers of
+    /// another qtype are dequantized and requantized.
+    Quanto(QType),
+    /// Per layer, the layout of a reference (path → weight quantization).
+    Like(BTreeMap<String, LikeLayer>),
+}
+
+/// A reference layer for [`Target::Like`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LikeLayer {
+    /// quanto qtype, or `None` for plain.
+    pub qtype: Option<QType>,
+    /// activation qtype name (quanto), if any.
+    pub activations: Option<String>,
+    /// The reference's logical weight shape, when known.
+    pub shape: Option<Vec<u64>>,
+    /// The reference's logical weight dtype, when known.
+    pub dtype: Option<Dtype>,
+}
+
+impl Target {
+    /// Parses `keep`, `plain`, `plain:bf16|f16|f32`, `quanto:QTYPE`.
+    pub fn parse(s: &str) -> Result<Target> {
+        let bad = || {
+            Error::usage(format!(
+                "unknown target `{s}`; use keep, plain, plain:bf16|f16|f32, or quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz"
+            ))
+        };
+        Ok(match s.split_once(':') {
+            None if s == "keep" => Target::Keep,
+            None if s == "plain" => Target::Plain(None),
+            Some(("plain", d)) => Target::Plain(Some(match d {
+                "bf16" => Dtype::BF16,
+                "f16" => Dtype::F16,
+                "f32" => Dtype::F32,
+                _ => return Err(bad()),
+            })),
+            Some(("quanto", q)) => Target::Quanto(QType::from_name(q).ok_or_else(bad)?),
+            _ => return Err(bad()),
+        })
+    }
+}
+
+/// Options of the planner.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// Module-path globs to select (fnmatch; `*` spans dots). Empty = the
+    /// default selection.
+    pub include: Vec<String>,
+    /// Module-path globs to leave unchanged.
+    pub exclude: Vec<String>,
+}
+
+/// One pass applied to a layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "pass", rename_all = "snake_case")]
+pub enum Pass {
+    /// Tensors copied unchanged.
+    Copy,
+    /// quanto → float.
+    Dequantize {
+        /// Source qtype.
+        qtype: String,
+        /// Output dtype.
+        dtype: String,
+    },
+    /// float → quanto.
+    Quantize {
+        /// Target qtype.
+        qtype: String,
+        /// Group size.
+        group_size: Option<u64>,
+    },
+    /// Float dtype cast (round to nearest even).
+    Cast {
+        /// From dtype.
+        from: String,
+        /// To dtype.
+        to: String,
+    },
+    /// quanto activation scales dropped (a plain model has no such buffers).
+    DropActivationScales,
+    /// `input_scale`/`output_scale` added (1.0), as quanto's `quantize()` does.
+    AddActivationScales,
+}
+
+/// The plan of one layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerPlan {
+    /// Module path.
+    pub path: String,
+    /// Source layout name.
+    pub from: String,
+    /// Target layout name.
+    pub to: String,
+    /// Passes in order.
+    pub passes: Vec<Pass>,
+    /// True when converting back gives the source bytes exactly.
+    pub lossless: bool,
+    /// Stored bytes read.
+    pub bytes_in: u64,
+    /// Stored bytes written.
+    pub bytes_out: u64,
+    /// The output layer (parts name output keys; shard indexes are set by
+    /// the sink).
+    #[serde(skip)]
+    pub output: Layer,
+    /// The source layer.
+    #[serde(skip)]
+    pub source: Layer,
+}
+
+/// A whole plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Per layer, in output order.
+    pub layers: Vec<LayerPlan>,
+    /// Layers a `--like` reference expects that the input lacks.
+    pub unmatched: Vec<String>,
+}
+
+impl Plan {
+    /// Every output tensor: key, dtype, shape.
+    pub fn outputs(&self) -> Vec<(String, Dtype, Vec<u64>)> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                l.output
+                    .parts()
+                    .map(|p| (p.key.clone(), p.dtype, p.shape.clone()))
+            })
+            .collect()
+    }
+
+    /// True when every layer is lossless.
+    pub fn lossless(&self) -> bool {
+        self.layers.iter().all(|l| l.lossless)
+    }
+
+    /// True when any output layer is quanto-quantized.
+    pub fn has_quanto(&self) -> bool {
+        self.layers.iter().any(|l| {
+            matches!(l.output.quant.weights, WeightQuant::Quanto { .. })
+                || l.output.quant.activations.is_some()
+        })
+    }
+}
+
+/// fnmatch as Python's `fnmatch.fnmatch` (case-sensitive on POSIX): `*`
+/// matches any run of characters including dots, `?` one character,
+/// `[seq]` / `[!seq]` a set.
+pub fn fnmatch(pat: &str, s: &str) -> bool {
+    let p: Vec<char> = pat.chars().collect();
+    let t: Vec<char> = s.chars().collect();
+    fn set(p: &[char], c: char) -> Option<(bool, usize)> {
+        // returns (matched, length of the set in p) or None if unclosed
+        let mut i = 1;
+        let neg = p.get(1) == Some(&'!');
+        if neg {
+            i += 1;
+        }
+        let start = i;
+        let mut m = false;
+        while i < p.len() {
+            if p[i] == ']' && i > start {
+                return Some((m != neg, i + 1));
+            }
+            if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+                if p[i] <= c && c <= p[i + 2] {
+                    m = true;
+                }
+                i += 3;
+            } else {
+                if p[i] == c {
+                    m = true;
+                }
+                i += 1;
+            }
+        }
+        None
+    }
+    fn go(p: &[char], t: &[char]) -> bool {
+        match p.first() {
+            None => t.is_empty(),
+            Some('*') => (0..=t.len()).any(|k| go(&p[1..], &t[k..])),
+            Some('?') => !t.is_empty() && go(&p[1..], &t[1..]),
+            Some('[') => match (t.first(), set(p, *t.first().unwrap_or(&'\0'))) {
+                (Some(_), Some((m, n))) => m && go(&p[n..], &t[1..]),
+                (Some(c), None) => *c == '[' && go(&p[1..], &t[1..]),
+                (None, _) => false,
+            },
+            Some(c) => t.first() == Some(c) && go(&p[1..], &t[1..]),
+        }
+    }
+    go(&p, &t)
+}
+
+/// Module names that denote embedding tables, left plain by default.
+pub const DEFAULT_EMBEDDING_NAMES: [&str; 8] = [
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+    "embeddings",
+    "shared",
+];
+
+fn is_embedding(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    DEFAULT_EMBEDDING_NAMES.contains(&last)
+}
+
+fn selected(path: &str, opts: &PlanOptions) -> bool {
+    if opts.exclude.iter().any(|g| fnmatch(g, path)) {
+        return false;
+    }
+    if !opts.include.is_empty() {
+        return opts.include.iter().any(|g| fnmatch(g, path));
+    }
+    true
+}
+
+fn quantizable(l: &Layer, opts: &PlanOptions) -> bool {
+    let Some(w) = l.tensors.iter().find(|t| t.name == "weight") else {
+        return false;
+    };
+    let explicit = !opts.include.is_empty() && opts.include.iter().any(|g| fnmatch(g, &l.path));
+    matches!(w.shape.len(), 2 | 4)
+        && w.dtype.is_filterable_float()
+        && w.shape.iter().all(|&d| d > 0)
+        && selected(&l.path, opts)
+        && (explicit || !is_embedding(&l.path))
+}
+
+fn key(path: &str, name: &str) -> String {
+    if path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{path}.{name}")
+    }
+}
+
+fn out_part(role: Role, key: String, dtype: Dtype, shape: Vec<u64>) -> Part {
+    Part {
+        role,
+        shard: 0,
+        key,
+        dtype,
+        shape,
+        blake3: [0; 32],
+    }
+}
+
+fn plain_logical(path: &str, name: &str, dtype: Dtype, shape: Vec<u64>) -> LogicalTensor {
+    LogicalTensor {
+        name: name.into(),
+        dtype,
+        shape: shape.clone(),
+        encoding: Encoding::Plain,
+        parts: vec![out_part(Role::Data, key(path, name), dtype, shape)],
+    }
+}
+
+fn stored_bytes(l: &Layer) -> u64 {
+    l.parts()
+        .map(|p| byte_len(p.dtype, &p.shape).unwrap_or(0))
+        .sum()
+}
+
+fn quanto_of(l: &Layer) -> Option<(QType, Option<u64>)> {
+    match &l.quant.weights {
+        WeightQuant::Quanto { qtype, group_size } => {
+            QType::from_name(qtype).map(|q| (q, *group_size))
+        }
+        _ => None,
+    }
+}
+
+const ACT_SCALES: [&str; 2] = ["input_scale", "output_scale"];
+
+/// Plans the conversion of `layers` to `target`.
+pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Plan> {
+    let mut out = Vec::with_capacity(layers.len());
+    let mut unmatched = Vec::new();
+    let like_paths: Vec<&String> = match target {
+        Target::Like(m) => m.keys().collect(),
+        _ => Vec::new(),
+    };
+    for l in layers {
+        let lp = match target {
+            Target::Keep => keep(l),
+            Target::Plain(dt) => {
+                if selected(&l.path, opts) {
+                    to_plain(l, *dt)?
+                } else {
+                    keep(l)
+                }
+            }
+            Target::Quanto(q) => {
+                if quanto_of(l).is_some() && selected(&l.path, opts) || quantizable(l, opts) {
+                    to_quanto(l, *q, None)?
+                } else {
+                    keep(l)
+                }
+            }
+            Target::Like(refm) => match refm.get(&l.path) {
+                Some(r) if selected(&l.path, opts) => match r.qtype {
+                    Some(q) => {
+                        let mut p = to_quanto(l, q, r.activations.clone())?;
+                        if let (Some(s), Some(w)) = (
+                            &r.shape,
+                            p.output.tensors.iter().find(|t| t.name == "weight"),
+                        ) {
+                            if &w.shape != s {
+                                return Err(Error::layout(format!(
+                                    "the reference expects a weight of shape {s:?}, the input has {:?}",
+                                    w.shape
+                                ))
+                                .with_layer(l.path.clone()));
+                            }
+                        }
+                        p.to = layout_name(&p.output);
+                        p
+                    }
+                    None if r.activations.is_some() && quanto_of(l).is_none() => {
+                        activations_only(l, r.activations.clone())
+                    }
+                    None => to_plain(l, r.dtype)?,
+                },
+                _ => keep(l),
+            },
+        };
+        out.push(lp);
+    }
+    if !like_paths.is_empty() {
+        let have: std::collections::HashSet<&str> =
+            layers.iter().map(|l| l.path.as_str()).collect();
+        for p in like_paths {
+            if !have.contains(p.as_str()) {
+                unmatched.push(p.clone());
+            }
+        }
+    }
+    Ok(Plan {
+        layers: out,
+        unmatched,
+    })
+}
+
+fn keep(l: &Layer) -> LayerPlan {
+    let mut output = l.clone();
+    for t in &mut output.tensors {
+        for p in &mut t.parts {
+            p.shard = 0;
+        }
+    }
+    let b = stored_bytes(l);
+    LayerPlan {
+        path: l.path.clone(),
+        from: layout_name(l),
+        to: layout_name(l),
+        passes: vec![Pass::Copy],
+        lossless: true,
+        bytes_in: b,
+        bytes_out: b,
+        output,
+        source: l.clone(),
+    }
+}
+
+fn to_plain(l: &Layer, dt: Option<Dtype>) -> Result<LayerPlan> {
+    let mut passes = Vec::new();
+    let mut lossless = true;
+    let mut tensors = Vec::new();
+    let is_q = quanto_of(l).is_some() || l.quant.activations.is_some();
+    for t in &l.tensors {
+        if is_q && ACT_SCALES.contains(&t.name.as_str()) {
+            if !passes.contains(&Pass::DropActivationScales) {
+                passes.push(Pass::DropActivationScales);
+            }
+            lossless = false;
+            continue;
+        }
+        let mut dtype = t.dtype;
+        if t.encoding == Encoding::Quantized {
+            let (q, _) = quanto_of(l).ok_or_else(|| {
+                Error::layout("quantized tensor without a quanto record").with_layer(l.path.clone())
+            })?;
+            passes.push(Pass::Dequantize {
+                qtype: q.name().into(),
+                dtype: t.dtype.to_string(),
+            });
+            lossless = false;
+        }
+        if let Some(d) = dt {
+            if t.dtype.is_filterable_float() && d != t.dtype {
+                passes.push(Pass::Cast {
+                    from: t.dtype.to_string(),
+                    to: d.to_string(),
+                });
+                // widening to f32 is exact; every other cast rounds
+                if d != Dtype::F32 {
+                    lossless = false;
+                }
+                dtype = d;
+            }
+        }
+        tensors.push(plain_logical(&l.path, &t.name, dtype, t.shape.clone()));
+    }
+    if passes.is_empty() {
+        passes.push(Pass::Copy);
+    }
+    let output = Layer {
+        path: l.path.clone(),
+        quant: Quantization {
+            weights: WeightQuant::Plain,
+            activations: None,
+        },
+        tensors,
+        extensions: Vec::new(),
+    };
+    Ok(LayerPlan {
+        path: l.path.clone(),
+        from: layout_name(l),
+        to: layout_name(&output),
+        passes,
+        lossless,
+        bytes_in: stored_bytes(l),
+        bytes_out: stored_bytes(&output),
+        output,
+        source: l.clone(),
+    })
+}
+
+/// A module whose weights stay plain but whose activations quanto
+/// quantizes (QLayerNorm): the layer gains quanto's two activation-scale
+/// buffers and records the activation qtype.
+fn activations_only(l: &Layer, activations: Option<String>) -> LayerPlan {
+    let mut lp = keep(l);
+    if l.quant.activations == activations {
+        return lp;
+    }
+    // the buffers take the weight's dtype (f32 when the module has none)
+    let dtype = l
+        .tensors
+        .iter()
+        .find(|t| t.name == "weight")
+        .map(|t| t.dtype)
+        .unwrap_or(Dtype::F32);
+    let mut added = false;
+    for n in ACT_SCALES {
+        if !l.tensors.iter().any(|t| t.name == n) {
+            lp.output
+                .tensors
+                .push(plain_logical(&l.path, n, dtype, vec![]));
+            added = true;
+        }
+    }
+    lp.output.quant.activations = activations;
+    if added {
+        lp.passes = vec![Pass::Copy, Pass::AddActivationScales];
+    }
+    lp.to = layout_name(&lp.output);
+    lp.bytes_out = stored_bytes(&lp.output);
+    lp
+}
+
+fn to_quanto(l: &Layer, q: QType, activations: Option<String>) -> Result<LayerPlan> {
+    if let Some((sq, _)) = quanto_of(l) {
+        if sq == q
+            && activations
+                .as_ref()
+                .is_none_or(|a| l.quant.activations.as_ref() == Some(a))
+        {
+            return Ok(keep(l));
+        }
+    }
+    let w = l
+        .tensors
+        .iter()
+        .find(|t| t.name == "weight")
+        .ok_or_else(|| Error::layout("no `weight` to quantize").with_layer(l.path.clone()))?;
+    let t = quanto::float_of(w.dtype).ok_or_else(|| {
+        Error::layout(format!("weight dtype {} cannot be quantized", w.dtype))
+            .with_layer(l.path.clone())
+    })?;
+    let _ = t;
+    let mut passes = Vec::new();
+    if let Some((sq, _)) = quanto_of(l) {
+        passes.push(Pass::Dequantize {
+            qtype: sq.name().into(),
+            dtype: w.dtype.to_string(),
+        });
+    }
+    let numel = crate::dtype::numel(&w.shape)?;
+    let gs = if q.is_packed() {
+        math::group_size(w.shape.first().copied().unwrap_or(1), numel)
+    } else {
+        None
+    };
+    let shapes = math::quanto_shapes(q, &w.shape, gs)
+        .map_err(|e| Error::layout(e.to_string()).with_layer(l.path.clone()))?;
+    passes.push(Pass::Quantize {
+        qtype: q.name().into(),
+        group_size: gs,
+    });
+    let (dk, sk, shk) = quanto::weight_keys(&l.path, q);
+    let mut parts = vec![
+        out_part(Role::Data, dk, quanto::data_dtype(q), shapes.data.clone()),
+        out_part(Role::Scale, sk, w.dtype, shapes.scale.clone()),
+    ];
+    if let (Some(k), Some(s)) = (shk, shapes.shift.clone()) {
+        parts.push(out_part(Role::Shift, k, w.dtype, s));
+    }
+    let mut tensors = vec![LogicalTensor {
+        name: "weight".into(),
+        dtype: w.dtype,
+        shape: w.shape.clone(),
+        encoding: Encoding::Quantized,
+        parts,
+    }];
+    for t in &l.tensors {
+        if t.name != "weight" {
+            tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
+        }
+    }
+    // quanto's QModules always carry these two 0-d buffers
+    let mut added = false;
+    for n in ACT_SCALES {
+        if !l.tensors.iter().any(|t| t.name == n) {
+            tensors.push(plain_logical(&l.path, n, w.dtype, vec![]));
+            added = true;
+        }
+    }
+    if added {
+        passes.push(Pass::AddActivationScales);
+    }
+    let output = Layer {
+        path: l.path.clone(),
+        quant: Quantization {
+            weights: WeightQuant::Quanto {
+                qtype: q.name().into(),
+                group_size: gs,
+            },
+            activations: activations.or_else(|| l.quant.activations.clone()),
+        },
+        tensors,
+        extensions: Vec::new(),
+    };
+    Ok(LayerPlan {
+        path: l.path.clone(),
+        from: layout_name(l),
+        to: layout_name(&output),
+        passes,
+        lossless: false,
+        bytes_in: stored_bytes(l),
+        bytes_out: stored_bytes(&output),
+        output,
+        source: l.clone(),
+    })
+}
+
+fn float_bytes_cast(from: Dtype, to: Dtype, b: Vec<u8>) -> Result<Vec<u8>> {
+    if from == to {
+        return Ok(b);
+    }
+    let (Some(f), Some(t)) = (quanto::float_of(from), quanto::float_of(to)) else {
+        return Err(Error::new(ErrorKind::UnsupportedDtype(format!(
+            "cast {from} to {to}"
+        ))));
+    };
+    cast(f, t, &b).map_err(|e| Error::new(ErrorKind::Unsupported(e.to_string())))
+}
+
+fn one(dtype: Dtype) -> Vec<u8> {
+    match quanto::float_of(dtype) {
+        Some(FloatDtype::Bf16) => half::bf16::ONE.to_bits().to_le_bytes().to_vec(),
+        Some(FloatDtype::F16) => half::f16::ONE.to_bits().to_le_bytes().to_vec(),
+        _ => 1f32.to_le_bytes().to_vec(),
+    }
+}
+
+/// Executes one layer's plan: returns every output tensor (key, bytes).
+pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Vec<(String, Vec<u8>)>> {
+    let l = &lp.source;
+    let mut out = Vec::new();
+    for t in &lp.output.tensors {
+        let src_t = l.tensors.iter().find(|s| s.name == t.name);
+        match (t.encoding, src_t) {
+            (Encoding::Quantized, Some(s))
+                if s.encoding == Encoding::Quantized && lp.passes == [Pass::Copy] =>
+            {
+                for p in &t.parts {
+                    out.push((p.key.clone(), src.read(&p.key)?.into_vec()));
+                }
+            }
+            (Encoding::Quantized, Some(s)) => {
+                // quantize (after dequantizing a quanto source)
+                let float = if s.encoding == Encoding::Quantized {
+                    quanto::dequantize_weight(src, l, s)?
+                } else {
+                    src.read(&s.parts[0].key)?.into_vec()
+                };
+                let float = float_bytes_cast(s.dtype, t.dtype, float)?;
+                let WeightQuant::Quanto { qtype, group_size } = &lp.output.quant.weights else {
+                    return Err(Error::layout("quantized output without quanto record"));
+                };
+                let q = QType::from_name(qtype).ok_or_else(|| Error::layout("qtype"))?;
+                let f = quanto::float_of(t.dtype).ok_or_else(|| Error::layout("dtype"))?;
+                let qw = math::quantize(q, f, &t.shape, &float, *group_size)
+                    .map_err(|e| Error::layout(e.to_string()).with_layer(l.path.clone()))?;
+                for p in &t.parts {
+                    let b = match p.role {
+                        Role::Data => &qw.data.bytes,
+                        Role::Scale => &qw.scale.bytes,
+                        Role::Shift => match &qw.shift {
+                            Some(s) => &s.bytes,
+                            None => return Err(Error::layout("missing shift")),
+                        },
+                        _ => return Err(Error::layout("unexpected role")),
+                    };
+                    out.push((p.key.clone(), b.clone()));
+                }
+            }
+            (Encoding::Plain, Some(s)) => {
+                let b = if s.encoding == Encoding::Quantized {
+                    quanto::dequantize_weight(src, l, s)?
+                } else {
+                    src.read(&s.parts[0].key)?.into_vec()
+                };
+                let b = if s.dtype != t.dtype {
+                    float_bytes_cast(s.dtype, t.dtype, b)?
+                } else {
+                    b
+                };
+                out.push((t.parts[0].key.clone(), b));
+            }
+            (Encoding::Plain, None) if ACT_SCALES.contains(&t.name.as_str()) => {
+                out.push((t.parts[0].key.clone(), one(t.dtype)));
+            }
+            _ => {
+                return Err(
+                    Error::layout(format!("no source for output tensor `{}`", t.name))
+                        .with_layer(l.path.clone()),
+                )
+            }
+        }
+    }
+    Ok(out)
+}
