@@ -748,10 +748,12 @@ fn commit_with_qmap(output: &Path, p: &Plan, finish: impl FnOnce() -> Result<()>
 /// checkpoint (with the qmap beside it, if any) or a container.
 pub fn like_target(reference: &Path) -> Result<Target> {
     let mut m = BTreeMap::new();
+    let mut order = Vec::new();
     let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
     if is_json {
         let q = QuantoMap::from_file(reference)?;
         for (k, e) in q.entries {
+            order.push(k.clone());
             m.insert(
                 k,
                 crate::plan::LikeLayer {
@@ -762,11 +764,12 @@ pub fn like_target(reference: &Path) -> Result<Target> {
                 },
             );
         }
-        return Ok(Target::Like(m));
+        return Ok(Target::Like(m, order));
     }
     let src = open_source(reference)?;
     let layers = input_layers(reference, src.as_ref(), &ConvertOptions::default())?;
     for l in layers {
+        order.push(l.path.clone());
         let w = l.tensors.iter().find(|t| t.name == "weight");
         let qtype = match &l.quant.weights {
             crate::WeightQuant::Quanto { qtype, .. } => {
@@ -784,5 +787,5 @@ pub fn like_target(reference: &Path) -> Result<Target> {
             },
         );
     }
-    Ok(Target::Like(m))
+    Ok(Target::Like(m, order))
 }

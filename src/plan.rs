@@ -26,8 +26,9 @@ pub enum Target {
     /// Quantize selected plain layers with optimum-quanto; quanto layers of
     /// another qtype are dequantized and requantized.
     Quanto(QType),
-    /// Per layer, the layout of a reference (path → weight quantization).
-    Like(BTreeMap<String, LikeLayer>),
+    /// Per layer, the layout of a reference (path → weight quantization),
+    /// with the reference's module order.
+    Like(BTreeMap<String, LikeLayer>, Vec<String>),
 }
 
 /// A reference layer for [`Target::Like`].
@@ -310,7 +311,7 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     let mut out = Vec::with_capacity(layers.len());
     let mut unmatched = Vec::new();
     let like_paths: Vec<&String> = match target {
-        Target::Like(m) => m.keys().collect(),
+        Target::Like(m, _) => m.keys().collect(),
         _ => Vec::new(),
     };
     for l in layers {
@@ -330,7 +331,7 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                     keep(l)
                 }
             }
-            Target::Like(refm) => match refm.get(&l.path) {
+            Target::Like(refm, _) => match refm.get(&l.path) {
                 Some(r) if selected(&l.path, opts) => match r.qtype {
                     Some(q) => {
                         let mut p = to_quanto(l, q, r.activations.clone())?;
@@ -367,6 +368,16 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                 unmatched.push(p.clone());
             }
         }
+    }
+    // a reference's module order is the output's order (quanto writes its
+    // map in module registration order)
+    if let Target::Like(_, order) = target {
+        let pos: std::collections::HashMap<&str, usize> = order
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.as_str(), i))
+            .collect();
+        out.sort_by_key(|lp| pos.get(lp.path.as_str()).copied().unwrap_or(usize::MAX));
     }
     Ok(Plan {
         layers: out,

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The live interop suite: fresh cases from the real optimum-quanto 0.2.7 with a
+# new random seed, converted by the `migrate` binary in both directions, and
+# checked in Python bit for bit (tests/interop/check_against_quanto.py).
+#
+#   bash tests/interop/live.sh [VENV_DIR]
+#
+# Env: LIVE_SEED (default: random), LIVE_ONLY (substring filter of case names),
+#      MIGRATE (path of a built migrate binary; default: builds it).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+venv="$(bash "$here/setup_venv.sh" "${1:-$root/target/interop-venv}" | tail -n 1)"
+export PATH="$venv/bin:$PATH"
+py="$venv/bin/python"
+
+if [ -z "${MIGRATE:-}" ]; then
+    (cd "$root" && cargo build --release --example migrate --quiet)
+    MIGRATE="$root/target/release/examples/migrate"
+fi
+seed="${LIVE_SEED:-$(( (RANDOM << 15) | RANDOM ))}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+echo "live interop: seed $seed, work dir $work"
+only=()
+[ -n "${LIVE_ONLY:-}" ] && only=(--only "$LIVE_ONLY")
+"$py" "$here/gen_quanto_fixtures.py" --out "$work/cases" --seed "$seed" "${only[@]}" >/dev/null
+
+pass=0
+fail=0
+for case in "$work"/cases/*/; do
+    case="${case%/}"
+    name="$(basename "$case")"
+    [ -f "$case/case.json" ] || continue
+    out="$work/out/$name"
+    mkdir -p "$out/q" "$out/p"
+    skip=()
+    case "$name" in *-act_*) skip=(--skip-activation-scales) ;; esac
+    ok=1
+    # float -> quanto, matching quanto's own map
+    if ! "$MIGRATE" -q convert "$case/float.safetensors" "$out/q/model.safetensors" --like "$case/quanto_qmap.json"; then
+        echo "FAIL $name: migrate convert --like failed"; ok=0
+    fi
+    # quanto -> plain
+    if ! "$MIGRATE" -q convert "$case/quantized.safetensors" "$out/p/model.safetensors" --to plain \
+        --qmap "$case/quanto_qmap.json" --shapes-from "$case/float.safetensors"; then
+        echo "FAIL $name: migrate convert --to plain failed"; ok=0
+    fi
+    if [ $ok = 1 ] && "$py" "$here/check_against_quanto.py" --case-dir "$case" \
+        --ours-quantized "$out/q/model.safetensors" --qmap "$out/q/quanto_qmap.json" \
+        --ours-dequantized "$out/p/model.safetensors" --plain-checkpoint "${skip[@]}"; then
+        pass=$((pass + 1))
+    else
+        echo "FAIL $name"
+        fail=$((fail + 1))
+    fi
+done
+echo "live interop (seed $seed): $pass passed, $fail failed"
+[ "$fail" -eq 0 ] && [ "$pass" -gt 0 ]
