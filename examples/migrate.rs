@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ckptkit::convert::{convert, input_layers, like_target, ConvertOptions};
+use ckptkit::convert::{check, convert, input_layers, like_target, ConvertOptions};
 use ckptkit::plan::{Plan, PlanOptions, Target};
 use ckptkit::schema::{report_layers, source_layers, LayerReport};
 use ckptkit::{open_source, Container, InputKind, ZstdOptions};
@@ -95,6 +95,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Will INPUT load where REF's layout is expected? Exit 0 compatible,
+    /// 1 incompatible, 2 trouble.
+    Check {
+        /// The checkpoint to check.
+        input: PathBuf,
+        /// The expected layout: a checkpoint (with its quanto_qmap.json), a
+        /// container, or a quanto_qmap.json alone.
+        #[arg(long)]
+        against: PathBuf,
+        /// The input's quanto map (default: quanto_qmap.json beside INPUT).
+        #[arg(long)]
+        qmap: Option<PathBuf>,
+        /// A plain checkpoint of the same model to take logical shapes from.
+        #[arg(long)]
+        shapes_from: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check structure and hashes. Exit 0 only when everything holds.
     Verify {
         /// Input checkpoint.
@@ -153,6 +172,14 @@ fn parse_compress(s: &str) -> Result<ZstdOptions, String> {
         }
         _ => Err(format!("unknown compression `{s}`; use zstd or zstd:LEVEL")),
     }
+}
+
+fn shorten(v: &[String]) -> String {
+    let mut s: Vec<&str> = v.iter().take(8).map(|s| s.as_str()).collect();
+    if v.len() > 8 {
+        s.push("...");
+    }
+    s.join(", ")
 }
 
 fn summarize(p: &Plan) -> String {
@@ -358,6 +385,67 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 }
             }
             Ok(if problems.is_empty() { 0 } else { 1 })
+        }
+        Cmd::Check {
+            input,
+            against,
+            qmap,
+            shapes_from,
+            json,
+        } => {
+            let opts = ConvertOptions {
+                qmap,
+                shapes_from,
+                ..Default::default()
+            };
+            let r = match check(&input, &against, &opts) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            };
+            let fix = format!(
+                "migrate convert {} OUTPUT.safetensors --like {}",
+                input.display(),
+                against.display()
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"compatible": r.compatible(), "missing": r.missing, "unexpected": r.unexpected,
+                        "mismatches": r.mismatches, "fix": (!r.compatible()).then_some(&fix)})
+                );
+            } else if r.compatible() {
+                println!(
+                    "compatible: {} loads where {} is expected",
+                    input.display(),
+                    against.display()
+                );
+            } else {
+                for m in &r.mismatches {
+                    println!(
+                        "`{}`: checkpoint has {}; expected {}",
+                        m.layer, m.have, m.expected
+                    );
+                }
+                if !r.missing.is_empty() {
+                    println!(
+                        "missing keys ({}): {}",
+                        r.missing.len(),
+                        shorten(&r.missing)
+                    );
+                }
+                if !r.unexpected.is_empty() {
+                    println!(
+                        "unexpected keys ({}): {}",
+                        r.unexpected.len(),
+                        shorten(&r.unexpected)
+                    );
+                }
+                println!("to fix:\n  {fix}");
+            }
+            Ok(if r.compatible() { 0 } else { 1 })
         }
         Cmd::Verify { input, json } => {
             let kind = ckptkit::io::source::input_kind(&input)?;

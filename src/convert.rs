@@ -152,6 +152,53 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Sum
     }
     let kind = input_kind(input)?;
     let src = open_source(input)?;
+    if !opts.dry_run {
+        let created = ensure_parent(output)?;
+        let r = convert_opened(input, output, opts, kind, src.as_ref(), t0);
+        if r.is_err() {
+            // leave no directory we created behind
+            for d in created.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+        return r;
+    }
+    convert_opened(input, output, opts, kind, src.as_ref(), t0)
+}
+
+/// Creates the missing parent directories of an output; returns them,
+/// outermost first.
+fn ensure_parent(output: &Path) -> Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut p = output.parent().filter(|p| !p.as_os_str().is_empty());
+    while let Some(d) = p {
+        if d.exists() {
+            if !d.is_dir() {
+                return Err(Error::usage(format!(
+                    "cannot write under {}: it is not a directory",
+                    d.display()
+                )));
+            }
+            break;
+        }
+        missing.push(d.to_path_buf());
+        p = d.parent().filter(|p| !p.as_os_str().is_empty());
+    }
+    missing.reverse();
+    for d in &missing {
+        std::fs::create_dir(d).map_err(|e| Error::from(e).with_file(d))?;
+    }
+    Ok(missing)
+}
+
+fn convert_opened(
+    input: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+    kind: InputKind,
+    src: &dyn TensorSource,
+    t0: Instant,
+) -> Result<Summary> {
     let tensors = src.tensors().to_vec();
     let bytes_in: u64 = tensors.iter().map(|t| t.len).sum();
     let okind = output_kind(output);
@@ -163,13 +210,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Sum
         || okind == OutputKind::Safetensors
         || (okind == OutputKind::Directory && !multi_file)
     {
-        match convert_planned(input, output, src.as_ref(), okind, opts, t0) {
+        match convert_planned(input, output, src, okind, opts, t0) {
             Err(e)
                 if opts.target == Target::Keep && matches!(e.kind(), ErrorKind::Ambiguous(_)) => {}
             r => return r,
         }
     }
-    let layers = match input_layers(input, src.as_ref(), opts) {
+    let layers = match input_layers(input, src, opts) {
         Ok(l) => Some(l),
         // a byte copy to safetensors needs no understanding of the layers
         Err(e) if okind != OutputKind::Container && matches!(e.kind(), ErrorKind::Ambiguous(_)) => {
@@ -191,27 +238,19 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Sum
         });
     }
     clean_stale_temps(output);
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            return Err(Error::new(ErrorKind::NotFound(format!(
-                "output directory {} does not exist",
-                parent.display()
-            ))));
-        }
-    }
     check_free_space(output, bytes_in)?;
     let files = match okind {
         OutputKind::Safetensors => {
             let mut md = src.metadata().clone();
             md.entry("format".into()).or_insert_with(|| "pt".into());
-            write_safetensors(src.as_ref(), &tensors, output, &md, opts.overwrite)?;
+            write_safetensors(src, &tensors, output, &md, opts.overwrite)?;
             vec![output.to_path_buf()]
         }
         OutputKind::Container => {
-            write_container(src.as_ref(), input, output, layers, opts)?;
+            write_container(src, input, output, layers, opts)?;
             vec![output.to_path_buf()]
         }
-        OutputKind::Directory => write_directory(src.as_ref(), kind, input, output, opts)?,
+        OutputKind::Directory => write_directory(src, kind, input, output, opts)?,
     };
     let mut bytes_out = 0;
     for f in &files {
@@ -788,4 +827,87 @@ pub fn like_target(reference: &Path) -> Result<Target> {
         );
     }
     Ok(Target::Like(m, order))
+}
+
+/// A layer whose layout differs between a checkpoint and its reference.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayoutMismatch {
+    /// Module path.
+    pub layer: String,
+    /// What the checkpoint has, e.g. "plain BF16 `weight`".
+    pub have: String,
+    /// What the reference expects.
+    pub expected: String,
+}
+
+/// Will a checkpoint load where a reference's layout is expected?
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CheckReport {
+    /// Keys the reference has and the checkpoint lacks.
+    pub missing: Vec<String>,
+    /// Keys the checkpoint has and the reference lacks.
+    pub unexpected: Vec<String>,
+    /// Per-layer layout differences.
+    pub mismatches: Vec<LayoutMismatch>,
+}
+
+impl CheckReport {
+    /// True when nothing differs.
+    pub fn compatible(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.mismatches.is_empty()
+    }
+}
+
+fn describe_layout(l: &Layer) -> String {
+    let keys: Vec<String> = l
+        .tensors
+        .iter()
+        .filter(|t| t.name == "weight")
+        .flat_map(|t| {
+            t.parts
+                .iter()
+                .map(|p| format!("`{}`", crate::schema::split_key_after(&p.key, &l.path)))
+        })
+        .collect();
+    format!("{} {}", crate::schema::layout_name(l), keys.join(" + "))
+}
+
+/// Compares a checkpoint's keys and layouts with a reference (a
+/// checkpoint, a container, or a `quanto_qmap.json`).
+pub fn check(input: &Path, reference: &Path, opts: &ConvertOptions) -> Result<CheckReport> {
+    let src = open_source(input)?;
+    let layers = input_layers(input, src.as_ref(), opts)?;
+    let mut report = CheckReport::default();
+    let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
+    // what the input would become to match the reference
+    let target = like_target(reference)?;
+    let p = plan(&layers, &target, &PlanOptions::default())?;
+    let expected_layers: Vec<Layer> = if is_json {
+        p.layers.iter().map(|l| l.output.clone()).collect()
+    } else {
+        let r = open_source(reference)?;
+        input_layers(reference, r.as_ref(), &ConvertOptions::default())?
+    };
+    let have: std::collections::BTreeSet<String> =
+        src.tensors().iter().map(|t| t.key.clone()).collect();
+    let want: std::collections::BTreeSet<String> = expected_layers
+        .iter()
+        .flat_map(|l| l.parts().map(|p| p.key.clone()).collect::<Vec<_>>())
+        .collect();
+    report.missing = want.difference(&have).cloned().collect();
+    report.unexpected = have.difference(&want).cloned().collect();
+    let by: std::collections::HashMap<&str, &Layer> =
+        layers.iter().map(|l| (l.path.as_str(), l)).collect();
+    for e in &expected_layers {
+        if let Some(l) = by.get(e.path.as_str()) {
+            if l.quant != e.quant {
+                report.mismatches.push(LayoutMismatch {
+                    layer: e.path.clone(),
+                    have: describe_layout(l),
+                    expected: describe_layout(e),
+                });
+            }
+        }
+    }
+    Ok(report)
 }

@@ -186,3 +186,14 @@ pub fn source_layers(src: &dyn crate::io::source::TensorSource) -> Vec<Layer> {
         .collect();
     plain_layers(&shards)
 }
+
+/// The part of a key after its layer path and a dot (`weight._data` for
+/// `a.b.weight._data` in layer `a.b`).
+pub fn split_key_after<'k>(key: &'k str, path: &str) -> &'k str {
+    if path.is_empty() {
+        return key;
+    }
+    key.strip_prefix(path)
+        .and_then(|r| r.strip_prefix('.'))
+        .unwrap_or(key)
+}

@@ -1,0 +1,441 @@
+//! The `migrate` binary as a user meets it: every subcommand, every input
+//! and output kind, the failure paths, exit codes, messages, and that no
+//! partial output is ever left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> PathBuf {
+    // cargo test builds the examples next to the test binaries
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join("examples").join("migrate");
+    assert!(p.is_file(), "build the example first: {}", p.display());
+    p
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fx(case: &str, file: &str) -> PathBuf {
+    root().join("tests/fixtures/quanto").join(case).join(file)
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Only the expected entries exist in `dir` (no temporaries).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn help_shows_everyday_examples() {
+    let o = run(&["--help"]);
+    assert_eq!(code(&o), 0);
+    let t = out(&o);
+    assert!(
+        t.contains("Examples") && t.contains("convert") && t.contains("--compress zstd"),
+        "{t}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(code(&run(&["frobnicate"])), 2);
+    assert_eq!(code(&run(&["convert", "a"])), 2);
+    let d = tempfile::tempdir().unwrap();
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        s(&d.path().join("x.safetensors")),
+        "--to",
+        "quanto:qint3",
+    ]);
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("unknown target"), "{}", err(&o));
+    assert!(entries(d.path()).is_empty());
+}
+
+#[test]
+fn inspect_lists_quanto_layers_text_and_json() {
+    // without a shape hint the one bias-less packed layer is flagged
+    let o = run(&["inspect", s(&fx("bf16-qint4", "quantized.safetensors"))]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(
+        out(&o).contains("problem") && out(&o).contains("lin_nobias"),
+        "{}",
+        out(&o)
+    );
+    let o = run(&[
+        "inspect",
+        s(&fx("bf16-qint4", "quantized.safetensors")),
+        "--shapes-from",
+        s(&fx("bf16-qint4", "float.safetensors")),
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("quanto qint4 group 128"), "{}", out(&o));
+    let o = run(&[
+        "inspect",
+        "--json",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+    ]);
+    assert_eq!(code(&o), 0);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["layout"] == "quanto qint8"));
+}
+
+#[test]
+fn dequantize_file_to_file_and_refuse_existing_output() {
+    let d = tempfile::tempdir().unwrap();
+    let dst = d.path().join("plain.safetensors");
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&dst),
+        "--to",
+        "plain",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("lossy"), "{}", out(&o));
+    assert_eq!(
+        entries(d.path()),
+        vec!["plain.safetensors"],
+        "no qmap for a plain output, no temporaries"
+    );
+    let before = std::fs::read(&dst).unwrap();
+    // existing output: refused, untouched
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&dst),
+        "--to",
+        "plain:f32",
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        err(&o).contains("already exists") && err(&o).contains("--force"),
+        "{}",
+        err(&o)
+    );
+    assert_eq!(std::fs::read(&dst).unwrap(), before);
+    // --force replaces it
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&dst),
+        "--to",
+        "plain:f32",
+        "--force",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_ne!(std::fs::read(&dst).unwrap(), before);
+    assert_eq!(entries(d.path()), vec!["plain.safetensors"]);
+}
+
+#[test]
+fn quantize_writes_qmap_companion() {
+    let d = tempfile::tempdir().unwrap();
+    let dst = d.path().join("q.safetensors");
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        s(&dst),
+        "--to",
+        "quanto:qint4",
+        "--exclude",
+        "lin_excluded",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_eq!(entries(d.path()), vec!["q.safetensors", "quanto_qmap.json"]);
+    let q: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("quanto_qmap.json")).unwrap())
+            .unwrap();
+    assert_eq!(q["lin_g128"]["weights"], "qint4");
+    assert!(q.get("lin_excluded").is_none());
+    // dry run writes nothing and shows the plan
+    let d2 = tempfile::tempdir().unwrap();
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        s(&d2.path().join("q.safetensors")),
+        "--to",
+        "quanto:qint8",
+        "--dry-run",
+    ]);
+    assert_eq!(code(&o), 0);
+    assert!(out(&o).contains("quantize"), "{}", out(&o));
+    assert!(entries(d2.path()).is_empty());
+}
+
+#[test]
+fn ambiguous_qint4_without_map_is_refused_with_the_hint() {
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    std::fs::copy(
+        fx("bf16-qint4", "quantized.safetensors"),
+        input.join("model.safetensors"),
+    )
+    .unwrap();
+    let outp = d.path().join("out.safetensors");
+    let o = run(&[
+        "convert",
+        s(&input.join("model.safetensors")),
+        s(&outp),
+        "--to",
+        "plain",
+    ]);
+    assert_eq!(code(&o), 1);
+    let e = err(&o);
+    assert!(
+        e.contains("lin_nobias") && e.contains("--qmap") && e.contains("--shapes-from"),
+        "{e}"
+    );
+    assert!(!outp.exists());
+    // with the hint it works
+    let o = run(&[
+        "convert",
+        s(&input.join("model.safetensors")),
+        s(&outp),
+        "--to",
+        "plain",
+        "--qmap",
+        s(&fx("bf16-qint4", "quanto_qmap.json")),
+        "--shapes-from",
+        s(&fx("bf16-qint4", "float.safetensors")),
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+}
+
+#[test]
+fn truncated_input_fails_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let b = std::fs::read(fx("bf16-qint8", "float.safetensors")).unwrap();
+    let t = d.path().join("t.safetensors");
+    std::fs::write(&t, &b[..b.len() - 10]).unwrap();
+    let o = run(&["convert", s(&t), s(&d.path().join("o.ckpk"))]);
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("truncated"), "{}", err(&o));
+    assert!(!err(&o).contains("panicked"));
+    assert_eq!(entries(d.path()), vec!["t.safetensors"]);
+    assert_eq!(code(&run(&["verify", s(&t)])), 1);
+}
+
+#[test]
+fn container_pack_verify_corrupt_unpack() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("m.ckpk");
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&ck),
+        "--compress",
+        "zstd:3",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_eq!(code(&run(&["verify", s(&ck)])), 0);
+    let o = run(&["inspect", s(&ck)]);
+    assert!(out(&o).contains("quanto qint8"), "{}", out(&o));
+    // unpack to a sharded directory and to a file; tensors identical
+    let back = d.path().join("back.safetensors");
+    assert_eq!(code(&run(&["convert", s(&ck), s(&back)])), 0);
+    let a = ckptkit::SafetensorsFile::open(&back).unwrap();
+    let b = ckptkit::SafetensorsFile::open(&fx("bf16-qint8", "quantized.safetensors")).unwrap();
+    use ckptkit::TensorSource;
+    for t in b.tensors() {
+        assert_eq!(&a.read(&t.key).unwrap()[..], &b.read(&t.key).unwrap()[..]);
+    }
+    // corrupt one byte in the middle: verify fails, convert fails, no output
+    let mut bytes = std::fs::read(&ck).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    let bad = d.path().join("bad.ckpk");
+    std::fs::write(&bad, &bytes).unwrap();
+    let o = run(&["verify", s(&bad)]);
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("bad.ckpk"), "{}", err(&o));
+    let o = run(&["convert", s(&bad), s(&d.path().join("x.safetensors"))]);
+    assert_eq!(code(&o), 1);
+    assert!(!d.path().join("x.safetensors").exists());
+    assert!(!entries(d.path()).iter().any(|e| e.contains("ckptkit-tmp")));
+}
+
+#[test]
+fn sharded_directory_in_and_out() {
+    let d = tempfile::tempdir().unwrap();
+    let sharded = d.path().join("sharded");
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        s(&sharded),
+        "--to",
+        "quanto:qint8",
+        "--max-shard-size",
+        "4000",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let names = entries(&sharded);
+    assert!(
+        names.contains(&"model.safetensors.index.json".to_string()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"quanto_qmap.json".to_string()));
+    assert!(
+        names.iter().filter(|n| n.ends_with(".safetensors")).count() > 1,
+        "{names:?}"
+    );
+    // the directory reads back, keep into a container and to one file
+    let ck = d.path().join("s.ckpk");
+    assert_eq!(code(&run(&["convert", s(&sharded), s(&ck)])), 0);
+    let c = ckptkit::Container::open(&ck).unwrap();
+    assert!(c.manifest().shards.len() > 1);
+    let one = d.path().join("one.safetensors");
+    let o = run(&["convert", s(&ck), s(&one), "--to", "plain"]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+}
+
+#[test]
+fn output_may_not_be_or_lie_inside_input() {
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("ckpt");
+    std::fs::create_dir(&input).unwrap();
+    std::fs::copy(
+        fx("bf16-qint8", "float.safetensors"),
+        input.join("model.safetensors"),
+    )
+    .unwrap();
+    let o = run(&["convert", s(&input), s(&input.join("inner.safetensors"))]);
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("inside"), "{}", err(&o));
+    let f = input.join("model.safetensors");
+    let o = run(&["convert", s(&f), s(&f), "--force"]);
+    assert_eq!(code(&o), 1);
+    assert_eq!(entries(&input), vec!["model.safetensors"]);
+}
+
+#[test]
+fn unwritable_output_location() {
+    let d = tempfile::tempdir().unwrap();
+    // a file where a directory is expected (root bypasses permission bits)
+    std::fs::write(d.path().join("file"), b"x").unwrap();
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        s(&d.path().join("file/sub/o.safetensors")),
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("not a directory"), "{}", err(&o));
+    assert_eq!(entries(d.path()), vec!["file"]);
+    // missing directories are created, and removed again when the
+    // conversion fails
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint4", "quantized.safetensors")),
+        s(&d.path().join("new/dir/o.safetensors")),
+        "--to",
+        "plain",
+        "--qmap",
+        "/nonexistent/quanto_qmap.json",
+    ]);
+    assert_eq!(code(&o), 1);
+    assert_eq!(entries(d.path()), vec!["file"]);
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        s(&d.path().join("new/dir/o.safetensors")),
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_eq!(entries(&d.path().join("new/dir")), vec!["o.safetensors"]);
+}
+
+#[test]
+fn check_reports_mismatch_and_fix() {
+    let o = run(&[
+        "check",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        "--against",
+        s(&fx("bf16-qint8", "quanto_qmap.json")),
+    ]);
+    assert_eq!(code(&o), 1);
+    let t = out(&o);
+    assert!(t.contains("`lin_g128`: checkpoint has plain BF16 `weight`; expected quanto qint8 `weight._data` + `weight._scale`"), "{t}");
+    assert!(t.contains("migrate convert") && t.contains("--like"), "{t}");
+    let o = run(&[
+        "check",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        "--against",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+    ]);
+    assert_eq!(code(&o), 0, "{}", out(&o));
+    let o = run(&[
+        "check",
+        "/nonexistent.safetensors",
+        "--against",
+        s(&fx("bf16-qint8", "quanto_qmap.json")),
+    ]);
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn readme_quickstart_runs_as_written() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let block = readme
+        .split("<!-- quickstart -->")
+        .nth(1)
+        .and_then(|r| r.split("<!-- /quickstart -->").next())
+        .expect("quickstart block");
+    let prefix = "cargo run --release --example migrate -- ";
+    let mut n = 0;
+    for line in block.lines().filter(|l| l.starts_with(prefix)) {
+        let args: Vec<&str> = line[prefix.len()..].split_whitespace().collect();
+        let o = run(&args);
+        // `check` exits 1 when it finds the mismatch it is shown for
+        let ok = if args[0] == "check" {
+            code(&o) == 1
+        } else {
+            code(&o) == 0
+        };
+        assert!(ok, "`{line}` exited {}: {}{}", code(&o), out(&o), err(&o));
+        n += 1;
+    }
+    assert!(n >= 8, "quick start has {n} commands");
+    let main_job = readme
+        .lines()
+        .find(|l| l.starts_with(prefix) && l.contains("--to plain --force"))
+        .unwrap();
+    let args: Vec<&str> = main_job[prefix.len()..].split_whitespace().collect();
+    assert_eq!(code(&run(&args)), 0);
+}
