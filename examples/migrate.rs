@@ -174,6 +174,51 @@ fn parse_compress(s: &str) -> Result<ZstdOptions, String> {
     }
 }
 
+/// A progress bar on stderr (only when it is a terminal), fed by a thread
+/// that polls the library's byte counter.
+fn progress_bar(
+    enabled: bool,
+    input: &std::path::Path,
+) -> Option<(
+    indicatif::ProgressBar,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+)> {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let total = open_source(input)
+        .map(|s| s.tensors().iter().map(|t| t.len).sum())
+        .unwrap_or(0);
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (b, st) = (bar.clone(), stop.clone());
+    let base = ckptkit::io::writer::bytes_written();
+    std::thread::spawn(move || {
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            b.set_position(ckptkit::io::writer::bytes_written() - base);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    Some((bar, stop))
+}
+
+/// blake3 of an output file, for the summary.
+fn output_hash(p: &std::path::Path) -> Option<String> {
+    if !p.is_file() {
+        return None;
+    }
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(p).ok()?;
+    Some(h.finalize().to_hex().to_string())
+}
+
 fn shorten(v: &[String]) -> String {
     let mut s: Vec<&str> = v.iter().take(8).map(|s| s.as_str()).collect();
     if v.len() > 8 {
@@ -288,7 +333,13 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 qmap,
                 shapes_from,
             };
-            let s = convert(&input, &output, &opts)?;
+            let bar = progress_bar(!(json || cli.quiet || dry_run), &input);
+            let s = convert(&input, &output, &opts);
+            if let Some((b, stop)) = bar {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                b.finish_and_clear();
+            }
+            let s = s?;
             if dry_run && !json && !cli.quiet {
                 if let Some(p) = &s.plan {
                     print_plan(p);
@@ -302,6 +353,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                         "bytes_out": s.bytes_out, "seconds": s.seconds, "dry_run": dry_run,
                         "output": output.display().to_string(),
                         "lossless": s.plan.as_ref().map(|p| p.lossless()).unwrap_or(true),
+                        "blake3": if dry_run { None } else { output_hash(&output) },
                         "plan": s.plan,
                     })
                 );
@@ -330,6 +382,9 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                         s.bytes_out,
                         s.seconds
                     );
+                    if let Some(h) = output_hash(&output) {
+                        println!("blake3 {h}  {}", output.display());
+                    }
                 }
             }
             Ok(0)

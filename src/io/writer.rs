@@ -28,6 +28,18 @@ use crate::format::{
 };
 use crate::io::atomic::{check_interrupt, AtomicFile};
 
+static BYTES_WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Process-wide count of tensor bytes handed to writers so far, for
+/// progress displays (a display thread polls it).
+pub fn bytes_written() -> u64 {
+    BYTES_WRITTEN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count(n: usize) {
+    BYTES_WRITTEN.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Hashes bytes, in parallel for large inputs.
 pub fn blake3_of(bytes: &[u8]) -> Hash {
     let mut h = blake3::Hasher::new();
@@ -109,6 +121,7 @@ impl InPlace {
         let off = self.base + self.plan.header.header_len + t.start;
         let (h, w) = rayon::join(|| blake3_of(bytes), || file.write_all_at(bytes, off));
         w?;
+        count(bytes.len());
         let mut g = self
             .hashes
             .lock()
@@ -382,6 +395,7 @@ impl ContainerWriter {
                 });
                 *next += 1;
                 st.pos = off;
+                count(bytes.len());
                 Ok(hash)
             }
         }
