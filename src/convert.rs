@@ -151,6 +151,23 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Sum
         )));
     }
     let kind = input_kind(input)?;
+    if kind == InputKind::ShardedDir && is_training_checkpoint(input)? {
+        if !opts.overwrite && std::fs::symlink_metadata(output).is_ok() {
+            return Err(Error::new(ErrorKind::OutputExists(output.to_path_buf())));
+        }
+        let created = if opts.dry_run {
+            Vec::new()
+        } else {
+            ensure_parent(output)?
+        };
+        let r = convert_checkpoint_dir(input, output, opts);
+        if r.is_err() {
+            for d in created.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+        return r;
+    }
     let src = open_source(input)?;
     if !opts.dry_run {
         let created = ensure_parent(output)?;
@@ -512,6 +529,145 @@ fn outputs_of(p: &Plan, idx: &[usize]) -> Vec<(String, Dtype, Vec<u64>)> {
         .collect()
 }
 
+/// The file-name stem of a model's weight files (`model`,
+/// `diffusion_pytorch_model`), from the input's file names.
+pub fn model_stem(files: &[String]) -> String {
+    files
+        .first()
+        .map(|n| {
+            let n = n.strip_suffix(".safetensors").unwrap_or(n);
+            // model-00001-of-00003 -> model
+            match n.rsplit_once("-of-") {
+                Some((head, _)) => head.rsplit_once('-').map(|(h, _)| h).unwrap_or(head),
+                None => n,
+            }
+            .to_string()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// Writes a plan's output as `{stem}.safetensors` or
+/// `{stem}-0000k-of-0000n.safetensors` + `{stem}.safetensors.index.json`
+/// (+ `quanto_qmap.json`) into an existing directory.
+fn write_model_dir(
+    src: &dyn TensorSource,
+    p: &Plan,
+    dir: &Path,
+    stem: &str,
+    md: &BTreeMap<String, String>,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    let groups = group_layers(p, opts.max_shard_size);
+    let n = groups.len();
+    let mut index = ShardIndex::default();
+    let mut total = 0u64;
+    for (gi, g) in groups.iter().enumerate() {
+        let name = if n == 1 {
+            format!("{stem}.safetensors")
+        } else {
+            format!("{stem}-{:05}-of-{n:05}.safetensors", gi + 1)
+        };
+        let outs = outputs_of(p, g);
+        let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, false)?;
+        run_layers(src, p, g, &|k, b| w.write_tensor(k, b))?;
+        w.finish()?;
+        for (k, d, s) in outs {
+            total += crate::dtype::byte_len(d, &s)?;
+            index.weight_map.insert(k, name.clone());
+        }
+    }
+    if n > 1 {
+        index
+            .metadata
+            .insert("total_size".into(), serde_json::Value::from(total));
+        let text = serde_json::to_string_pretty(&index)
+            .map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
+        std::fs::write(dir.join(format!("{stem}.safetensors.index.json")), text)?;
+    }
+    if p.has_quanto() {
+        std::fs::write(dir.join(QMAP_FILE), qmap_for(p).to_json())?;
+    }
+    Ok(())
+}
+
+/// Makes `config.json` (copied or beside the input) follow the new layout:
+/// its quanto `quantization_config` is removed when the output has no quanto
+/// layer, and written in diffusers' QuantoConfig form when every quantized
+/// layer has the same qtype.
+fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<()> {
+    let dir = if input.is_dir() {
+        input.to_path_buf()
+    } else {
+        input.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let srcp = dir.join("config.json");
+    let from = if dest.is_file() {
+        dest.to_path_buf()
+    } else {
+        srcp
+    };
+    if !from.is_file() {
+        return Ok(());
+    }
+    let text = quanto::read_side_file(&from)?;
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(()); // not ours to judge: copied as is
+    };
+    let Some(obj) = v.as_object_mut() else {
+        return Ok(());
+    };
+    let is_quanto_cfg = obj
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(|m| m.as_str())
+        == Some("quanto");
+    let qtypes: std::collections::BTreeSet<String> = p
+        .layers
+        .iter()
+        .filter_map(|l| match &l.output.quant.weights {
+            crate::WeightQuant::Quanto { qtype, .. } => Some(qtype.clone()),
+            _ => None,
+        })
+        .collect();
+    if qtypes.is_empty() {
+        if !is_quanto_cfg {
+            return Ok(());
+        }
+        obj.remove("quantization_config");
+    } else if qtypes.len() == 1 {
+        let q = qtypes.iter().next().cloned().unwrap_or_default();
+        let w = match q.as_str() {
+            "qint8" => "int8",
+            "qint4" => "int4",
+            "qint2" => "int2",
+            "qfloat8_e4m3fn" => "float8",
+            _ => return Ok(()),
+        };
+        let skip: Vec<String> = p
+            .layers
+            .iter()
+            .filter(|l| {
+                matches!(l.output.quant.weights, crate::WeightQuant::Plain)
+                    && l.output
+                        .tensors
+                        .iter()
+                        .any(|t| t.name == "weight" && t.shape.len() == 2)
+            })
+            .map(|l| l.path.clone())
+            .collect();
+        obj.insert(
+            "quantization_config".into(),
+            serde_json::json!({"quant_method": "quanto", "weights_dtype": w, "modules_to_not_convert": skip}),
+        );
+    } else {
+        return Ok(());
+    }
+    let out =
+        serde_json::to_string_pretty(&v).map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
+    std::fs::write(dest, out + "\n").map_err(|e| Error::from(e).with_file(dest))
+}
+
 /// ckptkit's schema of the quanto layers of a plan (for `__metadata__`).
 fn schema_for(p: &Plan) -> Option<String> {
     let mut s = quanto::Schema::new();
@@ -622,40 +778,9 @@ fn convert_planned(
         }
         OutputKind::Directory => {
             let dir = AtomicDir::create(output, opts.overwrite)?;
-            let groups = group_layers(&p, opts.max_shard_size);
-            let n = groups.len();
-            let stem = "model";
-            let mut index = ShardIndex::default();
-            let mut total = 0u64;
-            for (gi, g) in groups.iter().enumerate() {
-                let name = if n == 1 {
-                    format!("{stem}.safetensors")
-                } else {
-                    format!("{stem}-{:05}-of-{n:05}.safetensors", gi + 1)
-                };
-                let outs = outputs_of(&p, g);
-                let w = SafetensorsWriter::create(&dir.path().join(&name), &outs, &md, false)?;
-                run_layers(src, &p, g, &|k, b| w.write_tensor(k, b))?;
-                w.finish()?;
-                for (k, d, s) in outs {
-                    total += crate::dtype::byte_len(d, &s)?;
-                    index.weight_map.insert(k, name.clone());
-                }
-            }
-            if n > 1 {
-                index
-                    .metadata
-                    .insert("total_size".into(), serde_json::Value::from(total));
-                let text = serde_json::to_string_pretty(&index)
-                    .map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
-                std::fs::write(
-                    dir.path().join(format!("{stem}.safetensors.index.json")),
-                    text,
-                )?;
-            }
-            if p.has_quanto() {
-                std::fs::write(dir.path().join(QMAP_FILE), qmap_for(&p).to_json())?;
-            }
+            let stem = model_stem(&src.files());
+            write_model_dir(src, &p, dir.path(), &stem, &md, opts)?;
+            update_config(input, &dir.path().join("config.json"), &p)?;
             dir.commit()?;
         }
         OutputKind::Container => {
@@ -910,4 +1035,146 @@ pub fn check(input: &Path, reference: &Path, opts: &ConvertOptions) -> Result<Ch
         }
     }
     Ok(report)
+}
+
+/// True when a directory is a training checkpoint (sub-directories, or files
+/// other than weights and JSON side files) rather than one model's weights.
+pub fn is_training_checkpoint(dir: &Path) -> Result<bool> {
+    for e in std::fs::read_dir(dir).map_err(|e| Error::from(e).with_file(dir))? {
+        let e = e?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        if e.file_type()?.is_dir() {
+            return Ok(true);
+        }
+        let side = n.ends_with(".json") || n == "README.md";
+        let weights = crate::io::sharded::is_weight_file_name(&n);
+        if !side && !weights {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The model weight files of one directory (its index's files, or the files
+/// with transformers/diffusers weight names).
+fn model_files(dir: &Path) -> Result<Vec<String>> {
+    if let Some(ix) = find_index(dir)? {
+        let idx = crate::io::sharded::read_index(&ix)?;
+        let mut v: Vec<String> = idx.weight_map.values().cloned().collect();
+        v.sort();
+        v.dedup();
+        if let Some(n) = ix.file_name() {
+            v.push(n.to_string_lossy().into_owned());
+        }
+        return Ok(v);
+    }
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::from(e).with_file(dir))? {
+        let n = e?.file_name().to_string_lossy().into_owned();
+        if crate::io::sharded::is_weight_file_name(&n) {
+            v.push(n);
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Converts a training checkpoint directory (e.g. `checkpoint-4000/` with
+/// `transformer/diffusion_pytorch_model*.safetensors`, adapter weights,
+/// `optimizer.bin`, ...): every directory's model weights are migrated, its
+/// `config.json` and `quanto_qmap.json` follow the new layout, and every
+/// other file is copied unchanged, so the result resumes like the original.
+pub fn convert_checkpoint_dir(
+    input: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+) -> Result<Summary> {
+    let t0 = Instant::now();
+    if output_kind(output) != OutputKind::Directory {
+        return Err(Error::usage(format!(
+            "{} is a training checkpoint directory; its output must be a directory, not {}",
+            input.display(),
+            output.display()
+        )));
+    }
+    let mut summary = Summary::default();
+    let mut plans = Vec::new();
+    // plan every model first: nothing is written if any layer is in doubt
+    let mut stack = vec![PathBuf::new()];
+    let mut models = Vec::new();
+    let mut copies = Vec::new();
+    while let Some(rel) = stack.pop() {
+        let d = input.join(&rel);
+        let files = model_files(&d)?;
+        let mut handled: std::collections::HashSet<String> = files.iter().cloned().collect();
+        if !files.is_empty() {
+            handled.insert(QMAP_FILE.into());
+            handled.insert("config.json".into());
+            models.push((rel.clone(), files));
+        }
+        for e in std::fs::read_dir(&d).map_err(|e| Error::from(e).with_file(&d))? {
+            let e = e?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if e.file_type()?.is_dir() {
+                stack.push(rel.join(&n));
+            } else if !handled.contains(&n)
+                || (n == "config.json" && !models.iter().any(|m| m.0 == rel))
+            {
+                copies.push(rel.join(&n));
+            } else if n == "config.json" {
+                copies.push(rel.join(&n)); // copied, then updated
+            }
+        }
+    }
+    let mut sources = Vec::new();
+    for (rel, files) in &models {
+        let d = input.join(rel);
+        let weights: Vec<String> = files
+            .iter()
+            .filter(|f| f.ends_with(".safetensors"))
+            .cloned()
+            .collect();
+        let src = crate::io::sharded::ShardedDir::open_with(&d, Some(weights))?;
+        let layers = input_layers(&d, &src, opts).map_err(|e| e.with_file(&d))?;
+        let p = plan(&layers, &opts.target, &opts.select)?;
+        summary.tensors += p.outputs().len();
+        summary.layers += p.layers.len();
+        summary.bytes_in += p.layers.iter().map(|l| l.bytes_in).sum::<u64>();
+        sources.push(src);
+        plans.push(p);
+    }
+    if opts.dry_run {
+        summary.plan = plans.pop();
+        summary.seconds = t0.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+    check_free_space(output, summary.bytes_in)?;
+    let dir = AtomicDir::create(output, opts.overwrite)?;
+    for rel in &copies {
+        check_interrupt()?;
+        let to = dir.path().join(rel);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(input.join(rel), &to)
+            .map_err(|e| Error::from(e).with_file(input.join(rel)))?;
+    }
+    for (((rel, _), src), p) in models.iter().zip(&sources).zip(&plans) {
+        let out = dir.path().join(rel);
+        std::fs::create_dir_all(&out)?;
+        let mut md = src.metadata().clone();
+        md.remove(quanto::SCHEMA_KEY);
+        md.entry("format".into()).or_insert_with(|| "pt".into());
+        if let Some(s) = schema_for(p) {
+            md.insert(quanto::SCHEMA_KEY.into(), s);
+        }
+        write_model_dir(src, p, &out, &model_stem(&src.files()), &md, opts)?;
+        update_config(&input.join(rel), &out.join("config.json"), p)?;
+    }
+    dir.commit()?;
+    summary.files = vec![output.to_path_buf()];
+    summary.bytes_out = dir_size(output);
+    summary.seconds = t0.elapsed().as_secs_f64();
+    summary.plan = plans.pop();
+    Ok(summary)
 }

@@ -439,3 +439,97 @@ fn readme_quickstart_runs_as_written() {
     let args: Vec<&str> = main_job[prefix.len()..].split_whitespace().collect();
     assert_eq!(code(&run(&args)), 0);
 }
+
+#[test]
+fn training_checkpoint_directory_is_migrated_and_the_rest_copied() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("checkpoint-4000");
+    let tr = ck.join("transformer");
+    std::fs::create_dir_all(&tr).unwrap();
+    std::fs::copy(
+        fx("bf16-qint8", "quantized.safetensors"),
+        tr.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fx("bf16-qint8", "quanto_qmap.json"),
+        tr.join("quanto_qmap.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        tr.join("config.json"),
+        r#"{"_class_name": "FluxTransformer2DModel", "quantization_config": {"quant_method": "quanto", "weights_dtype": "int8"}}"#,
+    )
+    .unwrap();
+    std::fs::copy(
+        fx("bf16-qint8", "float.safetensors"),
+        ck.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    for (n, b) in [
+        ("optimizer.bin", &b"opt"[..]),
+        ("scheduler.bin", b"sch"),
+        ("random_states_0.pkl", b"rng"),
+        ("training_state.json", b"{\"step\": 4000}"),
+    ] {
+        std::fs::write(ck.join(n), b).unwrap();
+    }
+    let out = d.path().join("checkpoint-4000-plain");
+    let o = run(&["convert", s(&ck), s(&out), "--to", "plain"]);
+    assert_eq!(code(&o), 0, "{}{}", out_s(&o), err(&o));
+    // every other file byte for byte
+    for n in [
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "training_state.json",
+        "pytorch_lora_weights.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(ck.join(n)).unwrap(),
+            std::fs::read(out.join(n)).unwrap(),
+            "{n}"
+        );
+    }
+    // the transformer is plain now, without qmap, and its config says so
+    assert_eq!(
+        entries(&out.join("transformer")),
+        vec!["config.json", "diffusion_pytorch_model.safetensors"]
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("transformer/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(cfg.get("quantization_config").is_none(), "{cfg}");
+    assert_eq!(cfg["_class_name"], "FluxTransformer2DModel");
+    let m = ckptkit::SafetensorsFile::open(
+        &out.join("transformer/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    use ckptkit::TensorSource;
+    assert!(m.get("lin_g128.weight").is_some() && m.get("lin_g128.weight._data").is_none());
+    // and back to quanto qint8: diffusers-style config and the qmap reappear
+    let back = d.path().join("checkpoint-4000-q8");
+    let o = run(&[
+        "convert",
+        s(&out),
+        s(&back),
+        "--to",
+        "quanto:qint8",
+        "--exclude",
+        "lin_excluded",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(back.join("transformer/quanto_qmap.json").is_file());
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(back.join("transformer/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["quantization_config"]["weights_dtype"], "int8");
+    // input untouched
+    assert!(tr.join("quanto_qmap.json").is_file());
+}
+
+fn out_s(o: &Output) -> String {
+    out(o)
+}

@@ -217,7 +217,9 @@ fn rewrite(
     case: &str,
     edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
 ) -> (tempfile::TempDir, PathBuf) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quanto").join(case);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/quanto")
+        .join(case);
     let src = SafetensorsFile::open(&dir.join("quantized.safetensors")).unwrap();
     let mut ts: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = src
         .tensors()
@@ -234,25 +236,43 @@ fn rewrite(
     edit(&mut ts);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = ts
         .iter()
-        .map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     let bytes = safetensors::serialize(views, None).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("model.safetensors");
     std::fs::write(&p, bytes).unwrap();
-    std::fs::copy(dir.join("quanto_qmap.json"), tmp.path().join("quanto_qmap.json")).unwrap();
+    std::fs::copy(
+        dir.join("quanto_qmap.json"),
+        tmp.path().join("quanto_qmap.json"),
+    )
+    .unwrap();
     (tmp, p)
 }
 
 fn detect_err(p: &Path) -> ckptkit::Error {
     let src = SafetensorsFile::open(p).unwrap();
     let qmap = QuantoMap::from_file(&p.with_file_name("quanto_qmap.json")).unwrap();
-    quanto::detect_layers(&src, &Hints { qmap: Some(qmap), ..Default::default() }).unwrap_err()
+    quanto::detect_layers(
+        &src,
+        &Hints {
+            qmap: Some(qmap),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
 }
 
 #[test]
 fn missing_scale_is_refused() {
-    let (_d, p) = rewrite("bf16-qint8", |ts| ts.retain(|t| t.0 != "lin_g128.weight._scale"));
+    let (_d, p) = rewrite("bf16-qint8", |ts| {
+        ts.retain(|t| t.0 != "lin_g128.weight._scale")
+    });
     let e = detect_err(&p);
     assert_eq!(e.location().layer.as_deref(), Some("lin_g128"), "{e}");
     assert!(e.to_string().contains("without `weight._scale`"), "{e}");
@@ -261,19 +281,28 @@ fn missing_scale_is_refused() {
 #[test]
 fn wrong_scale_shape_is_refused() {
     let (_d, p) = rewrite("bf16-qint8", |ts| {
-        let t = ts.iter_mut().find(|t| t.0 == "lin_g128.weight._scale").unwrap();
+        let t = ts
+            .iter_mut()
+            .find(|t| t.0 == "lin_g128.weight._scale")
+            .unwrap();
         // [16,1] -> [8,2]: same bytes, wrong shape
         t.2 = vec![8, 2];
     });
     let e = detect_err(&p);
     assert_eq!(e.location().layer.as_deref(), Some("lin_g128"), "{e}");
-    assert!(e.to_string().contains("_scale") && e.to_string().contains("[16, 1]"), "{e}");
+    assert!(
+        e.to_string().contains("_scale") && e.to_string().contains("[16, 1]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn packed_size_that_fits_no_shape_is_refused() {
     let (_d, p) = rewrite("bf16-qint4", |ts| {
-        let t = ts.iter_mut().find(|t| t.0 == "lin_g96.weight._data._data").unwrap();
+        let t = ts
+            .iter_mut()
+            .find(|t| t.0 == "lin_g96.weight._data._data")
+            .unwrap();
         // drop one packed row
         let row = t.2[1];
         t.2[0] -= 1;
@@ -288,8 +317,15 @@ fn packed_size_that_fits_no_shape_is_refused() {
 fn qint4_map_over_qint8_data_is_refused() {
     let (d, p) = rewrite("bf16-qint8", |_| {});
     let q = std::fs::read_to_string(d.path().join("quanto_qmap.json")).unwrap();
-    std::fs::write(d.path().join("quanto_qmap.json"), q.replace("\"qint8\"", "\"qint4\"")).unwrap();
+    std::fs::write(
+        d.path().join("quanto_qmap.json"),
+        q.replace("\"qint8\"", "\"qint4\""),
+    )
+    .unwrap();
     let e = detect_err(&p);
     assert!(matches!(e.kind(), ckptkit::ErrorKind::Layout(_)), "{e}");
-    assert!(e.to_string().contains("qint4") && e.to_string().contains("I8"), "{e}");
+    assert!(
+        e.to_string().contains("qint4") && e.to_string().contains("I8"),
+        "{e}"
+    );
 }

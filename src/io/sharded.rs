@@ -80,42 +80,52 @@ impl ShardedDir {
     /// Opens a directory: through its index when it has one, else its single
     /// `*.safetensors` file.
     pub fn open(dir: &Path) -> Result<ShardedDir> {
+        Self::open_with(dir, None)
+    }
+
+    /// Opens a directory's model weights: through its index when it has
+    /// one, else the given weight files (or, with `None`, its single
+    /// `*.safetensors` file).
+    pub fn open_with(dir: &Path, files: Option<Vec<String>>) -> Result<ShardedDir> {
         let index_path = find_index(dir)?;
-        let (names, index) = match &index_path {
-            Some(p) => {
-                let idx = read_index(p)?;
-                let mut names: Vec<String> = idx.weight_map.values().cloned().collect();
-                names.sort();
-                names.dedup();
-                for n in &names {
-                    if !safe_file_name(n) {
-                        return Err(Error::malformed(format!(
-                            "index names `{n}`, which is not a file in the directory"
-                        ))
-                        .with_file(p));
+        let (names, index) = match (&index_path, files) {
+            (None, Some(names)) => (names, None),
+            (index_path, _) => match index_path {
+                Some(p) => {
+                    let idx = read_index(p)?;
+                    let mut names: Vec<String> = idx.weight_map.values().cloned().collect();
+                    names.sort();
+                    names.dedup();
+                    for n in &names {
+                        if !safe_file_name(n) {
+                            return Err(Error::malformed(format!(
+                                "index names `{n}`, which is not a file in the directory"
+                            ))
+                            .with_file(p));
+                        }
                     }
+                    (names, Some(idx))
                 }
-                (names, Some(idx))
-            }
-            None => {
-                let mut names = Vec::new();
-                for e in std::fs::read_dir(dir).map_err(|e| Error::from(e).with_file(dir))? {
-                    let n = e?.file_name().to_string_lossy().into_owned();
-                    if n.ends_with(".safetensors") && !n.starts_with('.') {
-                        names.push(n);
+                None => {
+                    let mut names = Vec::new();
+                    for e in std::fs::read_dir(dir).map_err(|e| Error::from(e).with_file(dir))? {
+                        let n = e?.file_name().to_string_lossy().into_owned();
+                        if n.ends_with(".safetensors") && !n.starts_with('.') {
+                            names.push(n);
+                        }
                     }
-                }
-                names.sort();
-                if names.len() != 1 {
-                    return Err(Error::new(ErrorKind::NotFound(format!(
-                        "{} has no *.safetensors.index.json and {} .safetensors files; \
+                    names.sort();
+                    if names.len() != 1 {
+                        return Err(Error::new(ErrorKind::NotFound(format!(
+                            "{} has no *.safetensors.index.json and {} .safetensors files; \
                          expected an index or exactly one weight file",
-                        dir.display(),
-                        names.len()
-                    ))));
+                            dir.display(),
+                            names.len()
+                        ))));
+                    }
+                    (names, None)
                 }
-                (names, None)
-            }
+            },
         };
         let mut files = Vec::new();
         let mut tensors = Vec::new();
@@ -219,6 +229,24 @@ impl TensorSource for ShardedDir {
         })?;
         self.files[self.tensors[i].file].1.read(key)
     }
+}
+
+/// True for the weight-file names transformers and diffusers write:
+/// `model.safetensors`, `diffusion_pytorch_model-00001-of-00003.safetensors`.
+pub fn is_weight_file_name(n: &str) -> bool {
+    let Some(stem) = n.strip_suffix(".safetensors") else {
+        return false;
+    };
+    let base = match stem.rsplit_once("-of-") {
+        Some((head, tail)) if !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) => {
+            match head.rsplit_once('-') {
+                Some((b, k)) if !k.is_empty() && k.bytes().all(|x| x.is_ascii_digit()) => b,
+                _ => return false,
+            }
+        }
+        _ => stem,
+    };
+    base == "model" || base == "diffusion_pytorch_model"
 }
 
 /// Splits tensors (in the given order) into shards of at most `max_bytes`
