@@ -7,11 +7,13 @@ use crate::format::manifest::{
     Encoding, Layer, LogicalTensor, Part, Quantization, Role, Shard, WeightQuant,
 };
 
-/// Splits a key into (module path, tensor name) at the last dot.
+/// Splits a key into (module path, tensor name) at the last dot. A key whose
+/// only dot is its first byte (`.a`) is a top-level name, so the split stays
+/// one-to-one (`a` and `.a` must not both become ("", "a")).
 pub fn split_key(key: &str) -> (&str, &str) {
     match key.rfind('.') {
-        Some(i) => (&key[..i], &key[i + 1..]),
-        None => ("", key),
+        Some(i) if i > 0 => (&key[..i], &key[i + 1..]),
+        _ => ("", key),
     }
 }
 
