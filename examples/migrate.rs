@@ -43,7 +43,8 @@ enum Cmd {
         /// Output path.
         output: PathBuf,
         /// Target layout: keep, plain, plain:bf16|f16|f32,
-        /// quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz.
+        /// quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz,
+        /// int8, int8:bnb, int8:ct[:group=N][:int-quantized], int8:PATH.json.
         #[arg(long, default_value = "keep")]
         to: String,
         /// Take every layer's layout from REF: a checkpoint (with its
@@ -77,6 +78,10 @@ enum Cmd {
         /// Replace an existing output.
         #[arg(long)]
         force: bool,
+        /// Allow re-layouts that cannot be undone byte for byte (their error
+        /// is reported).
+        #[arg(long)]
+        allow_lossy: bool,
         /// Largest data bytes per file when writing a directory.
         #[arg(long, default_value_t = 5_000_000_000)]
         max_shard_size: u64,
@@ -301,6 +306,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             dry_run,
             json,
             force,
+            allow_lossy,
             max_shard_size,
         } => {
             let target = match &like {
@@ -329,7 +335,11 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 dry_run,
                 max_shard_size,
                 target,
-                select: PlanOptions { include, exclude },
+                select: PlanOptions {
+                    include,
+                    exclude,
+                    allow_lossy,
+                },
                 qmap,
                 shapes_from,
             };
@@ -354,6 +364,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                         "output": output.display().to_string(),
                         "lossless": s.plan.as_ref().map(|p| p.lossless()).unwrap_or(true),
                         "blake3": if dry_run { None } else { output_hash(&output) },
+                        "losses": s.losses,
                         "plan": s.plan,
                     })
                 );
@@ -382,6 +393,12 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                         s.bytes_out,
                         s.seconds
                     );
+                    for l in &s.losses {
+                        println!(
+                            "lossy re-layout `{}`: {} integers clamped, max abs error {:.3e} ({:.3} scale units)",
+                            l.layer, l.clamped, l.max_abs_error, l.max_error_in_scales
+                        );
+                    }
                     if let Some(h) = output_hash(&output) {
                         println!("blake3 {h}  {}", output.display());
                     }

@@ -100,6 +100,7 @@ pub fn input_layers(
         qmap,
         diffusers: quanto::diffusers_beside(input)?,
         shapes_from: shapes.as_deref(),
+        ..Default::default()
     };
     quanto::detect_layers(src, &hints)
 }
@@ -121,6 +122,8 @@ pub struct Summary {
     pub seconds: f64,
     /// The plan that was executed (or would be, for a dry run).
     pub plan: Option<Plan>,
+    /// Lossy re-layouts accepted with `allow_lossy`, with their errors.
+    pub losses: Vec<crate::plan::Loss>,
 }
 
 fn same_or_inside(input: &Path, output: &Path) -> Result<bool> {
@@ -281,6 +284,7 @@ fn convert_opened(
         files,
         seconds: t0.elapsed().as_secs_f64(),
         plan: None,
+        losses: Vec::new(),
     })
 }
 
@@ -553,6 +557,7 @@ pub fn model_stem(files: &[String]) -> String {
 fn write_model_dir(
     src: &dyn TensorSource,
     p: &Plan,
+    losses: &Losses,
     dir: &Path,
     stem: &str,
     md: &BTreeMap<String, String>,
@@ -570,7 +575,7 @@ fn write_model_dir(
         };
         let outs = outputs_of(p, g);
         let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, false)?;
-        run_layers(src, p, g, &|k, b| w.write_tensor(k, b))?;
+        run_layers(src, p, g, losses, &|k, b| w.write_tensor(k, b))?;
         w.finish()?;
         for (k, d, s) in outs {
             total += crate::dtype::byte_len(d, &s)?;
@@ -676,6 +681,7 @@ fn schema_for(p: &Plan) -> Option<String> {
         let w = o.tensors.iter().find(|t| t.name == "weight");
         let (weights, gs) = match &o.quant.weights {
             crate::WeightQuant::Quanto { qtype, group_size } => (qtype.clone(), *group_size),
+            crate::WeightQuant::Int8 { layout, .. } => (layout.clone(), None),
             _ if o.quant.activations.is_some() => ("none".to_string(), None),
             _ => continue,
         };
@@ -714,12 +720,28 @@ pub fn qmap_for(p: &Plan) -> QuantoMap {
     QuantoMap { entries }
 }
 
-fn run_layers(src: &dyn TensorSource, p: &Plan, idx: &[usize], write: &WriteFn<'_>) -> Result<()> {
+/// Lossy re-layouts accepted while executing a plan.
+type Losses = std::sync::Mutex<Vec<crate::plan::Loss>>;
+
+fn run_layers(
+    src: &dyn TensorSource,
+    p: &Plan,
+    idx: &[usize],
+    losses: &Losses,
+    write: &WriteFn<'_>,
+) -> Result<()> {
     idx.par_iter().try_for_each(|&i| {
         check_interrupt()?;
         let lp = &p.layers[i];
-        for (k, b) in crate::plan::execute(src, lp).map_err(|e| e.with_layer(lp.path.clone()))? {
+        let (tensors, loss) =
+            crate::plan::execute(src, lp).map_err(|e| e.with_layer(lp.path.clone()))?;
+        for (k, b) in tensors {
             write(&k, &b)?;
+        }
+        if let Some(l) = loss {
+            if let Ok(mut g) = losses.lock() {
+                g.push(l);
+            }
         }
         Ok(())
     })
@@ -754,6 +776,7 @@ fn convert_planned(
         files: vec![output.to_path_buf()],
         seconds: 0.0,
         plan: None,
+        losses: Vec::new(),
     };
     if opts.dry_run {
         summary.seconds = t0.elapsed().as_secs_f64();
@@ -762,6 +785,7 @@ fn convert_planned(
     }
     clean_stale_temps(output);
     check_free_space(output, bytes_out)?;
+    let losses: Losses = Default::default();
     let mut md = src.metadata().clone();
     md.remove(quanto::SCHEMA_KEY);
     md.entry("format".into()).or_insert_with(|| "pt".into());
@@ -773,13 +797,13 @@ fn convert_planned(
             check_qmap_slot(input, output, opts.overwrite)?;
             let w = SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite)?;
             let all: Vec<usize> = (0..p.layers.len()).collect();
-            run_layers(src, &p, &all, &|k, b| w.write_tensor(k, b))?;
+            run_layers(src, &p, &all, &losses, &|k, b| w.write_tensor(k, b))?;
             commit_with_qmap(output, &p, || w.finish().map(|_| ()))?;
         }
         OutputKind::Directory => {
             let dir = AtomicDir::create(output, opts.overwrite)?;
             let stem = model_stem(&src.files());
-            write_model_dir(src, &p, dir.path(), &stem, &md, opts)?;
+            write_model_dir(src, &p, &losses, dir.path(), &stem, &md, opts)?;
             update_config(input, &dir.path().join("config.json"), &p)?;
             dir.commit()?;
         }
@@ -820,7 +844,7 @@ fn convert_planned(
                     w.begin_shard(&name, &outputs_of(&p, g), &md)?;
                     {
                         let wr = &w;
-                        run_layers(src, &p, g, &|k, b| wr.write_tensor(k, b))?;
+                        run_layers(src, &p, g, &losses, &|k, b| wr.write_tensor(k, b))?;
                     }
                     w.finish_shard()?;
                     for &i in g {
@@ -850,6 +874,7 @@ fn convert_planned(
     summary.seconds = t0.elapsed().as_secs_f64();
     summary.bytes_out = dir_size(output);
     summary.plan = Some(p);
+    summary.losses = losses.into_inner().unwrap_or_default();
     Ok(summary)
 }
 
@@ -1149,6 +1174,7 @@ pub fn convert_checkpoint_dir(
         return Ok(summary);
     }
     check_free_space(output, summary.bytes_in)?;
+    let losses: Losses = Default::default();
     let dir = AtomicDir::create(output, opts.overwrite)?;
     for rel in &copies {
         check_interrupt()?;
@@ -1168,7 +1194,7 @@ pub fn convert_checkpoint_dir(
         if let Some(s) = schema_for(p) {
             md.insert(quanto::SCHEMA_KEY.into(), s);
         }
-        write_model_dir(src, p, &out, &model_stem(&src.files()), &md, opts)?;
+        write_model_dir(src, p, &losses, &out, &model_stem(&src.files()), &md, opts)?;
         update_config(&input.join(rel), &out.join("config.json"), p)?;
     }
     dir.commit()?;
@@ -1176,5 +1202,6 @@ pub fn convert_checkpoint_dir(
     summary.bytes_out = dir_size(output);
     summary.seconds = t0.elapsed().as_secs_f64();
     summary.plan = plans.pop();
+    summary.losses = losses.into_inner().unwrap_or_default();
     Ok(summary)
 }

@@ -13,11 +13,12 @@ use crate::format::manifest::{
     Encoding, Layer, LogicalTensor, Part, Quantization, Role, WeightQuant,
 };
 use crate::io::source::TensorSource;
+use crate::layout::int8::{self, Granularity, Int8Descriptor, ScaleValue};
 use crate::layout::quanto::{self, math, QType};
 use crate::schema::layout_name;
 
 /// What to convert to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Target {
     /// Same layouts.
     Keep,
@@ -26,6 +27,9 @@ pub enum Target {
     /// Quantize selected plain layers with optimum-quanto; quanto layers of
     /// another qtype are dequantized and requantized.
     Quanto(QType),
+    /// Quantize selected plain layers to an int8 layout; quanto qint8 and
+    /// other int8 layers are re-laid out (same integers) where possible.
+    Int8(Box<Int8Descriptor>),
     /// Per layer, the layout of a reference (path → weight quantization),
     /// with the reference's module order.
     Like(BTreeMap<String, LikeLayer>, Vec<String>),
@@ -62,6 +66,7 @@ impl Target {
                 _ => return Err(bad()),
             })),
             Some(("quanto", q)) => Target::Quanto(QType::from_name(q).ok_or_else(bad)?),
+            _ if s == "int8" || s.starts_with("int8:") => Target::Int8(Box::new(int8::preset(s)?)),
             _ => return Err(bad()),
         })
     }
@@ -75,6 +80,8 @@ pub struct PlanOptions {
     pub include: Vec<String>,
     /// Module-path globs to leave unchanged.
     pub exclude: Vec<String>,
+    /// Allow re-layouts that cannot be undone byte for byte.
+    pub allow_lossy: bool,
 }
 
 /// One pass applied to a layer.
@@ -108,6 +115,17 @@ pub enum Pass {
     DropActivationScales,
     /// `input_scale`/`output_scale` added (1.0), as quanto's `quantize()` does.
     AddActivationScales,
+    /// The integer payload moved to another int8 layout unchanged, the scale
+    /// converted; lossless when converting back gives the same bytes (checked
+    /// on the data).
+    Relayout {
+        /// Source layout.
+        from: String,
+        /// Target layout.
+        to: String,
+        /// Whether both layouts dequantize to bit-identical floats.
+        same_floats: bool,
+    },
 }
 
 /// The plan of one layer.
@@ -134,6 +152,9 @@ pub struct LayerPlan {
     /// The source layer.
     #[serde(skip)]
     pub source: Layer,
+    /// Whether a re-layout that is not byte-reversible may run.
+    #[serde(skip)]
+    pub allow_lossy: bool,
 }
 
 /// A whole plan.
@@ -306,6 +327,35 @@ fn quanto_of(l: &Layer) -> Option<(QType, Option<u64>)> {
 
 const ACT_SCALES: [&str; 2] = ["input_scale", "output_scale"];
 
+fn int8_of(l: &Layer) -> Option<Int8Descriptor> {
+    match &l.quant.weights {
+        WeightQuant::Int8 { layout, descriptor } => int8::descriptor_of(layout, descriptor).ok(),
+        _ => None,
+    }
+}
+
+/// The integer view of a quantized layer that can be re-laid out without
+/// touching its integers: quanto qint8, or an int8 layout with one scale per
+/// row or per tensor.
+fn relayout_source(l: &Layer) -> Option<(String, ScaleValue, Granularity)> {
+    if let Some((q, _)) = quanto_of(l) {
+        return (q == QType::QInt8).then(|| {
+            (
+                "quanto qint8".to_string(),
+                ScaleValue::Scale,
+                Granularity::Channel,
+            )
+        });
+    }
+    int8_of(l)
+        .filter(|d| d.zero_point.is_none())
+        .map(|d| (d.name.clone(), d.scale.value, d.scale.granularity))
+}
+
+fn same_floats(a: ScaleValue, b: ScaleValue) -> bool {
+    a == b
+}
+
 /// Plans the conversion of `layers` to `target`.
 pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Plan> {
     let mut out = Vec::with_capacity(layers.len());
@@ -327,6 +377,19 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
             Target::Quanto(q) => {
                 if quanto_of(l).is_some() && selected(&l.path, opts) || quantizable(l, opts) {
                     to_quanto(l, *q, None)?
+                } else {
+                    keep(l)
+                }
+            }
+            Target::Int8(d) => {
+                let is_q = quanto_of(l).is_some() || int8_of(l).is_some();
+                // int8 layouts describe 2-D (Linear) weights; others are kept
+                let two_d = l
+                    .tensors
+                    .iter()
+                    .any(|t| t.name == "weight" && t.shape.len() == 2);
+                if two_d && (is_q && selected(&l.path, opts) || !is_q && quantizable(l, opts)) {
+                    to_int8(l, d)?
                 } else {
                     keep(l)
                 }
@@ -369,6 +432,9 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
             }
         }
     }
+    for lp in &mut out {
+        lp.allow_lossy = opts.allow_lossy;
+    }
     // a reference's module order is the output's order (quanto writes its
     // map in module registration order)
     if let Target::Like(_, order) = target {
@@ -403,6 +469,7 @@ fn keep(l: &Layer) -> LayerPlan {
         bytes_out: b,
         output,
         source: l.clone(),
+        allow_lossy: false,
     }
 }
 
@@ -411,6 +478,7 @@ fn to_plain(l: &Layer, dt: Option<Dtype>) -> Result<LayerPlan> {
     let mut lossless = true;
     let mut tensors = Vec::new();
     let is_q = quanto_of(l).is_some() || l.quant.activations.is_some();
+    let int8_name = int8_of(l).map(|d| d.name);
     for t in &l.tensors {
         if is_q && ACT_SCALES.contains(&t.name.as_str()) {
             if !passes.contains(&Pass::DropActivationScales) {
@@ -421,11 +489,16 @@ fn to_plain(l: &Layer, dt: Option<Dtype>) -> Result<LayerPlan> {
         }
         let mut dtype = t.dtype;
         if t.encoding == Encoding::Quantized {
-            let (q, _) = quanto_of(l).ok_or_else(|| {
-                Error::layout("quantized tensor without a quanto record").with_layer(l.path.clone())
-            })?;
+            let name = match (quanto_of(l), &int8_name) {
+                (Some((q, _)), _) => q.name().to_string(),
+                (None, Some(n)) => n.clone(),
+                _ => {
+                    return Err(Error::layout("quantized tensor without a layout record")
+                        .with_layer(l.path.clone()))
+                }
+            };
             passes.push(Pass::Dequantize {
-                qtype: q.name().into(),
+                qtype: name,
                 dtype: t.dtype.to_string(),
             });
             lossless = false;
@@ -467,6 +540,144 @@ fn to_plain(l: &Layer, dt: Option<Dtype>) -> Result<LayerPlan> {
         bytes_out: stored_bytes(&output),
         output,
         source: l.clone(),
+        allow_lossy: false,
+    })
+}
+
+fn to_int8(l: &Layer, d: &Int8Descriptor) -> Result<LayerPlan> {
+    if int8_of(l).as_ref() == Some(d) {
+        return Ok(keep(l));
+    }
+    let w = l
+        .tensors
+        .iter()
+        .find(|t| t.name == "weight")
+        .ok_or_else(|| Error::layout("no `weight` to quantize").with_layer(l.path.clone()))?;
+    if w.shape.len() != 2 || !w.dtype.is_filterable_float() {
+        return Err(Error::layout(format!(
+            "int8 layouts take 2-D float weights; this one is {} {:?}",
+            w.dtype, w.shape
+        ))
+        .with_layer(l.path.clone()));
+    }
+    let (o, i) = (w.shape[0], w.shape[1]);
+    let mut passes = Vec::new();
+    let mut lossless = false;
+    let relayout_ok = relayout_source(l).filter(|(_, _, g)| {
+        *g == Granularity::Channel && matches!(d.scale.granularity, Granularity::Channel)
+            || *g == d.scale.granularity
+    });
+    match relayout_ok {
+        Some((from, sv, _)) if d.zero_point.is_none() => {
+            passes.push(Pass::Relayout {
+                from,
+                to: d.name.clone(),
+                same_floats: same_floats(sv, d.scale.value),
+            });
+            lossless = true; // checked on the data at execution
+        }
+        _ => {
+            if let Some((q, _)) = quanto_of(l) {
+                passes.push(Pass::Dequantize {
+                    qtype: q.name().into(),
+                    dtype: w.dtype.to_string(),
+                });
+            } else if let Some(sd) = int8_of(l) {
+                passes.push(Pass::Dequantize {
+                    qtype: sd.name,
+                    dtype: w.dtype.to_string(),
+                });
+            }
+            passes.push(Pass::Quantize {
+                qtype: d.name.clone(),
+                group_size: match d.scale.granularity {
+                    Granularity::Group(g) => Some(g),
+                    _ => None,
+                },
+            });
+        }
+    }
+    let (pshape, sshape, zshape) = d.shapes(o, i).map_err(|e| e.with_layer(l.path.clone()))?;
+    let k = |x: &str| int8::Int8Descriptor::key(&l.path, x);
+    let mut parts = vec![
+        out_part(
+            Role::Data,
+            k(&d.payload.key),
+            int8::payload_dtype(d),
+            pshape,
+        ),
+        out_part(Role::Scale, k(&d.scale.key), d.scale_dtype(w.dtype), sshape),
+    ];
+    if let Some(sk) = &d.payload.shape_key {
+        parts.push(out_part(
+            Role::Other(sk.clone()),
+            k(sk),
+            Dtype::I64,
+            vec![2],
+        ));
+    }
+    if let Some(z) = &d.zero_point {
+        parts.push(out_part(Role::ZeroPoint, k(&z.key), Dtype::I8, zshape));
+    }
+    for c in &d.constants {
+        let dt = Dtype::from_name(&c.dtype).unwrap_or(Dtype::U8);
+        parts.push(out_part(
+            Role::Other(c.key.clone()),
+            k(&c.key),
+            dt,
+            c.shape.clone(),
+        ));
+    }
+    let mut tensors = vec![LogicalTensor {
+        name: "weight".into(),
+        dtype: w.dtype,
+        shape: w.shape.clone(),
+        encoding: Encoding::Quantized,
+        parts,
+    }];
+    // quanto's activation-scale buffers have no meaning in an int8 layout
+    for t in &l.tensors {
+        if t.name == "weight" {
+            continue;
+        }
+        if quanto_of(l).is_some() && ACT_SCALES.contains(&t.name.as_str()) {
+            // the weight stays byte-reversible; converting back to quanto
+            // re-adds the buffers at 1.0 (calibrated values are not carried)
+            if !passes.contains(&Pass::DropActivationScales) {
+                passes.push(Pass::DropActivationScales);
+            }
+            continue;
+        }
+        tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
+    }
+    let preset_json = if int8::preset(&d.name).is_ok_and(|p| &p == d) {
+        String::new()
+    } else {
+        d.to_json()
+    };
+    let output = Layer {
+        path: l.path.clone(),
+        quant: Quantization {
+            weights: WeightQuant::Int8 {
+                layout: d.name.clone(),
+                descriptor: preset_json,
+            },
+            activations: None,
+        },
+        tensors,
+        extensions: Vec::new(),
+    };
+    Ok(LayerPlan {
+        path: l.path.clone(),
+        from: layout_name(l),
+        to: layout_name(&output),
+        passes,
+        lossless,
+        bytes_in: stored_bytes(l),
+        bytes_out: stored_bytes(&output),
+        output,
+        source: l.clone(),
+        allow_lossy: false,
     })
 }
 
@@ -524,11 +735,31 @@ fn to_quanto(l: &Layer, q: QType, activations: Option<String>) -> Result<LayerPl
     })?;
     let _ = t;
     let mut passes = Vec::new();
+    let mut lossless = false;
+    let int8_src = int8_of(l);
     if let Some((sq, _)) = quanto_of(l) {
         passes.push(Pass::Dequantize {
             qtype: sq.name().into(),
             dtype: w.dtype.to_string(),
         });
+    } else if let Some(sd) = &int8_src {
+        if q == QType::QInt8
+            && w.shape.len() == 2
+            && sd.zero_point.is_none()
+            && matches!(sd.scale.granularity, Granularity::Channel)
+        {
+            passes.push(Pass::Relayout {
+                from: sd.name.clone(),
+                to: "quanto qint8".into(),
+                same_floats: same_floats(sd.scale.value, ScaleValue::Scale),
+            });
+            lossless = true;
+        } else {
+            passes.push(Pass::Dequantize {
+                qtype: sd.name.clone(),
+                dtype: w.dtype.to_string(),
+            });
+        }
     }
     let numel = crate::dtype::numel(&w.shape)?;
     let gs = if q.is_packed() {
@@ -538,10 +769,12 @@ fn to_quanto(l: &Layer, q: QType, activations: Option<String>) -> Result<LayerPl
     };
     let shapes = math::quanto_shapes(q, &w.shape, gs)
         .map_err(|e| Error::layout(e.to_string()).with_layer(l.path.clone()))?;
-    passes.push(Pass::Quantize {
-        qtype: q.name().into(),
-        group_size: gs,
-    });
+    if !lossless {
+        passes.push(Pass::Quantize {
+            qtype: q.name().into(),
+            group_size: gs,
+        });
+    }
     let (dk, sk, shk) = quanto::weight_keys(&l.path, q);
     let mut parts = vec![
         out_part(Role::Data, dk, quanto::data_dtype(q), shapes.data.clone()),
@@ -590,11 +823,12 @@ fn to_quanto(l: &Layer, q: QType, activations: Option<String>) -> Result<LayerPl
         from: layout_name(l),
         to: layout_name(&output),
         passes,
-        lossless: false,
+        lossless,
         bytes_in: stored_bytes(l),
         bytes_out: stored_bytes(&output),
         output,
         source: l.clone(),
+        allow_lossy: false,
     })
 }
 
@@ -618,10 +852,156 @@ fn one(dtype: Dtype) -> Vec<u8> {
     }
 }
 
-/// Executes one layer's plan: returns every output tensor (key, bytes).
-pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Vec<(String, Vec<u8>)>> {
+/// The integer view of a quantized weight: values `[O, I]`, scale bytes,
+/// what the scale means, its dtype.
+struct IntView {
+    q: Vec<i8>,
+    scale: Vec<u8>,
+    value: ScaleValue,
+    dtype: Dtype,
+}
+
+fn int_view(src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<IntView> {
+    let part = |r: Role| {
+        w.parts
+            .iter()
+            .find(|p| p.role == r)
+            .ok_or_else(|| Error::layout(format!("no {r:?} part")).with_layer(l.path.clone()))
+    };
+    let (o, i) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
+    let dp = part(Role::Data)?;
+    let sp = part(Role::Scale)?;
+    let data = src.read(&dp.key)?;
+    let scale = src.read(&sp.key)?.into_vec();
+    if quanto_of(l).is_some() {
+        return Ok(IntView {
+            q: data.iter().map(|&b| b as i8).collect(),
+            scale,
+            value: ScaleValue::Scale,
+            dtype: sp.dtype,
+        });
+    }
+    let d =
+        int8_of(l).ok_or_else(|| Error::layout("not an int8 layer").with_layer(l.path.clone()))?;
+    Ok(IntView {
+        q: int8::payload_values(&d, &data, o, i)?,
+        scale,
+        value: d.scale.value,
+        dtype: sp.dtype,
+    })
+}
+
+/// Dequantizes any quantized weight (quanto or int8) to its logical dtype.
+fn dequantize_any(src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Vec<u8>> {
+    if quanto_of(l).is_some() {
+        return quanto::dequantize_weight(src, l, w);
+    }
+    let d = int8_of(l)
+        .ok_or_else(|| Error::layout("unknown quantized layout").with_layer(l.path.clone()))?;
+    let v = int_view(src, l, w)?;
+    let zp = match w.parts.iter().find(|p| p.role == Role::ZeroPoint) {
+        Some(p) => Some(src.read(&p.key)?.iter().map(|&b| b as i8).collect()),
+        None => None,
+    };
+    let qw = int8::Int8Weight {
+        q: v.q,
+        scale: v.scale,
+        zero_point: zp,
+    };
+    int8::dequantize(&d, w.shape[0], w.shape[1], &qw, v.dtype, w.dtype)
+}
+
+/// The output of one layer: (key, bytes) per tensor, and what an accepted
+/// lossy re-layout changed.
+pub type Executed = (Vec<(String, Vec<u8>)>, Option<Loss>);
+
+/// What a lossy re-layout changed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Loss {
+    /// Module path.
+    pub layer: String,
+    /// Integers clamped into the target range.
+    pub clamped: u64,
+    /// Largest absolute change of a dequantized value.
+    pub max_abs_error: f64,
+    /// Largest change in units of the (target) scale.
+    pub max_error_in_scales: f64,
+}
+
+fn relayout_scale(
+    lp: &LayerPlan,
+    v: &IntView,
+    to: (ScaleValue, Dtype),
+    range: [i32; 2],
+    allow_lossy: bool,
+) -> Result<(Vec<i8>, Vec<u8>, Option<Loss>)> {
+    let (scale, exact) = int8::convert_scale((v.value, v.dtype), to, &v.scale)?;
+    let clamped =
+        v.q.iter()
+            .filter(|&&x| (x as i32) < range[0] || (x as i32) > range[1])
+            .count() as u64;
+    if exact && clamped == 0 {
+        return Ok((v.q.clone(), scale, None));
+    }
+    // measure the damage on the dequantized values
+    let q2: Vec<i8> =
+        v.q.iter()
+            .map(|&x| (x as i32).clamp(range[0], range[1]) as i8)
+            .collect();
+    let f = |sv: ScaleValue, d: Dtype, b: &[u8]| -> Result<Vec<f64>> {
+        let fd = quanto::float_of(d).ok_or_else(|| Error::layout("scale dtype"))?;
+        let k = match sv {
+            ScaleValue::Scale => 1.0,
+            ScaleValue::AbsmaxOver(c) => 1.0 / c,
+        };
+        Ok(fd
+            .decode(b)
+            .map_err(|e| Error::layout(e.to_string()))?
+            .iter()
+            .map(|&x| x as f64 * k)
+            .collect())
+    };
+    let s0 = f(v.value, v.dtype, &v.scale)?;
+    let s1 = f(to.0, to.1, &scale)?;
+    let per = (v.q.len() / s0.len().max(1)).max(1);
+    let (mut mae, mut mes) = (0f64, 0f64);
+    for (k, (a, b)) in v.q.iter().zip(&q2).enumerate() {
+        let g = (k / per).min(s0.len().saturating_sub(1));
+        let e = (*a as f64 * s0[g] - *b as f64 * s1[g]).abs();
+        mae = mae.max(e);
+        if s1[g] > 0.0 {
+            mes = mes.max(e / s1[g]);
+        }
+    }
+    let loss = Loss {
+        layer: lp.path.clone(),
+        clamped,
+        max_abs_error: mae,
+        max_error_in_scales: mes,
+    };
+    if !allow_lossy {
+        return Err(Error::layout(format!(
+            "re-layout cannot be undone byte for byte ({} integers outside [{}, {}], scale {}): \
+             max abs error {:.3e}, {:.3} scale units; pass --allow-lossy to accept",
+            clamped,
+            range[0],
+            range[1],
+            if exact { "exact" } else { "rounded" },
+            mae,
+            mes
+        ))
+        .with_layer(lp.path.clone()));
+    }
+    Ok((q2, scale, Some(loss)))
+}
+
+/// Executes one layer's plan: returns every output tensor (key, bytes) and,
+/// for an accepted lossy re-layout, what it changed.
+pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
     let l = &lp.source;
     let mut out = Vec::new();
+    let mut loss = None;
+    let relayout = lp.passes.iter().any(|p| matches!(p, Pass::Relayout { .. }));
     for t in &lp.output.tensors {
         let src_t = l.tensors.iter().find(|s| s.name == t.name);
         match (t.encoding, src_t) {
@@ -632,37 +1012,110 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Vec<(String, Ve
                     out.push((p.key.clone(), src.read(&p.key)?.into_vec()));
                 }
             }
-            (Encoding::Quantized, Some(s)) => {
-                // quantize (after dequantizing a quanto source)
-                let float = if s.encoding == Encoding::Quantized {
-                    quanto::dequantize_weight(src, l, s)?
-                } else {
-                    src.read(&s.parts[0].key)?.into_vec()
-                };
-                let float = float_bytes_cast(s.dtype, t.dtype, float)?;
-                let WeightQuant::Quanto { qtype, group_size } = &lp.output.quant.weights else {
-                    return Err(Error::layout("quantized output without quanto record"));
-                };
-                let q = QType::from_name(qtype).ok_or_else(|| Error::layout("qtype"))?;
-                let f = quanto::float_of(t.dtype).ok_or_else(|| Error::layout("dtype"))?;
-                let qw = math::quantize(q, f, &t.shape, &float, *group_size)
-                    .map_err(|e| Error::layout(e.to_string()).with_layer(l.path.clone()))?;
-                for p in &t.parts {
-                    let b = match p.role {
-                        Role::Data => &qw.data.bytes,
-                        Role::Scale => &qw.scale.bytes,
-                        Role::Shift => match &qw.shift {
-                            Some(s) => &s.bytes,
-                            None => return Err(Error::layout("missing shift")),
-                        },
-                        _ => return Err(Error::layout("unexpected role")),
-                    };
-                    out.push((p.key.clone(), b.clone()));
+            (Encoding::Quantized, Some(s)) => match &lp.output.quant.weights {
+                WeightQuant::Quanto { qtype, group_size } if relayout => {
+                    let v = int_view(src, l, s)?;
+                    let (q, scale, lo) = relayout_scale(
+                        lp,
+                        &v,
+                        (ScaleValue::Scale, t.dtype),
+                        [-128, 127],
+                        lp.allow_lossy,
+                    )?;
+                    loss = lo;
+                    let _ = (qtype, group_size);
+                    for p in &t.parts {
+                        let b = match p.role {
+                            Role::Data => q.iter().map(|&x| x as u8).collect(),
+                            Role::Scale => scale.clone(),
+                            _ => return Err(Error::layout("unexpected role")),
+                        };
+                        out.push((p.key.clone(), b));
+                    }
                 }
-            }
+                WeightQuant::Quanto { qtype, group_size } => {
+                    let float = if s.encoding == Encoding::Quantized {
+                        dequantize_any(src, l, s)?
+                    } else {
+                        src.read(&s.parts[0].key)?.into_vec()
+                    };
+                    let float = float_bytes_cast(s.dtype, t.dtype, float)?;
+                    let q = QType::from_name(qtype).ok_or_else(|| Error::layout("qtype"))?;
+                    let f = quanto::float_of(t.dtype).ok_or_else(|| Error::layout("dtype"))?;
+                    let qw = math::quantize(q, f, &t.shape, &float, *group_size)
+                        .map_err(|e| Error::layout(e.to_string()).with_layer(l.path.clone()))?;
+                    for p in &t.parts {
+                        let b = match p.role {
+                            Role::Data => &qw.data.bytes,
+                            Role::Scale => &qw.scale.bytes,
+                            Role::Shift => match &qw.shift {
+                                Some(s) => &s.bytes,
+                                None => return Err(Error::layout("missing shift")),
+                            },
+                            _ => return Err(Error::layout("unexpected role")),
+                        };
+                        out.push((p.key.clone(), b.clone()));
+                    }
+                }
+                WeightQuant::Int8 { layout, descriptor } => {
+                    let d = int8::descriptor_of(layout, descriptor)?;
+                    let (o, i) = (t.shape[0], t.shape[1]);
+                    let sd = d.scale_dtype(t.dtype);
+                    let (q, scale, zp) = if relayout {
+                        let v = int_view(src, l, s)?;
+                        let (q, scale, lo) =
+                            relayout_scale(lp, &v, (d.scale.value, sd), d.range, lp.allow_lossy)?;
+                        loss = lo;
+                        (q, scale, None)
+                    } else {
+                        let float = if s.encoding == Encoding::Quantized {
+                            dequantize_any(src, l, s)?
+                        } else {
+                            src.read(&s.parts[0].key)?.into_vec()
+                        };
+                        let float = float_bytes_cast(s.dtype, t.dtype, float)?;
+                        let qw = int8::quantize(&d, t.dtype, o, i, &float)
+                            .map_err(|e| e.with_layer(l.path.clone()))?;
+                        (qw.q, qw.scale, qw.zero_point)
+                    };
+                    for p in &t.parts {
+                        let b = match &p.role {
+                            Role::Data => int8::payload_bytes(&d, &q, o, i),
+                            Role::Scale => scale.clone(),
+                            Role::ZeroPoint => zp
+                                .clone()
+                                .unwrap_or_default()
+                                .iter()
+                                .map(|&x| x as u8)
+                                .collect(),
+                            Role::Other(name) if Some(name) == d.payload.shape_key.as_ref() => {
+                                [o as i64, i as i64]
+                                    .iter()
+                                    .flat_map(|x| x.to_le_bytes())
+                                    .collect()
+                            }
+                            Role::Other(name) => {
+                                let c = d.constants.iter().find(|c| &c.key == name).ok_or_else(
+                                    || Error::layout(format!("unknown part `{name}`")),
+                                )?;
+                                let dt = Dtype::from_name(&c.dtype).unwrap_or(Dtype::U8);
+                                c.values
+                                    .iter()
+                                    .flat_map(|&v| v.to_le_bytes()[..dt.size()].to_vec())
+                                    .collect()
+                            }
+                            _ => return Err(Error::layout("unexpected role")),
+                        };
+                        out.push((p.key.clone(), b));
+                    }
+                }
+                WeightQuant::Plain => {
+                    return Err(Error::layout("quantized output without a layout record"))
+                }
+            },
             (Encoding::Plain, Some(s)) => {
                 let b = if s.encoding == Encoding::Quantized {
-                    quanto::dequantize_weight(src, l, s)?
+                    dequantize_any(src, l, s)?
                 } else {
                     src.read(&s.parts[0].key)?.into_vec()
                 };
@@ -684,5 +1137,5 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Vec<(String, Ve
             }
         }
     }
-    Ok(out)
+    Ok((out, loss))
 }

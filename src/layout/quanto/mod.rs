@@ -220,7 +220,6 @@ pub fn schema_json(schema: &Schema) -> String {
 }
 
 /// What the reader may use besides the tensors themselves.
-#[derive(Default)]
 pub struct Hints<'a> {
     /// The quantization map (from `quanto_qmap.json` or given).
     pub qmap: Option<QuantoMap>,
@@ -228,6 +227,19 @@ pub struct Hints<'a> {
     pub diffusers: Option<DiffusersQuanto>,
     /// A plain checkpoint of the same model to take logical shapes from.
     pub shapes_from: Option<&'a dyn TensorSource>,
+    /// int8 layouts to recognise (the built-in presets by default).
+    pub int8: Vec<crate::layout::int8::Int8Descriptor>,
+}
+
+impl Default for Hints<'_> {
+    fn default() -> Self {
+        Hints {
+            qmap: None,
+            diffusers: None,
+            shapes_from: None,
+            int8: crate::layout::int8::detection_presets(),
+        }
+    }
 }
 
 /// Converts a float dtype to ours.
@@ -350,6 +362,13 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
             (m, 2)
         } else if let Some(m) = t.key.strip_suffix(".weight._shift") {
             (m, 3)
+        } else if let Some(m) = t
+            .key
+            .strip_suffix(".weight.q")
+            .or_else(|| t.key.strip_suffix(".weight.scale"))
+        {
+            // ckptkit's own int8 layout keeps its parts under `weight.`
+            (m, 4)
         } else {
             (split_key(&t.key).0, 4)
         };
@@ -407,14 +426,29 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
                     continue;
                 }
             }
-        } else if let Some(e) = qentry {
-            if e.weights != "none" && g.plain.iter().any(|t| split_key(&t.key).1 == "weight") {
-                // a plain weight where the map expects a quantized one:
-                // quanto would load it unfrozen; we read it as plain.
+        }
+        let mut used: Vec<String> = Vec::new();
+        if !is_quanto {
+            if let Some((lt, wq, u)) = crate::layout::int8::detect(
+                src,
+                &path,
+                &g.plain,
+                &hints.int8,
+                schema
+                    .as_ref()
+                    .and_then(|s| s.get(&path))
+                    .and_then(|e| Dtype::from_name(&e.dtype)),
+            )? {
+                tensors.push(lt);
+                weights = wq;
+                used = u;
             }
         }
-        for t in &g.plain {
-            tensors.push(plain_tensor(split_key(&t.key).1, t));
+        for t in g.plain.iter().filter(|t| !used.contains(&t.key)) {
+            tensors.push(plain_tensor(
+                crate::schema::split_key_after(&t.key, &path),
+                t,
+            ));
         }
         layers.push(Layer {
             path,

@@ -1,0 +1,328 @@
+//! int8 layouts: re-layout round trips on the real quanto fixtures, and
+//! quantize / dequantize properties for every layout pair on generated
+//! weights (in memory, through the planner and executor).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ckptkit::convert::{convert, ConvertOptions};
+use ckptkit::layout::quanto::{self, Hints};
+use ckptkit::plan::{execute, plan, PlanOptions, Target};
+use ckptkit::{Dtype, Error, SafetensorsFile, SourceTensor, TensorBytes, TensorSource};
+use proptest::prelude::*;
+
+fn fx(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/quanto")
+        .join(case)
+}
+
+fn opts(t: &str, lossy: bool) -> ConvertOptions {
+    ConvertOptions {
+        target: Target::parse(t).unwrap(),
+        select: PlanOptions {
+            allow_lossy: lossy,
+            // the fixtures' one module quanto left plain stays plain
+            exclude: vec!["lin_excluded".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn tensors(p: &Path) -> BTreeMap<String, Vec<u8>> {
+    let f = SafetensorsFile::open(p).unwrap();
+    f.tensors()
+        .iter()
+        .map(|t| (t.key.clone(), f.read(&t.key).unwrap().into_vec()))
+        .collect()
+}
+
+/// quanto qint8 → LAYOUT → quanto qint8 gives quanto's own bytes back
+/// whenever the plan runs without --allow-lossy; when it refuses, it says
+/// why and --allow-lossy reports the error.
+#[test]
+fn quanto_qint8_relayout_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut exact = BTreeMap::new();
+    for case in ["bf16-qint8", "f16-qint8", "f32-qint8"] {
+        let src = fx(case).join("quantized.safetensors");
+        let orig = tensors(&src);
+        for layout in ["int8", "int8:ct", "int8:ct:int-quantized", "int8:bnb"] {
+            let d = tmp.path().join(format!("{case}-{layout}"));
+            std::fs::create_dir(&d).unwrap();
+            let mid = d.join("mid.safetensors");
+            let r = convert(&src, &mid, &opts(layout, false));
+            let lossy = match r {
+                Ok(s) => {
+                    assert!(s.losses.is_empty());
+                    false
+                }
+                Err(e) => {
+                    assert!(
+                        e.to_string().contains("--allow-lossy"),
+                        "{case} {layout}: {e}"
+                    );
+                    let s = convert(&src, &mid, &opts(layout, true)).unwrap();
+                    assert!(!s.losses.is_empty());
+                    true
+                }
+            };
+            let back_dir = d.join("back");
+            std::fs::create_dir(&back_dir).unwrap();
+            let back = back_dir.join("model.safetensors");
+            convert(&mid, &back, &opts("quanto:qint8", false)).unwrap();
+            let got = tensors(&back);
+            if !lossy {
+                for (k, v) in &orig {
+                    if k.ends_with("input_scale") || k.ends_with("output_scale") {
+                        continue;
+                    }
+                    assert_eq!(got.get(k), Some(v), "{case} via {layout}: {k}");
+                }
+            }
+            exact.insert(format!("{case} via {layout}"), !lossy);
+        }
+    }
+    // ckptkit's own int8 and compressed-tensors are always byte-reversible
+    // for quanto qint8 (same payload, same scale bits)
+    for (k, v) in &exact {
+        if !k.contains("bnb") {
+            assert!(v, "{k} was lossy");
+        }
+    }
+}
+
+/// An in-memory tensor source.
+struct Mem {
+    tensors: Vec<SourceTensor>,
+    bytes: BTreeMap<String, Vec<u8>>,
+    md: BTreeMap<String, String>,
+}
+
+impl Mem {
+    fn new(items: Vec<(String, Dtype, Vec<u64>, Vec<u8>)>) -> Self {
+        let tensors = items
+            .iter()
+            .map(|(k, d, s, b)| SourceTensor {
+                key: k.clone(),
+                dtype: *d,
+                shape: s.clone(),
+                len: b.len() as u64,
+                file: 0,
+            })
+            .collect();
+        Mem {
+            tensors,
+            bytes: items.into_iter().map(|(k, _, _, b)| (k, b)).collect(),
+            md: BTreeMap::new(),
+        }
+    }
+}
+
+impl TensorSource for Mem {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+    fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
+    }
+    fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.md
+    }
+    fn files(&self) -> Vec<String> {
+        vec!["mem".into()]
+    }
+    fn read(&self, key: &str) -> Result<TensorBytes, Error> {
+        Ok(TensorBytes::Owned(
+            self.bytes.get(key).cloned().unwrap_or_default(),
+        ))
+    }
+}
+
+fn migrate(src: &Mem, target: &Target, lossy: bool) -> Result<Mem, Error> {
+    let layers = quanto::detect_layers(src, &Hints::default())?;
+    let p = plan(
+        &layers,
+        target,
+        &PlanOptions {
+            allow_lossy: lossy,
+            ..Default::default()
+        },
+    )?;
+    let mut items = Vec::new();
+    for lp in &p.layers {
+        let (out, _) = execute(src, lp)?;
+        for (k, b) in out {
+            let part = lp.output.parts().find(|q| q.key == k).unwrap();
+            items.push((k, part.dtype, part.shape.clone(), b));
+        }
+    }
+    Ok(Mem::new(items))
+}
+
+fn floats(m: &Mem, key: &str, d: Dtype) -> Vec<f32> {
+    let f = quanto::float_of(d).unwrap();
+    f.decode(&m.bytes[key]).unwrap()
+}
+
+const TARGETS: [&str; 9] = [
+    "quanto:qint8",
+    "quanto:qint4",
+    "quanto:qint2",
+    "quanto:qfloat8_e4m3fn",
+    "quanto:qfloat8_e5m2",
+    "int8",
+    "int8:bnb",
+    "int8:ct",
+    "int8:ct:group=32",
+];
+
+/// The largest error of one element after quantize → dequantize: half a
+/// quantization step of its group plus the rounding of the float dtype
+/// (and, for fp8, half an fp8 ulp at the value).
+fn bound(target: &str, amax: f32, range: f32, x: f32, d: Dtype) -> f32 {
+    let eps = match d {
+        Dtype::BF16 => 1.0 / 128.0,
+        Dtype::F16 => 1.0 / 1024.0,
+        _ => 1.0 / (1 << 23) as f32,
+    };
+    let step = match target {
+        "quanto:qint8" | "int8" | "int8:bnb" => amax / 127.0,
+        "int8:ct" | "int8:ct:group=32" => amax / 127.5,
+        "quanto:qint4" => range / 15.0,
+        "quanto:qint2" => range / 3.0,
+        "quanto:qfloat8_e4m3fn" => x.abs() / 8.0 + amax / 448.0 * 2f32.powi(-9),
+        _ => x.abs() / 4.0 + amax / 57344.0 * 2f32.powi(-16),
+    };
+    // rounding of w/s (one ulp of T at 127) and of the product
+    step * 0.5 + step * 128.0 * eps + (x.abs() + amax) * eps * 2.0
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// plain → every layout → plain: each element within the documented
+    /// bound of its group.
+    #[test]
+    fn plain_to_any_layout_and_back_is_within_the_bound(
+        vals in proptest::collection::vec(-3.0f32..3.0, 8 * 64),
+        bf in any::<bool>(),
+    ) {
+        let d = if bf { Dtype::BF16 } else { Dtype::F32 };
+        let f = quanto::float_of(d).unwrap();
+        let w = f.encode(&vals);
+        let vals = f.decode(&w).unwrap(); // as stored
+        let bias = f.encode(&[0.25; 8]);
+        let src = Mem::new(vec![("m.weight".into(), d, vec![8, 64], w), ("m.bias".into(), d, vec![8], bias)]);
+        for t in TARGETS {
+            let q = migrate(&src, &Target::parse(t).unwrap(), false).unwrap();
+            let back = migrate(&q, &Target::Plain(None), false).unwrap();
+            let got = floats(&back, "m.weight", d);
+            // groups: quanto qint4/qint2 on I=64: no groups (I <= 128) -> per row
+            let glen = if t.ends_with("group=32") { 32 } else { 64 };
+            for (k, (a, b)) in vals.iter().zip(&got).enumerate() {
+                let g0 = k / glen * glen;
+                let g = &vals[g0..g0 + glen];
+                let amax = g.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let range = g.iter().fold(f32::MIN, |m, x| m.max(*x)) - g.iter().fold(f32::MAX, |m, x| m.min(*x));
+                if amax == 0.0 && t.contains("qfloat8") {
+                    // quanto stores NaN for an all-zero row in fp8 (0/0)
+                    prop_assert!(b.is_nan(), "{t}: all-zero row gives NaN, as quanto");
+                    continue;
+                }
+                let bnd = bound(t, amax, range, *a, d);
+                prop_assert!((a - b).abs() <= bnd, "{t} {d}: element {k}: {a} -> {b}, bound {bnd}");
+            }
+        }
+    }
+
+    /// Between quanto qint8 and the int8 layouts, whatever the plan runs
+    /// without --allow-lossy converts back byte for byte.
+    #[test]
+    fn int8_family_relayouts_are_byte_reversible(
+        vals in proptest::collection::vec(-3.0f32..3.0, 4 * 32),
+        bf in any::<bool>(),
+        a in 0usize..4,
+        b in 0usize..4,
+    ) {
+        let fam = ["quanto:qint8", "int8", "int8:ct", "int8:bnb"];
+        let d = if bf { Dtype::BF16 } else { Dtype::F32 };
+        let f = quanto::float_of(d).unwrap();
+        let w = f.encode(&vals);
+        // a bias tells the model dtype, which bitsandbytes' F32 SCB does not
+        let bias = f.encode(&[0.5; 4]);
+        let src = Mem::new(vec![("m.weight".into(), d, vec![4, 32], w), ("m.bias".into(), d, vec![4], bias)]);
+        let first = migrate(&src, &Target::parse(fam[a]).unwrap(), false).unwrap();
+        if let Ok(second) = migrate(&first, &Target::parse(fam[b]).unwrap(), false) {
+            let again = migrate(&second, &Target::parse(fam[a]).unwrap(), false).unwrap();
+            for (k, v) in &first.bytes {
+                if k.ends_with("input_scale") || k.ends_with("output_scale") {
+                    continue;
+                }
+                prop_assert_eq!(again.bytes.get(k), Some(v), "{} -> {} -> {}: {}", fam[a], fam[b], fam[a], k);
+            }
+        }
+    }
+}
+
+#[test]
+fn user_descriptor_json_round_trips_and_converts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let desc = r#"{
+        "name": "int8:inhouse",
+        "payload": {"key": "qweight", "storage": "i8"},
+        "scale": {"key": "qscale", "dtype": "F32", "granularity": "channel", "value": {"absmax_over": 127.0}, "shape": "vector"},
+        "range": [-127, 127],
+        "rounding": "half_away",
+        "divisor": 127.0,
+        "constants": [{"key": "qversion", "dtype": "U8", "shape": [1], "values": [3]}]
+    }"#;
+    let dp = tmp.path().join("inhouse.json");
+    std::fs::write(&dp, desc).unwrap();
+    let d = ckptkit::layout::int8::Int8Descriptor::from_json(desc).unwrap();
+    assert_eq!(
+        ckptkit::layout::int8::Int8Descriptor::from_json(&d.to_json()).unwrap(),
+        d
+    );
+    let out = tmp.path().join("o.safetensors");
+    let target = format!("int8:{}", dp.display());
+    let s = convert(
+        &fx("f32-qint8").join("float.safetensors"),
+        &out,
+        &opts(&target, false),
+    )
+    .unwrap();
+    assert!(s.layers > 0);
+    let t = tensors(&out);
+    assert!(t.contains_key("lin_g128.qweight") && t.contains_key("lin_g128.qscale"));
+    assert_eq!(t["lin_g128.qversion"], vec![3]);
+    // and back to plain, reading the layout from the recorded descriptor
+    let ck = tmp.path().join("o.ckpk");
+    convert(
+        &fx("f32-qint8").join("float.safetensors"),
+        &ck,
+        &opts(&target, false),
+    )
+    .unwrap();
+    let c = ckptkit::Container::open(&ck).unwrap();
+    assert!(c.layers().iter().any(|l| matches!(&l.quant.weights, ckptkit::WeightQuant::Int8 { descriptor, .. } if !descriptor.is_empty())));
+    convert(
+        &ck,
+        &tmp.path().join("p.safetensors"),
+        &opts("plain", false),
+    )
+    .unwrap();
+}
+
+#[test]
+fn bad_layout_names_are_refused_before_writing() {
+    for t in [
+        "int8:gguf",
+        "int8:ct:group=0",
+        "int8:/nonexistent.json",
+        "quanto:qint3",
+    ] {
+        assert!(Target::parse(t).is_err(), "{t}");
+    }
+}
