@@ -155,7 +155,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Sum
     }
     let kind = input_kind(input)?;
     if kind == InputKind::ShardedDir && is_training_checkpoint(input)? {
-        if !opts.overwrite && std::fs::symlink_metadata(output).is_ok() {
+        if !opts.overwrite && !opts.dry_run && std::fs::symlink_metadata(output).is_ok() {
             return Err(Error::new(ErrorKind::OutputExists(output.to_path_buf())));
         }
         let created = if opts.dry_run {
@@ -222,7 +222,7 @@ fn convert_opened(
     let tensors = src.tensors().to_vec();
     let bytes_in: u64 = tensors.iter().map(|t| t.len).sum();
     let okind = output_kind(output);
-    if !opts.overwrite && std::fs::symlink_metadata(output).is_ok() {
+    if !opts.overwrite && !opts.dry_run && std::fs::symlink_metadata(output).is_ok() {
         return Err(Error::new(ErrorKind::OutputExists(output.to_path_buf())));
     }
     let multi_file = src.files().len() > 1;
@@ -538,6 +538,7 @@ fn outputs_of(p: &Plan, idx: &[usize]) -> Vec<(String, Dtype, Vec<u64>)> {
 pub fn model_stem(files: &[String]) -> String {
     files
         .first()
+        .filter(|n| crate::io::sharded::is_weight_file_name(n))
         .map(|n| {
             let n = n.strip_suffix(".safetensors").unwrap_or(n);
             // model-00001-of-00003 -> model
@@ -547,7 +548,6 @@ pub fn model_stem(files: &[String]) -> String {
             }
             .to_string()
         })
-        .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "model".into())
 }
 
