@@ -54,6 +54,8 @@ mod dtype;
 mod error;
 pub mod float;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod layout;
 pub mod plan;
