@@ -39,6 +39,9 @@ max_len() {
         safetensors) echo 16384 ;;
         writer_ops) echo 2048 ;;
         chunk_codec) echo 16384 ;;
+        layout_detect) echo 65536 ;;
+        side_json) echo 4096 ;;
+        migration) echo 2048 ;;
         *) echo 65536 ;;
     esac
 }

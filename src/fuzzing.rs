@@ -827,3 +827,229 @@ pub fn chunk_codec(data: &[u8]) {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// layouts, side files, migrations
+
+/// An in-memory tensor source for the layout targets.
+struct MemSource {
+    tensors: Vec<crate::io::source::SourceTensor>,
+    bytes: std::collections::BTreeMap<String, Vec<u8>>,
+    md: std::collections::BTreeMap<String, String>,
+}
+
+impl MemSource {
+    fn new(items: Vec<(String, Dtype, Vec<u64>, Vec<u8>)>) -> Self {
+        let tensors = items
+            .iter()
+            .map(|(k, d, s, b)| crate::io::source::SourceTensor {
+                key: k.clone(),
+                dtype: *d,
+                shape: s.clone(),
+                len: b.len() as u64,
+                file: 0,
+            })
+            .collect();
+        MemSource {
+            tensors,
+            bytes: items.into_iter().map(|(k, _, _, b)| (k, b)).collect(),
+            md: Default::default(),
+        }
+    }
+}
+
+impl crate::io::source::TensorSource for MemSource {
+    fn describe(&self) -> String {
+        "fuzz".into()
+    }
+    fn tensors(&self) -> &[crate::io::source::SourceTensor] {
+        &self.tensors
+    }
+    fn metadata(&self) -> &std::collections::BTreeMap<String, String> {
+        &self.md
+    }
+    fn files(&self) -> Vec<String> {
+        vec!["fuzz.safetensors".into()]
+    }
+    fn read(&self, key: &str) -> crate::Result<crate::io::TensorBytes> {
+        Ok(crate::io::TensorBytes::Owned(
+            self.bytes.get(key).cloned().unwrap_or_default(),
+        ))
+    }
+}
+
+const FUZZ_TARGET_NAMES: [&str; 8] = [
+    "plain",
+    "plain:f32",
+    "quanto:qint8",
+    "quanto:qint4",
+    "quanto:qfloat8_e5m2",
+    "int8",
+    "int8:bnb",
+    "int8:ct:group=8",
+];
+
+/// Target 3: safetensors bytes → the source abstraction → layout detection
+/// for every family → a plan for several targets → execution of every layer
+/// whose tensors are small. Ok or a typed error, never a panic.
+pub fn layout_detect(data: &[u8]) {
+    use crate::io::source::TensorSource;
+    let t = TempPath::write("layout.safetensors", data);
+    let Ok(f) = crate::io::safetensors_file::SafetensorsFile::open(&t.0) else {
+        return;
+    };
+    if f.tensors().iter().map(|t| t.len).sum::<u64>() > 1 << 20 {
+        return;
+    }
+    let Ok(layers) = crate::layout::quanto::detect_layers(&f, &Default::default()) else {
+        return;
+    };
+    for name in FUZZ_TARGET_NAMES {
+        let Ok(target) = crate::plan::Target::parse(name) else {
+            fail!("built-in target {name} does not parse")
+        };
+        let Ok(p) = crate::plan::plan(&layers, &target, &Default::default()) else {
+            continue;
+        };
+        for lp in &p.layers {
+            if let Ok((out, _)) = crate::plan::execute(&f, lp) {
+                for (k, b) in out {
+                    let Some(part) = lp.output.parts().find(|q| q.key == k) else {
+                        fail!("{name}: executed tensor {k} is not in the plan")
+                    };
+                    if crate::dtype::byte_len(part.dtype, &part.shape).ok() != Some(b.len() as u64)
+                    {
+                        fail!(
+                            "{name}: {k} has {} bytes, the plan says {:?} {:?}",
+                            b.len(),
+                            part.dtype,
+                            part.shape
+                        )
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Target 4: a quanto qmap, a diffusers config or an int8 descriptor (the
+/// first byte chooses) → parse → validate → render → parse gives the same
+/// value.
+pub fn side_json(data: &[u8]) {
+    let (&k, rest) = match data.split_first() {
+        Some(x) => x,
+        None => return,
+    };
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return;
+    };
+    match k % 3 {
+        0 => {
+            if let Ok(m) = crate::layout::quanto::QuantoMap::parse(text) {
+                let again = crate::layout::quanto::QuantoMap::parse(&m.to_json());
+                if again.as_ref().ok() != Some(&m) {
+                    fail!("qmap does not survive its own rendering: {again:?}")
+                }
+            }
+        }
+        1 => {
+            let _ = crate::layout::quanto::DiffusersQuanto::from_config(text);
+        }
+        _ => {
+            if let Ok(d) = crate::layout::int8::Int8Descriptor::from_json(text) {
+                let again = crate::layout::int8::Int8Descriptor::from_json(&d.to_json());
+                if again.as_ref().ok() != Some(&d) {
+                    fail!("int8 descriptor does not survive its own rendering: {again:?}")
+                }
+                // a valid descriptor plans and quantizes a small weight
+                let w = vec![0x3Cu8; 2 * 4 * 32];
+                if d.shapes(4, 32).is_ok() {
+                    let _ = crate::layout::int8::quantize(&d, Dtype::F16, 4, 32, &w);
+                }
+            }
+        }
+    }
+}
+
+/// Target 6: an arbitrary small float weight and an arbitrary (source,
+/// target) layout pair → plan → execute → back. Properties: every pass
+/// returns Ok or a typed error; quantize → dequantize stays within half a
+/// quantization step (plus the float rounding) of finite inputs; re-layouts
+/// that run without `allow_lossy` convert back byte for byte.
+pub fn migration(data: &[u8]) {
+    use crate::plan::{execute, plan, PlanOptions, Target};
+    let mut r = ByteReader::new(data);
+    let o = 1 + (r.u8() % 6) as u64;
+    let i = 8 * (1 + (r.u8() % 8) as u64);
+    let d = [Dtype::BF16, Dtype::F16, Dtype::F32][(r.u8() % 3) as usize];
+    let a = FUZZ_TARGET_NAMES[(r.u8() as usize) % FUZZ_TARGET_NAMES.len()];
+    let b = FUZZ_TARGET_NAMES[(r.u8() as usize) % FUZZ_TARGET_NAMES.len()];
+    let n = (o * i) as usize;
+    let Some(f) = crate::layout::quanto::float_of(d) else {
+        return;
+    };
+    // finite values in [-8, 8]
+    let vals: Vec<f32> = (0..n).map(|_| (r.u16() as i16 as f32) / 4096.0).collect();
+    let w = f.encode(&vals);
+    let bias = f.encode(&vec![0.5; o as usize]);
+    let src = MemSource::new(vec![
+        ("m.weight".into(), d, vec![o, i], w),
+        ("m.bias".into(), d, vec![o], bias),
+    ]);
+    let run = |s: &MemSource, t: &str| -> Option<MemSource> {
+        let layers = crate::layout::quanto::detect_layers(s, &Default::default()).ok()?;
+        let target = Target::parse(t).ok()?;
+        let p = plan(&layers, &target, &PlanOptions::default()).ok()?;
+        let mut items = Vec::new();
+        for lp in &p.layers {
+            let (out, _) = execute(s, lp).ok()?;
+            for (k, bytes) in out {
+                let part = lp.output.parts().find(|q| q.key == k)?;
+                items.push((k, part.dtype, part.shape.clone(), bytes));
+            }
+        }
+        Some(MemSource::new(items))
+    };
+    let Some(qa) = run(&src, a) else { return };
+    // back to plain: within the bound
+    if let Some(back) = run(&qa, "plain") {
+        if let Some(got) = back.bytes.get("m.weight") {
+            let bd = back
+                .tensors
+                .iter()
+                .find(|t| t.key == "m.weight")
+                .map(|t| t.dtype);
+            if let Some(g) = bd
+                .and_then(crate::layout::quanto::float_of)
+                .and_then(|g| g.decode(got).ok())
+            {
+                let amax = vals.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (x, y) in vals.iter().zip(&g) {
+                    if amax == 0.0 || y.is_nan() && a.contains("qfloat8") {
+                        continue; // quanto stores NaN for all-zero fp8 rows
+                    }
+                    // loose bound: a 2-bit step over the whole range
+                    if (x - y).abs() > 2.0 * amax / 3.0 + 1e-3 {
+                        fail!("{a} -> plain: {x} came back as {y} (amax {amax})")
+                    }
+                }
+            }
+        }
+    }
+    // re-layouts in the int8 family are byte-reversible when they run
+    let family = |t: &str| t == "quanto:qint8" || t.starts_with("int8");
+    if family(a) && family(b) && !b.contains("group") && !a.contains("group") {
+        if let Some(qb) = run(&qa, b) {
+            if let Some(again) = run(&qb, a) {
+                for (k, v) in &qa.bytes {
+                    if k.ends_with("input_scale") || k.ends_with("output_scale") {
+                        continue;
+                    }
+                    if again.bytes.get(k) != Some(v) {
+                        fail!("{a} -> {b} -> {a} changed {k}")
+                    }
+                }
+            }
+        }
+    }
+}

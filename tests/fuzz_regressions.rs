@@ -13,12 +13,15 @@ use ckptkit::fuzzing;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 8] = [
     ("container", fuzzing::container_bytes),
     ("manifest", fuzzing::manifest_bytes),
     ("safetensors", fuzzing::safetensors_bytes),
     ("writer_ops", fuzzing::writer_ops),
     ("chunk_codec", fuzzing::chunk_codec),
+    ("layout_detect", fuzzing::layout_detect),
+    ("side_json", fuzzing::side_json),
+    ("migration", fuzzing::migration),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -107,6 +110,21 @@ fn replay_writer_ops() {
 #[test]
 fn replay_chunk_codec() {
     replay(TARGETS[4].0, TARGETS[4].1);
+}
+
+#[test]
+fn replay_layout_detect() {
+    replay(TARGETS[5].0, TARGETS[5].1);
+}
+
+#[test]
+fn replay_side_json() {
+    replay(TARGETS[6].0, TARGETS[6].1);
+}
+
+#[test]
+fn replay_migration() {
+    replay(TARGETS[7].0, TARGETS[7].1);
 }
 
 // ---------------------------------------------------------------------------
