@@ -451,6 +451,21 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     })
 }
 
+fn layer_plan(l: &Layer, output: Layer, passes: Vec<Pass>, lossless: bool) -> LayerPlan {
+    LayerPlan {
+        path: l.path.clone(),
+        from: layout_name(l),
+        to: layout_name(&output),
+        passes,
+        lossless,
+        bytes_in: stored_bytes(l),
+        bytes_out: stored_bytes(&output),
+        output,
+        source: l.clone(),
+        allow_lossy: false,
+    }
+}
+
 fn keep(l: &Layer) -> LayerPlan {
     let mut output = l.clone();
     for t in &mut output.tensors {
@@ -458,19 +473,7 @@ fn keep(l: &Layer) -> LayerPlan {
             p.shard = 0;
         }
     }
-    let b = stored_bytes(l);
-    LayerPlan {
-        path: l.path.clone(),
-        from: layout_name(l),
-        to: layout_name(l),
-        passes: vec![Pass::Copy],
-        lossless: true,
-        bytes_in: b,
-        bytes_out: b,
-        output,
-        source: l.clone(),
-        allow_lossy: false,
-    }
+    layer_plan(l, output, vec![Pass::Copy], true)
 }
 
 fn to_plain(l: &Layer, dt: Option<Dtype>) -> Result<LayerPlan> {
@@ -530,18 +533,7 @@ fn to_plain(l: &Layer, dt: Option<Dtype>) -> Result<LayerPlan> {
         tensors,
         extensions: Vec::new(),
     };
-    Ok(LayerPlan {
-        path: l.path.clone(),
-        from: layout_name(l),
-        to: layout_name(&output),
-        passes,
-        lossless,
-        bytes_in: stored_bytes(l),
-        bytes_out: stored_bytes(&output),
-        output,
-        source: l.clone(),
-        allow_lossy: false,
-    })
+    Ok(layer_plan(l, output, passes, lossless))
 }
 
 fn to_int8(l: &Layer, d: &Int8Descriptor) -> Result<LayerPlan> {
@@ -667,18 +659,7 @@ fn to_int8(l: &Layer, d: &Int8Descriptor) -> Result<LayerPlan> {
         tensors,
         extensions: Vec::new(),
     };
-    Ok(LayerPlan {
-        path: l.path.clone(),
-        from: layout_name(l),
-        to: layout_name(&output),
-        passes,
-        lossless,
-        bytes_in: stored_bytes(l),
-        bytes_out: stored_bytes(&output),
-        output,
-        source: l.clone(),
-        allow_lossy: false,
-    })
+    Ok(layer_plan(l, output, passes, lossless))
 }
 
 /// A module whose weights stay plain but whose activations quanto
@@ -818,18 +799,7 @@ fn to_quanto(l: &Layer, q: QType, activations: Option<String>) -> Result<LayerPl
         tensors,
         extensions: Vec::new(),
     };
-    Ok(LayerPlan {
-        path: l.path.clone(),
-        from: layout_name(l),
-        to: layout_name(&output),
-        passes,
-        lossless,
-        bytes_in: stored_bytes(l),
-        bytes_out: stored_bytes(&output),
-        output,
-        source: l.clone(),
-        allow_lossy: false,
-    })
+    Ok(layer_plan(l, output, passes, lossless))
 }
 
 fn float_bytes_cast(from: Dtype, to: Dtype, b: Vec<u8>) -> Result<Vec<u8>> {
