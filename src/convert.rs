@@ -335,7 +335,7 @@ pub fn check_free_space(output: &Path, need: u64) -> Result<()> {
 }
 
 /// A sink for one tensor's bytes (positioned, thread-safe).
-type WriteFn<'a> = dyn Fn(&str, &[u8]) -> Result<[u8; 32]> + Sync + 'a;
+type WriteFn<'a> = dyn Fn(&str, &[u8]) -> Result<()> + Sync + 'a;
 
 fn plan_of(tensors: &[&SourceTensor]) -> Vec<(String, Dtype, Vec<u64>)> {
     tensors
@@ -401,7 +401,7 @@ fn write_container(
             }
         } else {
             let wr = &w;
-            copy_parallel(src, &ts, &|k, b| wr.write_tensor(k, b))?;
+            copy_parallel(src, &ts, &|k, b| wr.write_tensor(k, b).map(|_| ()))?;
         }
         w.finish_shard()?;
     }
@@ -798,7 +798,7 @@ fn convert_planned(
             let w = SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite)?;
             let all: Vec<usize> = (0..p.layers.len()).collect();
             run_layers(src, &p, &all, &losses, &|k, b| w.write_tensor(k, b))?;
-            commit_with_qmap(output, &p, || w.finish().map(|_| ()))?;
+            commit_with_qmap(output, &p, || w.finish())?;
         }
         OutputKind::Directory => {
             let dir = AtomicDir::create(output, opts.overwrite)?;
@@ -844,7 +844,9 @@ fn convert_planned(
                     w.begin_shard(&name, &outputs_of(&p, g), &md)?;
                     {
                         let wr = &w;
-                        run_layers(src, &p, g, &losses, &|k, b| wr.write_tensor(k, b))?;
+                        run_layers(src, &p, g, &losses, &|k, b| {
+                            wr.write_tensor(k, b).map(|_| ())
+                        })?;
                     }
                     w.finish_shard()?;
                     for &i in g {

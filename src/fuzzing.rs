@@ -1005,7 +1005,7 @@ pub fn migration(data: &[u8]) {
             let (out, _) = execute(s, lp).ok()?;
             for (k, bytes) in out {
                 let part = lp.output.parts().find(|q| q.key == k)?;
-                items.push((k, part.dtype, part.shape.clone(), bytes));
+                items.push((k, part.dtype, part.shape.clone(), bytes.into_vec()));
             }
         }
         Some(MemSource::new(items))

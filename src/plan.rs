@@ -13,6 +13,7 @@ use crate::format::manifest::{
     Encoding, Layer, LogicalTensor, Part, Quantization, Role, WeightQuant,
 };
 use crate::io::source::TensorSource;
+use crate::io::TensorBytes;
 use crate::layout::int8::{self, Granularity, Int8Descriptor, ScaleValue};
 use crate::layout::quanto::{self, math, QType};
 use crate::schema::layout_name;
@@ -883,7 +884,7 @@ fn dequantize_any(src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Resul
 
 /// The output of one layer: (key, bytes) per tensor, and what an accepted
 /// lossy re-layout changed.
-pub type Executed = (Vec<(String, Vec<u8>)>, Option<Loss>);
+pub type Executed = (Vec<(String, TensorBytes)>, Option<Loss>);
 
 /// What a lossy re-layout changed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -965,6 +966,32 @@ fn relayout_scale(
     Ok((q2, scale, Some(loss)))
 }
 
+/// The float bytes of a source tensor in dtype `to`: the mapped bytes
+/// themselves when no conversion is needed, else a dequantized or cast copy.
+fn float_input(
+    src: &dyn TensorSource,
+    l: &Layer,
+    s: &LogicalTensor,
+    to: Dtype,
+) -> Result<TensorBytes> {
+    if s.encoding == Encoding::Quantized {
+        let b = dequantize_any(src, l, s)?;
+        return Ok(TensorBytes::Owned(float_bytes_cast(s.dtype, to, b)?));
+    }
+    let raw = src.read(&s.parts[0].key)?;
+    if s.dtype == to {
+        Ok(raw)
+    } else {
+        let f = quanto::float_of(s.dtype)
+            .ok_or_else(|| Error::layout(format!("cannot cast {}", s.dtype)))?;
+        let t =
+            quanto::float_of(to).ok_or_else(|| Error::layout(format!("cannot cast to {to}")))?;
+        Ok(TensorBytes::Owned(
+            cast(f, t, &raw).map_err(|e| Error::layout(e.to_string()))?,
+        ))
+    }
+}
+
 /// Executes one layer's plan: returns every output tensor (key, bytes) and,
 /// for an accepted lossy re-layout, what it changed.
 pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
@@ -979,7 +1006,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                 if s.encoding == Encoding::Quantized && lp.passes == [Pass::Copy] =>
             {
                 for p in &t.parts {
-                    out.push((p.key.clone(), src.read(&p.key)?.into_vec()));
+                    out.push((p.key.clone(), src.read(&p.key)?));
                 }
             }
             (Encoding::Quantized, Some(s)) => match &lp.output.quant.weights {
@@ -1000,16 +1027,11 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                             Role::Scale => scale.clone(),
                             _ => return Err(Error::layout("unexpected role")),
                         };
-                        out.push((p.key.clone(), b));
+                        out.push((p.key.clone(), TensorBytes::Owned(b)));
                     }
                 }
                 WeightQuant::Quanto { qtype, group_size } => {
-                    let float = if s.encoding == Encoding::Quantized {
-                        dequantize_any(src, l, s)?
-                    } else {
-                        src.read(&s.parts[0].key)?.into_vec()
-                    };
-                    let float = float_bytes_cast(s.dtype, t.dtype, float)?;
+                    let float = float_input(src, l, s, t.dtype)?;
                     let q = QType::from_name(qtype).ok_or_else(|| Error::layout("qtype"))?;
                     let f = quanto::float_of(t.dtype).ok_or_else(|| Error::layout("dtype"))?;
                     let qw = math::quantize(q, f, &t.shape, &float, *group_size)
@@ -1024,7 +1046,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                             },
                             _ => return Err(Error::layout("unexpected role")),
                         };
-                        out.push((p.key.clone(), b.clone()));
+                        out.push((p.key.clone(), TensorBytes::Owned(b.clone())));
                     }
                 }
                 WeightQuant::Int8 { layout, descriptor } => {
@@ -1038,12 +1060,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                         loss = lo;
                         (q, scale, None)
                     } else {
-                        let float = if s.encoding == Encoding::Quantized {
-                            dequantize_any(src, l, s)?
-                        } else {
-                            src.read(&s.parts[0].key)?.into_vec()
-                        };
-                        let float = float_bytes_cast(s.dtype, t.dtype, float)?;
+                        let float = float_input(src, l, s, t.dtype)?;
                         let qw = int8::quantize(&d, t.dtype, o, i, &float)
                             .map_err(|e| e.with_layer(l.path.clone()))?;
                         (qw.q, qw.scale, qw.zero_point)
@@ -1076,7 +1093,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                             }
                             _ => return Err(Error::layout("unexpected role")),
                         };
-                        out.push((p.key.clone(), b));
+                        out.push((p.key.clone(), TensorBytes::Owned(b)));
                     }
                 }
                 WeightQuant::Plain => {
@@ -1084,20 +1101,10 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                 }
             },
             (Encoding::Plain, Some(s)) => {
-                let b = if s.encoding == Encoding::Quantized {
-                    dequantize_any(src, l, s)?
-                } else {
-                    src.read(&s.parts[0].key)?.into_vec()
-                };
-                let b = if s.dtype != t.dtype {
-                    float_bytes_cast(s.dtype, t.dtype, b)?
-                } else {
-                    b
-                };
-                out.push((t.parts[0].key.clone(), b));
+                out.push((t.parts[0].key.clone(), float_input(src, l, s, t.dtype)?));
             }
             (Encoding::Plain, None) if ACT_SCALES.contains(&t.name.as_str()) => {
-                out.push((t.parts[0].key.clone(), one(t.dtype)));
+                out.push((t.parts[0].key.clone(), TensorBytes::Owned(one(t.dtype))));
             }
             _ => {
                 return Err(

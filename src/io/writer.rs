@@ -72,14 +72,6 @@ impl ShardPlan {
             header,
         })
     }
-
-    fn index_of(&self, key: &str) -> Result<usize> {
-        self.header
-            .tensors
-            .iter()
-            .position(|t| t.key == key)
-            .ok_or_else(|| Error::usage(format!("tensor `{key}` is not in the shard plan")))
-    }
 }
 
 /// Positioned writes of a planned blob into a file at `base`.
@@ -87,11 +79,14 @@ impl ShardPlan {
 struct InPlace {
     base: u64,
     plan: ShardPlan,
+    /// Hash tensors as they are written (containers record them).
+    hash: bool,
+    index: std::collections::HashMap<String, usize>,
     hashes: Mutex<Vec<Option<Hash>>>,
 }
 
 impl InPlace {
-    fn new(file: &std::fs::File, base: u64, plan: ShardPlan) -> Result<Self> {
+    fn new(file: &std::fs::File, base: u64, plan: ShardPlan, hash: bool) -> Result<Self> {
         file.write_all_at(&plan.header_bytes, base)?;
         let end = base
             .checked_add(plan.header.file_len())
@@ -100,16 +95,28 @@ impl InPlace {
             file.set_len(end)?;
         }
         let n = plan.header.tensors.len();
+        let index = plan
+            .header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.key.clone(), i))
+            .collect();
         Ok(InPlace {
             base,
             plan,
+            hash,
+            index,
             hashes: Mutex::new(vec![None; n]),
         })
     }
 
     fn write(&self, file: &std::fs::File, key: &str, bytes: &[u8]) -> Result<Hash> {
         check_interrupt()?;
-        let i = self.plan.index_of(key)?;
+        let i = *self
+            .index
+            .get(key)
+            .ok_or_else(|| Error::usage(format!("tensor `{key}` is not in the shard plan")))?;
         let t = &self.plan.header.tensors[i];
         if bytes.len() as u64 != t.len() {
             return Err(Error::usage(format!(
@@ -119,7 +126,11 @@ impl InPlace {
             )));
         }
         let off = self.base + self.plan.header.header_len + t.start;
-        let (h, w) = rayon::join(|| blake3_of(bytes), || file.write_all_at(bytes, off));
+        let (h, w) = if self.hash {
+            rayon::join(|| blake3_of(bytes), || file.write_all_at(bytes, off))
+        } else {
+            ([0; 32], file.write_all_at(bytes, off))
+        };
         w?;
         count(bytes.len());
         let mut g = self
@@ -165,7 +176,8 @@ impl SafetensorsWriter {
     ) -> Result<Self> {
         let plan = ShardPlan::new(tensors, metadata).map_err(|e| e.with_file(path))?;
         let out = AtomicFile::create(path, overwrite)?;
-        let shard = InPlace::new(out.file()?, 0, plan).map_err(|e| e.with_file(out.temp()))?;
+        let shard =
+            InPlace::new(out.file()?, 0, plan, false).map_err(|e| e.with_file(out.temp()))?;
         Ok(SafetensorsWriter { out, shard })
     }
 
@@ -175,25 +187,18 @@ impl SafetensorsWriter {
     }
 
     /// Writes one tensor (any order; callable from several threads).
-    pub fn write_tensor(&self, key: &str, bytes: &[u8]) -> Result<Hash> {
+    pub fn write_tensor(&self, key: &str, bytes: &[u8]) -> Result<()> {
         let f = self.out.file()?;
         self.shard
             .write(f, key, bytes)
+            .map(|_| ())
             .map_err(|e| e.with_file(self.out.dest()).with_tensor(key))
     }
 
-    /// Checks that every tensor was written, then commits. Returns the
-    /// hashes in data order.
-    pub fn finish(self) -> Result<Vec<(String, Hash)>> {
-        let (plan, hashes) = self.shard.finish()?;
-        self.out.commit()?;
-        Ok(plan
-            .header
-            .tensors
-            .into_iter()
-            .map(|t| t.key)
-            .zip(hashes)
-            .collect())
+    /// Checks that every tensor was written, then commits.
+    pub fn finish(self) -> Result<()> {
+        self.shard.finish()?;
+        self.out.commit()
     }
 }
 
@@ -310,7 +315,7 @@ impl ContainerWriter {
         }
         let base = align_up(st.pos, SHARD_ALIGN).ok_or_else(|| Error::overflow("shard offset"))?;
         let open = match self.opts.compression {
-            None => OpenShard::Plain(Arc::new(InPlace::new(file, base, plan)?)),
+            None => OpenShard::Plain(Arc::new(InPlace::new(file, base, plan, true)?)),
             Some(opts) => {
                 file.write_all_at(&plan.header_bytes, base)?;
                 st.pos = base + plan.header_bytes.len() as u64;
