@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ckptkit::convert::{check, convert, input_layers, like_target, ConvertOptions};
-use ckptkit::plan::{Plan, PlanOptions, Target};
+use ckptkit::plan::{Plan, PlanOptions, Rename, Target};
 use ckptkit::schema::{report_layers, source_layers, LayerReport};
 use ckptkit::{open_source, Container, InputKind, ZstdOptions};
 use clap::{Parser, Subcommand};
@@ -63,6 +63,10 @@ enum Cmd {
         /// Leave layers whose module path matches unchanged.
         #[arg(long)]
         exclude: Vec<String>,
+        /// Rename keys: FROM=TO, FROM a regular expression (`^_orig_mod\.=`
+        /// strips a prefix, `^=transformer.` adds one; `$1` captures work).
+        #[arg(long)]
+        rename: Vec<String>,
         /// Compress a container output: `zstd` or `zstd:LEVEL`.
         #[arg(long)]
         compress: Option<String>,
@@ -301,6 +305,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             shapes_from,
             include,
             exclude,
+            rename,
             compress,
             no_float_filter,
             dry_run,
@@ -339,6 +344,13 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     include,
                     exclude,
                     allow_lossy,
+                    rename: match rename.iter().map(|r| Rename::parse(r)).collect() {
+                        Ok(v) => v,
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return Ok(2);
+                        }
+                    },
                 },
                 qmap,
                 shapes_from,

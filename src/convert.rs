@@ -227,6 +227,7 @@ fn convert_opened(
     }
     let multi_file = src.files().len() > 1;
     if opts.target != Target::Keep
+        || !opts.select.rename.is_empty()
         || okind == OutputKind::Safetensors
         || (okind == OutputKind::Directory && !multi_file)
     {
@@ -622,55 +623,106 @@ fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<()> {
     let Some(obj) = v.as_object_mut() else {
         return Ok(());
     };
-    let is_quanto_cfg = obj
-        .get("quantization_config")
-        .and_then(|q| q.get("quant_method"))
-        .and_then(|m| m.as_str())
-        == Some("quanto");
     let qtypes: std::collections::BTreeSet<String> = p
         .layers
         .iter()
         .filter_map(|l| match &l.output.quant.weights {
             crate::WeightQuant::Quanto { qtype, .. } => Some(qtype.clone()),
+            crate::WeightQuant::Int8 { layout, .. } => Some(layout.clone()),
             _ => None,
         })
         .collect();
+    let ours = obj
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(|m| m.as_str())
+        .is_some_and(|m| ["quanto", "compressed-tensors", "bitsandbytes"].contains(&m));
+    // plain 2-D layers: what a library's ignore / skip list names
+    let skip: Vec<String> = p
+        .layers
+        .iter()
+        .filter(|l| {
+            matches!(l.output.quant.weights, crate::WeightQuant::Plain)
+                && l.output
+                    .tensors
+                    .iter()
+                    .any(|t| t.name == "weight" && t.shape.len() == 2)
+        })
+        .map(|l| l.path.clone())
+        .collect();
     if qtypes.is_empty() {
-        if !is_quanto_cfg {
+        if !ours {
             return Ok(());
         }
         obj.remove("quantization_config");
     } else if qtypes.len() == 1 {
         let q = qtypes.iter().next().cloned().unwrap_or_default();
-        let w = match q.as_str() {
-            "qint8" => "int8",
-            "qint4" => "int4",
-            "qint2" => "int2",
-            "qfloat8_e4m3fn" => "float8",
-            _ => return Ok(()),
+        let Some(cfg) = library_config(&q, skip) else {
+            return Ok(());
         };
-        let skip: Vec<String> = p
-            .layers
-            .iter()
-            .filter(|l| {
-                matches!(l.output.quant.weights, crate::WeightQuant::Plain)
-                    && l.output
-                        .tensors
-                        .iter()
-                        .any(|t| t.name == "weight" && t.shape.len() == 2)
-            })
-            .map(|l| l.path.clone())
-            .collect();
-        obj.insert(
-            "quantization_config".into(),
-            serde_json::json!({"quant_method": "quanto", "weights_dtype": w, "modules_to_not_convert": skip}),
-        );
+        obj.insert("quantization_config".into(), cfg);
     } else {
         return Ok(());
     }
     let out =
         serde_json::to_string_pretty(&v).map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
     std::fs::write(dest, out + "\n").map_err(|e| Error::from(e).with_file(dest))
+}
+
+/// The `quantization_config` a library writes for a layout: diffusers'
+/// QuantoConfig, transformers' BitsAndBytesConfig, compressed-tensors'
+/// config (the forms tests/fixtures/int8 and spec/layouts.md record).
+fn library_config(layout: &str, skip: Vec<String>) -> Option<serde_json::Value> {
+    Some(match layout {
+        "qint8" | "qint4" | "qint2" | "qfloat8_e4m3fn" => {
+            let w = match layout {
+                "qint8" => "int8",
+                "qint4" => "int4",
+                "qint2" => "int2",
+                _ => "float8",
+            };
+            serde_json::json!({"quant_method": "quanto", "weights_dtype": w, "modules_to_not_convert": skip})
+        }
+        "int8:bnb" => serde_json::json!({
+            "_load_in_4bit": false, "_load_in_8bit": true,
+            "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": false,
+            "llm_int8_enable_fp32_cpu_offload": false, "llm_int8_has_fp16_weight": false,
+            "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0,
+            "load_in_4bit": false, "load_in_8bit": true, "quant_method": "bitsandbytes"
+        }),
+        n if n.starts_with("int8:ct") => {
+            let int_q = n.ends_with(":int-quantized");
+            let group = n
+                .split(':')
+                .find_map(|x| x.strip_prefix("group="))
+                .and_then(|g| g.parse::<u64>().ok());
+            let format = if int_q {
+                "int-quantized"
+            } else {
+                "pack-quantized"
+            };
+            let input = if int_q {
+                serde_json::json!({"dynamic": true, "group_size": null, "num_bits": 8,
+                    "strategy": "token", "symmetric": true, "type": "int"})
+            } else {
+                serde_json::Value::Null
+            };
+            serde_json::json!({
+                "config_groups": {"group_0": {
+                    "format": format, "input_activations": input, "output_activations": null,
+                    "targets": ["Linear"],
+                    "weights": {"dynamic": false, "group_size": group, "num_bits": 8,
+                        "strategy": if group.is_some() { "group" } else { "channel" },
+                        "symmetric": true, "type": "int"}}},
+                "format": format, "global_compression_ratio": null, "ignore": skip,
+                "kv_cache_scheme": null, "moe_sparsity_config": null,
+                "quant_method": "compressed-tensors", "quantization_status": "compressed",
+                "sparsity_config": {}, "transform_config": {}, "version": "0.20.0"
+            })
+        }
+        _ => return None,
+    })
 }
 
 /// ckptkit's schema of the quanto layers of a plan (for `__metadata__`).
@@ -756,7 +808,8 @@ fn convert_planned(
     t0: Instant,
 ) -> Result<Summary> {
     let layers = input_layers(input, src, opts)?;
-    let p = plan(&layers, &opts.target, &opts.select)?;
+    let mut p = plan(&layers, &opts.target, &opts.select)?;
+    crate::plan::apply_renames(&mut p, &opts.select.rename)?;
     if !p.unmatched.is_empty() {
         let n = p.unmatched.len();
         let list: Vec<&str> = p.unmatched.iter().take(20).map(|s| s.as_str()).collect();
@@ -1163,7 +1216,8 @@ pub fn convert_checkpoint_dir(
             .collect();
         let src = crate::io::sharded::ShardedDir::open_with(&d, Some(weights))?;
         let layers = input_layers(&d, &src, opts).map_err(|e| e.with_file(&d))?;
-        let p = plan(&layers, &opts.target, &opts.select)?;
+        let mut p = plan(&layers, &opts.target, &opts.select)?;
+        crate::plan::apply_renames(&mut p, &opts.select.rename)?;
         summary.tensors += p.outputs().len();
         summary.layers += p.layers.len();
         summary.bytes_in += p.layers.iter().map(|l| l.bytes_in).sum::<u64>();

@@ -83,6 +83,66 @@ pub struct PlanOptions {
     pub exclude: Vec<String>,
     /// Allow re-layouts that cannot be undone byte for byte.
     pub allow_lossy: bool,
+    /// Key renames, applied in order to every output key.
+    pub rename: Vec<Rename>,
+}
+
+/// A key rename: `FROM=TO`, where FROM is a regular expression matched
+/// against the whole key (anchor it with `^` to touch only a prefix) and TO
+/// a replacement that may use `$1`, `${name}` captures. `^_orig_mod\.=`
+/// strips torch.compile's prefix; `^=transformer.` adds one.
+#[derive(Debug, Clone)]
+pub struct Rename {
+    from: regex::Regex,
+    to: String,
+}
+
+impl Rename {
+    /// Parses `FROM=TO` (the first `=` separates them).
+    pub fn parse(s: &str) -> Result<Rename> {
+        let (f, t) = s
+            .split_once('=')
+            .ok_or_else(|| Error::usage(format!("rename `{s}` must be FROM=TO")))?;
+        let from = regex::Regex::new(f)
+            .map_err(|e| Error::usage(format!("rename `{s}`: bad regular expression: {e}")))?;
+        Ok(Rename {
+            from,
+            to: t.to_string(),
+        })
+    }
+
+    /// Applies the rename to one key (first match only).
+    pub fn apply(&self, key: &str) -> String {
+        self.from.replacen(key, 1, self.to.as_str()).into_owned()
+    }
+}
+
+/// Applies renames to every output key and layer path of a plan, and
+/// refuses a result where two tensors share a key.
+pub fn apply_renames(p: &mut Plan, renames: &[Rename]) -> Result<()> {
+    if renames.is_empty() {
+        return Ok(());
+    }
+    let rn = |k: &str| renames.iter().fold(k.to_string(), |acc, r| r.apply(&acc));
+    let mut seen = std::collections::HashMap::new();
+    for lp in &mut p.layers {
+        let old_path = lp.output.path.clone();
+        for t in &mut lp.output.tensors {
+            for part in &mut t.parts {
+                let new = rn(&part.key);
+                if let Some(prev) = seen.insert(new.clone(), part.key.clone()) {
+                    return Err(Error::usage(format!(
+                        "renames map both `{prev}` and `{}` to `{new}`",
+                        part.key
+                    )));
+                }
+                part.key = new;
+            }
+        }
+        lp.output.path = rn(&old_path);
+        lp.path = lp.output.path.clone();
+    }
+    Ok(())
 }
 
 /// One pass applied to a layer.
@@ -862,10 +922,18 @@ fn int_view(src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<IntV
     })
 }
 
-/// Dequantizes any quantized weight (quanto or int8) to its logical dtype.
-fn dequantize_any(src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Vec<u8>> {
+/// Dequantizes any quantized weight to dtype `to`: quanto weights exactly
+/// as quanto's `dequantize()` (in their dtype, then cast), int8 layouts in
+/// f32 with one rounding to `to`.
+fn dequantize_any(
+    src: &dyn TensorSource,
+    l: &Layer,
+    w: &LogicalTensor,
+    to: Dtype,
+) -> Result<Vec<u8>> {
     if quanto_of(l).is_some() {
-        return quanto::dequantize_weight(src, l, w);
+        let b = quanto::dequantize_weight(src, l, w)?;
+        return float_bytes_cast(w.dtype, to, b);
     }
     let d = int8_of(l)
         .ok_or_else(|| Error::layout("unknown quantized layout").with_layer(l.path.clone()))?;
@@ -879,7 +947,7 @@ fn dequantize_any(src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Resul
         scale: v.scale,
         zero_point: zp,
     };
-    int8::dequantize(&d, w.shape[0], w.shape[1], &qw, v.dtype, w.dtype)
+    int8::dequantize(&d, w.shape[0], w.shape[1], &qw, v.dtype, to)
 }
 
 /// The output of one layer: (key, bytes) per tensor, and what an accepted
@@ -975,8 +1043,7 @@ fn float_input(
     to: Dtype,
 ) -> Result<TensorBytes> {
     if s.encoding == Encoding::Quantized {
-        let b = dequantize_any(src, l, s)?;
-        return Ok(TensorBytes::Owned(float_bytes_cast(s.dtype, to, b)?));
+        return Ok(TensorBytes::Owned(dequantize_any(src, l, s, to)?));
     }
     let raw = src.read(&s.parts[0].key)?;
     if s.dtype == to {
@@ -1005,8 +1072,9 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
             (Encoding::Quantized, Some(s))
                 if s.encoding == Encoding::Quantized && lp.passes == [Pass::Copy] =>
             {
-                for p in &t.parts {
-                    out.push((p.key.clone(), src.read(&p.key)?));
+                // output parts mirror the source's (keys may be renamed)
+                for (p, sp) in t.parts.iter().zip(&s.parts) {
+                    out.push((p.key.clone(), src.read(&sp.key)?));
                 }
             }
             (Encoding::Quantized, Some(s)) => match &lp.output.quant.weights {

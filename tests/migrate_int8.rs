@@ -326,3 +326,59 @@ fn bad_layout_names_are_refused_before_writing() {
         assert!(Target::parse(t).is_err(), "{t}");
     }
 }
+
+fn int8_cases() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/int8");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("case.json").is_file())
+        .collect();
+    v.sort();
+    assert!(v.len() >= 12, "int8 fixtures missing");
+    v
+}
+
+/// Checkpoints written by the real compressed-tensors 0.20.0 and
+/// bitsandbytes 0.50.2 (tests/fixtures/int8, see its README) are read
+/// exactly: our dequantization equals the library's own, bit for bit.
+#[test]
+fn real_compressed_tensors_and_bitsandbytes_files_are_read_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for dir in int8_cases() {
+        let gold = SafetensorsFile::open(&dir.join("dequantized.safetensors")).unwrap();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        // the library's dequantized dtype is ours to ask for
+        let dt = gold.tensors()[0].dtype;
+        let target = match dt {
+            Dtype::F32 => "plain:f32",
+            Dtype::F16 => "plain:f16",
+            _ => "plain:bf16",
+        };
+        let out_dir = tmp.path().join(&name);
+        std::fs::create_dir(&out_dir).unwrap();
+        let out = out_dir.join("model.safetensors");
+        let mut o = opts(target, false);
+        o.select.exclude.clear();
+        let s = convert(&dir.join("model.safetensors"), &out, &o).unwrap();
+        let plan = s.plan.unwrap();
+        assert!(
+            plan.layers.iter().any(|l| l.from.starts_with("int8")),
+            "{name}: no int8 layer recognised: {:?}",
+            plan.layers.iter().map(|l| &l.from).collect::<Vec<_>>()
+        );
+        let ours = SafetensorsFile::open(&out).unwrap();
+        for t in gold.tensors() {
+            assert_eq!(
+                &ours.read(&t.key).unwrap()[..],
+                &gold.read(&t.key).unwrap()[..],
+                "{name}: {}",
+                t.key
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} weights checked");
+}

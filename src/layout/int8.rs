@@ -482,6 +482,7 @@ pub fn quantize(d: &Int8Descriptor, model: Dtype, o: u64, i: u64, w: &[u8]) -> R
     let [lo, hi] = d.range;
     let mut q = vec![0i8; n];
     let mut scales = vec![0f32; ns];
+    let mut amaxes = vec![0f32; ns];
     let mut zps = d.zero_point.as_ref().map(|_| vec![0i8; ns]);
     for (gi, (wg, qg)) in vals
         .chunks(glen.max(1))
@@ -504,6 +505,9 @@ pub fn quantize(d: &Int8Descriptor, model: Dtype, o: u64, i: u64, w: &[u8]) -> R
             (s, z)
         } else {
             let a = wg.iter().fold(0f32, |m, x| m.max(x.abs()));
+            if let Some(am) = amaxes.get_mut(gi) {
+                *am = sf.round(a);
+            }
             (sf.round((a as f64 / d.divisor) as f32), 0.0)
         };
         for (x, y) in wg.iter().zip(qg.iter_mut()) {
@@ -521,9 +525,10 @@ pub fn quantize(d: &Int8Descriptor, model: Dtype, o: u64, i: u64, w: &[u8]) -> R
             *z2 = z as i8;
         }
     }
+    // an absmax layout stores the absmax itself (bitsandbytes' SCB)
     let stored: Vec<f32> = match d.scale.value {
         ScaleValue::Scale => scales,
-        ScaleValue::AbsmaxOver(c) => scales.iter().map(|s| (*s as f64 * c) as f32).collect(),
+        ScaleValue::AbsmaxOver(_) => amaxes,
     };
     Ok(Int8Weight {
         q,

@@ -23,7 +23,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
 import tempfile
 
