@@ -14,14 +14,15 @@ use clap::{Parser, Subcommand};
 
 const EXAMPLES: &str = "\
 Examples:
-  # what is in this checkpoint?
-  migrate inspect model.safetensors
-  # pack a checkpoint into a compressed, hash-verified container
+  # dequantize an optimum-quanto checkpoint (its quanto_qmap.json beside it) to plain bf16
+  migrate convert transformer/diffusion_pytorch_model.safetensors plain.safetensors --to plain:bf16
+  # quantize to exactly what a trainer expects: the layouts of its quanto map (or checkpoint)
+  migrate convert model.safetensors quantized/model.safetensors --like quanto_qmap.json
+  # pack into a compressed, hash-verified container, then check it
   migrate convert model.safetensors model.ckpk --compress zstd
-  # unpack a container back to safetensors
-  migrate convert model.ckpk model.safetensors
-  # check every hash of a container
-  migrate verify model.ckpk";
+  migrate verify model.ckpk
+  # why does a resume fail? compare with what the model expects
+  migrate check checkpoint.safetensors --against quanto_qmap.json";
 
 #[derive(Parser)]
 #[command(name = "migrate", version, about = "Inspect, verify and convert ML checkpoints", after_help = EXAMPLES)]

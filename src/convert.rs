@@ -18,8 +18,9 @@ use crate::io::container::Container;
 use crate::io::sharded::{find_index, plan_shards, ShardIndex};
 use crate::io::source::{input_kind, open_source, InputKind, SourceTensor, TensorSource};
 use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter, ZstdOptions};
-use crate::layout::quanto::{self, Hints, QuantoMap, QMAP_FILE};
+use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
 use crate::plan::{plan, Plan, PlanOptions, Target};
+use crate::schema::{detect_layers, Hints};
 use crate::Dtype;
 
 /// The kind of output, decided by the output path.
@@ -102,7 +103,7 @@ pub fn input_layers(
         shapes_from: shapes.as_deref(),
         ..Default::default()
     };
-    quanto::detect_layers(src, &hints)
+    detect_layers(src, &hints)
 }
 
 /// What a conversion did.

@@ -2,10 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use crate::error::{Error, Result};
+use crate::dtype::Dtype;
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::{
     Encoding, Layer, LogicalTensor, Part, Quantization, Role, Shard, WeightQuant,
 };
+use crate::io::source::{SourceTensor, TensorSource};
+use crate::layout::quanto;
 
 /// Splits a key into (module path, tensor name) at the last dot. A key whose
 /// only dot is its first byte (`.a`) is a top-level name, so the split stays
@@ -198,4 +201,203 @@ pub fn split_key_after<'k>(key: &'k str, path: &str) -> &'k str {
     key.strip_prefix(path)
         .and_then(|r| r.strip_prefix('.'))
         .unwrap_or(key)
+}
+
+/// What the reader may use besides the tensors themselves.
+pub struct Hints<'a> {
+    /// The quantization map (from `quanto_qmap.json` or given).
+    pub qmap: Option<quanto::QuantoMap>,
+    /// A diffusers `QuantoConfig`.
+    pub diffusers: Option<quanto::DiffusersQuanto>,
+    /// A plain checkpoint of the same model to take logical shapes from.
+    pub shapes_from: Option<&'a dyn TensorSource>,
+    /// int8 layouts to recognise (the built-in presets by default).
+    pub int8: Vec<crate::layout::int8::Int8Descriptor>,
+}
+
+impl Default for Hints<'_> {
+    fn default() -> Self {
+        Hints {
+            qmap: None,
+            diffusers: None,
+            shapes_from: None,
+            int8: crate::layout::int8::detection_presets(),
+        }
+    }
+}
+
+/// Natural order of module paths: numeric components compare as numbers.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let mut x = a.split('.');
+    let mut y = b.split('.');
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, _) => return std::cmp::Ordering::Less,
+            (_, None) => return std::cmp::Ordering::Greater,
+            (Some(p), Some(q)) => {
+                let o = match (p.parse::<u64>(), q.parse::<u64>()) {
+                    (Ok(i), Ok(j)) => i.cmp(&j),
+                    _ => p.cmp(q),
+                };
+                if o != std::cmp::Ordering::Equal {
+                    return o;
+                }
+            }
+        }
+    }
+}
+
+fn plain_tensor(name: &str, t: &SourceTensor) -> LogicalTensor {
+    LogicalTensor {
+        name: name.to_string(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+        encoding: Encoding::Plain,
+        parts: vec![quanto::part(Role::Data, t)],
+    }
+}
+
+/// Reads the layers of a source: quanto-quantized weights are grouped from
+/// their keys (`weight._data`, `weight._data._data`, `weight._scale`,
+/// `weight._shift`), their qtype taken from the qmap, the diffusers config,
+/// ckptkit's schema, or the dtypes; logical shapes and group sizes are
+/// inferred (spec/layouts.md §2.4). Any contradiction between a hint and
+/// the tensors is an error naming the layer; layers that stay ambiguous are
+/// listed together in one error that says which hint resolves them.
+pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<Layer>> {
+    let schema = quanto::schema_of(src.metadata())?;
+    let mut groups: BTreeMap<String, quanto::Group> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for t in src.tensors() {
+        let (module, role) = if let Some(m) = t.key.strip_suffix(".weight._data._data") {
+            (m, 1)
+        } else if let Some(m) = t.key.strip_suffix(".weight._data") {
+            (m, 0)
+        } else if let Some(m) = t.key.strip_suffix(".weight._scale") {
+            (m, 2)
+        } else if let Some(m) = t.key.strip_suffix(".weight._shift") {
+            (m, 3)
+        } else if let Some(m) = t
+            .key
+            .strip_suffix(".weight.q")
+            .or_else(|| t.key.strip_suffix(".weight.scale"))
+        {
+            // ckptkit's own int8 layout keeps its parts under `weight.`
+            (m, 4)
+        } else {
+            (split_key(&t.key).0, 4)
+        };
+        let g = groups.entry(module.to_string()).or_insert_with(|| {
+            order.push(module.to_string());
+            quanto::Group::default()
+        });
+        let slot = match role {
+            0 => &mut g.data,
+            1 => &mut g.packed,
+            2 => &mut g.scale,
+            3 => &mut g.shift,
+            _ => {
+                g.plain.push(t);
+                continue;
+            }
+        };
+        *slot = Some(t);
+    }
+    // modules the qmap names that hold no tensors (never happens for real
+    // quanto files) are ignored; modules it names with weights must exist.
+    let mut ambiguous: Vec<String> = Vec::new();
+    let mut layers = Vec::with_capacity(order.len());
+    order.sort_by(|a, b| natural_cmp(a, b));
+    for path in order {
+        let Some(g) = groups.remove(&path) else {
+            continue;
+        };
+        let qentry = hints.qmap.as_ref().and_then(|m| m.get(&path));
+        let activations = qentry
+            .map(|e| e.activations.clone())
+            .or_else(|| {
+                schema
+                    .as_ref()
+                    .and_then(|s| s.get(&path))
+                    .map(|e| e.activations.clone())
+            })
+            .filter(|a| a != "none");
+        let is_quanto =
+            g.data.is_some() || g.packed.is_some() || g.scale.is_some() || g.shift.is_some();
+        // an activation record only describes a module that carries quanto's
+        // activation-scale buffers
+        let has_act_buffers = g.plain.iter().any(|t| split_key(&t.key).1 == "input_scale");
+        let activations = activations.filter(|_| is_quanto || has_act_buffers);
+        let mut tensors: Vec<LogicalTensor> = Vec::new();
+        let mut weights = WeightQuant::Plain;
+        if is_quanto {
+            match quanto::quanto_weight(&path, &g, qentry, hints, schema.as_ref())? {
+                Some((lt, wq)) => {
+                    tensors.push(lt);
+                    weights = wq;
+                }
+                None => {
+                    ambiguous.push(path.clone());
+                    continue;
+                }
+            }
+        }
+        let mut used: Vec<String> = Vec::new();
+        if !is_quanto {
+            if let Some((lt, wq, u)) = crate::layout::int8::detect(
+                src,
+                &path,
+                &g.plain,
+                &hints.int8,
+                schema
+                    .as_ref()
+                    .and_then(|s| s.get(&path))
+                    .and_then(|e| Dtype::from_name(&e.dtype)),
+            )? {
+                tensors.push(lt);
+                weights = wq;
+                used = u;
+            }
+        }
+        for t in g.plain.iter().filter(|t| !used.contains(&t.key)) {
+            tensors.push(plain_tensor(
+                crate::schema::split_key_after(&t.key, &path),
+                t,
+            ));
+        }
+        layers.push(Layer {
+            path,
+            quant: Quantization {
+                weights,
+                activations,
+            },
+            tensors,
+            extensions: Vec::new(),
+        });
+    }
+    if !ambiguous.is_empty() {
+        let n = ambiguous.len();
+        let list: Vec<&str> = ambiguous.iter().take(20).map(|s| s.as_str()).collect();
+        return Err(Error::new(ErrorKind::Ambiguous(format!(
+            "{n} quantized layer(s) whose qtype or logical shape cannot be told from the tensors alone: {}{}; \
+             pass the quanto map (--qmap quanto_qmap.json) or a plain checkpoint of the same model \
+             (--shapes-from model.safetensors), or convert from a ckptkit container or a file ckptkit wrote",
+            list.join(", "),
+            if n > 20 { ", ..." } else { "" }
+        ))));
+    }
+    if let Some(m) = &hints.qmap {
+        let have: std::collections::HashSet<&str> =
+            layers.iter().map(|l| l.path.as_str()).collect();
+        for (k, e) in &m.entries {
+            if e.weights != "none" && !have.contains(k.as_str()) {
+                return Err(quanto::lerr(
+                    k,
+                    format!("the quanto map says `{}` weights, but the checkpoint has no tensor of this module", e.weights),
+                ));
+            }
+        }
+    }
+    Ok(layers)
 }

@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ckptkit::layout::quanto::{self, math, Hints, QType, QuantoMap};
+use ckptkit::layout::quanto::{self, math, QType, QuantoMap};
+use ckptkit::schema::{detect_layers, Hints};
 use ckptkit::{SafetensorsFile, TensorSource, WeightQuant};
 
 fn cases() -> Vec<PathBuf> {
@@ -53,7 +54,7 @@ fn dequantize_matches_quanto_bit_for_bit() {
             qmap: Some(qmap.clone()),
             ..Default::default()
         };
-        let layers = match quanto::detect_layers(&src, &hints) {
+        let layers = match detect_layers(&src, &hints) {
             Ok(l) => l,
             Err(e) => {
                 assert!(
@@ -67,7 +68,7 @@ fn dequantize_matches_quanto_bit_for_bit() {
                     shapes_from: Some(&float),
                     ..Default::default()
                 };
-                quanto::detect_layers(&src, &hints).unwrap()
+                detect_layers(&src, &hints).unwrap()
             }
         };
         for l in &layers {
@@ -155,7 +156,7 @@ fn inference_without_qmap_agrees_with_the_real_map() {
     for dir in cases() {
         let c = case_json(&dir);
         let src = SafetensorsFile::open(&dir.join("quantized.safetensors")).unwrap();
-        match quanto::detect_layers(&src, &Hints::default()) {
+        match detect_layers(&src, &Hints::default()) {
             Ok(layers) => {
                 for (m, gs) in modules(&c) {
                     let l = layers.iter().find(|l| l.path == m).unwrap();
@@ -190,7 +191,7 @@ fn contradicting_qmap_is_refused_naming_the_layer() {
     let mut qmap = QuantoMap::from_file(&dir.join("quanto_qmap.json")).unwrap();
     let (m, _) = qmap.entries[0].clone();
     qmap.entries[0].1.weights = "qint4".into();
-    let e = quanto::detect_layers(
+    let e = detect_layers(
         &src,
         &Hints {
             qmap: Some(qmap),
@@ -258,7 +259,7 @@ fn rewrite(
 fn detect_err(p: &Path) -> ckptkit::Error {
     let src = SafetensorsFile::open(p).unwrap();
     let qmap = QuantoMap::from_file(&p.with_file_name("quanto_qmap.json")).unwrap();
-    quanto::detect_layers(
+    detect_layers(
         &src,
         &Hints {
             qmap: Some(qmap),
