@@ -886,7 +886,107 @@ mod tests {
         );
     }
 
+    fn arb_descriptor() -> impl Strategy<Value = Int8Descriptor> {
+        (
+            (
+                any::<bool>(),
+                -2i32..200,
+                proptest::option::of("[a-z_]{1,8}"),
+            ),
+            (
+                0usize..3,
+                proptest::option::of(0u64..300),
+                any::<bool>(),
+                0.0f64..300.0,
+                any::<bool>(),
+            ),
+            (
+                -200i32..200,
+                -200i32..200,
+                any::<bool>(),
+                0.0f64..300.0,
+                any::<bool>(),
+            ),
+            proptest::collection::vec(
+                (
+                    "[a-z]{1,6}",
+                    0usize..3,
+                    proptest::collection::vec(0u64..3, 0..3),
+                    proptest::collection::vec(-5i64..300, 0..5),
+                ),
+                0..2,
+            ),
+        )
+            .prop_map(
+                |(
+                    (packed, offset, shape_key),
+                    (g, gs, absmax, c, column),
+                    (lo, hi, even, divisor, zp),
+                    consts,
+                )| Int8Descriptor {
+                    name: "int8:prop".into(),
+                    payload: Payload {
+                        key: "qw".into(),
+                        storage: if packed {
+                            Storage::PackedI32
+                        } else {
+                            Storage::I8
+                        },
+                        offset,
+                        shape_key,
+                    },
+                    scale: ScaleSpec {
+                        key: "qs".into(),
+                        dtype: Some("F32".into()),
+                        granularity: match (g, gs) {
+                            (0, _) => Granularity::Tensor,
+                            (1, _) | (_, None) => Granularity::Channel,
+                            (_, Some(n)) => Granularity::Group(n),
+                        },
+                        value: if absmax {
+                            ScaleValue::AbsmaxOver(c)
+                        } else {
+                            ScaleValue::Scale
+                        },
+                        shape: if column {
+                            ScaleShape::Column
+                        } else {
+                            ScaleShape::Vector
+                        },
+                    },
+                    zero_point: zp.then(|| ZeroPointSpec { key: "qz".into() }),
+                    range: [lo, hi],
+                    rounding: if even {
+                        Rounding::HalfEven
+                    } else {
+                        Rounding::HalfAway
+                    },
+                    divisor,
+                    constants: consts
+                        .into_iter()
+                        .map(|(k, d, shape, values)| ConstTensor {
+                            key: format!("c_{k}"),
+                            dtype: ["U8", "I8", "I64"][d].into(),
+                            shape,
+                            values,
+                        })
+                        .collect(),
+                },
+            )
+    }
+
     proptest! {
+        /// A descriptor that validates survives JSON exactly; one that does
+        /// not validate is refused when read back from its JSON too.
+        #[test]
+        fn descriptor_json_roundtrip(d in arb_descriptor()) {
+            let j = d.to_json();
+            match d.validate() {
+                Ok(()) => prop_assert_eq!(Int8Descriptor::from_json(&j).unwrap(), d),
+                Err(_) => prop_assert!(Int8Descriptor::from_json(&j).is_err()),
+            }
+        }
+
         #[test]
         fn pack_unpack_identity(o in 1u64..5, i in 1u64..19, seed in any::<u64>()) {
             let q: Vec<i8> = (0..o * i).map(|k| (seed.wrapping_mul(k + 1) >> 7) as i8).collect();
