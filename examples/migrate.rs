@@ -219,14 +219,16 @@ fn progress_bar(
     Some((bar, stop))
 }
 
-/// blake3 of an output file, for the summary.
+/// blake3 of an output file, for the summary (read through bounded
+/// windows, so memory stays flat on large outputs).
 fn output_hash(p: &std::path::Path) -> Option<String> {
     if !p.is_file() {
         return None;
     }
-    let mut h = blake3::Hasher::new();
-    h.update_mmap_rayon(p).ok()?;
-    Some(h.finalize().to_hex().to_string())
+    let f = std::fs::File::open(p).ok()?;
+    let len = f.metadata().ok()?.len();
+    let h = ckptkit::io::hash_range(&f, p, 0, len).ok()?;
+    Some(h.to_hex().to_string())
 }
 
 fn shorten(v: &[String]) -> String {

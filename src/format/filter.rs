@@ -102,6 +102,19 @@ fn check(dtype: Dtype, a: usize, b: usize) -> Result<usize> {
 ///   record `u32 LE length ‖ bytes`, where a length equal to the plane's
 ///   size means raw and a smaller one means a zstd frame.
 pub fn encode_chunk(codec: Codec, dtype: Dtype, level: i32, raw: &[u8]) -> Result<Vec<u8>> {
+    encode_chunk_planes(codec, dtype, level, raw, &[true; 8])
+}
+
+/// Like [`encode_chunk`], trying zstd only on the planes whose flag is set
+/// (the others are stored raw): a writer that saw a plane not compress in a
+/// tensor's first chunk skips the work for the rest of the tensor.
+pub fn encode_chunk_planes(
+    codec: Codec,
+    dtype: Dtype,
+    level: i32,
+    raw: &[u8],
+    try_plane: &[bool],
+) -> Result<Vec<u8>> {
     match codec {
         Codec::Plain => Ok(raw.to_vec()),
         Codec::Zstd => {
@@ -113,15 +126,40 @@ pub fn encode_chunk(codec: Codec, dtype: Dtype, level: i32, raw: &[u8]) -> Resul
             split(dtype, raw, &mut planes)?;
             let n = raw.len() / dtype.size();
             let mut out = Vec::with_capacity(raw.len() + 16);
-            for plane in planes.chunks(n.max(1)).take(dtype.size()) {
-                let z = zstd::bulk::compress(plane, level)?;
-                let body: &[u8] = if z.len() < plane.len() { &z } else { plane };
+            for (pi, plane) in planes.chunks(n.max(1)).take(dtype.size()).enumerate() {
+                let z = if try_plane.get(pi).copied().unwrap_or(true) {
+                    zstd::bulk::compress(plane, level)?
+                } else {
+                    Vec::new()
+                };
+                let body: &[u8] = if !z.is_empty() && z.len() < plane.len() {
+                    &z
+                } else {
+                    plane
+                };
                 out.extend_from_slice(&(body.len() as u32).to_le_bytes());
                 out.extend_from_slice(body);
             }
             Ok(out)
         }
     }
+}
+
+/// Which planes of an encoded [`Codec::ZstdFloatPlanes`] chunk were stored
+/// compressed (so are worth trying again).
+pub fn compressed_planes(dtype: Dtype, raw_len: usize, stored: &[u8]) -> Vec<bool> {
+    let n = raw_len / dtype.size().max(1);
+    let mut out = Vec::new();
+    let mut rest = stored;
+    for _ in 0..dtype.size() {
+        let Some((lenb, r)) = rest.split_first_chunk::<4>() else {
+            break;
+        };
+        let len = u32::from_le_bytes(*lenb) as usize;
+        out.push(len < n);
+        rest = r.get(len..).unwrap_or(&[]);
+    }
+    out
 }
 
 /// Decodes one stored chunk into `out`, whose length is the chunk's raw

@@ -570,6 +570,21 @@ fn compress_tensor(
             return Ok(bytes.chunks(cs).map(|c| c.to_vec()).collect());
         }
     }
+    if codec == Codec::ZstdFloatPlanes {
+        // planes that do not compress in the first chunk (sign + mantissa,
+        // usually) are stored raw for the rest of the tensor
+        let first = &bytes[..cs.min(bytes.len())];
+        let head = encode_chunk(codec, dtype, opts.level, first)?;
+        let tries = crate::format::filter::compressed_planes(dtype, first.len(), &head);
+        let mut rest: Vec<Vec<u8>> = bytes[first.len()..]
+            .par_chunks(cs)
+            .map(|c| {
+                crate::format::filter::encode_chunk_planes(codec, dtype, opts.level, c, &tries)
+            })
+            .collect::<Result<_>>()?;
+        rest.insert(0, head);
+        return Ok(rest);
+    }
     bytes
         .par_chunks(cs)
         .map(|c| encode_chunk(codec, dtype, opts.level, c))
