@@ -2,6 +2,8 @@
 //! quantize / dequantize properties for every layout pair on generated
 //! weights (in memory, through the planner and executor).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -369,16 +371,7 @@ fn bad_layout_names_are_refused_before_writing() {
 }
 
 fn int8_cases() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/int8");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("case.json").is_file())
-        .collect();
-    v.sort();
-    assert!(v.len() >= 12, "int8 fixtures missing");
-    v
+    common::fixture_cases("int8", 12)
 }
 
 /// Checkpoints written by the real compressed-tensors 0.20.0 and

@@ -1,6 +1,8 @@
 //! Whole-file migrations on the real optimum-quanto fixtures: the outputs
 //! must equal what quanto itself wrote, tensor for tensor.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -9,15 +11,7 @@ use ckptkit::plan::Target;
 use ckptkit::{SafetensorsFile, TensorSource};
 
 fn cases() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quanto");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("case.json").is_file())
-        .collect();
-    v.sort();
-    v
+    common::fixture_cases("quanto", 20)
 }
 
 fn keys(f: &SafetensorsFile) -> BTreeSet<String> {

@@ -2,6 +2,8 @@
 //! (tests/fixtures/quanto, made by tests/interop/gen_quanto_fixtures.py;
 //! see the README there). No Python is needed to run these.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use ckptkit::layout::quanto::{self, math, QType, QuantoMap};
@@ -9,16 +11,7 @@ use ckptkit::schema::{detect_layers, Hints};
 use ckptkit::{SafetensorsFile, TensorSource, WeightQuant};
 
 fn cases() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quanto");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("case.json").is_file())
-        .collect();
-    v.sort();
-    assert!(v.len() >= 20, "fixtures missing");
-    v
+    common::fixture_cases("quanto", 20)
 }
 
 fn case_json(dir: &Path) -> serde_json::Value {

@@ -171,3 +171,20 @@ pub fn refix_digest(b: &mut [u8]) {
 pub fn tmp(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// The case directories (those holding a `case.json`) of a fixture family
+/// under tests/fixtures, sorted; at least `min` of them must exist.
+pub fn fixture_cases(family: &str, min: usize) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(family);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("fixtures directory")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("case.json").is_file())
+        .collect();
+    v.sort();
+    assert!(v.len() >= min, "{family} fixtures missing");
+    v
+}
