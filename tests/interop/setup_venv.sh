@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Create (or reuse) the pinned Python venv for the optimum-quanto interop fixtures/checks.
+# Create (or reuse) the one pinned Python venv for all interop fixtures, live suites and
+# benchmark peers (tests/interop/requirements.txt: torch, optimum-quanto, compressed-tensors,
+# bitsandbytes, transformers).
 #
 #   tests/interop/setup_venv.sh [VENV_DIR]     (default: <repo>/target/interop-venv)
 #
 # Idempotent: a stamp file inside the venv records the sha256 of requirements.txt; if it
 # matches, nothing is installed.  Afterwards put "$VENV_DIR/bin" on PATH (quanto JIT-builds
 # its CPU extension with ninja from there).  Prints the venv path on the last line.
+# pip runs with --no-cache-dir: torch and its CUDA wheels are ~3.5 GB of downloads, and a
+# cached copy beside the installed one is what ran a CI machine out of disk.
 # Env: PYTHON (interpreter used to create the venv, default python3).
 set -euo pipefail
 
@@ -30,20 +34,30 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
 rm -f "$stamp"
-"$venv/bin/python" -m pip install --disable-pip-version-check --quiet --upgrade pip
-"$venv/bin/python" -m pip install --disable-pip-version-check --quiet -r "$req"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-cache-dir)
+"${pip[@]}" install --quiet --upgrade pip
+"${pip[@]}" install --quiet -r "$req"
 
-# Warm up: build quanto's C++ CPU extension (qint4/qint2 unpack) once now, not mid-test.
+# Smoke test, and build quanto's C++ CPU extension (qint4/qint2 unpack) once now, not
+# mid-test; bitsandbytes and compressed-tensors both quantize on CPU.
 PATH="$venv/bin:$PATH" "$venv/bin/python" - <<'PY'
+import importlib.metadata as md
 import torch
 from optimum.quanto import freeze, qint4, quantize
 m = torch.nn.Sequential(torch.nn.Linear(64, 8))
 quantize(m, weights=qint4)
 freeze(m)
 m[0].weight.dequantize()
-import importlib.metadata as md
-print("torch", torch.__version__, "optimum-quanto", md.version("optimum-quanto"),
-      "safetensors", md.version("safetensors"))
+import bitsandbytes as bnb
+from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
+                                             QuantizationScheme, apply_quantization_config)
+b = bnb.nn.Linear8bitLt(64, 8, has_fp16_weights=False).to("cpu")
+assert b.weight.dtype == torch.int8 and b.weight.SCB is not None
+lin = torch.nn.Sequential(torch.nn.Linear(64, 8))
+apply_quantization_config(lin, QuantizationConfig(config_groups={"g": QuantizationScheme(
+    targets=["Linear"], weights=QuantizationArgs(num_bits=8, strategy="channel"))}), show_progress=False)
+print(" ".join(f"{p} {md.version(p)}" for p in ("torch", "optimum-quanto", "compressed-tensors",
+                                                "bitsandbytes", "transformers", "safetensors")))
 PY
 
 echo "$want" > "$stamp"

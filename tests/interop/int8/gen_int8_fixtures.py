@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Generate golden int8 fixtures (compressed-tensors 0.20.0 and bitsandbytes 0.50.2) for ckptkit.
 
-Run inside the pinned venv (tests/interop/int8/setup_venv.sh):
+Run inside the pinned venv (tests/interop/setup_venv.sh):
 
-    tests/interop/int8/setup_venv.sh /work/venv-int8
+    tests/interop/setup_venv.sh /work/venv-int8
     /work/venv-int8/bin/python tests/interop/int8/gen_int8_fixtures.py --out tests/fixtures/int8 --seed 20260301
 
 For every case it writes <out>/<case>/{float.safetensors, model.safetensors, config.json,

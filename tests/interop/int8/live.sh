@@ -10,7 +10,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
-venv="$(bash "$here/setup_venv.sh" "${1:-$root/target/int8-venv}" | tail -n 1)"
+venv="$(bash "$root/tests/interop/setup_venv.sh" "${1:-$root/target/interop-venv}" | tail -n 1)"
 py="$venv/bin/python"
 if [ -z "${MIGRATE:-}" ]; then
     (cd "$root" && cargo build --release --example migrate --quiet)
