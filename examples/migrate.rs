@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use ckptkit::convert::{check, convert, input_layers, like_target, ConvertOptions};
 use ckptkit::plan::{Plan, PlanOptions, Rename, Target};
 use ckptkit::schema::{report_layers, source_layers, LayerReport};
-use ckptkit::{open_source, Container, InputKind, ZstdOptions};
+use ckptkit::{open_source, ZstdOptions};
 use clap::{Parser, Subcommand};
 
 const EXAMPLES: &str = "\
@@ -90,6 +90,10 @@ enum Cmd {
         /// Largest data bytes per file when writing a directory.
         #[arg(long, default_value_t = 5_000_000_000)]
         max_shard_size: u64,
+        /// Do not record per-tensor blake3 hashes in safetensors outputs
+        /// (saves hashing time; `verify` can then check structure only).
+        #[arg(long)]
+        no_hashes: bool,
     },
     /// List layers, layouts, shapes and sizes.
     Inspect {
@@ -156,11 +160,17 @@ fn main() -> ExitCode {
 
 fn install_ctrlc() {
     extern "C" fn on_signal(_: libc::c_int) {
+        if ckptkit::io::atomic::check_interrupt().is_err() {
+            // a second Ctrl-C: stop now; the temporaries left behind carry
+            // this process id and are removed by the next run
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) }
+        }
         ckptkit::io::atomic::request_interrupt();
     }
     let handler: extern "C" fn(libc::c_int) = on_signal;
-    // SAFETY: the handler only stores to an atomic flag, which is
-    // async-signal-safe.
+    // SAFETY: the handler only reads and stores an atomic flag, or calls
+    // _exit; all are async-signal-safe.
     unsafe {
         // a closed pipe (`migrate inspect x | head`) ends the process quietly
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -316,6 +326,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             force,
             allow_lossy,
             max_shard_size,
+            no_hashes,
         } => {
             let target = match &like {
                 Some(r) => like_target(r)?,
@@ -357,6 +368,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 },
                 qmap,
                 shapes_from,
+                hashes: !no_hashes,
             };
             let bar = progress_bar(!(json || cli.quiet || dry_run), &input);
             let s = convert(&input, &output, &opts);
@@ -535,25 +547,24 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             Ok(if r.compatible() { 0 } else { 1 })
         }
         Cmd::Verify { input, json } => {
-            let kind = ckptkit::io::source::input_kind(&input)?;
-            let (tensors, bytes) = if kind == InputKind::Container {
-                let c = Container::open(&input)?;
-                let r = c.verify()?;
-                (r.tensors, r.bytes)
-            } else {
-                let src = open_source(&input)?;
-                (
-                    src.tensors().len() as u64,
-                    src.tensors().iter().map(|t| t.len).sum(),
-                )
-            };
+            let r = ckptkit::convert::verify(&input)?;
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"ok": true, "tensors": tensors, "bytes": bytes})
+                    serde_json::json!({"ok": true, "tensors": r.tensors, "bytes": r.bytes,
+                        "unchecked": r.unchecked})
                 );
             } else if !cli.quiet {
-                println!("ok: {} tensors, {bytes} bytes verified", tensors);
+                println!(
+                    "ok: {} tensors, {} bytes verified (blake3)",
+                    r.tensors, r.bytes
+                );
+                if r.unchecked > 0 {
+                    println!(
+                        "note: {} tensors carry no recorded hash (not written by ckptkit): their structure is valid, their bytes were not checked",
+                        r.unchecked
+                    );
+                }
             }
             Ok(0)
         }

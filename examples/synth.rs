@@ -68,7 +68,7 @@ fn main() -> ckptkit::Result<()> {
         plan.push((format!("{m}.bias"), Dtype::BF16, vec![rows]));
     }
     let md = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let w = SafetensorsWriter::create(&out, &plan, &md, true)?;
+    let w = SafetensorsWriter::create(&out, &plan, &md, true, false)?;
     let mut buf = Vec::new();
     for (i, (k, d, s)) in plan.iter().enumerate() {
         let len = ckptkit::byte_len(*d, s)? as usize;

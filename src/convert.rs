@@ -14,8 +14,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::{Layer, SourceFile};
 use crate::format::st_header::crate_order;
 use crate::io::atomic::{check_interrupt, clean_stale_temps, AtomicDir};
-use crate::io::container::Container;
-use crate::io::sharded::{find_index, plan_shards, ShardIndex};
+use crate::io::container::{Container, VerifyReport};
+use crate::io::safetensors_file::SafetensorsFile;
+use crate::io::sharded::{find_index, plan_shards, ShardIndex, ShardedDir};
 use crate::io::source::{input_kind, open_source, InputKind, SourceTensor, TensorSource};
 use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter, ZstdOptions};
 use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
@@ -62,6 +63,10 @@ pub struct ConvertOptions {
     pub qmap: Option<PathBuf>,
     /// A plain checkpoint of the same model to take logical shapes from.
     pub shapes_from: Option<PathBuf>,
+    /// Record every tensor's blake3 in safetensors outputs (`ckptkit.blake3`
+    /// in `__metadata__`, checked by `verify`). Containers always carry
+    /// hashes in their manifest.
+    pub hashes: bool,
 }
 
 impl Default for ConvertOptions {
@@ -75,6 +80,7 @@ impl Default for ConvertOptions {
             select: PlanOptions::default(),
             qmap: None,
             shapes_from: None,
+            hashes: true,
         }
     }
 }
@@ -259,13 +265,13 @@ fn convert_opened(
             ..Default::default()
         });
     }
-    clean_stale_temps(output);
+    clean_stale_temps(output)?;
     check_free_space(output, bytes_in)?;
     let files = match okind {
         OutputKind::Safetensors => {
             let mut md = src.metadata().clone();
             md.entry("format".into()).or_insert_with(|| "pt".into());
-            write_safetensors(src, &tensors, output, &md, opts.overwrite)?;
+            write_safetensors(src, &tensors, output, &md, opts)?;
             vec![output.to_path_buf()]
         }
         OutputKind::Container => {
@@ -365,10 +371,10 @@ fn write_safetensors(
     tensors: &[SourceTensor],
     output: &Path,
     md: &BTreeMap<String, String>,
-    overwrite: bool,
+    opts: &ConvertOptions,
 ) -> Result<()> {
     let refs: Vec<&SourceTensor> = tensors.iter().collect();
-    let w = SafetensorsWriter::create(output, &plan_of(&refs), md, overwrite)?;
+    let w = SafetensorsWriter::create(output, &plan_of(&refs), md, opts.overwrite, opts.hashes)?;
     copy_parallel(src, &refs, &|k, b| w.write_tensor(k, b))?;
     w.finish()?;
     Ok(())
@@ -445,12 +451,7 @@ fn write_directory(
             })
             .collect()
     } else {
-        let stem = names
-            .first()
-            .and_then(|n| n.strip_suffix(".safetensors"))
-            .filter(|s| !s.is_empty())
-            .unwrap_or("model")
-            .to_string();
+        let stem = model_stem(&names);
         let list: Vec<(String, u64)> = src
             .tensors()
             .iter()
@@ -474,7 +475,7 @@ fn write_directory(
         };
         md.entry("format".into()).or_insert_with(|| "pt".into());
         let p = dir.path().join(name);
-        let w = SafetensorsWriter::create(&p, &plan_of(ts), &md, false)?;
+        let w = SafetensorsWriter::create(&p, &plan_of(ts), &md, false, opts.hashes)?;
         copy_parallel(src, ts, &|k, b| w.write_tensor(k, b))?;
         w.finish()?;
         for t in ts {
@@ -535,22 +536,20 @@ fn outputs_of(p: &Plan, idx: &[usize]) -> Vec<(String, Dtype, Vec<u64>)> {
         .collect()
 }
 
-/// The file-name stem of a model's weight files (`model`,
-/// `diffusion_pytorch_model`), from the input's file names.
+/// The file-name stem of the input's weight files, so that outputs follow
+/// its convention: the stem of sharded names (`model`,
+/// `diffusion_pytorch_model`, `consolidated` from
+/// `consolidated-00001-of-00002.safetensors`) or of the transformers and
+/// diffusers single-file names; `model` otherwise (a directory made from a
+/// lone `flux1-dev.safetensors` is named as transformers expects).
 pub fn model_stem(files: &[String]) -> String {
     files
         .first()
-        .filter(|n| crate::io::sharded::is_weight_file_name(n))
-        .map(|n| {
-            let n = n.strip_suffix(".safetensors").unwrap_or(n);
-            // model-00001-of-00003 -> model
-            match n.rsplit_once("-of-") {
-                Some((head, _)) => head.rsplit_once('-').map(|(h, _)| h).unwrap_or(head),
-                None => n,
-            }
-            .to_string()
-        })
-        .unwrap_or_else(|| "model".into())
+        .filter(|n| n.contains("-of-") || crate::io::sharded::is_weight_file_name(n))
+        .and_then(|n| crate::io::sharded::weight_file_stem(n))
+        .filter(|s| crate::format::validate::safe_file_name(s))
+        .unwrap_or("model")
+        .to_string()
 }
 
 /// Writes a plan's output as `{stem}.safetensors` or
@@ -576,7 +575,7 @@ fn write_model_dir(
             format!("{stem}-{:05}-of-{n:05}.safetensors", gi + 1)
         };
         let outs = outputs_of(p, g);
-        let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, false)?;
+        let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, false, opts.hashes)?;
         run_layers(src, p, g, losses, &|k, b| w.write_tensor(k, b))?;
         w.finish()?;
         for (k, d, s) in outs {
@@ -837,7 +836,7 @@ fn convert_planned(
         summary.plan = Some(p);
         return Ok(summary);
     }
-    clean_stale_temps(output);
+    clean_stale_temps(output)?;
     check_free_space(output, bytes_out)?;
     let losses: Losses = Default::default();
     let mut md = src.metadata().clone();
@@ -849,10 +848,11 @@ fn convert_planned(
     match okind {
         OutputKind::Safetensors => {
             check_qmap_slot(input, output, opts.overwrite)?;
-            let w = SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite)?;
+            let w =
+                SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite, opts.hashes)?;
             let all: Vec<usize> = (0..p.layers.len()).collect();
             run_layers(src, &p, &all, &losses, &|k, b| w.write_tensor(k, b))?;
-            commit_with_qmap(output, &p, || w.finish())?;
+            commit_with_qmap(output, &p, w)?;
         }
         OutputKind::Directory => {
             let dir = AtomicDir::create(output, opts.overwrite)?;
@@ -971,17 +971,19 @@ fn check_qmap_slot(input: &Path, output: &Path, overwrite: bool) -> Result<()> {
 /// companion: the qmap is written first (to a temporary), then both are
 /// renamed into place; a stale qmap beside an output that has no quanto
 /// layers is removed, so a qmap never describes another file.
-fn commit_with_qmap(output: &Path, p: &Plan, finish: impl FnOnce() -> Result<()>) -> Result<()> {
+fn commit_with_qmap(output: &Path, p: &Plan, w: SafetensorsWriter) -> Result<()> {
     let qpath = output.with_file_name(QMAP_FILE);
+    let weights = w.finish_pending()?;
     if p.has_quanto() {
         let q = crate::io::atomic::AtomicFile::create(&qpath, true)?;
         use std::io::Write;
         let mut f = q.file()?;
-        f.write_all(qmap_for(p).to_json().as_bytes())?;
-        finish()?;
-        q.commit()?;
+        f.write_all(qmap_for(p).to_json().as_bytes())
+            .map_err(|e| Error::from(e).with_file(q.temp()))?;
+        // weights first: the journal is named after them
+        crate::io::atomic::commit_together(vec![weights, q])?;
     } else {
-        finish()?;
+        weights.commit()?;
         if qpath.is_file() {
             std::fs::remove_file(&qpath).map_err(|e| Error::from(e).with_file(&qpath))?;
         }
@@ -1116,6 +1118,69 @@ pub fn check(input: &Path, reference: &Path, opts: &ConvertOptions) -> Result<Ch
         }
     }
     Ok(report)
+}
+
+/// Verifies any input: a container's every hash and structural rule; a
+/// safetensors file's structure and the blake3 hashes ckptkit recorded in it
+/// (if any); a directory's index (if any) and every `.safetensors` and
+/// `.ckpk` file in it and its sub-directories (not following symlinks, at
+/// most 8 levels deep). The report sums the files.
+pub fn verify(path: &Path) -> Result<VerifyReport> {
+    let mut r = VerifyReport::default();
+    match input_kind(path)? {
+        InputKind::Container => add_report(&mut r, Container::open(path)?.verify()?),
+        InputKind::Safetensors => {
+            // a commit of this file interrupted after its journal became
+            // durable is completed first (it only renames finished files)
+            crate::io::atomic::complete_pending_commits(
+                path.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new(".")),
+            )?;
+            add_report(&mut r, SafetensorsFile::open(path)?.verify()?)
+        }
+        InputKind::ShardedDir => verify_dir(path, 0, &mut r)?,
+    }
+    Ok(r)
+}
+
+fn add_report(r: &mut VerifyReport, x: VerifyReport) {
+    r.tensors += x.tensors;
+    r.bytes += x.bytes;
+    r.unchecked += x.unchecked;
+}
+
+fn verify_dir(dir: &Path, depth: u32, r: &mut VerifyReport) -> Result<()> {
+    if depth > 8 {
+        return Err(Error::new(ErrorKind::LimitExceeded {
+            what: "directory depth",
+            value: depth as u64,
+            limit: 8,
+        })
+        .with_file(dir));
+    }
+    if find_index(dir)?.is_some() {
+        // the index names existing files and every key once
+        ShardedDir::open(dir)?;
+    }
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::from(e).with_file(dir))? {
+        let e = e.map_err(|e| Error::from(e).with_file(dir))?;
+        entries.push((e.file_name(), e.file_type()?));
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, ft) in entries {
+        let p = dir.join(&name);
+        let n = name.to_string_lossy();
+        if ft.is_dir() {
+            verify_dir(&p, depth + 1, r)?;
+        } else if ft.is_file() && n.ends_with(".safetensors") {
+            add_report(r, SafetensorsFile::open(&p)?.verify()?);
+        } else if ft.is_file() && n.ends_with(".ckpk") {
+            add_report(r, Container::open(&p)?.verify()?);
+        }
+    }
+    Ok(())
 }
 
 /// True when a directory is a training checkpoint (sub-directories, or files

@@ -102,6 +102,13 @@ pub enum ErrorKind {
     OutputExists(PathBuf),
     /// The operation was interrupted (Ctrl-C); no output was left behind.
     Interrupted,
+    /// The file is part of a ckptkit commit that was interrupted after it
+    /// became durable (a weights file and its companions); reading it now
+    /// could pair it with stale companions.
+    PendingCommit {
+        /// The commit journal beside the file.
+        journal: PathBuf,
+    },
 }
 
 /// The error type of every ckptkit operation.
@@ -251,6 +258,12 @@ impl fmt::Display for ErrorKind {
                 p.display()
             ),
             ErrorKind::Interrupted => write!(f, "interrupted; no output was written"),
+            ErrorKind::PendingCommit { journal } => write!(
+                f,
+                "an interrupted ckptkit commit of this file is pending ({}); \
+                 run `migrate verify` on the file to complete it",
+                journal.display()
+            ),
         }
     }
 }

@@ -533,3 +533,217 @@ fn training_checkpoint_directory_is_migrated_and_the_rest_copied() {
 fn out_s(o: &Output) -> String {
     out(o)
 }
+
+/// The data offset of `key` in a safetensors file (header length + start).
+fn data_offset(path: &Path, key: &str) -> usize {
+    let f = ckptkit::SafetensorsFile::open(path).unwrap();
+    let h = f.header();
+    (h.header_len + h.get(key).unwrap().start) as usize
+}
+
+#[test]
+fn safetensors_outputs_carry_hashes_that_verify_checks() {
+    use ckptkit::TensorSource;
+    let d = tempfile::tempdir().unwrap();
+    // a directory output (sharded) and a file output, both hashed
+    let sharded = d.path().join("sharded");
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        s(&sharded),
+        "--to",
+        "quanto:qint8",
+        "--max-shard-size",
+        "4000",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run(&["verify", s(&sharded), "--json"]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
+    let n = ckptkit::open_source(&sharded).unwrap().tensors().len() as u64;
+    assert_eq!(
+        v["tensors"], n,
+        "every tensor of every shard is hash-checked"
+    );
+    assert_eq!(v["unchecked"], 0);
+
+    let file = d.path().join("plain.safetensors");
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&file),
+        "--to",
+        "plain",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run(&["verify", s(&file)]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("verified (blake3)"), "{}", out(&o));
+
+    // one flipped bit in one tensor's data: verify fails naming tensor and offset
+    let key = "lin_i128.weight";
+    let off = data_offset(&file, key);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[off + 3] ^= 0x10;
+    let bad = d.path().join("bad.safetensors");
+    std::fs::write(&bad, &bytes).unwrap();
+    let o = run(&["verify", s(&bad)]);
+    assert_eq!(code(&o), 1);
+    let e = err(&o);
+    assert!(
+        e.contains("integrity check failed") && e.contains(key) && e.contains(&off.to_string()),
+        "{e}"
+    );
+    // converting the corrupted file still works (hashes are checked by verify),
+    // and the new output's hashes describe the new bytes
+    let re = d.path().join("re.safetensors");
+    assert_eq!(code(&run(&["convert", s(&bad), s(&re)])), 0);
+    assert_eq!(code(&run(&["verify", s(&re)])), 0);
+
+    // a file not written by ckptkit: structure only, said so
+    let o = run(&["verify", s(&fx("bf16-qint8", "quantized.safetensors"))]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(out(&o).contains("carry no recorded hash"), "{}", out(&o));
+
+    // --no-hashes: no entry, structure only
+    let nh = d.path().join("nh.safetensors");
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&nh),
+        "--to",
+        "plain",
+        "--no-hashes",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let f = ckptkit::SafetensorsFile::open(&nh).unwrap();
+    assert!(!f.header().metadata.contains_key("ckptkit.blake3"));
+    // same tensors either way
+    let g = ckptkit::SafetensorsFile::open(&file).unwrap();
+    for t in &f.header().tensors {
+        assert_eq!(
+            &f.read(&t.key).unwrap()[..],
+            &g.read(&t.key).unwrap()[..],
+            "{}",
+            t.key
+        );
+    }
+}
+
+#[test]
+fn interrupted_weights_and_qmap_commit_is_refused_then_completed_by_verify() {
+    // The state a crash leaves between the renames of a weights file and its
+    // quanto_qmap.json: new temporaries and a durable journal, the old pair
+    // still in place. Readers must refuse the file; `verify` rolls forward.
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path().join("model.safetensors");
+    let q = d.path().join("quanto_qmap.json");
+    let src = fx("bf16-qint8", "float.safetensors");
+    assert_eq!(
+        code(&run(&["convert", s(&src), s(&w), "--to", "quanto:qint8"])),
+        0
+    );
+    let newer = tempfile::tempdir().unwrap();
+    let nw = newer.path().join("model.safetensors");
+    assert_eq!(
+        code(&run(&["convert", s(&src), s(&nw), "--to", "quanto:qint4"])),
+        0
+    );
+    let tw = d.path().join(".model.safetensors.ckptkit-tmp.999999999.1");
+    let tq = d.path().join(".quanto_qmap.json.ckptkit-tmp.999999999.2");
+    std::fs::copy(&nw, &tw).unwrap();
+    std::fs::copy(newer.path().join("quanto_qmap.json"), &tq).unwrap();
+    let journal = d.path().join(".model.safetensors.ckptkit-commit");
+    std::fs::write(
+        &journal,
+        serde_json::json!({"version": 1, "renames": [
+            [tw.file_name().unwrap().to_str().unwrap(), "model.safetensors"],
+            [tq.file_name().unwrap().to_str().unwrap(), "quanto_qmap.json"]]})
+        .to_string(),
+    )
+    .unwrap();
+    let o = run(&["inspect", s(&w)]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        err(&o).contains("interrupted ckptkit commit") && err(&o).contains("migrate verify"),
+        "{}",
+        err(&o)
+    );
+    let o = run(&["verify", s(&w)]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_eq!(std::fs::read(&w).unwrap(), std::fs::read(&nw).unwrap());
+    assert!(std::fs::read_to_string(&q).unwrap().contains("qint4"));
+    assert_eq!(
+        entries(d.path()),
+        vec!["model.safetensors", "quanto_qmap.json"]
+    );
+    let o = run(&["inspect", s(&w)]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+}
+
+/// Names of a sibling of `p`'s (temporaries included) that mention `stem`.
+fn siblings_named(dir: &Path, stem: &str) -> Vec<String> {
+    entries(dir)
+        .into_iter()
+        .filter(|n| n.contains(stem))
+        .collect()
+}
+
+#[test]
+fn ctrl_c_and_sigterm_leave_no_partial_output() {
+    // A checkpoint large enough that quantizing it takes seconds in this
+    // build: 96 layers of bf16 [1024, 1024] (192 MiB).
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("big.safetensors");
+    let synth = bin().with_file_name("synth");
+    let o = Command::new(&synth)
+        .args([s(&input), "0.2", "plain-bf16", "1024", "1024"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    for (signal, output) in [
+        (libc::SIGINT, d.path().join("out.safetensors")),
+        (libc::SIGTERM, d.path().join("outdir")),
+    ] {
+        let stem = output.file_name().unwrap().to_str().unwrap().to_string();
+        let child = Command::new(bin())
+            .args([
+                "-q",
+                "convert",
+                s(&input),
+                s(&output),
+                "--to",
+                "quanto:qint8",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // wait until the output's temporary exists: the conversion is running
+        let t0 = std::time::Instant::now();
+        while siblings_named(d.path(), &stem).is_empty() {
+            assert!(t0.elapsed().as_secs() < 60, "no temporary appeared");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(
+            code(&o),
+            1,
+            "signal {signal}: the conversion must stop, not finish: {}",
+            err(&o)
+        );
+        assert!(err(&o).contains("interrupted"), "{}", err(&o));
+        assert!(
+            siblings_named(d.path(), &stem).is_empty(),
+            "signal {signal}: left {:?}",
+            entries(d.path())
+        );
+        assert!(!d.path().join("quanto_qmap.json").exists());
+    }
+    // the input is untouched
+    let o = run(&["verify", s(&input), "--json"]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert_eq!(entries(d.path()), vec!["big.safetensors"]);
+}

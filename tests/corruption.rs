@@ -479,3 +479,54 @@ fn c38_upstream_overflow_header() {
 fn c39_magic_constant_is_stable() {
     assert_eq!(MAGIC, [0x89, b'C', b'K', b'P', b'K', 0x0D, 0x0A, 0x1A]);
 }
+
+/// A safetensors file `w` (U8 [2] = [1, 2]) whose metadata holds
+/// `ckptkit.blake3` = `hashes`.
+fn st_with_hashes(hashes: &str) -> ckptkit::Result<ckptkit::VerifyReport> {
+    let md = serde_json::json!({"ckptkit.blake3": hashes}).to_string();
+    let json =
+        format!(r#"{{"__metadata__":{md},"w":{{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}}}"#);
+    let mut f = (json.len() as u64).to_le_bytes().to_vec();
+    f.extend_from_slice(json.as_bytes());
+    f.extend_from_slice(&[1, 2]);
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("h.safetensors");
+    std::fs::write(&p, &f).unwrap();
+    ckptkit::SafetensorsFile::open(&p)?.verify()
+}
+
+#[test]
+fn c40_safetensors_hash_of_other_bytes() {
+    let h = blake3::hash(&[1, 3]).to_hex();
+    let e = st_with_hashes(&format!(r#"{{"w":"{h}"}}"#)).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::HashMismatch { .. }), "{e}");
+    // where: the tensor and the offset of its data
+    assert_eq!(e.location().tensor.as_deref(), Some("w"));
+    assert!(e.location().offset.is_some());
+    // and the right hash passes
+    let ok = blake3::hash(&[1, 2]).to_hex();
+    let r = st_with_hashes(&format!(r#"{{"w":"{ok}"}}"#)).unwrap();
+    assert_eq!((r.tensors, r.bytes, r.unchecked), (1, 2, 0));
+}
+
+#[test]
+fn c41_safetensors_hash_names_a_missing_tensor() {
+    let h = blake3::hash(&[1, 2]).to_hex();
+    let e = st_with_hashes(&format!(r#"{{"w":"{h}","ghost":"{h}"}}"#)).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::Json(_)), "{e}");
+    assert!(e.to_string().contains("`ghost`"), "{e}");
+}
+
+#[test]
+fn c42_safetensors_hash_not_hex_or_not_an_object() {
+    for bad in [
+        r#"{"w":"xyz"}"#.to_string(),
+        format!(r#"{{"w":"{}"}}"#, "G".repeat(64)),
+        format!(r#"{{"w":"{}"}}"#, "a".repeat(66)),
+        r#"["w"]"#.to_string(),
+        r#"{"w":5}"#.to_string(),
+    ] {
+        let e = st_with_hashes(&bad).unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::Json(_)), "{bad}: {e}");
+    }
+}

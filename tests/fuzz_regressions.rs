@@ -232,7 +232,7 @@ mod gen {
             .iter()
             .map(|(k, d, s, _)| (k.clone(), *d, s.clone()))
             .collect();
-        let w = SafetensorsWriter::create(&path, &plan, md, true).unwrap();
+        let w = SafetensorsWriter::create(&path, &plan, md, true, false).unwrap();
         for (k, _, _, data) in specs {
             w.write_tensor(k, data).unwrap();
         }

@@ -192,6 +192,13 @@ fn bound(target: &str, amax: f32, range: f32, x: f32, d: Dtype) -> f32 {
         Dtype::F16 => 1.0 / 1024.0,
         _ => 1.0 / (1 << 23) as f32,
     };
+    // bitsandbytes quantizes f16(w) whatever the model dtype (spec §3.2):
+    // an f32 model gets f16's rounding too
+    let eps = if target == "int8:bnb" {
+        eps.max(1.0 / 1024.0)
+    } else {
+        eps
+    };
     let step = match target {
         "quanto:qint8" | "int8" | "int8:bnb" => amax / 127.0,
         "int8:ct" | "int8:ct:group=32" => amax / 127.5,
@@ -415,4 +422,176 @@ fn real_compressed_tensors_and_bitsandbytes_files_are_read_exactly() {
         }
     }
     assert!(checked >= 30, "only {checked} weights checked");
+}
+
+/// The preset that writes what a fixture case's library wrote, from the
+/// recipe in its `case.json` (and its directory name, which must agree).
+fn preset_of_case(dir: &Path) -> &'static str {
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let (lib, form, strategy) = (
+        case["library"].as_str().unwrap(),
+        case["form"].as_str().unwrap(),
+        case["strategy"].as_str().unwrap(),
+    );
+    let t = match (lib, form, strategy, case["group_size"].as_u64()) {
+        ("compressed-tensors", "pack-quantized", "channel", None) => "int8:ct",
+        ("compressed-tensors", "pack-quantized", "group", Some(32)) => "int8:ct:group=32",
+        ("compressed-tensors", "int-quantized", "channel", None) => "int8:ct:int-quantized",
+        ("bitsandbytes", _, "row", None) => "int8:bnb",
+        other => panic!("{name}: unexpected recipe {other:?}"),
+    };
+    let by_name = match name.rsplit('-').next() {
+        Some("channel") if name.contains("-pack-") => "int8:ct",
+        Some("group32") => "int8:ct:group=32",
+        Some("channel") if name.contains("-int-") => "int8:ct:int-quantized",
+        Some("llm_int8") => "int8:bnb",
+        _ => "?",
+    };
+    assert_eq!(t, by_name, "{name}: case.json and directory name disagree");
+    t
+}
+
+/// Quantizes a case's `float.safetensors` to `target` (the library's
+/// skipped Linear stays float) and lists, tensor by tensor, where our
+/// file differs from the library's `model.safetensors`: key set, dtype,
+/// shape, bytes.
+fn diff_against_library(dir: &Path, target: &str, out: &Path) -> (Vec<String>, usize) {
+    let mut o = opts(target, false);
+    o.select.exclude = vec!["lin_skip".into()];
+    convert(&dir.join("float.safetensors"), out, &o).unwrap();
+    let gold = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
+    let ours = SafetensorsFile::open(out).unwrap();
+    let keys = |f: &SafetensorsFile| {
+        f.tensors()
+            .iter()
+            .map(|t| t.key.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let mut diffs = Vec::new();
+    for k in keys(&gold).symmetric_difference(&keys(&ours)) {
+        diffs.push(format!("key `{k}` is in only one file"));
+    }
+    let mut compared = 0;
+    for g in gold.tensors() {
+        let Some(u) = ours.tensors().iter().find(|t| t.key == g.key) else {
+            continue;
+        };
+        if (g.dtype, &g.shape) != (u.dtype, &u.shape) {
+            diffs.push(format!(
+                "`{}`: library {} {:?}, ours {} {:?}",
+                g.key, g.dtype, g.shape, u.dtype, u.shape
+            ));
+            continue;
+        }
+        let (gb, ub) = (gold.read(&g.key).unwrap(), ours.read(&g.key).unwrap());
+        if gb[..] != ub[..] {
+            let n = gb.iter().zip(ub.iter()).filter(|(a, b)| a != b).count();
+            diffs.push(format!("`{}`: {n} of {} bytes differ", g.key, gb.len()));
+        }
+        compared += 1;
+    }
+    (diffs, compared)
+}
+
+/// The presets quantize float weights exactly as the libraries do: for every
+/// fixture case, `float.safetensors` quantized with the matching preset is
+/// byte-identical to the checkpoint compressed-tensors 0.20.0 or
+/// bitsandbytes 0.50.2 wrote itself (same keys, dtypes, shapes and bytes:
+/// integers, scales, `weight_shape`, `weight_format`, biases, the LayerNorm
+/// and the skipped Linear). The cases hold an all-zero row (CT scale
+/// `finfo(T).eps`, bnb SCB 0), an all-zero group, out_features 1, a Linear
+/// without bias and in_features 201 (packing padding).
+///
+/// The CT int-quantized (W8A8) files hold no activation tensors: the
+/// preset's input activations are dynamic per-token, so the library
+/// registers no `input_scale`/`input_zero_point`, and a symmetric scheme
+/// stores no `weight_zero_point`; the key-set comparison checks that we
+/// write none either.
+#[test]
+fn quantizing_float_weights_matches_the_library_files_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut compared = 0;
+    let mut failures = Vec::new();
+    for dir in int8_cases() {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let out_dir = tmp.path().join(&name);
+        std::fs::create_dir(&out_dir).unwrap();
+        let target = preset_of_case(&dir);
+        let (diffs, n) = diff_against_library(&dir, target, &out_dir.join("model.safetensors"));
+        compared += n;
+        failures.extend(diffs.into_iter().map(|d| format!("{name} ({target}): {d}")));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // 12 cases, at least the 6 quantized modules' tensors in each
+    assert!(compared >= 12 * 6 * 2, "only {compared} tensors compared");
+}
+
+/// The fixtures tell every part of the presets' arithmetic apart: with any
+/// one `math` field put back to ckptkit's default, some case is no longer
+/// byte-identical (so the test above would fail if the quantizer were
+/// wrong). The descriptor is handed over as a user descriptor file.
+#[test]
+fn each_library_arithmetic_rule_is_needed_for_the_fixtures() {
+    use ckptkit::layout::int8::{preset, Arithmetic, ScaleOp, ZeroScale};
+    let tmp = tempfile::tempdir().unwrap();
+    type Edit = fn(&mut ckptkit::layout::int8::Int8Descriptor);
+    let ablations: [(&str, &str, &str, Edit); 5] = [
+        // (what, preset, case, change)
+        (
+            "f32 instead of bf16 arithmetic",
+            "int8:ct",
+            "ct-bf16-pack-channel",
+            |d| d.math.arithmetic = Arithmetic::F32,
+        ),
+        (
+            "f32 instead of f16 arithmetic",
+            "int8:ct:group=32",
+            "ct-f16-pack-group32",
+            |d| d.math.arithmetic = Arithmetic::F32,
+        ),
+        (
+            "zero scale 0 instead of eps",
+            "int8:ct:int-quantized",
+            "ct-f32-int-channel",
+            |d| d.math.zero_scale = ZeroScale::Zero,
+        ),
+        ("no f16 cast", "int8:bnb", "bnb-f32-llm_int8", |d| {
+            d.math.cast = None
+        }),
+        (
+            "w / (SCB/127) instead of w · RN(RN(1/SCB)·127)",
+            "int8:bnb",
+            "bnb-bf16-llm_int8",
+            |d| d.math.scale_op = ScaleOp::Divide,
+        ),
+    ];
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/int8");
+    for (k, (what, p, case, edit)) in ablations.iter().enumerate() {
+        let dir = fixtures.join(case);
+        assert_eq!(preset_of_case(&dir), *p);
+        let mut d = preset(p).unwrap();
+        edit(&mut d);
+        assert_ne!(d, preset(p).unwrap(), "{what}: no change");
+        d.name = format!("int8:ablation{k}");
+        let dp = tmp.path().join(format!("ablation{k}.json"));
+        std::fs::write(&dp, d.to_json()).unwrap();
+        let out_dir = tmp.path().join(format!("out{k}"));
+        std::fs::create_dir(&out_dir).unwrap();
+        let (diffs, _) = diff_against_library(
+            &dir,
+            &format!("int8:{}", dp.display()),
+            &out_dir.join("model.safetensors"),
+        );
+        assert!(
+            !diffs.is_empty(),
+            "{case} with {what} is still byte-identical"
+        );
+        // only payload/scale bytes differ: same keys, dtypes and shapes
+        assert!(
+            diffs.iter().all(|d| d.contains("bytes differ")),
+            "{case} with {what}: {diffs:?}"
+        );
+    }
 }

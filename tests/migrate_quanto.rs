@@ -159,3 +159,152 @@ fn quanto_through_container_and_back_is_byte_identical() {
         assert!(back_dir.join("quanto_qmap.json").is_file());
     }
 }
+
+/// Writes `keys` of `src` into `dir/name` (a plain copy of their bytes).
+fn write_subset(src: &SafetensorsFile, keys: &[&String], dir: &Path, name: &str) {
+    let plan: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let t = src.get(k).unwrap();
+            ((*k).clone(), t.dtype, t.shape.clone())
+        })
+        .collect();
+    let md = [("format".to_string(), "pt".to_string())].into();
+    let w = ckptkit::SafetensorsWriter::create(&dir.join(name), &plan, &md, false, false).unwrap();
+    for k in keys {
+        w.write_tensor(k, &src.read(k).unwrap()).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// A quanto checkpoint split so that every layer's `weight._data` sits in
+/// one shard and its `weight._scale` in the other, under a non-standard
+/// stem (`consolidated-0000k-of-00002`): dequantizing the directory gives
+/// exactly what dequantizing the single file gives; output files follow the
+/// input's naming; a shard missing from the set is refused before anything
+/// is written.
+#[test]
+fn layers_split_across_shards_and_the_input_naming_convention() {
+    let case = cases()
+        .into_iter()
+        .find(|d| d.ends_with("bf16-qint4"))
+        .unwrap();
+    let single = SafetensorsFile::open(&case.join("quantized.safetensors")).unwrap();
+    let all: Vec<&String> = single.tensors().iter().map(|t| &t.key).collect();
+    let (scales, rest): (Vec<&String>, Vec<&String>) =
+        all.iter().partition(|k| k.ends_with("._scale"));
+    assert!(scales.len() >= 3 && rest.iter().any(|k| k.ends_with("._data")));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sharded");
+    std::fs::create_dir(&dir).unwrap();
+    let (a, b) = (
+        "consolidated-00001-of-00002.safetensors",
+        "consolidated-00002-of-00002.safetensors",
+    );
+    write_subset(&single, &rest, &dir, a);
+    write_subset(&single, &scales, &dir, b);
+    let mut weight_map = serde_json::Map::new();
+    for k in &rest {
+        weight_map.insert((*k).clone(), a.into());
+    }
+    for k in &scales {
+        weight_map.insert((*k).clone(), b.into());
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.join("consolidated.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    std::fs::copy(case.join("quanto_qmap.json"), dir.join("quanto_qmap.json")).unwrap();
+    let plain = ConvertOptions {
+        target: Target::Plain(None),
+        shapes_from: Some(case.join("float.safetensors")),
+        ..Default::default()
+    };
+    // reference: the single file
+    let want = tmp.path().join("want.safetensors");
+    convert(
+        &case.join("quantized.safetensors"),
+        &want,
+        &ConvertOptions {
+            qmap: Some(case.join("quanto_qmap.json")),
+            ..plain.clone()
+        },
+    )
+    .unwrap();
+    let want = SafetensorsFile::open(&want).unwrap();
+    // the directory, re-sharded small: the input's stem is kept
+    let out = tmp.path().join("out");
+    convert(
+        &dir,
+        &out,
+        &ConvertOptions {
+            max_shard_size: 3000,
+            ..plain.clone()
+        },
+    )
+    .unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        names.contains(&"consolidated.safetensors.index.json".to_string())
+            && names
+                .iter()
+                .filter(|n| n.starts_with("consolidated-0000") && n.ends_with(".safetensors"))
+                .count()
+                > 1
+            && !names.contains(&"quanto_qmap.json".to_string()),
+        "{names:?}"
+    );
+    let got = ckptkit::open_source(&out).unwrap();
+    let gk: BTreeSet<String> = got.tensors().iter().map(|t| t.key.clone()).collect();
+    assert_eq!(gk, keys(&want));
+    for t in want.tensors() {
+        assert_eq!(
+            &got.read(&t.key).unwrap()[..],
+            &want.read(&t.key).unwrap()[..],
+            "{}",
+            t.key
+        );
+    }
+    // a lone single file becomes a directory named as transformers expects
+    let flux = tmp.path().join("flux1-dev.safetensors");
+    std::fs::copy(case.join("float.safetensors"), &flux).unwrap();
+    let fout = tmp.path().join("flux-out");
+    convert(&flux, &fout, &ConvertOptions::default()).unwrap();
+    assert!(fout.join("model.safetensors").is_file());
+
+    // the scale shard missing (and dropped from the index): the layers lose
+    // their partners; refused before any output exists
+    std::fs::remove_file(dir.join(b)).unwrap();
+    let mut wm = index["weight_map"].as_object().unwrap().clone();
+    wm.retain(|_, v| v != b);
+    std::fs::write(
+        dir.join("consolidated.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": wm}).to_string(),
+    )
+    .unwrap();
+    let bad = tmp.path().join("bad");
+    let e = convert(&dir, &bad, &plain).unwrap_err();
+    assert!(
+        e.to_string().contains("without `weight._scale`") && e.location().layer.is_some(),
+        "{e}"
+    );
+    assert!(!bad.exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter(|e| e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("ckptkit-tmp"))
+            .count(),
+        0
+    );
+}

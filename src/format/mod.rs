@@ -5,6 +5,7 @@
 pub mod filter;
 pub mod header;
 pub mod manifest;
+pub mod st_hashes;
 pub mod st_header;
 pub mod validate;
 

@@ -227,20 +227,190 @@ impl Drop for AtomicDir {
     }
 }
 
+/// The suffix of a commit journal: `.NAME.ckptkit-commit` beside the
+/// first file of a [`commit_together`].
+pub const JOURNAL_SUFFIX: &str = ".ckptkit-commit";
+
+/// Largest journal [`complete_pending_commits`] reads.
+const MAX_JOURNAL_LEN: u64 = 1 << 20;
+
+/// The journal path of a group whose first file is `dest`.
+pub fn journal_path(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    dest.with_file_name(format!(".{name}{JOURNAL_SUFFIX}"))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Journal {
+    version: u32,
+    /// `[temporary name, destination name]`, both in the journal's directory.
+    renames: Vec<(String, String)>,
+}
+
+/// Commits several files of one directory as one unit (a weights file and
+/// its `quanto_qmap.json`): every temporary is flushed, then a journal
+/// listing the renames is made durable, then the renames happen, then the
+/// journal is removed. A crash before the journal leaves the old state
+/// (plus temporaries); a crash after it leaves a journal that
+/// [`complete_pending_commits`] rolls forward, so the new files appear
+/// together or not at all. Readers refuse a file whose journal is pending
+/// ([`pending_commit`]).
+pub fn commit_together(mut files: Vec<AtomicFile>) -> Result<()> {
+    if files.len() <= 1 {
+        return match files.pop() {
+            Some(f) => f.commit(),
+            None => Ok(()),
+        };
+    }
+    let dir = parent_dir(&files[0].dest);
+    let mut renames = Vec::with_capacity(files.len());
+    for f in &mut files {
+        if parent_dir(&f.dest) != dir {
+            return Err(Error::usage("commit_together needs files of one directory"));
+        }
+        let file = f
+            .file
+            .as_ref()
+            .ok_or_else(|| Error::usage("atomic file already committed"))?;
+        file.sync_all()
+            .map_err(|e| Error::from(e).with_file(&f.tmp))?;
+        if !f.overwrite && fs::symlink_metadata(&f.dest).is_ok() {
+            return Err(Error::new(ErrorKind::OutputExists(f.dest.clone())));
+        }
+        if fs::symlink_metadata(&f.dest).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::new(ErrorKind::OutputExists(f.dest.clone())));
+        }
+        let name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| Error::usage("output path has no file name"))
+        };
+        renames.push((name(&f.tmp)?, name(&f.dest)?));
+    }
+    let journal = journal_path(&files[0].dest);
+    let body = serde_json::to_vec(&Journal {
+        version: 1,
+        renames,
+    })
+    .map_err(|e| Error::usage(e.to_string()))?;
+    let j = AtomicFile::create(&journal, true)?;
+    {
+        use std::io::Write;
+        let mut jf = j.file()?;
+        jf.write_all(&body)
+            .map_err(|e| Error::from(e).with_file(j.temp()))?;
+    }
+    j.commit()?;
+    // from here on the journal owns the temporaries
+    for f in &mut files {
+        f.file = None;
+    }
+    complete_pending_commits(&dir).map(|_| ())
+}
+
+/// The pending commit journal that names `path` as a destination, if any.
+pub fn pending_commit(path: &Path) -> Result<Option<PathBuf>> {
+    let dir = parent_dir(path);
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(None);
+    };
+    for (jp, j) in journals(&dir)? {
+        if j.renames.iter().any(|(_, d)| *d == name) {
+            return Ok(Some(jp));
+        }
+    }
+    Ok(None)
+}
+
+fn journals(dir: &Path) -> Result<Vec<(PathBuf, Journal)>> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Ok(out);
+    };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if !(n.starts_with('.') && n.ends_with(JOURNAL_SUFFIX)) || n.contains(TEMP_MARKER) {
+            continue;
+        }
+        let p = e.path();
+        let bad = |msg: String| {
+            Error::new(ErrorKind::Malformed(format!("commit journal: {msg}"))).with_file(&p)
+        };
+        let len = e
+            .metadata()
+            .map_err(|er| Error::from(er).with_file(&p))?
+            .len();
+        if len > MAX_JOURNAL_LEN {
+            return Err(Error::new(ErrorKind::LimitExceeded {
+                what: "commit journal length",
+                value: len,
+                limit: MAX_JOURNAL_LEN,
+            })
+            .with_file(&p));
+        }
+        let bytes = fs::read(&p).map_err(|er| Error::from(er).with_file(&p))?;
+        let j: Journal = serde_json::from_slice(&bytes).map_err(|er| bad(er.to_string()))?;
+        if j.version != 1 {
+            return Err(bad(format!("unknown version {}", j.version)));
+        }
+        for (t, d) in &j.renames {
+            let plain = |s: &str| {
+                !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
+            };
+            if !plain(t) || !plain(d) || !t.contains(TEMP_MARKER) || d.contains(TEMP_MARKER) {
+                return Err(bad(format!("invalid rename {t:?} -> {d:?}")));
+            }
+        }
+        out.push((p, j));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Rolls forward every commit of `dir` that was interrupted after its
+/// journal became durable: each temporary still present is renamed over
+/// its destination, then the journal is removed. Returns the destinations
+/// completed. Journals are validated (size cap, version, plain file names
+/// that are ckptkit temporaries) before anything is renamed.
+pub fn complete_pending_commits(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut done = Vec::new();
+    for (jp, j) in journals(dir)? {
+        for (t, d) in &j.renames {
+            let (tp, dp) = (dir.join(t), dir.join(d));
+            if fs::symlink_metadata(&tp).is_ok() {
+                fs::rename(&tp, &dp).map_err(|e| Error::from(e).with_file(&dp))?;
+            }
+            done.push(dp);
+        }
+        sync_dir(dir)?;
+        fs::remove_file(&jp).map_err(|e| Error::from(e).with_file(&jp))?;
+        sync_dir(dir)?;
+    }
+    Ok(done)
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
-/// Removes temporaries left beside `dest` by a crashed run (a process that
-/// no longer exists). Returns how many were removed.
-pub fn clean_stale_temps(dest: &Path) -> usize {
+/// Prepares `dest`'s directory for a new write: first completes the
+/// interrupted commits recorded there ([`complete_pending_commits`]), then
+/// removes temporaries left beside `dest` by a crashed run (a process that
+/// no longer exists). Returns how many temporaries were removed.
+pub fn clean_stale_temps(dest: &Path) -> Result<usize> {
     let dir = parent_dir(dest);
+    complete_pending_commits(&dir)?;
     let Some(name) = dest.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-        return 0;
+        return Ok(0);
     };
     let prefix = format!(".{name}{TEMP_MARKER}");
     let mut removed = 0;
-    let Ok(rd) = fs::read_dir(&dir) else { return 0 };
+    let Ok(rd) = fs::read_dir(&dir) else {
+        return Ok(0);
+    };
     for e in rd.flatten() {
         let fname = e.file_name().to_string_lossy().into_owned();
         let Some(rest) = fname.strip_prefix(&prefix) else {
@@ -259,7 +429,7 @@ pub fn clean_stale_temps(dest: &Path) -> usize {
             }
         }
     }
-    removed
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -293,8 +463,119 @@ mod tests {
             .path()
             .join(format!(".m.ckpk{TEMP_MARKER}{}.0", std::process::id()));
         fs::write(&live, b"x").unwrap();
-        assert_eq!(clean_stale_temps(&dest), 1);
+        assert_eq!(clean_stale_temps(&dest).unwrap(), 1);
         assert!(!stale.exists());
         assert!(live.exists());
+    }
+
+    fn atomic_with(dest: &Path, body: &[u8]) -> AtomicFile {
+        let f = AtomicFile::create(dest, true).unwrap();
+        f.file().unwrap().write_all(body).unwrap();
+        f
+    }
+
+    #[test]
+    fn commit_together_leaves_both_files_and_no_journal() {
+        let d = tempfile::tempdir().unwrap();
+        let w = d.path().join("model.safetensors");
+        let q = d.path().join("quanto_qmap.json");
+        fs::write(&q, b"old map").unwrap();
+        commit_together(vec![
+            atomic_with(&w, b"weights"),
+            atomic_with(&q, b"new map"),
+        ])
+        .unwrap();
+        assert_eq!(fs::read(&w).unwrap(), b"weights");
+        assert_eq!(fs::read(&q).unwrap(), b"new map");
+        let mut names: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["model.safetensors", "quanto_qmap.json"]);
+        assert!(pending_commit(&w).unwrap().is_none());
+    }
+
+    #[test]
+    fn commit_together_refuses_existing_output_before_any_rename() {
+        let d = tempfile::tempdir().unwrap();
+        let w = d.path().join("model.safetensors");
+        let q = d.path().join("quanto_qmap.json");
+        fs::write(&w, b"old").unwrap();
+        let a = atomic_with(&q, b"map");
+        let mut b = atomic_with(&d.path().join("tmpdest"), b"w");
+        b.dest = w.clone();
+        b.overwrite = false;
+        assert!(matches!(
+            commit_together(vec![b, a]).unwrap_err().kind(),
+            ErrorKind::OutputExists(_)
+        ));
+        assert_eq!(fs::read(&w).unwrap(), b"old");
+        assert!(!q.exists(), "nothing renamed");
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "temporaries removed"
+        );
+    }
+
+    /// The states a crash can leave after the journal became durable: no
+    /// rename done, or some done. Rolling forward gives the new pair.
+    #[test]
+    fn interrupted_commit_is_rolled_forward_from_any_point() {
+        for done in 0..=2 {
+            let d = tempfile::tempdir().unwrap();
+            let w = d.path().join("model.safetensors");
+            let q = d.path().join("quanto_qmap.json");
+            fs::write(&w, b"old weights").unwrap();
+            fs::write(&q, b"old map").unwrap();
+            let tw = temp_path_for(&w);
+            let tq = temp_path_for(&q);
+            fs::write(&tw, b"new weights").unwrap();
+            fs::write(&tq, b"new map").unwrap();
+            let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+            let j = Journal {
+                version: 1,
+                renames: vec![(name(&tw), name(&w)), (name(&tq), name(&q))],
+            };
+            fs::write(journal_path(&w), serde_json::to_vec(&j).unwrap()).unwrap();
+            if done >= 1 {
+                fs::rename(&tw, &w).unwrap();
+            }
+            if done >= 2 {
+                fs::rename(&tq, &q).unwrap();
+            }
+            assert!(pending_commit(&w).unwrap().is_some());
+            assert!(pending_commit(&q).unwrap().is_some());
+            // stale-temp cleaning completes the commit first, never deletes it
+            clean_stale_temps(&w).unwrap();
+            assert_eq!(fs::read(&w).unwrap(), b"new weights", "done={done}");
+            assert_eq!(fs::read(&q).unwrap(), b"new map", "done={done}");
+            assert!(pending_commit(&w).unwrap().is_none());
+            assert_eq!(fs::read_dir(d.path()).unwrap().count(), 2);
+        }
+    }
+
+    #[test]
+    fn hostile_journals_are_refused_before_any_rename() {
+        let d = tempfile::tempdir().unwrap();
+        let w = d.path().join("m.safetensors");
+        let bad = [
+            r#"{"version":1,"renames":[["../x.ckptkit-tmp.1.0","m.safetensors"]]}"#.to_string(),
+            r#"{"version":1,"renames":[["plain-name","m.safetensors"]]}"#.to_string(),
+            r#"{"version":1,"renames":[[".m.ckptkit-tmp.1.0","/etc/passwd"]]}"#.to_string(),
+            r#"{"version":2,"renames":[]}"#.to_string(),
+            "not json".to_string(),
+        ];
+        for b in bad {
+            fs::write(journal_path(&w), &b).unwrap();
+            let e = complete_pending_commits(d.path()).unwrap_err();
+            assert!(matches!(e.kind(), ErrorKind::Malformed(_)), "{b}: {e}");
+            assert!(e.to_string().contains("commit journal"), "{e}");
+        }
+        let f = File::create(journal_path(&w)).unwrap();
+        f.set_len(MAX_JOURNAL_LEN + 1).unwrap();
+        let e = complete_pending_commits(d.path()).unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::LimitExceeded { .. }), "{e}");
     }
 }

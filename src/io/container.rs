@@ -42,6 +42,9 @@ pub struct VerifyReport {
     pub tensors: u64,
     /// Raw bytes hashed.
     pub bytes: u64,
+    /// Tensors with no recorded hash (a safetensors file not written by
+    /// ckptkit): only their structure was checked. Always 0 for containers.
+    pub unchecked: u64,
 }
 
 impl Container {
@@ -341,6 +344,7 @@ impl Container {
         Ok(VerifyReport {
             tensors: jobs.len() as u64,
             bytes,
+            unchecked: 0,
         })
     }
 

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::st_hashes;
 use crate::format::st_header::{self, StHeader};
 use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::{map_window, read_at, TensorBytes};
@@ -23,6 +24,9 @@ impl SafetensorsFile {
     /// Opens and validates the header (every rule of
     /// [`st_header::parse`], with the file's length).
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        if let Some(journal) = crate::io::atomic::pending_commit(path)? {
+            return Err(Error::new(ErrorKind::PendingCommit { journal }).with_file(path));
+        }
         let file = File::open(path).map_err(|e| Error::from(e).with_file(path))?;
         let len = file
             .metadata()
@@ -80,6 +84,50 @@ impl SafetensorsFile {
             self.header.header_len + t.start,
             t.len(),
         )
+    }
+
+    /// Checks the tensors against the blake3 hashes ckptkit records in
+    /// `__metadata__` ([`st_hashes::HASHES_KEY`]), in parallel. The header
+    /// was validated by [`open`](Self::open); a file without recorded
+    /// hashes reports zero tensors checked. The first mismatch is an
+    /// [`ErrorKind::HashMismatch`] naming the file, the tensor and the
+    /// offset of its data.
+    pub fn verify(&self) -> Result<crate::VerifyReport> {
+        use rayon::prelude::*;
+        let Some(value) = self.header.metadata.get(st_hashes::HASHES_KEY) else {
+            return Ok(crate::VerifyReport {
+                tensors: 0,
+                bytes: 0,
+                unchecked: self.tensors.len() as u64,
+            });
+        };
+        let recorded = st_hashes::parse(value, self.header.tensors.iter().map(|t| t.key.as_str()))
+            .map_err(|e| e.with_file(&self.path))?;
+        let list: Vec<(&String, &[u8; 32])> = recorded.iter().collect();
+        let bytes = list.par_iter().try_fold(
+            || 0u64,
+            |acc, (key, want)| -> Result<u64> {
+                let t = self.find(key)?;
+                let got = self.hash_tensor(key)?;
+                if got.as_bytes() != *want {
+                    return Err(Error::new(ErrorKind::HashMismatch {
+                        what: format!("tensor `{key}`"),
+                        expected: st_hashes::to_hex(want),
+                        actual: got.to_hex().to_string(),
+                    })
+                    .with_file(&self.path)
+                    .with_tensor(key.as_str())
+                    .with_offset(self.header.header_len + t.start));
+                }
+                Ok(acc + t.len())
+            },
+        );
+        let bytes = bytes.try_reduce(|| 0, |a, b| Ok(a + b))?;
+        Ok(crate::VerifyReport {
+            tensors: list.len() as u64,
+            bytes,
+            unchecked: (self.tensors.len() - list.len()) as u64,
+        })
     }
 
     fn find(&self, key: &str) -> Result<&st_header::HeaderTensor> {

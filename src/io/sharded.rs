@@ -231,22 +231,29 @@ impl TensorSource for ShardedDir {
     }
 }
 
+/// The naming stem of a weight file: `model-00001-of-00003.safetensors` →
+/// `model`, `flux1-dev.safetensors` → `flux1-dev`; `None` for a name that
+/// is not `*.safetensors` or whose stem is empty.
+pub fn weight_file_stem(n: &str) -> Option<&str> {
+    let stem = n.strip_suffix(".safetensors")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let base = match stem.rsplit_once("-of-") {
+        Some((head, tail)) if digits(tail) => match head.rsplit_once('-') {
+            Some((b, k)) if digits(k) => b,
+            _ => stem,
+        },
+        _ => stem,
+    };
+    (!base.is_empty()).then_some(base)
+}
+
 /// True for the weight-file names transformers and diffusers write:
 /// `model.safetensors`, `diffusion_pytorch_model-00001-of-00003.safetensors`.
 pub fn is_weight_file_name(n: &str) -> bool {
-    let Some(stem) = n.strip_suffix(".safetensors") else {
-        return false;
-    };
-    let base = match stem.rsplit_once("-of-") {
-        Some((head, tail)) if !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) => {
-            match head.rsplit_once('-') {
-                Some((b, k)) if !k.is_empty() && k.bytes().all(|x| x.is_ascii_digit()) => b,
-                _ => return false,
-            }
-        }
-        _ => stem,
-    };
-    base == "model" || base == "diffusion_pytorch_model"
+    matches!(
+        weight_file_stem(n),
+        Some("model") | Some("diffusion_pytorch_model")
+    )
 }
 
 /// Splits tensors (in the given order) into shards of at most `max_bytes`

@@ -21,6 +21,7 @@ use crate::format::header::FixedHeader;
 use crate::format::manifest::{
     Codec, Compression, Extension, Hash, Layer, Manifest, Provenance, Shard, StoredTensor, Version,
 };
+use crate::format::st_hashes;
 use crate::format::st_header::{self, StHeader};
 use crate::format::{
     align_up, encode_manifest, validate, DEFAULT_CHUNK_SIZE, HEADER_LEN, MANIFEST_ALIGN,
@@ -159,26 +160,55 @@ impl InPlace {
     }
 }
 
+/// One planned tensor: key, dtype, shape.
+type TensorPlan = (String, Dtype, Vec<u64>);
+
 /// Writes one safetensors file atomically.
+///
+/// Unless created with `hashes: false`, the file records the blake3 of every
+/// tensor in `__metadata__` under [`st_hashes::HASHES_KEY`]: the header is
+/// written with a same-length placeholder, tensors are hashed as they are
+/// written, and [`finish`](Self::finish) rewrites the header in place before
+/// the commit.
 #[derive(Debug)]
 pub struct SafetensorsWriter {
     out: AtomicFile,
     shard: InPlace,
+    /// The tensors and metadata the plan was built from (to rebuild the
+    /// header with the hashes), when hashing.
+    rebuild: Option<(Vec<TensorPlan>, BTreeMap<String, String>)>,
 }
 
 impl SafetensorsWriter {
-    /// Creates the temporary output and writes the header.
+    /// Creates the temporary output and writes the header. Any
+    /// [`st_hashes::HASHES_KEY`] entry in `metadata` is replaced (when
+    /// `hashes`) or dropped (otherwise): hashes of another file never carry
+    /// over.
     pub fn create(
         path: &Path,
         tensors: &[(String, Dtype, Vec<u64>)],
         metadata: &BTreeMap<String, String>,
         overwrite: bool,
+        hashes: bool,
     ) -> Result<Self> {
-        let plan = ShardPlan::new(tensors, metadata).map_err(|e| e.with_file(path))?;
+        let mut md = metadata.clone();
+        md.remove(st_hashes::HASHES_KEY);
+        if hashes {
+            md.insert(
+                st_hashes::HASHES_KEY.into(),
+                st_hashes::render(tensors.iter().map(|(k, _, _)| (k.as_str(), None))),
+            );
+        }
+        let plan = ShardPlan::new(tensors, &md).map_err(|e| e.with_file(path))?;
         let out = AtomicFile::create(path, overwrite)?;
         let shard =
-            InPlace::new(out.file()?, 0, plan, false).map_err(|e| e.with_file(out.temp()))?;
-        Ok(SafetensorsWriter { out, shard })
+            InPlace::new(out.file()?, 0, plan, hashes).map_err(|e| e.with_file(out.temp()))?;
+        let rebuild = hashes.then(|| (tensors.to_vec(), md));
+        Ok(SafetensorsWriter {
+            out,
+            shard,
+            rebuild,
+        })
     }
 
     /// The plan (tensors in data order).
@@ -195,10 +225,41 @@ impl SafetensorsWriter {
             .map_err(|e| e.with_file(self.out.dest()).with_tensor(key))
     }
 
-    /// Checks that every tensor was written, then commits.
+    /// Checks that every tensor was written, records the hashes, then
+    /// commits.
     pub fn finish(self) -> Result<()> {
-        self.shard.finish()?;
-        self.out.commit()
+        self.finish_pending()?.commit()
+    }
+
+    /// Like [`finish`](Self::finish), but returns the complete temporary
+    /// file uncommitted, to be committed together with its companions
+    /// ([`crate::io::atomic::commit_together`]).
+    pub fn finish_pending(self) -> Result<AtomicFile> {
+        let (plan, hashes) = self.shard.finish()?;
+        if let Some((tensors, mut md)) = self.rebuild {
+            let by_key: BTreeMap<&str, &Hash> = plan
+                .header
+                .tensors
+                .iter()
+                .map(|t| t.key.as_str())
+                .zip(hashes.iter())
+                .collect();
+            md.insert(
+                st_hashes::HASHES_KEY.into(),
+                st_hashes::render(by_key.into_iter().map(|(k, h)| (k, Some(h)))),
+            );
+            let done = ShardPlan::new(&tensors, &md)?;
+            if done.header_bytes.len() != plan.header_bytes.len() {
+                return Err(Error::usage(
+                    "internal: the hashed header changed length; nothing was committed",
+                ));
+            }
+            self.out
+                .file()?
+                .write_all_at(&done.header_bytes, 0)
+                .map_err(|e| Error::from(e).with_file(self.out.temp()))?;
+        }
+        Ok(self.out)
     }
 }
 
@@ -292,14 +353,21 @@ impl ContainerWriter {
     }
 
     /// Starts a shard named `name` (its file name when extracted) holding
-    /// these tensors.
+    /// these tensors. A [`st_hashes::HASHES_KEY`] entry in `metadata` is
+    /// dropped: the manifest holds the container's hashes.
     pub fn begin_shard(
         &mut self,
         name: &str,
         tensors: &[(String, Dtype, Vec<u64>)],
         metadata: &BTreeMap<String, String>,
     ) -> Result<()> {
-        let plan = ShardPlan::new(tensors, metadata)?;
+        let plan = if metadata.contains_key(st_hashes::HASHES_KEY) {
+            let mut md = metadata.clone();
+            md.remove(st_hashes::HASHES_KEY);
+            ShardPlan::new(tensors, &md)?
+        } else {
+            ShardPlan::new(tensors, metadata)?
+        };
         let file = self.out.file()?;
         let mut st = self
             .state
