@@ -405,6 +405,45 @@ pub fn safetensors_bytes(data: &[u8]) {
             );
         }
     }
+    // recorded hashes: verify either accounts for every tensor or names
+    // what is wrong, and a passing verify means the recorded digests are
+    // the bytes' digests
+    match f.verify() {
+        Ok(r) => {
+            if r.tensors + r.unchecked != h.tensors.len() as u64 {
+                fail!("verify counted {r:?} of {} tensors", h.tensors.len());
+            }
+            if let Some(v) = h.metadata.get(crate::format::st_hashes::HASHES_KEY) {
+                let m = match crate::format::st_hashes::parse(
+                    v,
+                    h.tensors.iter().map(|t| t.key.as_str()),
+                ) {
+                    Ok(m) => m,
+                    Err(e) => fail!("verify passed but the hash entry does not parse: {e}"),
+                };
+                for (k, want) in m {
+                    let Some(t) = h.get(&k) else {
+                        fail!("hash entry names `{k}`, not in the header")
+                    };
+                    let (s, e) = (
+                        (h.header_len + t.start) as usize,
+                        (h.header_len + t.end) as usize,
+                    );
+                    if blake3::hash(&data[s..e]).as_bytes() != &want {
+                        fail!("verify passed a wrong hash for `{k}`");
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            if !matches!(
+                e.kind(),
+                crate::ErrorKind::Json(_) | crate::ErrorKind::HashMismatch { .. }
+            ) {
+                fail!("verify failed with an unexpected error: {e}");
+            }
+        }
+    }
     // ckptkit is stricter than the safetensors crate, never more lenient.
     let theirs = match safetensors::SafeTensors::deserialize(data) {
         Ok(st) => st,

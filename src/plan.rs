@@ -863,16 +863,16 @@ fn to_quanto(l: &Layer, q: QType, activations: Option<String>) -> Result<LayerPl
     Ok(layer_plan(l, output, passes, lossless))
 }
 
-fn float_bytes_cast(from: Dtype, to: Dtype, b: Vec<u8>) -> Result<Vec<u8>> {
+fn float_bytes_cast(from: Dtype, to: Dtype, b: &[u8]) -> Result<Vec<u8>> {
     if from == to {
-        return Ok(b);
+        return Ok(b.to_vec());
     }
     let (Some(f), Some(t)) = (quanto::float_of(from), quanto::float_of(to)) else {
         return Err(Error::new(ErrorKind::UnsupportedDtype(format!(
             "cast {from} to {to}"
         ))));
     };
-    cast(f, t, &b).map_err(|e| Error::new(ErrorKind::Unsupported(e.to_string())))
+    cast(f, t, b).map_err(|e| Error::new(ErrorKind::Unsupported(e.to_string())))
 }
 
 fn one(dtype: Dtype) -> Vec<u8> {
@@ -933,7 +933,12 @@ fn dequantize_any(
 ) -> Result<Vec<u8>> {
     if quanto_of(l).is_some() {
         let b = quanto::dequantize_weight(src, l, w)?;
-        return float_bytes_cast(w.dtype, to, b);
+        if w.dtype == to {
+            return Ok(b);
+        }
+        let c = float_bytes_cast(w.dtype, to, &b);
+        crate::io::pool::give(b);
+        return c;
     }
     let d = int8_of(l)
         .ok_or_else(|| Error::layout("unknown quantized layout").with_layer(l.path.clone()))?;
@@ -1043,7 +1048,9 @@ fn float_input(
     to: Dtype,
 ) -> Result<TensorBytes> {
     if s.encoding == Encoding::Quantized {
-        return Ok(TensorBytes::Owned(dequantize_any(src, l, s, to)?));
+        return Ok(TensorBytes::Pooled(crate::io::pool::Pooled::new(
+            dequantize_any(src, l, s, to)?,
+        )));
     }
     let raw = src.read(&s.parts[0].key)?;
     if s.dtype == to {

@@ -419,6 +419,29 @@ fn write_seeds() {
     );
     out.put("seeds", "safetensors", "small.safetensors", &st1);
     out.put("seeds", "safetensors", "all_dtypes.safetensors", &st2);
+    // with the per-tensor hashes ckptkit's writer records (ckptkit.blake3)
+    let hashed_path = out.tmp("hashed.safetensors");
+    let plan: Vec<(String, Dtype, Vec<u64>)> = vec![
+        ("w".into(), Dtype::F32, vec![2]),
+        ("b".into(), Dtype::U8, vec![3]),
+    ];
+    let w = ckptkit::SafetensorsWriter::create(
+        &hashed_path,
+        &plan,
+        &md(&[("format", "pt")]),
+        true,
+        true,
+    )
+    .unwrap();
+    w.write_tensor("w", &[0, 0, 128, 63, 0, 0, 0, 64]).unwrap();
+    w.write_tensor("b", &[1, 2, 3]).unwrap();
+    w.finish().unwrap();
+    out.put(
+        "seeds",
+        "safetensors",
+        "hashed.safetensors",
+        &std::fs::read(&hashed_path).unwrap(),
+    );
     // the uncompressed shard of a container is a complete safetensors file
     let off = 64usize;
     let hl = u64::from_le_bytes(plain[off..off + 8].try_into().unwrap()) as usize + 8;

@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod container;
+pub mod pool;
 pub mod safetensors_file;
 pub mod sharded;
 pub mod source;
@@ -26,6 +27,9 @@ pub enum TensorBytes {
     Mapped(Mmap),
     /// Owned bytes.
     Owned(Vec<u8>),
+    /// Owned bytes whose allocation goes back to the buffer pool when
+    /// dropped ([`pool`]).
+    Pooled(pool::Pooled),
 }
 
 impl Deref for TensorBytes {
@@ -34,6 +38,7 @@ impl Deref for TensorBytes {
         match self {
             TensorBytes::Mapped(m) => m,
             TensorBytes::Owned(v) => v,
+            TensorBytes::Pooled(p) => p,
         }
     }
 }
@@ -44,6 +49,7 @@ impl TensorBytes {
         match self {
             TensorBytes::Mapped(m) => m.to_vec(),
             TensorBytes::Owned(v) => v,
+            TensorBytes::Pooled(p) => p.into_vec(),
         }
     }
 }

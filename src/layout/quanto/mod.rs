@@ -644,8 +644,17 @@ pub fn dequantize_weight(
             _ => None,
         },
     };
-    math::dequantize(q, t, &weight.shape, *group_size, &parts)
-        .map_err(|e| lerr(&layer.path, e.to_string()))
+    // the output buffer comes from the pool (see crate::io::pool)
+    let n = weight
+        .shape
+        .iter()
+        .try_fold(t.size() as u64, |a, &d| a.checked_mul(d))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| Error::overflow("dequantized size"))?;
+    let mut out = crate::io::pool::take(n);
+    math::dequantize_into(q, t, &weight.shape, *group_size, &parts, &mut out)
+        .map_err(|e| lerr(&layer.path, e.to_string()))?;
+    Ok(out)
 }
 
 /// Finds the `quanto_qmap.json` beside an input (a file's directory, or the
