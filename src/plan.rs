@@ -1111,17 +1111,25 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                     let f = quanto::float_of(t.dtype).ok_or_else(|| Error::layout("dtype"))?;
                     let qw = math::quantize(q, f, &t.shape, &float, *group_size)
                         .map_err(|e| Error::layout(e.to_string()).with_layer(l.path.clone()))?;
+                    // the input window is released before the outputs are written
+                    drop(float);
+                    // each part's bytes move to the writer (no copies)
+                    let (mut data, mut scale, mut shift) = (
+                        Some(qw.data.bytes),
+                        Some(qw.scale.bytes),
+                        qw.shift.map(|s| s.bytes),
+                    );
                     for p in &t.parts {
                         let b = match p.role {
-                            Role::Data => &qw.data.bytes,
-                            Role::Scale => &qw.scale.bytes,
-                            Role::Shift => match &qw.shift {
-                                Some(s) => &s.bytes,
-                                None => return Err(Error::layout("missing shift")),
-                            },
+                            Role::Data => data.take(),
+                            Role::Scale => scale.take(),
+                            Role::Shift => shift.take(),
                             _ => return Err(Error::layout("unexpected role")),
-                        };
-                        out.push((p.key.clone(), TensorBytes::Owned(b.clone())));
+                        }
+                        .ok_or_else(|| {
+                            Error::layout(format!("no quantized bytes for part `{}`", p.key))
+                        })?;
+                        out.push((p.key.clone(), TensorBytes::Owned(b)));
                     }
                 }
                 WeightQuant::Int8 { layout, descriptor } => {

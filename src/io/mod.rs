@@ -64,8 +64,14 @@ pub fn map_window(file: &File, path: &Path, offset: u64, len: u64) -> Result<Ten
     // SAFETY: the map is read-only. Like every mmap-based reader, we rely on
     // the file not being truncated or modified while mapped; ckptkit never
     // modifies inputs and writes outputs through new files and renames.
-    let m = unsafe { MmapOptions::new().offset(offset).len(l).map(file) }
-        .map_err(|e| Error::from(e).with_file(path).with_offset(offset))?;
+    let m = unsafe {
+        MmapOptions::new()
+            .offset(offset)
+            .len(l)
+            .populate()
+            .map(file)
+    }
+    .map_err(|e| Error::from(e).with_file(path).with_offset(offset))?;
     Ok(TensorBytes::Mapped(m))
 }
 

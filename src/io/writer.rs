@@ -41,6 +41,9 @@ fn count(n: usize) {
     BYTES_WRITTEN.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Slice size of the fused hash-and-write of one tensor (fits in L2).
+const HASH_WRITE_SLICE: usize = 256 << 10;
+
 /// Hashes bytes, in parallel for large inputs.
 pub fn blake3_of(bytes: &[u8]) -> Hash {
     let mut h = blake3::Hasher::new();
@@ -127,12 +130,23 @@ impl InPlace {
             )));
         }
         let off = self.base + self.plan.header.header_len + t.start;
-        let (h, w) = if self.hash {
-            rayon::join(|| blake3_of(bytes), || file.write_all_at(bytes, off))
+        let h = if self.hash {
+            // hash and write slice by slice, so each slice is read from
+            // memory once and copied to the file while still in cache
+            // (the tensor-level parallelism of the callers keeps both cores
+            // busy)
+            let mut hasher = blake3::Hasher::new();
+            let mut at = off;
+            for slice in bytes.chunks(HASH_WRITE_SLICE) {
+                hasher.update(slice);
+                file.write_all_at(slice, at)?;
+                at += slice.len() as u64;
+            }
+            *hasher.finalize().as_bytes()
         } else {
-            ([0; 32], file.write_all_at(bytes, off))
+            file.write_all_at(bytes, off)?;
+            [0; 32]
         };
-        w?;
         count(bytes.len());
         let mut g = self
             .hashes
