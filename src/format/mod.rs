@@ -49,7 +49,7 @@ pub const MIN_CHUNK_SIZE: u32 = 4096;
 /// per chunk.
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// Default chunk size for writers.
-pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 
 /// Rounds `x` up to a multiple of `a` (a power of two), with overflow
 /// checking.
