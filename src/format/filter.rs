@@ -53,20 +53,39 @@ pub fn split(dtype: Dtype, raw: &[u8], out: &mut [u8]) -> Result<()> {
 /// Inverse of [`split`].
 pub fn merge(dtype: Dtype, planes: &[u8], out: &mut [u8]) -> Result<()> {
     let n = check(dtype, out.len(), planes.len())?;
-    match dtype.size() {
-        2 => {
-            let (hi, lo) = planes.split_at(n);
-            for ((c, h), l) in out.chunks_exact_mut(2).zip(hi).zip(lo) {
+    let mut slices: Vec<&[u8]> = planes.chunks(n.max(1)).take(dtype.size()).collect();
+    slices.resize(dtype.size(), &[]);
+    merge_slices(dtype, &slices, out)
+}
+
+/// [`merge`] from separate plane slices (each `out.len() / size` bytes), so
+/// that planes stored raw are read in place, not copied first.
+fn merge_slices(dtype: Dtype, planes: &[&[u8]], out: &mut [u8]) -> Result<()> {
+    let n = check(dtype, out.len(), out.len())?;
+    if planes.len() != dtype.size() || planes.iter().any(|p| p.len() != n) {
+        return Err(Error::new(ErrorKind::Decompress(format!(
+            "{} planes of {:?} bytes for {} bytes of {dtype}",
+            planes.len(),
+            planes.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            out.len()
+        ))));
+    }
+    match planes {
+        [hi, lo] => {
+            for ((c, h), l) in out.chunks_exact_mut(2).zip(hi.iter()).zip(lo.iter()) {
                 let v = u16::from_le_bytes([*l, *h]).rotate_right(1);
                 c.copy_from_slice(&v.to_le_bytes());
             }
         }
-        4 => {
-            let (p0, rest) = planes.split_at(n);
-            let (p1, rest) = rest.split_at(n);
-            let (p2, p3) = rest.split_at(n);
-            for (i, c) in out.chunks_exact_mut(4).enumerate() {
-                let v = u32::from_le_bytes([p3[i], p2[i], p1[i], p0[i]]).rotate_right(1);
+        [p0, p1, p2, p3] => {
+            for ((((c, a), b), d), e) in out
+                .chunks_exact_mut(4)
+                .zip(p0.iter())
+                .zip(p1.iter())
+                .zip(p2.iter())
+                .zip(p3.iter())
+            {
+                let v = u32::from_le_bytes([*e, *d, *b, *a]).rotate_right(1);
                 c.copy_from_slice(&v.to_le_bytes());
             }
         }
@@ -220,22 +239,56 @@ pub fn decode_chunk(codec: Codec, dtype: Dtype, stored: &[u8], out: &mut [u8]) -
         Codec::Zstd => unzstd_or_raw(stored, out),
         Codec::ZstdFloatPlanes => {
             let n = check(dtype, out.len(), out.len())?;
-            let mut planes = vec![0u8; out.len()];
-            let mut rest = stored;
-            for plane in planes.chunks_mut(n.max(1)).take(dtype.size()) {
-                let (lenb, r) = split_at_checked(rest, 4)?;
-                let len = u32::from_le_bytes([lenb[0], lenb[1], lenb[2], lenb[3]]) as usize;
-                let (body, r) = split_at_checked(r, len)?;
-                unzstd_or_raw(body, plane)?;
-                rest = r;
+            // per-thread plane scratch, reused from chunk to chunk (a fresh
+            // chunk-sized buffer per chunk costs page faults and zeroing);
+            // every plane is overwritten in full or the chunk is an error
+            thread_local! {
+                static PLANES: std::cell::RefCell<Vec<u8>> =
+                    const { std::cell::RefCell::new(Vec::new()) };
             }
-            if !rest.is_empty() {
-                return Err(Error::new(ErrorKind::Decompress(format!(
-                    "{} bytes after the last plane record",
-                    rest.len()
-                ))));
-            }
-            merge(dtype, &planes, out)
+            PLANES.with(|cell| -> Result<()> {
+                let mut scratch = cell.borrow_mut();
+                if scratch.len() < out.len() {
+                    scratch.resize(out.len(), 0);
+                }
+                // parse the records; decode the compressed planes into the
+                // scratch, leave raw ones where they are
+                let mut bodies: [&[u8]; 4] = [&[]; 4];
+                let mut rest = stored;
+                // as the encoder writes them: one record per plane, none for
+                // an empty chunk
+                let records = if out.is_empty() { 0 } else { dtype.size() };
+                for body in bodies.iter_mut().take(records) {
+                    let (lenb, r) = split_at_checked(rest, 4)?;
+                    let len = u32::from_le_bytes([lenb[0], lenb[1], lenb[2], lenb[3]]) as usize;
+                    let (b, r) = split_at_checked(r, len)?;
+                    *body = b;
+                    rest = r;
+                }
+                if !rest.is_empty() {
+                    return Err(Error::new(ErrorKind::Decompress(format!(
+                        "{} bytes after the last plane record",
+                        rest.len()
+                    ))));
+                }
+                let scratch = &mut scratch[..out.len()];
+                for (plane, body) in scratch.chunks_mut(n.max(1)).zip(bodies) {
+                    if body.len() != plane.len() {
+                        unzstd_or_raw(body, plane)?;
+                    }
+                }
+                let mut slices: Vec<&[u8]> = Vec::with_capacity(dtype.size());
+                for (plane, body) in scratch.chunks(n.max(1)).zip(bodies).take(dtype.size()) {
+                    slices.push(if body.len() == plane.len() {
+                        body
+                    } else {
+                        plane
+                    });
+                }
+                // an empty chunk has no planes to hand over
+                slices.resize(dtype.size(), &[]);
+                merge_slices(dtype, &slices, out)
+            })
         }
     }
 }
