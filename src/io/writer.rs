@@ -41,8 +41,9 @@ fn count(n: usize) {
     BYTES_WRITTEN.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Slice size of the fused hash-and-write of one tensor (fits in L2).
-const HASH_WRITE_SLICE: usize = 256 << 10;
+/// Slice size of a tensor's writes (and of the fused hash-and-write: fits
+/// in L2).
+const WRITE_SLICE: usize = 256 << 10;
 
 /// Hashes bytes, in parallel for large inputs.
 pub fn blake3_of(bytes: &[u8]) -> Hash {
@@ -130,23 +131,20 @@ impl InPlace {
             )));
         }
         let off = self.base + self.plan.header.header_len + t.start;
-        let h = if self.hash {
-            // hash and write slice by slice, so each slice is read from
-            // memory once and copied to the file while still in cache
-            // (the tensor-level parallelism of the callers keeps both cores
-            // busy)
-            let mut hasher = blake3::Hasher::new();
-            let mut at = off;
-            for slice in bytes.chunks(HASH_WRITE_SLICE) {
-                hasher.update(slice);
-                file.write_all_at(slice, at)?;
-                at += slice.len() as u64;
+        // write slice by slice: when hashing, each slice is read from memory
+        // once and copied to the file while still in cache; on a real disk,
+        // bounded writes also measured faster than one 32 MiB pwrite
+        // (benches/compare: 2.2 s vs 4.4 s for 2.1 GB)
+        let mut hasher = self.hash.then(blake3::Hasher::new);
+        let mut at = off;
+        for slice in bytes.chunks(WRITE_SLICE) {
+            if let Some(h) = hasher.as_mut() {
+                h.update(slice);
             }
-            *hasher.finalize().as_bytes()
-        } else {
-            file.write_all_at(bytes, off)?;
-            [0; 32]
-        };
+            file.write_all_at(slice, at)?;
+            at += slice.len() as u64;
+        }
+        let h = hasher.map(|h| *h.finalize().as_bytes()).unwrap_or([0; 32]);
         count(bytes.len());
         let mut g = self
             .hashes
