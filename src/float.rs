@@ -439,59 +439,55 @@ pub struct F16Format;
 #[derive(Clone, Copy, Debug)]
 pub struct F32Format;
 
-impl FloatFormat for Bf16Format {
-    const DTYPE: FloatDtype = FloatDtype::Bf16;
-    const SIZE: usize = 2;
-    #[inline(always)]
-    fn round(x: f32) -> f32 {
-        round_bf16(x)
-    }
-    #[inline(always)]
-    fn round_non_nan(x: f32) -> f32 {
-        round_bf16_non_nan(x)
-    }
-    #[inline]
-    fn decode_into(src: &[u8], dst: &mut [f32]) {
-        let (chunks, _) = src.as_chunks::<2>();
-        for (d, c) in dst.iter_mut().zip(chunks) {
-            *d = f32_from_bf16_bits(u16::from_le_bytes(*c));
+/// The [`FloatFormat`] of a 16-bit format, from its rounding and bit
+/// conversion functions (bf16 and f16 differ only in those).
+macro_rules! half_format {
+    ($ty:ident, $dtype:ident, $round:ident, $round_nn:ident, $from_bits:ident, $to_bits:ident) => {
+        impl FloatFormat for $ty {
+            const DTYPE: FloatDtype = FloatDtype::$dtype;
+            const SIZE: usize = 2;
+            #[inline(always)]
+            fn round(x: f32) -> f32 {
+                $round(x)
+            }
+            #[inline(always)]
+            fn round_non_nan(x: f32) -> f32 {
+                $round_nn(x)
+            }
+            #[inline]
+            fn decode_into(src: &[u8], dst: &mut [f32]) {
+                let (chunks, _) = src.as_chunks::<2>();
+                for (d, c) in dst.iter_mut().zip(chunks) {
+                    *d = $from_bits(u16::from_le_bytes(*c));
+                }
+            }
+            #[inline]
+            fn encode_into(src: &[f32], dst: &mut [u8]) {
+                let (chunks, _) = dst.as_chunks_mut::<2>();
+                for (c, &v) in chunks.iter_mut().zip(src) {
+                    *c = $to_bits(v).to_le_bytes();
+                }
+            }
         }
-    }
-    #[inline]
-    fn encode_into(src: &[f32], dst: &mut [u8]) {
-        let (chunks, _) = dst.as_chunks_mut::<2>();
-        for (c, &v) in chunks.iter_mut().zip(src) {
-            *c = bf16_bits_from_f32(v).to_le_bytes();
-        }
-    }
+    };
 }
 
-impl FloatFormat for F16Format {
-    const DTYPE: FloatDtype = FloatDtype::F16;
-    const SIZE: usize = 2;
-    #[inline(always)]
-    fn round(x: f32) -> f32 {
-        round_f16(x)
-    }
-    #[inline(always)]
-    fn round_non_nan(x: f32) -> f32 {
-        round_f16_non_nan(x)
-    }
-    #[inline]
-    fn decode_into(src: &[u8], dst: &mut [f32]) {
-        let (chunks, _) = src.as_chunks::<2>();
-        for (d, c) in dst.iter_mut().zip(chunks) {
-            *d = f32_from_f16_bits(u16::from_le_bytes(*c));
-        }
-    }
-    #[inline]
-    fn encode_into(src: &[f32], dst: &mut [u8]) {
-        let (chunks, _) = dst.as_chunks_mut::<2>();
-        for (c, &v) in chunks.iter_mut().zip(src) {
-            *c = f16_bits_from_f32(v).to_le_bytes();
-        }
-    }
-}
+half_format!(
+    Bf16Format,
+    Bf16,
+    round_bf16,
+    round_bf16_non_nan,
+    f32_from_bf16_bits,
+    bf16_bits_from_f32
+);
+half_format!(
+    F16Format,
+    F16,
+    round_f16,
+    round_f16_non_nan,
+    f32_from_f16_bits,
+    f16_bits_from_f32
+);
 
 impl FloatFormat for F32Format {
     const DTYPE: FloatDtype = FloatDtype::F32;

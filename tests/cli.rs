@@ -30,6 +30,29 @@ fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs the binary and asserts success (printing its stderr if not).
+fn run_ok(args: &[&str]) -> Output {
+    let o = run(args);
+    assert_eq!(code(&o), 0, "migrate {args:?}: {}", err(&o));
+    o
+}
+
+/// `float.safetensors` of a quanto fixture quantized to qint8 as a sharded
+/// directory (several files, an index, the qmap).
+fn sharded_qint8(dir: &Path) -> PathBuf {
+    let sharded = dir.join("sharded");
+    run_ok(&[
+        "convert",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        s(&sharded),
+        "--to",
+        "quanto:qint8",
+        "--max-shard-size",
+        "4000",
+    ]);
+    sharded
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -95,13 +118,12 @@ fn inspect_lists_quanto_layers_text_and_json() {
         "{}",
         out(&o)
     );
-    let o = run(&[
+    let o = run_ok(&[
         "inspect",
         s(&fx("bf16-qint4", "quantized.safetensors")),
         "--shapes-from",
         s(&fx("bf16-qint4", "float.safetensors")),
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
     assert!(out(&o).contains("quanto qint4 group 128"), "{}", out(&o));
     let o = run(&[
         "inspect",
@@ -121,14 +143,13 @@ fn inspect_lists_quanto_layers_text_and_json() {
 fn dequantize_file_to_file_and_refuse_existing_output() {
     let d = tempfile::tempdir().unwrap();
     let dst = d.path().join("plain.safetensors");
-    let o = run(&[
+    let o = run_ok(&[
         "convert",
         s(&fx("bf16-qint8", "quantized.safetensors")),
         s(&dst),
         "--to",
         "plain",
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
     assert!(out(&o).contains("lossy"), "{}", out(&o));
     assert_eq!(
         entries(d.path()),
@@ -152,7 +173,7 @@ fn dequantize_file_to_file_and_refuse_existing_output() {
     );
     assert_eq!(std::fs::read(&dst).unwrap(), before);
     // --force replaces it
-    let o = run(&[
+    run_ok(&[
         "convert",
         s(&fx("bf16-qint8", "quantized.safetensors")),
         s(&dst),
@@ -160,7 +181,6 @@ fn dequantize_file_to_file_and_refuse_existing_output() {
         "plain:f32",
         "--force",
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
     assert_ne!(std::fs::read(&dst).unwrap(), before);
     assert_eq!(entries(d.path()), vec!["plain.safetensors"]);
 }
@@ -169,7 +189,7 @@ fn dequantize_file_to_file_and_refuse_existing_output() {
 fn quantize_writes_qmap_companion() {
     let d = tempfile::tempdir().unwrap();
     let dst = d.path().join("q.safetensors");
-    let o = run(&[
+    run_ok(&[
         "convert",
         s(&fx("bf16-qint8", "float.safetensors")),
         s(&dst),
@@ -178,7 +198,6 @@ fn quantize_writes_qmap_companion() {
         "--exclude",
         "lin_excluded",
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
     assert_eq!(entries(d.path()), vec!["q.safetensors", "quanto_qmap.json"]);
     let q: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.path().join("quanto_qmap.json")).unwrap())
@@ -226,7 +245,7 @@ fn ambiguous_qint4_without_map_is_refused_with_the_hint() {
     );
     assert!(!outp.exists());
     // with the hint it works
-    let o = run(&[
+    run_ok(&[
         "convert",
         s(&input.join("model.safetensors")),
         s(&outp),
@@ -237,7 +256,6 @@ fn ambiguous_qint4_without_map_is_refused_with_the_hint() {
         "--shapes-from",
         s(&fx("bf16-qint4", "float.safetensors")),
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
 }
 
 #[test]
@@ -258,14 +276,13 @@ fn truncated_input_fails_cleanly() {
 fn container_pack_verify_corrupt_unpack() {
     let d = tempfile::tempdir().unwrap();
     let ck = d.path().join("m.ckpk");
-    let o = run(&[
+    run_ok(&[
         "convert",
         s(&fx("bf16-qint8", "quantized.safetensors")),
         s(&ck),
         "--compress",
         "zstd:3",
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
     assert_eq!(code(&run(&["verify", s(&ck)])), 0);
     let o = run(&["inspect", s(&ck)]);
     assert!(out(&o).contains("quanto qint8"), "{}", out(&o));
@@ -296,17 +313,7 @@ fn container_pack_verify_corrupt_unpack() {
 #[test]
 fn sharded_directory_in_and_out() {
     let d = tempfile::tempdir().unwrap();
-    let sharded = d.path().join("sharded");
-    let o = run(&[
-        "convert",
-        s(&fx("bf16-qint8", "float.safetensors")),
-        s(&sharded),
-        "--to",
-        "quanto:qint8",
-        "--max-shard-size",
-        "4000",
-    ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
+    let sharded = sharded_qint8(d.path());
     let names = entries(&sharded);
     assert!(
         names.contains(&"model.safetensors.index.json".to_string()),
@@ -323,8 +330,7 @@ fn sharded_directory_in_and_out() {
     let c = ckptkit::Container::open(&ck).unwrap();
     assert!(c.manifest().shards.len() > 1);
     let one = d.path().join("one.safetensors");
-    let o = run(&["convert", s(&ck), s(&one), "--to", "plain"]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
+    run_ok(&["convert", s(&ck), s(&one), "--to", "plain"]);
 }
 
 #[test]
@@ -372,12 +378,11 @@ fn unwritable_output_location() {
     ]);
     assert_eq!(code(&o), 1);
     assert_eq!(entries(d.path()), vec!["file"]);
-    let o = run(&[
+    run_ok(&[
         "convert",
         s(&fx("bf16-qint8", "float.safetensors")),
         s(&d.path().join("new/dir/o.safetensors")),
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
     assert_eq!(entries(&d.path().join("new/dir")), vec!["o.safetensors"]);
 }
 
@@ -510,7 +515,7 @@ fn training_checkpoint_directory_is_migrated_and_the_rest_copied() {
     assert!(m.get("lin_g128.weight").is_some() && m.get("lin_g128.weight._data").is_none());
     // and back to quanto qint8: diffusers-style config and the qmap reappear
     let back = d.path().join("checkpoint-4000-q8");
-    let o = run(&[
+    run_ok(&[
         "convert",
         s(&out),
         s(&back),
@@ -519,7 +524,6 @@ fn training_checkpoint_directory_is_migrated_and_the_rest_copied() {
         "--exclude",
         "lin_excluded",
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
     assert!(back.join("transformer/quanto_qmap.json").is_file());
     let cfg: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(back.join("transformer/config.json")).unwrap(),
@@ -546,19 +550,8 @@ fn safetensors_outputs_carry_hashes_that_verify_checks() {
     use ckptkit::TensorSource;
     let d = tempfile::tempdir().unwrap();
     // a directory output (sharded) and a file output, both hashed
-    let sharded = d.path().join("sharded");
-    let o = run(&[
-        "convert",
-        s(&fx("bf16-qint8", "float.safetensors")),
-        s(&sharded),
-        "--to",
-        "quanto:qint8",
-        "--max-shard-size",
-        "4000",
-    ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
-    let o = run(&["verify", s(&sharded), "--json"]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
+    let sharded = sharded_qint8(d.path());
+    let o = run_ok(&["verify", s(&sharded), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
     let n = ckptkit::open_source(&sharded).unwrap().tensors().len() as u64;
     assert_eq!(
@@ -568,16 +561,14 @@ fn safetensors_outputs_carry_hashes_that_verify_checks() {
     assert_eq!(v["unchecked"], 0);
 
     let file = d.path().join("plain.safetensors");
-    let o = run(&[
+    run_ok(&[
         "convert",
         s(&fx("bf16-qint8", "quantized.safetensors")),
         s(&file),
         "--to",
         "plain",
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
-    let o = run(&["verify", s(&file)]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run_ok(&["verify", s(&file)]);
     assert!(out(&o).contains("verified (blake3)"), "{}", out(&o));
 
     // one flipped bit in one tensor's data: verify fails naming tensor and offset
@@ -601,13 +592,12 @@ fn safetensors_outputs_carry_hashes_that_verify_checks() {
     assert_eq!(code(&run(&["verify", s(&re)])), 0);
 
     // a file not written by ckptkit: structure only, said so
-    let o = run(&["verify", s(&fx("bf16-qint8", "quantized.safetensors"))]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
+    let o = run_ok(&["verify", s(&fx("bf16-qint8", "quantized.safetensors"))]);
     assert!(out(&o).contains("carry no recorded hash"), "{}", out(&o));
 
     // --no-hashes: no entry, structure only
     let nh = d.path().join("nh.safetensors");
-    let o = run(&[
+    run_ok(&[
         "convert",
         s(&fx("bf16-qint8", "quantized.safetensors")),
         s(&nh),
@@ -615,7 +605,6 @@ fn safetensors_outputs_carry_hashes_that_verify_checks() {
         "plain",
         "--no-hashes",
     ]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
     let f = ckptkit::SafetensorsFile::open(&nh).unwrap();
     assert!(!f.header().metadata.contains_key("ckptkit.blake3"));
     // same tensors either way
@@ -669,16 +658,14 @@ fn interrupted_weights_and_qmap_commit_is_refused_then_completed_by_verify() {
         "{}",
         err(&o)
     );
-    let o = run(&["verify", s(&w)]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
+    run_ok(&["verify", s(&w)]);
     assert_eq!(std::fs::read(&w).unwrap(), std::fs::read(&nw).unwrap());
     assert!(std::fs::read_to_string(&q).unwrap().contains("qint4"));
     assert_eq!(
         entries(d.path()),
         vec!["model.safetensors", "quanto_qmap.json"]
     );
-    let o = run(&["inspect", s(&w)]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
+    run_ok(&["inspect", s(&w)]);
 }
 
 /// Names of a sibling of `p`'s (temporaries included) that mention `stem`.
@@ -743,7 +730,6 @@ fn ctrl_c_and_sigterm_leave_no_partial_output() {
         assert!(!d.path().join("quanto_qmap.json").exists());
     }
     // the input is untouched
-    let o = run(&["verify", s(&input), "--json"]);
-    assert_eq!(code(&o), 0, "{}", err(&o));
+    run_ok(&["verify", s(&input), "--json"]);
     assert_eq!(entries(d.path()), vec!["big.safetensors"]);
 }
