@@ -26,22 +26,32 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
 import warnings
-import zlib
 from typing import Dict, List, Optional
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("COMPRESSED_TENSORS_LOG_DISABLED", "1")
 
+import sys  # noqa: E402
+
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from interop_common import (  # noqa: E402,F401  (re-exported)
+    case_seed,
+    load_case,
+    load_tensors,
+    same_tensor,
+    sha256_file,
+    tensor_bytes,
+)
 
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -125,11 +135,6 @@ GROUP_MODULES = [
 
 # Modules tried on their own for the group strategy, to record what CT does with them.
 GROUP_PROBE_MODULES = [lin("lin_i200", 200, 8)]
-
-
-def case_seed(base_seed: int, case_name: str) -> int:
-    """Stable per-case seed (independent of the order cases are generated in)."""
-    return (base_seed * 1_000_003 + zlib.crc32(case_name.encode())) % (2**31)
 
 
 def case_list() -> List[dict]:
@@ -648,57 +653,11 @@ def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
-    """None if dtype, shape and raw bytes are identical, otherwise a description of the difference."""
-    if a.dtype != b.dtype:
-        return f"dtype {a.dtype} != {b.dtype}"
-    if tuple(a.shape) != tuple(b.shape):
-        return f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-    ba, bb = tensor_bytes(a), tensor_bytes(b)
-    if ba == bb:
-        return None
-    fa = a.detach().contiguous().reshape(-1)
-    fb = b.detach().contiguous().reshape(-1)
-    ia = fa.view(torch.uint8).reshape(fa.numel(), -1)
-    ib = fb.view(torch.uint8).reshape(fb.numel(), -1)
-    diff = (ia != ib).any(dim=1).nonzero().reshape(-1)
-    first = int(diff[0])
-    return (
-        f"{diff.numel()} of {fa.numel()} elements differ; first at flat index {first}: "
-        f"{fa[first].item()!r} != {fb[first].item()!r}"
-    )
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_tensors(path: str) -> Dict[str, torch.Tensor]:
-    """safetensors.torch.load_file, every tensor cloned into a fresh (aligned) allocation."""
-    from safetensors.torch import load_file
-
-    return {k: v.clone() for k, v in load_file(path).items()}
-
-
 def file_header(path: str) -> dict:
     """The safetensors JSON header (tensor order in the file, dtypes, shapes, __metadata__)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n))
-
-
-def load_case(case_dir: str) -> dict:
-    with open(os.path.join(case_dir, "case.json")) as f:
-        return json.load(f)
 
 
 @contextlib.contextmanager
