@@ -129,9 +129,20 @@ enum Cmd {
         json: bool,
     },
     /// Check structure and hashes. Exit 0 only when everything holds.
+    /// Read-only: a pending interrupted commit is reported, not completed.
     Verify {
         /// Input checkpoint.
         input: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Complete ckptkit commits interrupted by a crash beside PATH (a
+    /// weights file and its quanto_qmap.json appear together), and remove
+    /// the temporaries of writers that are gone.
+    Recover {
+        /// A file (or directory) whose directory holds the interrupted commit.
+        path: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -153,7 +164,13 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            // usage errors found by the library (output inside the input,
+            // colliding renames, contradictory options) exit like clap's
+            ExitCode::from(if matches!(e.kind(), ckptkit::ErrorKind::Usage(_)) {
+                2
+            } else {
+                1
+            })
         }
     }
 }
@@ -170,12 +187,19 @@ fn install_ctrlc() {
     }
     let handler: extern "C" fn(libc::c_int) = on_signal;
     // SAFETY: the handler only reads and stores an atomic flag, or calls
-    // _exit; all are async-signal-safe.
+    // _exit; all are async-signal-safe. The action struct is zeroed (empty
+    // mask) and fully initialised before use.
     unsafe {
         // a closed pipe (`migrate inspect x | head`) ends the process quietly
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as libc::sighandler_t;
+        // no SA_RESTART: a blocking system call returns EINTR at the first
+        // signal, so the first Ctrl-C always interrupts
+        sa.sa_flags = 0;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
     }
 }
 
@@ -369,6 +393,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 qmap,
                 shapes_from,
                 hashes: !no_hashes,
+                extra_reads: like.iter().cloned().collect(),
             };
             let bar = progress_bar(!(json || cli.quiet || dry_run), &input);
             let s = convert(&input, &output, &opts);
@@ -545,6 +570,36 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 println!("to fix:\n  {fix}");
             }
             Ok(if r.compatible() { 0 } else { 1 })
+        }
+        Cmd::Recover { path, json } => {
+            let r = ckptkit::io::atomic::recover(&path)?;
+            let show = |v: &[PathBuf]| -> Vec<String> {
+                v.iter().map(|p| p.display().to_string()).collect()
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"commits": r.commits, "completed": show(&r.completed), "pending": show(&r.pending),
+                        "removed_temporaries": r.removed_temps})
+                );
+            } else if !cli.quiet {
+                for c in &r.completed {
+                    println!("completed: {}", c.display());
+                }
+                for p in &r.pending {
+                    println!(
+                        "still pending (its writer is running): {}",
+                        p.display()
+                    );
+                }
+                println!(
+                    "{} commit(s) completed, {} pending, {} temporary file(s) removed",
+                    r.commits,
+                    r.pending.len(),
+                    r.removed_temps
+                );
+            }
+            Ok(if r.pending.is_empty() { 0 } else { 1 })
         }
         Cmd::Verify { input, json } => {
             let r = ckptkit::convert::verify(&input)?;

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::{Layer, SourceFile};
 use crate::format::st_header::crate_order;
-use crate::io::atomic::{check_interrupt, clean_stale_temps, AtomicDir};
+use crate::io::atomic::{check_interrupt, AtomicDir, DestKind};
 use crate::io::container::{Container, VerifyReport};
 use crate::io::safetensors_file::SafetensorsFile;
 use crate::io::sharded::{find_index, plan_shards, ShardIndex, ShardedDir};
@@ -67,6 +67,9 @@ pub struct ConvertOptions {
     /// in `__metadata__`, checked by `verify`). Containers always carry
     /// hashes in their manifest.
     pub hashes: bool,
+    /// Other files the conversion reads (a `--like` reference): the output
+    /// may not equal, contain or lie inside them.
+    pub extra_reads: Vec<PathBuf>,
 }
 
 impl Default for ConvertOptions {
@@ -81,6 +84,7 @@ impl Default for ConvertOptions {
             qmap: None,
             shapes_from: None,
             hashes: true,
+            extra_reads: Vec::new(),
         }
     }
 }
@@ -133,38 +137,97 @@ pub struct Summary {
     pub losses: Vec<crate::plan::Loss>,
 }
 
-fn same_or_inside(input: &Path, output: &Path) -> Result<bool> {
-    let inp = input
-        .canonicalize()
-        .map_err(|e| Error::from(e).with_file(input))?;
-    let parent = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let Ok(par) = parent.canonicalize() else {
-        return Ok(false);
-    };
-    let out = match output.file_name() {
-        Some(n) => par.join(n),
-        None => par,
-    };
-    Ok(out == inp || out.starts_with(&inp))
+/// Every path a conversion reads: the input, the side files found beside a
+/// file input, and the files given as hints or references.
+fn read_set(input: &Path, opts: &ConvertOptions) -> Vec<PathBuf> {
+    fn with_sides(v: &mut Vec<PathBuf>, p: &Path) {
+        v.push(p.to_path_buf());
+        if !p.is_dir() {
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            for side in [QMAP_FILE, "config.json"] {
+                let s = dir.join(side);
+                if std::fs::symlink_metadata(&s).is_ok() {
+                    v.push(s);
+                }
+            }
+        }
+    }
+    let mut v = Vec::new();
+    if input_kind(input).ok() == Some(InputKind::Safetensors) {
+        with_sides(&mut v, input);
+    } else {
+        v.push(input.to_path_buf());
+    }
+    for p in opts.qmap.iter().chain(&opts.shapes_from) {
+        v.push(p.clone());
+    }
+    for p in &opts.extra_reads {
+        with_sides(&mut v, p);
+    }
+    v
+}
+
+/// Refuses an output that equals, contains or lies inside anything the
+/// conversion reads (symlinks and not-yet-existing parents resolved). The
+/// `quanto_qmap.json` slot of a safetensors output is checked when it is
+/// claimed ([`claim_qmap_slot`]).
+fn check_overlap(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<()> {
+    let writes = crate::io::paths::output_forms(output);
+    for r in read_set(input, opts) {
+        let rr = crate::io::paths::resolve(&r);
+        for w in &writes {
+            if !crate::io::paths::overlap(w, &rr) {
+                continue;
+            }
+            let how = if *w == rr {
+                "is"
+            } else if w.starts_with(&rr) {
+                "lies inside"
+            } else {
+                "contains"
+            };
+            let what = if r == input { "the input" } else { "a file this conversion reads" };
+            return Err(Error::usage(format!(
+                "output {} {how} {what} ({}); writing there could destroy it — choose another path",
+                output.display(),
+                r.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Converts `input` to `output`, carrying every tensor across unchanged.
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Summary> {
     let t0 = Instant::now();
-    if same_or_inside(input, output)? {
+    check_overlap(input, output, opts)?;
+    let okind = output_kind(output);
+    if opts.compression.is_some() && okind != OutputKind::Container {
         return Err(Error::usage(format!(
-            "output {} is the input or lies inside it; choose another path",
-            output.display()
+            "--compress applies to .ckpk container outputs; {} is {}",
+            output.display(),
+            match okind {
+                OutputKind::Safetensors => "a .safetensors file (safetensors has no compression)",
+                _ => "a directory of safetensors files (safetensors has no compression)",
+            }
         )));
+    }
+    // only nothing, or the expected kind, may be at the output, --force or not
+    let dest = if okind == OutputKind::Directory {
+        DestKind::Dir
+    } else {
+        DestKind::File
+    };
+    if opts.dry_run {
+        crate::io::atomic::check_destination_type(output, dest)?;
+    } else {
+        crate::io::atomic::check_destination(output, dest, opts.overwrite)?;
     }
     let kind = input_kind(input)?;
     if kind == InputKind::ShardedDir && is_training_checkpoint(input)? {
-        if !opts.overwrite && !opts.dry_run && std::fs::symlink_metadata(output).is_ok() {
-            return Err(Error::new(ErrorKind::OutputExists(output.to_path_buf())));
-        }
         let created = if opts.dry_run {
             Vec::new()
         } else {
@@ -199,12 +262,13 @@ fn ensure_parent(output: &Path) -> Result<Vec<PathBuf>> {
     let mut missing = Vec::new();
     let mut p = output.parent().filter(|p| !p.as_os_str().is_empty());
     while let Some(d) = p {
-        if d.exists() {
-            if !d.is_dir() {
-                return Err(Error::usage(format!(
-                    "cannot write under {}: it is not a directory",
-                    d.display()
-                )));
+        if let Ok(md) = std::fs::metadata(d) {
+            if !md.is_dir() {
+                return Err(Error::new(ErrorKind::FileType {
+                    found: crate::io::files::type_name(&md),
+                    expected: "a directory",
+                })
+                .with_file(d));
             }
             break;
         }
@@ -229,9 +293,6 @@ fn convert_opened(
     let tensors = src.tensors().to_vec();
     let bytes_in: u64 = tensors.iter().map(|t| t.len).sum();
     let okind = output_kind(output);
-    if !opts.overwrite && !opts.dry_run && std::fs::symlink_metadata(output).is_ok() {
-        return Err(Error::new(ErrorKind::OutputExists(output.to_path_buf())));
-    }
     let multi_file = src.files().len() > 1;
     if opts.target != Target::Keep
         || !opts.select.rename.is_empty()
@@ -265,7 +326,6 @@ fn convert_opened(
             ..Default::default()
         });
     }
-    clean_stale_temps(output)?;
     check_free_space(output, bytes_in)?;
     let files = match okind {
         OutputKind::Safetensors => {
@@ -836,7 +896,6 @@ fn convert_planned(
         summary.plan = Some(p);
         return Ok(summary);
     }
-    clean_stale_temps(output)?;
     check_free_space(output, bytes_out)?;
     let losses: Losses = Default::default();
     let mut md = src.metadata().clone();
@@ -847,12 +906,12 @@ fn convert_planned(
     }
     match okind {
         OutputKind::Safetensors => {
-            check_qmap_slot(input, output, opts.overwrite)?;
+            let slot = claim_qmap_slot(input, output, opts, p.has_quanto())?;
             let w =
                 SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite, opts.hashes)?;
             let all: Vec<usize> = (0..p.layers.len()).collect();
             run_layers(src, &p, &all, &losses, &|k, b| w.write_tensor(k, b))?;
-            commit_with_qmap(output, &p, w)?;
+            commit_with_qmap(&p, w, slot)?;
         }
         OutputKind::Directory => {
             let dir = AtomicDir::create(output, opts.overwrite)?;
@@ -942,53 +1001,132 @@ fn parent_of(p: &Path) -> PathBuf {
     d.canonicalize().unwrap_or_else(|_| d.to_path_buf())
 }
 
+/// What happens to the `quanto_qmap.json` beside a safetensors output.
+enum QmapSlot {
+    /// Nothing is there and nothing is written.
+    None,
+    /// A new map is written (locked from now until the commit).
+    Write(crate::io::atomic::AtomicFile),
+    /// The output's stale map is removed with the commit.
+    Remove(crate::io::atomic::Removal),
+}
+
 /// The `quanto_qmap.json` beside a safetensors output belongs to that
-/// output alone: refuse to touch one that is the input's companion, and
-/// replace another only with `--force`.
-fn check_qmap_slot(input: &Path, output: &Path, overwrite: bool) -> Result<()> {
+/// output alone. Refused: touching the input's companion; touching a map
+/// that belongs to another weights file in the directory (replacing it
+/// breaks that model; leaving it beside a plain output recreates the
+/// mismatch ckptkit exists to prevent); replacing or removing an existing
+/// map without `overwrite`. The slot is locked before any tensor is
+/// written, so a second writer of the same map is refused at once.
+fn claim_qmap_slot(
+    input: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+    quanto: bool,
+) -> Result<QmapSlot> {
+    let overwrite = opts.overwrite;
     let qpath = output.with_file_name(QMAP_FILE);
-    if !qpath.exists() {
-        return Ok(());
+    let exists = std::fs::symlink_metadata(&qpath).is_ok();
+    if exists || quanto {
+        let q = crate::io::paths::resolve(&qpath);
+        if let Some(r) = read_set(input, opts)
+            .into_iter()
+            .find(|r| crate::io::paths::resolve(r) == q)
+        {
+            return Err(Error::usage(format!(
+                "{} would {} {}, which this conversion reads; write the output to another \
+                 directory",
+                output.display(),
+                if quanto { "replace" } else { "remove" },
+                r.display()
+            )));
+        }
     }
-    let input_dir = if input.is_dir() {
-        input.canonicalize().unwrap_or_else(|_| input.to_path_buf())
+    if exists {
+        crate::io::atomic::check_destination(&qpath, crate::io::atomic::DestKind::File, true)?;
+        let input_dir = if input.is_dir() {
+            input.canonicalize().unwrap_or_else(|_| input.to_path_buf())
+        } else {
+            parent_of(input)
+        };
+        if parent_of(output) == input_dir {
+            return Err(Error::usage(format!(
+                "{} would {} the input's {QMAP_FILE}; write the output to another directory",
+                output.display(),
+                if quanto { "replace" } else { "remove" }
+            )));
+        }
+        let others = other_weight_files(output)?;
+        if !others.is_empty() {
+            return Err(Error::new(ErrorKind::Conflict(format!(
+                "{} belongs to another weights file in this directory ({}); {} it would break                  that model{}; write the output to another directory",
+                qpath.display(),
+                others.join(", "),
+                if quanto { "replacing" } else { "removing" },
+                if quanto {
+                    ""
+                } else {
+                    ", and leaving it beside a plain output would describe the wrong file"
+                }
+            )))
+            .with_file(&qpath));
+        }
+        if !overwrite {
+            return Err(Error::new(ErrorKind::OutputExists(qpath)));
+        }
+    }
+    Ok(if quanto {
+        QmapSlot::Write(crate::io::atomic::AtomicFile::create(&qpath, true)?)
+    } else if exists {
+        QmapSlot::Remove(crate::io::atomic::Removal::new(&qpath)?)
     } else {
-        parent_of(input)
+        QmapSlot::None
+    })
+}
+
+/// The `*.safetensors` files in an output's directory other than the output
+/// itself (regular, not hidden), sorted.
+fn other_weight_files(output: &Path) -> Result<Vec<String>> {
+    let dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let me = output.file_name();
+    let mut v = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(v);
     };
-    if parent_of(output) == input_dir {
-        return Err(Error::usage(format!(
-            "{} would replace the input's {QMAP_FILE}; write the output to another directory",
-            output.display()
-        )));
+    for e in rd.flatten() {
+        let n = e.file_name();
+        let s = n.to_string_lossy();
+        if Some(n.as_os_str()) == me || s.starts_with('.') || !s.ends_with(".safetensors") {
+            continue;
+        }
+        if std::fs::metadata(e.path()).is_ok_and(|m| m.is_file()) {
+            v.push(s.into_owned());
+        }
     }
-    if !overwrite {
-        return Err(Error::new(ErrorKind::OutputExists(qpath)));
-    }
-    Ok(())
+    v.sort();
+    Ok(v)
 }
 
 /// Commits a safetensors output together with its `quanto_qmap.json`
-/// companion: the qmap is written first (to a temporary), then both are
-/// renamed into place; a stale qmap beside an output that has no quanto
-/// layers is removed, so a qmap never describes another file.
-fn commit_with_qmap(output: &Path, p: &Plan, w: SafetensorsWriter) -> Result<()> {
-    let qpath = output.with_file_name(QMAP_FILE);
+/// companion (written, or removed when the output has no quanto layers),
+/// through one journal: a map never describes another file.
+fn commit_with_qmap(p: &Plan, w: SafetensorsWriter, slot: QmapSlot) -> Result<()> {
     let weights = w.finish_pending()?;
-    if p.has_quanto() {
-        let q = crate::io::atomic::AtomicFile::create(&qpath, true)?;
-        use std::io::Write;
-        let mut f = q.file()?;
-        f.write_all(qmap_for(p).to_json().as_bytes())
-            .map_err(|e| Error::from(e).with_file(q.temp()))?;
-        // weights first: the journal is named after them
-        crate::io::atomic::commit_together(vec![weights, q])?;
-    } else {
-        weights.commit()?;
-        if qpath.is_file() {
-            std::fs::remove_file(&qpath).map_err(|e| Error::from(e).with_file(&qpath))?;
+    match slot {
+        QmapSlot::Write(q) => {
+            use std::io::Write;
+            let mut f = q.file()?;
+            f.write_all(qmap_for(p).to_json().as_bytes())
+                .map_err(|e| Error::from(e).with_file(q.temp()))?;
+            // weights first: the journal is named after them
+            crate::io::atomic::commit_together(vec![weights, q], vec![])
         }
+        QmapSlot::Remove(r) => crate::io::atomic::commit_together(vec![weights], vec![r]),
+        QmapSlot::None => weights.commit(),
     }
-    Ok(())
 }
 
 /// Reads a `--like` reference: a `quanto_qmap.json` file alone, a
@@ -1129,16 +1267,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport> {
     let mut r = VerifyReport::default();
     match input_kind(path)? {
         InputKind::Container => add_report(&mut r, Container::open(path)?.verify()?),
-        InputKind::Safetensors => {
-            // a commit of this file interrupted after its journal became
-            // durable is completed first (it only renames finished files)
-            crate::io::atomic::complete_pending_commits(
-                path.parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new(".")),
-            )?;
-            add_report(&mut r, SafetensorsFile::open(path)?.verify()?)
-        }
+        InputKind::Safetensors => add_report(&mut r, SafetensorsFile::open(path)?.verify()?),
         InputKind::ShardedDir => verify_dir(path, 0, &mut r)?,
     }
     Ok(r)

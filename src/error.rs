@@ -104,11 +104,49 @@ pub enum ErrorKind {
     Interrupted,
     /// The file is part of a ckptkit commit that was interrupted after it
     /// became durable (a weights file and its companions); reading it now
-    /// could pair it with stale companions.
+    /// could pair it with stale companions. `migrate recover` completes it.
     PendingCommit {
         /// The commit journal beside the file.
         journal: PathBuf,
     },
+    /// A path is not the kind of file system object the operation reads or
+    /// writes (a FIFO, a device, a socket, a directory where a file is
+    /// expected, or the reverse). Judged after following symlinks.
+    FileType {
+        /// What was found, in words ("a FIFO (named pipe)").
+        found: &'static str,
+        /// What is expected ("a regular file").
+        expected: &'static str,
+    },
+    /// Another ckptkit process holds the lock of an output (or of a side
+    /// file such as `quanto_qmap.json`) this operation would write.
+    Busy {
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// `--force` would replace a directory that holds entries ckptkit did not
+    /// write there (no `.ckptkit-output.json` record lists them).
+    ForeignEntries {
+        /// The directory.
+        dir: PathBuf,
+        /// Up to five of the foreign entries (relative paths).
+        entries: Vec<String>,
+        /// How many foreign entries there are in all.
+        total: usize,
+    },
+    /// A layer looks quantized in a layout ckptkit does not know (an 8-bit or
+    /// packed weight beside scale-like tensors or a marker, or named by a
+    /// `quantization_config` it cannot read); converting it as plain would
+    /// produce garbage. The message names the layer and the tensors.
+    UnknownQuantized(String),
+    /// A Hugging Face index file (`*.safetensors.index.json`) is invalid or
+    /// disagrees with the files it names.
+    Index(String),
+    /// A ckptkit commit journal is invalid or not ours to complete.
+    Journal(String),
+    /// The output would replace or remove a file that belongs to something
+    /// else (another model's `quanto_qmap.json`).
+    Conflict(String),
 }
 
 /// The error type of every ckptkit operation.
@@ -261,9 +299,38 @@ impl fmt::Display for ErrorKind {
             ErrorKind::PendingCommit { journal } => write!(
                 f,
                 "an interrupted ckptkit commit of this file is pending ({}); \
-                 run `migrate verify` on the file to complete it",
+                 run `migrate recover` on the file to complete it",
                 journal.display()
             ),
+            ErrorKind::FileType { found, expected } => write!(
+                f,
+                "is {found}, not {expected}; ckptkit reads and writes only regular files \
+                 and directories"
+            ),
+            ErrorKind::Busy { lock } => write!(
+                f,
+                "another ckptkit process is writing this output (it holds {}); \
+                 wait for it to finish, or write elsewhere",
+                lock.display()
+            ),
+            ErrorKind::ForeignEntries {
+                dir,
+                entries,
+                total,
+            } => write!(
+                f,
+                "--force replaces only a directory that is empty or that ckptkit wrote, and {} \
+                 holds {total} entr{} no ckptkit record lists ({}{}); remove them yourself or \
+                 choose another output",
+                dir.display(),
+                if *total == 1 { "y" } else { "ies" },
+                entries.join(", "),
+                if *total > entries.len() { ", ..." } else { "" }
+            ),
+            ErrorKind::UnknownQuantized(m) => write!(f, "unknown quantized layout: {m}"),
+            ErrorKind::Index(m) => write!(f, "invalid index file: {m}"),
+            ErrorKind::Journal(m) => write!(f, "commit journal: {m}"),
+            ErrorKind::Conflict(m) => write!(f, "{m}"),
         }
     }
 }

@@ -2,40 +2,12 @@
 //! and output kind, the failure paths, exit codes, messages, and that no
 //! partial output is ever left behind.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn bin() -> PathBuf {
-    // cargo test builds the examples next to the test binaries
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join("examples").join("migrate");
-    assert!(p.is_file(), "build the example first: {}", p.display());
-    p
-}
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fx(case: &str, file: &str) -> PathBuf {
-    root().join("tests/fixtures/quanto").join(case).join(file)
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
-}
-
-/// Runs the binary and asserts success (printing its stderr if not).
-fn run_ok(args: &[&str]) -> Output {
-    let o = run(args);
-    assert_eq!(code(&o), 0, "migrate {args:?}: {}", err(&o));
-    o
-}
+use common::cli::*;
 
 /// `float.safetensors` of a quanto fixture quantized to qint8 as a sharded
 /// directory (several files, an index, the qmap).
@@ -51,33 +23,6 @@ fn sharded_qint8(dir: &Path) -> PathBuf {
         "4000",
     ]);
     sharded
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Only the expected entries exist in `dir` (no temporaries).
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]
@@ -304,9 +249,10 @@ fn container_pack_verify_corrupt_unpack() {
     let o = run(&["verify", s(&bad)]);
     assert_eq!(code(&o), 1);
     assert!(err(&o).contains("bad.ckpk"), "{}", err(&o));
-    let o = run(&["convert", s(&bad), s(&d.path().join("x.safetensors"))]);
-    assert_eq!(code(&o), 1);
-    assert!(!d.path().join("x.safetensors").exists());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = run(&["convert", s(&bad), s(&elsewhere.path().join("x.safetensors"))]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(entries(elsewhere.path()).is_empty());
     assert!(!entries(d.path()).iter().any(|e| e.contains("ckptkit-tmp")));
 }
 
@@ -343,12 +289,13 @@ fn output_may_not_be_or_lie_inside_input() {
         input.join("model.safetensors"),
     )
     .unwrap();
+    // a usage error: exit 2
     let o = run(&["convert", s(&input), s(&input.join("inner.safetensors"))]);
-    assert_eq!(code(&o), 1);
+    assert_eq!(code(&o), 2);
     assert!(err(&o).contains("inside"), "{}", err(&o));
     let f = input.join("model.safetensors");
     let o = run(&["convert", s(&f), s(&f), "--force"]);
-    assert_eq!(code(&o), 1);
+    assert_eq!(code(&o), 2);
     assert_eq!(entries(&input), vec!["model.safetensors"]);
 }
 
@@ -620,10 +567,11 @@ fn safetensors_outputs_carry_hashes_that_verify_checks() {
 }
 
 #[test]
-fn interrupted_weights_and_qmap_commit_is_refused_then_completed_by_verify() {
+fn interrupted_weights_and_qmap_commit_is_refused_then_completed_by_recover() {
     // The state a crash leaves between the renames of a weights file and its
     // quanto_qmap.json: new temporaries and a durable journal, the old pair
-    // still in place. Readers must refuse the file; `verify` rolls forward.
+    // still in place. Readers (verify included) must refuse the file and
+    // change nothing; `recover` rolls forward.
     let d = tempfile::tempdir().unwrap();
     let w = d.path().join("model.safetensors");
     let q = d.path().join("quanto_qmap.json");
@@ -651,14 +599,19 @@ fn interrupted_weights_and_qmap_commit_is_refused_then_completed_by_verify() {
         .to_string(),
     )
     .unwrap();
-    let o = run(&["inspect", s(&w)]);
-    assert_eq!(code(&o), 1);
-    assert!(
-        err(&o).contains("interrupted ckptkit commit") && err(&o).contains("migrate verify"),
-        "{}",
-        err(&o)
-    );
-    run_ok(&["verify", s(&w)]);
+    let before = entries(d.path());
+    for cmd in [&["inspect", s(&w)][..], &["verify", s(&w)], &["check", s(&w), "--against", s(&src)]] {
+        let o = run(cmd);
+        assert_ne!(code(&o), 0, "{cmd:?}");
+        assert!(
+            err(&o).contains("interrupted ckptkit commit") && err(&o).contains("migrate recover"),
+            "{cmd:?}: {}",
+            err(&o)
+        );
+        assert_eq!(entries(d.path()), before, "{cmd:?} is read-only");
+    }
+    let o = run_ok(&["recover", s(&w)]);
+    assert!(out(&o).contains("1 commit(s) completed"), "{}", out(&o));
     assert_eq!(std::fs::read(&w).unwrap(), std::fs::read(&nw).unwrap());
     assert!(std::fs::read_to_string(&q).unwrap().contains("qint4"));
     assert_eq!(

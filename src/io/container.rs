@@ -54,7 +54,7 @@ impl Container {
     }
 
     fn open_inner(path: &Path) -> Result<Container> {
-        let file = File::open(path)?;
+        let file = crate::io::files::open_regular(path)?;
         let len = file.metadata()?.len();
         let mut hb = [0u8; 64];
         if len < HEADER_LEN {

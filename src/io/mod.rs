@@ -3,6 +3,9 @@
 
 pub mod atomic;
 pub mod container;
+pub mod files;
+pub mod lock;
+pub mod paths;
 pub mod pool;
 pub mod safetensors_file;
 pub mod sharded;

@@ -27,7 +27,7 @@ impl SafetensorsFile {
         if let Some(journal) = crate::io::atomic::pending_commit(path)? {
             return Err(Error::new(ErrorKind::PendingCommit { journal }).with_file(path));
         }
-        let file = File::open(path).map_err(|e| Error::from(e).with_file(path))?;
+        let file = crate::io::files::open_regular(path)?;
         let len = file
             .metadata()
             .map_err(|e| Error::from(e).with_file(path))?

@@ -41,28 +41,24 @@ pub fn find_index(dir: &Path) -> Result<Option<PathBuf>> {
     match found.len() {
         0 => Ok(None),
         1 => Ok(found.pop()),
-        _ => Err(Error::malformed(format!(
-            "several index files in {}: {:?}",
+        _ => Err(Error::new(ErrorKind::Index(format!(
+            "several index files in {}: {}; keep one",
             dir.display(),
             found
-        ))),
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+        .with_file(dir)),
     }
 }
 
 /// Reads and parses an index file.
 pub fn read_index(path: &Path) -> Result<ShardIndex> {
-    let md = std::fs::metadata(path).map_err(|e| Error::from(e).with_file(path))?;
-    if md.len() > MAX_INDEX_LEN {
-        return Err(Error::new(ErrorKind::LimitExceeded {
-            what: "index file size",
-            value: md.len(),
-            limit: MAX_INDEX_LEN,
-        })
-        .with_file(path));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::from(e).with_file(path))?;
+    let text = crate::io::files::read_capped_text(path, MAX_INDEX_LEN, "index file size")?;
     serde_json::from_str(&text)
-        .map_err(|e| Error::new(ErrorKind::Json(e.to_string())).with_file(path))
+        .map_err(|e| Error::new(ErrorKind::Index(e.to_string())).with_file(path))
 }
 
 /// A sharded checkpoint directory as one tensor source.
@@ -98,9 +94,9 @@ impl ShardedDir {
                     names.dedup();
                     for n in &names {
                         if !safe_file_name(n) {
-                            return Err(Error::malformed(format!(
-                                "index names `{n}`, which is not a file in the directory"
-                            ))
+                            return Err(Error::new(ErrorKind::Index(format!(
+                                "it names `{n}`, which is not a file in the directory"
+                            )))
                             .with_file(p));
                         }
                     }
@@ -148,17 +144,17 @@ impl ShardedDir {
                 match idx.weight_map.get(&t.key) {
                     Some(f) if *f == files[t.file].0 => {}
                     Some(f) => {
-                        return Err(Error::malformed(format!(
-                            "index maps `{}` to {f}, but it is in {}",
+                        return Err(Error::new(ErrorKind::Index(format!(
+                            "it maps `{}` to {f}, but the tensor is in {}",
                             t.key, files[t.file].0
-                        ))
+                        )))
                         .with_file(p))
                     }
                     None => {
-                        return Err(Error::malformed(format!(
-                            "`{}` in {} is missing from the index",
+                        return Err(Error::new(ErrorKind::Index(format!(
+                            "`{}` in {} is missing from it",
                             t.key, files[t.file].0
-                        ))
+                        )))
                         .with_file(p))
                     }
                 }
@@ -172,9 +168,14 @@ impl ShardedDir {
                     .filter(|k| !have.contains(k.as_str()))
                     .take(5)
                     .collect();
-                return Err(Error::malformed(format!(
-                    "index lists tensors that no file holds: {missing:?}"
-                ))
+                return Err(Error::new(ErrorKind::Index(format!(
+                    "it lists tensors that no file holds: {}",
+                    missing
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
                 .with_file(p));
             }
         }

@@ -64,12 +64,13 @@ pub enum InputKind {
 /// files starting with the container magic are containers, anything else is
 /// read as safetensors.
 pub fn input_kind(path: &Path) -> Result<InputKind> {
-    let md = std::fs::metadata(path).map_err(|e| Error::from(e).with_file(path))?;
+    let md = crate::io::files::stat(path)?;
     if md.is_dir() {
         return Ok(InputKind::ShardedDir);
     }
+    // refuses FIFOs, devices and sockets without blocking on them
+    let f = crate::io::files::open_regular(path)?;
     let mut magic = [0u8; 8];
-    let f = std::fs::File::open(path).map_err(|e| Error::from(e).with_file(path))?;
     use std::os::unix::fs::FileExt;
     let is_ckpk =
         md.len() >= 8 && f.read_exact_at(&mut magic, 0).is_ok() && magic == crate::format::MAGIC;
@@ -96,7 +97,7 @@ pub(crate) fn check_unique(tensors: &[SourceTensor], what: &str) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     for t in tensors {
         if !seen.insert(t.key.as_str()) {
-            return Err(Error::new(ErrorKind::Malformed(format!(
+            return Err(Error::new(ErrorKind::Safetensors(format!(
                 "tensor `{}` appears in more than one file of {what}",
                 t.key
             ))));

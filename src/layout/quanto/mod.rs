@@ -48,18 +48,11 @@ fn json_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Json(format!("{what}: {e}")))
 }
 
-/// Reads a small JSON side file with a size cap.
+/// Reads a small JSON side file: a regular file (after following
+/// symlinks), at most [`MAX_SIDE_FILE`] bytes, read up to the cap and no
+/// further whatever the file system claims.
 pub fn read_side_file(path: &Path) -> Result<String> {
-    let md = std::fs::metadata(path).map_err(|e| Error::from(e).with_file(path))?;
-    if md.len() > MAX_SIDE_FILE {
-        return Err(Error::new(ErrorKind::LimitExceeded {
-            what: "side file size",
-            value: md.len(),
-            limit: MAX_SIDE_FILE,
-        })
-        .with_file(path));
-    }
-    std::fs::read_to_string(path).map_err(|e| Error::from(e).with_file(path))
+    crate::io::files::read_capped_text(path, MAX_SIDE_FILE, "side file size")
 }
 
 fn valid_qtype(name: &str) -> bool {
@@ -670,7 +663,7 @@ pub fn qmap_beside(input: &Path) -> Result<Option<QuantoMap>> {
     } else {
         dir.join(QMAP_FILE)
     };
-    if p.is_file() {
+    if crate::io::files::regular_file_exists(&p)? {
         Ok(Some(QuantoMap::from_file(&p)?))
     } else {
         Ok(None)
@@ -685,7 +678,7 @@ pub fn diffusers_beside(input: &Path) -> Result<Option<DiffusersQuanto>> {
         input.parent().map(Path::to_path_buf).unwrap_or_default()
     };
     let p = dir.join("config.json");
-    if p.is_file() {
+    if crate::io::files::regular_file_exists(&p)? {
         DiffusersQuanto::from_config(&read_side_file(&p)?).map_err(|e| e.with_file(&p))
     } else {
         Ok(None)

@@ -1,0 +1,416 @@
+//! Trust: a conversion never deletes or changes what it reads or what the
+//! user did not ask to replace, never launders corrupt bytes, and refuses
+//! hostile files quickly and clearly. Each test here is a regression test
+//! of a defect found by a hostile-input campaign (issue 10).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cli::*;
+
+/// Runs `migrate`, killing it (and failing) if it has not finished within
+/// `secs`: a hang is a failure, not a stuck test suite.
+fn run_within(secs: u64, args: &[&str]) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if t0.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("migrate {args:?} hung for {secs} s: {}", err(&o));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn float() -> PathBuf {
+    fx("bf16-qint8", "float.safetensors")
+}
+
+/// A directory holding a quanto qint8 model and its map.
+fn quanto_dir(at: &Path) -> PathBuf {
+    std::fs::create_dir_all(at).unwrap();
+    for f in ["quantized.safetensors", "quanto_qmap.json"] {
+        let to = if f == "quantized.safetensors" {
+            "model.safetensors"
+        } else {
+            f
+        };
+        std::fs::copy(fx("bf16-qint8", f), at.join(to)).unwrap();
+    }
+    at.to_path_buf()
+}
+
+// ---- item 1: outputs never contain, equal or lie inside what is read ----
+
+#[test]
+fn force_into_a_directory_holding_the_input_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let outer = quanto_dir(&d.path().join("outer"));
+    std::fs::write(outer.join("notes.txt"), b"mine").unwrap();
+    let before = snapshot(d.path());
+    // the input file inside the output directory
+    let o = run(&[
+        "convert",
+        s(&outer.join("model.safetensors")),
+        s(&outer),
+        "--force",
+    ]);
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("contains the input"), "{}", err(&o));
+    // the input directory inside the output directory
+    let inner = quanto_dir(&d.path().join("p/inner"));
+    let before_p = snapshot(d.path());
+    let o = run(&["convert", s(&inner), s(&d.path().join("p")), "--force"]);
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert_eq!(snapshot(d.path()), before_p);
+    // an output under a not-yet-existing directory of the input
+    let o = run(&[
+        "convert",
+        s(&outer),
+        s(&outer.join("sub/out.safetensors")),
+    ]);
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("lies inside"), "{}", err(&o));
+    assert!(!outer.join("sub").exists());
+    // through a symlink to the input's directory
+    std::os::unix::fs::symlink(&outer, d.path().join("link")).unwrap();
+    let o = run(&[
+        "convert",
+        s(&outer.join("model.safetensors")),
+        s(&d.path().join("link/new.safetensors")),
+        "--to",
+        "plain",
+    ]);
+    // beside the input is fine, but the qmap slot is the input's companion
+    assert_ne!(code(&o), 0, "{}", err(&o));
+    // a --qmap or --shapes-from file is read too: the output may not replace it
+    let o = run(&[
+        "convert",
+        s(&float()),
+        s(&d.path().join("q.json")),
+        "--qmap",
+        s(&d.path().join("q.json")),
+    ]);
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    std::fs::remove_file(d.path().join("link")).unwrap();
+    let after: Vec<_> = snapshot(d.path())
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with(d.path().join("p")))
+        .collect();
+    assert_eq!(
+        after,
+        before,
+        "nothing was written, moved or removed: {:?}",
+        entries(&outer)
+    );
+}
+
+#[test]
+fn force_replaces_only_directories_that_ckptkit_wrote() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    run_ok(&["convert", s(&float()), s(&out), "--to", "quanto:qint8"]);
+    let rec = std::fs::read_to_string(out.join(".ckptkit-output.json")).unwrap();
+    assert!(
+        rec.contains("model.safetensors") && rec.contains("quanto_qmap.json"),
+        "{rec}"
+    );
+    // ckptkit's own output: --force replaces it
+    run_ok(&["convert", s(&float()), s(&out), "--to", "plain", "--force"]);
+    assert!(!out.join("quanto_qmap.json").exists());
+    // a file the user put there makes it irreplaceable
+    std::fs::write(out.join("my-notes.txt"), b"keep me").unwrap();
+    let o = run(&["convert", s(&float()), s(&out), "--force"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("my-notes.txt"), "{}", err(&o));
+    assert_eq!(
+        std::fs::read(out.join("my-notes.txt")).unwrap(),
+        b"keep me"
+    );
+    // a directory ckptkit did not write is never replaced
+    let theirs = d.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("model.safetensors"), b"x").unwrap();
+    let o = run(&["convert", s(&float()), s(&theirs), "--force"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert_eq!(std::fs::read(theirs.join("model.safetensors")).unwrap(), b"x");
+    // an empty directory is replaced
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    run_ok(&["convert", s(&float()), s(&empty), "--force"]);
+    assert!(empty.join("model.safetensors").is_file());
+}
+
+// ---- item 3: --force never replaces what is not a file of the expected kind ----
+
+#[test]
+fn force_does_not_replace_fifos_devices_or_directories() {
+    let d = tempfile::tempdir().unwrap();
+    let fifo = d.path().join("out.safetensors");
+    mkfifo(&fifo);
+    let o = run_within(30, &["convert", s(&float()), s(&fifo), "--force"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("FIFO"), "{}", err(&o));
+    assert!(!err(&o).contains("--force"), "{}", err(&o));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    let o = run(&["convert", s(&float()), "/dev/null"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(
+        err(&o).contains("character device") && !err(&o).contains("--force"),
+        "{}",
+        err(&o)
+    );
+    // a directory where a file output goes
+    let dir = d.path().join("x.safetensors");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("keep"), b"k").unwrap();
+    let o = run(&["convert", s(&float()), s(&dir), "--force"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("directory"), "{}", err(&o));
+    assert_eq!(std::fs::read(dir.join("keep")).unwrap(), b"k");
+    // a file where a directory output goes
+    let file = d.path().join("outdir");
+    std::fs::write(&file, b"f").unwrap();
+    let o = run(&["convert", s(&float()), s(&file), "--force"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert_eq!(std::fs::read(&file).unwrap(), b"f");
+}
+
+// ---- item 4: another model's quanto_qmap.json is never removed or replaced ----
+
+#[test]
+fn another_models_qmap_is_neither_removed_nor_replaced() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = quanto_dir(&d.path().join("models"));
+    let before = snapshot(&dir);
+    for to in ["plain", "quanto:qint4"] {
+        let o = run(&[
+            "convert",
+            s(&float()),
+            s(&dir.join("other.safetensors")),
+            "--to",
+            to,
+            "--force",
+        ]);
+        assert_eq!(code(&o), 1, "--to {to}: {}", err(&o));
+        assert!(
+            err(&o).contains("belongs to another weights file")
+                && err(&o).contains("model.safetensors"),
+            "{}",
+            err(&o)
+        );
+        assert_eq!(snapshot(&dir), before, "--to {to}");
+    }
+    // the output's own map goes with it (one journal), with --force
+    let own = d.path().join("own");
+    std::fs::create_dir(&own).unwrap();
+    let m = own.join("m.safetensors");
+    run_ok(&["convert", s(&float()), s(&m), "--to", "quanto:qint8"]);
+    assert!(own.join("quanto_qmap.json").is_file());
+    let o = run(&["convert", s(&float()), s(&m), "--to", "plain"]);
+    assert_eq!(code(&o), 1, "without --force: {}", err(&o));
+    run_ok(&["convert", s(&float()), s(&m), "--to", "plain", "--force"]);
+    assert_eq!(entries(&own), ["m.safetensors"]);
+}
+
+// ---- items 5 and 8: commit journals belong to their writer ----
+
+#[test]
+fn a_killed_writers_commit_is_completed_only_once_it_is_gone() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    let a = dir.join("a.safetensors");
+    // writer 1 stops between its journal and its renames
+    let qmap = fx("bf16-qint8", "quanto_qmap.json");
+    let mut w1 = Command::new(bin())
+        .args(["convert", s(&float()), s(&a), "--like", s(&qmap), "-q"])
+        .env("CKPTKIT_FAULT", "after-journal")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let journal = dir.join(".a.safetensors.ckptkit-commit");
+    let t0 = Instant::now();
+    while !journal.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no journal");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // writer 2, into the same directory with the same side file, runs
+    // meanwhile: it neither completes writer 1's journal nor takes its map
+    let b = dir.join("b.safetensors");
+    let o = run(&["convert", s(&float()), s(&b), "--to", "quanto:qint4"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("another ckptkit process"), "{}", err(&o));
+    assert!(journal.exists(), "writer 1's journal is untouched");
+    assert!(!a.exists() && !b.exists());
+    // read-only commands report the pending commit and change nothing
+    let snap = entries(&dir);
+    let o = run(&["recover", s(&a)]);
+    assert_eq!(code(&o), 1, "still pending: {}", out(&o));
+    assert_eq!(entries(&dir), snap);
+    // writer 1 dies
+    w1.kill().unwrap();
+    w1.wait().unwrap();
+    let o = run_ok(&["recover", s(&a)]);
+    assert!(out(&o).contains("1 commit(s) completed"), "{}", out(&o));
+    run_ok(&["verify", s(&a)]);
+    // the map describes writer 1's model, which loads with it
+    let q = std::fs::read_to_string(dir.join("quanto_qmap.json")).unwrap();
+    assert!(q.contains("qint8") && !q.contains("qint4"), "{q}");
+    run_ok(&["check", s(&a), "--against", s(&fx("bf16-qint8", "quantized.safetensors"))]);
+    // writer 2 now finds the map taken by another model and says so
+    let o = run(&["convert", s(&float()), s(&b), "--to", "quanto:qint4", "--force"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("belongs to another weights file"), "{}", err(&o));
+    assert_eq!(
+        entries(&dir),
+        ["a.safetensors", "quanto_qmap.json"],
+        "no temporaries, locks or journals left"
+    );
+}
+
+#[test]
+fn a_planted_journal_never_makes_a_read_only_command_rename() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = quanto_dir(&d.path().join("m"));
+    let model = dir.join("model.safetensors");
+    // a ckptkit-temporary-looking file and a journal that would rename it
+    // over the model file itself
+    let evil = dir.join(".x.ckptkit-tmp.1.0");
+    std::fs::copy(float(), &evil).unwrap();
+    std::fs::write(
+        dir.join(".model.safetensors.ckptkit-commit"),
+        format!(
+            r#"{{"version":1,"renames":[["{}","model.safetensors"]]}}"#,
+            evil.file_name().unwrap().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let before = snapshot(&dir);
+    for args in [
+        vec!["verify", s(&model)],
+        vec!["inspect", s(&model)],
+        vec!["check", s(&model), "--against", s(&float())],
+    ] {
+        let _ = run(&args);
+        assert_eq!(snapshot(&dir), before, "{args:?} changed the directory");
+    }
+    // recovering refuses it: the temporary is not the model's own
+    let o = run(&["recover", s(&model)]);
+    assert_eq!(code(&o), 1, "{}", out(&o));
+    assert!(err(&o).contains("commit journal"), "{}", err(&o));
+    assert_eq!(snapshot(&dir), before);
+}
+
+// ---- items 10 and 11: side files and inputs that are not regular files ----
+
+#[test]
+fn side_files_that_are_devices_fifos_or_links_to_them_are_refused_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    // a model directory whose index is a link to /dev/zero
+    let m = d.path().join("sharded");
+    std::fs::create_dir(&m).unwrap();
+    std::fs::copy(float(), m.join("model-00001-of-00001.safetensors")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", m.join("model.safetensors.index.json")).unwrap();
+    let o = run_within(30, &["inspect", s(&m)]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("character device"), "{}", err(&o));
+    // quanto_qmap.json and config.json beside a file: a link to /dev/zero, a FIFO
+    for (name, fifo) in [
+        ("quanto_qmap.json", false),
+        ("config.json", false),
+        ("quanto_qmap.json", true),
+        ("config.json", true),
+    ] {
+        let dir = d.path().join(format!("{name}-{fifo}"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(float(), dir.join("model.safetensors")).unwrap();
+        if fifo {
+            mkfifo(&dir.join(name));
+        } else {
+            std::os::unix::fs::symlink("/dev/zero", dir.join(name)).unwrap();
+        }
+        let o = run_within(
+            30,
+            &[
+                "convert",
+                s(&dir.join("model.safetensors")),
+                s(&d.path().join("o.safetensors")),
+            ],
+        );
+        assert_eq!(code(&o), 1, "{name} {fifo}: {}", err(&o));
+        assert!(
+            err(&o).contains(if fifo { "FIFO" } else { "character device" }),
+            "{}",
+            err(&o)
+        );
+    }
+    // --qmap and --like pointing at a device or a FIFO
+    let fifo = d.path().join("q.json");
+    mkfifo(&fifo);
+    let zero = d.path().join("zero.json");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let int8_zero = format!("int8:{}", s(&zero));
+    for args in [
+        vec!["convert", s(&float()), "OUT", "--qmap", "/dev/zero"],
+        vec!["convert", s(&float()), "OUT", "--like", "/dev/zero"],
+        vec!["convert", s(&float()), "OUT", "--like", s(&fifo)],
+        vec!["convert", s(&float()), "OUT", "--to", &int8_zero],
+    ] {
+        let outp = d.path().join("out.safetensors");
+        let args: Vec<&str> = args
+            .into_iter()
+            .map(|a| if a == "OUT" { s(&outp) } else { a })
+            .collect();
+        let o = run_within(30, &args);
+        assert_ne!(code(&o), 0, "{args:?}");
+        assert!(
+            err(&o).contains("not a regular file") || err(&o).contains("is a"),
+            "{args:?}: {}",
+            err(&o)
+        );
+        assert!(!outp.exists());
+    }
+}
+
+#[test]
+fn inputs_that_are_fifos_or_devices_are_refused_without_blocking() {
+    let d = tempfile::tempdir().unwrap();
+    let fifo = d.path().join("in.safetensors");
+    mkfifo(&fifo);
+    for cmd in ["inspect", "verify"] {
+        let o = run_within(30, &[cmd, s(&fifo)]);
+        assert_eq!(code(&o), 1, "{cmd}: {}", err(&o));
+        assert!(err(&o).contains("FIFO"), "{cmd}: {}", err(&o));
+    }
+    let o = run_within(
+        30,
+        &["convert", s(&fifo), s(&d.path().join("o.safetensors"))],
+    );
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    let o = run_within(30, &["verify", "/dev/zero"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(
+        err(&o).contains("character device") && !err(&o).contains("truncated"),
+        "{}",
+        err(&o)
+    );
+}
