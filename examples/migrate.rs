@@ -94,6 +94,12 @@ enum Cmd {
         /// (saves hashing time; `verify` can then check structure only).
         #[arg(long)]
         no_hashes: bool,
+        /// Do not check the bytes read against the hashes the input records
+        /// (a container's manifest, a ckptkit safetensors file's entry).
+        /// By default every byte is checked as it is read, and a mismatch
+        /// fails the conversion with no output.
+        #[arg(long)]
+        no_verify_input: bool,
     },
     /// List layers, layouts, shapes and sizes.
     Inspect {
@@ -351,6 +357,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             allow_lossy,
             max_shard_size,
             no_hashes,
+            no_verify_input,
         } => {
             let target = match &like {
                 Some(r) => like_target(r)?,
@@ -394,6 +401,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 shapes_from,
                 hashes: !no_hashes,
                 extra_reads: like.iter().cloned().collect(),
+                verify_input: !no_verify_input,
             };
             let bar = progress_bar(!(json || cli.quiet || dry_run), &input);
             let s = convert(&input, &output, &opts);
@@ -417,6 +425,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                         "lossless": s.plan.as_ref().map(|p| p.lossless()).unwrap_or(true),
                         "blake3": if dry_run { None } else { output_hash(&output) },
                         "losses": s.losses,
+                        "input_verified": !dry_run && s.input_verified,
                         "plan": s.plan,
                     })
                 );

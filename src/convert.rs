@@ -17,7 +17,7 @@ use crate::io::atomic::{check_interrupt, AtomicDir, DestKind};
 use crate::io::container::{Container, VerifyReport};
 use crate::io::safetensors_file::SafetensorsFile;
 use crate::io::sharded::{find_index, plan_shards, ShardIndex, ShardedDir};
-use crate::io::source::{input_kind, open_source, InputKind, SourceTensor, TensorSource};
+use crate::io::source::{input_kind, open_source, Checked, InputKind, SourceTensor, TensorSource};
 use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter, ZstdOptions};
 use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
 use crate::plan::{plan, Plan, PlanOptions, Target};
@@ -70,6 +70,10 @@ pub struct ConvertOptions {
     /// Other files the conversion reads (a `--like` reference): the output
     /// may not equal, contain or lie inside them.
     pub extra_reads: Vec<PathBuf>,
+    /// Check every byte read against the hashes the input records (a
+    /// container's manifest, a ckptkit safetensors file's `ckptkit.blake3`),
+    /// as it is read; a mismatch fails the conversion with no output.
+    pub verify_input: bool,
 }
 
 impl Default for ConvertOptions {
@@ -85,6 +89,7 @@ impl Default for ConvertOptions {
             shapes_from: None,
             hashes: true,
             extra_reads: Vec::new(),
+            verify_input: true,
         }
     }
 }
@@ -135,6 +140,12 @@ pub struct Summary {
     pub plan: Option<Plan>,
     /// Lossy re-layouts accepted with `allow_lossy`, with their errors.
     pub losses: Vec<crate::plan::Loss>,
+    /// Every byte read was checked against a hash the input records
+    /// (false when some input tensor records none, or with
+    /// `verify_input: false`).
+    pub input_verified: bool,
+    /// Input tensors read whose bytes had no recorded hash to check.
+    pub input_unchecked: u64,
 }
 
 /// Every path a conversion reads: the input, the side files found beside a
@@ -287,9 +298,11 @@ fn convert_opened(
     output: &Path,
     opts: &ConvertOptions,
     kind: InputKind,
-    src: &dyn TensorSource,
+    raw: &dyn TensorSource,
     t0: Instant,
 ) -> Result<Summary> {
+    // every byte read is checked against the hashes the input records
+    let src = Checked::new(raw, opts.verify_input);
     let tensors = src.tensors().to_vec();
     let bytes_in: u64 = tensors.iter().map(|t| t.len).sum();
     let okind = output_kind(output);
@@ -299,13 +312,13 @@ fn convert_opened(
         || okind == OutputKind::Safetensors
         || (okind == OutputKind::Directory && !multi_file)
     {
-        match convert_planned(input, output, src, okind, opts, t0) {
+        match convert_planned(input, output, &src, okind, opts, t0) {
             Err(e)
                 if opts.target == Target::Keep && matches!(e.kind(), ErrorKind::Ambiguous(_)) => {}
             r => return r,
         }
     }
-    let layers = match input_layers(input, src, opts) {
+    let layers = match input_layers(input, &src, opts) {
         Ok(l) => Some(l),
         // a byte copy to safetensors needs no understanding of the layers
         Err(e) if okind != OutputKind::Container && matches!(e.kind(), ErrorKind::Ambiguous(_)) => {
@@ -331,14 +344,15 @@ fn convert_opened(
         OutputKind::Safetensors => {
             let mut md = src.metadata().clone();
             md.entry("format".into()).or_insert_with(|| "pt".into());
-            write_safetensors(src, &tensors, output, &md, opts)?;
+            write_safetensors(&src, &tensors, output, &md, opts)?;
             vec![output.to_path_buf()]
         }
         OutputKind::Container => {
-            write_container(src, input, output, layers, opts)?;
+            let carry = Carry::of(input, raw)?;
+            write_container(&src, output, layers, &carry, opts)?;
             vec![output.to_path_buf()]
         }
-        OutputKind::Directory => write_directory(src, kind, input, output, opts)?,
+        OutputKind::Directory => write_directory(&src, kind, input, output, opts)?,
     };
     let mut bytes_out = 0;
     for f in &files {
@@ -353,7 +367,46 @@ fn convert_opened(
         seconds: t0.elapsed().as_secs_f64(),
         plan: None,
         losses: Vec::new(),
+        input_verified: opts.verify_input && src.unchecked() == 0,
+        input_unchecked: src.unchecked(),
     })
+}
+
+/// What a container output carries over from its input besides tensors
+/// and layers: a container input's user metadata and extensions, and the
+/// input as provenance.
+#[derive(Debug, Clone, Default)]
+struct Carry {
+    metadata: BTreeMap<String, String>,
+    extensions: Vec<crate::format::manifest::Extension>,
+    sources: Vec<SourceFile>,
+}
+
+impl Carry {
+    fn of(input: &Path, src: &dyn TensorSource) -> Result<Carry> {
+        let size = std::fs::metadata(input)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let sources = vec![SourceFile {
+            path: input.display().to_string(),
+            size,
+            blake3: None,
+        }];
+        if input_kind(input)? != InputKind::Container {
+            return Ok(Carry {
+                sources,
+                ..Default::default()
+            });
+        }
+        let c = Container::open(input)?;
+        Ok(Carry {
+            metadata: src.metadata().clone(),
+            extensions: c.manifest().extensions.clone(),
+            sources,
+        })
+    }
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -402,8 +455,48 @@ pub fn check_free_space(output: &Path, need: u64) -> Result<()> {
     Ok(())
 }
 
-/// A sink for one tensor's bytes (positioned, thread-safe).
-type WriteFn<'a> = dyn Fn(&str, &[u8]) -> Result<()> + Sync + 'a;
+/// Where tensors go: a writer that takes whole tensors or streams them,
+/// from several threads (positioned writes).
+trait Sink: Sync {
+    /// Writes one whole tensor.
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<()>;
+    /// Writes one tensor streamed by `feed`; returns its blake3 when asked
+    /// (or when the sink hashes anyway).
+    fn put_from(
+        &self,
+        key: &str,
+        want_hash: bool,
+        feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<Option<crate::format::manifest::Hash>>;
+}
+
+impl Sink for SafetensorsWriter {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        self.write_tensor(key, bytes)
+    }
+    fn put_from(
+        &self,
+        key: &str,
+        want_hash: bool,
+        feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<Option<crate::format::manifest::Hash>> {
+        self.write_from(key, want_hash, feed)
+    }
+}
+
+impl Sink for ContainerWriter {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        self.write_tensor(key, bytes).map(|_| ())
+    }
+    fn put_from(
+        &self,
+        key: &str,
+        _want_hash: bool,
+        feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<Option<crate::format::manifest::Hash>> {
+        self.write_from(key, feed).map(Some)
+    }
+}
 
 fn plan_of(tensors: &[&SourceTensor]) -> Vec<(String, Dtype, Vec<u64>)> {
     tensors
@@ -412,22 +505,45 @@ fn plan_of(tensors: &[&SourceTensor]) -> Vec<(String, Dtype, Vec<u64>)> {
         .collect()
 }
 
-/// Copies tensors from a source into a positioned writer in parallel.
-fn copy_parallel(
-    src: &dyn TensorSource,
-    tensors: &[&SourceTensor],
-    write: &WriteFn<'_>,
-) -> Result<()> {
-    tensors.par_iter().try_for_each(|t| {
-        check_interrupt()?;
-        let b = src.read(&t.key)?;
-        write(&t.key, &b)?;
-        Ok(())
-    })
+/// Copies one tensor from `from` (a source key) to `to` (an output key),
+/// streamed piece by piece whatever its size; the bytes are hashed as they
+/// are written and, when the source records a hash and `src` verifies,
+/// checked against it (a mismatch fails the conversion like `verify`).
+fn copy_one(src: &Checked<'_>, from: &str, to: &str, sink: &dyn Sink) -> Result<()> {
+    check_interrupt()?;
+    let want = if src.verifying() {
+        src.recorded_hash(from)?
+    } else {
+        None
+    };
+    let got = sink.put_from(to, want.is_some(), &mut |put| {
+        src.inner().read_pieces(from, put)
+    })?;
+    match (want, got) {
+        (Some(w), Some(g)) if w != g => Err(crate::io::source::hash_mismatch(
+            src.inner(),
+            from,
+            &w,
+            &g,
+        )),
+        (Some(_), _) => Ok(()),
+        (None, _) => {
+            src.note_unchecked();
+            Ok(())
+        }
+    }
+}
+
+/// Copies tensors from a source into a positioned writer in parallel,
+/// streamed and checked ([`copy_one`]).
+fn copy_parallel(src: &Checked<'_>, tensors: &[&SourceTensor], sink: &dyn Sink) -> Result<()> {
+    tensors
+        .par_iter()
+        .try_for_each(|t| copy_one(src, &t.key, &t.key, sink))
 }
 
 fn write_safetensors(
-    src: &dyn TensorSource,
+    src: &Checked<'_>,
     tensors: &[SourceTensor],
     output: &Path,
     md: &BTreeMap<String, String>,
@@ -435,16 +551,16 @@ fn write_safetensors(
 ) -> Result<()> {
     let refs: Vec<&SourceTensor> = tensors.iter().collect();
     let w = SafetensorsWriter::create(output, &plan_of(&refs), md, opts.overwrite, opts.hashes)?;
-    copy_parallel(src, &refs, &|k, b| w.write_tensor(k, b))?;
+    copy_parallel(src, &refs, &w)?;
     w.finish()?;
     Ok(())
 }
 
 fn write_container(
-    src: &dyn TensorSource,
-    input: &Path,
+    src: &Checked<'_>,
     output: &Path,
     layers: Option<Vec<Layer>>,
+    carry: &Carry,
     opts: &ConvertOptions,
 ) -> Result<()> {
     let mut w = ContainerWriter::create(
@@ -454,42 +570,48 @@ fn write_container(
             overwrite: opts.overwrite,
         },
     )?;
+    copy_shards(src, &mut w, opts.compression.is_some())?;
+    w.finish_with_provenance(
+        layers,
+        carry.metadata.clone(),
+        carry.extensions.clone(),
+        carry.sources.clone(),
+    )?;
+    Ok(())
+}
+
+/// Copies every file (shard) of a source into a container writer as one
+/// shard each, keeping names and metadata.
+fn copy_shards(src: &Checked<'_>, w: &mut ContainerWriter, compressed: bool) -> Result<()> {
     let names = src.files();
+    let mut by_file: Vec<Vec<&SourceTensor>> = vec![Vec::new(); names.len()];
+    for t in src.tensors() {
+        if let Some(v) = by_file.get_mut(t.file) {
+            v.push(t);
+        }
+    }
     for (fi, name) in names.iter().enumerate() {
-        let ts: Vec<&SourceTensor> = src.tensors().iter().filter(|t| t.file == fi).collect();
-        let plan = plan_of(&ts);
+        let ts = &by_file[fi];
+        let plan = plan_of(ts);
         w.begin_shard(name, &plan, &src.file_metadata(fi))?;
-        if opts.compression.is_some() {
+        if compressed {
+            // compressed shards take tensors in data order, each streamed
+            // chunk by chunk
             let mut order = plan.clone();
             crate_order(&mut order);
             for (k, _, _) in &order {
-                check_interrupt()?;
-                let b = src.read(k)?;
-                w.write_tensor(k, &b)?;
+                copy_one(src, k, k, w)?;
             }
         } else {
-            let wr = &w;
-            copy_parallel(src, &ts, &|k, b| wr.write_tensor(k, b).map(|_| ()))?;
+            copy_parallel(src, ts, w)?;
         }
         w.finish_shard()?;
     }
-    let metadata = if input_kind(input)? == InputKind::Container {
-        src.metadata().clone()
-    } else {
-        BTreeMap::new()
-    };
-    let size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
-    let sources = vec![SourceFile {
-        path: input.display().to_string(),
-        size,
-        blake3: None,
-    }];
-    w.finish_with_provenance(layers, metadata, Vec::new(), sources)?;
     Ok(())
 }
 
 fn write_directory(
-    src: &dyn TensorSource,
+    src: &Checked<'_>,
     kind: InputKind,
     input: &Path,
     output: &Path,
@@ -536,7 +658,7 @@ fn write_directory(
         md.entry("format".into()).or_insert_with(|| "pt".into());
         let p = dir.path().join(name);
         let w = SafetensorsWriter::create(&p, &plan_of(ts), &md, false, opts.hashes)?;
-        copy_parallel(src, ts, &|k, b| w.write_tensor(k, b))?;
+        copy_parallel(src, ts, &w)?;
         w.finish()?;
         for t in ts {
             index.weight_map.insert(t.key.clone(), name.clone());
@@ -616,7 +738,7 @@ pub fn model_stem(files: &[String]) -> String {
 /// `{stem}-0000k-of-0000n.safetensors` + `{stem}.safetensors.index.json`
 /// (+ `quanto_qmap.json`) into an existing directory.
 fn write_model_dir(
-    src: &dyn TensorSource,
+    src: &Checked<'_>,
     p: &Plan,
     losses: &Losses,
     dir: &Path,
@@ -636,7 +758,7 @@ fn write_model_dir(
         };
         let outs = outputs_of(p, g);
         let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, false, opts.hashes)?;
-        run_layers(src, p, g, losses, &|k, b| w.write_tensor(k, b))?;
+        run_layers(src, p, g, losses, &w)?;
         w.finish()?;
         for (k, d, s) in outs {
             total += crate::dtype::byte_len(d, &s)?;
@@ -836,11 +958,11 @@ pub fn qmap_for(p: &Plan) -> QuantoMap {
 type Losses = std::sync::Mutex<Vec<crate::plan::Loss>>;
 
 fn run_layers(
-    src: &dyn TensorSource,
+    src: &Checked<'_>,
     p: &Plan,
     idx: &[usize],
     losses: &Losses,
-    write: &WriteFn<'_>,
+    sink: &dyn Sink,
 ) -> Result<()> {
     idx.par_iter().try_for_each(|&i| {
         check_interrupt()?;
@@ -848,7 +970,11 @@ fn run_layers(
         let (tensors, loss) =
             crate::plan::execute(src, lp).map_err(|e| e.with_layer(lp.path.clone()))?;
         for (k, b) in tensors {
-            write(&k, &b)?;
+            match b {
+                crate::plan::Produced::Bytes(b) => sink.put(&k, &b)?,
+                crate::plan::Produced::Copy(from) => copy_one(src, &from, &k, sink)
+                    .map_err(|e| e.with_layer(lp.path.clone()))?,
+            }
         }
         if let Some(l) = loss {
             if let Ok(mut g) = losses.lock() {
@@ -862,7 +988,7 @@ fn run_layers(
 fn convert_planned(
     input: &Path,
     output: &Path,
-    src: &dyn TensorSource,
+    src: &Checked<'_>,
     okind: OutputKind,
     opts: &ConvertOptions,
     t0: Instant,
@@ -890,6 +1016,8 @@ fn convert_planned(
         seconds: 0.0,
         plan: None,
         losses: Vec::new(),
+        input_verified: false,
+        input_unchecked: 0,
     };
     if opts.dry_run {
         summary.seconds = t0.elapsed().as_secs_f64();
@@ -910,7 +1038,7 @@ fn convert_planned(
             let w =
                 SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite, opts.hashes)?;
             let all: Vec<usize> = (0..p.layers.len()).collect();
-            run_layers(src, &p, &all, &losses, &|k, b| w.write_tensor(k, b))?;
+            run_layers(src, &p, &all, &losses, &w)?;
             commit_with_qmap(&p, w, slot)?;
         }
         OutputKind::Directory => {
@@ -921,68 +1049,34 @@ fn convert_planned(
             dir.commit()?;
         }
         OutputKind::Container => {
+            let carry = Carry::of(input, src.inner())?;
+            let co = ContainerOptions {
+                compression: opts.compression,
+                overwrite: opts.overwrite,
+            };
             if opts.compression.is_some() {
-                // compressed shards take tensors in data order; write the
-                // migrated layers uncompressed beside the output, then pack.
-                let tmp = crate::io::atomic::temp_path_for(output).with_extension("ckpk");
-                let mut o = opts.clone();
-                o.compression = None;
-                o.overwrite = false;
-                let r = convert_planned(input, &tmp, src, OutputKind::Container, &o, t0).and_then(
-                    |_| {
-                        let mut k = opts.clone();
-                        k.target = Target::Keep;
-                        convert(&tmp, output, &k)
-                    },
-                );
-                let _ = std::fs::remove_file(&tmp);
-                r?;
-            } else {
-                let mut w = ContainerWriter::create(
-                    output,
-                    ContainerOptions {
-                        compression: None,
-                        overwrite: opts.overwrite,
-                    },
-                )?;
-                let groups = group_layers(&p, opts.max_shard_size);
-                let n = groups.len();
-                let mut out_layers = Vec::new();
-                for (gi, g) in groups.iter().enumerate() {
-                    let name = if n == 1 {
-                        "model.safetensors".to_string()
-                    } else {
-                        format!("model-{:05}-of-{n:05}.safetensors", gi + 1)
-                    };
-                    w.begin_shard(&name, &outputs_of(&p, g), &md)?;
-                    {
-                        let wr = &w;
-                        run_layers(src, &p, g, &losses, &|k, b| {
-                            wr.write_tensor(k, b).map(|_| ())
-                        })?;
-                    }
-                    w.finish_shard()?;
-                    for &i in g {
-                        let mut l = p.layers[i].output.clone();
-                        for t in &mut l.tensors {
-                            for part in &mut t.parts {
-                                part.shard = gi as u32;
-                            }
-                        }
-                        out_layers.push(l);
-                    }
-                }
-                let size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+                // compressed shards take tensors in data order, which
+                // interleaves layers: the migrated layers are staged in an
+                // uncompressed container beside the output (a temporary of
+                // the output's, removed whatever happens), then packed
+                let mut w = ContainerWriter::create(output, co)?;
+                let stage = crate::io::atomic::temp_path_for(output);
+                let _cleanup = RemoveOnDrop(stage.clone());
+                let staged = ContainerOptions {
+                    compression: None,
+                    overwrite: false,
+                };
+                write_planned_container(src, &p, &losses, &stage, staged, &md, &Carry::default(), opts)?;
+                let c = Container::open(&stage)?;
+                copy_shards(&Checked::new(&c, true), &mut w, true)?;
                 w.finish_with_provenance(
-                    Some(out_layers),
-                    BTreeMap::new(),
-                    Vec::new(),
-                    vec![SourceFile {
-                        path: input.display().to_string(),
-                        size,
-                        blake3: None,
-                    }],
+                    Some(c.layers().to_vec()),
+                    carry.metadata,
+                    carry.extensions,
+                    carry.sources,
                 )?;
+            } else {
+                write_planned_container(src, &p, &losses, output, co, &md, &carry, opts)?;
             }
         }
     }
@@ -990,15 +1084,62 @@ fn convert_planned(
     summary.bytes_out = dir_size(output);
     summary.plan = Some(p);
     summary.losses = losses.into_inner().unwrap_or_default();
+    summary.input_verified = opts.verify_input && src.unchecked() == 0;
+    summary.input_unchecked = src.unchecked();
     Ok(summary)
 }
 
-fn parent_of(p: &Path) -> PathBuf {
-    let d = p
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    d.canonicalize().unwrap_or_else(|_| d.to_path_buf())
+/// Removes a path when dropped (a staging file).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes a plan's output as an uncompressed container at `dest`.
+#[allow(clippy::too_many_arguments)]
+fn write_planned_container(
+    src: &Checked<'_>,
+    p: &Plan,
+    losses: &Losses,
+    dest: &Path,
+    co: ContainerOptions,
+    md: &BTreeMap<String, String>,
+    carry: &Carry,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    let mut w = ContainerWriter::create(dest, co)?;
+    let groups = group_layers(p, opts.max_shard_size);
+    let n = groups.len();
+    let mut out_layers = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        let name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", gi + 1)
+        };
+        w.begin_shard(&name, &outputs_of(p, g), md)?;
+        run_layers(src, p, g, losses, &w)?;
+        w.finish_shard()?;
+        for &i in g {
+            let mut l = p.layers[i].output.clone();
+            for t in &mut l.tensors {
+                for part in &mut t.parts {
+                    part.shard = gi as u32;
+                }
+            }
+            out_layers.push(l);
+        }
+    }
+    w.finish_with_provenance(
+        Some(out_layers),
+        carry.metadata.clone(),
+        carry.extensions.clone(),
+        carry.sources.clone(),
+    )?;
+    Ok(())
 }
 
 /// What happens to the `quanto_qmap.json` beside a safetensors output.
@@ -1044,18 +1185,6 @@ fn claim_qmap_slot(
     }
     if exists {
         crate::io::atomic::check_destination(&qpath, crate::io::atomic::DestKind::File, true)?;
-        let input_dir = if input.is_dir() {
-            input.canonicalize().unwrap_or_else(|_| input.to_path_buf())
-        } else {
-            parent_of(input)
-        };
-        if parent_of(output) == input_dir {
-            return Err(Error::usage(format!(
-                "{} would {} the input's {QMAP_FILE}; write the output to another directory",
-                output.display(),
-                if quanto { "replace" } else { "remove" }
-            )));
-        }
         let others = other_weight_files(output)?;
         if !others.is_empty() {
             return Err(Error::new(ErrorKind::Conflict(format!(
@@ -1312,6 +1441,35 @@ fn verify_dir(dir: &Path, depth: u32, r: &mut VerifyReport) -> Result<()> {
     Ok(())
 }
 
+/// Copies a file that is carried unchanged into an output, reading only a
+/// regular file and naming the right path in errors: the input when reading
+/// fails, the output (`shown`, its final name) when writing does (a full
+/// disk is the output's problem).
+fn copy_file(from: &Path, to: &Path, shown: &Path) -> Result<u64> {
+    use std::io::{Read, Write};
+    let mut r = crate::io::files::open_regular(from)?;
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .map_err(|e| Error::from(e).with_file(shown))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        check_interrupt()?;
+        let k = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::from(e).with_file(from).with_offset(n)),
+        };
+        w.write_all(&buf[..k])
+            .map_err(|e| Error::from(e).with_file(shown).with_offset(n))?;
+        n += k as u64;
+    }
+    Ok(n)
+}
+
 /// True when a directory is a training checkpoint (sub-directories, or files
 /// other than weights and JSON side files) rather than one model's weights.
 pub fn is_training_checkpoint(dir: &Path) -> Result<bool> {
@@ -1431,12 +1589,13 @@ pub fn convert_checkpoint_dir(
         check_interrupt()?;
         let to = dir.path().join(rel);
         if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent)?;
+            std::fs::create_dir_all(parent).map_err(|e| Error::from(e).with_file(parent))?;
         }
-        std::fs::copy(input.join(rel), &to)
-            .map_err(|e| Error::from(e).with_file(input.join(rel)))?;
+        copy_file(&input.join(rel), &to, &output.join(rel))?;
     }
-    for (((rel, _), src), p) in models.iter().zip(&sources).zip(&plans) {
+    let mut unchecked = 0;
+    for (((rel, _), raw), p) in models.iter().zip(&sources).zip(&plans) {
+        let src = &Checked::new(raw, opts.verify_input);
         let out = dir.path().join(rel);
         std::fs::create_dir_all(&out)?;
         let mut md = src.metadata().clone();
@@ -1447,8 +1606,11 @@ pub fn convert_checkpoint_dir(
         }
         write_model_dir(src, p, &losses, &out, &model_stem(&src.files()), &md, opts)?;
         update_config(&input.join(rel), &out.join("config.json"), p)?;
+        unchecked += src.unchecked();
     }
     dir.commit()?;
+    summary.input_verified = opts.verify_input && unchecked == 0;
+    summary.input_unchecked = unchecked;
     summary.files = vec![output.to_path_buf()];
     summary.bytes_out = dir_size(output);
     summary.seconds = t0.elapsed().as_secs_f64();

@@ -953,6 +953,9 @@ pub fn layout_detect(data: &[u8]) {
         for lp in &p.layers {
             if let Ok((out, _)) = crate::plan::execute(&f, lp) {
                 for (k, b) in out {
+                    let Ok(b) = b.bytes(&f) else {
+                        fail!("{name}: copied tensor {k} cannot be read")
+                    };
                     let Some(part) = lp.output.parts().find(|q| q.key == k) else {
                         fail!("{name}: executed tensor {k} is not in the plan")
                     };
@@ -1044,7 +1047,7 @@ pub fn migration(data: &[u8]) {
             let (out, _) = execute(s, lp).ok()?;
             for (k, bytes) in out {
                 let part = lp.output.parts().find(|q| q.key == k)?;
-                items.push((k, part.dtype, part.shape.clone(), bytes.into_vec()));
+                items.push((k, part.dtype, part.shape.clone(), bytes.bytes(s).ok()?.into_vec()));
             }
         }
         Some(MemSource::new(items))

@@ -955,9 +955,30 @@ fn dequantize_any(
     int8::dequantize(&d, w.shape[0], w.shape[1], &qw, v.dtype, to)
 }
 
+/// One output tensor of a layer: bytes computed by a pass, or a stored
+/// tensor of the source copied unchanged (streamed by the sink, whatever
+/// its size).
+#[derive(Debug)]
+pub enum Produced {
+    /// Bytes computed by a pass.
+    Bytes(TensorBytes),
+    /// The source tensor with this key, copied unchanged.
+    Copy(String),
+}
+
+impl Produced {
+    /// The bytes themselves (a copy is read whole from `src`).
+    pub fn bytes(self, src: &dyn TensorSource) -> Result<TensorBytes> {
+        match self {
+            Produced::Bytes(b) => Ok(b),
+            Produced::Copy(k) => src.read(&k),
+        }
+    }
+}
+
 /// The output of one layer: (key, bytes) per tensor, and what an accepted
 /// lossy re-layout changed.
-pub type Executed = (Vec<(String, TensorBytes)>, Option<Loss>);
+pub type Executed = (Vec<(String, Produced)>, Option<Loss>);
 
 /// What a lossy re-layout changed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -1081,7 +1102,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
             {
                 // output parts mirror the source's (keys may be renamed)
                 for (p, sp) in t.parts.iter().zip(&s.parts) {
-                    out.push((p.key.clone(), src.read(&sp.key)?));
+                    out.push((p.key.clone(), Produced::Copy(sp.key.clone())));
                 }
             }
             (Encoding::Quantized, Some(s)) => match &lp.output.quant.weights {
@@ -1102,7 +1123,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                             Role::Scale => scale.clone(),
                             _ => return Err(Error::layout("unexpected role")),
                         };
-                        out.push((p.key.clone(), TensorBytes::Owned(b)));
+                        out.push((p.key.clone(), Produced::Bytes(TensorBytes::Owned(b))));
                     }
                 }
                 WeightQuant::Quanto { qtype, group_size } => {
@@ -1129,7 +1150,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                         .ok_or_else(|| {
                             Error::layout(format!("no quantized bytes for part `{}`", p.key))
                         })?;
-                        out.push((p.key.clone(), TensorBytes::Owned(b)));
+                        out.push((p.key.clone(), Produced::Bytes(TensorBytes::Owned(b))));
                     }
                 }
                 WeightQuant::Int8 { layout, descriptor } => {
@@ -1176,18 +1197,30 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                             }
                             _ => return Err(Error::layout("unexpected role")),
                         };
-                        out.push((p.key.clone(), TensorBytes::Owned(b)));
+                        out.push((p.key.clone(), Produced::Bytes(TensorBytes::Owned(b))));
                     }
                 }
                 WeightQuant::Plain => {
                     return Err(Error::layout("quantized output without a layout record"))
                 }
             },
+            (Encoding::Plain, Some(s)) if s.encoding == Encoding::Plain && s.dtype == t.dtype => {
+                out.push((
+                    t.parts[0].key.clone(),
+                    Produced::Copy(s.parts[0].key.clone()),
+                ));
+            }
             (Encoding::Plain, Some(s)) => {
-                out.push((t.parts[0].key.clone(), float_input(src, l, s, t.dtype)?));
+                out.push((
+                    t.parts[0].key.clone(),
+                    Produced::Bytes(float_input(src, l, s, t.dtype)?),
+                ));
             }
             (Encoding::Plain, None) if ACT_SCALES.contains(&t.name.as_str()) => {
-                out.push((t.parts[0].key.clone(), TensorBytes::Owned(one(t.dtype))));
+                out.push((
+                    t.parts[0].key.clone(),
+                    Produced::Bytes(TensorBytes::Owned(one(t.dtype))),
+                ));
             }
             _ => {
                 return Err(

@@ -532,10 +532,20 @@ fn safetensors_outputs_carry_hashes_that_verify_checks() {
         e.contains("integrity check failed") && e.contains(key) && e.contains(&off.to_string()),
         "{e}"
     );
-    // converting the corrupted file still works (hashes are checked by verify),
-    // and the new output's hashes describe the new bytes
+    // converting the corrupted file fails like verify, with no output
     let re = d.path().join("re.safetensors");
-    assert_eq!(code(&run(&["convert", s(&bad), s(&re)])), 0);
+    let o = run(&["convert", s(&bad), s(&re)]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        err(&o).contains("integrity check failed") && err(&o).contains(key),
+        "{}",
+        err(&o)
+    );
+    assert!(!re.exists());
+    // unless the user opts out; the new output's hashes describe the new bytes
+    let o = run_ok(&["convert", s(&bad), s(&re), "--no-verify-input", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(v["input_verified"], false);
     assert_eq!(code(&run(&["verify", s(&re)])), 0);
 
     // a file not written by ckptkit: structure only, said so

@@ -158,7 +158,7 @@ fn migrate(src: &Mem, target: &Target, lossy: bool) -> Result<Mem, Error> {
         let (out, _) = execute(src, lp)?;
         for (k, b) in out {
             let part = lp.output.parts().find(|q| q.key == k).unwrap();
-            items.push((k, part.dtype, part.shape.clone(), b.into_vec()));
+            items.push((k, part.dtype, part.shape.clone(), b.bytes(src)?.into_vec()));
         }
     }
     Ok(Mem::new(items))

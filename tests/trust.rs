@@ -414,3 +414,101 @@ fn inputs_that_are_fifos_or_devices_are_refused_without_blocking() {
         err(&o)
     );
 }
+
+// ---- item 2: conversions check every byte they read against recorded hashes ----
+
+#[test]
+fn corrupt_inputs_are_not_laundered_into_outputs_that_verify() {
+    let d = tempfile::tempdir().unwrap();
+    let q = fx("bf16-qint8", "quantized.safetensors");
+    // ckptkit-written inputs: a container (plain and compressed) and a
+    // safetensors file with its ckptkit.blake3 entry
+    let ck = d.path().join("m.ckpk");
+    let ckz = d.path().join("mz.ckpk");
+    std::fs::create_dir(d.path().join("st")).unwrap();
+    let st = d.path().join("st/m.safetensors");
+    run_ok(&["convert", s(&q), s(&ck)]);
+    run_ok(&["convert", s(&q), s(&ckz), "--compress", "zstd"]);
+    run_ok(&["convert", s(&q), s(&st), "--qmap", s(&fx("bf16-qint8", "quanto_qmap.json"))]);
+    // a clean conversion says its input was verified
+    let o = run_ok(&["convert", s(&ck), s(&d.path().join("ok/ok.safetensors")), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(v["input_verified"], true, "{v}");
+    // a foreign file records no hashes: converted, reported unverified
+    let o = run_ok(&["convert", s(&q), s(&d.path().join("f.ckpk")), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(v["input_verified"], false, "{v}");
+    // flip one bit in the data of a tensor of each input
+    let c = ckptkit::Container::open(&ck).unwrap();
+    let key = "lin_i128.weight._data";
+    let flip = |src: &Path, off: usize, name: &str| -> PathBuf {
+        let mut b = std::fs::read(src).unwrap();
+        b[off] ^= 0x04;
+        let p = d.path().join(name);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let si = c
+        .manifest()
+        .shards
+        .iter()
+        .position(|sh| sh.tensors.iter().any(|t| t.key == key))
+        .unwrap();
+    let sh = &c.manifest().shards[si];
+    let start = ckptkit::SafetensorsFile::open(&st)
+        .unwrap()
+        .header()
+        .get(key)
+        .unwrap()
+        .start as usize;
+    let _ = start;
+    let bad_ck = {
+        // offset of the tensor's data inside the container
+        let t = sh.tensors.iter().position(|t| t.key == key).unwrap();
+        let hdr = c.shard_header_bytes(si as u32).unwrap().len();
+        let mut off = sh.offset as usize + hdr;
+        let f = ckptkit::format::st_header::parse(c.shard_header_bytes(si as u32).unwrap(), None)
+            .unwrap();
+        off += f.tensors.iter().find(|x| x.key == sh.tensors[t].key).unwrap().start as usize;
+        flip(&ck, off + 1, "bad.ckpk")
+    };
+    let bad_st = {
+        let f = ckptkit::SafetensorsFile::open(&st).unwrap();
+        let off = (f.header().header_len + f.header().get(key).unwrap().start) as usize;
+        flip(&st, off + 1, "st/bad.safetensors")
+    };
+    // compressed: flip a byte in the middle of the file (inside a chunk)
+    let zlen = std::fs::metadata(&ckz).unwrap().len() as usize;
+    let bad_z = flip(&ckz, zlen / 2, "badz.ckpk");
+    for bad in [&bad_ck, &bad_st, &bad_z] {
+        assert_ne!(code(&run(&["verify", s(bad)])), 0, "{}", bad.display());
+        for (out_name, extra) in [
+            ("o.safetensors", vec![]),
+            ("o.ckpk", vec![]),
+            ("oz.ckpk", vec!["--compress", "zstd"]),
+            ("odir", vec![]),
+            ("plain.safetensors", vec!["--to", "plain"]),
+            ("int8.safetensors", vec!["--to", "int8"]),
+        ] {
+            let outp = d.path().join("outs").join(out_name);
+            let mut args = vec!["convert", s(bad), s(&outp)];
+            args.extend(extra);
+            let o = run(&args);
+            assert_eq!(code(&o), 1, "{args:?}: {}", err(&o));
+            assert!(
+                err(&o).contains("integrity check failed")
+                    || err(&o).contains("cannot be decoded"),
+                "{args:?}: {}",
+                err(&o)
+            );
+            assert!(
+                !d.path().join("outs").exists() || entries(&d.path().join("outs")).is_empty(),
+                "{args:?} left {:?}",
+                entries(&d.path().join("outs"))
+            );
+        }
+    }
+    // the message names the tensor (and for plain data, where it is)
+    let o = run(&["convert", s(&bad_st), s(&d.path().join("x.safetensors"))]);
+    assert!(err(&o).contains(key) && err(&o).contains("byte "), "{}", err(&o));
+}

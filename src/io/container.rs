@@ -13,7 +13,7 @@ use crate::format::manifest::{Layer, Manifest, Shard, StoredTensor};
 use crate::format::st_header::{self, StHeader};
 use crate::format::validate::{self, Placement, TensorLoc};
 use crate::format::{decode_manifest, HEADER_LEN};
-use crate::io::source::{check_unique, SourceTensor, TensorSource};
+use crate::io::source::{check_unique, SourceTensor, TensorSource, PIECE};
 use crate::io::{hash_range, map_window, read_at, TensorBytes};
 
 /// An open, structurally validated container.
@@ -402,10 +402,82 @@ impl TensorSource for Container {
             .unwrap_or_default()
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {
+        let s = self.shard_of(key)?;
+        self.read_tensor(s, key)
+    }
+    fn read_pieces(&self, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let s = self.shard_of(key)?;
+        self.read_tensor_pieces(s, key, f)
+    }
+    fn recorded_hash(&self, key: &str) -> Result<Option<crate::format::manifest::Hash>> {
+        let s = self.shard_of(key)?;
+        Ok(Some(self.stored(s, key)?.0.blake3))
+    }
+    fn location(&self, key: &str) -> crate::error::Location {
+        let mut l = crate::error::Location {
+            file: Some(self.path.clone()),
+            tensor: Some(key.to_string()),
+            ..Default::default()
+        };
+        if let Ok(s) = self.shard_of(key) {
+            l.shard = Some(s);
+            if let Ok((_, loc)) = self.stored(s, key) {
+                l.offset = Some(match loc {
+                    TensorLoc::Plain { offset, .. } => *offset,
+                    TensorLoc::Chunked { chunks, .. } => {
+                        chunks.first().map(|c| c.offset).unwrap_or(0)
+                    }
+                });
+            }
+        }
+        l
+    }
+}
+
+impl Container {
+    fn shard_of(&self, key: &str) -> Result<u32> {
         check_unique(&self.inventory, &self.path.display().to_string())?;
         let (s, _) = self.key_index.get(key).copied().ok_or_else(|| {
             Error::new(ErrorKind::NotFound(format!("tensor `{key}`"))).with_file(&self.path)
         })?;
-        self.read_tensor(s, key)
+        Ok(s)
+    }
+
+    /// Streams one stored tensor's bytes in pieces: mapped windows of at
+    /// most [`PIECE`] bytes of an uncompressed shard, or one decoded chunk
+    /// at a time of a compressed one (at most 16 MiB, whatever the tensor
+    /// claims). Not hash-checked.
+    pub fn read_tensor_pieces(
+        &self,
+        shard: u32,
+        key: &str,
+        f: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let (t, loc) = self.stored(shard, key)?;
+        let at = |e: Error| e.with_file(&self.path).with_shard(shard).with_tensor(key);
+        match loc {
+            TensorLoc::Plain { offset, len } => {
+                let mut done = 0u64;
+                while done < *len {
+                    let n = (*len - done).min(PIECE as u64);
+                    let w = map_window(&self.file, &self.path, offset + done, n).map_err(at)?;
+                    f(&w)?;
+                    done += n;
+                }
+            }
+            TensorLoc::Chunked { codec, chunks, .. } => {
+                let mut stored = Vec::new();
+                let mut raw = Vec::new();
+                for c in chunks {
+                    stored.resize(c.stored_len as usize, 0);
+                    read_at(&self.file, &self.path, c.offset, &mut stored).map_err(at)?;
+                    raw.resize(c.raw_len as usize, 0);
+                    decode_chunk(*codec, t.dtype, &stored, &mut raw)
+                        .map_err(|e| at(e.with_offset(c.offset)))?;
+                    f(&raw)?;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::st_hashes;
 use crate::format::st_header::{self, StHeader};
-use crate::io::source::{SourceTensor, TensorSource};
+use crate::format::manifest::Hash;
+use crate::io::source::{SourceTensor, TensorSource, PIECE};
 use crate::io::{map_window, read_at, TensorBytes};
 
 /// An open, validated safetensors file. Tensor bytes are mapped on demand,
@@ -18,6 +19,8 @@ pub struct SafetensorsFile {
     file: File,
     header: StHeader,
     tensors: Vec<SourceTensor>,
+    /// The `ckptkit.blake3` entry, parsed (or why it cannot be).
+    recorded: Option<std::result::Result<std::collections::HashMap<String, Hash>, String>>,
 }
 
 impl SafetensorsFile {
@@ -57,11 +60,17 @@ impl SafetensorsFile {
                 file: 0,
             })
             .collect();
+        let recorded = header.metadata.get(st_hashes::HASHES_KEY).map(|v| {
+            st_hashes::parse(v, header.tensors.iter().map(|t| t.key.as_str()))
+                .map(|m| m.into_iter().collect())
+                .map_err(|e| e.kind().to_string())
+        });
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             file,
             header,
             tensors,
+            recorded,
         })
     }
 
@@ -164,5 +173,37 @@ impl TensorSource for SafetensorsFile {
             t.len(),
         )
         .map_err(|e| e.with_tensor(key))
+    }
+    fn read_pieces(&self, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let t = self.find(key)?;
+        let base = self.header.header_len + t.start;
+        let len = t.len();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(PIECE as u64);
+            let w = map_window(&self.file, &self.path, base + done, n)
+                .map_err(|e| e.with_tensor(key))?;
+            f(&w)?;
+            done += n;
+        }
+        Ok(())
+    }
+    fn recorded_hash(&self, key: &str) -> Result<Option<Hash>> {
+        match &self.recorded {
+            None => Ok(None),
+            Some(Ok(m)) => Ok(m.get(key).copied()),
+            Some(Err(msg)) => Err(Error::new(ErrorKind::Json(msg.clone())).with_file(&self.path)),
+        }
+    }
+    fn location(&self, key: &str) -> crate::error::Location {
+        crate::error::Location {
+            file: Some(self.path.clone()),
+            tensor: Some(key.to_string()),
+            offset: self
+                .header
+                .get(key)
+                .map(|t| self.header.header_len + t.start),
+            ..Default::default()
+        }
     }
 }

@@ -225,10 +225,35 @@ impl TensorSource for ShardedDir {
             .unwrap_or_default()
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {
+        self.file_of(key)?.read(key)
+    }
+    fn read_pieces(&self, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        self.file_of(key)?.read_pieces(key, f)
+    }
+    fn recorded_hash(&self, key: &str) -> Result<Option<crate::format::manifest::Hash>> {
+        self.file_of(key)?.recorded_hash(key)
+    }
+    fn location(&self, key: &str) -> crate::error::Location {
+        match self.file_of(key) {
+            Ok(f) => f.location(key),
+            Err(_) => crate::error::Location {
+                file: Some(self.dir.clone()),
+                tensor: Some(key.to_string()),
+                ..Default::default()
+            },
+        }
+    }
+    fn get(&self, key: &str) -> Option<&SourceTensor> {
+        self.by_key.get(key).map(|&i| &self.tensors[i])
+    }
+}
+
+impl ShardedDir {
+    fn file_of(&self, key: &str) -> Result<&SafetensorsFile> {
         let i = *self.by_key.get(key).ok_or_else(|| {
             Error::new(ErrorKind::NotFound(format!("tensor `{key}`"))).with_file(&self.dir)
         })?;
-        self.files[self.tensors[i].file].1.read(key)
+        Ok(&self.files[self.tensors[i].file].1)
     }
 }
 
