@@ -100,6 +100,13 @@ enum Cmd {
         /// fails the conversion with no output.
         #[arg(long)]
         no_verify_input: bool,
+        /// Treat layers that look quantized in a layout ckptkit does not know
+        /// (FP8 or integer codes beside scale tensors, a `scaled_fp8`
+        /// marker, a config naming a quantization ckptkit cannot read) as
+        /// plain tensors. Without it, conversions that would change them are
+        /// refused: casting their codes without their scales gives garbage.
+        #[arg(long)]
+        assume_plain: bool,
     },
     /// List layers, layouts, shapes and sizes.
     Inspect {
@@ -358,6 +365,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             max_shard_size,
             no_hashes,
             no_verify_input,
+            assume_plain,
         } => {
             let target = match &like {
                 Some(r) => like_target(r)?,
@@ -402,6 +410,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 hashes: !no_hashes,
                 extra_reads: like.iter().cloned().collect(),
                 verify_input: !no_verify_input,
+                assume_plain,
             };
             let bar = progress_bar(!(json || cli.quiet || dry_run), &input);
             let s = convert(&input, &output, &opts);
@@ -410,6 +419,11 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 b.finish_and_clear();
             }
             let s = s?;
+            if !json {
+                for w in &s.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
             if dry_run && !json && !cli.quiet {
                 if let Some(p) = &s.plan {
                     print_plan(p);
@@ -426,6 +440,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                         "blake3": if dry_run { None } else { output_hash(&output) },
                         "losses": s.losses,
                         "input_verified": !dry_run && s.input_verified,
+                        "warnings": s.warnings,
                         "plan": s.plan,
                     })
                 );
@@ -480,13 +495,24 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 ..Default::default()
             };
             let mut problems = Vec::new();
-            let layers: Vec<LayerReport> = match input_layers(&input, src.as_ref(), &opts) {
-                Ok(l) => report_layers(&l),
+            let mut layers: Vec<LayerReport> = match input_layers(&input, src.as_ref(), &opts) {
+                Ok(l) => {
+                    let mut r = report_layers(&l);
+                    // layers that look quantized in a layout ckptkit does not know
+                    for sus in ckptkit::convert::input_suspects(&input, src.as_ref(), &l)? {
+                        if let Some(x) = r.iter_mut().find(|x| x.path == sus.layer) {
+                            x.layout = "unknown quantized".into();
+                        }
+                        problems.push(format!("unknown quantized layout: {}", sus.describe()));
+                    }
+                    r
+                }
                 Err(e) => {
                     problems.push(e.to_string());
                     report_layers(&source_layers(src.as_ref()))
                 }
             };
+            layers.shrink_to_fit();
             let total: u64 = layers.iter().map(|l| l.bytes).sum();
             if json {
                 println!(
@@ -547,9 +573,13 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 println!(
                     "{}",
                     serde_json::json!({"compatible": r.compatible(), "missing": r.missing, "unexpected": r.unexpected,
-                        "mismatches": r.mismatches, "fix": (!r.compatible()).then_some(&fix)})
+                        "mismatches": r.mismatches, "fix": (!r.compatible()).then_some(&fix),
+                        "unknown_layouts": r.unknown_layouts})
                 );
             } else if r.compatible() {
+                for u in &r.unknown_layouts {
+                    println!("note: unknown quantized layout: {}", u.describe());
+                }
                 println!(
                     "compatible: {} loads where {} is expected",
                     input.display(),
@@ -561,6 +591,9 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                         "`{}`: checkpoint has {}; expected {}",
                         m.layer, m.have, m.expected
                     );
+                }
+                for u in &r.unknown_layouts {
+                    println!("unknown quantized layout: {}", u.describe());
                 }
                 if !r.missing.is_empty() {
                     println!(

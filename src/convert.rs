@@ -74,6 +74,9 @@ pub struct ConvertOptions {
     /// container's manifest, a ckptkit safetensors file's `ckptkit.blake3`),
     /// as it is read; a mismatch fails the conversion with no output.
     pub verify_input: bool,
+    /// Treat layers that look quantized in an unknown layout (FP8 or int
+    /// codes beside scales) as plain tensors anyway.
+    pub assume_plain: bool,
 }
 
 impl Default for ConvertOptions {
@@ -90,6 +93,7 @@ impl Default for ConvertOptions {
             hashes: true,
             extra_reads: Vec::new(),
             verify_input: true,
+            assume_plain: false,
         }
     }
 }
@@ -121,6 +125,129 @@ pub fn input_layers(
     detect_layers(src, &hints)
 }
 
+/// The `quant_method` of a `quantization_config` in the `config.json`
+/// beside an input (a file's directory, or the directory itself), if any.
+fn config_quant_method(input: &Path) -> Result<Option<String>> {
+    let dir = if input.is_dir() {
+        input.to_path_buf()
+    } else {
+        input
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    };
+    let p = dir.join("config.json");
+    if !crate::io::files::regular_file_exists(&p)? {
+        return Ok(None);
+    }
+    let text = quanto::read_side_file(&p)?;
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(None);
+    };
+    Ok(v.get("quantization_config").map(|q| {
+        q.get("quant_method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("unknown")
+            .to_string()
+    }))
+}
+
+/// The layers of an input that look quantized in a layout ckptkit does not
+/// know ([`crate::schema::Suspect`]).
+pub fn input_suspects(
+    input: &Path,
+    src: &dyn TensorSource,
+    layers: &[Layer],
+) -> Result<Vec<crate::schema::Suspect>> {
+    let method = if input_kind(input)? == InputKind::Container {
+        None
+    } else {
+        config_quant_method(input)?
+    };
+    Ok(crate::schema::suspects(src, layers, method.as_deref()))
+}
+
+/// Refuses a plan that would change a layer of unknown quantized layout
+/// (anything but copying it), unless the user vouches that it is plain.
+fn refuse_suspects(p: &Plan, suspects: &[crate::schema::Suspect], opts: &ConvertOptions) -> Result<()> {
+    if opts.assume_plain || suspects.is_empty() {
+        return Ok(());
+    }
+    let by: std::collections::HashMap<&str, &crate::schema::Suspect> =
+        suspects.iter().map(|s| (s.layer.as_str(), s)).collect();
+    let bad: Vec<String> = p
+        .layers
+        .iter()
+        .filter(|lp| lp.passes != [crate::plan::Pass::Copy])
+        .filter_map(|lp| by.get(lp.source.path.as_str()).map(|s| s.describe()))
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let n = bad.len();
+    Err(Error::new(ErrorKind::UnknownQuantized(format!(
+        "{n} layer(s) look quantized in a layout ckptkit does not know, and this conversion \
+         would change them as if they were plain, which produces garbage: {}{}; convert them \
+         with their own library, leave them out (--exclude), or pass --assume-plain if they \
+         really are plain tensors",
+        bad.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
+        if n > 5 { "; ..." } else { "" }
+    ))))
+}
+
+/// Warnings about a plan: `--include` / `--exclude` patterns that match no
+/// layer of the input.
+fn selection_warnings(layers: &[Layer], opts: &ConvertOptions) -> Vec<String> {
+    let mut w = Vec::new();
+    for (flag, pats) in [
+        ("--include", &opts.select.include),
+        ("--exclude", &opts.select.exclude),
+    ] {
+        for g in pats {
+            if !layers.iter().any(|l| crate::plan::fnmatch(g, &l.path)) {
+                w.push(format!("{flag} `{g}` matches no layer of the input"));
+            }
+        }
+    }
+    w
+}
+
+/// An explicit `--to` that changes no layer at all is an error (exit 1),
+/// not a silent copy that reports "all lossless".
+fn refuse_no_change(plans: &[&Plan], warnings: &[String], opts: &ConvertOptions) -> Result<()> {
+    let explicit = matches!(
+        opts.target,
+        Target::Plain(_) | Target::Quanto(_) | Target::Int8(_)
+    );
+    if !explicit || opts.dry_run {
+        return Ok(());
+    }
+    let layers: usize = plans.iter().map(|p| p.layers.len()).sum();
+    let changed = plans
+        .iter()
+        .flat_map(|p| &p.layers)
+        .filter(|l| l.passes != [crate::plan::Pass::Copy])
+        .count();
+    if changed > 0 {
+        return Ok(());
+    }
+    let selected = !opts.select.include.is_empty() || !opts.select.exclude.is_empty();
+    Err(Error::new(ErrorKind::NothingChanged(format!(
+        "the target layout changes none of the {layers} layer(s){}{}",
+        if selected {
+            " selected by --include / --exclude"
+        } else {
+            " (they already have it, or none can take it)"
+        },
+        if warnings.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", warnings.join("; "))
+        }
+    ))))
+}
+
 /// What a conversion did.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
@@ -146,6 +273,9 @@ pub struct Summary {
     pub input_verified: bool,
     /// Input tensors read whose bytes had no recorded hash to check.
     pub input_unchecked: u64,
+    /// Things the user should know (`--include` patterns that matched
+    /// nothing, ...).
+    pub warnings: Vec<String>,
 }
 
 /// Every path a conversion reads: the input, the side files found beside a
@@ -369,6 +499,7 @@ fn convert_opened(
         losses: Vec::new(),
         input_verified: opts.verify_input && src.unchecked() == 0,
         input_unchecked: src.unchecked(),
+        warnings: Vec::new(),
     })
 }
 
@@ -996,6 +1127,9 @@ fn convert_planned(
     let layers = input_layers(input, src, opts)?;
     let mut p = plan(&layers, &opts.target, &opts.select)?;
     crate::plan::apply_renames(&mut p, &opts.select.rename)?;
+    refuse_suspects(&p, &input_suspects(input, src, &layers)?, opts)?;
+    let warnings = selection_warnings(&layers, opts);
+    refuse_no_change(&[&p], &warnings, opts)?;
     if !p.unmatched.is_empty() {
         let n = p.unmatched.len();
         let list: Vec<&str> = p.unmatched.iter().take(20).map(|s| s.as_str()).collect();
@@ -1018,6 +1152,7 @@ fn convert_planned(
         losses: Vec::new(),
         input_verified: false,
         input_unchecked: 0,
+        warnings,
     };
     if opts.dry_run {
         summary.seconds = t0.elapsed().as_secs_f64();
@@ -1324,6 +1459,9 @@ pub struct CheckReport {
     pub unexpected: Vec<String>,
     /// Per-layer layout differences.
     pub mismatches: Vec<LayoutMismatch>,
+    /// Layers of the checkpoint that look quantized in a layout ckptkit
+    /// does not know: it cannot tell whether they match, nor convert them.
+    pub unknown_layouts: Vec<crate::schema::Suspect>,
 }
 
 impl CheckReport {
@@ -1352,7 +1490,10 @@ fn describe_layout(l: &Layer) -> String {
 pub fn check(input: &Path, reference: &Path, opts: &ConvertOptions) -> Result<CheckReport> {
     let src = open_source(input)?;
     let layers = input_layers(input, src.as_ref(), opts)?;
-    let mut report = CheckReport::default();
+    let mut report = CheckReport {
+        unknown_layouts: input_suspects(input, src.as_ref(), &layers)?,
+        ..Default::default()
+    };
     let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
     // what the input would become to match the reference
     let target = like_target(reference)?;
@@ -1571,12 +1712,20 @@ pub fn convert_checkpoint_dir(
         let layers = input_layers(&d, &src, opts).map_err(|e| e.with_file(&d))?;
         let mut p = plan(&layers, &opts.target, &opts.select)?;
         crate::plan::apply_renames(&mut p, &opts.select.rename)?;
+        refuse_suspects(&p, &input_suspects(&d, &src, &layers)?, opts)
+            .map_err(|e| e.with_file(&d))?;
+        summary
+            .warnings
+            .extend(selection_warnings(&layers, opts).into_iter().map(|w| {
+                format!("{}: {w}", d.display())
+            }));
         summary.tensors += p.outputs().len();
         summary.layers += p.layers.len();
         summary.bytes_in += p.layers.iter().map(|l| l.bytes_in).sum::<u64>();
         sources.push(src);
         plans.push(p);
     }
+    refuse_no_change(&plans.iter().collect::<Vec<_>>(), &summary.warnings, opts)?;
     if opts.dry_run {
         summary.plan = plans.pop();
         summary.seconds = t0.elapsed().as_secs_f64();

@@ -147,6 +147,10 @@ pub enum ErrorKind {
     /// The output would replace or remove a file that belongs to something
     /// else (another model's `quanto_qmap.json`).
     Conflict(String),
+    /// A conversion to an explicit target layout would change no layer
+    /// (the selection matched nothing, or every layer already has it);
+    /// nothing was written.
+    NothingChanged(String),
 }
 
 /// The error type of every ckptkit operation.
@@ -331,6 +335,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Index(m) => write!(f, "invalid index file: {m}"),
             ErrorKind::Journal(m) => write!(f, "commit journal: {m}"),
             ErrorKind::Conflict(m) => write!(f, "{m}"),
+            ErrorKind::NothingChanged(m) => write!(f, "{m}; nothing was written"),
         }
     }
 }

@@ -401,3 +401,138 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
     }
     Ok(layers)
 }
+
+/// A layer that looks quantized in a layout ckptkit does not know: an
+/// 8-bit or packed tensor (F8_*, I8, U8, I32) beside scale-like tensors
+/// or a `scaled_fp8` marker, or named as quantized by a `quantization_config`
+/// in `config.json`. Converting it as plain (casting its codes) would give
+/// garbage, so conversions that would change it are refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Suspect {
+    /// Module path.
+    pub layer: String,
+    /// The stored tensors that made it suspicious.
+    pub tensors: Vec<String>,
+    /// Why, in words.
+    pub reason: String,
+}
+
+impl Suspect {
+    /// One line for messages: the layer, its tensors, why.
+    pub fn describe(&self) -> String {
+        let layer = if self.layer.is_empty() {
+            "(top level)"
+        } else {
+            &self.layer
+        };
+        format!("layer `{layer}` ({}): {}", self.tensors.join(", "), self.reason)
+    }
+}
+
+/// 8-bit and packed storage dtypes: what quantized payloads are stored in.
+fn is_code_dtype(d: Dtype) -> bool {
+    matches!(
+        d,
+        Dtype::F8E4M3
+            | Dtype::F8E5M2
+            | Dtype::F8E4M3Fnuz
+            | Dtype::F8E5M2Fnuz
+            | Dtype::F8E8M0
+            | Dtype::I8
+            | Dtype::U8
+            | Dtype::I32
+    )
+}
+
+/// Names of the tensors quantized layouts keep beside their codes: scales
+/// (`weight_scale`, `scale_weight`, `weight_scale_inv`, `scales`, bnb's
+/// `SCB` and `absmax`), zero points, GPTQ's `qzeros` and `g_idx`, quant
+/// states.
+fn is_scale_like(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("scale")
+        || n == "scb"
+        || n.contains("absmax")
+        || n.contains("zero_point")
+        || n == "qzeros"
+        || n == "g_idx"
+        || n.contains("quant_map")
+        || n.contains("quant_state")
+}
+
+/// The marker tensor ComfyUI's legacy scaled-FP8 checkpoints carry.
+pub const SCALED_FP8_MARKER: &str = "scaled_fp8";
+
+/// Finds the plain layers that look quantized in an unknown layout
+/// ([`Suspect`]). `quantized_by_config` is the `quant_method` of a
+/// `quantization_config` found beside the input, if any. Layers that a
+/// family recognised (quanto, int8) are never suspects.
+pub fn suspects(
+    src: &dyn TensorSource,
+    layers: &[Layer],
+    quantized_by_config: Option<&str>,
+) -> Vec<Suspect> {
+    let marker = src
+        .tensors()
+        .iter()
+        .any(|t| t.key == SCALED_FP8_MARKER || t.key.ends_with(".scaled_fp8"));
+    // stored keys by module, to find companions like `x.weight.absmax`
+    // (grouped under module `x.weight`) of a code tensor `x.weight`
+    let mut by_module: std::collections::HashMap<&str, Vec<&SourceTensor>> = Default::default();
+    for t in src.tensors() {
+        by_module.entry(split_key(&t.key).0).or_default().push(t);
+    }
+    let mut out = Vec::new();
+    for l in layers {
+        if l.quant.weights != WeightQuant::Plain {
+            continue;
+        }
+        let codes: Vec<&Part> = l
+            .parts()
+            .filter(|p| is_code_dtype(p.dtype) && !p.shape.contains(&0))
+            .collect();
+        if codes.is_empty() {
+            continue;
+        }
+        let mut companions: Vec<String> = l
+            .tensors
+            .iter()
+            .filter(|t| is_scale_like(&t.name))
+            .flat_map(|t| t.parts.iter().map(|p| p.key.clone()))
+            .collect();
+        for c in &codes {
+            if let Some(v) = by_module.get(c.key.as_str()) {
+                companions.extend(v.iter().map(|t| t.key.clone()));
+            }
+        }
+        let code_keys: Vec<String> = codes
+            .iter()
+            .map(|p| format!("{} {}", p.key, p.dtype))
+            .collect();
+        let reason = if !companions.is_empty() {
+            Some(format!(
+                "8-bit or packed codes beside scale-like tensors ({})",
+                companions.join(", ")
+            ))
+        } else if marker && codes.iter().any(|p| p.dtype.size() == 1 && p.dtype != Dtype::U8 && p.dtype != Dtype::I8) {
+            Some(format!(
+                "FP8 codes in a checkpoint that carries the `{SCALED_FP8_MARKER}` marker"
+            ))
+        } else {
+            quantized_by_config.map(|m| {
+                format!(
+                    "8-bit or packed codes in a model whose config.json names it quantized \
+                     (`quant_method: {m}`) in a layout ckptkit cannot read"
+                )
+            })
+        };
+        if let Some(reason) = reason {
+            out.push(Suspect {
+                layer: l.path.clone(),
+                tensors: code_keys,
+                reason,
+            });
+        }
+    }
+    out
+}

@@ -129,7 +129,7 @@ fn force_replaces_only_directories_that_ckptkit_wrote() {
         "{rec}"
     );
     // ckptkit's own output: --force replaces it
-    run_ok(&["convert", s(&float()), s(&out), "--to", "plain", "--force"]);
+    run_ok(&["convert", s(&fx("bf16-qint8", "quantized.safetensors")), s(&out), "--to", "plain", "--force"]);
     assert!(!out.join("quanto_qmap.json").exists());
     // a file the user put there makes it irreplaceable
     std::fs::write(out.join("my-notes.txt"), b"keep me").unwrap();
@@ -201,9 +201,12 @@ fn another_models_qmap_is_neither_removed_nor_replaced() {
     let dir = quanto_dir(&d.path().join("models"));
     let before = snapshot(&dir);
     for to in ["plain", "quanto:qint4"] {
+        // a quantized input for --to plain (with its map), float for quanto
+        let q8 = fx("bf16-qint8", "quantized.safetensors");
+        let input = if to == "plain" { q8 } else { float() };
         let o = run(&[
             "convert",
-            s(&float()),
+            s(&input),
             s(&dir.join("other.safetensors")),
             "--to",
             to,
@@ -224,9 +227,11 @@ fn another_models_qmap_is_neither_removed_nor_replaced() {
     let m = own.join("m.safetensors");
     run_ok(&["convert", s(&float()), s(&m), "--to", "quanto:qint8"]);
     assert!(own.join("quanto_qmap.json").is_file());
-    let o = run(&["convert", s(&float()), s(&m), "--to", "plain"]);
+    let q8 = fx("bf16-qint8", "quantized.safetensors");
+    let o = run(&["convert", s(&q8), s(&m), "--to", "plain"]);
     assert_eq!(code(&o), 1, "without --force: {}", err(&o));
-    run_ok(&["convert", s(&float()), s(&m), "--to", "plain", "--force"]);
+    assert!(err(&o).contains("already exists"), "{}", err(&o));
+    run_ok(&["convert", s(&q8), s(&m), "--to", "plain", "--force"]);
     assert_eq!(entries(&own), ["m.safetensors"]);
 }
 
@@ -511,4 +516,226 @@ fn corrupt_inputs_are_not_laundered_into_outputs_that_verify() {
     // the message names the tensor (and for plain data, where it is)
     let o = run(&["convert", s(&bad_st), s(&d.path().join("x.safetensors"))]);
     assert!(err(&o).contains(key) && err(&o).contains("byte "), "{}", err(&o));
+}
+
+// ---- item 9: a decompression bomb converts in bounded memory ----
+
+/// Runs `migrate` and returns its output and its peak resident memory (KiB),
+/// from the kernel's own accounting of the finished child.
+fn run_rss(args: &[&str]) -> (Output, u64) {
+    let child = Command::new(bin())
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    // read the pipes on threads so the child never blocks on them
+    let mut child = child;
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut so, &mut v).unwrap();
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut se, &mut v).unwrap();
+        v
+    });
+    let mut status = 0;
+    // SAFETY: wait4 on our own child, with owned out-parameters.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid);
+    use std::os::unix::process::ExitStatusExt;
+    let o = Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: t1.join().unwrap(),
+        stderr: t2.join().unwrap(),
+    };
+    (o, ru.ru_maxrss as u64)
+}
+
+/// A small container whose one tensor claims `mib` MiB of zeros,
+/// compressed (each chunk is a tiny zstd frame).
+fn bomb(path: &Path, mib: u64) {
+    use ckptkit::{ContainerOptions, ContainerWriter, Dtype, ZstdOptions};
+    let len = mib << 20;
+    let mut w = ContainerWriter::create(
+        path,
+        ContainerOptions {
+            compression: Some(ZstdOptions {
+                level: 1,
+                chunk_size: 16 << 20,
+                float_filter: false,
+            }),
+            overwrite: false,
+        },
+    )
+    .unwrap();
+    w.begin_shard(
+        "model.safetensors",
+        &[("bomb.weight".to_string(), Dtype::U8, vec![len])],
+        &Default::default(),
+    )
+    .unwrap();
+    let zeros = vec![0u8; 16 << 20];
+    w.write_from("bomb.weight", &mut |sink| {
+        for _ in 0..(len / zeros.len() as u64) {
+            sink(&zeros)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    w.finish_shard().unwrap();
+    w.finish(None, Default::default(), Vec::new()).unwrap();
+}
+
+#[test]
+fn a_decompression_bomb_converts_in_bounded_memory() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("bomb.ckpk");
+    bomb(&b, 2048);
+    let size = std::fs::metadata(&b).unwrap().len();
+    assert!(size < 256 << 10, "the bomb is small: {size} bytes");
+    const LIMIT_KIB: u64 = 256 << 10;
+    // re-compress: container to compressed container, streamed chunk by chunk
+    let (o, rss) = run_rss(&[
+        "convert",
+        s(&b),
+        s(&d.path().join("again.ckpk")),
+        "--compress",
+        "zstd",
+        "-q",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(rss < LIMIT_KIB, "convert --compress zstd peaked at {rss} KiB");
+    // verify and extract stream too
+    let (o, rss) = run_rss(&["verify", s(&d.path().join("again.ckpk"))]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(rss < LIMIT_KIB, "verify peaked at {rss} KiB");
+    // paths that write the bytes out in full: a 512 MiB bomb (more than the
+    // limit, so a whole-tensor buffer would exceed it) keeps the test's disk
+    // use small
+    let b = d.path().join("bomb512.ckpk");
+    bomb(&b, 512);
+    let (o, rss) = run_rss(&[
+        "convert",
+        s(&b),
+        s(&d.path().join("plain.ckpk")),
+        "-q",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(rss < LIMIT_KIB, "unpack to an uncompressed container peaked at {rss} KiB");
+    let (o, rss) = run_rss(&[
+        "convert",
+        s(&b),
+        s(&d.path().join("x.safetensors")),
+        "-q",
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(rss < LIMIT_KIB, "extract to safetensors peaked at {rss} KiB");
+    assert_eq!(
+        std::fs::metadata(d.path().join("x.safetensors")).unwrap().len(),
+        (512u64 << 20) + ckptkit::SafetensorsFile::open(&d.path().join("x.safetensors"))
+            .unwrap()
+            .header()
+            .header_len
+    );
+}
+
+// ---- item 8b: unknown quantized layouts are never cast as if plain ----
+
+/// Writes a safetensors file (no ckptkit hashes) with these tensors.
+fn write_st(path: &Path, tensors: &[(&str, ckptkit::Dtype, Vec<u64>, Vec<u8>)]) {
+    let plan: Vec<(String, ckptkit::Dtype, Vec<u64>)> = tensors
+        .iter()
+        .map(|(k, d, s, _)| (k.to_string(), *d, s.clone()))
+        .collect();
+    let w = ckptkit::SafetensorsWriter::create(path, &plan, &Default::default(), false, false)
+        .unwrap();
+    for (k, _, _, b) in tensors {
+        w.write_tensor(k, b).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn fp8_checkpoints_of_unknown_layout_are_refused_not_cast() {
+    use ckptkit::Dtype::*;
+    let d = tempfile::tempdir().unwrap();
+    let f8 = |n: usize| (0..n).map(|i| (i * 7 % 120) as u8).collect::<Vec<u8>>();
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let bias = [0x80u8, 0x3f].repeat(4);
+    let cases: Vec<(&str, Vec<(&str, ckptkit::Dtype, Vec<u64>, Vec<u8>)>, Option<&str>, &str)> = vec![
+        // compressed-tensors FP8: per-channel weight_scale
+        ("ct", vec![
+            ("l.weight", F8E4M3, vec![4, 4], f8(16)),
+            ("l.weight_scale", F32, vec![4, 1], f32s(&[0.1, 0.2, 0.3, 0.4])),
+            ("l.bias", BF16, vec![4], bias.clone()),
+        ], None, "l.weight_scale"),
+        // ComfyUI legacy scaled fp8: scale_weight and the marker
+        ("comfy", vec![
+            ("l.weight", F8E4M3, vec![4, 4], f8(16)),
+            ("l.scale_weight", F32, vec![], f32s(&[0.01])),
+            ("scaled_fp8", F8E4M3, vec![0], vec![]),
+        ], None, "l.scale_weight"),
+        // DeepSeek block FP8: weight_scale_inv per 128x128 block
+        ("deepseek", vec![
+            ("l.weight", F8E4M3, vec![4, 4], f8(16)),
+            ("l.weight_scale_inv", F32, vec![1, 1], f32s(&[2.0])),
+        ], None, "l.weight_scale_inv"),
+        // no scale tensor, but config.json says the model is quantized
+        ("config", vec![
+            ("l.weight", F8E4M3, vec![4, 4], f8(16)),
+            ("l.bias", F32, vec![4], f32s(&[1.0; 4])),
+        ], Some(r#"{"model_type": "llama", "quantization_config": {"quant_method": "fp8"}}"#), "quant_method: fp8"),
+    ];
+    for (name, tensors, config, why) in cases {
+        let dir = d.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let input = dir.join("model.safetensors");
+        write_st(&input, &tensors);
+        if let Some(c) = config {
+            std::fs::write(dir.join("config.json"), c).unwrap();
+        }
+        let outs = d.path().join(format!("{name}-out"));
+        for to in ["plain:bf16", "plain:f32", "int8"] {
+            let o = run(&["convert", s(&input), s(&outs.join("o.safetensors")), "--to", to]);
+            assert!(!outs.exists(), "{name} --to {to}: no output");
+            if to != "plain:bf16" {
+                // refused, either for the layout or because nothing else
+                // would change (a --to that changes nothing is exit 1 too)
+                assert_eq!(code(&o), 1, "{name} {to}: {}", err(&o));
+                continue;
+            }
+            assert_eq!(code(&o), 1, "{name} --to {to}: {}", err(&o));
+            let e = err(&o);
+            assert!(
+                e.contains("unknown quantized layout") && e.contains("layer `l`") && e.contains(why),
+                "{name}: {e}"
+            );
+            assert!(!outs.exists(), "{name}: no output");
+        }
+        // inspect and check say so
+        let o = run(&["inspect", s(&input)]);
+        assert_eq!(code(&o), 1, "{name}");
+        assert!(out(&o).contains("unknown quantized"), "{name}: {}", out(&o));
+        let o = run(&["check", s(&input), "--against", s(&input), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
+        assert_eq!(v["unknown_layouts"][0]["layer"], "l", "{name}: {v}");
+        // copies that keep every byte are fine; --assume-plain vouches
+        run_ok(&["convert", s(&input), s(&outs.join("copy.ckpk"))]);
+        run_ok(&[
+            "convert",
+            s(&input),
+            s(&outs.join("cast.safetensors")),
+            "--to",
+            "plain:bf16",
+            "--assume-plain",
+        ]);
+    }
 }

@@ -357,10 +357,28 @@ impl Container {
         let out = crate::io::atomic::AtomicFile::create(dest, overwrite)?;
         let f = out.file()?;
         use std::os::unix::fs::FileExt;
-        f.write_all_at(hb, 0)?;
+        f.write_all_at(hb, 0)
+            .map_err(|e| Error::from(e).with_file(out.temp()))?;
         for t in &h.tensors {
-            let b = self.read_tensor_verified(shard, &t.key)?;
-            f.write_all_at(&b, h.header_len + t.start)?;
+            // streamed piece by piece and hashed as written, whatever the
+            // tensor claims; a mismatch leaves no output
+            let mut at = h.header_len + t.start;
+            let mut hasher = blake3::Hasher::new();
+            self.read_tensor_pieces(shard, &t.key, &mut |piece| {
+                hasher.update(piece);
+                f.write_all_at(piece, at)
+                    .map_err(|e| Error::from(e).with_file(out.temp()))?;
+                at += piece.len() as u64;
+                Ok(())
+            })?;
+            let (st, _) = self.stored(shard, &t.key)?;
+            let got = *hasher.finalize().as_bytes();
+            if got != st.blake3 {
+                return Err(mismatch(st, &got)
+                    .with_file(&self.path)
+                    .with_shard(shard)
+                    .with_tensor(t.key.clone()));
+            }
         }
         out.commit()
     }
