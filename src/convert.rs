@@ -1044,10 +1044,14 @@ fn schema_for(p: &Plan) -> Option<String> {
     for l in &p.layers {
         let o = &l.output;
         let w = o.tensors.iter().find(|t| t.name == "weight");
-        let (weights, gs) = match &o.quant.weights {
-            crate::WeightQuant::Quanto { qtype, group_size } => (qtype.clone(), *group_size),
-            crate::WeightQuant::Int8 { layout, .. } => (layout.clone(), None),
-            _ if o.quant.activations.is_some() => ("none".to_string(), None),
+        let (weights, gs, descriptor) = match &o.quant.weights {
+            crate::WeightQuant::Quanto { qtype, group_size } => (qtype.clone(), *group_size, None),
+            crate::WeightQuant::Int8 { layout, descriptor } => (
+                layout.clone(),
+                None,
+                quanto::SchemaEntry::int8_descriptor(descriptor),
+            ),
+            _ if o.quant.activations.is_some() => ("none".to_string(), None, None),
             _ => continue,
         };
         s.insert(
@@ -1058,6 +1062,7 @@ fn schema_for(p: &Plan) -> Option<String> {
                 group_size: gs,
                 dtype: w.map(|w| w.dtype.to_string()).unwrap_or_default(),
                 shape: w.map(|w| w.shape.clone()).unwrap_or_default(),
+                descriptor,
             },
         );
     }

@@ -426,6 +426,11 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
         _ => Vec::new(),
     };
     for l in layers {
+        // an int8 record must name a preset exactly or carry a valid
+        // descriptor (spec/layouts.md §3)
+        if let WeightQuant::Int8 { layout, descriptor } = &l.quant.weights {
+            int8::descriptor_of(layout, descriptor).map_err(|e| e.with_layer(l.path.clone()))?;
+        }
         let lp = match target {
             Target::Keep => keep(l),
             Target::Plain(dt) => {
@@ -496,6 +501,7 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     for lp in &mut out {
         lp.allow_lossy = opts.allow_lossy;
     }
+    check_output_keys(&out)?;
     // a reference's module order is the output's order (quanto writes its
     // map in module registration order)
     if let Target::Like(_, order) = target {
@@ -510,6 +516,53 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
         layers: out,
         unmatched,
     })
+}
+
+/// Refuses a plan whose outputs give two stored tensors the same key (an
+/// int8 descriptor whose part key is also a plain tensor of the layer, a
+/// part key that equals another layer's tensor), naming both, before any
+/// output is created.
+fn check_output_keys(layers: &[LayerPlan]) -> Result<()> {
+    let mut seen: std::collections::HashMap<&str, (&Layer, &LogicalTensor, &Part)> =
+        std::collections::HashMap::new();
+    for lp in layers {
+        let l = &lp.output;
+        for t in &l.tensors {
+            for p in &t.parts {
+                if let Some(prev) = seen.insert(p.key.as_str(), (l, t, p)) {
+                    return Err(Error::layout(format!(
+                        "two tensors would be named `{}`: {} and {}; give the layout other keys",
+                        p.key,
+                        describe_output(prev),
+                        describe_output((l, t, p))
+                    ))
+                    .with_layer(l.path.clone()));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// "layer `m`'s `bias`", "the scale of layer `m`'s `weight` (int8 layout
+/// `x`)".
+fn describe_output((l, t, p): (&Layer, &LogicalTensor, &Part)) -> String {
+    let whose = format!("layer `{}`'s `{}`", l.path, t.name);
+    if t.encoding == Encoding::Plain {
+        return whose;
+    }
+    let role = match &p.role {
+        Role::Data => "payload".to_string(),
+        Role::Scale => "scale".to_string(),
+        Role::Shift => "shift".to_string(),
+        Role::ZeroPoint => "zero point".to_string(),
+        Role::Other(n) => format!("`{n}` part"),
+    };
+    let layout = match &l.quant.weights {
+        WeightQuant::Int8 { layout, .. } => format!("int8 layout `{layout}`"),
+        _ => layout_name(l),
+    };
+    format!("the {role} of {whose} ({layout})")
 }
 
 fn layer_plan(l: &Layer, output: Layer, passes: Vec<Pass>, lossless: bool) -> LayerPlan {
@@ -703,7 +756,7 @@ fn to_int8(l: &Layer, d: &Int8Descriptor) -> Result<LayerPlan> {
         }
         tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
     }
-    let preset_json = if int8::preset(&d.name).is_ok_and(|p| &p == d) {
+    let preset_json = if int8::is_builtin(d) {
         String::new()
     } else {
         d.to_json()
@@ -1189,11 +1242,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                                 let c = d.constants.iter().find(|c| &c.key == name).ok_or_else(
                                     || Error::layout(format!("unknown part `{name}`")),
                                 )?;
-                                let dt = Dtype::from_name(&c.dtype).unwrap_or(Dtype::U8);
-                                c.values
-                                    .iter()
-                                    .flat_map(|&v| v.to_le_bytes()[..dt.size()].to_vec())
-                                    .collect()
+                                int8::const_bytes(c)
                             }
                             _ => return Err(Error::layout("unexpected role")),
                         };

@@ -8,6 +8,7 @@ use crate::format::manifest::{
     Encoding, Layer, LogicalTensor, Part, Quantization, Role, Shard, WeightQuant,
 };
 use crate::io::source::{SourceTensor, TensorSource};
+use crate::layout::int8::{self, Int8Descriptor};
 use crate::layout::quanto;
 
 /// Splits a key into (module path, tensor name) at the last dot. A key whose
@@ -258,6 +259,36 @@ fn plain_tensor(name: &str, t: &SourceTensor) -> LogicalTensor {
     }
 }
 
+/// The int8 layouts ckptkit's schema records, by module path: a built-in
+/// preset by name, or a user layout with its full descriptor (checked as
+/// [`int8::descriptor_of`] checks a manifest's record). A name in the
+/// reserved `int8` namespace that is not a preset, recorded without a
+/// descriptor (a user layout written before descriptors were recorded),
+/// is refused: it cannot be read back. Other names are quanto's.
+fn recorded_int8(schema: Option<&quanto::Schema>) -> Result<BTreeMap<String, Int8Descriptor>> {
+    let mut out = BTreeMap::new();
+    for (path, e) in schema.into_iter().flatten() {
+        let d = match &e.descriptor {
+            Some(v) => int8::descriptor_of(&e.weights, &v.to_string()),
+            None if int8::reserved(&e.weights) == Some("int8") => {
+                int8::descriptor_of(&e.weights, "")
+            }
+            None => continue,
+        };
+        out.insert(
+            path.clone(),
+            d.map_err(|e| {
+                let m = match e.into_kind() {
+                    ErrorKind::Layout(m) => m,
+                    k => k.to_string(),
+                };
+                Error::layout(format!("ckptkit.schema: {m}")).with_layer(path.clone())
+            })?,
+        );
+    }
+    Ok(out)
+}
+
 /// Reads the layers of a source: quanto-quantized weights are grouped from
 /// their keys (`weight._data`, `weight._data._data`, `weight._scale`,
 /// `weight._shift`), their qtype taken from the qmap, the diffusers config,
@@ -267,10 +298,23 @@ fn plain_tensor(name: &str, t: &SourceTensor) -> LogicalTensor {
 /// listed together in one error that says which hint resolves them.
 pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<Layer>> {
     let schema = quanto::schema_of(src.metadata())?;
+    let recorded = recorded_int8(schema.as_ref())?;
+    // the parts of a recorded int8 layout belong to its module whatever
+    // their keys look like (`weight.qs`, a quanto-like suffix)
+    let owner: std::collections::HashMap<String, &str> = recorded
+        .iter()
+        .flat_map(|(path, d)| {
+            d.part_keys()
+                .into_iter()
+                .map(move |k| (Int8Descriptor::key(path, k), path.as_str()))
+        })
+        .collect();
     let mut groups: BTreeMap<String, quanto::Group> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for t in src.tensors() {
-        let (module, role) = if let Some(m) = t.key.strip_suffix(".weight._data._data") {
+        let (module, role) = if let Some(m) = owner.get(&t.key) {
+            (*m, 4)
+        } else if let Some(m) = t.key.strip_suffix(".weight._data._data") {
             (m, 1)
         } else if let Some(m) = t.key.strip_suffix(".weight._data") {
             (m, 0)
@@ -344,17 +388,48 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
             }
         }
         let mut used: Vec<String> = Vec::new();
-        if !is_quanto {
-            if let Some((lt, wq, u)) = crate::layout::int8::detect(
-                src,
-                &path,
-                &g.plain,
-                &hints.int8,
-                schema
-                    .as_ref()
-                    .and_then(|s| s.get(&path))
-                    .and_then(|e| Dtype::from_name(&e.dtype)),
-            )? {
+        let entry = schema.as_ref().and_then(|s| s.get(&path));
+        let dtype_hint = entry.and_then(|e| Dtype::from_name(&e.dtype));
+        if let Some(d) = recorded.get(&path) {
+            // ckptkit's schema says which int8 layout: only that one is tried
+            let found = if is_quanto {
+                None
+            } else {
+                int8::detect(src, &path, &g.plain, std::slice::from_ref(d), dtype_hint)?
+            };
+            let Some((lt, wq, u)) = found else {
+                return Err(quanto::lerr(
+                    &path,
+                    format!(
+                        "ckptkit.schema records int8 layout `{}` for this layer, but its stored \
+                         tensors do not match it (the layout stores {})",
+                        d.name,
+                        d.part_keys()
+                            .iter()
+                            .map(|k| format!("`{}`", Int8Descriptor::key(&path, k)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            };
+            let e = entry.ok_or_else(|| quanto::lerr(&path, "schema entry"))?;
+            if (!e.dtype.is_empty() && e.dtype != lt.dtype.to_string())
+                || (!e.shape.is_empty() && e.shape != lt.shape)
+            {
+                return Err(quanto::lerr(
+                    &path,
+                    format!(
+                        "ckptkit.schema records a {} {:?} weight, the stored tensors hold {} {:?}",
+                        e.dtype, e.shape, lt.dtype, lt.shape
+                    ),
+                ));
+            }
+            tensors.push(lt);
+            weights = wq;
+            used = u;
+        } else if !is_quanto {
+            if let Some((lt, wq, u)) = int8::detect(src, &path, &g.plain, &hints.int8, dtype_hint)?
+            {
                 tensors.push(lt);
                 weights = wq;
                 used = u;

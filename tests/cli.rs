@@ -696,3 +696,98 @@ fn ctrl_c_and_sigterm_leave_no_partial_output() {
     run_ok(&["verify", s(&input), "--json"]);
     assert_eq!(entries(d.path()), vec!["big.safetensors"]);
 }
+
+/// The user int8 descriptors of issue 10 items 6 and 17, as the CLI user
+/// meets them: a preset's name and a wrapped constant are refused before
+/// anything is written; a layout whose keys collide is refused by the
+/// planner, naming both tensors; a safetensors file written with a user
+/// layout converts back to plain by dequantizing, byte for byte as the
+/// container route does.
+#[test]
+fn int8_user_descriptors_from_the_command_line() {
+    let d = tempfile::tempdir().unwrap();
+    let float = fx("bf16-qint8", "float.safetensors");
+    let desc = |name: &str, payload: &str, divisor: &str, constant: i64| {
+        let p = d.path().join(format!("{name}.json").replace(':', "_"));
+        std::fs::write(
+            &p,
+            format!(
+                r#"{{"name":"{name}","payload":{{"key":"{payload}","storage":"i8"}},
+                "scale":{{"key":"qscale","dtype":"F32","granularity":"channel","value":{{"absmax_over":{divisor}}},"shape":"vector"}},
+                "range":[-127,127],"rounding":"half_even","divisor":{divisor},
+                "constants":[{{"key":"qversion","dtype":"U8","shape":[],"values":[{constant}]}}]}}"#
+            ),
+        )
+        .unwrap();
+        format!("int8:{}", p.display())
+    };
+    let od = d.path().join("out");
+    std::fs::create_dir(&od).unwrap();
+    let convert = |to: &str, input: &Path, name: &str| {
+        run(&["convert", s(input), s(&od.join(name)), "--to", to])
+    };
+    // a preset's name with another divisor
+    let o = convert(
+        &desc("int8:bnb", "weight", "63.5", 0),
+        &float,
+        "a.safetensors",
+    );
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(
+        err(&o).contains("differs from the built-in preset") && err(&o).contains("my-int8-bnb"),
+        "{}",
+        err(&o)
+    );
+    // a constant that does not fit its dtype
+    let o = convert(
+        &desc("mine", "qweight", "127", 300),
+        &float,
+        "a.safetensors",
+    );
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("300 does not fit U8"), "{}", err(&o));
+    // a payload stored under the layer's bias key
+    let o = convert(&desc("mine", "bias", "127", 3), &float, "a.safetensors");
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(
+        err(&o).contains("two tensors would be named `lin_after_ln.bias`"),
+        "{}",
+        err(&o)
+    );
+    assert!(entries(&od).is_empty(), "{:?}", entries(&od));
+    // safetensors → plain dequantizes, like the container
+    let mine = desc("mine", "qweight", "127", 3);
+    run_ok(&[
+        "convert",
+        s(&float),
+        s(&od.join("q.safetensors")),
+        "--to",
+        &mine,
+    ]);
+    run_ok(&["convert", s(&float), s(&od.join("q.ckpk")), "--to", &mine]);
+    let o = run_ok(&[
+        "convert",
+        s(&od.join("q.safetensors")),
+        s(&od.join("p1.safetensors")),
+        "--to",
+        "plain",
+    ]);
+    assert!(
+        out(&o).contains("mine -> plain BF16") && !out(&o).contains("all lossless"),
+        "{}",
+        out(&o)
+    );
+    run_ok(&[
+        "convert",
+        s(&od.join("q.ckpk")),
+        s(&od.join("p2.safetensors")),
+        "--to",
+        "plain",
+    ]);
+    assert_eq!(
+        std::fs::read(od.join("p1.safetensors")).unwrap(),
+        std::fs::read(od.join("p2.safetensors")).unwrap()
+    );
+    let o = run_ok(&["inspect", s(&od.join("q.safetensors"))]);
+    assert!(out(&o).contains("mine"), "{}", out(&o));
+}

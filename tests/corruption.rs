@@ -530,3 +530,58 @@ fn c42_safetensors_hash_not_hex_or_not_an_object() {
         assert!(matches!(e.kind(), ErrorKind::Json(_)), "{bad}: {e}");
     }
 }
+
+/// V9 for int8 records: a preset name means the preset exactly, a user
+/// descriptor carries its own valid, unreserved name, and a recorded name
+/// never makes the reader open a file.
+#[test]
+fn c43_int8_records_that_contradict_the_preset_namespace() {
+    use ckptkit::layout::int8;
+    let b = base_container(false);
+    let with = |layout: &str, descriptor: String| {
+        let bad = with_manifest(&b, |m| {
+            m.layers[0].quant.weights = ckptkit::WeightQuant::Int8 {
+                layout: layout.into(),
+                descriptor,
+            }
+        });
+        let e = open_bytes(&bad).map(|_| ()).expect_err("accepted");
+        assert!(matches!(e.kind(), ErrorKind::Malformed(_)), "{e}");
+        assert_eq!(e.location().layer.as_deref(), Some("a"), "{e}");
+        e.to_string()
+    };
+    // bitsandbytes' name over another divisor (issue 10 item 6)
+    let mut d = int8::preset("int8:bnb").unwrap();
+    d.divisor = 63.5;
+    d.scale.value = int8::ScaleValue::AbsmaxOver(63.5);
+    assert!(with("int8:bnb", d.to_json()).contains("differs from the built-in preset"));
+    // a reserved name that is no preset
+    d.name = "int8:inhouse".into();
+    assert!(with("int8:inhouse", d.to_json()).contains("reserved"));
+    assert!(with("int8:inhouse", String::new()).contains("not a built-in preset"));
+    // a path is not a preset, even to a valid descriptor
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mine.json");
+    d.name = "mine".into();
+    std::fs::write(&f, d.to_json()).unwrap();
+    assert!(int8::preset(&format!("int8:{}", f.display())).is_ok());
+    assert!(with(&format!("int8:{}", f.display()), String::new()).contains("not a built-in preset"));
+    // the record's name and its descriptor's agree
+    assert!(with("yours", d.to_json()).contains("named `mine`"));
+    // a descriptor that does not validate (a wrapped constant)
+    d.constants[0].values = vec![300];
+    assert!(with("mine", d.to_json()).contains("does not fit U8"));
+    // and the well-formed records open
+    for (layout, desc) in [
+        ("int8:bnb", String::new()),
+        ("int8:bnb", int8::preset("int8:bnb").unwrap().to_json()),
+    ] {
+        let ok = with_manifest(&b, |m| {
+            m.layers[0].quant.weights = ckptkit::WeightQuant::Int8 {
+                layout: layout.into(),
+                descriptor: desc,
+            }
+        });
+        open_bytes(&ok).unwrap();
+    }
+}

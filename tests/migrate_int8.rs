@@ -320,7 +320,7 @@ proptest! {
 fn user_descriptor_json_round_trips_and_converts() {
     let tmp = tempfile::tempdir().unwrap();
     let desc = r#"{
-        "name": "int8:inhouse",
+        "name": "inhouse",
         "payload": {"key": "qweight", "storage": "i8"},
         "scale": {"key": "qscale", "dtype": "F32", "granularity": "channel", "value": {"absmax_over": 127.0}, "shape": "vector"},
         "range": [-127, 127],
@@ -574,7 +574,7 @@ fn each_library_arithmetic_rule_is_needed_for_the_fixtures() {
         let mut d = preset(p).unwrap();
         edit(&mut d);
         assert_ne!(d, preset(p).unwrap(), "{what}: no change");
-        d.name = format!("int8:ablation{k}");
+        d.name = format!("ablation{k}");
         let dp = tmp.path().join(format!("ablation{k}.json"));
         std::fs::write(&dp, d.to_json()).unwrap();
         let out_dir = tmp.path().join(format!("out{k}"));
@@ -594,4 +594,230 @@ fn each_library_arithmetic_rule_is_needed_for_the_fixtures() {
             "{case} with {what}: {diffs:?}"
         );
     }
+}
+
+/// A user layout with a dotted key (grouped under its module only because
+/// ckptkit's schema says so) and a constant.
+const MINE: &str = r#"{
+    "name": "mine",
+    "payload": {"key": "qweight", "storage": "i8"},
+    "scale": {"key": "weight.qs", "dtype": "F32", "granularity": "channel", "value": "scale", "shape": "column"},
+    "range": [-127, 127],
+    "rounding": "half_away",
+    "divisor": 127.0,
+    "constants": [{"key": "qversion", "dtype": "U8", "shape": [1], "values": [3]}]
+}"#;
+
+/// Issue 10 item 6: a safetensors file written with `--to int8:PATH.json`
+/// records the descriptor in `ckptkit.schema` and is read back with it:
+/// `--to plain` dequantizes (it used to copy the int8 bytes and report "all
+/// lossless"), exactly as the same conversion through a container does.
+#[test]
+fn user_layout_in_safetensors_reads_back_like_its_container() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dp = tmp.path().join("mine.json");
+    std::fs::write(&dp, MINE).unwrap();
+    let target = format!("int8:{}", dp.display());
+    let float = fx("f32-qint8").join("float.safetensors");
+    let (st, ck) = (tmp.path().join("q.safetensors"), tmp.path().join("q.ckpk"));
+    convert(&float, &st, &opts(&target, false)).unwrap();
+    convert(&float, &ck, &opts(&target, false)).unwrap();
+    let md = SafetensorsFile::open(&st).unwrap().metadata().clone();
+    let schema: serde_json::Value = serde_json::from_str(&md["ckptkit.schema"]).unwrap();
+    assert_eq!(schema["version"], 1);
+    let e = &schema["layers"]["lin_g128"];
+    assert_eq!(e["weights"], "mine");
+    assert_eq!(e["descriptor"]["scale"]["key"], "weight.qs", "{e}");
+    let (p1, p2) = (
+        tmp.path().join("p1.safetensors"),
+        tmp.path().join("p2.safetensors"),
+    );
+    let s = convert(&st, &p1, &opts("plain", false)).unwrap();
+    let plan = s.plan.unwrap();
+    let l = plan.layers.iter().find(|l| l.path == "lin_g128").unwrap();
+    assert_eq!((l.from.as_str(), l.to.as_str()), ("mine", "plain F32"));
+    assert!(!plan.lossless());
+    convert(&ck, &p2, &opts("plain", false)).unwrap();
+    let (a, b) = (tensors(&p1), tensors(&p2));
+    assert_eq!(a, b, "safetensors and container routes differ");
+    assert!(!a.keys().any(|k| k.contains("qweight") || k.contains("qs")));
+    // and the weights are the float ones within half a step
+    let f = tensors(&float);
+    let w0: Vec<f32> = f["lin_g128.weight"]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let w1: Vec<f32> = a["lin_g128.weight"]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for (r0, r1) in w0.chunks(256).zip(w1.chunks(256)) {
+        let amax = r0.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (x, y) in r0.iter().zip(r1) {
+            assert!(
+                (x - y).abs() <= amax / 127.0 * 0.5 + amax * 1e-6,
+                "{x} -> {y}"
+            );
+        }
+    }
+    // back to the same layout is a copy, to another a re-layout
+    let again = tmp.path().join("again.safetensors");
+    let s = convert(&st, &again, &opts(&target, false)).unwrap();
+    assert!(s.plan.unwrap().lossless());
+    assert_eq!(tensors(&again), tensors(&st));
+}
+
+/// The schema of a file (ckptkit's own, or edited) read into memory with
+/// its `ckptkit.schema` replaced by `edit(schema)`.
+fn with_schema(p: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Mem {
+    let f = SafetensorsFile::open(p).unwrap();
+    let mut m = Mem::new(
+        f.tensors()
+            .iter()
+            .map(|t| {
+                (
+                    t.key.clone(),
+                    t.dtype,
+                    t.shape.clone(),
+                    f.read(&t.key).unwrap().into_vec(),
+                )
+            })
+            .collect(),
+    );
+    let mut s: serde_json::Value = serde_json::from_str(&f.metadata()["ckptkit.schema"]).unwrap();
+    edit(&mut s);
+    m.md.insert("ckptkit.schema".into(), s.to_string());
+    m
+}
+
+/// A layout ckptkit's schema records is trusted only as far as it holds:
+/// a preset name means the preset exactly, a user layout needs its
+/// descriptor, and the tensors must be that layout's.
+#[test]
+fn schema_int8_records_are_checked_against_the_presets_and_the_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dp = tmp.path().join("mine.json");
+    std::fs::write(&dp, MINE).unwrap();
+    let float = fx("f32-qint8").join("float.safetensors");
+    let (mine, bnb) = (
+        tmp.path().join("m.safetensors"),
+        tmp.path().join("b.safetensors"),
+    );
+    convert(
+        &float,
+        &mine,
+        &opts(&format!("int8:{}", dp.display()), false),
+    )
+    .unwrap();
+    convert(&float, &bnb, &opts("int8:bnb", false)).unwrap();
+    let err = |m: &Mem| {
+        let e = detect_layers(m, &Hints::default()).expect_err("accepted");
+        assert_eq!(e.location().layer.as_deref(), Some("lin_g128"), "{e}");
+        e.to_string()
+    };
+    // untouched, both read back
+    assert!(detect_layers(&with_schema(&mine, |_| {}), &Hints::default()).is_ok());
+    assert!(detect_layers(&with_schema(&bnb, |_| {}), &Hints::default()).is_ok());
+    // the preset's name over another divisor
+    let m = with_schema(&bnb, |s| {
+        let mut d = ckptkit::layout::int8::preset("int8:bnb").unwrap();
+        d.divisor = 63.5;
+        d.scale.value = ckptkit::layout::int8::ScaleValue::AbsmaxOver(63.5);
+        s["layers"]["lin_g128"]["descriptor"] = serde_json::to_value(&d).unwrap();
+    });
+    assert!(err(&m).contains("differs from the built-in preset"));
+    // a user layout without its descriptor (older files), or renamed
+    let m = with_schema(&mine, |s| {
+        let e = &mut s["layers"]["lin_g128"];
+        e["weights"] = "int8:mine".into();
+        e.as_object_mut().unwrap().remove("descriptor");
+    });
+    assert!(err(&m).contains("not a built-in preset"));
+    let m = with_schema(&mine, |s| {
+        s["layers"]["lin_g128"]["weights"] = "yours".into()
+    });
+    assert!(err(&m).contains("named `mine`"));
+    // tensors that are not the recorded layout's
+    let m = with_schema(&mine, |s| {
+        s["layers"]["lin_g128"]["descriptor"]["constants"][0]["values"][0] = 4.into()
+    });
+    assert!(err(&m).contains("its constant `lin_g128.qversion` is not U8 [1] = [4]"));
+    let m = with_schema(&mine, |s| {
+        s["layers"]["lin_g128"]["descriptor"]["constants"][0]["key"] = "qv2".into()
+    });
+    assert!(err(&m).contains("do not match"));
+    let m = with_schema(&bnb, |s| {
+        s["layers"]["lin_g128"]["weights"] = "int8:ct".into()
+    });
+    assert!(err(&m).contains("do not match"));
+    let m = with_schema(&mine, |s| {
+        s["layers"]["lin_g128"]["shape"] = serde_json::json!([16, 128])
+    });
+    assert!(err(&m).contains("[16, 128]"));
+    // without a schema: bitsandbytes' keys with another `weight_format`
+    // (a tile layout) are neither read as the row format nor copied
+    let mut m = with_schema(&bnb, |_| {});
+    m.md.clear();
+    assert!(detect_layers(&m, &Hints::default()).is_ok());
+    m.bytes.insert("lin_g128.weight_format".into(), vec![1]);
+    let e = err(&m);
+    assert!(
+        e.contains("constant `lin_g128.weight_format` is not U8 [] = [0]"),
+        "{e}"
+    );
+}
+
+/// Issue 10 item 17: key collisions a plan would create are refused by
+/// the planner, naming both tensors (the writer used to report an internal
+/// size mismatch).
+#[test]
+fn colliding_output_keys_are_refused_by_the_planner() {
+    let f32s = |n: usize| quanto::float_of(Dtype::F32).unwrap().encode(&vec![0.5; n]);
+    let src = Mem::new(vec![
+        ("m.weight".into(), Dtype::F32, vec![4, 8], f32s(32)),
+        ("m.bias".into(), Dtype::F32, vec![4], f32s(4)),
+    ]);
+    let layers = detect_layers(&src, &Hints::default()).unwrap();
+    let mut d = ckptkit::layout::int8::Int8Descriptor::from_json(MINE).unwrap();
+    d.payload.key = "bias".into();
+    let e = plan(&layers, &Target::Int8(Box::new(d)), &PlanOptions::default()).unwrap_err();
+    let s = e.to_string();
+    assert!(
+        s.contains("two tensors would be named `m.bias`")
+            && s.contains("the payload of layer `m`'s `weight` (int8 layout `mine`)")
+            && s.contains("layer `m`'s `bias`"),
+        "{s}"
+    );
+    // a plain tensor named like a part of the layout
+    let src = Mem::new(vec![
+        ("m.weight".into(), Dtype::F32, vec![4, 8], f32s(32)),
+        ("m.weight.q".into(), Dtype::F32, vec![4], f32s(4)),
+    ]);
+    let layers = detect_layers(&src, &Hints::default()).unwrap();
+    let e = plan(
+        &layers,
+        &Target::parse("int8").unwrap(),
+        &PlanOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("two tensors would be named `m.weight.q`"),
+        "{e}"
+    );
+    // across layers: `m`'s part `weight.qs` and layer `m.weight`'s `qs`
+    let src = Mem::new(vec![
+        ("m.weight".into(), Dtype::F32, vec![4, 8], f32s(32)),
+        ("m.weight.qs".into(), Dtype::F32, vec![4], f32s(4)),
+    ]);
+    let layers = detect_layers(&src, &Hints::default()).unwrap();
+    let d = ckptkit::layout::int8::Int8Descriptor::from_json(MINE).unwrap();
+    let e = plan(&layers, &Target::Int8(Box::new(d)), &PlanOptions::default()).unwrap_err();
+    let s = e.to_string();
+    assert!(
+        s.contains("two tensors would be named `m.weight.qs`")
+            && s.contains("the scale of layer `m`'s `weight`")
+            && s.contains("layer `m.weight`'s `qs`"),
+        "{s}"
+    );
 }

@@ -143,7 +143,8 @@ pub enum WeightQuant {
     /// An int8 layout: a preset name (`int8`, `int8:bnb`, ...) or a
     /// descriptor.
     Int8 {
-        /// Preset name or `custom`.
+        /// The preset's canonical name, or the user descriptor's name
+        /// (never in the reserved namespace, spec/layouts.md §3.3).
         layout: String,
         /// The descriptor as canonical JSON (empty for built-in presets).
         descriptor: String,

@@ -300,6 +300,15 @@ pub fn validate(m: &Manifest, h: &FixedHeader) -> Result<Placement> {
                 return Err(lerr(Error::malformed("group size 0")));
             }
         }
+        if let WeightQuant::Int8 { layout, descriptor } = &l.quant.weights {
+            if let Err(e) = crate::layout::int8::descriptor_of(layout, descriptor) {
+                let m = match e.into_kind() {
+                    ErrorKind::Layout(m) => m,
+                    k => k.to_string(),
+                };
+                return Err(lerr(Error::malformed(m)));
+            }
+        }
         if let Some(a) = &l.quant.activations {
             if !QUANTO_QTYPES.contains(&a.as_str()) && a != "qfloat8" {
                 return Err(lerr(Error::malformed(format!(

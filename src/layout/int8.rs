@@ -218,10 +218,110 @@ fn derr(name: &str, msg: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Usage(format!("int8 layout `{name}`: {msg}")))
 }
 
+/// Prefixes of the layout names that belong to ckptkit's built-in layouts: a
+/// name equal to one of them or starting with it and a `:` is reserved.
+pub const RESERVED_PREFIXES: [&str; 6] = ["plain", "quanto", "int8", "fp8", "comfy", "gguf"];
+
+/// Whole names a user layout may not take either: ckptkit's schema and the
+/// config it writes beside an output read them as quanto qtypes.
+pub const RESERVED_NAMES: [&str; 8] = [
+    "none",
+    "qint8",
+    "qint4",
+    "qint2",
+    "qfloat8",
+    "qfloat8_e4m3fn",
+    "qfloat8_e5m2",
+    "qfloat8_e4m3fnuz",
+];
+
+/// The reserved prefix (or name) a layout name falls under, compared
+/// ignoring ASCII case: `int8` and `int8:foo` fall under `int8`, `int8x`
+/// and `my-int8` under none.
+pub fn reserved(name: &str) -> Option<&'static str> {
+    let l = name.to_ascii_lowercase();
+    RESERVED_PREFIXES
+        .iter()
+        .find(|p| {
+            l.strip_prefix(**p)
+                .is_some_and(|r| r.is_empty() || r.starts_with(':'))
+        })
+        .or_else(|| RESERVED_NAMES.iter().find(|r| l == **r))
+        .copied()
+}
+
+/// A divisor (or `absmax_over` constant) in [1, 256]: below 1 the absmax
+/// maps below one integer step.
+fn check_divisor(n: &str, what: &str, c: f64) -> Result<()> {
+    if c.is_finite() && (1.0..=256.0).contains(&c) {
+        return Ok(());
+    }
+    let why = if !c.is_finite() || c <= 0.0 || c > 256.0 {
+        String::new()
+    } else {
+        let ints = if c < 0.5 { "0" } else { "0 or ±1" };
+        let sub = if (c as f32) < f32::MIN_POSITIVE {
+            " (a subnormal divisor also overflows the scale absmax/divisor)"
+        } else {
+            ""
+        };
+        format!(
+            ": the absmax would map to |q| = {c} < 1, so every stored integer would be {ints}{sub}"
+        )
+    };
+    Err(derr(
+        n,
+        format!("{what} {c} must be a number in [1, 256]{why}"),
+    ))
+}
+
+/// Whether an integer constant fits its dtype.
+fn int_fits(dt: Dtype, v: i64) -> bool {
+    match dt {
+        Dtype::U8 => u8::try_from(v).is_ok(),
+        Dtype::I8 => i8::try_from(v).is_ok(),
+        Dtype::I32 => i32::try_from(v).is_ok(),
+        _ => true,
+    }
+}
+
+/// A part key: a name relative to the module path, dot-separated segments
+/// that are not empty, no path separators or control characters.
+fn check_key(n: &str, k: &str) -> Result<()> {
+    let ok = !k.is_empty()
+        && k.len() <= 256
+        && !k.split('.').any(str::is_empty)
+        && !k.chars().any(|c| c == '/' || c == '\\' || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(derr(
+            n,
+            format!(
+                "key `{}` must be 1 to 256 bytes of dot-separated names (no empty segment, \
+                 no `/`, `\\` or control characters)",
+                k.escape_debug()
+            ),
+        ))
+    }
+}
+
 impl Int8Descriptor {
-    /// Checks that the descriptor does not contradict itself.
+    /// Checks that the descriptor does not contradict itself (the rules of
+    /// spec/layouts.md §3). The built-in presets pass; a user's JSON must
+    /// also pass [`Int8Descriptor::validate_user`].
     pub fn validate(&self) -> Result<()> {
         let n = &self.name;
+        if n.is_empty()
+            || n.len() > 256
+            || n.chars().any(char::is_control)
+            || n.trim() != n.as_str()
+        {
+            return Err(derr(
+                n,
+                "the name must be 1 to 256 bytes, without control characters or surrounding spaces",
+            ));
+        }
         let [lo, hi] = self.range;
         if !(-128..=127).contains(&lo) || !(-128..=127).contains(&hi) || lo >= hi {
             return Err(derr(
@@ -229,18 +329,35 @@ impl Int8Descriptor {
                 format!("range [{lo}, {hi}] must lie in [-128, 127] with min < max"),
             ));
         }
-        if self.zero_point.is_none() && lo > 0 {
-            return Err(derr(n, "a symmetric layout needs negative values"));
-        }
-        if !(self.divisor.is_finite() && self.divisor > 0.0 && self.divisor <= 256.0) {
+        if self.zero_point.is_none() && !(lo < 0 && hi > 0) {
             return Err(derr(
                 n,
-                format!("divisor {} must be in (0, 256]", self.divisor),
+                format!(
+                    "a symmetric layout (no zero point) needs negative and positive values; \
+                     the range [{lo}, {hi}] would clamp one sign of every weight"
+                ),
             ));
         }
+        check_divisor(n, "divisor", self.divisor)?;
         if let ScaleValue::AbsmaxOver(c) = self.scale.value {
-            if !(c.is_finite() && c > 0.0 && c <= 256.0) {
-                return Err(derr(n, format!("absmax divisor {c} must be in (0, 256]")));
+            check_divisor(n, "absmax_over", c)?;
+            if c != self.divisor {
+                return Err(derr(
+                    n,
+                    format!(
+                        "absmax_over {c} must equal the divisor {}: the stored absmax A \
+                         dequantizes as q·A/{c}, which gives the weight back only when q was \
+                         quantized with the same divisor",
+                        self.divisor
+                    ),
+                ));
+            }
+            if self.zero_point.is_some() {
+                return Err(derr(
+                    n,
+                    "an absmax_over scale needs a symmetric layout (no zero point): \
+                     an asymmetric group has no absmax to store",
+                ));
             }
         }
         if let Granularity::Group(g) = self.scale.granularity {
@@ -260,6 +377,13 @@ impl Int8Descriptor {
                 let hi2 = hi + self.payload.offset;
                 if !(0..=255).contains(&lo2) || !(0..=255).contains(&hi2) {
                     return Err(derr(n, "range + offset must fit in a byte"));
+                }
+                if self.payload.shape_key.is_none() {
+                    return Err(derr(
+                        n,
+                        "packed_i32 storage needs a `shape_key`: the packed words \
+                         [O, ceil(I/4)] do not say I, so the file could not be read back",
+                    ));
                 }
             }
             _ => {}
@@ -284,44 +408,108 @@ impl Int8Descriptor {
                 "reciprocal_multiply needs a symmetric layout (no zero point)",
             ));
         }
-        let mut keys = vec![self.payload.key.as_str(), self.scale.key.as_str()];
-        keys.extend(self.payload.shape_key.as_deref());
-        keys.extend(self.zero_point.as_ref().map(|z| z.key.as_str()));
         for c in &self.constants {
-            keys.push(&c.key);
             let dt = Dtype::from_name(&c.dtype)
                 .ok_or_else(|| derr(n, format!("unknown dtype `{}`", c.dtype)))?;
             let ne = crate::dtype::numel(&c.shape)?;
             if ne != c.values.len() as u64
                 || ne > 4096
+                || c.shape.len() > crate::format::MAX_RANK
                 || !matches!(dt, Dtype::U8 | Dtype::I8 | Dtype::I32 | Dtype::I64)
             {
                 return Err(derr(
                     n,
                     format!(
-                        "constant `{}` must list its {ne} integer values (at most 4096)",
+                        "constant `{}` must list its {ne} integer values (at most 4096, rank at \
+                         most {}) in U8, I8, I32 or I64",
+                        c.key,
+                        crate::format::MAX_RANK
+                    ),
+                ));
+            }
+            if let Some(v) = c.values.iter().find(|&&v| !int_fits(dt, v)) {
+                return Err(derr(
+                    n,
+                    format!(
+                        "constant `{}`: the value {v} does not fit {dt} (it would be stored wrapped)",
                         c.key
                     ),
                 ));
             }
         }
+        let keys = self.part_keys();
+        for k in &keys {
+            check_key(n, k)?;
+        }
         let mut sorted = keys.clone();
         sorted.sort();
         sorted.dedup();
-        if sorted.len() != keys.len() || keys.iter().any(|k| k.is_empty() || k.len() > 256) {
+        if sorted.len() != keys.len() {
             return Err(derr(
                 n,
-                "keys must be distinct, non-empty and at most 256 bytes",
+                "two parts have the same key; keys must be distinct",
             ));
         }
         Ok(())
     }
 
-    /// Parses and validates a descriptor from JSON.
+    /// [`Int8Descriptor::validate`], plus the rule for descriptors a user
+    /// writes: the name is not in the namespace of ckptkit's built-in
+    /// layouts (see [`reserved`]), unless the descriptor is a built-in
+    /// preset exactly.
+    pub fn validate_user(&self) -> Result<()> {
+        self.validate()?;
+        let n = &self.name;
+        let Some(r) = reserved(n) else {
+            return Ok(());
+        };
+        if is_builtin(self) {
+            return Ok(());
+        }
+        let rule = if r == "none" {
+            "`none` is reserved: ckptkit's schema reads it as \"not quantized\"".to_string()
+        } else if RESERVED_NAMES.contains(&r) {
+            format!(
+                "`{r}` is reserved: it is a quanto qtype name, which ckptkit's schema and the \
+                 config.json it writes read as quanto"
+            )
+        } else {
+            format!(
+                "names equal to `{r}` or starting with `{r}:` are reserved for ckptkit's built-in \
+                 layouts"
+            )
+        };
+        let why = if builtin(n).is_some() {
+            "this descriptor differs from the built-in preset of that name, and a file written \
+             with it would be read back as the preset; "
+        } else {
+            ""
+        };
+        Err(derr(
+            n,
+            format!(
+                "{why}{rule}; rename the layout, e.g. \"name\": \"my-{}\"",
+                n.replace(':', "-")
+            ),
+        ))
+    }
+
+    /// The keys of every stored part: payload, scale, shape, zero point,
+    /// constants.
+    pub fn part_keys(&self) -> Vec<&str> {
+        let mut keys = vec![self.payload.key.as_str(), self.scale.key.as_str()];
+        keys.extend(self.payload.shape_key.as_deref());
+        keys.extend(self.zero_point.as_ref().map(|z| z.key.as_str()));
+        keys.extend(self.constants.iter().map(|c| c.key.as_str()));
+        keys
+    }
+
+    /// Parses a user descriptor from JSON and checks it with
+    /// [`Int8Descriptor::validate_user`].
     pub fn from_json(text: &str) -> Result<Self> {
         let d: Int8Descriptor = serde_json::from_str(text)
             .map_err(|e| Error::new(ErrorKind::Json(format!("int8 descriptor: {e}"))))?;
-        d.validate()?;
+        d.validate_user()?;
         Ok(d)
     }
 
@@ -388,9 +576,31 @@ impl Int8Descriptor {
     }
 }
 
-/// A built-in preset by name: `int8`, `int8:bnb`, `int8:ct` (channel,
-/// pack-quantized) with optional `:group=N` and `:int-quantized`.
+/// The layout a `--to int8...` target names: a built-in preset (`int8`,
+/// `int8:bnb`, `int8:ct` (channel, pack-quantized) with optional
+/// `:group=N` and `:int-quantized`), or `int8:PATH.json`, a user descriptor
+/// read from that file and checked with [`Int8Descriptor::validate_user`].
 pub fn preset(name: &str) -> Result<Int8Descriptor> {
+    if let Some(p) = name.strip_prefix("int8:").filter(|p| p.ends_with(".json")) {
+        let text = crate::layout::quanto::read_side_file(std::path::Path::new(p))?;
+        return Int8Descriptor::from_json(&text);
+    }
+    parse_builtin(name)
+}
+
+/// The built-in preset whose canonical name is exactly `name`
+/// (`int8:ct:group=64:int-quantized`, not `int8:ct:int-quantized:group=64`);
+/// never reads a file.
+pub fn builtin(name: &str) -> Option<Int8Descriptor> {
+    parse_builtin(name).ok().filter(|d| d.name == name)
+}
+
+/// Whether a descriptor is a built-in preset, name and all.
+pub fn is_builtin(d: &Int8Descriptor) -> bool {
+    builtin(&d.name).as_ref() == Some(d)
+}
+
+fn parse_builtin(name: &str) -> Result<Int8Descriptor> {
     let bad = || {
         derr(name, "unknown int8 layout; use int8, int8:bnb, int8:ct[:group=N][:int-quantized] or int8:FILE.json")
     };
@@ -516,12 +726,6 @@ pub fn preset(name: &str) -> Result<Int8Descriptor> {
                     zero_scale: ZeroScale::Eps,
                 },
             }
-        }
-        Some(path) if path.ends_with(".json") => {
-            let rest: Vec<&str> = std::iter::once(path).chain(parts).collect();
-            let p = rest.join(":");
-            let text = crate::layout::quanto::read_side_file(std::path::Path::new(&p))?;
-            return Int8Descriptor::from_json(&text);
         }
         _ => return Err(bad()),
     };
@@ -880,7 +1084,7 @@ pub fn float_dtype(d: Dtype) -> Option<FloatDtype> {
 pub fn detection_presets() -> Vec<Int8Descriptor> {
     ["int8:ct", "int8:bnb", "int8", "int8:ct:int-quantized"]
         .iter()
-        .filter_map(|n| preset(n).ok())
+        .filter_map(|n| builtin(n))
         .collect()
 }
 
@@ -912,19 +1116,29 @@ pub fn detect(
         if p.dtype != payload_dtype(d0) || p.shape.len() != 2 || !s.dtype.is_filterable_float() {
             continue;
         }
-        let shape_t = d0.payload.shape_key.as_deref().map(find);
-        let (o, i) = match (d0.payload.storage, shape_t) {
-            (Storage::I8, _) => (p.shape[0], p.shape[1]),
-            (Storage::PackedI32, Some(Some(st))) if st.dtype == Dtype::I64 && st.shape == [2] => {
-                // the logical shape is stored beside the packed words
+        // a declared shape tensor must be there, I64 [2]
+        let shape_t = match d0.payload.shape_key.as_deref().map(find) {
+            None => None,
+            Some(Some(st)) if st.dtype == Dtype::I64 && st.shape == [2] => Some(st),
+            Some(_) => continue,
+        };
+        let (o, i) = match shape_t {
+            None if d0.payload.storage == Storage::I8 => (p.shape[0], p.shape[1]),
+            None => continue,
+            Some(st) => {
+                // the logical shape is stored beside the (packed) payload
                 let b = src.read(&st.key)?;
                 let v: Vec<u64> = b
                     .chunks_exact(8)
                     .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                     .map(|x| u64::try_from(x).unwrap_or(u64::MAX))
                     .collect();
+                let fits = |o: u64, i: u64| match d0.payload.storage {
+                    Storage::I8 => [o, i] == p.shape[..],
+                    Storage::PackedI32 => o == p.shape[0] && i.div_ceil(4) == p.shape[1],
+                };
                 match v[..] {
-                    [o, i] if o == p.shape[0] && i.div_ceil(4) == p.shape[1] => (o, i),
+                    [o, i] if fits(o, i) => (o, i),
                     _ => {
                         return Err(Error::layout(format!(
                             "`{}` says {:?}, which does not fit `{}` {:?}",
@@ -934,14 +1148,32 @@ pub fn detect(
                     }
                 }
             }
-            _ => continue,
         };
-        // bnb-specific: the weight format constant must be there
+        // the constants must be there (bitsandbytes' `weight_format`), and
+        // hold the layout's values: another value is another layout, which
+        // must be neither misread nor copied as plain tensors
         let consts: Option<Vec<_>> = d0.constants.iter().map(|c| find(&c.key)).collect();
         let Some(consts) = consts else { continue };
+        for (c, t) in d0.constants.iter().zip(&consts) {
+            let want = const_bytes(c);
+            if Dtype::from_name(&c.dtype) != Some(t.dtype)
+                || t.shape != c.shape
+                || src.read(&t.key)?[..] != want[..]
+            {
+                return Err(Error::layout(format!(
+                    "`{}` looks like int8 layout `{}`, but its constant `{}` is not {} {:?} = \
+                     {:?}; ckptkit does not read this variant",
+                    p.key, d0.name, t.key, c.dtype, c.shape, c.values
+                ))
+                .with_layer(path)
+                .with_tensor(t.key.clone()));
+            }
+        }
         let mut d = d0.clone();
-        // group size from the scale's shape (compressed-tensors)
-        if d.scale.granularity == Granularity::Channel
+        // group size from the scale's shape (compressed-tensors' channel
+        // presets; a recorded or user descriptor is taken as it is)
+        if is_builtin(d0)
+            && d.scale.granularity == Granularity::Channel
             && d.scale.shape == ScaleShape::Column
             && s.shape.len() == 2
             && s.shape[1] > 1
@@ -959,7 +1191,7 @@ pub fn detect(
                 }
             }
         }
-        let Ok((pshape, sshape, _)) = d.shapes(o, i) else {
+        let Ok((pshape, sshape, zshape)) = d.shapes(o, i) else {
             continue;
         };
         let s_ok = s.shape == sshape
@@ -985,26 +1217,35 @@ pub fn detect(
             shape: t.shape.clone(),
             blake3: [0; 32],
         };
+        let zt = match &d.zero_point {
+            None => None,
+            Some(z) => match find(&z.key) {
+                Some(zt)
+                    if zt.dtype == Dtype::I8 && (zt.shape == zshape || zt.shape == s.shape) =>
+                {
+                    Some(zt)
+                }
+                _ => continue,
+            },
+        };
         let mut parts = vec![mk(Role::Data, p), mk(Role::Scale, s)];
         let mut used = vec![p.key.clone(), s.key.clone()];
-        if let Some(Some(st)) = shape_t {
+        if let Some(st) = shape_t {
             parts.push(mk(
                 Role::Other(d.payload.shape_key.clone().unwrap_or_default()),
                 st,
             ));
             used.push(st.key.clone());
         }
-        if let Some(z) = &d.zero_point {
-            if let Some(zt) = find(&z.key) {
-                parts.push(mk(Role::ZeroPoint, zt));
-                used.push(zt.key.clone());
-            }
+        if let Some(zt) = zt {
+            parts.push(mk(Role::ZeroPoint, zt));
+            used.push(zt.key.clone());
         }
         for (c, t) in d.constants.iter().zip(consts) {
             parts.push(mk(Role::Other(c.key.clone()), t));
             used.push(t.key.clone());
         }
-        let desc = if preset(&d.name).is_ok_and(|p| p == d) {
+        let desc = if is_builtin(&d) {
             String::new()
         } else {
             d.to_json()
@@ -1027,13 +1268,59 @@ pub fn detect(
     Ok(None)
 }
 
-/// The descriptor of a layer's `WeightQuant::Int8` record.
+/// The descriptor of a layer's `WeightQuant::Int8` record (a container's
+/// manifest, or ckptkit's schema in a safetensors file). An empty
+/// `descriptor` names a built-in preset by its canonical name; a recorded
+/// descriptor must be valid and carry the recorded name, and a name in the
+/// reserved namespace ([`reserved`]) must be a built-in preset recorded
+/// exactly. Never reads a file. Errors are layout errors; the caller adds
+/// the layer.
 pub fn descriptor_of(layout: &str, descriptor: &str) -> Result<Int8Descriptor> {
     if descriptor.is_empty() {
-        preset(layout)
-    } else {
-        Int8Descriptor::from_json(descriptor)
+        return builtin(layout).ok_or_else(|| {
+            Error::layout(format!(
+                "int8 layout `{layout}` is recorded without its descriptor, and it is not a \
+                 built-in preset (int8, int8:bnb, int8:ct[:group=N][:int-quantized])"
+            ))
+        });
     }
+    let d: Int8Descriptor = serde_json::from_str(descriptor).map_err(|e| {
+        Error::layout(format!(
+            "the recorded descriptor of int8 layout `{layout}` cannot be read: {e}"
+        ))
+    })?;
+    d.validate()
+        .map_err(|e| Error::layout(format!("the recorded descriptor is refused: {e}")))?;
+    if d.name != layout {
+        return Err(Error::layout(format!(
+            "int8 layout `{layout}` is recorded with a descriptor named `{}`",
+            d.name
+        )));
+    }
+    if let Some(r) = reserved(layout) {
+        return match builtin(layout) {
+            Some(b) if b == d => Ok(d),
+            Some(_) => Err(Error::layout(format!(
+                "int8 layout `{layout}` is recorded with a descriptor that differs from the \
+                 built-in preset of that name; a preset name always means the preset"
+            ))),
+            None => Err(Error::layout(format!(
+                "int8 layout `{layout}` is recorded with a user descriptor, but the name is \
+                 reserved for ckptkit's built-in layouts (`{r}`)"
+            ))),
+        };
+    }
+    Ok(d)
+}
+
+/// The bytes of a constant tensor: its values little-endian in its dtype
+/// (a validated descriptor's values fit).
+pub fn const_bytes(c: &ConstTensor) -> Vec<u8> {
+    let size = Dtype::from_name(&c.dtype).map_or(1, |d| d.size());
+    c.values
+        .iter()
+        .flat_map(|&v| v.to_le_bytes()[..size.min(8)].to_vec())
+        .collect()
 }
 
 #[cfg(test)]
@@ -1080,9 +1367,226 @@ mod tests {
         );
     }
 
+    /// A user descriptor like `preset(name)` but under the name `mine`.
+    fn user(name: &str) -> Int8Descriptor {
+        let mut d = preset(name).unwrap();
+        d.name = "mine".into();
+        d
+    }
+
+    fn user_err(d: &Int8Descriptor) -> String {
+        let e = d.validate_user().expect_err("accepted");
+        // the JSON path refuses it too
+        assert!(Int8Descriptor::from_json(&d.to_json()).is_err());
+        e.to_string()
+    }
+
+    #[test]
+    fn reserved_names_are_refused_in_user_descriptors() {
+        for n in [
+            "int8",
+            "int8:foo",
+            "INT8:foo",
+            "int8:ct:group=7",
+            "plain",
+            "plain:bf16",
+            "quanto:qint8",
+            "fp8",
+            "comfy:x",
+            "gguf",
+            "qint8",
+            "none",
+        ] {
+            let mut d = user("int8:bnb");
+            d.name = n.into();
+            assert!(d.validate().is_ok(), "{n}: structurally fine");
+            let e = user_err(&d);
+            assert!(e.contains("reserved") && e.contains("my-"), "{n}: {e}");
+        }
+        for n in ["int8x", "my-int8", "plainly", "gguf2", "inhouse", "ct:int8"] {
+            let mut d = user("int8:bnb");
+            d.name = n.into();
+            assert!(d.validate_user().is_ok(), "{n}");
+            assert_eq!(Int8Descriptor::from_json(&d.to_json()).unwrap(), d);
+        }
+        // issue 10 item 6: bitsandbytes' name with another divisor
+        let mut d = preset("int8:bnb").unwrap();
+        d.divisor = 63.5;
+        d.scale.value = ScaleValue::AbsmaxOver(63.5);
+        let e = user_err(&d);
+        assert!(e.contains("differs from the built-in preset"), "{e}");
+        // an exact copy of a preset is that preset
+        for n in ["int8", "int8:bnb", "int8:ct:group=32:int-quantized"] {
+            let p = preset(n).unwrap();
+            assert_eq!(Int8Descriptor::from_json(&p.to_json()).unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn recorded_layouts_are_presets_exactly_or_carry_a_valid_descriptor() {
+        let bnb = preset("int8:bnb").unwrap();
+        assert_eq!(descriptor_of("int8:bnb", "").unwrap(), bnb);
+        assert_eq!(descriptor_of("int8:bnb", &bnb.to_json()).unwrap(), bnb);
+        let mut other = bnb.clone();
+        other.divisor = 63.5;
+        other.scale.value = ScaleValue::AbsmaxOver(63.5);
+        let e = descriptor_of("int8:bnb", &other.to_json()).unwrap_err();
+        assert!(
+            e.to_string().contains("differs from the built-in preset"),
+            "{e}"
+        );
+        // a preset's name is its canonical spelling
+        assert!(descriptor_of("int8:ct:group=32:int-quantized", "").is_ok());
+        assert!(descriptor_of("int8:ct:int-quantized:group=32", "").is_err());
+        assert!(descriptor_of("int8:ct:group=032", "").is_err());
+        // a recorded name never reads a file, even a valid descriptor's
+        let dir = std::env::temp_dir().join(format!("ckptkit-int8-rec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("mine.json");
+        std::fs::write(&f, user("int8").to_json()).unwrap();
+        let name = format!("int8:{}", f.display());
+        assert!(preset(&name).is_ok(), "the CLI form reads it");
+        assert!(descriptor_of(&name, "").is_err(), "a record does not");
+        std::fs::remove_dir_all(&dir).unwrap();
+        // user layouts: valid, named as recorded, outside the namespace
+        let mine = user("int8");
+        assert_eq!(descriptor_of("mine", &mine.to_json()).unwrap(), mine);
+        assert!(descriptor_of("yours", &mine.to_json()).is_err());
+        assert!(descriptor_of("mine", "").is_err());
+        let mut r = mine.clone();
+        r.name = "int8:mine".into();
+        assert!(descriptor_of("int8:mine", &r.to_json()).is_err());
+        let mut bad = mine.clone();
+        bad.divisor = 0.25;
+        assert!(descriptor_of("mine", &bad.to_json()).is_err());
+        assert!(descriptor_of("mine", "{").is_err());
+    }
+
+    #[test]
+    fn constants_must_fit_their_dtype() {
+        for (dt, v) in [
+            ("U8", 300),
+            ("U8", -1),
+            ("I8", 128),
+            ("I8", -129),
+            ("I32", 1 << 31),
+            ("I32", -(1 << 31) - 1),
+        ] {
+            let mut d = user("int8:bnb");
+            d.constants[0].dtype = dt.into();
+            d.constants[0].values = vec![v];
+            let e = user_err(&d);
+            assert!(
+                e.contains("does not fit") && e.contains(dt),
+                "{dt} {v}: {e}"
+            );
+        }
+        for (dt, v) in [
+            ("U8", 255),
+            ("U8", 0),
+            ("I8", -128),
+            ("I32", -(1 << 31)),
+            ("I64", i64::MIN),
+        ] {
+            let mut d = user("int8:bnb");
+            d.constants[0].dtype = dt.into();
+            d.constants[0].values = vec![v];
+            assert!(d.validate_user().is_ok(), "{dt} {v}");
+            let b = const_bytes(&d.constants[0]);
+            let size = Dtype::from_name(dt).unwrap().size();
+            assert_eq!(b, v.to_le_bytes()[..size].to_vec());
+        }
+        let mut d = user("int8:bnb");
+        d.constants[0].shape = vec![1; 9];
+        assert!(user_err(&d).contains("rank"));
+    }
+
+    #[test]
+    fn divisors_below_one_are_refused() {
+        // what such a divisor does: every stored integer is 0
+        for c in [0.3, 1e-310, f64::MIN_POSITIVE] {
+            let mut d = user("int8");
+            d.divisor = c;
+            let w = FloatDtype::F32.encode(&[1.0, -0.5, 0.25, 2.0]);
+            let qw = quantize(&d, Dtype::F32, 1, 4, &w).unwrap();
+            assert_eq!(qw.q, vec![0; 4], "divisor {c}");
+            let e = user_err(&d);
+            assert!(e.contains("every stored integer would be 0"), "{c}: {e}");
+        }
+        let mut d = user("int8");
+        d.divisor = 1e-310;
+        assert!(user_err(&d).contains("subnormal"));
+        for c in [0.0, -1.0, f64::NAN, f64::INFINITY, 256.5] {
+            let mut d = user("int8");
+            d.divisor = c;
+            assert!(user_err(&d).contains("[1, 256]"), "{c}");
+        }
+        for c in [1.0, 127.5, 256.0] {
+            let mut d = user("int8");
+            d.divisor = c;
+            assert!(d.validate_user().is_ok(), "{c}");
+        }
+        // absmax_over: the same range, and the divisor's value
+        let mut d = user("int8:bnb");
+        d.scale.value = ScaleValue::AbsmaxOver(1e-310);
+        assert!(user_err(&d).contains("absmax_over"));
+        let mut d = user("int8:bnb");
+        d.scale.value = ScaleValue::AbsmaxOver(63.5);
+        assert!(user_err(&d).contains("must equal the divisor"));
+        let mut d = user("int8:bnb");
+        d.math = QuantizeMath::default();
+        d.range = [-128, 127];
+        d.zero_point = Some(ZeroPointSpec { key: "zp".into() });
+        assert!(user_err(&d).contains("symmetric"));
+    }
+
+    #[test]
+    fn packed_storage_needs_its_shape_key() {
+        let mut d = user("int8:ct");
+        assert!(d.validate_user().is_ok());
+        d.payload.shape_key = None;
+        assert!(user_err(&d).contains("shape_key"));
+    }
+
+    #[test]
+    fn keys_are_relative_names() {
+        for k in ["", "a/b", "a\\b", ".a", "a.", "a..b", "a\u{0}b", "a\nb"] {
+            let mut d = user("int8:ct");
+            d.scale.key = k.into();
+            let e = user_err(&d);
+            assert!(e.contains("key"), "{k:?}: {e}");
+        }
+        let mut d = user("int8:ct");
+        d.scale.key = "x".repeat(257);
+        assert!(d.validate_user().is_err());
+        let mut d = user("int8:ct");
+        d.scale.key = d.payload.shape_key.clone().unwrap();
+        assert!(user_err(&d).contains("distinct"));
+        let mut d = user("int8:ct");
+        d.scale.key = "weight.qs".into();
+        assert!(d.validate_user().is_ok());
+    }
+
+    #[test]
+    fn ranges_and_names_that_contradict_the_layout() {
+        for r in [[-127, 0], [0, 127], [1, 127]] {
+            let mut d = user("int8");
+            d.range = r;
+            assert!(user_err(&d).contains("negative and positive"), "{r:?}");
+        }
+        let mut d = user("int8");
+        d.range = [0, 255];
+        assert!(d.validate().is_err(), "beyond I8");
+        for n in ["", " mine", "mine\n", &"m".repeat(257)] {
+            let mut d = user("int8");
+            d.name = n.to_string();
+            assert!(user_err(&d).contains("name"), "{n:?}");
+        }
+    }
+
     #[test]
     fn math_defaults_keep_old_descriptors_and_their_json() {
-        let old = r#"{"name":"int8:old","payload":{"key":"qw","storage":"i8"},"scale":{"key":"qs","dtype":"F32","granularity":"channel","value":"scale","shape":"column"},"range":[-127,127],"rounding":"half_even","divisor":127.0}"#;
+        let old = r#"{"name":"old","payload":{"key":"qw","storage":"i8"},"scale":{"key":"qs","dtype":"F32","granularity":"channel","value":"scale","shape":"column"},"range":[-127,127],"rounding":"half_even","divisor":127.0}"#;
         let d = Int8Descriptor::from_json(old).unwrap();
         assert!(d.math.is_default());
         assert!(!d.to_json().contains("math"), "{}", d.to_json());
@@ -1170,12 +1674,13 @@ mod tests {
                 any::<bool>(),
                 -2i32..200,
                 proptest::option::of("[a-z_]{1,8}"),
+                0usize..6,
             ),
             (
                 0usize..3,
                 proptest::option::of(0u64..300),
                 any::<bool>(),
-                0.0f64..300.0,
+                proptest::option::of(0.0f64..300.0),
                 any::<bool>(),
             ),
             (
@@ -1198,13 +1703,14 @@ mod tests {
         )
             .prop_map(
                 |(
-                    (packed, offset, shape_key),
+                    (packed, offset, shape_key, name),
                     (g, gs, absmax, c, column),
                     (lo, hi, even, divisor, zp),
                     consts,
                     (cast, weight_arith, recip, eps),
                 )| Int8Descriptor {
-                    name: "int8:prop".into(),
+                    // user names, and reserved ones (no preset has these keys)
+                    name: ["prop", "int8:prop", "int8", "int8x", "qint8", "Int8:x"][name].into(),
                     payload: Payload {
                         key: "qw".into(),
                         storage: if packed {
@@ -1223,8 +1729,10 @@ mod tests {
                             (1, _) | (_, None) => Granularity::Channel,
                             (_, Some(n)) => Granularity::Group(n),
                         },
+                        // absmax_over must equal the divisor; a random one
+                        // mostly does not
                         value: if absmax {
-                            ScaleValue::AbsmaxOver(c)
+                            ScaleValue::AbsmaxOver(c.unwrap_or(divisor))
                         } else {
                             ScaleValue::Scale
                         },
@@ -1276,9 +1784,19 @@ mod tests {
         #[test]
         fn descriptor_json_roundtrip(d in arb_descriptor()) {
             let j = d.to_json();
-            match d.validate() {
-                Ok(()) => prop_assert_eq!(Int8Descriptor::from_json(&j).unwrap(), d),
+            match d.validate_user() {
+                Ok(()) => {
+                    prop_assert!(d.validate().is_ok());
+                    prop_assert!(reserved(&d.name).is_none(), "{}", d.name);
+                    prop_assert_eq!(Int8Descriptor::from_json(&j).unwrap(), d.clone())
+                }
                 Err(_) => prop_assert!(Int8Descriptor::from_json(&j).is_err()),
+            }
+            // a recorded descriptor under its own (unreserved) name reads back
+            if d.validate().is_ok() && reserved(&d.name).is_none() {
+                prop_assert_eq!(descriptor_of(&d.name, &j).unwrap(), d);
+            } else {
+                prop_assert!(descriptor_of(&d.name, &j).is_err());
             }
         }
 

@@ -178,6 +178,23 @@ pub struct SchemaEntry {
     pub dtype: String,
     /// Logical weight shape.
     pub shape: Vec<u64>,
+    /// For an int8 layer in a user layout, the full descriptor
+    /// (`weights` is then its name); absent for quanto layers and the
+    /// built-in int8 presets. An additive field of schema version 1 (readers
+    /// ignore fields they do not know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor: Option<serde_json::Value>,
+}
+
+impl SchemaEntry {
+    /// The `descriptor` field for a manifest's int8 record (canonical JSON,
+    /// empty for a built-in preset).
+    pub fn int8_descriptor(canonical: &str) -> Option<serde_json::Value> {
+        if canonical.is_empty() {
+            return None;
+        }
+        serde_json::from_str(canonical).ok()
+    }
 }
 
 /// ckptkit's schema: module path → entry.
