@@ -660,11 +660,14 @@ fn user_layout_in_safetensors_reads_back_like_its_container() {
             );
         }
     }
-    // back to the same layout is a copy, to another a re-layout
+    // the same layout again changes nothing: refused, nothing written
     let again = tmp.path().join("again.safetensors");
-    let s = convert(&st, &again, &opts(&target, false)).unwrap();
-    assert!(s.plan.unwrap().lossless());
-    assert_eq!(tensors(&again), tensors(&st));
+    let e = convert(&st, &again, &opts(&target, false)).unwrap_err();
+    assert!(
+        matches!(e.kind(), ckptkit::ErrorKind::NothingChanged(_)),
+        "{e}"
+    );
+    assert!(!again.exists());
 }
 
 /// The schema of a file (ckptkit's own, or edited) read into memory with
