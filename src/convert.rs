@@ -1616,18 +1616,38 @@ fn copy_file(from: &Path, to: &Path, shown: &Path) -> Result<u64> {
     Ok(n)
 }
 
-/// True when a directory is a training checkpoint (sub-directories, or files
-/// other than weights and JSON side files) rather than one model's weights.
+/// Files that only a training run's checkpoint holds (Hugging Face
+/// Trainer, accelerate, SimpleTuner): optimizer, scheduler and RNG states.
+fn is_trainer_state(name: &str) -> bool {
+    name == "trainer_state.json"
+        || name == "training_state.json"
+        || name.starts_with("optimizer.")
+        || name.starts_with("scheduler.")
+        || name.starts_with("scaler.")
+        || name.starts_with("rng_state")
+        || name.starts_with("random_states_")
+}
+
+/// True when a directory is a training checkpoint (or a pipeline): model
+/// weights in sub-directories (`transformer/`, `text_encoder/`), or a
+/// trainer's optimizer / scheduler / RNG state beside the weights. A model
+/// directory is recognised by its weights and index, whatever else it holds
+/// (`.gitattributes`, `tokenizer.model`, `README.md`, other weight formats).
 pub fn is_training_checkpoint(dir: &Path) -> Result<bool> {
     for e in std::fs::read_dir(dir).map_err(|e| Error::from(e).with_file(dir))? {
-        let e = e?;
+        let e = e.map_err(|er| Error::from(er).with_file(dir))?;
         let n = e.file_name().to_string_lossy().into_owned();
-        if e.file_type()?.is_dir() {
+        if n.starts_with('.') {
+            continue;
+        }
+        if is_trainer_state(&n) {
             return Ok(true);
         }
-        let side = n.ends_with(".json") || n == "README.md";
-        let weights = crate::io::sharded::is_weight_file_name(&n);
-        if !side && !weights {
+        // a sub-directory that holds a model's weights (symlinks followed,
+        // one level: pipelines and checkpoints put models one level down)
+        if std::fs::metadata(e.path()).is_ok_and(|m| m.is_dir())
+            && !model_files(&e.path())?.is_empty()
+        {
             return Ok(true);
         }
     }

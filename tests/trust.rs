@@ -739,3 +739,39 @@ fn fp8_checkpoints_of_unknown_layout_are_refused_not_cast() {
         ]);
     }
 }
+
+// ---- item 14: a model directory is recognised by its weights and index ----
+
+#[test]
+fn a_hugging_face_model_directory_with_other_files_is_a_model_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("model");
+    run_ok(&[
+        "convert",
+        s(&float()),
+        s(&m),
+        "--to",
+        "quanto:qint8",
+        "--max-shard-size",
+        "4000",
+    ]);
+    std::fs::remove_file(m.join(".ckptkit-output.json")).unwrap();
+    std::fs::write(m.join(".gitattributes"), "*.safetensors filter=lfs\n").unwrap();
+    std::fs::write(m.join("tokenizer.model"), b"\x0a\x0bspm").unwrap();
+    std::fs::copy(float(), m.join("consolidated-00001-of-00001.safetensors")).unwrap();
+    std::fs::create_dir(m.join("original")).unwrap();
+    std::fs::write(m.join("original/params.json"), "{}").unwrap();
+    let out = d.path().join("plain");
+    let o = run(&["convert", s(&m), s(&out), "--to", "plain", "--json"]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let v: serde_json::Value = serde_json::from_str(&out_text(&o)).unwrap();
+    assert!(v["plan"]["layers"].as_array().unwrap().len() > 5, "{v}");
+    // the weights of the index were converted; the other weight files are
+    // not part of the model the index describes
+    assert!(out.join("model.safetensors.index.json").is_file() || out.join("model.safetensors").is_file());
+    assert!(!out.join("consolidated-00001-of-00001.safetensors").exists());
+}
+
+fn out_text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

@@ -105,18 +105,38 @@ impl ShardedDir {
                 None => {
                     let mut names = Vec::new();
                     for e in std::fs::read_dir(dir).map_err(|e| Error::from(e).with_file(dir))? {
-                        let n = e?.file_name().to_string_lossy().into_owned();
+                        let n = e
+                            .map_err(|er| Error::from(er).with_file(dir))?
+                            .file_name()
+                            .to_string_lossy()
+                            .into_owned();
                         if n.ends_with(".safetensors") && !n.starts_with('.') {
                             names.push(n);
                         }
                     }
                     names.sort();
+                    // several files: the one transformers or diffusers loads
+                    if names.len() > 1 {
+                        let named: Vec<String> = names
+                            .iter()
+                            .filter(|n| is_weight_file_name(n))
+                            .cloned()
+                            .collect();
+                        if named.len() == 1 {
+                            names = named;
+                        }
+                    }
                     if names.len() != 1 {
                         return Err(Error::new(ErrorKind::NotFound(format!(
-                            "{} has no *.safetensors.index.json and {} .safetensors files; \
-                         expected an index or exactly one weight file",
+                            "{} has no *.safetensors.index.json and {} .safetensors files{}; \
+                             expected an index or exactly one weight file",
                             dir.display(),
-                            names.len()
+                            names.len(),
+                            if names.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", names.join(", "))
+                            }
                         ))));
                     }
                     (names, None)
