@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod manifest_bytes;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
