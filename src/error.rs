@@ -244,6 +244,14 @@ impl Error {
         self
     }
 
+    /// Makes the byte offset absolute: adds `base` to it (an error without
+    /// one is placed at `base`), keeping the rest of the location.
+    pub(crate) fn rebase_offset(mut self, base: u64) -> Self {
+        let o = self.0.loc.offset.unwrap_or(0);
+        self.0.loc.offset = Some(base.saturating_add(o));
+        self
+    }
+
     /// True when this is an I/O error from the operating system.
     pub fn is_io(&self) -> bool {
         matches!(self.0.kind, ErrorKind::Io(_))

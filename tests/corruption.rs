@@ -5,8 +5,12 @@
 mod common;
 
 use ckptkit::format::manifest::{Compression, Extension, Role};
-use ckptkit::format::{MAGIC, MAX_MANIFEST_LEN};
+use ckptkit::format::{
+    MAGIC, MAX_EXTENSIONS, MAX_LAYERS, MAX_MANIFEST_LEN, MAX_METADATA_ENTRIES, MAX_PARTS,
+    MAX_TENSORS,
+};
 use ckptkit::ErrorKind;
+use common::manifest_bytes::{layer, seq, shard, varint, with_layers, with_shards, STORED};
 use common::*;
 
 fn kind(r: ckptkit::Result<()>) -> ErrorKind {
@@ -138,12 +142,11 @@ fn c12_manifest_digest_mismatch() {
 #[test]
 fn c13_bincode_huge_length_prefix() {
     let b = base_container(false);
-    // version (2 x u16 varint = 2 bytes), then metadata map length: claim
-    // 2^60 entries, then a string claiming 2^40 bytes.
+    // version (2 x u16 varint = 2 bytes), then metadata map length 1, then
+    // a key claiming 2^40 bytes. (A map claiming 2^60 entries is c44.)
     let bad = with_manifest_bytes(&b, |m| {
         m.truncate(2);
-        m.push(253);
-        m.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        m.push(1);
         m.push(253);
         m.extend_from_slice(&(1u64 << 40).to_le_bytes());
         m.extend_from_slice(b"abc");
@@ -535,7 +538,7 @@ fn c42_safetensors_hash_not_hex_or_not_an_object() {
 /// descriptor carries its own valid, unreserved name, and a recorded name
 /// never makes the reader open a file.
 #[test]
-fn c43_int8_records_that_contradict_the_preset_namespace() {
+fn c50_int8_records_that_contradict_the_preset_namespace() {
     use ckptkit::layout::int8;
     let b = base_container(false);
     let with = |layout: &str, descriptor: String| {
@@ -584,4 +587,121 @@ fn c43_int8_records_that_contradict_the_preset_namespace() {
         });
         open_bytes(&ok).unwrap();
     }
+}
+
+/// The limit `what` (value, limit) of a refused input.
+fn limit(r: ckptkit::Result<()>) -> (&'static str, u64, u64) {
+    match kind(r) {
+        ErrorKind::LimitExceeded { what, value, limit } => (what, value, limit),
+        k => panic!("expected a limit, got {k:?}"),
+    }
+}
+
+#[test]
+fn c43_manifest_declares_too_many_layers() {
+    // a 13-byte manifest whose layer table claims 1,048,577 layers: refused
+    // at the claim (spec §5.1), nothing allocated for it
+    let b = base_container(false);
+    let bad = with_manifest_bytes(&b, |m| *m = with_layers(&seq(MAX_LAYERS + 1, &[], 0)));
+    assert_eq!(
+        limit(open_verify(&bad)),
+        ("layer count", MAX_LAYERS + 1, MAX_LAYERS)
+    );
+}
+
+#[test]
+fn c44_metadata_map_claims_2_60_entries() {
+    let b = base_container(false);
+    let bad = with_manifest_bytes(&b, |m| {
+        m.truncate(2);
+        m.push(253);
+        m.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    });
+    assert_eq!(
+        limit(open_verify(&bad)),
+        ("metadata entries", 1 << 60, MAX_METADATA_ENTRIES as u64)
+    );
+}
+
+#[test]
+fn c45_stored_tensors_over_limit_across_shards() {
+    // shard 0 has one tensor, shard 1 claims 1,048,576: each within the
+    // cap, together one over; the error names shard 1
+    let b = base_container(false);
+    let mut shards = Vec::new();
+    varint(&mut shards, 2);
+    shards.extend_from_slice(&shard(1, &STORED, 1));
+    shards.extend_from_slice(&shard(MAX_TENSORS, &[], 0));
+    let bad = with_manifest_bytes(&b, |m| *m = with_shards(&shards));
+    let e = open_verify(&bad).unwrap_err();
+    assert_eq!(e.location().shard, Some(1), "{e}");
+    assert_eq!(
+        limit(Err(e)),
+        ("stored tensor count", MAX_TENSORS + 1, MAX_TENSORS)
+    );
+}
+
+#[test]
+fn c46_logical_tensor_with_17_parts() {
+    let b = base_container(false);
+    let bad = with_manifest(&b, |m| {
+        let t = &mut m.layers[0].tensors[0];
+        let p = t.parts[0].clone();
+        t.parts = vec![p; MAX_PARTS as usize + 1];
+    });
+    let e = open_verify(&bad).unwrap_err();
+    assert!(
+        e.location().layer.is_some() && e.location().tensor.is_some(),
+        "{e}"
+    );
+    assert_eq!(
+        limit(Err(e)),
+        ("parts per logical tensor", MAX_PARTS + 1, MAX_PARTS)
+    );
+}
+
+#[test]
+fn c47_logical_tensors_over_limit_across_layers() {
+    let b = base_container(false);
+    let mut layers = Vec::new();
+    varint(&mut layers, 2);
+    layers.extend_from_slice(&layer(1, &[0; 5], 1));
+    layers.extend_from_slice(&layer(MAX_TENSORS, &[], 0));
+    let bad = with_manifest_bytes(&b, |m| *m = with_layers(&layers));
+    assert_eq!(
+        limit(open_verify(&bad)),
+        ("logical tensor count", MAX_TENSORS + 1, MAX_TENSORS)
+    );
+}
+
+#[test]
+fn c48_too_many_extensions() {
+    let b = base_container(false);
+    let ext = Extension {
+        name: "x".into(),
+        critical: false,
+        data: vec![],
+    };
+    let bad = with_manifest(&b, |m| m.extensions = vec![ext; MAX_EXTENSIONS + 1]);
+    assert_eq!(
+        limit(open_verify(&bad)),
+        (
+            "extension count",
+            MAX_EXTENSIONS as u64 + 1,
+            MAX_EXTENSIONS as u64
+        )
+    );
+}
+
+#[test]
+fn c49_manifest_too_short_for_its_declarations() {
+    // 1,048,576 layers (the cap) claimed by a 13-byte manifest: they need at
+    // least 5 bytes each, so decoding stops at the claim
+    let b = base_container(false);
+    let bad = with_manifest_bytes(&b, |m| *m = with_layers(&seq(MAX_LAYERS, &[], 0)));
+    let m = msg(open_verify(&bad));
+    assert!(
+        m.contains("too short") && m.contains("1048576 layers"),
+        "{m}"
+    );
 }

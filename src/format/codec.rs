@@ -1,11 +1,27 @@
 //! bincode 2.0.1 encoding of the manifest, with decode limits and the
-//! canonical-form rule (spec/container.md §5.1).
+//! canonical-form rule (spec/container.md §5).
 
 use bincode::config;
+use bincode::enc::write::Writer;
+use bincode::error::EncodeError;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::bounded::Scope;
 use crate::format::manifest::Manifest;
 use crate::format::MAX_MANIFEST_LEN;
+
+/// Most bytes [`decode_manifest`] allocates, whatever its input: the
+/// decoded value included, the caller's input bytes not (spec/container.md
+/// §5.1 derives it from the caps, the manifest length and the in-memory
+/// sizes of the manifest types on 64-bit targets).
+pub const MAX_DECODE_ALLOC: u64 = 611_012_608;
+
+/// bincode's own byte limit, a backstop only: every allocation of a decode
+/// is made and checked by `format::bounded`. bincode counts the in-memory
+/// size of what it decodes (8 bytes for a 1-byte length or u64), at most 8
+/// per input byte, so this never binds on an input of at most
+/// [`MAX_MANIFEST_LEN`] bytes.
+const BINCODE_LIMIT: usize = 8 * MAX_MANIFEST_LEN as usize;
 
 fn cfg() -> config::Configuration {
     config::standard()
@@ -17,18 +33,45 @@ pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
         .map_err(|e| Error::new(ErrorKind::ManifestDecode(format!("encode failed: {e}"))))
 }
 
-fn decode_limited<const N: usize>(bytes: &[u8]) -> Result<(Manifest, usize)> {
-    bincode::serde::decode_from_slice::<Manifest, _>(bytes, cfg().with_limit::<N>())
-        .map_err(|e| Error::new(ErrorKind::ManifestDecode(e.to_string())))
+/// A bincode writer that compares what is written with the expected bytes
+/// and stops at the first difference.
+struct Compare<'a> {
+    expected: &'a [u8],
+    pos: usize,
+    diff: Option<usize>,
+}
+
+impl Writer for Compare<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), EncodeError> {
+        let rest = self.expected.get(self.pos..).unwrap_or_default();
+        let same = rest.get(..bytes.len()).is_some_and(|e| {
+            // most writes are one varint: a loop beats a call to memcmp
+            if bytes.len() < 32 {
+                e.iter().zip(bytes).all(|(a, b)| a == b)
+            } else {
+                e == bytes
+            }
+        });
+        if same {
+            self.pos += bytes.len();
+            return Ok(());
+        }
+        let same = rest.iter().zip(bytes).take_while(|(a, b)| a == b).count();
+        self.diff = Some(self.pos + same);
+        Err(EncodeError::Other("re-encoding differs"))
+    }
 }
 
 /// Decodes manifest bytes.
 ///
-/// Rules enforced: M1 the bytes are at most [`MAX_MANIFEST_LEN`]; M2 bincode
-/// decoding succeeds with a byte limit (no length prefix can make the decoder
-/// allocate more than 4x the manifest's own size); M3 every byte is consumed;
-/// M4 the bytes are canonical: re-encoding the decoded value gives the same
-/// bytes (so non-minimal integers are invalid).
+/// Rules enforced (spec/container.md §5): M1 the bytes are at most
+/// [`MAX_MANIFEST_LEN`]; M2 every declared length is checked, before
+/// anything is allocated for it, against its V2 count cap (an error
+/// [`ErrorKind::LimitExceeded`] with the declared count) and against the
+/// bytes left (a declaration they cannot hold is refused at once), so
+/// decoding allocates at most [`MAX_DECODE_ALLOC`] bytes; M3 every byte is
+/// consumed; M4 the bytes are canonical: re-encoding the decoded value
+/// gives the same bytes (so non-minimal integers are invalid).
 pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
     let len = bytes.len() as u64;
     if len > MAX_MANIFEST_LEN {
@@ -38,17 +81,20 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
             limit: MAX_MANIFEST_LEN,
         }));
     }
-    // The limit bounds what bincode may claim (and so allocate) while
-    // decoding; pick the smallest tier at least as large as the input.
-    let (m, used) = if len <= 16 << 10 {
-        decode_limited::<{ 64 << 10 }>(bytes)?
-    } else if len <= 256 << 10 {
-        decode_limited::<{ 1 << 20 }>(bytes)?
-    } else if len <= 4 << 20 {
-        decode_limited::<{ 16 << 20 }>(bytes)?
-    } else {
-        decode_limited::<{ 256 << 20 }>(bytes)?
+    let scope = Scope::enter(bytes);
+    let decoded = bincode::serde::decode_from_slice::<Manifest, _>(
+        bytes,
+        cfg().with_limit::<BINCODE_LIMIT>(),
+    );
+    let (m, used) = match decoded {
+        Ok(d) => d,
+        Err(e) => {
+            return Err(scope
+                .error(bytes)
+                .unwrap_or_else(|| Error::new(ErrorKind::ManifestDecode(e.to_string()))))
+        }
     };
+    drop(scope);
     if used != bytes.len() {
         return Err(Error::new(ErrorKind::ManifestDecode(format!(
             "{} trailing bytes after the manifest",
@@ -56,13 +102,23 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
         )))
         .with_offset(used as u64));
     }
-    let again = encode_manifest(&m)?;
-    if again != bytes {
-        let at = again
-            .iter()
-            .zip(bytes)
-            .position(|(a, b)| a != b)
-            .unwrap_or(again.len().min(bytes.len()));
+    // M4, without a second copy of the bytes: re-encode into a comparison
+    let mut cmp = Compare {
+        expected: bytes,
+        pos: 0,
+        diff: None,
+    };
+    let encoded = bincode::serde::encode_into_writer(&m, &mut cmp, cfg());
+    let at = match (encoded, cmp.diff) {
+        (_, Some(at)) => Some(at),
+        (Ok(()), None) => (cmp.pos != bytes.len()).then_some(cmp.pos),
+        (Err(e), None) => {
+            return Err(Error::new(ErrorKind::ManifestDecode(format!(
+                "encode failed: {e}"
+            ))))
+        }
+    };
+    if let Some(at) = at {
         return Err(Error::new(ErrorKind::ManifestDecode(
             "manifest is not in canonical form (non-minimal integer encoding?)".into(),
         ))

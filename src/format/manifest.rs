@@ -5,6 +5,12 @@
 //! byte-level encoding field by field. Field order here *is* the encoding:
 //! never reorder fields or enum variants; later minor versions add
 //! information through [`Extension`] records.
+//!
+//! Every `String`, `Vec` and map field is decoded through
+//! `format::bounded` (`deserialize_with`), which checks its declared length
+//! against the limits before allocating it (spec/container.md §5.1); a new
+//! field of such a type needs the same attribute. Serialization is the
+//! derived one.
 
 use std::collections::BTreeMap;
 
@@ -30,14 +36,18 @@ pub struct Manifest {
     /// Must equal the version in the fixed header.
     pub version: Version,
     /// Free-form user metadata (training step, source, notes...).
+    #[serde(deserialize_with = "crate::format::bounded::metadata")]
     pub metadata: BTreeMap<String, String>,
     /// Which tool wrote the container and from what.
     pub provenance: Provenance,
     /// The shard table, in file order.
+    #[serde(deserialize_with = "crate::format::bounded::shards")]
     pub shards: Vec<Shard>,
     /// The layer table: how stored tensors make up the model's layers.
+    #[serde(deserialize_with = "crate::format::bounded::layers")]
     pub layers: Vec<Layer>,
     /// Named extension sections (see [`Extension`]).
+    #[serde(deserialize_with = "crate::format::bounded::extensions")]
     pub extensions: Vec<Extension>,
 }
 
@@ -45,10 +55,13 @@ pub struct Manifest {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Provenance {
     /// Tool name, e.g. `ckptkit`.
+    #[serde(deserialize_with = "crate::format::bounded::string")]
     pub tool: String,
     /// Tool version, e.g. `0.1.0`.
+    #[serde(deserialize_with = "crate::format::bounded::string")]
     pub tool_version: String,
     /// The source files the container was made from.
+    #[serde(deserialize_with = "crate::format::bounded::sources")]
     pub sources: Vec<SourceFile>,
 }
 
@@ -56,6 +69,7 @@ pub struct Provenance {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceFile {
     /// Path as given to the tool (informational).
+    #[serde(deserialize_with = "crate::format::bounded::string")]
     pub path: String,
     /// Size in bytes.
     pub size: u64,
@@ -84,6 +98,7 @@ pub enum Compression {
 pub struct Shard {
     /// The file name this shard has when extracted
     /// (e.g. `model-00001-of-00002.safetensors`).
+    #[serde(deserialize_with = "crate::format::bounded::string")]
     pub name: String,
     /// Absolute offset of the shard's first byte in the container.
     pub offset: u64,
@@ -96,6 +111,7 @@ pub struct Shard {
     /// Compression of the tensor data.
     pub compression: Compression,
     /// The shard's tensors, in safetensors data order.
+    #[serde(deserialize_with = "crate::format::bounded::stored_tensors")]
     pub tensors: Vec<StoredTensor>,
 }
 
@@ -115,16 +131,19 @@ pub enum Codec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredTensor {
     /// Key in the shard's safetensors header.
+    #[serde(deserialize_with = "crate::format::bounded::tensor_name")]
     pub key: String,
     /// Element type.
     pub dtype: Dtype,
     /// Shape (rank at most [`MAX_RANK`](crate::format::MAX_RANK)).
+    #[serde(deserialize_with = "crate::format::bounded::shape")]
     pub shape: Vec<u64>,
     /// blake3 of the tensor's raw (uncompressed) bytes.
     pub blake3: Hash,
     /// Encoding of the chunks.
     pub codec: Codec,
     /// Stored length of each chunk; empty for [`Codec::Plain`].
+    #[serde(deserialize_with = "crate::format::bounded::chunks")]
     pub chunks: Vec<u32>,
 }
 
@@ -136,6 +155,7 @@ pub enum WeightQuant {
     /// optimum-quanto: `qtype` is quanto's name (`qint8`, `qint4`, ...).
     Quanto {
         /// Weight qtype name as quanto writes it in its map.
+        #[serde(deserialize_with = "crate::format::bounded::string")]
         qtype: String,
         /// Group size along the flattened weight, `None` = per output row.
         group_size: Option<u64>,
@@ -145,8 +165,10 @@ pub enum WeightQuant {
     Int8 {
         /// The preset's canonical name, or the user descriptor's name
         /// (never in the reserved namespace, spec/layouts.md §3.3).
+        #[serde(deserialize_with = "crate::format::bounded::string")]
         layout: String,
         /// The descriptor as canonical JSON (empty for built-in presets).
+        #[serde(deserialize_with = "crate::format::bounded::string")]
         descriptor: String,
     },
 }
@@ -157,6 +179,7 @@ pub struct Quantization {
     /// How the weights are stored.
     pub weights: WeightQuant,
     /// Activation qtype name (quanto), or `None`.
+    #[serde(deserialize_with = "crate::format::bounded::opt_string")]
     pub activations: Option<String>,
 }
 
@@ -172,7 +195,7 @@ pub enum Role {
     /// An integer zero point.
     ZeroPoint,
     /// Any other constant tensor a layout needs, by name.
-    Other(String),
+    Other(#[serde(deserialize_with = "crate::format::bounded::string")] String),
 }
 
 /// How a logical tensor is encoded.
@@ -192,10 +215,12 @@ pub struct Part {
     /// Index into [`Manifest::shards`].
     pub shard: u32,
     /// Key inside that shard.
+    #[serde(deserialize_with = "crate::format::bounded::string")]
     pub key: String,
     /// Stored dtype (must match the shard table).
     pub dtype: Dtype,
     /// Stored shape (must match the shard table).
+    #[serde(deserialize_with = "crate::format::bounded::shape")]
     pub shape: Vec<u64>,
     /// blake3 of the stored bytes (must match the shard table).
     pub blake3: Hash,
@@ -205,14 +230,17 @@ pub struct Part {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogicalTensor {
     /// Name relative to the layer.
+    #[serde(deserialize_with = "crate::format::bounded::tensor_name")]
     pub name: String,
     /// The dtype the model sees.
     pub dtype: Dtype,
     /// The shape the model sees.
+    #[serde(deserialize_with = "crate::format::bounded::shape")]
     pub shape: Vec<u64>,
     /// How it is encoded.
     pub encoding: Encoding,
     /// Its stored parts.
+    #[serde(deserialize_with = "crate::format::bounded::parts")]
     pub parts: Vec<Part>,
 }
 
@@ -221,12 +249,15 @@ pub struct LogicalTensor {
 pub struct Layer {
     /// The module path (`transformer_blocks.0.attn.to_q`); empty for
     /// top-level tensors.
+    #[serde(deserialize_with = "crate::format::bounded::layer_path")]
     pub path: String,
     /// Quantization record.
     pub quant: Quantization,
     /// Logical tensors.
+    #[serde(deserialize_with = "crate::format::bounded::logical_tensors")]
     pub tensors: Vec<LogicalTensor>,
     /// Per-layer extensions.
+    #[serde(deserialize_with = "crate::format::bounded::extensions")]
     pub extensions: Vec<Extension>,
 }
 
@@ -235,10 +266,12 @@ pub struct Layer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extension {
     /// Reverse-DNS-style name, e.g. `ckptkit.example`.
+    #[serde(deserialize_with = "crate::format::bounded::string")]
     pub name: String,
     /// A reader that does not know this extension must refuse the file.
     pub critical: bool,
     /// Opaque payload.
+    #[serde(deserialize_with = "crate::format::bounded::bytes")]
     pub data: Vec<u8>,
 }
 

@@ -9,8 +9,9 @@ pub mod st_hashes;
 pub mod st_header;
 pub mod validate;
 
+mod bounded;
 mod codec;
-pub use codec::{decode_manifest, encode_manifest};
+pub use codec::{decode_manifest, encode_manifest, MAX_DECODE_ALLOC};
 
 /// The 8 magic bytes at offset 0.
 pub const MAGIC: [u8; 8] = [0x89, b'C', b'K', b'P', b'K', 0x0D, 0x0A, 0x1A];
@@ -29,7 +30,9 @@ pub const MANIFEST_ALIGN: u64 = 8;
 pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
 /// Most shards in one container.
 pub const MAX_SHARDS: u64 = 65_536;
-/// Most stored tensors in one container (all shards).
+/// Most stored tensors in one container (all shards); also the most
+/// logical tensors (all layers) and parts (all logical tensors), since each
+/// logical tensor has a part and each part names its own stored tensor.
 pub const MAX_TENSORS: u64 = 1 << 20;
 /// Most layers in one container.
 pub const MAX_LAYERS: u64 = 1 << 20;
@@ -41,6 +44,13 @@ pub const MAX_RANK: usize = 8;
 pub const MAX_NAME_LEN: usize = 4096;
 /// Most `metadata` entries.
 pub const MAX_METADATA_ENTRIES: usize = 4096;
+/// Most provenance source files.
+pub const MAX_SOURCES: usize = 4096;
+/// Most extensions in one list: the top-level list, or one layer's.
+pub const MAX_EXTENSIONS: usize = 4096;
+/// Most extensions in one container (top level and all layers together):
+/// one per layer is always possible.
+pub const MAX_EXTENSIONS_TOTAL: u64 = MAX_LAYERS;
 /// Largest safetensors header (`N`), as the safetensors crate enforces.
 pub const MAX_ST_HEADER_LEN: u64 = 100_000_000;
 /// Smallest allowed chunk size.

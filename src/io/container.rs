@@ -82,10 +82,8 @@ impl Container {
             })
             .with_offset(32));
         }
-        let manifest = decode_manifest(&mbytes).map_err(|e| {
-            let off = e.location().offset.unwrap_or(0);
-            Error::new(e.into_kind()).with_offset(header.manifest_offset + off)
-        })?;
+        let manifest =
+            decode_manifest(&mbytes).map_err(|e| e.rebase_offset(header.manifest_offset))?;
         let placement = validate::validate(&manifest, &header)?;
         // padding between regions must be zero
         let mut pos = HEADER_LEN;
