@@ -1129,10 +1129,10 @@ fn convert_planned(
     opts: &ConvertOptions,
     t0: Instant,
 ) -> Result<Summary> {
-    let layers = input_layers(input, src, opts)?;
-    let mut p = plan(&layers, &opts.target, &opts.select)?;
+    let layers = input_layers(input, src, opts).map_err(|e| e.with_file(input))?;
+    let mut p = plan(&layers, &opts.target, &opts.select).map_err(|e| e.with_file(input))?;
     crate::plan::apply_renames(&mut p, &opts.select.rename)?;
-    refuse_suspects(&p, &input_suspects(input, src, &layers)?, opts)?;
+    refuse_suspects(&p, &input_suspects(input, src, &layers)?, opts).map_err(|e| e.with_file(input))?;
     let warnings = selection_warnings(&layers, opts);
     refuse_no_change(&[&p], &warnings, opts)?;
     if !p.unmatched.is_empty() {
@@ -1541,11 +1541,21 @@ pub fn check(input: &Path, reference: &Path, opts: &ConvertOptions) -> Result<Ch
 pub fn verify(path: &Path) -> Result<VerifyReport> {
     let mut r = VerifyReport::default();
     match input_kind(path)? {
-        InputKind::Container => add_report(&mut r, Container::open(path)?.verify()?),
+        InputKind::Container => add_report(&mut r, verify_container(path)?),
         InputKind::Safetensors => add_report(&mut r, SafetensorsFile::open(path)?.verify()?),
         InputKind::ShardedDir => verify_dir(path, 0, &mut r)?,
     }
     Ok(r)
+}
+
+/// A container's structure, every layer record (it must be one the
+/// conversions accept) and every hash.
+fn verify_container(path: &Path) -> Result<VerifyReport> {
+    let c = Container::open(path)?;
+    for l in c.layers() {
+        crate::layout::check_layer(l).map_err(|e| e.with_file(path))?;
+    }
+    c.verify()
 }
 
 fn add_report(r: &mut VerifyReport, x: VerifyReport) {
@@ -1581,7 +1591,7 @@ fn verify_dir(dir: &Path, depth: u32, r: &mut VerifyReport) -> Result<()> {
         } else if ft.is_file() && n.ends_with(".safetensors") {
             add_report(r, SafetensorsFile::open(&p)?.verify()?);
         } else if ft.is_file() && n.ends_with(".ckpk") {
-            add_report(r, Container::open(&p)?.verify()?);
+            add_report(r, verify_container(&p)?);
         }
     }
     Ok(())

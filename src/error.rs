@@ -300,7 +300,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Unsupported(m) => write!(f, "unsupported: {m}"),
             ErrorKind::Layout(m) => write!(f, "layout error: {m}"),
             ErrorKind::Ambiguous(m) => write!(f, "ambiguous layout: {m}"),
-            ErrorKind::Json(m) => write!(f, "invalid JSON side file: {m}"),
+            ErrorKind::Json(m) => write!(f, "invalid JSON: {m}"),
             ErrorKind::Usage(m) => write!(f, "{m}"),
             ErrorKind::OutputExists(p) => write!(
                 f,

@@ -297,7 +297,7 @@ fn recorded_int8(schema: Option<&quanto::Schema>) -> Result<BTreeMap<String, Int
 /// the tensors is an error naming the layer; layers that stay ambiguous are
 /// listed together in one error that says which hint resolves them.
 pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<Layer>> {
-    let schema = quanto::schema_of(src.metadata())?;
+    let schema = quanto::schema_of(src.metadata()).map_err(|e| e.with_file(src.describe()))?;
     let recorded = recorded_int8(schema.as_ref())?;
     // the parts of a recorded int8 layout belong to its module whatever
     // their keys look like (`weight.qs`, a quanto-like suffix)

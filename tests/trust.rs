@@ -775,3 +775,116 @@ fn a_hugging_face_model_directory_with_other_files_is_a_model_directory() {
 fn out_text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+// ---- item 18: verify accepts only containers the conversions can read ----
+
+#[test]
+fn verify_refuses_layer_records_that_every_conversion_refuses() {
+    use ckptkit::WeightQuant;
+    let d = tempfile::tempdir().unwrap();
+    // every bundled quanto and int8 fixture packs into containers that verify
+    for family in ["quanto", "int8"] {
+        for case in std::fs::read_dir(root().join("tests/fixtures").join(family)).unwrap() {
+            let case = case.unwrap().path();
+            let q = case.join(if family == "quanto" { "quantized.safetensors" } else { "model.safetensors" });
+            if !q.is_file() {
+                continue;
+            }
+            let ck = d.path().join(format!(
+                "{family}-{}.ckpk",
+                case.file_name().unwrap().to_str().unwrap()
+            ));
+            let o = run(&["convert", s(&q), s(&ck)]);
+            if code(&o) != 0 {
+                // a case that needs a shape hint cannot be packed without it
+                assert!(err(&o).contains("ambiguous"), "{}: {}", q.display(), err(&o));
+                continue;
+            }
+            run_ok(&["verify", s(&ck)]);
+        }
+    }
+    // a qint8 layer that records a group size: structurally valid, but no
+    // conversion reads it
+    let ck = d.path().join("m.ckpk");
+    run_ok(&["convert", s(&fx("bf16-qint8", "quantized.safetensors")), s(&ck)]);
+    let bytes = std::fs::read(&ck).unwrap();
+    let bad = common::with_manifest(&bytes, |m| {
+        let l = m
+            .layers
+            .iter_mut()
+            .find(|l| matches!(l.quant.weights, WeightQuant::Quanto { .. }))
+            .unwrap();
+        l.quant.weights = WeightQuant::Quanto {
+            qtype: "qint8".into(),
+            group_size: Some(64),
+        };
+    });
+    let bp = d.path().join("bad.ckpk");
+    std::fs::write(&bp, bad).unwrap();
+    ckptkit::Container::open(&bp).unwrap();
+    let o = run(&["verify", s(&bp)]);
+    assert_eq!(code(&o), 1, "{}", out(&o));
+    assert!(err(&o).contains("layer `") && err(&o).contains("group"), "{}", err(&o));
+    let o = run(&["convert", s(&bp), s(&d.path().join("x.safetensors")), "--to", "plain"]);
+    assert_eq!(code(&o), 1, "the conversions refuse it too: {}", err(&o));
+}
+
+// ---- item 7: nothing dropped while the summary says lossless ----
+
+#[test]
+fn container_copies_carry_extensions_and_metadata() {
+    use ckptkit::Extension;
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("m.ckpk");
+    run_ok(&["convert", s(&fx("bf16-qint8", "quantized.safetensors")), s(&ck)]);
+    let ext = |n: &str| Extension {
+        name: n.into(),
+        critical: false,
+        data: vec![1, 2, 3],
+    };
+    let with = common::with_manifest(&std::fs::read(&ck).unwrap(), |m| {
+        m.extensions.push(ext("org.example.notes"));
+        m.layers[0].extensions.push(ext("org.example.layer"));
+        m.metadata.insert("step".into(), "4000".into());
+    });
+    let src = d.path().join("ext.ckpk");
+    std::fs::write(&src, with).unwrap();
+    for (name, extra) in [("a.ckpk", vec![]), ("z.ckpk", vec!["--compress", "zstd"])] {
+        let outp = d.path().join(name);
+        let mut args = vec!["convert", s(&src), s(&outp)];
+        args.extend(extra);
+        run_ok(&args);
+        let c = ckptkit::Container::open(&outp).unwrap();
+        assert_eq!(c.manifest().extensions, vec![ext("org.example.notes")], "{name}");
+        assert_eq!(c.layers()[0].extensions, vec![ext("org.example.layer")], "{name}");
+        assert_eq!(c.manifest().metadata.get("step").map(|s| s.as_str()), Some("4000"));
+        // provenance names the input, never a temporary
+        let prov = &c.manifest().provenance.sources;
+        assert_eq!(prov.len(), 1);
+        assert!(prov[0].path.ends_with("ext.ckpk"), "{:?}", prov[0].path);
+    }
+    // a planned conversion into a compressed container records the input too
+    let z = d.path().join("plain-z.ckpk");
+    run_ok(&["convert", s(&src), s(&z), "--to", "plain", "--compress", "zstd"]);
+    let c = ckptkit::Container::open(&z).unwrap();
+    let p = &c.manifest().provenance.sources[0].path;
+    assert!(p.ends_with("ext.ckpk") && !p.contains("ckptkit-tmp"), "{p}");
+}
+
+#[test]
+fn output_names_that_are_not_utf8_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = tempfile::tempdir().unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"m\xff.safetensors");
+    let outp = d.path().join(name);
+    let o = Command::new(bin())
+        .arg("convert")
+        .arg(float())
+        .arg(&outp)
+        .args(["--to", "quanto:qint8"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("UTF-8"), "{}", err(&o));
+    assert!(entries(d.path()).is_empty(), "{:?}", entries(d.path()));
+}

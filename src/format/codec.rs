@@ -91,7 +91,7 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
         Err(e) => {
             return Err(scope
                 .error(bytes)
-                .unwrap_or_else(|| Error::new(ErrorKind::ManifestDecode(e.to_string()))))
+                .unwrap_or_else(|| Error::new(ErrorKind::ManifestDecode(describe(&e)))))
         }
     };
     drop(scope);
@@ -125,4 +125,73 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest> {
         .with_offset(at as u64));
     }
     Ok(m)
+}
+
+/// bincode's decode errors in words (its `Display` prints the `Debug`
+/// form, such as `UnexpectedEnd { additional: 1 }`).
+fn describe(e: &bincode::error::DecodeError) -> String {
+    use bincode::error::DecodeError as D;
+    match e {
+        D::UnexpectedEnd { additional } => format!(
+            "the manifest ends at least {additional} byte(s) before a value it declares \
+             (truncated or corrupt)"
+        ),
+        D::LimitExceeded => "a declared size exceeds the decoder's limit".into(),
+        D::InvalidIntegerType { .. } => "an integer has an invalid size tag".into(),
+        D::UnexpectedVariant {
+            type_name, found, ..
+        } => {
+            let t = type_name.rsplit("::").next().unwrap_or(type_name);
+            format!("unknown {t} variant {found} (this reader knows version 1.x)")
+        }
+        D::Utf8 { inner } => format!("a string is not valid UTF-8 ({inner})"),
+        D::InvalidBooleanValue(v) => format!("a boolean is {v}, not 0 or 1"),
+        D::OutsideUsizeRange(v) => format!("a length of {v} does not fit this machine"),
+        D::OtherString(m) => m.clone(),
+        D::Serde(inner) => describe_serde(inner),
+        other => format!("invalid encoding ({other:?})"),
+    }
+}
+
+fn describe_serde(e: &bincode::serde::DecodeError) -> String {
+    format!("a value bincode's serde support cannot decode ({e:?})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_manifests_are_described_in_words() {
+        use crate::format::manifest::*;
+        let m = Manifest {
+            version: Version { major: 1, minor: 0 },
+            metadata: [("k".to_string(), "v".to_string())].into(),
+            provenance: Provenance {
+                tool: "ckptkit".into(),
+                tool_version: "0.1.0".into(),
+                sources: vec![],
+            },
+            shards: vec![],
+            layers: vec![Layer {
+                path: "a.b".into(),
+                quant: Quantization {
+                    weights: WeightQuant::Quanto {
+                        qtype: "qint8".into(),
+                        group_size: Some(300),
+                    },
+                    activations: Some("qint8".into()),
+                },
+                tensors: vec![],
+                extensions: vec![],
+            }],
+            extensions: vec![],
+        };
+        let b = encode_manifest(&m).unwrap();
+        for cut in 1..b.len().min(64) {
+            let e = decode_manifest(&b[..b.len() - cut]).unwrap_err();
+            let t = e.to_string();
+            assert!(!t.contains("UnexpectedEnd") && !t.contains("{ "), "{t}");
+        }
+    }
 }
