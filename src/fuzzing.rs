@@ -985,7 +985,41 @@ pub fn side_json(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(rest) else {
         return;
     };
-    match k % 3 {
+    match k % 6 {
+        3 => {
+            // a commit journal, as the next write or `migrate recover` reads
+            // it: whatever it says, a valid one only renames ckptkit
+            // temporaries of its own file and companions onto them
+            let name = ".m.safetensors.ckptkit-commit";
+            if let Ok((renames, removes)) = crate::io::atomic::parse_journal(name, rest) {
+                let allowed = |d: &str| {
+                    d == "m.safetensors" || crate::io::atomic::COMPANION_NAMES.contains(&d)
+                };
+                for (t, d) in &renames {
+                    let temp_of_dest =
+                        t.starts_with(&format!(".{d}{}", crate::io::atomic::TEMP_MARKER));
+                    if !allowed(d) || !temp_of_dest || t.contains('/') || d.contains('/') {
+                        fail!("journal accepted a rename {t:?} -> {d:?}")
+                    }
+                }
+                for d in &removes {
+                    if !crate::io::atomic::COMPANION_NAMES.contains(&d.as_str()) {
+                        fail!("journal accepted a removal of {d:?}")
+                    }
+                }
+            }
+        }
+        4 => {
+            // a Hugging Face index and ckptkit's schema entry
+            let _ = serde_json::from_str::<crate::io::sharded::ShardIndex>(text);
+            let md: std::collections::BTreeMap<String, String> =
+                [(crate::layout::quanto::SCHEMA_KEY.to_string(), text.to_string())].into();
+            let _ = crate::layout::quanto::schema_of(&md);
+        }
+        5 => {
+            // the ckptkit.blake3 entry of a safetensors file
+            let _ = crate::format::st_hashes::parse(text, ["a", "b.weight"]);
+        }
         0 => {
             if let Ok(m) = crate::layout::quanto::QuantoMap::parse(text) {
                 let again = crate::layout::quanto::QuantoMap::parse(&m.to_json());

@@ -705,6 +705,16 @@ fn validate_journal(jname: &str, j: &Journal) -> Result<()> {
     Ok(())
 }
 
+/// Parses and validates a journal's bytes as found in a file named `name`
+/// (what the next write or `recover` would act on); returns its renames and
+/// removals. For the fuzz targets.
+pub(crate) fn parse_journal(name: &str, bytes: &[u8]) -> Result<(Vec<(String, String)>, Vec<String>)> {
+    let j: Journal = serde_json::from_slice(bytes)
+        .map_err(|er| Error::new(ErrorKind::Journal(format!("invalid JSON: {er}"))))?;
+    validate_journal(name, &j)?;
+    Ok((j.renames, j.removes))
+}
+
 /// Renames every temporary of a journal still present over its
 /// destination, removes what it removes, then removes the journal.
 fn roll_forward(dir: &Path, jp: &Path, j: &Journal) -> Result<Vec<PathBuf>> {
