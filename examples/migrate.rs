@@ -629,10 +629,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     println!("completed: {}", c.display());
                 }
                 for p in &r.pending {
-                    println!(
-                        "still pending (its writer is running): {}",
-                        p.display()
-                    );
+                    println!("still pending (its writer is running): {}", p.display());
                 }
                 println!(
                     "{} commit(s) completed, {} pending, {} temporary file(s) removed",

@@ -170,7 +170,11 @@ pub fn input_suspects(
 
 /// Refuses a plan that would change a layer of unknown quantized layout
 /// (anything but copying it), unless the user vouches that it is plain.
-fn refuse_suspects(p: &Plan, suspects: &[crate::schema::Suspect], opts: &ConvertOptions) -> Result<()> {
+fn refuse_suspects(
+    p: &Plan,
+    suspects: &[crate::schema::Suspect],
+    opts: &ConvertOptions,
+) -> Result<()> {
     if opts.assume_plain || suspects.is_empty() {
         return Ok(());
     }
@@ -330,7 +334,11 @@ fn check_overlap(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<(
             } else {
                 "contains"
             };
-            let what = if r == input { "the input" } else { "a file this conversion reads" };
+            let what = if r == input {
+                "the input"
+            } else {
+                "a file this conversion reads"
+            };
             return Err(Error::usage(format!(
                 "output {} {how} {what} ({}); writing there could destroy it — choose another path",
                 output.display(),
@@ -597,7 +605,7 @@ trait Sink: Sync {
         &self,
         key: &str,
         want_hash: bool,
-        feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+        feed: &mut crate::io::Feed<'_>,
     ) -> Result<Option<crate::format::manifest::Hash>>;
 }
 
@@ -609,7 +617,7 @@ impl Sink for SafetensorsWriter {
         &self,
         key: &str,
         want_hash: bool,
-        feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+        feed: &mut crate::io::Feed<'_>,
     ) -> Result<Option<crate::format::manifest::Hash>> {
         self.write_from(key, want_hash, feed)
     }
@@ -623,7 +631,7 @@ impl Sink for ContainerWriter {
         &self,
         key: &str,
         _want_hash: bool,
-        feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+        feed: &mut crate::io::Feed<'_>,
     ) -> Result<Option<crate::format::manifest::Hash>> {
         self.write_from(key, feed).map(Some)
     }
@@ -651,12 +659,9 @@ fn copy_one(src: &Checked<'_>, from: &str, to: &str, sink: &dyn Sink) -> Result<
         src.inner().read_pieces(from, put)
     })?;
     match (want, got) {
-        (Some(w), Some(g)) if w != g => Err(crate::io::source::hash_mismatch(
-            src.inner(),
-            from,
-            &w,
-            &g,
-        )),
+        (Some(w), Some(g)) if w != g => {
+            Err(crate::io::source::hash_mismatch(src.inner(), from, &w, &g))
+        }
         (Some(_), _) => Ok(()),
         (None, _) => {
             src.note_unchecked();
@@ -1108,8 +1113,9 @@ fn run_layers(
         for (k, b) in tensors {
             match b {
                 crate::plan::Produced::Bytes(b) => sink.put(&k, &b)?,
-                crate::plan::Produced::Copy(from) => copy_one(src, &from, &k, sink)
-                    .map_err(|e| e.with_layer(lp.path.clone()))?,
+                crate::plan::Produced::Copy(from) => {
+                    copy_one(src, &from, &k, sink).map_err(|e| e.with_layer(lp.path.clone()))?
+                }
             }
         }
         if let Some(l) = loss {
@@ -1132,7 +1138,8 @@ fn convert_planned(
     let layers = input_layers(input, src, opts).map_err(|e| e.with_file(input))?;
     let mut p = plan(&layers, &opts.target, &opts.select).map_err(|e| e.with_file(input))?;
     crate::plan::apply_renames(&mut p, &opts.select.rename)?;
-    refuse_suspects(&p, &input_suspects(input, src, &layers)?, opts).map_err(|e| e.with_file(input))?;
+    refuse_suspects(&p, &input_suspects(input, src, &layers)?, opts)
+        .map_err(|e| e.with_file(input))?;
     let warnings = selection_warnings(&layers, opts);
     refuse_no_change(&[&p], &warnings, opts)?;
     if !p.unmatched.is_empty() {
@@ -1206,7 +1213,16 @@ fn convert_planned(
                     compression: None,
                     overwrite: false,
                 };
-                write_planned_container(src, &p, &losses, &stage, staged, &md, &Carry::default(), opts)?;
+                write_planned_container(
+                    src,
+                    &p,
+                    &losses,
+                    &stage,
+                    staged,
+                    &md,
+                    &Carry::default(),
+                    opts,
+                )?;
                 let c = Container::open(&stage)?;
                 copy_shards(&Checked::new(&c, true), &mut w, true)?;
                 w.finish_with_provenance(
@@ -1749,11 +1765,11 @@ pub fn convert_checkpoint_dir(
         crate::plan::apply_renames(&mut p, &opts.select.rename)?;
         refuse_suspects(&p, &input_suspects(&d, &src, &layers)?, opts)
             .map_err(|e| e.with_file(&d))?;
-        summary
-            .warnings
-            .extend(selection_warnings(&layers, opts).into_iter().map(|w| {
-                format!("{}: {w}", d.display())
-            }));
+        summary.warnings.extend(
+            selection_warnings(&layers, opts)
+                .into_iter()
+                .map(|w| format!("{}: {w}", d.display())),
+        );
         summary.tensors += p.outputs().len();
         summary.layers += p.layers.len();
         summary.bytes_in += p.layers.iter().map(|l| l.bytes_in).sum::<u64>();

@@ -1012,8 +1012,11 @@ pub fn side_json(data: &[u8]) {
         4 => {
             // a Hugging Face index and ckptkit's schema entry
             let _ = serde_json::from_str::<crate::io::sharded::ShardIndex>(text);
-            let md: std::collections::BTreeMap<String, String> =
-                [(crate::layout::quanto::SCHEMA_KEY.to_string(), text.to_string())].into();
+            let md: std::collections::BTreeMap<String, String> = [(
+                crate::layout::quanto::SCHEMA_KEY.to_string(),
+                text.to_string(),
+            )]
+            .into();
             let _ = crate::layout::quanto::schema_of(&md);
         }
         5 => {
@@ -1081,7 +1084,12 @@ pub fn migration(data: &[u8]) {
             let (out, _) = execute(s, lp).ok()?;
             for (k, bytes) in out {
                 let part = lp.output.parts().find(|q| q.key == k)?;
-                items.push((k, part.dtype, part.shape.clone(), bytes.bytes(s).ok()?.into_vec()));
+                items.push((
+                    k,
+                    part.dtype,
+                    part.shape.clone(),
+                    bytes.bytes(s).ok()?.into_vec(),
+                ));
             }
         }
         Some(MemSource::new(items))

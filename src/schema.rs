@@ -500,7 +500,11 @@ impl Suspect {
         } else {
             &self.layer
         };
-        format!("layer `{layer}` ({}): {}", self.tensors.join(", "), self.reason)
+        format!(
+            "layer `{layer}` ({}): {}",
+            self.tensors.join(", "),
+            self.reason
+        )
     }
 }
 
@@ -589,7 +593,11 @@ pub fn suspects(
                 "8-bit or packed codes beside scale-like tensors ({})",
                 companions.join(", ")
             ))
-        } else if marker && codes.iter().any(|p| p.dtype.size() == 1 && p.dtype != Dtype::U8 && p.dtype != Dtype::I8) {
+        } else if marker
+            && codes
+                .iter()
+                .any(|p| p.dtype.size() == 1 && p.dtype != Dtype::U8 && p.dtype != Dtype::I8)
+        {
             Some(format!(
                 "FP8 codes in a checkpoint that carries the `{SCALED_FP8_MARKER}` marker"
             ))

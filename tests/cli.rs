@@ -250,7 +250,11 @@ fn container_pack_verify_corrupt_unpack() {
     assert_eq!(code(&o), 1);
     assert!(err(&o).contains("bad.ckpk"), "{}", err(&o));
     let elsewhere = tempfile::tempdir().unwrap();
-    let o = run(&["convert", s(&bad), s(&elsewhere.path().join("x.safetensors"))]);
+    let o = run(&[
+        "convert",
+        s(&bad),
+        s(&elsewhere.path().join("x.safetensors")),
+    ]);
     assert_eq!(code(&o), 1, "{}", err(&o));
     assert!(entries(elsewhere.path()).is_empty());
     assert!(!entries(d.path()).iter().any(|e| e.contains("ckptkit-tmp")));
@@ -610,7 +614,11 @@ fn interrupted_weights_and_qmap_commit_is_refused_then_completed_by_recover() {
     )
     .unwrap();
     let before = entries(d.path());
-    for cmd in [&["inspect", s(&w)][..], &["verify", s(&w)], &["check", s(&w), "--against", s(&src)]] {
+    for cmd in [
+        &["inspect", s(&w)][..],
+        &["verify", s(&w)],
+        &["check", s(&w), "--against", s(&src)],
+    ] {
         let o = run(cmd);
         assert_ne!(code(&o), 0, "{cmd:?}");
         assert!(

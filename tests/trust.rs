@@ -77,11 +77,7 @@ fn force_into_a_directory_holding_the_input_is_refused() {
     assert_eq!(code(&o), 2, "{}", err(&o));
     assert_eq!(snapshot(d.path()), before_p);
     // an output under a not-yet-existing directory of the input
-    let o = run(&[
-        "convert",
-        s(&outer),
-        s(&outer.join("sub/out.safetensors")),
-    ]);
+    let o = run(&["convert", s(&outer), s(&outer.join("sub/out.safetensors"))]);
     assert_eq!(code(&o), 2, "{}", err(&o));
     assert!(err(&o).contains("lies inside"), "{}", err(&o));
     assert!(!outer.join("sub").exists());
@@ -129,24 +125,31 @@ fn force_replaces_only_directories_that_ckptkit_wrote() {
         "{rec}"
     );
     // ckptkit's own output: --force replaces it
-    run_ok(&["convert", s(&fx("bf16-qint8", "quantized.safetensors")), s(&out), "--to", "plain", "--force"]);
+    run_ok(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&out),
+        "--to",
+        "plain",
+        "--force",
+    ]);
     assert!(!out.join("quanto_qmap.json").exists());
     // a file the user put there makes it irreplaceable
     std::fs::write(out.join("my-notes.txt"), b"keep me").unwrap();
     let o = run(&["convert", s(&float()), s(&out), "--force"]);
     assert_eq!(code(&o), 1, "{}", err(&o));
     assert!(err(&o).contains("my-notes.txt"), "{}", err(&o));
-    assert_eq!(
-        std::fs::read(out.join("my-notes.txt")).unwrap(),
-        b"keep me"
-    );
+    assert_eq!(std::fs::read(out.join("my-notes.txt")).unwrap(), b"keep me");
     // a directory ckptkit did not write is never replaced
     let theirs = d.path().join("theirs");
     std::fs::create_dir(&theirs).unwrap();
     std::fs::write(theirs.join("model.safetensors"), b"x").unwrap();
     let o = run(&["convert", s(&float()), s(&theirs), "--force"]);
     assert_eq!(code(&o), 1, "{}", err(&o));
-    assert_eq!(std::fs::read(theirs.join("model.safetensors")).unwrap(), b"x");
+    assert_eq!(
+        std::fs::read(theirs.join("model.safetensors")).unwrap(),
+        b"x"
+    );
     // an empty directory is replaced
     let empty = d.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -280,11 +283,27 @@ fn a_killed_writers_commit_is_completed_only_once_it_is_gone() {
     // the map describes writer 1's model, which loads with it
     let q = std::fs::read_to_string(dir.join("quanto_qmap.json")).unwrap();
     assert!(q.contains("qint8") && !q.contains("qint4"), "{q}");
-    run_ok(&["check", s(&a), "--against", s(&fx("bf16-qint8", "quantized.safetensors"))]);
+    run_ok(&[
+        "check",
+        s(&a),
+        "--against",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+    ]);
     // writer 2 now finds the map taken by another model and says so
-    let o = run(&["convert", s(&float()), s(&b), "--to", "quanto:qint4", "--force"]);
+    let o = run(&[
+        "convert",
+        s(&float()),
+        s(&b),
+        "--to",
+        "quanto:qint4",
+        "--force",
+    ]);
     assert_eq!(code(&o), 1, "{}", err(&o));
-    assert!(err(&o).contains("belongs to another weights file"), "{}", err(&o));
+    assert!(
+        err(&o).contains("belongs to another weights file"),
+        "{}",
+        err(&o)
+    );
     assert_eq!(
         entries(&dir),
         ["a.safetensors", "quanto_qmap.json"],
@@ -434,9 +453,20 @@ fn corrupt_inputs_are_not_laundered_into_outputs_that_verify() {
     let st = d.path().join("st/m.safetensors");
     run_ok(&["convert", s(&q), s(&ck)]);
     run_ok(&["convert", s(&q), s(&ckz), "--compress", "zstd"]);
-    run_ok(&["convert", s(&q), s(&st), "--qmap", s(&fx("bf16-qint8", "quanto_qmap.json"))]);
+    run_ok(&[
+        "convert",
+        s(&q),
+        s(&st),
+        "--qmap",
+        s(&fx("bf16-qint8", "quanto_qmap.json")),
+    ]);
     // a clean conversion says its input was verified
-    let o = run_ok(&["convert", s(&ck), s(&d.path().join("ok/ok.safetensors")), "--json"]);
+    let o = run_ok(&[
+        "convert",
+        s(&ck),
+        s(&d.path().join("ok/ok.safetensors")),
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
     assert_eq!(v["input_verified"], true, "{v}");
     // a foreign file records no hashes: converted, reported unverified
@@ -474,7 +504,12 @@ fn corrupt_inputs_are_not_laundered_into_outputs_that_verify() {
         let mut off = sh.offset as usize + hdr;
         let f = ckptkit::format::st_header::parse(c.shard_header_bytes(si as u32).unwrap(), None)
             .unwrap();
-        off += f.tensors.iter().find(|x| x.key == sh.tensors[t].key).unwrap().start as usize;
+        off += f
+            .tensors
+            .iter()
+            .find(|x| x.key == sh.tensors[t].key)
+            .unwrap()
+            .start as usize;
         flip(&ck, off + 1, "bad.ckpk")
     };
     let bad_st = {
@@ -501,8 +536,7 @@ fn corrupt_inputs_are_not_laundered_into_outputs_that_verify() {
             let o = run(&args);
             assert_eq!(code(&o), 1, "{args:?}: {}", err(&o));
             assert!(
-                err(&o).contains("integrity check failed")
-                    || err(&o).contains("cannot be decoded"),
+                err(&o).contains("integrity check failed") || err(&o).contains("cannot be decoded"),
                 "{args:?}: {}",
                 err(&o)
             );
@@ -515,7 +549,11 @@ fn corrupt_inputs_are_not_laundered_into_outputs_that_verify() {
     }
     // the message names the tensor (and for plain data, where it is)
     let o = run(&["convert", s(&bad_st), s(&d.path().join("x.safetensors"))]);
-    assert!(err(&o).contains(key) && err(&o).contains("byte "), "{}", err(&o));
+    assert!(
+        err(&o).contains(key) && err(&o).contains("byte "),
+        "{}",
+        err(&o)
+    );
 }
 
 // ---- item 9: a decompression bomb converts in bounded memory ----
@@ -612,7 +650,10 @@ fn a_decompression_bomb_converts_in_bounded_memory() {
         "-q",
     ]);
     assert_eq!(code(&o), 0, "{}", err(&o));
-    assert!(rss < LIMIT_KIB, "convert --compress zstd peaked at {rss} KiB");
+    assert!(
+        rss < LIMIT_KIB,
+        "convert --compress zstd peaked at {rss} KiB"
+    );
     // verify and extract stream too
     let (o, rss) = run_rss(&["verify", s(&d.path().join("again.ckpk"))]);
     assert_eq!(code(&o), 0, "{}", err(&o));
@@ -622,28 +663,27 @@ fn a_decompression_bomb_converts_in_bounded_memory() {
     // use small
     let b = d.path().join("bomb512.ckpk");
     bomb(&b, 512);
-    let (o, rss) = run_rss(&[
-        "convert",
-        s(&b),
-        s(&d.path().join("plain.ckpk")),
-        "-q",
-    ]);
+    let (o, rss) = run_rss(&["convert", s(&b), s(&d.path().join("plain.ckpk")), "-q"]);
     assert_eq!(code(&o), 0, "{}", err(&o));
-    assert!(rss < LIMIT_KIB, "unpack to an uncompressed container peaked at {rss} KiB");
-    let (o, rss) = run_rss(&[
-        "convert",
-        s(&b),
-        s(&d.path().join("x.safetensors")),
-        "-q",
-    ]);
+    assert!(
+        rss < LIMIT_KIB,
+        "unpack to an uncompressed container peaked at {rss} KiB"
+    );
+    let (o, rss) = run_rss(&["convert", s(&b), s(&d.path().join("x.safetensors")), "-q"]);
     assert_eq!(code(&o), 0, "{}", err(&o));
-    assert!(rss < LIMIT_KIB, "extract to safetensors peaked at {rss} KiB");
+    assert!(
+        rss < LIMIT_KIB,
+        "extract to safetensors peaked at {rss} KiB"
+    );
     assert_eq!(
-        std::fs::metadata(d.path().join("x.safetensors")).unwrap().len(),
-        (512u64 << 20) + ckptkit::SafetensorsFile::open(&d.path().join("x.safetensors"))
+        std::fs::metadata(d.path().join("x.safetensors"))
             .unwrap()
-            .header()
-            .header_len
+            .len(),
+        (512u64 << 20)
+            + ckptkit::SafetensorsFile::open(&d.path().join("x.safetensors"))
+                .unwrap()
+                .header()
+                .header_len
     );
 }
 
@@ -655,13 +695,18 @@ fn write_st(path: &Path, tensors: &[(&str, ckptkit::Dtype, Vec<u64>, Vec<u8>)]) 
         .iter()
         .map(|(k, d, s, _)| (k.to_string(), *d, s.clone()))
         .collect();
-    let w = ckptkit::SafetensorsWriter::create(path, &plan, &Default::default(), false, false)
-        .unwrap();
+    let w =
+        ckptkit::SafetensorsWriter::create(path, &plan, &Default::default(), false, false).unwrap();
     for (k, _, _, b) in tensors {
         w.write_tensor(k, b).unwrap();
     }
     w.finish().unwrap();
 }
+
+/// A stored tensor: key, dtype, shape, bytes.
+type StoredT<'a> = (&'a str, ckptkit::Dtype, Vec<u64>, Vec<u8>);
+/// A case: name, tensors, config.json, what the refusal must say.
+type Case<'a> = (&'a str, Vec<StoredT<'a>>, Option<&'a str>, &'a str);
 
 #[test]
 fn fp8_checkpoints_of_unknown_layout_are_refused_not_cast() {
@@ -670,29 +715,54 @@ fn fp8_checkpoints_of_unknown_layout_are_refused_not_cast() {
     let f8 = |n: usize| (0..n).map(|i| (i * 7 % 120) as u8).collect::<Vec<u8>>();
     let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let bias = [0x80u8, 0x3f].repeat(4);
-    let cases: Vec<(&str, Vec<(&str, ckptkit::Dtype, Vec<u64>, Vec<u8>)>, Option<&str>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         // compressed-tensors FP8: per-channel weight_scale
-        ("ct", vec![
-            ("l.weight", F8E4M3, vec![4, 4], f8(16)),
-            ("l.weight_scale", F32, vec![4, 1], f32s(&[0.1, 0.2, 0.3, 0.4])),
-            ("l.bias", BF16, vec![4], bias.clone()),
-        ], None, "l.weight_scale"),
+        (
+            "ct",
+            vec![
+                ("l.weight", F8E4M3, vec![4, 4], f8(16)),
+                (
+                    "l.weight_scale",
+                    F32,
+                    vec![4, 1],
+                    f32s(&[0.1, 0.2, 0.3, 0.4]),
+                ),
+                ("l.bias", BF16, vec![4], bias.clone()),
+            ],
+            None,
+            "l.weight_scale",
+        ),
         // ComfyUI legacy scaled fp8: scale_weight and the marker
-        ("comfy", vec![
-            ("l.weight", F8E4M3, vec![4, 4], f8(16)),
-            ("l.scale_weight", F32, vec![], f32s(&[0.01])),
-            ("scaled_fp8", F8E4M3, vec![0], vec![]),
-        ], None, "l.scale_weight"),
+        (
+            "comfy",
+            vec![
+                ("l.weight", F8E4M3, vec![4, 4], f8(16)),
+                ("l.scale_weight", F32, vec![], f32s(&[0.01])),
+                ("scaled_fp8", F8E4M3, vec![0], vec![]),
+            ],
+            None,
+            "l.scale_weight",
+        ),
         // DeepSeek block FP8: weight_scale_inv per 128x128 block
-        ("deepseek", vec![
-            ("l.weight", F8E4M3, vec![4, 4], f8(16)),
-            ("l.weight_scale_inv", F32, vec![1, 1], f32s(&[2.0])),
-        ], None, "l.weight_scale_inv"),
+        (
+            "deepseek",
+            vec![
+                ("l.weight", F8E4M3, vec![4, 4], f8(16)),
+                ("l.weight_scale_inv", F32, vec![1, 1], f32s(&[2.0])),
+            ],
+            None,
+            "l.weight_scale_inv",
+        ),
         // no scale tensor, but config.json says the model is quantized
-        ("config", vec![
-            ("l.weight", F8E4M3, vec![4, 4], f8(16)),
-            ("l.bias", F32, vec![4], f32s(&[1.0; 4])),
-        ], Some(r#"{"model_type": "llama", "quantization_config": {"quant_method": "fp8"}}"#), "quant_method: fp8"),
+        (
+            "config",
+            vec![
+                ("l.weight", F8E4M3, vec![4, 4], f8(16)),
+                ("l.bias", F32, vec![4], f32s(&[1.0; 4])),
+            ],
+            Some(r#"{"model_type": "llama", "quantization_config": {"quant_method": "fp8"}}"#),
+            "quant_method: fp8",
+        ),
     ];
     for (name, tensors, config, why) in cases {
         let dir = d.path().join(name);
@@ -704,7 +774,13 @@ fn fp8_checkpoints_of_unknown_layout_are_refused_not_cast() {
         }
         let outs = d.path().join(format!("{name}-out"));
         for to in ["plain:bf16", "plain:f32", "int8"] {
-            let o = run(&["convert", s(&input), s(&outs.join("o.safetensors")), "--to", to]);
+            let o = run(&[
+                "convert",
+                s(&input),
+                s(&outs.join("o.safetensors")),
+                "--to",
+                to,
+            ]);
             assert!(!outs.exists(), "{name} --to {to}: no output");
             if to != "plain:bf16" {
                 // refused, either for the layout or because nothing else
@@ -715,7 +791,9 @@ fn fp8_checkpoints_of_unknown_layout_are_refused_not_cast() {
             assert_eq!(code(&o), 1, "{name} --to {to}: {}", err(&o));
             let e = err(&o);
             assert!(
-                e.contains("unknown quantized layout") && e.contains("layer `l`") && e.contains(why),
+                e.contains("unknown quantized layout")
+                    && e.contains("layer `l`")
+                    && e.contains(why),
                 "{name}: {e}"
             );
             assert!(!outs.exists(), "{name}: no output");
@@ -768,7 +846,10 @@ fn a_hugging_face_model_directory_with_other_files_is_a_model_directory() {
     assert!(v["plan"]["layers"].as_array().unwrap().len() > 5, "{v}");
     // the weights of the index were converted; the other weight files are
     // not part of the model the index describes
-    assert!(out.join("model.safetensors.index.json").is_file() || out.join("model.safetensors").is_file());
+    assert!(
+        out.join("model.safetensors.index.json").is_file()
+            || out.join("model.safetensors").is_file()
+    );
     assert!(!out.join("consolidated-00001-of-00001.safetensors").exists());
 }
 
@@ -786,7 +867,11 @@ fn verify_refuses_layer_records_that_every_conversion_refuses() {
     for family in ["quanto", "int8"] {
         for case in std::fs::read_dir(root().join("tests/fixtures").join(family)).unwrap() {
             let case = case.unwrap().path();
-            let q = case.join(if family == "quanto" { "quantized.safetensors" } else { "model.safetensors" });
+            let q = case.join(if family == "quanto" {
+                "quantized.safetensors"
+            } else {
+                "model.safetensors"
+            });
             if !q.is_file() {
                 continue;
             }
@@ -797,7 +882,12 @@ fn verify_refuses_layer_records_that_every_conversion_refuses() {
             let o = run(&["convert", s(&q), s(&ck)]);
             if code(&o) != 0 {
                 // a case that needs a shape hint cannot be packed without it
-                assert!(err(&o).contains("ambiguous"), "{}: {}", q.display(), err(&o));
+                assert!(
+                    err(&o).contains("ambiguous"),
+                    "{}: {}",
+                    q.display(),
+                    err(&o)
+                );
                 continue;
             }
             run_ok(&["verify", s(&ck)]);
@@ -806,7 +896,11 @@ fn verify_refuses_layer_records_that_every_conversion_refuses() {
     // a qint8 layer that records a group size: structurally valid, but no
     // conversion reads it
     let ck = d.path().join("m.ckpk");
-    run_ok(&["convert", s(&fx("bf16-qint8", "quantized.safetensors")), s(&ck)]);
+    run_ok(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&ck),
+    ]);
     let bytes = std::fs::read(&ck).unwrap();
     let bad = common::with_manifest(&bytes, |m| {
         let l = m
@@ -824,8 +918,18 @@ fn verify_refuses_layer_records_that_every_conversion_refuses() {
     ckptkit::Container::open(&bp).unwrap();
     let o = run(&["verify", s(&bp)]);
     assert_eq!(code(&o), 1, "{}", out(&o));
-    assert!(err(&o).contains("layer `") && err(&o).contains("group"), "{}", err(&o));
-    let o = run(&["convert", s(&bp), s(&d.path().join("x.safetensors")), "--to", "plain"]);
+    assert!(
+        err(&o).contains("layer `") && err(&o).contains("group"),
+        "{}",
+        err(&o)
+    );
+    let o = run(&[
+        "convert",
+        s(&bp),
+        s(&d.path().join("x.safetensors")),
+        "--to",
+        "plain",
+    ]);
     assert_eq!(code(&o), 1, "the conversions refuse it too: {}", err(&o));
 }
 
@@ -836,7 +940,11 @@ fn container_copies_carry_extensions_and_metadata() {
     use ckptkit::Extension;
     let d = tempfile::tempdir().unwrap();
     let ck = d.path().join("m.ckpk");
-    run_ok(&["convert", s(&fx("bf16-qint8", "quantized.safetensors")), s(&ck)]);
+    run_ok(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&ck),
+    ]);
     let ext = |n: &str| Extension {
         name: n.into(),
         critical: false,
@@ -855,9 +963,20 @@ fn container_copies_carry_extensions_and_metadata() {
         args.extend(extra);
         run_ok(&args);
         let c = ckptkit::Container::open(&outp).unwrap();
-        assert_eq!(c.manifest().extensions, vec![ext("org.example.notes")], "{name}");
-        assert_eq!(c.layers()[0].extensions, vec![ext("org.example.layer")], "{name}");
-        assert_eq!(c.manifest().metadata.get("step").map(|s| s.as_str()), Some("4000"));
+        assert_eq!(
+            c.manifest().extensions,
+            vec![ext("org.example.notes")],
+            "{name}"
+        );
+        assert_eq!(
+            c.layers()[0].extensions,
+            vec![ext("org.example.layer")],
+            "{name}"
+        );
+        assert_eq!(
+            c.manifest().metadata.get("step").map(|s| s.as_str()),
+            Some("4000")
+        );
         // provenance names the input, never a temporary
         let prov = &c.manifest().provenance.sources;
         assert_eq!(prov.len(), 1);
@@ -865,7 +984,15 @@ fn container_copies_carry_extensions_and_metadata() {
     }
     // a planned conversion into a compressed container records the input too
     let z = d.path().join("plain-z.ckpk");
-    run_ok(&["convert", s(&src), s(&z), "--to", "plain", "--compress", "zstd"]);
+    run_ok(&[
+        "convert",
+        s(&src),
+        s(&z),
+        "--to",
+        "plain",
+        "--compress",
+        "zstd",
+    ]);
     let c = ckptkit::Container::open(&z).unwrap();
     let p = &c.manifest().provenance.sources[0].path;
     assert!(p.ends_with("ext.ckpk") && !p.contains("ckptkit-tmp"), "{p}");

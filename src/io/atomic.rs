@@ -217,7 +217,9 @@ fn walk(dir: &Path) -> Result<Vec<String>> {
             } else {
                 format!("{rel}/{name}")
             };
-            let ft = e.file_type().map_err(|er| Error::from(er).with_file(e.path()))?;
+            let ft = e
+                .file_type()
+                .map_err(|er| Error::from(er).with_file(e.path()))?;
             if ft.is_dir() {
                 stack.push((e.path(), r.clone(), depth + 1));
             }
@@ -705,10 +707,13 @@ fn validate_journal(jname: &str, j: &Journal) -> Result<()> {
     Ok(())
 }
 
+/// A journal's renames (`[temporary, destination]`) and removals.
+pub(crate) type JournalOps = (Vec<(String, String)>, Vec<String>);
+
 /// Parses and validates a journal's bytes as found in a file named `name`
 /// (what the next write or `recover` would act on); returns its renames and
 /// removals. For the fuzz targets.
-pub(crate) fn parse_journal(name: &str, bytes: &[u8]) -> Result<(Vec<(String, String)>, Vec<String>)> {
+pub(crate) fn parse_journal(name: &str, bytes: &[u8]) -> Result<JournalOps> {
     let j: Journal = serde_json::from_slice(bytes)
         .map_err(|er| Error::new(ErrorKind::Journal(format!("invalid JSON: {er}"))))?;
     validate_journal(name, &j)?;
@@ -790,7 +795,8 @@ fn journals(dir: &Path) -> Result<Vec<Found>> {
                     expected: "a regular file",
                 }));
             }
-            let bytes = crate::io::files::read_capped(&p, MAX_JOURNAL_LEN, "commit journal length")?;
+            let bytes =
+                crate::io::files::read_capped(&p, MAX_JOURNAL_LEN, "commit journal length")?;
             let j: Journal = serde_json::from_slice(&bytes)
                 .map_err(|er| Error::new(ErrorKind::Journal(format!("invalid JSON: {er}"))))?;
             validate_journal(&n, &j)?;
@@ -1073,7 +1079,10 @@ mod tests {
         }
         let e = AtomicDir::create(&theirs, true).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("7 entries") && msg.contains("...") && msg.contains("f0"), "{msg}");
+        assert!(
+            msg.contains("7 entries") && msg.contains("...") && msg.contains("f0"),
+            "{msg}"
+        );
         assert_eq!(fs::read_dir(&theirs).unwrap().count(), 7);
         // nothing but the outputs remains beside them
         assert_eq!(names(d.path()), ["empty", "out", "theirs"]);
@@ -1101,8 +1110,11 @@ mod tests {
         assert_eq!(names(d.path()), ["model.safetensors", "quanto_qmap.json"]);
         assert!(pending_commit(&w).unwrap().is_none());
         // a plain replacement removes the map in the same journal
-        commit_together(vec![atomic_with(&w, b"plain")], vec![Removal::new(&q).unwrap()])
-            .unwrap();
+        commit_together(
+            vec![atomic_with(&w, b"plain")],
+            vec![Removal::new(&q).unwrap()],
+        )
+        .unwrap();
         assert_eq!(names(d.path()), ["model.safetensors"]);
     }
 
@@ -1122,7 +1134,11 @@ mod tests {
         ));
         assert_eq!(fs::read(&w).unwrap(), b"old");
         assert!(!q.exists(), "nothing renamed");
-        assert_eq!(names(d.path()), ["model.safetensors"], "temporaries removed");
+        assert_eq!(
+            names(d.path()),
+            ["model.safetensors"],
+            "temporaries removed"
+        );
     }
 
     fn plant(d: &Path, done: usize) -> (PathBuf, PathBuf) {

@@ -66,7 +66,9 @@ impl OutputLock {
                 }
                 return Err(Error::from(e).with_file(&path));
             }
-            let mine = file.metadata().map_err(|e| Error::from(e).with_file(&path))?;
+            let mine = file
+                .metadata()
+                .map_err(|e| Error::from(e).with_file(&path))?;
             match std::fs::symlink_metadata(&path) {
                 Ok(now) if now.ino() == mine.ino() && now.dev() == mine.dev() => {
                     return Ok(Some(OutputLock { path, file }));
@@ -99,8 +101,7 @@ impl Drop for OutputLock {
     fn drop(&mut self) {
         // remove the file while still holding the lock, but only if it is
         // still ours (it always is: nobody else removes a held lock file)
-        if let (Ok(now), Ok(mine)) = (std::fs::symlink_metadata(&self.path), self.file.metadata())
-        {
+        if let (Ok(now), Ok(mine)) = (std::fs::symlink_metadata(&self.path), self.file.metadata()) {
             if now.ino() == mine.ino() && now.dev() == mine.dev() {
                 let _ = std::fs::remove_file(&self.path);
             }

@@ -21,6 +21,14 @@ use memmap2::{Mmap, MmapOptions};
 
 use crate::error::{Error, ErrorKind, Result};
 
+/// Receives one tensor's bytes, in order, piece by piece.
+pub type PieceSink<'a> = dyn FnMut(&[u8]) -> Result<()> + 'a;
+
+/// Hands one tensor's bytes, in order and in pieces, to the sink it is
+/// given (streamed writes: [`writer::SafetensorsWriter::write_from`],
+/// [`writer::ContainerWriter::write_from`]).
+pub type Feed<'a> = dyn FnMut(&mut PieceSink<'_>) -> Result<()> + 'a;
+
 /// The bytes of one tensor: a read-only window mapped from the file
 /// (zero-copy, released when dropped) or an owned buffer (decompressed
 /// data).

@@ -5,9 +5,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::manifest::Hash;
 use crate::format::st_hashes;
 use crate::format::st_header::{self, StHeader};
-use crate::format::manifest::Hash;
 use crate::io::source::{SourceTensor, TensorSource, PIECE};
 use crate::io::{map_window, read_at, TensorBytes};
 

@@ -46,7 +46,8 @@ pub trait TensorSource: Send + Sync {
     /// Streams one tensor's bytes, in order, in pieces of at most
     /// [`PIECE`] bytes (mapped windows released as it goes, or decoded
     /// chunks), so that memory stays bounded whatever the tensor's size.
-    /// Not hash-checked: see [`stream_checked`].
+    /// Not hash-checked: conversions hash the pieces as they write them
+    /// and compare with [`recorded_hash`](Self::recorded_hash).
     fn read_pieces(&self, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let b = self.read(key)?;
         for p in b.chunks(PIECE) {
@@ -116,8 +117,16 @@ pub fn hash_mismatch(src: &dyn TensorSource, key: &str, want: &Hash, got: &Hash)
 /// checks the bytes against it (a mismatch is [`ErrorKind::HashMismatch`]
 /// naming the file, the tensor and the offset). Returns the bytes and
 /// whether they were checked.
-pub fn read_checked(src: &dyn TensorSource, key: &str, verify: bool) -> Result<(TensorBytes, bool)> {
-    let want = if verify { src.recorded_hash(key)? } else { None };
+pub fn read_checked(
+    src: &dyn TensorSource,
+    key: &str,
+    verify: bool,
+) -> Result<(TensorBytes, bool)> {
+    let want = if verify {
+        src.recorded_hash(key)?
+    } else {
+        None
+    };
     let b = src.read(key)?;
     if let Some(want) = want {
         let got = crate::io::writer::blake3_of(&b);

@@ -129,7 +129,7 @@ impl InPlace {
         file: &std::fs::File,
         key: &str,
         want_hash: bool,
-        feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+        feed: &mut crate::io::Feed<'_>,
     ) -> Result<Option<Hash>> {
         check_interrupt()?;
         let i = *self
@@ -272,7 +272,7 @@ impl SafetensorsWriter {
         &self,
         key: &str,
         want_hash: bool,
-        feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+        feed: &mut crate::io::Feed<'_>,
     ) -> Result<Option<Hash>> {
         let f = self.out.file()?;
         self.shard
@@ -466,11 +466,7 @@ impl ContainerWriter {
     /// is given): a compressed shard cuts them into chunks as they come, so
     /// memory stays bounded by a few chunks whatever the tensor's size.
     /// Returns the tensor's blake3.
-    pub fn write_from(
-        &self,
-        key: &str,
-        feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
-    ) -> Result<Hash> {
+    pub fn write_from(&self, key: &str, feed: &mut crate::io::Feed<'_>) -> Result<Hash> {
         let file = self.out.file()?;
         let mut st = self.lock()?;
         let pos = st.pos;

@@ -23,13 +23,20 @@ pub fn check_layer(l: &Layer) -> Result<()> {
             let w = quantized_weight(l).map_err(at)?;
             let s = quanto::math::quanto_shapes(q, &w.shape, *group_size)
                 .map_err(|e| at(Error::layout(format!("{qtype} weight {:?}: {e}", w.shape))))?;
-            if q.is_packed() && *group_size != quanto::math::group_size(w.shape[0], crate::dtype::numel(&w.shape)?) {
-                let show = |g: Option<u64>| g.map_or("none (per row)".to_string(), |g| g.to_string());
+            if q.is_packed()
+                && *group_size
+                    != quanto::math::group_size(w.shape[0], crate::dtype::numel(&w.shape)?)
+            {
+                let show =
+                    |g: Option<u64>| g.map_or("none (per row)".to_string(), |g| g.to_string());
                 return Err(at(Error::layout(format!(
                     "{qtype} weight {:?} records group size {}; quanto uses {} for this shape",
                     w.shape,
                     show(*group_size),
-                    show(quanto::math::group_size(w.shape[0], crate::dtype::numel(&w.shape)?))
+                    show(quanto::math::group_size(
+                        w.shape[0],
+                        crate::dtype::numel(&w.shape)?
+                    ))
                 ))));
             }
             expect_part(l, w, Role::Data, &s.data)?;
