@@ -833,7 +833,7 @@ fn a_hugging_face_model_directory_with_other_files_is_a_model_directory() {
         "--max-shard-size",
         "4000",
     ]);
-    std::fs::remove_file(m.join(".ckptkit-output.json")).unwrap();
+    let _ = std::fs::remove_file(m.join(".ckptkit-output.json"));
     std::fs::write(m.join(".gitattributes"), "*.safetensors filter=lfs\n").unwrap();
     std::fs::write(m.join("tokenizer.model"), b"\x0a\x0bspm").unwrap();
     std::fs::copy(float(), m.join("consolidated-00001-of-00001.safetensors")).unwrap();

@@ -3,8 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The `migrate` binary cargo built next to the test binaries.
+/// The `migrate` binary cargo built next to the test binaries (or the one
+/// `CKPTKIT_TEST_MIGRATE` names: how a regression test is shown to fail on
+/// an older build).
 pub fn bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CKPTKIT_TEST_MIGRATE") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let p = dir.join("examples").join("migrate");
@@ -70,8 +75,9 @@ pub fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Every file under `dir` with its bytes, for before/after comparisons.
-pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+/// Every file under `dir` with the blake3 of its bytes, for before/after
+/// comparisons.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, String)> {
     let mut v = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -81,9 +87,10 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             if ft.is_dir() {
                 stack.push(p);
             } else if ft.is_file() {
-                v.push((p.clone(), std::fs::read(&p).unwrap()));
+                let h = blake3::hash(&std::fs::read(&p).unwrap()).to_hex().to_string();
+                v.push((p.clone(), h));
             } else {
-                v.push((p.clone(), Vec::new()));
+                v.push((p.clone(), String::new()));
             }
         }
     }
