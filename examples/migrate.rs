@@ -441,6 +441,8 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                         "losses": s.losses,
                         "input_verified": !dry_run && s.input_verified,
                         "warnings": s.warnings,
+                        "carried": s.carried,
+                        "skipped": s.skipped,
                         "plan": s.plan,
                     })
                 );

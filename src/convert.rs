@@ -280,6 +280,13 @@ pub struct Summary {
     /// Things the user should know (`--include` patterns that matched
     /// nothing, ...).
     pub warnings: Vec<String>,
+    /// Files of a model directory carried into the output unchanged
+    /// (`config.json`, tokenizer files, README ...; `config.json` then
+    /// follows the new layout).
+    pub carried: Vec<String>,
+    /// Entries of a model directory not carried, with why (weights in any
+    /// format, hidden files, sub-directories).
+    pub skipped: Vec<String>,
 }
 
 /// Every path a conversion reads: the input, the side files found beside a
@@ -478,6 +485,7 @@ fn convert_opened(
         });
     }
     check_free_space(output, bytes_in)?;
+    let (mut carried, mut skipped) = (Vec::new(), Vec::new());
     let files = match okind {
         OutputKind::Safetensors => {
             let mut md = src.metadata().clone();
@@ -490,7 +498,12 @@ fn convert_opened(
             write_container(&src, output, layers, &carry, opts)?;
             vec![output.to_path_buf()]
         }
-        OutputKind::Directory => write_directory(&src, kind, input, output, opts)?,
+        OutputKind::Directory => {
+            let (f, (c, sk)) = write_directory(&src, kind, input, output, opts)?;
+            carried = c;
+            skipped = sk;
+            f
+        }
     };
     let mut bytes_out = 0;
     for f in &files {
@@ -508,6 +521,8 @@ fn convert_opened(
         input_verified: opts.verify_input && src.unchecked() == 0,
         input_unchecked: src.unchecked(),
         warnings: Vec::new(),
+        carried,
+        skipped,
     })
 }
 
@@ -746,14 +761,23 @@ fn copy_shards(src: &Checked<'_>, w: &mut ContainerWriter, compressed: bool) -> 
     Ok(())
 }
 
+/// What a directory output carried from a model directory: names carried,
+/// names skipped (with why).
+type Carried = (Vec<String>, Vec<String>);
+
 fn write_directory(
     src: &Checked<'_>,
     kind: InputKind,
     input: &Path,
     output: &Path,
     opts: &ConvertOptions,
-) -> Result<Vec<PathBuf>> {
+) -> Result<(Vec<PathBuf>, Carried)> {
     let dir = AtomicDir::create(output, opts.overwrite)?;
+    let carried = if input.is_dir() {
+        carry_model_files(input, dir.path())?
+    } else {
+        Default::default()
+    };
     let names = src.files();
     // Keep the input's file names and grouping when it has several files;
     // otherwise split by size with the usual naming.
@@ -820,7 +844,7 @@ fn write_directory(
         std::fs::write(dir.path().join(index_name), text)?;
     }
     dir.commit()?;
-    Ok(vec![output.to_path_buf()])
+    Ok((vec![output.to_path_buf()], carried))
 }
 
 /// Groups whole layers into output files of at most `max` bytes each.
@@ -915,11 +939,42 @@ fn write_model_dir(
     Ok(())
 }
 
-/// Makes `config.json` (copied or beside the input) follow the new layout:
-/// its quanto `quantization_config` is removed when the output has no quanto
-/// layer, and written in diffusers' QuantoConfig form when every quantized
-/// layer has the same qtype.
-fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<()> {
+/// Whose `config.json` it is: the quantization config a loader reads
+/// depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConfigOwner {
+    /// diffusers (`_class_name`): `QuantoConfig` with `weights_dtype`.
+    Diffusers,
+    /// transformers (`model_type` / `architectures`, no `_class_name`).
+    Transformers,
+    /// Neither.
+    Unknown,
+}
+
+fn config_owner(obj: &serde_json::Map<String, serde_json::Value>) -> ConfigOwner {
+    if obj.contains_key("_class_name") {
+        ConfigOwner::Diffusers
+    } else if obj.contains_key("model_type") || obj.contains_key("architectures") {
+        ConfigOwner::Transformers
+    } else {
+        ConfigOwner::Unknown
+    }
+}
+
+/// Makes `config.json` (copied or beside the input) follow the new layout,
+/// by whose config it is (spec/layouts.md §4): nothing is rewritten when no
+/// layer's layout changed; a diffusers config gets diffusers' `QuantoConfig`
+/// for a quanto output; a transformers config gets no quanto
+/// `quantization_config` (optimum-quanto's own transformers save writes
+/// none, and transformers cannot load pre-quantized quanto checkpoints) and
+/// loses a stale one; compressed-tensors and bitsandbytes outputs get their
+/// libraries' forms; a config whose output has no quantized layer loses a
+/// quantization config ckptkit knows. Returns a warning when the config
+/// cannot describe the output (mixed layouts).
+fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<Option<String>> {
+    if p.layers.iter().all(|l| l.passes == [crate::plan::Pass::Copy]) {
+        return Ok(None); // the layout did not change: the config is carried as is
+    }
     let dir = if input.is_dir() {
         input.to_path_buf()
     } else {
@@ -931,16 +986,17 @@ fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<()> {
     } else {
         srcp
     };
-    if !from.is_file() {
-        return Ok(());
+    if !crate::io::files::regular_file_exists(&from)? {
+        return Ok(None);
     }
     let text = quanto::read_side_file(&from)?;
     let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return Ok(()); // not ours to judge: copied as is
+        return Ok(None); // not ours to judge: copied as is
     };
     let Some(obj) = v.as_object_mut() else {
-        return Ok(());
+        return Ok(None);
     };
+    let owner = config_owner(obj);
     let qtypes: std::collections::BTreeSet<String> = p
         .layers
         .iter()
@@ -950,10 +1006,13 @@ fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<()> {
             _ => None,
         })
         .collect();
-    let ours = obj
+    let method = obj
         .get("quantization_config")
         .and_then(|q| q.get("quant_method"))
         .and_then(|m| m.as_str())
+        .map(str::to_owned);
+    let ours = method
+        .as_deref()
         .is_some_and(|m| ["quanto", "compressed-tensors", "bitsandbytes"].contains(&m));
     // plain 2-D layers: what a library's ignore / skip list names
     let skip: Vec<String> = p
@@ -968,23 +1027,107 @@ fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<()> {
         })
         .map(|l| l.path.clone())
         .collect();
+    let mut warning = None;
+    let is_quanto = |q: &str| crate::layout::quanto::QType::from_name(q).is_some();
     if qtypes.is_empty() {
         if !ours {
-            return Ok(());
+            return Ok(None);
         }
         obj.remove("quantization_config");
-    } else if qtypes.len() == 1 {
-        let q = qtypes.iter().next().cloned().unwrap_or_default();
-        let Some(cfg) = library_config(&q, skip) else {
-            return Ok(());
-        };
-        obj.insert("quantization_config".into(), cfg);
+    } else if qtypes.len() > 1 {
+        warning = Some(format!(
+            "{}: a quantization_config cannot describe layers of several layouts ({}); \
+             it was left as it was",
+            dest.display(),
+            qtypes.iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
+        if owner == ConfigOwner::Transformers && method.as_deref() == Some("quanto") {
+            obj.remove("quantization_config");
+        } else {
+            return Ok(warning);
+        }
     } else {
-        return Ok(());
+        let q = qtypes.iter().next().cloned().unwrap_or_default();
+        if is_quanto(&q) && owner == ConfigOwner::Transformers {
+            // transformers reads no quanto config from a pre-quantized checkpoint
+            if method.is_none() {
+                return Ok(None);
+            }
+            obj.remove("quantization_config");
+        } else {
+            let Some(cfg) = library_config(&q, skip) else {
+                return Ok(None);
+            };
+            obj.insert("quantization_config".into(), cfg);
+        }
     }
     let out =
         serde_json::to_string_pretty(&v).map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
-    std::fs::write(dest, out + "\n").map_err(|e| Error::from(e).with_file(dest))
+    std::fs::write(dest, out + "\n").map_err(|e| Error::from(e).with_file(dest))?;
+    Ok(warning)
+}
+
+/// Weight files of any format, which a converted model directory does not
+/// carry: the conversion writes the model's weights itself.
+fn is_weights_name(n: &str) -> bool {
+    const EXT: [&str; 10] = [
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".gguf",
+        ".onnx",
+        ".msgpack",
+        ".h5",
+        ".index.json",
+    ];
+    EXT.iter().any(|e| n.ends_with(e))
+}
+
+/// Copies every top-level regular file of a model directory into the
+/// output directory (following symlinks, as Hugging Face caches use them),
+/// except weights in any format, `quanto_qmap.json` (written for the new
+/// layout) and hidden files; sub-directories are not carried. Returns the
+/// names carried and the names skipped, with why.
+fn carry_model_files(input: &Path, out: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let mut carried = Vec::new();
+    let mut skipped = Vec::new();
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(input).map_err(|e| Error::from(e).with_file(input))? {
+        let e = e.map_err(|er| Error::from(er).with_file(input))?;
+        names.push(e.file_name());
+    }
+    names.sort();
+    for n in names {
+        let shown = n.to_string_lossy().into_owned();
+        let Some(name) = n.to_str() else {
+            skipped.push(format!("{shown} (name is not UTF-8)"));
+            continue;
+        };
+        let p = input.join(name);
+        let why = if name.starts_with('.') {
+            Some("hidden")
+        } else if name == QMAP_FILE {
+            Some("written for the new layout")
+        } else if is_weights_name(name) {
+            Some("weights")
+        } else {
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => Some("directory"),
+                Ok(m) if m.is_file() => None,
+                _ => Some("not a regular file"),
+            }
+        };
+        if let Some(w) = why {
+            skipped.push(format!("{name} ({w})"));
+            continue;
+        }
+        check_interrupt()?;
+        copy_file(&p, &out.join(name), &out.join(name))?;
+        carried.push(name.to_string());
+    }
+    Ok((carried, skipped))
 }
 
 /// The `quantization_config` a library writes for a layout: diffusers'
@@ -1165,6 +1308,8 @@ fn convert_planned(
         input_verified: false,
         input_unchecked: 0,
         warnings,
+        carried: Vec::new(),
+        skipped: Vec::new(),
     };
     if opts.dry_run {
         summary.seconds = t0.elapsed().as_secs_f64();
@@ -1190,9 +1335,16 @@ fn convert_planned(
         }
         OutputKind::Directory => {
             let dir = AtomicDir::create(output, opts.overwrite)?;
+            if input.is_dir() {
+                let (c, sk) = carry_model_files(input, dir.path())?;
+                summary.carried = c;
+                summary.skipped = sk;
+            }
             let stem = model_stem(&src.files());
             write_model_dir(src, &p, &losses, dir.path(), &stem, &md, opts)?;
-            update_config(input, &dir.path().join("config.json"), &p)?;
+            summary
+                .warnings
+                .extend(update_config(input, &dir.path().join("config.json"), &p)?);
             dir.commit()?;
         }
         OutputKind::Container => {
@@ -1805,7 +1957,9 @@ pub fn convert_checkpoint_dir(
             md.insert(quanto::SCHEMA_KEY.into(), s);
         }
         write_model_dir(src, p, &losses, &out, &model_stem(&src.files()), &md, opts)?;
-        update_config(&input.join(rel), &out.join("config.json"), p)?;
+        summary
+            .warnings
+            .extend(update_config(&input.join(rel), &out.join("config.json"), p)?);
         unchecked += src.unchecked();
     }
     dir.commit()?;

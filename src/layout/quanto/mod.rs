@@ -133,10 +133,19 @@ impl DiffusersQuanto {
         if q.get("quant_method").and_then(|m| m.as_str()) != Some("quanto") {
             return Ok(None);
         }
+        // diffusers' QuantoConfig says `weights_dtype`, transformers' says
+        // `weights` (same values)
         let w = q
             .get("weights_dtype")
+            .or_else(|| q.get("weights"))
             .and_then(|w| w.as_str())
-            .ok_or_else(|| json_err("config.json", "quantization_config has no weights_dtype"))?;
+            .ok_or_else(|| {
+                json_err(
+                    "config.json",
+                    "quanto quantization_config has neither weights_dtype (diffusers) nor \
+                     weights (transformers)",
+                )
+            })?;
         let weights = match w {
             "float8" => QType::QFloat8E4M3Fn,
             "int8" => QType::QInt8,

@@ -1,0 +1,150 @@
+//! Fidelity with real clients (SimpleTuner, diffusers, transformers,
+//! llmcompressor): regression tests of the defects found running them
+//! against ckptkit (issue 11). The live suites in tests/interop check the
+//! same outputs with the libraries themselves.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::cli::*;
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_str(&out(o)).unwrap_or_else(|e| panic!("{e}: {}", out(o)))
+}
+
+/// A model directory: the quanto qint8 fixture as `model.safetensors`, its
+/// map, a config and the other files a Hugging Face repository holds.
+fn model_dir(at: &Path, config: &str) -> PathBuf {
+    std::fs::create_dir_all(at).unwrap();
+    std::fs::copy(
+        fx("bf16-qint8", "quantized.safetensors"),
+        at.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fx("bf16-qint8", "quanto_qmap.json"),
+        at.join("quanto_qmap.json"),
+    )
+    .unwrap();
+    std::fs::write(at.join("config.json"), config).unwrap();
+    at.to_path_buf()
+}
+
+fn config_of(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+// ---- item 1: a model directory keeps its config and other files ----
+
+#[test]
+fn model_directory_files_are_carried_into_directory_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = r#"{"model_type": "llama", "hidden_size": 64}"#;
+    let m = model_dir(&d.path().join("m"), cfg);
+    std::fs::write(m.join("generation_config.json"), r#"{"do_sample": false}"#).unwrap();
+    std::fs::write(m.join("README.md"), "# a model\n").unwrap();
+    std::fs::write(m.join(".gitattributes"), "*.safetensors filter=lfs\n").unwrap();
+    std::fs::write(m.join("pytorch_model.bin"), b"old weights").unwrap();
+    std::fs::create_dir(m.join("original")).unwrap();
+    std::fs::write(m.join("original/params.json"), "{}").unwrap();
+    // Hugging Face caches hold symlinks into blobs/: followed
+    let blob = d.path().join("blob-tokenizer");
+    std::fs::write(&blob, r#"{"model": {}}"#).unwrap();
+    std::os::unix::fs::symlink(&blob, m.join("tokenizer.json")).unwrap();
+    let out_dir = d.path().join("out");
+    let o = run_ok(&["convert", s(&m), s(&out_dir), "--to", "plain", "--json"]);
+    let v = json(&o);
+    // carried byte for byte; the config needs no rewrite (no quantization
+    // config to remove), so it is the input's exactly
+    for n in ["config.json", "generation_config.json", "README.md", "tokenizer.json"] {
+        assert_eq!(
+            std::fs::read(m.join(n)).unwrap(),
+            std::fs::read(out_dir.join(n)).unwrap(),
+            "{n}"
+        );
+    }
+    assert!(std::fs::symlink_metadata(out_dir.join("tokenizer.json"))
+        .unwrap()
+        .is_file());
+    let carried: Vec<&str> = v["carried"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        carried,
+        ["README.md", "config.json", "generation_config.json", "tokenizer.json"]
+    );
+    let skipped = v["skipped"].to_string();
+    for n in [".gitattributes", "pytorch_model.bin", "original", "quanto_qmap.json"] {
+        assert!(skipped.contains(n), "{n} in {skipped}");
+        assert!(!out_dir.join(n).exists(), "{n}");
+    }
+    // a keep copy of a sharded directory carries them too
+    let sharded = d.path().join("sharded");
+    run_ok(&[
+        "convert",
+        s(&m),
+        s(&sharded),
+        "--to",
+        "plain",
+        "--max-shard-size",
+        "4000",
+    ]);
+    let again = d.path().join("again");
+    run_ok(&["convert", s(&sharded), s(&again)]);
+    assert_eq!(
+        std::fs::read(again.join("config.json")).unwrap(),
+        cfg.as_bytes()
+    );
+}
+
+// ---- item 2: whose config decides the quantization_config written ----
+
+#[test]
+fn quantization_config_follows_whose_config_it_is() {
+    let d = tempfile::tempdir().unwrap();
+    // transformers: no quanto quantization_config (transformers reads
+    // `weights`, and cannot load pre-quantized quanto checkpoints); a stale
+    // one is removed
+    let tcfg = r#"{"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "quantization_config": {"quant_method": "quanto", "weights": "int8"}}"#;
+    let m = model_dir(&d.path().join("t"), tcfg);
+    let out4 = d.path().join("t4");
+    run_ok(&["convert", s(&m), s(&out4), "--to", "quanto:qint4"]);
+    let c = config_of(&out4);
+    assert!(c.get("quantization_config").is_none(), "{c}");
+    assert_eq!(c["model_type"], "llama");
+    // compressed-tensors keeps its own form in a transformers config
+    let f = d.path().join("float");
+    std::fs::create_dir(&f).unwrap();
+    std::fs::copy(fx("bf16-qint8", "float.safetensors"), f.join("model.safetensors")).unwrap();
+    std::fs::write(f.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let ct = d.path().join("tct");
+    run_ok(&["convert", s(&f), s(&ct), "--to", "int8:ct"]);
+    let q = &config_of(&ct)["quantization_config"];
+    assert_eq!(q["quant_method"], "compressed-tensors", "{q}");
+    // a model whose layers end up in two layouts (quanto convolutions kept,
+    // Linears in int8): no single config describes it; a stale quanto one
+    // is removed from a transformers config, and the user is told
+    let mixed = d.path().join("mixed");
+    let o = run_ok(&["convert", s(&m), s(&mixed), "--to", "int8:ct", "--json"]);
+    assert!(config_of(&mixed).get("quantization_config").is_none());
+    assert!(json(&o)["warnings"].to_string().contains("several layouts"));
+    // diffusers: QuantoConfig's form with weights_dtype
+    let dcfg = r#"{"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1",
+        "quantization_config": {"quant_method": "quanto", "weights_dtype": "int8"}}"#;
+    let m = model_dir(&d.path().join("dm"), dcfg);
+    let o = d.path().join("d4");
+    run_ok(&["convert", s(&m), s(&o), "--to", "quanto:qint4"]);
+    let q = &config_of(&o)["quantization_config"];
+    assert_eq!(q["quant_method"], "quanto");
+    assert_eq!(q["weights_dtype"], "int4", "{q}");
+    assert!(q.get("weights").is_none(), "{q}");
+    // and to plain, the quanto config goes
+    let p = d.path().join("dp");
+    run_ok(&["convert", s(&m), s(&p), "--to", "plain"]);
+    assert!(config_of(&p).get("quantization_config").is_none());
+}
