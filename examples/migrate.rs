@@ -288,7 +288,7 @@ fn shorten(v: &[String]) -> String {
 
 fn summarize(p: &Plan) -> String {
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
-    let mut lossy = 0;
+    let (mut exact, mut lossy) = (0, 0);
     for l in &p.layers {
         let k = if l.from == l.to {
             "kept".to_string()
@@ -296,17 +296,29 @@ fn summarize(p: &Plan) -> String {
             format!("{} -> {}", l.from, l.to)
         };
         *counts.entry(k).or_default() += 1;
-        lossy += (!l.lossless) as usize;
+        if !l.lossless {
+            if l.exact {
+                exact += 1;
+            } else {
+                lossy += 1;
+            }
+        }
     }
     let mut parts: Vec<String> = counts
         .into_iter()
         .map(|(k, n)| format!("{n} {k}"))
         .collect();
-    parts.push(if lossy == 0 {
-        "all lossless".into()
-    } else {
-        format!("{lossy} lossy")
-    });
+    if exact == 0 && lossy == 0 {
+        parts.push("all lossless".into());
+    }
+    if exact > 0 {
+        // the values are exactly what the layout's library computes; only
+        // converting back would not give the same bytes
+        parts.push(format!("{exact} exact (not byte-reversible)"));
+    }
+    if lossy > 0 {
+        parts.push(format!("{lossy} lossy"));
+    }
     parts.join(", ")
 }
 
@@ -315,6 +327,7 @@ fn print_plan(p: &Plan) {
         "{:<44} {:<28} {:<28} {:>8} passes",
         "layer", "from", "to", "lossless"
     );
+    let mut rules: Vec<(String, String)> = Vec::new();
     for l in &p.layers {
         let passes: Vec<String> = l
             .passes
@@ -335,9 +348,21 @@ fn print_plan(p: &Plan) {
             },
             l.from,
             l.to,
-            if l.lossless { "yes" } else { "no" },
+            if l.lossless {
+                "yes"
+            } else if l.exact {
+                "exact"
+            } else {
+                "no"
+            },
             passes.join(" + ")
         );
+        if !l.rule.is_empty() {
+            rules.push((l.path.clone(), l.rule.clone()));
+        }
+    }
+    for (path, rule) in rules {
+        println!("  {path}: {rule}");
     }
     for u in &p.unmatched {
         println!("unmatched: the reference has layer `{u}`, the input does not");

@@ -1496,7 +1496,8 @@ fn claim_qmap_slot(
         let others = other_weight_files(output)?;
         if !others.is_empty() {
             return Err(Error::new(ErrorKind::Conflict(format!(
-                "{} belongs to another weights file in this directory ({}); {} it would break                  that model{}; write the output to another directory",
+                "{} belongs to another weights file in this directory ({}); {} it would break \
+                 that model{}; write the output to another directory",
                 qpath.display(),
                 others.join(", "),
                 if quanto { "replacing" } else { "removing" },

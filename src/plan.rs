@@ -202,6 +202,17 @@ pub struct LayerPlan {
     pub passes: Vec<Pass>,
     /// True when converting back gives the source bytes exactly.
     pub lossless: bool,
+    /// True when the layer is not byte-reversible but every value written
+    /// is exactly what the layout's own library computes (a dequantization
+    /// bit-identical to quanto's `dequantize()`, a quantization of float
+    /// weights byte-identical to the library's): nothing is lost beyond
+    /// what the layout itself implies.
+    pub exact: bool,
+    /// Which rule decided this layer's plan, when one did (a float layer
+    /// of a partly quantized input left float; a quantized layer re-laid
+    /// out or requantized).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub rule: String,
     /// Stored bytes read.
     pub bytes_in: u64,
     /// Stored bytes written.
@@ -425,6 +436,25 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
         Target::Like(m, _) => m.keys().collect(),
         _ => Vec::new(),
     };
+    // a partly quantized input keeps its float layers float under --to
+    // FAMILY (the layers its author left out, such as norm_out or an
+    // embedder), unless --include names them; a fully float input is
+    // quantized by the default selection
+    let input_quantized = layers
+        .iter()
+        .any(|l| quanto_of(l).is_some() || int8_of(l).is_some());
+    let included = |path: &str| opts.include.iter().any(|g| fnmatch(g, path));
+    let float_rule = |l: &Layer| -> Option<&'static str> {
+        if !input_quantized {
+            Some("float layer quantized (the input has no quantized layer)")
+        } else if included(&l.path) {
+            Some("float layer quantized: --include selects it")
+        } else {
+            None
+        }
+    };
+    const LEFT_FLOAT: &str =
+        "float layer left float: the input is partly quantized (--include selects float layers)";
     for l in layers {
         // an int8 record must name a preset exactly or carry a valid
         // descriptor (spec/layouts.md §3)
@@ -441,8 +471,20 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                 }
             }
             Target::Quanto(q) => {
-                if quanto_of(l).is_some() && selected(&l.path, opts) || quantizable(l, opts) {
-                    to_quanto(l, *q, None)?
+                let is_q = quanto_of(l).is_some() || int8_of(l).is_some();
+                if is_q && selected(&l.path, opts) {
+                    let mut lp = to_quanto(l, *q, None)?;
+                    lp.rule = quantized_rule(&lp);
+                    lp
+                } else if !is_q && quantizable(l, opts) {
+                    match float_rule(l) {
+                        Some(r) => {
+                            let mut lp = to_quanto(l, *q, None)?;
+                            lp.rule = r.into();
+                            lp
+                        }
+                        None => with_rule(keep(l), LEFT_FLOAT),
+                    }
                 } else {
                     keep(l)
                 }
@@ -454,8 +496,19 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                     .tensors
                     .iter()
                     .any(|t| t.name == "weight" && t.shape.len() == 2);
-                if two_d && (is_q && selected(&l.path, opts) || !is_q && quantizable(l, opts)) {
-                    to_int8(l, d)?
+                if two_d && is_q && selected(&l.path, opts) {
+                    let mut lp = to_int8(l, d)?;
+                    lp.rule = quantized_rule(&lp);
+                    lp
+                } else if two_d && !is_q && quantizable(l, opts) {
+                    match float_rule(l) {
+                        Some(r) => {
+                            let mut lp = to_int8(l, d)?;
+                            lp.rule = r.into();
+                            lp
+                        }
+                        None => with_rule(keep(l), LEFT_FLOAT),
+                    }
                 } else {
                     keep(l)
                 }
@@ -500,6 +553,20 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     }
     for lp in &mut out {
         lp.allow_lossy = opts.allow_lossy;
+        lp.exact = exactness(lp);
+    }
+    // requantizing a quantized layer (qint4 to int8, int8 to qint4) cannot
+    // be undone byte for byte: only with --allow-lossy
+    if matches!(target, Target::Quanto(_) | Target::Int8(_)) && !opts.allow_lossy {
+        if let Some(lp) = out.iter().find(|lp| requantizes(lp)) {
+            return Err(Error::layout(format!(
+                "`{}` would be requantized ({} -> {}): its integers cannot be carried over \
+                 exactly, so converting back would not give the same bytes; pass \
+                 --allow-lossy to accept, or leave it out with --exclude",
+                lp.path, lp.from, lp.to
+            ))
+            .with_layer(lp.path.clone()));
+        }
     }
     check_output_keys(&out)?;
     // a reference's module order is the output's order (quanto writes its
@@ -572,12 +639,55 @@ fn layer_plan(l: &Layer, output: Layer, passes: Vec<Pass>, lossless: bool) -> La
         to: layout_name(&output),
         passes,
         lossless,
+        exact: false,
+        rule: String::new(),
         bytes_in: stored_bytes(l),
         bytes_out: stored_bytes(&output),
         output,
         source: l.clone(),
         allow_lossy: false,
     }
+}
+
+fn with_rule(mut lp: LayerPlan, rule: &str) -> LayerPlan {
+    lp.rule = rule.to_string();
+    lp
+}
+
+/// True when a quantized source layer is dequantized and quantized again
+/// (its integers are not carried over).
+fn requantizes(lp: &LayerPlan) -> bool {
+    lp.passes.iter().any(|p| matches!(p, Pass::Dequantize { .. }))
+        && lp.passes.iter().any(|p| matches!(p, Pass::Quantize { .. }))
+}
+
+/// The rule that planned a quantized layer under `--to FAMILY`.
+fn quantized_rule(lp: &LayerPlan) -> String {
+    if lp.passes == [Pass::Copy] {
+        "quantized layer kept: it already has the target layout".into()
+    } else if requantizes(lp) {
+        "quantized layer requantized: its integers cannot be re-laid out exactly (lossy)".into()
+    } else {
+        "quantized layer re-laid out: same integers, scale converted".into()
+    }
+}
+
+/// Whether a layer that is not byte-reversible still writes exactly what
+/// the layout's own library computes ([`LayerPlan::exact`]).
+fn exactness(lp: &LayerPlan) -> bool {
+    if lp.lossless || requantizes(lp) {
+        return false;
+    }
+    lp.passes.iter().all(|p| match p {
+        Pass::Copy
+        | Pass::Dequantize { .. }
+        | Pass::Quantize { .. }
+        | Pass::DropActivationScales
+        | Pass::AddActivationScales => true,
+        Pass::Relayout { same_floats, .. } => *same_floats,
+        // rounding to a narrower float is a loss of its own
+        Pass::Cast { to, .. } => to == "F32",
+    })
 }
 
 fn keep(l: &Layer) -> LayerPlan {

@@ -95,7 +95,12 @@ fn dequantize_file_to_file_and_refuse_existing_output() {
         "--to",
         "plain",
     ]);
-    assert!(out(&o).contains("lossy"), "{}", out(&o));
+    // dequantized values are exactly quanto's: "exact", not "lossy"
+    assert!(
+        out(&o).contains("exact (not byte-reversible)") && !out(&o).contains("lossy"),
+        "{}",
+        out(&o)
+    );
     assert_eq!(
         entries(d.path()),
         vec!["plain.safetensors"],

@@ -113,7 +113,7 @@ fn quantization_config_follows_whose_config_it_is() {
         "quantization_config": {"quant_method": "quanto", "weights": "int8"}}"#;
     let m = model_dir(&d.path().join("t"), tcfg);
     let out4 = d.path().join("t4");
-    run_ok(&["convert", s(&m), s(&out4), "--to", "quanto:qint4"]);
+    run_ok(&["convert", s(&m), s(&out4), "--to", "quanto:qint4", "--allow-lossy"]);
     let c = config_of(&out4);
     assert!(c.get("quantization_config").is_none(), "{c}");
     assert_eq!(c["model_type"], "llama");
@@ -138,7 +138,7 @@ fn quantization_config_follows_whose_config_it_is() {
         "quantization_config": {"quant_method": "quanto", "weights_dtype": "int8"}}"#;
     let m = model_dir(&d.path().join("dm"), dcfg);
     let o = d.path().join("d4");
-    run_ok(&["convert", s(&m), s(&o), "--to", "quanto:qint4"]);
+    run_ok(&["convert", s(&m), s(&o), "--to", "quanto:qint4", "--allow-lossy"]);
     let q = &config_of(&o)["quantization_config"];
     assert_eq!(q["quant_method"], "quanto");
     assert_eq!(q["weights_dtype"], "int4", "{q}");
@@ -147,4 +147,117 @@ fn quantization_config_follows_whose_config_it_is() {
     let p = d.path().join("dp");
     run_ok(&["convert", s(&m), s(&p), "--to", "plain"]);
     assert!(config_of(&p).get("quantization_config").is_none());
+}
+
+fn tensors(p: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    use ckptkit::TensorSource;
+    let src = ckptkit::open_source(p).unwrap();
+    src.tensors()
+        .iter()
+        .map(|t| (t.key.clone(), src.read(&t.key).unwrap().to_vec()))
+        .collect()
+}
+
+// ---- item 4: float layers of a partly quantized model stay float ----
+
+#[test]
+fn partly_quantized_models_keep_their_float_layers_and_round_trip() {
+    let d = tempfile::tempdir().unwrap();
+    // the fixture left `lin_excluded` in float (quantize(exclude=...))
+    let q8 = fx("bf16-qint8", "quantized.safetensors");
+    let qmap = fx("bf16-qint8", "quanto_qmap.json");
+    for preset in ["int8", "int8:ct", "int8:ct:int-quantized", "int8:ct:group=32"] {
+        let sub = d.path().join(preset.replace(':', "_"));
+        std::fs::create_dir(&sub).unwrap();
+        let mid = sub.join("mid.safetensors");
+        let o = run(&["convert", s(&q8), s(&mid), "--to", preset, "--json"]);
+        if preset.contains("group") {
+            // per-group scales cannot hold quanto's per-row ones (and 202
+            // in-features hold no group of 32): refused
+            assert_eq!(code(&o), 1, "{preset}: {}", err(&o));
+            continue;
+        }
+        assert_eq!(code(&o), 0, "{preset}: {}", err(&o));
+        let v = json(&o);
+        let layers = v["plan"]["layers"].as_array().unwrap();
+        let ex = layers.iter().find(|l| l["path"] == "lin_excluded").unwrap();
+        assert_eq!(ex["to"], "plain BF16", "{preset}: {ex}");
+        assert!(ex["rule"].as_str().unwrap().contains("left float"), "{ex}");
+        // and back to the original layout, byte for byte
+        let back = sub.join("back").join("model.safetensors");
+        run_ok(&["convert", s(&mid), s(&back), "--like", s(&qmap)]);
+        assert_eq!(tensors(&back), tensors(&q8), "{preset}: round trip");
+    }
+    // --include selects a float layer explicitly
+    let inc = d.path().join("inc/inc.safetensors");
+    let o = run_ok(&[
+        "convert", s(&q8), s(&inc), "--to", "int8", "--include", "lin_*", "--include", "conv*", "--json",
+    ]);
+    let v = json(&o);
+    let ex = v["plan"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["path"] == "lin_excluded")
+        .unwrap()
+        .clone();
+    assert_eq!(ex["to"], "int8", "{ex}");
+    // a fully float model is quantized by the default selection, as before
+    let f = d.path().join("f/f.safetensors");
+    let o = run_ok(&["convert", s(&fx("bf16-qint8", "float.safetensors")), s(&f), "--to", "int8", "--json"]);
+    assert!(json(&o)["plan"]["layers"].to_string().contains("\"to\":\"int8\""));
+    // a layer that cannot be re-laid out exactly (qint4 -> int8) is
+    // requantized only with --allow-lossy, and the plan says so
+    let q4 = fx("bf16-qint4", "quantized.safetensors");
+    let hint = fx("bf16-qint4", "float.safetensors");
+    let o = run(&["convert", s(&q4), s(&d.path().join("x/x.safetensors")), "--to", "int8", "--shapes-from", s(&hint)]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("requantized") && err(&o).contains("--allow-lossy"), "{}", err(&o));
+    let o = run_ok(&[
+        "convert", s(&q4), s(&d.path().join("x/x.safetensors")), "--to", "int8", "--shapes-from", s(&hint),
+        "--allow-lossy", "--json",
+    ]);
+    let v = json(&o);
+    let l = v["plan"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["rule"].as_str().is_some_and(|r| r.contains("requantized")))
+        .unwrap_or_else(|| panic!("{v}"))
+        .clone();
+    assert_eq!(l["lossless"], false, "{l}");
+    assert_eq!(l["exact"], false, "{l}");
+}
+
+// ---- item 6: a dequantization is exact, not "lossy" ----
+
+#[test]
+fn dequantization_is_reported_exact_not_lossy() {
+    let d = tempfile::tempdir().unwrap();
+    let o = run_ok(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&d.path().join("p.safetensors")),
+        "--to",
+        "plain",
+        "--json",
+    ]);
+    let v = json(&o);
+    for l in v["plan"]["layers"].as_array().unwrap() {
+        if l["from"] == l["to"] {
+            assert_eq!(l["lossless"], true, "{l}");
+        } else {
+            assert_eq!(l["lossless"], false, "{l}");
+            assert_eq!(l["exact"], true, "{l}");
+        }
+    }
+    // a narrowing cast is a loss of its own
+    let o = run_ok(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&d.path().join("h.safetensors")),
+        "--to",
+        "plain:f16",
+    ]);
+    assert!(out(&o).contains("lossy"), "{}", out(&o));
 }
