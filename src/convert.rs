@@ -1573,8 +1573,9 @@ pub fn like_target(reference: &Path) -> Result<Target> {
     let mut m = BTreeMap::new();
     let mut order = Vec::new();
     let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
-    if is_json {
-        let q = QuantoMap::from_file(reference)?;
+    let from_qmap = |q: QuantoMap| {
+        let mut m = BTreeMap::new();
+        let mut order = Vec::new();
         for (k, e) in q.entries {
             order.push(k.clone());
             m.insert(
@@ -1587,10 +1588,26 @@ pub fn like_target(reference: &Path) -> Result<Target> {
                 },
             );
         }
-        return Ok(Target::Like(m, order));
+        Target::Like(m, order)
+    };
+    if is_json {
+        return Ok(from_qmap(QuantoMap::from_file(reference)?));
     }
     let src = open_source(reference)?;
-    let layers = input_layers(reference, src.as_ref(), &ConvertOptions::default())?;
+    let layers = match input_layers(reference, src.as_ref(), &ConvertOptions::default()) {
+        Ok(l) => l,
+        // --like needs each layer's layout (qtype; the group rule follows
+        // from the input's shapes), not the reference's logical shapes: a
+        // reference whose packed layers cannot be told apart without a
+        // shape hint still gives its layouts through its map
+        Err(e) if matches!(e.kind(), ErrorKind::Ambiguous(_)) => {
+            match quanto::qmap_beside(reference)? {
+                Some(q) => return Ok(from_qmap(q)),
+                None => return Err(e.with_file(reference)),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     for l in layers {
         order.push(l.path.clone());
         let w = l.tensors.iter().find(|t| t.name == "weight");
@@ -1672,18 +1689,34 @@ pub fn check(input: &Path, reference: &Path, opts: &ConvertOptions) -> Result<Ch
     // what the input would become to match the reference
     let target = like_target(reference)?;
     let p = plan(&layers, &target, &PlanOptions::default())?;
-    let expected_layers: Vec<Layer> = if is_json {
-        p.layers.iter().map(|l| l.output.clone()).collect()
+    let planned = || -> Vec<Layer> { p.layers.iter().map(|l| l.output.clone()).collect() };
+    let keys_of = |ls: &[Layer]| -> std::collections::BTreeSet<String> {
+        ls.iter()
+            .flat_map(|l| l.parts().map(|p| p.key.clone()).collect::<Vec<_>>())
+            .collect()
+    };
+    let (expected_layers, want) = if is_json {
+        let e = planned();
+        let w = keys_of(&e);
+        (e, w)
     } else {
         let r = open_source(reference)?;
-        input_layers(reference, r.as_ref(), &ConvertOptions::default())?
+        match input_layers(reference, r.as_ref(), &ConvertOptions::default()) {
+            Ok(e) => {
+                let w = keys_of(&e);
+                (e, w)
+            }
+            // packed layers the reference's tensors alone do not tell apart:
+            // its map gave the layouts (like_target), its keys are its own
+            Err(e) if matches!(e.kind(), ErrorKind::Ambiguous(_)) => (
+                planned(),
+                r.tensors().iter().map(|t| t.key.clone()).collect(),
+            ),
+            Err(e) => return Err(e),
+        }
     };
     let have: std::collections::BTreeSet<String> =
         src.tensors().iter().map(|t| t.key.clone()).collect();
-    let want: std::collections::BTreeSet<String> = expected_layers
-        .iter()
-        .flat_map(|l| l.parts().map(|p| p.key.clone()).collect::<Vec<_>>())
-        .collect();
     report.missing = want.difference(&have).cloned().collect();
     report.unexpected = have.difference(&want).cloned().collect();
     let by: std::collections::HashMap<&str, &Layer> =

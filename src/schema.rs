@@ -454,10 +454,18 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
     if !ambiguous.is_empty() {
         let n = ambiguous.len();
         let list: Vec<&str> = ambiguous.iter().take(20).map(|s| s.as_str()).collect();
+        // the map, when it was read, gave the qtypes: only shapes are missing
+        let hint = if hints.qmap.is_some() {
+            "the quanto map gives their qtype but not their logical shape (packed layers \
+             without a bias); pass a plain checkpoint of the same model (--shapes-from \
+             model.safetensors)"
+        } else {
+            "pass the quanto map (--qmap quanto_qmap.json) or a plain checkpoint of the same \
+             model (--shapes-from model.safetensors)"
+        };
         return Err(Error::new(ErrorKind::Ambiguous(format!(
             "{n} quantized layer(s) whose qtype or logical shape cannot be told from the tensors alone: {}{}; \
-             pass the quanto map (--qmap quanto_qmap.json) or a plain checkpoint of the same model \
-             (--shapes-from model.safetensors), or convert from a ckptkit container or a file ckptkit wrote",
+             {hint}, or convert from a ckptkit container or a file ckptkit wrote",
             list.join(", "),
             if n > 20 { ", ..." } else { "" }
         ))));

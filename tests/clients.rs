@@ -150,7 +150,6 @@ fn quantization_config_follows_whose_config_it_is() {
 }
 
 fn tensors(p: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    use ckptkit::TensorSource;
     let src = ckptkit::open_source(p).unwrap();
     src.tensors()
         .iter()
@@ -260,4 +259,32 @@ fn dequantization_is_reported_exact_not_lossy() {
         "plain:f16",
     ]);
     assert!(out(&o).contains("lossy"), "{}", out(&o));
+}
+
+// ---- item 3: --like a packed quanto checkpoint with bias-less layers ----
+
+#[test]
+fn like_a_packed_checkpoint_needs_only_its_layouts() {
+    let d = tempfile::tempdir().unwrap();
+    for qt in ["qint4", "qint2"] {
+        let case = format!("bf16-{qt}");
+        // the reference: the real quanto checkpoint (with a bias-less layer,
+        // `lin_nobias`, whose shape the tensors alone do not tell)
+        let reference = fx(&case, "quantized.safetensors");
+        let o = run(&["inspect", s(&reference)]);
+        assert!(out(&o).contains("lin_nobias"), "the fixture has the ambiguous layer");
+        let outp = d.path().join(&case).join("model.safetensors");
+        run_ok(&["convert", s(&fx(&case, "float.safetensors")), s(&outp), "--like", s(&reference)]);
+        // quanto's own bytes, tensor for tensor
+        assert_eq!(tensors(&outp), tensors(&reference), "{qt}");
+        run_ok(&["check", s(&outp), "--against", s(&reference)]);
+    }
+    // the hint names only what can still help: the map was read already
+    let o = run(&["convert", s(&fx("bf16-qint4", "quantized.safetensors")), s(&d.path().join("x.ckpk"))]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        err(&o).contains("--shapes-from") && !err(&o).contains("--qmap"),
+        "{}",
+        err(&o)
+    );
 }
