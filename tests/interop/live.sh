@@ -46,6 +46,16 @@ for case in "$work"/cases/*/; do
         --qmap "$case/quanto_qmap.json" --shapes-from "$case/float.safetensors"; then
         echo "FAIL $name: migrate convert --to plain failed"; ok=0
     fi
+    # a partly quantized qint8 model (quanto left `lin_excluded` float) through every
+    # int8 layout and back, byte for byte (activation cases carry calibrated
+    # activation scales that an int8 layout cannot hold)
+    case "$name" in
+        *-qint8)
+            if ! "$py" "$here/check_int8_roundtrip.py" --case-dir "$case" --migrate "$MIGRATE" \
+                --work "$out/int8"; then
+                echo "FAIL $name: int8 round trip"; ok=0
+            fi ;;
+    esac
     if [ $ok = 1 ] && "$py" "$here/check_against_quanto.py" --case-dir "$case" \
         --ours-quantized "$out/q/model.safetensors" --qmap "$out/q/quanto_qmap.json" \
         --ours-dequantized "$out/p/model.safetensors" --plain-checkpoint "${skip[@]}"; then
