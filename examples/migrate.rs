@@ -522,6 +522,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 ..Default::default()
             };
             let mut problems = Vec::new();
+            let mut warnings = Vec::new();
             let mut layers: Vec<LayerReport> = match input_layers(&input, src.as_ref(), &opts) {
                 Ok(l) => {
                     let mut r = report_layers(&l);
@@ -531,6 +532,9 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                             x.layout = "unknown quantized".into();
                         }
                         problems.push(format!("unknown quantized layout: {}", sus.describe()));
+                    }
+                    for m in ckptkit::convert::misaligned_integer_weights(src.as_ref(), &l) {
+                        warnings.push(format!("misaligned integer weight: {m}"));
                     }
                     r
                 }
@@ -544,7 +548,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"input": input.display().to_string(), "layers": layers, "total_bytes": total, "problems": problems})
+                    serde_json::json!({"input": input.display().to_string(), "layers": layers, "total_bytes": total, "problems": problems, "warnings": warnings})
                 );
             } else {
                 for l in &layers {
@@ -566,6 +570,9 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     );
                 }
                 println!("{} layers, {} bytes", layers.len(), total);
+                for w in &warnings {
+                    println!("warning: {w}");
+                }
                 for p in &problems {
                     println!("problem: {p}");
                 }

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::{Layer, SourceFile};
-use crate::format::st_header::crate_order;
+use crate::format::st_header::data_order;
 use crate::io::atomic::{check_interrupt, AtomicDir, DestKind};
 use crate::io::container::{Container, VerifyReport};
 use crate::io::safetensors_file::SafetensorsFile;
@@ -166,6 +166,39 @@ pub fn input_suspects(
         config_quant_method(input)?
     };
     Ok(crate::schema::suspects(src, layers, method.as_deref()))
+}
+
+/// Integer weight payloads of a file (I8 / U8 parts of quantized weights)
+/// whose data does not start at a multiple of 16 bytes in the file: torch's
+/// CPU int8 matmul (`_weight_int8pack_mm`, which optimum-quanto uses for
+/// bf16 on CPU) can crash on such a tensor once `safetensors.torch.load_file`
+/// maps it in place. ckptkit's own writer aligns them (spec/container.md §3).
+pub fn misaligned_integer_weights(src: &dyn TensorSource, layers: &[Layer]) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in layers {
+        for t in l.tensors.iter().filter(|t| t.encoding == crate::Encoding::Quantized) {
+            for p in &t.parts {
+                if !matches!(p.dtype, Dtype::I8 | Dtype::U8) || p.role != crate::Role::Data {
+                    continue;
+                }
+                let loc = src.location(&p.key);
+                // compressed container data is never mapped in place
+                if let (Some(off), None) = (loc.offset, loc.shard) {
+                    if off % 16 != 0 {
+                        out.push(format!(
+                            "`{}` ({}) starts at byte {off} of {}, not a multiple of 16: torch's \
+                             CPU int8 matmul can crash on it when the file is memory-mapped \
+                             (safetensors load_file); `migrate convert` writes it aligned",
+                            p.key,
+                            p.dtype,
+                            loc.file.map(|f| f.display().to_string()).unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Refuses a plan that would change a layer of unknown quantized layout
@@ -749,7 +782,7 @@ fn copy_shards(src: &Checked<'_>, w: &mut ContainerWriter, compressed: bool) -> 
             // compressed shards take tensors in data order, each streamed
             // chunk by chunk
             let mut order = plan.clone();
-            crate_order(&mut order);
+            data_order(&mut order);
             for (k, _, _) in &order {
                 copy_one(src, k, k, w)?;
             }

@@ -636,7 +636,7 @@ fn gen_plan(data: &[u8]) -> GenPlan {
 /// zero / repeated / float-like / random data), a shard or container
 /// metadata entry, or a shard break. The container is written with
 /// [`ContainerWriter`] (compressed shards in the plan's data order,
-/// [`st_header::crate_order`]), reopened and compared: shard names, every
+/// [`st_header::data_order`]), reopened and compared: shard names, every
 /// tensor's dtype, shape and bytes, `verify()`, shard and container
 /// metadata, and the [`open_source`] view.
 pub fn writer_ops(data: &[u8]) {
@@ -661,14 +661,14 @@ pub fn writer_ops(data: &[u8]) {
         }
         let mut order = specs.clone();
         if plan.compression.is_some() {
-            st_header::crate_order(&mut order);
+            st_header::data_order(&mut order);
         } else {
             // any order is allowed: write them backwards
             order.reverse();
         }
         for (key, _, _) in &order {
             let Some(t) = s.tensors.iter().find(|t| &t.key == key) else {
-                fail!("crate_order lost tensor `{key}`");
+                fail!("data_order lost tensor `{key}`");
             };
             match w.write_tensor(key, &t.data) {
                 Ok(h) => {

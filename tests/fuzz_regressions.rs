@@ -210,7 +210,7 @@ mod gen {
                 .map(|(k, d, s, _)| (k.clone(), *d, s.clone()))
                 .collect();
             w.begin_shard(sname, &plan, md).unwrap();
-            ckptkit::format::st_header::crate_order(&mut plan);
+            ckptkit::format::st_header::data_order(&mut plan);
             for (k, _, _) in &plan {
                 let data = &specs.iter().find(|s| &s.0 == k).unwrap().3;
                 w.write_tensor(k, data).unwrap();

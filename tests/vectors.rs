@@ -109,7 +109,7 @@ fn make(path: &Path, comp: Option<ZstdOptions>, quantized: bool) {
         .map(|t| (t.0.clone(), t.1, t.2.clone()))
         .collect();
     w.begin_shard("model.safetensors", &plan, &md()).unwrap();
-    ckptkit::format::st_header::crate_order(&mut plan);
+    ckptkit::format::st_header::data_order(&mut plan);
     for (k, _, _) in &plan {
         let t = tensors.iter().find(|t| &t.0 == k).unwrap();
         w.write_tensor(k, &t.3).unwrap();

@@ -77,19 +77,47 @@ pub fn crate_order(tensors: &mut [(String, Dtype, Vec<u64>)]) {
     tensors.sort_by(|(ln, ld, _), (rn, rd, _)| rd.to_st().cmp(&ld.to_st()).then(ln.cmp(rn)));
 }
 
+/// The alignment class of a tensor of `len` bytes: the largest power of two
+/// dividing its length, at most [`DATA_ALIGN`] (an empty tensor is of the
+/// largest class).
+pub fn align_class(len: u64) -> u64 {
+    if len == 0 {
+        DATA_ALIGN
+    } else {
+        (1u64 << len.trailing_zeros()).min(DATA_ALIGN)
+    }
+}
+
+/// The writer's data order (spec/container.md §3): by descending
+/// [`align_class`] of the byte length, then the safetensors crate's dtype
+/// order, then key. Laid out back to back from an aligned start, every
+/// tensor then starts at a multiple of its class (so at a multiple of 16
+/// whenever its length is one), with no holes; tensors whose byte length
+/// cannot be computed sort last (the header builder refuses them).
+pub fn data_order(tensors: &mut [(String, Dtype, Vec<u64>)]) {
+    tensors.sort_by_cached_key(|(k, d, s)| {
+        let class = byte_len(*d, s).map(align_class).unwrap_or(0);
+        (std::cmp::Reverse(class), std::cmp::Reverse(d.to_st()), k.clone())
+    });
+}
+
+/// Where tensor data starts in every safetensors file ckptkit writes: the
+/// header is padded with spaces so that `8 + N` is a multiple of this.
+pub const DATA_ALIGN: u64 = 64;
+
 /// Builds a safetensors header for the given tensors.
 ///
-/// Tensors are laid out in the crate's order ([`crate_order`]); the JSON is
+/// Tensors are laid out in the writer's [`data_order`]; the JSON is
 /// `__metadata__` first (keys in ascending byte order, omitted when empty),
 /// then each tensor as `{"dtype":..,"shape":[..],"data_offsets":[s,e]}`,
-/// space-padded to a multiple of 8. Returns the `8 + N` header bytes and
-/// the parsed form.
+/// space-padded so that the data section starts at a multiple of
+/// [`DATA_ALIGN`]. Returns the `8 + N` header bytes and the parsed form.
 pub fn build(
     tensors: &[(String, Dtype, Vec<u64>)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<(Vec<u8>, StHeader)> {
     let mut sorted = tensors.to_vec();
-    crate_order(&mut sorted);
+    data_order(&mut sorted);
     let mut json = String::from("{");
     let mut first = true;
     if !metadata.is_empty() {
@@ -138,7 +166,8 @@ pub fn build(
     }
     json.push('}');
     let mut bytes = json.into_bytes();
-    let padded = bytes.len().next_multiple_of(8);
+    // 8 + N a multiple of DATA_ALIGN: the data section starts aligned
+    let padded = (bytes.len() + 8).next_multiple_of(DATA_ALIGN as usize) - 8;
     bytes.resize(padded, b' ');
     let n = bytes.len() as u64;
     if n > MAX_ST_HEADER_LEN {
@@ -432,9 +461,24 @@ mod tests {
             Some(md.clone().into_iter().collect::<HashMap<_, _>>()),
         )
         .unwrap();
-        assert_eq!(&theirs[..hdr.len()], &hdr[..]);
+        // the crate's own file parses; ours has the same tensors, laid out
+        // by the writer's convention
         let back = parse(&theirs, Some(theirs.len() as u64)).unwrap();
-        assert_eq!(back, parsed);
+        let mut a: Vec<_> = back.tensors.iter().map(|t| (&t.key, t.dtype, &t.shape)).collect();
+        let mut b: Vec<_> = parsed.tensors.iter().map(|t| (&t.key, t.dtype, &t.shape)).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        assert_eq!(hdr.len() % 64, 0);
+        let total: u64 = parsed.tensors.iter().map(|t| t.end - t.start).sum();
+        let mut file = hdr.clone();
+        file.resize(hdr.len() + total as usize, 7);
+        let ours = parse(&file, Some(file.len() as u64)).unwrap();
+        assert_eq!(ours, parsed);
+        for t in &parsed.tensors {
+            assert_eq!(t.start % align_class(t.end - t.start), 0, "{}", t.key);
+        }
+        safetensors::SafeTensors::deserialize(&file).unwrap();
     }
 
     #[test]

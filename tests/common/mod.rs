@@ -59,7 +59,7 @@ pub fn write_container<S: AsRef<str>>(
             .map(|(k, d, s, _)| (k.clone(), *d, s.clone()))
             .collect();
         w.begin_shard(name.as_ref(), &plan, md)?;
-        ckptkit::format::st_header::crate_order(&mut plan);
+        ckptkit::format::st_header::data_order(&mut plan);
         for (k, _, _) in &plan {
             let t = ts.iter().find(|t| &t.0 == k).expect("planned");
             w.write_tensor(k, &t.3)?;
