@@ -176,7 +176,11 @@ pub fn input_suspects(
 pub fn misaligned_integer_weights(src: &dyn TensorSource, layers: &[Layer]) -> Vec<String> {
     let mut out = Vec::new();
     for l in layers {
-        for t in l.tensors.iter().filter(|t| t.encoding == crate::Encoding::Quantized) {
+        for t in l
+            .tensors
+            .iter()
+            .filter(|t| t.encoding == crate::Encoding::Quantized)
+        {
             for p in &t.parts {
                 if !matches!(p.dtype, Dtype::I8 | Dtype::U8) || p.role != crate::Role::Data {
                     continue;
@@ -191,7 +195,9 @@ pub fn misaligned_integer_weights(src: &dyn TensorSource, layers: &[Layer]) -> V
                              (safetensors load_file); `migrate convert` writes it aligned",
                             p.key,
                             p.dtype,
-                            loc.file.map(|f| f.display().to_string()).unwrap_or_default()
+                            loc.file
+                                .map(|f| f.display().to_string())
+                                .unwrap_or_default()
                         ));
                     }
                 }
@@ -1005,7 +1011,10 @@ fn config_owner(obj: &serde_json::Map<String, serde_json::Value>) -> ConfigOwner
 /// quantization config ckptkit knows. Returns a warning when the config
 /// cannot describe the output (mixed layouts).
 fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<Option<String>> {
-    if p.layers.iter().all(|l| l.passes == [crate::plan::Pass::Copy]) {
+    if p.layers
+        .iter()
+        .all(|l| l.passes == [crate::plan::Pass::Copy])
+    {
         return Ok(None); // the layout did not change: the config is carried as is
     }
     let dir = if input.is_dir() {
@@ -2024,9 +2033,11 @@ pub fn convert_checkpoint_dir(
             md.insert(quanto::SCHEMA_KEY.into(), s);
         }
         write_model_dir(src, p, &losses, &out, &model_stem(&src.files()), &md, opts)?;
-        summary
-            .warnings
-            .extend(update_config(&input.join(rel), &out.join("config.json"), p)?);
+        summary.warnings.extend(update_config(
+            &input.join(rel),
+            &out.join("config.json"),
+            p,
+        )?);
         unchecked += src.unchecked();
     }
     dir.commit()?;

@@ -726,6 +726,33 @@ pub fn writer_ops(data: &[u8]) {
                 s.metadata
             ),
         }
+        // the writer's layout: data at a multiple of 64, every tensor at a
+        // multiple of its alignment class (spec/container.md §3)
+        let hl = ms.header_len;
+        if (ms.offset + hl) % 64 != 0 {
+            fail!(
+                "shard {si}: data section at {} is not 64-aligned",
+                ms.offset + hl
+            );
+        }
+        let Some(hb) = c.shard_header_bytes(si as u32) else {
+            fail!("shard {si}: no header bytes")
+        };
+        match st_header::parse(hb, None) {
+            Ok(h) => {
+                for t in &h.tensors {
+                    let class = st_header::align_class(t.end - t.start);
+                    if t.start % class != 0 {
+                        fail!(
+                            "shard {si}: `{}` at {} is not {class}-aligned",
+                            t.key,
+                            t.start
+                        );
+                    }
+                }
+            }
+            Err(e) => fail!("shard {si}: its header does not parse: {e}"),
+        }
         for t in &s.tensors {
             count += 1;
             let Some(st) = ms.tensors.iter().find(|x| x.key == t.key) else {

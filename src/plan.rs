@@ -657,7 +657,9 @@ fn with_rule(mut lp: LayerPlan, rule: &str) -> LayerPlan {
 /// True when a quantized source layer is dequantized and quantized again
 /// (its integers are not carried over).
 fn requantizes(lp: &LayerPlan) -> bool {
-    lp.passes.iter().any(|p| matches!(p, Pass::Dequantize { .. }))
+    lp.passes
+        .iter()
+        .any(|p| matches!(p, Pass::Dequantize { .. }))
         && lp.passes.iter().any(|p| matches!(p, Pass::Quantize { .. }))
 }
 

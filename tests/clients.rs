@@ -57,7 +57,12 @@ fn model_directory_files_are_carried_into_directory_outputs() {
     let v = json(&o);
     // carried byte for byte; the config needs no rewrite (no quantization
     // config to remove), so it is the input's exactly
-    for n in ["config.json", "generation_config.json", "README.md", "tokenizer.json"] {
+    for n in [
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "tokenizer.json",
+    ] {
         assert_eq!(
             std::fs::read(m.join(n)).unwrap(),
             std::fs::read(out_dir.join(n)).unwrap(),
@@ -75,10 +80,20 @@ fn model_directory_files_are_carried_into_directory_outputs() {
         .collect();
     assert_eq!(
         carried,
-        ["README.md", "config.json", "generation_config.json", "tokenizer.json"]
+        [
+            "README.md",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json"
+        ]
     );
     let skipped = v["skipped"].to_string();
-    for n in [".gitattributes", "pytorch_model.bin", "original", "quanto_qmap.json"] {
+    for n in [
+        ".gitattributes",
+        "pytorch_model.bin",
+        "original",
+        "quanto_qmap.json",
+    ] {
         assert!(skipped.contains(n), "{n} in {skipped}");
         assert!(!out_dir.join(n).exists(), "{n}");
     }
@@ -113,14 +128,25 @@ fn quantization_config_follows_whose_config_it_is() {
         "quantization_config": {"quant_method": "quanto", "weights": "int8"}}"#;
     let m = model_dir(&d.path().join("t"), tcfg);
     let out4 = d.path().join("t4");
-    run_ok(&["convert", s(&m), s(&out4), "--to", "quanto:qint4", "--allow-lossy"]);
+    run_ok(&[
+        "convert",
+        s(&m),
+        s(&out4),
+        "--to",
+        "quanto:qint4",
+        "--allow-lossy",
+    ]);
     let c = config_of(&out4);
     assert!(c.get("quantization_config").is_none(), "{c}");
     assert_eq!(c["model_type"], "llama");
     // compressed-tensors keeps its own form in a transformers config
     let f = d.path().join("float");
     std::fs::create_dir(&f).unwrap();
-    std::fs::copy(fx("bf16-qint8", "float.safetensors"), f.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        fx("bf16-qint8", "float.safetensors"),
+        f.join("model.safetensors"),
+    )
+    .unwrap();
     std::fs::write(f.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
     let ct = d.path().join("tct");
     run_ok(&["convert", s(&f), s(&ct), "--to", "int8:ct"]);
@@ -138,7 +164,14 @@ fn quantization_config_follows_whose_config_it_is() {
         "quantization_config": {"quant_method": "quanto", "weights_dtype": "int8"}}"#;
     let m = model_dir(&d.path().join("dm"), dcfg);
     let o = d.path().join("d4");
-    run_ok(&["convert", s(&m), s(&o), "--to", "quanto:qint4", "--allow-lossy"]);
+    run_ok(&[
+        "convert",
+        s(&m),
+        s(&o),
+        "--to",
+        "quanto:qint4",
+        "--allow-lossy",
+    ]);
     let q = &config_of(&o)["quantization_config"];
     assert_eq!(q["quant_method"], "quanto");
     assert_eq!(q["weights_dtype"], "int4", "{q}");
@@ -165,7 +198,12 @@ fn partly_quantized_models_keep_their_float_layers_and_round_trip() {
     // the fixture left `lin_excluded` in float (quantize(exclude=...))
     let q8 = fx("bf16-qint8", "quantized.safetensors");
     let qmap = fx("bf16-qint8", "quanto_qmap.json");
-    for preset in ["int8", "int8:ct", "int8:ct:int-quantized", "int8:ct:group=32"] {
+    for preset in [
+        "int8",
+        "int8:ct",
+        "int8:ct:int-quantized",
+        "int8:ct:group=32",
+    ] {
         let sub = d.path().join(preset.replace(':', "_"));
         std::fs::create_dir(&sub).unwrap();
         let mid = sub.join("mid.safetensors");
@@ -190,7 +228,16 @@ fn partly_quantized_models_keep_their_float_layers_and_round_trip() {
     // --include selects a float layer explicitly
     let inc = d.path().join("inc/inc.safetensors");
     let o = run_ok(&[
-        "convert", s(&q8), s(&inc), "--to", "int8", "--include", "lin_*", "--include", "conv*", "--json",
+        "convert",
+        s(&q8),
+        s(&inc),
+        "--to",
+        "int8",
+        "--include",
+        "lin_*",
+        "--include",
+        "conv*",
+        "--json",
     ]);
     let v = json(&o);
     let ex = v["plan"]["layers"]
@@ -203,25 +250,57 @@ fn partly_quantized_models_keep_their_float_layers_and_round_trip() {
     assert_eq!(ex["to"], "int8", "{ex}");
     // a fully float model is quantized by the default selection, as before
     let f = d.path().join("f/f.safetensors");
-    let o = run_ok(&["convert", s(&fx("bf16-qint8", "float.safetensors")), s(&f), "--to", "int8", "--json"]);
-    assert!(json(&o)["plan"]["layers"].to_string().contains("\"to\":\"int8\""));
+    let o = run_ok(&[
+        "convert",
+        s(&fx("bf16-qint8", "float.safetensors")),
+        s(&f),
+        "--to",
+        "int8",
+        "--json",
+    ]);
+    assert!(json(&o)["plan"]["layers"]
+        .to_string()
+        .contains("\"to\":\"int8\""));
     // a layer that cannot be re-laid out exactly (qint4 -> int8) is
     // requantized only with --allow-lossy, and the plan says so
     let q4 = fx("bf16-qint4", "quantized.safetensors");
     let hint = fx("bf16-qint4", "float.safetensors");
-    let o = run(&["convert", s(&q4), s(&d.path().join("x/x.safetensors")), "--to", "int8", "--shapes-from", s(&hint)]);
+    let o = run(&[
+        "convert",
+        s(&q4),
+        s(&d.path().join("x/x.safetensors")),
+        "--to",
+        "int8",
+        "--shapes-from",
+        s(&hint),
+    ]);
     assert_eq!(code(&o), 1, "{}", err(&o));
-    assert!(err(&o).contains("requantized") && err(&o).contains("--allow-lossy"), "{}", err(&o));
+    assert!(
+        err(&o).contains("requantized") && err(&o).contains("--allow-lossy"),
+        "{}",
+        err(&o)
+    );
     let o = run_ok(&[
-        "convert", s(&q4), s(&d.path().join("x/x.safetensors")), "--to", "int8", "--shapes-from", s(&hint),
-        "--allow-lossy", "--json",
+        "convert",
+        s(&q4),
+        s(&d.path().join("x/x.safetensors")),
+        "--to",
+        "int8",
+        "--shapes-from",
+        s(&hint),
+        "--allow-lossy",
+        "--json",
     ]);
     let v = json(&o);
     let l = v["plan"]["layers"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|l| l["rule"].as_str().is_some_and(|r| r.contains("requantized")))
+        .find(|l| {
+            l["rule"]
+                .as_str()
+                .is_some_and(|r| r.contains("requantized"))
+        })
         .unwrap_or_else(|| panic!("{v}"))
         .clone();
     assert_eq!(l["lossless"], false, "{l}");
@@ -272,15 +351,28 @@ fn like_a_packed_checkpoint_needs_only_its_layouts() {
         // `lin_nobias`, whose shape the tensors alone do not tell)
         let reference = fx(&case, "quantized.safetensors");
         let o = run(&["inspect", s(&reference)]);
-        assert!(out(&o).contains("lin_nobias"), "the fixture has the ambiguous layer");
+        assert!(
+            out(&o).contains("lin_nobias"),
+            "the fixture has the ambiguous layer"
+        );
         let outp = d.path().join(&case).join("model.safetensors");
-        run_ok(&["convert", s(&fx(&case, "float.safetensors")), s(&outp), "--like", s(&reference)]);
+        run_ok(&[
+            "convert",
+            s(&fx(&case, "float.safetensors")),
+            s(&outp),
+            "--like",
+            s(&reference),
+        ]);
         // quanto's own bytes, tensor for tensor
         assert_eq!(tensors(&outp), tensors(&reference), "{qt}");
         run_ok(&["check", s(&outp), "--against", s(&reference)]);
     }
     // the hint names only what can still help: the map was read already
-    let o = run(&["convert", s(&fx("bf16-qint4", "quantized.safetensors")), s(&d.path().join("x.ckpk"))]);
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint4", "quantized.safetensors")),
+        s(&d.path().join("x.ckpk")),
+    ]);
     assert_eq!(code(&o), 1);
     assert!(
         err(&o).contains("--shapes-from") && !err(&o).contains("--qmap"),
@@ -300,7 +392,10 @@ fn outputs_align_tensor_data_and_inspect_flags_misaligned_integer_weights() {
     // anywhere; inspect says so (a warning, not a failure)
     let o = run_ok(&["inspect", s(&q8), "--json"]);
     let v = json(&o);
-    assert!(v["warnings"].to_string().contains("not a multiple of 16"), "{v}");
+    assert!(
+        v["warnings"].to_string().contains("not a multiple of 16"),
+        "{v}"
+    );
     // ckptkit's outputs: files, shards of a directory, container shards
     let f = d.path().join("f/model.safetensors");
     let dir = d.path().join("dir");
@@ -325,9 +420,21 @@ fn outputs_align_tensor_data_and_inspect_flags_misaligned_integer_weights() {
         for t in &h.tensors {
             let len = t.end - t.start;
             let class = ckptkit::format::st_header::align_class(len);
-            assert_eq!((h.header_len + t.start) % class, 0, "{} {}", p.display(), t.key);
+            assert_eq!(
+                (h.header_len + t.start) % class,
+                0,
+                "{} {}",
+                p.display(),
+                t.key
+            );
             if len % 16 == 0 {
-                assert_eq!((h.header_len + t.start) % 16, 0, "{} {}", p.display(), t.key);
+                assert_eq!(
+                    (h.header_len + t.start) % 16,
+                    0,
+                    "{} {}",
+                    p.display(),
+                    t.key
+                );
             }
         }
         let _ = st.tensors();

@@ -197,16 +197,27 @@ fn shard_identity(spec: &[Vec<(Dtype, Vec<u64>, u64)>], comp: Option<ZstdOptions
         for (k, dt, shape, bytes) in ts {
             let v = st.tensor(k).unwrap();
             assert_eq!(v.dtype(), dt.to_st(), "{k}");
-            assert_eq!(v.shape(), &shape.iter().map(|&x| x as usize).collect::<Vec<_>>()[..]);
+            assert_eq!(
+                v.shape(),
+                &shape.iter().map(|&x| x as usize).collect::<Vec<_>>()[..]
+            );
             assert_eq!(v.data(), &bytes[..], "{k}");
         }
-        let theirs_md: BTreeMap<String, String> =
-            meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        let theirs_md: BTreeMap<String, String> = meta
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         assert_eq!(&theirs_md, md);
         // the writer's convention: data starts at a multiple of 64, every
         // tensor at a multiple of its alignment class, back to back
         let data_start = 8 + n as u64;
-        assert_eq!(data_start % 64, 0, "shard {si}: data section at {data_start}");
+        assert_eq!(
+            data_start % 64,
+            0,
+            "shard {si}: data section at {data_start}"
+        );
         let mut infos: Vec<(u64, u64)> = meta
             .tensors()
             .values()

@@ -97,7 +97,11 @@ pub fn align_class(len: u64) -> u64 {
 pub fn data_order(tensors: &mut [(String, Dtype, Vec<u64>)]) {
     tensors.sort_by_cached_key(|(k, d, s)| {
         let class = byte_len(*d, s).map(align_class).unwrap_or(0);
-        (std::cmp::Reverse(class), std::cmp::Reverse(d.to_st()), k.clone())
+        (
+            std::cmp::Reverse(class),
+            std::cmp::Reverse(d.to_st()),
+            k.clone(),
+        )
     });
 }
 
@@ -464,8 +468,16 @@ mod tests {
         // the crate's own file parses; ours has the same tensors, laid out
         // by the writer's convention
         let back = parse(&theirs, Some(theirs.len() as u64)).unwrap();
-        let mut a: Vec<_> = back.tensors.iter().map(|t| (&t.key, t.dtype, &t.shape)).collect();
-        let mut b: Vec<_> = parsed.tensors.iter().map(|t| (&t.key, t.dtype, &t.shape)).collect();
+        let mut a: Vec<_> = back
+            .tensors
+            .iter()
+            .map(|t| (&t.key, t.dtype, &t.shape))
+            .collect();
+        let mut b: Vec<_> = parsed
+            .tensors
+            .iter()
+            .map(|t| (&t.key, t.dtype, &t.shape))
+            .collect();
         a.sort();
         b.sort();
         assert_eq!(a, b);

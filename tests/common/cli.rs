@@ -87,7 +87,9 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, String)> {
             if ft.is_dir() {
                 stack.push(p);
             } else if ft.is_file() {
-                let h = blake3::hash(&std::fs::read(&p).unwrap()).to_hex().to_string();
+                let h = blake3::hash(&std::fs::read(&p).unwrap())
+                    .to_hex()
+                    .to_string();
                 v.push((p.clone(), h));
             } else {
                 v.push((p.clone(), String::new()));
