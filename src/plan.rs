@@ -1074,7 +1074,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
     let mut loss = None;
     let relayout = lp.passes.iter().any(|p| matches!(p, Pass::Relayout { .. }));
     for t in &lp.output.tensors {
-        let src_t = l.tensors.iter().find(|s| s.name == t.name);
+        let src_t = crate::io::source::lookups::find(&l.tensors, |s| s.name == t.name);
         match (t.encoding, src_t) {
             (Encoding::Quantized, Some(s))
                 if s.encoding == Encoding::Quantized && lp.passes == [Pass::Copy] =>

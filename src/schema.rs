@@ -80,6 +80,7 @@ pub fn fill_parts(layers: &mut [Layer], shards: &[Shard]) -> Result<()> {
     for l in layers.iter_mut() {
         for t in l.tensors.iter_mut() {
             for p in t.parts.iter_mut() {
+                crate::io::source::lookups::add(1);
                 let st = index
                     .get(p.shard as usize)
                     .and_then(|m| m.get(p.key.as_str()))

@@ -67,7 +67,7 @@ impl StHeader {
 
     /// Finds a tensor by key.
     pub fn get(&self, key: &str) -> Option<&HeaderTensor> {
-        self.tensors.iter().find(|t| t.key == key)
+        crate::io::source::lookups::find(&self.tensors, |t| t.key == key)
     }
 }
 

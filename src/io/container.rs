@@ -216,6 +216,7 @@ impl Container {
     }
 
     fn stored(&self, shard: u32, key: &str) -> Result<(&StoredTensor, &TensorLoc)> {
+        crate::io::source::lookups::add(1);
         let si = shard as usize;
         let ti = self
             .placement
@@ -403,6 +404,7 @@ impl TensorSource for Container {
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {
         check_unique(&self.inventory, &self.path.display().to_string())?;
+        crate::io::source::lookups::add(1);
         let (s, _) = self.key_index.get(key).copied().ok_or_else(|| {
             Error::new(ErrorKind::NotFound(format!("tensor `{key}`"))).with_file(&self.path)
         })?;

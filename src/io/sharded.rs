@@ -224,6 +224,7 @@ impl TensorSource for ShardedDir {
             .unwrap_or_default()
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {
+        crate::io::source::lookups::add(1);
         let i = *self.by_key.get(key).ok_or_else(|| {
             Error::new(ErrorKind::NotFound(format!("tensor `{key}`"))).with_file(&self.dir)
         })?;

@@ -9,6 +9,44 @@ use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorBytes;
 
+/// A process-wide count of the entries that name lookups examine on the
+/// per-tensor and per-layer paths (a scan adds the entries it looked at, an
+/// indexed lookup adds 1). Tests read it to check that the work per tensor
+/// does not grow with the tensor count; one relaxed atomic add per lookup.
+#[doc(hidden)]
+pub mod lookups {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static EXAMINED: AtomicU64 = AtomicU64::new(0);
+
+    /// Records `n` examined entries.
+    #[inline]
+    pub fn add(n: usize) {
+        EXAMINED.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Entries examined so far by this process.
+    pub fn count() -> u64 {
+        EXAMINED.load(Ordering::Relaxed)
+    }
+
+    /// Finds the first element of `items` that `hit` accepts, counting the
+    /// elements examined.
+    #[inline]
+    pub fn find<T>(
+        items: impl IntoIterator<Item = T>,
+        mut hit: impl FnMut(&T) -> bool,
+    ) -> Option<T> {
+        let mut n = 0;
+        let r = items.into_iter().find(|x| {
+            n += 1;
+            hit(x)
+        });
+        add(n);
+        r
+    }
+}
+
 /// One stored tensor of a source (its bytes are not read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceTensor {
@@ -44,7 +82,7 @@ pub trait TensorSource: Send + Sync {
     fn read(&self, key: &str) -> Result<TensorBytes>;
     /// Finds a tensor by key.
     fn get(&self, key: &str) -> Option<&SourceTensor> {
-        self.tensors().iter().find(|t| t.key == key)
+        lookups::find(self.tensors(), |t| t.key == key)
     }
 }
 
@@ -95,6 +133,7 @@ pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
 pub(crate) fn check_unique(tensors: &[SourceTensor], what: &str) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     for t in tensors {
+        lookups::add(1);
         if !seen.insert(t.key.as_str()) {
             return Err(Error::new(ErrorKind::Malformed(format!(
                 "tensor `{}` appears in more than one file of {what}",

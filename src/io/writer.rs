@@ -118,6 +118,7 @@ impl InPlace {
 
     fn write(&self, file: &std::fs::File, key: &str, bytes: &[u8]) -> Result<Hash> {
         check_interrupt()?;
+        crate::io::source::lookups::add(1);
         let i = *self
             .index
             .get(key)

@@ -95,10 +95,7 @@ impl QuantoMap {
 
     /// The entry of a module.
     pub fn get(&self, module: &str) -> Option<&QmapEntry> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k == module)
-            .map(|(_, e)| e)
+        crate::io::source::lookups::find(&self.entries, |(k, _)| k == module).map(|(_, e)| e)
     }
 
     /// Renders as optimum-quanto writes it (`json.dump(qmap, f, indent=4)`).
