@@ -309,12 +309,16 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
     // quanto files) are ignored; modules it names with weights must exist.
     let mut ambiguous: Vec<String> = Vec::new();
     let mut layers = Vec::with_capacity(order.len());
+    let qmap = hints.qmap.as_ref().map(quanto::QuantoMap::index);
     order.sort_by(|a, b| natural_cmp(a, b));
     for path in order {
         let Some(g) = groups.remove(&path) else {
             continue;
         };
-        let qentry = hints.qmap.as_ref().and_then(|m| m.get(&path));
+        let qentry = qmap.as_ref().and_then(|m| {
+            crate::io::source::lookups::add(1);
+            m.get(path.as_str()).copied()
+        });
         let activations = qentry
             .map(|e| e.activations.clone())
             .or_else(|| {

@@ -223,6 +223,10 @@ impl TensorSource for ShardedDir {
             .map(|(_, f)| f.metadata().clone())
             .unwrap_or_default()
     }
+    fn get(&self, key: &str) -> Option<&SourceTensor> {
+        crate::io::source::lookups::add(1);
+        self.by_key.get(key).and_then(|&i| self.tensors.get(i))
+    }
     fn read(&self, key: &str) -> Result<TensorBytes> {
         crate::io::source::lookups::add(1);
         let i = *self.by_key.get(key).ok_or_else(|| {

@@ -80,7 +80,9 @@ pub trait TensorSource: Send + Sync {
     }
     /// Reads one tensor's bytes.
     fn read(&self, key: &str) -> Result<TensorBytes>;
-    /// Finds a tensor by key.
+    /// Finds a tensor by key. The default scans [`tensors`](Self::tensors);
+    /// the sources of this crate answer from an index built when they are
+    /// opened.
     fn get(&self, key: &str) -> Option<&SourceTensor> {
         lookups::find(self.tensors(), |t| t.key == key)
     }
@@ -131,15 +133,40 @@ pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
 
 /// Fails when two files of a source hold the same key.
 pub(crate) fn check_unique(tensors: &[SourceTensor], what: &str) -> Result<()> {
-    let mut seen = std::collections::HashSet::new();
+    match first_duplicate(tensors) {
+        Some(key) => Err(duplicate_key(key, what)),
+        None => Ok(()),
+    }
+}
+
+/// The first key (in the order of `tensors`) that an earlier tensor
+/// already has.
+pub(crate) fn first_duplicate(tensors: &[SourceTensor]) -> Option<&str> {
+    let mut seen = std::collections::HashSet::with_capacity(tensors.len());
     for t in tensors {
         lookups::add(1);
         if !seen.insert(t.key.as_str()) {
-            return Err(Error::new(ErrorKind::Malformed(format!(
-                "tensor `{}` appears in more than one file of {what}",
-                t.key
-            ))));
+            return Some(&t.key);
         }
     }
-    Ok(())
+    None
+}
+
+/// The error for a key that two files of a source hold.
+pub(crate) fn duplicate_key(key: &str, what: &str) -> Error {
+    Error::new(ErrorKind::Malformed(format!(
+        "tensor `{key}` appears in more than one file of {what}"
+    )))
+}
+
+/// Key → position in `tensors`, the first one for a repeated key (what a
+/// scan from the front finds).
+pub(crate) fn key_index<'a>(
+    keys: impl ExactSizeIterator<Item = &'a str>,
+) -> std::collections::HashMap<String, usize> {
+    let mut m = std::collections::HashMap::with_capacity(keys.len());
+    for (i, k) in keys.enumerate() {
+        m.entry(k.to_string()).or_insert(i);
+    }
+    m
 }

@@ -93,9 +93,20 @@ impl QuantoMap {
         Self::parse(&read_side_file(path)?).map_err(|e| e.with_file(path))
     }
 
-    /// The entry of a module.
+    /// The entry of a module (a scan: for one lookup per layer, build
+    /// [`index`](Self::index) once).
     pub fn get(&self, module: &str) -> Option<&QmapEntry> {
         crate::io::source::lookups::find(&self.entries, |(k, _)| k == module).map(|(_, e)| e)
+    }
+
+    /// Module path → entry, for lookups that give what [`get`](Self::get)
+    /// gives (the first entry of a repeated path).
+    pub fn index(&self) -> HashMap<&str, &QmapEntry> {
+        let mut m = HashMap::with_capacity(self.entries.len());
+        for (k, e) in &self.entries {
+            m.entry(k.as_str()).or_insert(e);
+        }
+        m
     }
 
     /// Renders as optimum-quanto writes it (`json.dump(qmap, f, indent=4)`).
