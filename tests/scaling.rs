@@ -178,6 +178,16 @@ fn run(n: usize) -> Vec<(&'static str, u64)> {
             "ckpk->st",
         )
     });
+    // the copies carry the input's tensors unchanged (same data section)
+    let data = |p: &Path| {
+        let f = ckptkit::SafetensorsFile::open(p).expect("open");
+        let b = std::fs::read(p).expect("read");
+        b[f.header().header_len as usize..].to_vec()
+    };
+    let want = data(&plain);
+    for p in [&st, &d.join("back.safetensors")] {
+        assert!(data(p) == want, "{} differs from the input", p.display());
+    }
     rows
 }
 

@@ -65,7 +65,8 @@ impl StHeader {
         self.header_len.saturating_add(self.data_len())
     }
 
-    /// Finds a tensor by key.
+    /// Finds a tensor by key (a scan: [`crate::SafetensorsFile`] keeps an
+    /// index for its per-tensor lookups).
     pub fn get(&self, key: &str) -> Option<&HeaderTensor> {
         crate::io::source::lookups::find(&self.tensors, |t| t.key == key)
     }

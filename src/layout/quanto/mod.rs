@@ -704,3 +704,28 @@ pub fn diffusers_beside(input: &Path) -> Result<Option<DiffusersQuanto>> {
 pub fn by_path(layers: &[Layer]) -> HashMap<&str, &Layer> {
     layers.iter().map(|l| (l.path.as_str(), l)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_answers_as_get() {
+        let e = |w: &str| QmapEntry {
+            weights: w.into(),
+            activations: "none".into(),
+        };
+        let m = QuantoMap {
+            entries: vec![
+                ("a".into(), e("qint8")),
+                ("b".into(), e("qint4")),
+                ("a".into(), e("qint2")),
+            ],
+        };
+        let ix = m.index();
+        for k in ["a", "b", "c"] {
+            assert_eq!(ix.get(k).copied(), m.get(k), "{k}");
+        }
+        assert_eq!(ix["a"].weights, "qint8");
+    }
+}
