@@ -1,5 +1,9 @@
 //! Writes a synthetic checkpoint for benchmarks: `synth OUT.safetensors
-//! GIGABYTES [plain-bf16|quanto-qint8] [ROWS COLS]`.
+//! GIGABYTES [plain-bf16|quanto-qint8] [ROWS COLS [LAYERS]]`.
+//!
+//! LAYERS, when given, sets the number of layers (GIGABYTES is then
+//! ignored): `synth x.safetensors 0 plain-bf16 2 2 50000` writes 100,000
+//! small tensors, for benchmarks of the per-tensor cost.
 //!
 //! plain-bf16: N layers `blocks.i.proj.weight` BF16 [ROWS, COLS] with
 //! weight-like values, plus a bias. quanto-qint8: the same layers as quanto
@@ -43,7 +47,9 @@ fn fill(seed: u64, out: &mut [u8], kind: &str) {
 fn main() -> ckptkit::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     if a.len() < 3 {
-        eprintln!("usage: synth OUT.safetensors GIGABYTES [plain-bf16|quanto-qint8] [ROWS COLS]");
+        eprintln!(
+            "usage: synth OUT.safetensors GIGABYTES [plain-bf16|quanto-qint8] [ROWS COLS [LAYERS]]"
+        );
         std::process::exit(2);
     }
     let out = std::path::PathBuf::from(&a[1]);
@@ -53,7 +59,10 @@ fn main() -> ckptkit::Result<()> {
     let cols: u64 = a.get(5).map(|s| s.parse().expect("COLS")).unwrap_or(4096);
     let quanto = kind == "quanto-qint8";
     let per_layer = if quanto { rows * cols } else { rows * cols * 2 };
-    let n = ((gb * 1e9) / per_layer as f64).ceil().max(1.0) as u64;
+    let n = match a.get(6) {
+        Some(l) => l.parse().expect("LAYERS"),
+        None => ((gb * 1e9) / per_layer as f64).ceil().max(1.0) as u64,
+    };
     let mut plan = Vec::new();
     for i in 0..n {
         let m = format!("blocks.{i}.proj");

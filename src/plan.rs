@@ -1252,6 +1252,40 @@ fn float_input(
     }
 }
 
+/// A layer's logical tensors by name: a scan over the few tensors of a usual
+/// layer, an index over a large one (a `ParameterList` holds thousands).
+struct ByName<'l> {
+    tensors: &'l [LogicalTensor],
+    index: Option<std::collections::HashMap<&'l str, &'l LogicalTensor>>,
+}
+
+impl<'l> ByName<'l> {
+    /// Layers with more tensors than this get an index.
+    const SCAN: usize = 16;
+
+    fn new(tensors: &'l [LogicalTensor]) -> Self {
+        let index = (tensors.len() > Self::SCAN).then(|| {
+            let mut m = std::collections::HashMap::with_capacity(tensors.len());
+            for t in tensors {
+                // the first of a repeated name, as a scan finds it
+                m.entry(t.name.as_str()).or_insert(t);
+            }
+            m
+        });
+        ByName { tensors, index }
+    }
+
+    fn get(&self, name: &str) -> Option<&'l LogicalTensor> {
+        match &self.index {
+            Some(m) => {
+                crate::io::source::lookups::add(1);
+                m.get(name).copied()
+            }
+            None => crate::io::source::lookups::find(self.tensors, |s| s.name == name),
+        }
+    }
+}
+
 /// Executes one layer's plan: returns every output tensor (key, bytes) and,
 /// for an accepted lossy re-layout, what it changed.
 pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
@@ -1259,8 +1293,9 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
     let mut out = Vec::new();
     let mut loss = None;
     let relayout = lp.passes.iter().any(|p| matches!(p, Pass::Relayout { .. }));
+    let sources = ByName::new(&l.tensors);
     for t in &lp.output.tensors {
-        let src_t = l.tensors.iter().find(|s| s.name == t.name);
+        let src_t = sources.get(&t.name);
         match (t.encoding, src_t) {
             (Encoding::Quantized, Some(s))
                 if s.encoding == Encoding::Quantized && lp.passes == [Pass::Copy] =>

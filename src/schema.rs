@@ -81,6 +81,7 @@ pub fn fill_parts(layers: &mut [Layer], shards: &[Shard]) -> Result<()> {
     for l in layers.iter_mut() {
         for t in l.tensors.iter_mut() {
             for p in t.parts.iter_mut() {
+                crate::io::source::lookups::add(1);
                 let st = index
                     .get(p.shard as usize)
                     .and_then(|m| m.get(p.key.as_str()))
@@ -352,12 +353,16 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
     // quanto files) are ignored; modules it names with weights must exist.
     let mut ambiguous: Vec<String> = Vec::new();
     let mut layers = Vec::with_capacity(order.len());
+    let qmap = hints.qmap.as_ref().map(quanto::QuantoMap::index);
     order.sort_by(|a, b| natural_cmp(a, b));
     for path in order {
         let Some(g) = groups.remove(&path) else {
             continue;
         };
-        let qentry = hints.qmap.as_ref().and_then(|m| m.get(&path));
+        let qentry = qmap.as_ref().and_then(|m| {
+            crate::io::source::lookups::add(1);
+            m.get(path.as_str()).copied()
+        });
         let activations = qentry
             .map(|e| e.activations.clone())
             .or_else(|| {

@@ -65,9 +65,10 @@ impl StHeader {
         self.header_len.saturating_add(self.data_len())
     }
 
-    /// Finds a tensor by key.
+    /// Finds a tensor by key (a scan: [`crate::SafetensorsFile`] keeps an
+    /// index for its per-tensor lookups).
     pub fn get(&self, key: &str) -> Option<&HeaderTensor> {
-        self.tensors.iter().find(|t| t.key == key)
+        crate::io::source::lookups::find(&self.tensors, |t| t.key == key)
     }
 }
 

@@ -349,6 +349,7 @@ pub fn validate(m: &Manifest, h: &FixedHeader) -> Result<Placement> {
                         m.shards.len()
                     )))
                 })?;
+                crate::io::source::lookups::add(1);
                 let ti = *placement.index[p.shard as usize]
                     .get(&p.key)
                     .ok_or_else(|| {

@@ -13,7 +13,7 @@ use crate::format::manifest::{Layer, Manifest, Shard, StoredTensor};
 use crate::format::st_header::{self, StHeader};
 use crate::format::validate::{self, Placement, TensorLoc};
 use crate::format::{decode_manifest, HEADER_LEN};
-use crate::io::source::{check_unique, SourceTensor, TensorSource, PIECE};
+use crate::io::source::{duplicate_key, first_duplicate, SourceTensor, TensorSource, PIECE};
 use crate::io::{hash_range, map_window, read_at, TensorBytes};
 
 /// An open, structurally validated container.
@@ -32,7 +32,11 @@ pub struct Container {
     placement: Placement,
     shard_headers: Vec<(Vec<u8>, StHeader)>,
     inventory: Vec<SourceTensor>,
-    key_index: std::collections::HashMap<String, (u32, usize)>,
+    /// Key → index into `inventory` (the first shard that holds it).
+    key_index: std::collections::HashMap<String, usize>,
+    /// A key that two shards hold: read as a [`TensorSource`], such a
+    /// container is refused (keys are unique within a shard, rule V5).
+    duplicate: Option<String>,
 }
 
 /// A summary of a successful verification.
@@ -111,9 +115,8 @@ impl Container {
             shard_headers.push(r);
         }
         let mut inventory = Vec::new();
-        let mut key_index = std::collections::HashMap::new();
         for (si, s) in manifest.shards.iter().enumerate() {
-            for (ti, t) in s.tensors.iter().enumerate() {
+            for t in &s.tensors {
                 inventory.push(SourceTensor {
                     key: t.key.clone(),
                     dtype: t.dtype,
@@ -121,9 +124,10 @@ impl Container {
                     len: crate::dtype::byte_len(t.dtype, &t.shape)?,
                     file: si,
                 });
-                key_index.entry(t.key.clone()).or_insert((si as u32, ti));
             }
         }
+        let key_index = crate::io::source::key_index(inventory.iter().map(|t| t.key.as_str()));
+        let duplicate = first_duplicate(&inventory).map(str::to_string);
         Ok(Container {
             path: path.to_path_buf(),
             file,
@@ -133,6 +137,7 @@ impl Container {
             shard_headers,
             inventory,
             key_index,
+            duplicate,
         })
     }
 
@@ -214,6 +219,7 @@ impl Container {
     }
 
     fn stored(&self, shard: u32, key: &str) -> Result<(&StoredTensor, &TensorLoc)> {
+        crate::io::source::lookups::add(1);
         let si = shard as usize;
         let ti = self
             .placement
@@ -417,6 +423,10 @@ impl TensorSource for Container {
             .cloned()
             .unwrap_or_default()
     }
+    fn get(&self, key: &str) -> Option<&SourceTensor> {
+        crate::io::source::lookups::add(1);
+        self.key_index.get(key).and_then(|&i| self.inventory.get(i))
+    }
     fn read(&self, key: &str) -> Result<TensorBytes> {
         let s = self.shard_of(key)?;
         self.read_tensor(s, key)
@@ -452,11 +462,12 @@ impl TensorSource for Container {
 
 impl Container {
     fn shard_of(&self, key: &str) -> Result<u32> {
-        check_unique(&self.inventory, &self.path.display().to_string())?;
-        let (s, _) = self.key_index.get(key).copied().ok_or_else(|| {
+        if let Some(k) = &self.duplicate {
+            return Err(duplicate_key(k, &self.path.display().to_string()));
+        }
+        self.get(key).map(|t| t.file as u32).ok_or_else(|| {
             Error::new(ErrorKind::NotFound(format!("tensor `{key}`"))).with_file(&self.path)
-        })?;
-        Ok(s)
+        })
     }
 
     /// Streams one stored tensor's bytes in pieces: mapped windows of at
@@ -495,5 +506,73 @@ impl Container {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::manifest::{Encoding, LogicalTensor, Part, Quantization, Role, WeightQuant};
+    use crate::io::writer::{ContainerOptions, ContainerWriter};
+    use crate::Dtype;
+
+    fn layer(path: &str, shard: u32) -> Layer {
+        Layer {
+            path: path.into(),
+            quant: Quantization {
+                weights: WeightQuant::Plain,
+                activations: None,
+            },
+            tensors: vec![LogicalTensor {
+                name: "w".into(),
+                dtype: Dtype::U8,
+                shape: vec![2],
+                encoding: Encoding::Plain,
+                parts: vec![Part {
+                    role: Role::Data,
+                    shard,
+                    key: "x.w".into(),
+                    dtype: Dtype::U8,
+                    shape: vec![2],
+                    blake3: [0; 32],
+                }],
+            }],
+            extensions: Vec::new(),
+        }
+    }
+
+    /// Keys are unique within a shard (V5); a key that two shards hold is
+    /// valid in a container, but reading it as a tensor source is refused.
+    #[test]
+    fn a_key_in_two_shards_is_refused_as_a_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dup.ckpk");
+        let mut w = ContainerWriter::create(&p, ContainerOptions::default()).unwrap();
+        let plan = [("x.w".to_string(), Dtype::U8, vec![2])];
+        for (i, name) in ["a.safetensors", "b.safetensors"].iter().enumerate() {
+            w.begin_shard(name, &plan, &Default::default()).unwrap();
+            w.write_tensor("x.w", &[i as u8; 2]).unwrap();
+            w.finish_shard().unwrap();
+        }
+        w.finish(
+            Some(vec![layer("a", 0), layer("b", 1)]),
+            Default::default(),
+            Vec::new(),
+        )
+        .unwrap();
+        let c = Container::open(&p).unwrap();
+        c.verify().unwrap();
+        assert_eq!(&c.read_tensor(1, "x.w").unwrap()[..], &[1, 1]);
+        assert_eq!(c.get("x.w").map(|t| t.file), Some(0));
+        for key in ["x.w", "absent"] {
+            let e = TensorSource::read(&c, key).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "invalid safetensors data: tensor `x.w` appears in more than one file of {}",
+                    p.display()
+                )
+            );
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! A single safetensors file as a tensor source.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +21,8 @@ pub struct SafetensorsFile {
     tensors: Vec<SourceTensor>,
     /// The `ckptkit.blake3` entry, parsed (or why it cannot be).
     recorded: Option<std::result::Result<std::collections::HashMap<String, Hash>, String>>,
+    /// Key → index into `header.tensors` (and `tensors`: same order).
+    index: HashMap<String, usize>,
 }
 
 impl SafetensorsFile {
@@ -49,6 +51,7 @@ impl SafetensorsFile {
         let mut buf = vec![0u8; hl as usize];
         read_at(&file, path, 0, &mut buf)?;
         let header = st_header::parse(&buf, Some(len)).map_err(|e| e.with_file(path))?;
+        let index = crate::io::source::key_index(header.tensors.iter().map(|t| t.key.as_str()));
         let tensors = header
             .tensors
             .iter()
@@ -71,6 +74,7 @@ impl SafetensorsFile {
             header,
             tensors,
             recorded,
+            index,
         })
     }
 
@@ -140,7 +144,9 @@ impl SafetensorsFile {
     }
 
     fn find(&self, key: &str) -> Result<&st_header::HeaderTensor> {
-        self.header.get(key).ok_or_else(|| {
+        crate::io::source::lookups::add(1);
+        let i = self.index.get(key).copied();
+        i.and_then(|i| self.header.tensors.get(i)).ok_or_else(|| {
             Error::new(crate::error::ErrorKind::NotFound(format!("tensor `{key}`")))
                 .with_file(&self.path)
         })
@@ -163,6 +169,10 @@ impl TensorSource for SafetensorsFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()]
+    }
+    fn get(&self, key: &str) -> Option<&SourceTensor> {
+        crate::io::source::lookups::add(1);
+        self.index.get(key).and_then(|&i| self.tensors.get(i))
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {
         let t = self.find(key)?;

@@ -244,6 +244,10 @@ impl TensorSource for ShardedDir {
             .map(|(_, f)| f.metadata().clone())
             .unwrap_or_default()
     }
+    fn get(&self, key: &str) -> Option<&SourceTensor> {
+        crate::io::source::lookups::add(1);
+        self.by_key.get(key).and_then(|&i| self.tensors.get(i))
+    }
     fn read(&self, key: &str) -> Result<TensorBytes> {
         self.file_of(key)?.read(key)
     }
@@ -263,13 +267,11 @@ impl TensorSource for ShardedDir {
             },
         }
     }
-    fn get(&self, key: &str) -> Option<&SourceTensor> {
-        self.by_key.get(key).map(|&i| &self.tensors[i])
-    }
 }
 
 impl ShardedDir {
     fn file_of(&self, key: &str) -> Result<&SafetensorsFile> {
+        crate::io::source::lookups::add(1);
         let i = *self.by_key.get(key).ok_or_else(|| {
             Error::new(ErrorKind::NotFound(format!("tensor `{key}`"))).with_file(&self.dir)
         })?;

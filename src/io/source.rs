@@ -10,6 +10,44 @@ use crate::error::{Error, ErrorKind, Location, Result};
 use crate::format::manifest::Hash;
 use crate::io::TensorBytes;
 
+/// A process-wide count of the entries that name lookups examine on the
+/// per-tensor and per-layer paths (a scan adds the entries it looked at, an
+/// indexed lookup adds 1). Tests read it to check that the work per tensor
+/// does not grow with the tensor count; one relaxed atomic add per lookup.
+#[doc(hidden)]
+pub mod lookups {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static EXAMINED: AtomicU64 = AtomicU64::new(0);
+
+    /// Records `n` examined entries.
+    #[inline]
+    pub fn add(n: usize) {
+        EXAMINED.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Entries examined so far by this process.
+    pub fn count() -> u64 {
+        EXAMINED.load(Ordering::Relaxed)
+    }
+
+    /// Finds the first element of `items` that `hit` accepts, counting the
+    /// elements examined.
+    #[inline]
+    pub fn find<T>(
+        items: impl IntoIterator<Item = T>,
+        mut hit: impl FnMut(&T) -> bool,
+    ) -> Option<T> {
+        let mut n = 0;
+        let r = items.into_iter().find(|x| {
+            n += 1;
+            hit(x)
+        });
+        add(n);
+        r
+    }
+}
+
 /// One stored tensor of a source (its bytes are not read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceTensor {
@@ -72,9 +110,11 @@ pub trait TensorSource: Send + Sync {
             ..Default::default()
         }
     }
-    /// Finds a tensor by key.
+    /// Finds a tensor by key. The default scans [`tensors`](Self::tensors);
+    /// the sources of this crate answer from an index built when they are
+    /// opened.
     fn get(&self, key: &str) -> Option<&SourceTensor> {
-        self.tensors().iter().find(|t| t.key == key)
+        lookups::find(self.tensors(), |t| t.key == key)
     }
 }
 
@@ -258,14 +298,40 @@ pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
 
 /// Fails when two files of a source hold the same key.
 pub(crate) fn check_unique(tensors: &[SourceTensor], what: &str) -> Result<()> {
-    let mut seen = std::collections::HashSet::new();
+    match first_duplicate(tensors) {
+        Some(key) => Err(duplicate_key(key, what)),
+        None => Ok(()),
+    }
+}
+
+/// The first key (in the order of `tensors`) that an earlier tensor
+/// already has.
+pub(crate) fn first_duplicate(tensors: &[SourceTensor]) -> Option<&str> {
+    let mut seen = std::collections::HashSet::with_capacity(tensors.len());
     for t in tensors {
+        lookups::add(1);
         if !seen.insert(t.key.as_str()) {
-            return Err(Error::new(ErrorKind::Safetensors(format!(
-                "tensor `{}` appears in more than one file of {what}",
-                t.key
-            ))));
+            return Some(&t.key);
         }
     }
-    Ok(())
+    None
+}
+
+/// The error for a key that two files of a source hold.
+pub(crate) fn duplicate_key(key: &str, what: &str) -> Error {
+    Error::new(ErrorKind::Safetensors(format!(
+        "tensor `{key}` appears in more than one file of {what}"
+    )))
+}
+
+/// Key → position in `tensors`, the first one for a repeated key (what a
+/// scan from the front finds).
+pub(crate) fn key_index<'a>(
+    keys: impl ExactSizeIterator<Item = &'a str>,
+) -> std::collections::HashMap<String, usize> {
+    let mut m = std::collections::HashMap::with_capacity(keys.len());
+    for (i, k) in keys.enumerate() {
+        m.entry(k.to_string()).or_insert(i);
+    }
+    m
 }

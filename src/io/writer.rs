@@ -132,6 +132,7 @@ impl InPlace {
         feed: &mut crate::io::Feed<'_>,
     ) -> Result<Option<Hash>> {
         check_interrupt()?;
+        crate::io::source::lookups::add(1);
         let i = *self
             .index
             .get(key)

@@ -86,12 +86,20 @@ impl QuantoMap {
         Self::parse(&read_side_file(path)?).map_err(|e| e.with_file(path))
     }
 
-    /// The entry of a module.
+    /// The entry of a module (a scan: for one lookup per layer, build
+    /// [`index`](Self::index) once).
     pub fn get(&self, module: &str) -> Option<&QmapEntry> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k == module)
-            .map(|(_, e)| e)
+        crate::io::source::lookups::find(&self.entries, |(k, _)| k == module).map(|(_, e)| e)
+    }
+
+    /// Module path → entry, for lookups that give what [`get`](Self::get)
+    /// gives (the first entry of a repeated path).
+    pub fn index(&self) -> HashMap<&str, &QmapEntry> {
+        let mut m = HashMap::with_capacity(self.entries.len());
+        for (k, e) in &self.entries {
+            m.entry(k.as_str()).or_insert(e);
+        }
+        m
     }
 
     /// Renders as optimum-quanto writes it (`json.dump(qmap, f, indent=4)`).
@@ -714,4 +722,29 @@ pub fn diffusers_beside(input: &Path) -> Result<Option<DiffusersQuanto>> {
 /// Indexes a layer list by path.
 pub fn by_path(layers: &[Layer]) -> HashMap<&str, &Layer> {
     layers.iter().map(|l| (l.path.as_str(), l)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_answers_as_get() {
+        let e = |w: &str| QmapEntry {
+            weights: w.into(),
+            activations: "none".into(),
+        };
+        let m = QuantoMap {
+            entries: vec![
+                ("a".into(), e("qint8")),
+                ("b".into(), e("qint4")),
+                ("a".into(), e("qint2")),
+            ],
+        };
+        let ix = m.index();
+        for k in ["a", "b", "c"] {
+            assert_eq!(ix.get(k).copied(), m.get(k), "{k}");
+        }
+        assert_eq!(ix["a"].weights, "qint8");
+    }
 }
