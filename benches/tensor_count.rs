@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::Duration;
 
-use ckptkit::convert::{self, ConvertOptions};
+use ckptkit::migrate::{self, ConvertOptions};
 use ckptkit::{Dtype, SafetensorsWriter};
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -52,28 +52,28 @@ fn tensor_count(c: &mut Criterion) {
         ..Default::default()
     };
     // the outputs the verify and .ckpk rows read
-    convert::convert(&input, &ckpk, &opts).expect("to .ckpk");
-    convert::convert(&input, &st, &opts).expect("to safetensors");
+    migrate::convert(&input, &ckpk, &opts).expect("to .ckpk");
+    migrate::convert(&input, &st, &opts).expect("to safetensors");
 
     let mut g = c.benchmark_group(format!("tensors_{}k", n / 1000));
     g.sample_size(10);
     g.warm_up_time(Duration::from_secs(1));
     g.measurement_time(Duration::from_secs(10));
     g.bench_function("convert safetensors -> ckpk", |b| {
-        b.iter(|| black_box(convert::convert(&input, &ckpk, &opts).expect("convert")))
+        b.iter(|| black_box(migrate::convert(&input, &ckpk, &opts).expect("convert")))
     });
     g.bench_function("verify ckpk", |b| {
-        b.iter(|| black_box(convert::verify(&ckpk).expect("verify")))
+        b.iter(|| black_box(migrate::verify(&ckpk).expect("verify")))
     });
     g.bench_function("convert safetensors -> safetensors", |b| {
-        b.iter(|| black_box(convert::convert(&input, &st, &opts).expect("convert")))
+        b.iter(|| black_box(migrate::convert(&input, &st, &opts).expect("convert")))
     });
     g.bench_function("verify safetensors", |b| {
-        b.iter(|| black_box(convert::verify(&st).expect("verify")))
+        b.iter(|| black_box(migrate::verify(&st).expect("verify")))
     });
     let back = d.join("back.safetensors");
     g.bench_function("convert ckpk -> safetensors", |b| {
-        b.iter(|| black_box(convert::convert(&ckpk, &back, &opts).expect("convert")))
+        b.iter(|| black_box(migrate::convert(&ckpk, &back, &opts).expect("convert")))
     });
     g.finish();
 }

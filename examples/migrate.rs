@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ckptkit::convert::{check, convert, input_layers, like_target, ConvertOptions};
-use ckptkit::plan::{Plan, PlanOptions, Rename, Target};
+use ckptkit::migrate::plan::{Plan, PlanOptions, Rename, Target};
+use ckptkit::migrate::{check, convert, input_layers, like_target, ConvertOptions};
 use ckptkit::schema::{report_layers, source_layers, LayerReport};
 use ckptkit::{open_source, ZstdOptions};
 use clap::{Parser, Subcommand};
@@ -527,13 +527,13 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 Ok(l) => {
                     let mut r = report_layers(&l);
                     // layers that look quantized in a layout ckptkit does not know
-                    for sus in ckptkit::convert::input_suspects(&input, src.as_ref(), &l)? {
+                    for sus in ckptkit::migrate::input_suspects(&input, src.as_ref(), &l)? {
                         if let Some(x) = r.iter_mut().find(|x| x.path == sus.layer) {
                             x.layout = "unknown quantized".into();
                         }
                         problems.push(format!("unknown quantized layout: {}", sus.describe()));
                     }
-                    for m in ckptkit::convert::misaligned_integer_weights(src.as_ref(), &l) {
+                    for m in ckptkit::migrate::misaligned_integer_weights(src.as_ref(), &l) {
                         warnings.push(format!("misaligned integer weight: {m}"));
                     }
                     r
@@ -675,7 +675,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             Ok(if r.pending.is_empty() { 0 } else { 1 })
         }
         Cmd::Verify { input, json } => {
-            let r = ckptkit::convert::verify(&input)?;
+            let r = ckptkit::migrate::verify(&input)?;
             if json {
                 println!(
                     "{}",

@@ -971,14 +971,14 @@ pub fn layout_detect(data: &[u8]) {
         return;
     };
     for name in FUZZ_TARGET_NAMES {
-        let Ok(target) = crate::plan::Target::parse(name) else {
+        let Ok(target) = crate::migrate::plan::Target::parse(name) else {
             fail!("built-in target {name} does not parse")
         };
-        let Ok(p) = crate::plan::plan(&layers, &target, &Default::default()) else {
+        let Ok(p) = crate::migrate::plan::plan(&layers, &target, &Default::default()) else {
             continue;
         };
         for lp in &p.layers {
-            if let Ok((out, _)) = crate::plan::execute(&f, lp) {
+            if let Ok((out, _)) = crate::migrate::plan::execute(&f, lp) {
                 for (k, b) in out {
                     let Ok(b) = b.bytes(&f) else {
                         fail!("{name}: copied tensor {k} cannot be read")
@@ -1083,7 +1083,7 @@ pub fn side_json(data: &[u8]) {
 /// quantization step (plus the float rounding) of finite inputs; re-layouts
 /// that run without `allow_lossy` convert back byte for byte.
 pub fn migration(data: &[u8]) {
-    use crate::plan::{execute, plan, PlanOptions, Target};
+    use crate::migrate::plan::{execute, plan, PlanOptions, Target};
     let mut r = ByteReader::new(data);
     let o = 1 + (r.u8() % 6) as u64;
     let i = 8 * (1 + (r.u8() % 8) as u64);

@@ -49,7 +49,6 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-pub mod convert;
 mod dtype;
 mod error;
 pub mod float;
@@ -58,7 +57,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod io;
 pub mod layout;
-pub mod plan;
+pub mod migrate;
 pub mod schema;
 
 pub use crate::dtype::{byte_len, numel, Dtype};

@@ -7,9 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckptkit::convert::{convert, ConvertOptions};
 use ckptkit::layout::quanto;
-use ckptkit::plan::{execute, plan, PlanOptions, Target};
+use ckptkit::migrate::plan::{execute, plan, PlanOptions, Target};
+use ckptkit::migrate::{convert, ConvertOptions};
 use ckptkit::schema::{detect_layers, Hints};
 use ckptkit::{Dtype, Error, SafetensorsFile, SourceTensor, TensorBytes, TensorSource};
 use proptest::prelude::*;

@@ -6,8 +6,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use ckptkit::convert::{convert, like_target, ConvertOptions};
-use ckptkit::plan::Target;
+use ckptkit::migrate::plan::Target;
+use ckptkit::migrate::{convert, like_target, ConvertOptions};
 use ckptkit::{SafetensorsFile, TensorSource};
 
 fn cases() -> Vec<PathBuf> {

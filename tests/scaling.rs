@@ -14,9 +14,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckptkit::convert::{self, ConvertOptions};
 use ckptkit::io::source::lookups;
-use ckptkit::plan::Target;
+use ckptkit::migrate::plan::Target;
+use ckptkit::migrate::{self, ConvertOptions};
 use ckptkit::{Dtype, SafetensorsWriter};
 
 type Plan = Vec<(String, Dtype, Vec<u64>)>;
@@ -102,11 +102,11 @@ fn run(n: usize) -> Vec<(&'static str, u64)> {
     write_file(&plain, &plain_plan(n));
     let (quanto, reference) = quanto_inputs(d, n);
     let opts = ConvertOptions::default();
-    let ok = |r: ckptkit::Result<convert::Summary>, what: &str| {
+    let ok = |r: ckptkit::Result<migrate::Summary>, what: &str| {
         r.unwrap_or_else(|e| panic!("{what} at {n} tensors: {e}"));
     };
     let verified = |p: &Path| {
-        let r = convert::verify(p).unwrap_or_else(|e| panic!("verify {}: {e}", p.display()));
+        let r = migrate::verify(p).unwrap_or_else(|e| panic!("verify {}: {e}", p.display()));
         assert_eq!(
             r.tensors as usize + r.unchecked as usize,
             n,
@@ -133,11 +133,11 @@ fn run(n: usize) -> Vec<(&'static str, u64)> {
         ..Default::default()
     };
     step("safetensors -> safetensors", &mut || {
-        ok(convert::convert(&plain, &st, &opts), "st->st")
+        ok(migrate::convert(&plain, &st, &opts), "st->st")
     });
     step("verify safetensors", &mut || verified(&st));
     step("safetensors -> .ckpk", &mut || {
-        ok(convert::convert(&plain, &ck, &opts), "st->ckpk")
+        ok(migrate::convert(&plain, &ck, &opts), "st->ckpk")
     });
     step("verify .ckpk", &mut || verified(&ck));
     step("safetensors -> .ckpk (zstd)", &mut || {
@@ -145,15 +145,15 @@ fn run(n: usize) -> Vec<(&'static str, u64)> {
             compression: Some(Default::default()),
             ..Default::default()
         };
-        ok(convert::convert(&plain, &zk, &z), "st->ckpk zstd")
+        ok(migrate::convert(&plain, &zk, &z), "st->ckpk zstd")
     });
     step("safetensors -> directory", &mut || {
-        ok(convert::convert(&plain, &dir_out, &sharded), "st->dir")
+        ok(migrate::convert(&plain, &dir_out, &sharded), "st->dir")
     });
     step("verify directory", &mut || verified(&dir_out));
     step("directory -> .ckpk", &mut || {
         ok(
-            convert::convert(&dir_out, &d.join("from-dir.ckpk"), &opts),
+            migrate::convert(&dir_out, &d.join("from-dir.ckpk"), &opts),
             "dir->ckpk",
         )
     });
@@ -164,17 +164,17 @@ fn run(n: usize) -> Vec<(&'static str, u64)> {
             ..Default::default()
         };
         ok(
-            convert::convert(&quanto, &d.join("dequantized.safetensors"), &o),
+            migrate::convert(&quanto, &d.join("dequantized.safetensors"), &o),
             "quanto->plain",
         )
     });
     step("check quanto against plain", &mut || {
-        let r = convert::check(&quanto, &reference, &opts).expect("check");
+        let r = migrate::check(&quanto, &reference, &opts).expect("check");
         assert!(!r.compatible());
     });
     step(".ckpk -> safetensors", &mut || {
         ok(
-            convert::convert(&ck, &d.join("back.safetensors"), &opts),
+            migrate::convert(&ck, &d.join("back.safetensors"), &opts),
             "ckpk->st",
         )
     });

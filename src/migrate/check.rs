@@ -1,0 +1,179 @@
+//! `check`: will a checkpoint load where a reference's layout is expected?
+
+use crate::error::{ErrorKind, Result};
+use crate::format::manifest::Layer;
+use crate::io::source::open_source;
+use crate::layout::quanto::{self, QuantoMap};
+use crate::migrate::plan::{plan, PlanOptions, Target};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::*;
+
+/// Reads a `--like` reference: a `quanto_qmap.json` file alone, a
+/// checkpoint (with the qmap beside it, if any) or a container.
+pub fn like_target(reference: &Path) -> Result<Target> {
+    let mut m = BTreeMap::new();
+    let mut order = Vec::new();
+    let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
+    let from_qmap = |q: QuantoMap| {
+        let mut m = BTreeMap::new();
+        let mut order = Vec::new();
+        for (k, e) in q.entries {
+            order.push(k.clone());
+            m.insert(
+                k,
+                crate::migrate::plan::LikeLayer {
+                    qtype: crate::layout::quanto::QType::from_name(&e.weights),
+                    activations: (e.activations != "none").then_some(e.activations),
+                    shape: None,
+                    dtype: None,
+                },
+            );
+        }
+        Target::Like(m, order)
+    };
+    if is_json {
+        return Ok(from_qmap(QuantoMap::from_file(reference)?));
+    }
+    let src = open_source(reference)?;
+    let layers = match input_layers(reference, src.as_ref(), &ConvertOptions::default()) {
+        Ok(l) => l,
+        // --like needs each layer's layout (qtype; the group rule follows
+        // from the input's shapes), not the reference's logical shapes: a
+        // reference whose packed layers cannot be told apart without a
+        // shape hint still gives its layouts through its map
+        Err(e) if matches!(e.kind(), ErrorKind::Ambiguous(_)) => {
+            match quanto::qmap_beside(reference)? {
+                Some(q) => return Ok(from_qmap(q)),
+                None => return Err(e.with_file(reference)),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    for l in layers {
+        order.push(l.path.clone());
+        let w = l.tensors.iter().find(|t| t.name == "weight");
+        let qtype = match &l.quant.weights {
+            crate::WeightQuant::Quanto { qtype, .. } => {
+                crate::layout::quanto::QType::from_name(qtype)
+            }
+            _ => None,
+        };
+        m.insert(
+            l.path.clone(),
+            crate::migrate::plan::LikeLayer {
+                qtype,
+                activations: l.quant.activations.clone(),
+                shape: w.map(|w| w.shape.clone()),
+                dtype: w.map(|w| w.dtype),
+            },
+        );
+    }
+    Ok(Target::Like(m, order))
+}
+
+/// A layer whose layout differs between a checkpoint and its reference.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayoutMismatch {
+    /// Module path.
+    pub layer: String,
+    /// What the checkpoint has, e.g. "plain BF16 `weight`".
+    pub have: String,
+    /// What the reference expects.
+    pub expected: String,
+}
+
+/// Will a checkpoint load where a reference's layout is expected?
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CheckReport {
+    /// Keys the reference has and the checkpoint lacks.
+    pub missing: Vec<String>,
+    /// Keys the checkpoint has and the reference lacks.
+    pub unexpected: Vec<String>,
+    /// Per-layer layout differences.
+    pub mismatches: Vec<LayoutMismatch>,
+    /// Layers of the checkpoint that look quantized in a layout ckptkit
+    /// does not know: it cannot tell whether they match, nor convert them.
+    pub unknown_layouts: Vec<crate::schema::Suspect>,
+}
+
+impl CheckReport {
+    /// True when nothing differs.
+    pub fn compatible(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.mismatches.is_empty()
+    }
+}
+
+pub(crate) fn describe_layout(l: &Layer) -> String {
+    let keys: Vec<String> = l
+        .tensors
+        .iter()
+        .filter(|t| t.name == "weight")
+        .flat_map(|t| {
+            t.parts
+                .iter()
+                .map(|p| format!("`{}`", crate::schema::split_key_after(&p.key, &l.path)))
+        })
+        .collect();
+    format!("{} {}", crate::schema::layout_name(l), keys.join(" + "))
+}
+
+/// Compares a checkpoint's keys and layouts with a reference (a
+/// checkpoint, a container, or a `quanto_qmap.json`).
+pub fn check(input: &Path, reference: &Path, opts: &ConvertOptions) -> Result<CheckReport> {
+    let src = open_source(input)?;
+    let layers = input_layers(input, src.as_ref(), opts)?;
+    let mut report = CheckReport {
+        unknown_layouts: input_suspects(input, src.as_ref(), &layers)?,
+        ..Default::default()
+    };
+    let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
+    // what the input would become to match the reference
+    let target = like_target(reference)?;
+    let p = plan(&layers, &target, &PlanOptions::default())?;
+    let planned = || -> Vec<Layer> { p.layers.iter().map(|l| l.output.clone()).collect() };
+    let keys_of = |ls: &[Layer]| -> std::collections::BTreeSet<String> {
+        ls.iter()
+            .flat_map(|l| l.parts().map(|p| p.key.clone()).collect::<Vec<_>>())
+            .collect()
+    };
+    let (expected_layers, want) = if is_json {
+        let e = planned();
+        let w = keys_of(&e);
+        (e, w)
+    } else {
+        let r = open_source(reference)?;
+        match input_layers(reference, r.as_ref(), &ConvertOptions::default()) {
+            Ok(e) => {
+                let w = keys_of(&e);
+                (e, w)
+            }
+            // packed layers the reference's tensors alone do not tell apart:
+            // its map gave the layouts (like_target), its keys are its own
+            Err(e) if matches!(e.kind(), ErrorKind::Ambiguous(_)) => (
+                planned(),
+                r.tensors().iter().map(|t| t.key.clone()).collect(),
+            ),
+            Err(e) => return Err(e),
+        }
+    };
+    let have: std::collections::BTreeSet<String> =
+        src.tensors().iter().map(|t| t.key.clone()).collect();
+    report.missing = want.difference(&have).cloned().collect();
+    report.unexpected = have.difference(&want).cloned().collect();
+    let by: std::collections::HashMap<&str, &Layer> =
+        layers.iter().map(|l| (l.path.as_str(), l)).collect();
+    for e in &expected_layers {
+        if let Some(l) = by.get(e.path.as_str()) {
+            if l.quant != e.quant {
+                report.mismatches.push(LayoutMismatch {
+                    layer: e.path.clone(),
+                    have: describe_layout(l),
+                    expected: describe_layout(e),
+                });
+            }
+        }
+    }
+    Ok(report)
+}

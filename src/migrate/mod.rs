@@ -1,0 +1,373 @@
+//! The migration pipeline: open the input, detect its layers, plan each
+//! layer's passes, execute them, and write the result to a sink, committed
+//! atomically.
+//!
+//! ```text
+//! input (file | model dir | checkpoint dir | container)   input.rs, checkpoint.rs
+//!   -> layers (schema::detect_layers, or a container's manifest)
+//!   -> plan: per layer, passes, lossless / exact / lossy  plan.rs, target.rs
+//!   -> execute: layer by layer, in parallel, streamed     execute.rs
+//!   -> sink (safetensors file | directory | container)    sink.rs, sidefiles.rs
+//! ```
+//!
+//! `check`, `verify` and `inspect`-side helpers live beside it (check.rs,
+//! verify.rs). Everything before execution reads headers only: that is
+//! what `inspect`, `check` and `--dry-run` show.
+
+mod check;
+mod checkpoint;
+mod execute;
+mod input;
+mod options;
+pub mod plan;
+mod sidefiles;
+mod sink;
+mod verify;
+
+pub use check::{check, like_target, CheckReport, LayoutMismatch};
+pub use checkpoint::{convert_checkpoint_dir, is_training_checkpoint};
+pub use input::{input_layers, input_suspects, misaligned_integer_weights};
+pub use options::{output_kind, ConvertOptions, OutputKind, Summary};
+pub use sidefiles::qmap_for;
+pub use sink::{check_free_space, model_stem};
+pub use verify::verify;
+
+pub(crate) use execute::*;
+pub(crate) use input::*;
+pub(crate) use sidefiles::*;
+pub(crate) use sink::*;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::atomic::{AtomicDir, DestKind};
+use crate::io::container::Container;
+use crate::io::source::{input_kind, open_source, Checked, InputKind, TensorSource};
+use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter};
+use crate::layout::quanto::{self};
+use crate::migrate::plan::{plan, Plan, Target};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Converts `input` to `output`, carrying every tensor across unchanged.
+pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Summary> {
+    let t0 = Instant::now();
+    check_overlap(input, output, opts)?;
+    let okind = output_kind(output);
+    if opts.compression.is_some() && okind != OutputKind::Container {
+        return Err(Error::usage(format!(
+            "--compress applies to .ckpk container outputs; {} is {}",
+            output.display(),
+            match okind {
+                OutputKind::Safetensors => "a .safetensors file (safetensors has no compression)",
+                _ => "a directory of safetensors files (safetensors has no compression)",
+            }
+        )));
+    }
+    // only nothing, or the expected kind, may be at the output, --force or not
+    let dest = if okind == OutputKind::Directory {
+        DestKind::Dir
+    } else {
+        DestKind::File
+    };
+    if opts.dry_run {
+        crate::io::atomic::check_destination_type(output, dest)?;
+    } else {
+        crate::io::atomic::check_destination(output, dest, opts.overwrite)?;
+    }
+    let kind = input_kind(input)?;
+    if kind == InputKind::ShardedDir && is_training_checkpoint(input)? {
+        let created = if opts.dry_run {
+            Vec::new()
+        } else {
+            ensure_parent(output)?
+        };
+        let r = convert_checkpoint_dir(input, output, opts);
+        if r.is_err() {
+            for d in created.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+        return r;
+    }
+    let src = open_source(input)?;
+    if !opts.dry_run {
+        let created = ensure_parent(output)?;
+        let r = convert_opened(input, output, opts, kind, src.as_ref(), t0);
+        if r.is_err() {
+            // leave no directory we created behind
+            for d in created.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+        return r;
+    }
+    convert_opened(input, output, opts, kind, src.as_ref(), t0)
+}
+
+pub(crate) fn convert_opened(
+    input: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+    kind: InputKind,
+    raw: &dyn TensorSource,
+    t0: Instant,
+) -> Result<Summary> {
+    // every byte read is checked against the hashes the input records
+    let src = Checked::new(raw, opts.verify_input);
+    let tensors = src.tensors().to_vec();
+    let bytes_in: u64 = tensors.iter().map(|t| t.len).sum();
+    let okind = output_kind(output);
+    let multi_file = src.files().len() > 1;
+    if opts.target != Target::Keep
+        || !opts.select.rename.is_empty()
+        || okind == OutputKind::Safetensors
+        || (okind == OutputKind::Directory && !multi_file)
+    {
+        match convert_planned(input, output, &src, okind, opts, t0) {
+            Err(e)
+                if opts.target == Target::Keep && matches!(e.kind(), ErrorKind::Ambiguous(_)) => {}
+            r => return r,
+        }
+    }
+    let layers = match input_layers(input, &src, opts) {
+        Ok(l) => Some(l),
+        // a byte copy to safetensors needs no understanding of the layers
+        Err(e) if okind != OutputKind::Container && matches!(e.kind(), ErrorKind::Ambiguous(_)) => {
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let n_layers = layers
+        .as_ref()
+        .map(|l| l.len())
+        .unwrap_or_else(|| count_layers(&tensors));
+    if opts.dry_run {
+        return Ok(Summary {
+            tensors: tensors.len(),
+            layers: n_layers,
+            bytes_in,
+            seconds: t0.elapsed().as_secs_f64(),
+            ..Default::default()
+        });
+    }
+    check_free_space(output, bytes_in)?;
+    let (mut carried, mut skipped) = (Vec::new(), Vec::new());
+    let files = match okind {
+        OutputKind::Safetensors => {
+            let mut md = src.metadata().clone();
+            md.entry("format".into()).or_insert_with(|| "pt".into());
+            write_safetensors(&src, &tensors, output, &md, opts)?;
+            vec![output.to_path_buf()]
+        }
+        OutputKind::Container => {
+            let carry = Carry::of(input, raw)?;
+            write_container(&src, output, layers, &carry, opts)?;
+            vec![output.to_path_buf()]
+        }
+        OutputKind::Directory => {
+            let (f, (c, sk)) = write_directory(&src, kind, input, output, opts)?;
+            carried = c;
+            skipped = sk;
+            f
+        }
+    };
+    let mut bytes_out = 0;
+    for f in &files {
+        bytes_out += dir_size(f);
+    }
+    Ok(Summary {
+        tensors: tensors.len(),
+        layers: n_layers,
+        bytes_in,
+        bytes_out,
+        files,
+        seconds: t0.elapsed().as_secs_f64(),
+        plan: None,
+        losses: Vec::new(),
+        input_verified: opts.verify_input && src.unchecked() == 0,
+        input_unchecked: src.unchecked(),
+        warnings: Vec::new(),
+        carried,
+        skipped,
+    })
+}
+
+pub(crate) fn convert_planned(
+    input: &Path,
+    output: &Path,
+    src: &Checked<'_>,
+    okind: OutputKind,
+    opts: &ConvertOptions,
+    t0: Instant,
+) -> Result<Summary> {
+    let layers = input_layers(input, src, opts).map_err(|e| e.with_file(input))?;
+    let mut p = plan(&layers, &opts.target, &opts.select).map_err(|e| e.with_file(input))?;
+    crate::migrate::plan::apply_renames(&mut p, &opts.select.rename)?;
+    refuse_suspects(&p, &input_suspects(input, src, &layers)?, opts)
+        .map_err(|e| e.with_file(input))?;
+    let warnings = selection_warnings(&layers, opts);
+    refuse_no_change(&[&p], &warnings, opts)?;
+    if !p.unmatched.is_empty() {
+        let n = p.unmatched.len();
+        let list: Vec<&str> = p.unmatched.iter().take(20).map(|s| s.as_str()).collect();
+        return Err(Error::layout(format!(
+            "the reference expects {n} layer(s) the input does not have: {}{}",
+            list.join(", "),
+            if n > 20 { ", ..." } else { "" }
+        )));
+    }
+    let bytes_in: u64 = p.layers.iter().map(|l| l.bytes_in).sum();
+    let bytes_out: u64 = p.layers.iter().map(|l| l.bytes_out).sum();
+    let mut summary = Summary {
+        tensors: p.outputs().len(),
+        layers: p.layers.len(),
+        bytes_in,
+        bytes_out,
+        files: vec![output.to_path_buf()],
+        seconds: 0.0,
+        plan: None,
+        losses: Vec::new(),
+        input_verified: false,
+        input_unchecked: 0,
+        warnings,
+        carried: Vec::new(),
+        skipped: Vec::new(),
+    };
+    if opts.dry_run {
+        summary.seconds = t0.elapsed().as_secs_f64();
+        summary.plan = Some(p);
+        return Ok(summary);
+    }
+    check_free_space(output, bytes_out)?;
+    let losses: Losses = Default::default();
+    let mut md = src.metadata().clone();
+    md.remove(quanto::SCHEMA_KEY);
+    md.entry("format".into()).or_insert_with(|| "pt".into());
+    if let Some(s) = schema_for(&p) {
+        md.insert(quanto::SCHEMA_KEY.into(), s);
+    }
+    match okind {
+        OutputKind::Safetensors => {
+            let slot = claim_qmap_slot(input, output, opts, p.has_quanto())?;
+            let w =
+                SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite, opts.hashes)?;
+            let all: Vec<usize> = (0..p.layers.len()).collect();
+            run_layers(src, &p, &all, &losses, &w)?;
+            commit_with_qmap(&p, w, slot)?;
+        }
+        OutputKind::Directory => {
+            let dir = AtomicDir::create(output, opts.overwrite)?;
+            if input.is_dir() {
+                let (c, sk) = carry_model_files(input, dir.path())?;
+                summary.carried = c;
+                summary.skipped = sk;
+            }
+            let stem = model_stem(&src.files());
+            write_model_dir(src, &p, &losses, dir.path(), &stem, &md, opts)?;
+            summary
+                .warnings
+                .extend(update_config(input, &dir.path().join("config.json"), &p)?);
+            dir.commit()?;
+        }
+        OutputKind::Container => {
+            let carry = Carry::of(input, src.inner())?;
+            let co = ContainerOptions {
+                compression: opts.compression,
+                overwrite: opts.overwrite,
+            };
+            if opts.compression.is_some() {
+                // compressed shards take tensors in data order, which
+                // interleaves layers: the migrated layers are staged in an
+                // uncompressed container beside the output (a temporary of
+                // the output's, removed whatever happens), then packed
+                let mut w = ContainerWriter::create(output, co)?;
+                let stage = crate::io::atomic::temp_path_for(output);
+                let _cleanup = RemoveOnDrop(stage.clone());
+                let staged = ContainerOptions {
+                    compression: None,
+                    overwrite: false,
+                };
+                write_planned_container(
+                    src,
+                    &p,
+                    &losses,
+                    &stage,
+                    staged,
+                    &md,
+                    &Carry::default(),
+                    opts,
+                )?;
+                let c = Container::open(&stage)?;
+                copy_shards(&Checked::new(&c, true), &mut w, true)?;
+                w.finish_with_provenance(
+                    Some(c.layers().to_vec()),
+                    carry.metadata,
+                    carry.extensions,
+                    carry.sources,
+                )?;
+            } else {
+                write_planned_container(src, &p, &losses, output, co, &md, &carry, opts)?;
+            }
+        }
+    }
+    summary.seconds = t0.elapsed().as_secs_f64();
+    summary.bytes_out = dir_size(output);
+    summary.plan = Some(p);
+    summary.losses = losses.into_inner().unwrap_or_default();
+    summary.input_verified = opts.verify_input && src.unchecked() == 0;
+    summary.input_unchecked = src.unchecked();
+    Ok(summary)
+}
+
+/// Removes a path when dropped (a staging file).
+pub(crate) struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes a plan's output as an uncompressed container at `dest`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_planned_container(
+    src: &Checked<'_>,
+    p: &Plan,
+    losses: &Losses,
+    dest: &Path,
+    co: ContainerOptions,
+    md: &BTreeMap<String, String>,
+    carry: &Carry,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    let mut w = ContainerWriter::create(dest, co)?;
+    let groups = group_layers(p, opts.max_shard_size);
+    let n = groups.len();
+    let mut out_layers = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        let name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", gi + 1)
+        };
+        w.begin_shard(&name, &outputs_of(p, g), md)?;
+        run_layers(src, p, g, losses, &w)?;
+        w.finish_shard()?;
+        for &i in g {
+            let mut l = p.layers[i].output.clone();
+            for t in &mut l.tensors {
+                for part in &mut t.parts {
+                    part.shard = gi as u32;
+                }
+            }
+            out_layers.push(l);
+        }
+    }
+    w.finish_with_provenance(
+        Some(out_layers),
+        carry.metadata.clone(),
+        carry.extensions.clone(),
+        carry.sources.clone(),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! What a conversion is asked to do, and what it reports.
+
+use crate::io::writer::ZstdOptions;
+use crate::migrate::plan::{Plan, PlanOptions, Target};
+use std::path::{Path, PathBuf};
+
+/// The kind of output, decided by the output path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// `*.safetensors`: one file.
+    Safetensors,
+    /// `*.ckpk`: a container.
+    Container,
+    /// Anything else: a directory of safetensors shards with an index.
+    Directory,
+}
+
+/// Decides the output kind from the path's extension.
+pub fn output_kind(path: &Path) -> OutputKind {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => OutputKind::Safetensors,
+        Some("ckpk") => OutputKind::Container,
+        _ => OutputKind::Directory,
+    }
+}
+
+/// Options of [`convert`](super::convert).
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// zstd settings for container outputs (`None` = uncompressed).
+    pub compression: Option<ZstdOptions>,
+    /// Replace an existing output.
+    pub overwrite: bool,
+    /// Plan only: validate the input and report, write nothing.
+    pub dry_run: bool,
+    /// Largest data size of one file when writing a directory.
+    pub max_shard_size: u64,
+    /// Target layouts.
+    pub target: Target,
+    /// Layer selection.
+    pub select: PlanOptions,
+    /// The input's quanto map (default: `quanto_qmap.json` beside it).
+    pub qmap: Option<PathBuf>,
+    /// A plain checkpoint of the same model to take logical shapes from.
+    pub shapes_from: Option<PathBuf>,
+    /// Record every tensor's blake3 in safetensors outputs (`ckptkit.blake3`
+    /// in `__metadata__`, checked by `verify`). Containers always carry
+    /// hashes in their manifest.
+    pub hashes: bool,
+    /// Other files the conversion reads (a `--like` reference): the output
+    /// may not equal, contain or lie inside them.
+    pub extra_reads: Vec<PathBuf>,
+    /// Check every byte read against the hashes the input records (a
+    /// container's manifest, a ckptkit safetensors file's `ckptkit.blake3`),
+    /// as it is read; a mismatch fails the conversion with no output.
+    pub verify_input: bool,
+    /// Treat layers that look quantized in an unknown layout (FP8 or int
+    /// codes beside scales) as plain tensors anyway.
+    pub assume_plain: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            compression: None,
+            overwrite: false,
+            dry_run: false,
+            max_shard_size: 5_000_000_000,
+            target: Target::Keep,
+            select: PlanOptions::default(),
+            qmap: None,
+            shapes_from: None,
+            hashes: true,
+            extra_reads: Vec::new(),
+            verify_input: true,
+            assume_plain: false,
+        }
+    }
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Stored tensors written.
+    pub tensors: usize,
+    /// Layers in the output.
+    pub layers: usize,
+    /// Tensor bytes read.
+    pub bytes_in: u64,
+    /// Bytes of the output files.
+    pub bytes_out: u64,
+    /// Output files written.
+    pub files: Vec<PathBuf>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// The plan that was executed (or would be, for a dry run).
+    pub plan: Option<Plan>,
+    /// Lossy re-layouts accepted with `allow_lossy`, with their errors.
+    pub losses: Vec<crate::migrate::plan::Loss>,
+    /// Every byte read was checked against a hash the input records
+    /// (false when some input tensor records none, or with
+    /// `verify_input: false`).
+    pub input_verified: bool,
+    /// Input tensors read whose bytes had no recorded hash to check.
+    pub input_unchecked: u64,
+    /// Things the user should know (`--include` patterns that matched
+    /// nothing, ...).
+    pub warnings: Vec<String>,
+    /// Files of a model directory carried into the output unchanged
+    /// (`config.json`, tokenizer files, README ...; `config.json` then
+    /// follows the new layout).
+    pub carried: Vec<String>,
+    /// Entries of a model directory not carried, with why (weights in any
+    /// format, hidden files, sub-directories).
+    pub skipped: Vec<String>,
+}

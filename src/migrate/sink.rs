@@ -1,0 +1,550 @@
+//! Sinks: where a conversion's tensors go (a safetensors file with its
+//! `quanto_qmap.json`, a directory of shards, a container), streamed and
+//! committed atomically.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::manifest::{Layer, SourceFile};
+use crate::format::st_header::data_order;
+use crate::io::atomic::{check_interrupt, AtomicDir};
+use crate::io::container::Container;
+use crate::io::sharded::{find_index, plan_shards, ShardIndex};
+use crate::io::source::{input_kind, Checked, InputKind, SourceTensor, TensorSource};
+use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter};
+use crate::layout::quanto::QMAP_FILE;
+use crate::migrate::plan::Plan;
+use crate::Dtype;
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+/// What a container output carries over from its input besides tensors
+/// and layers: a container input's user metadata and extensions, and the
+/// input as provenance.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Carry {
+    pub(crate) metadata: BTreeMap<String, String>,
+    pub(crate) extensions: Vec<crate::format::manifest::Extension>,
+    pub(crate) sources: Vec<SourceFile>,
+}
+
+impl Carry {
+    pub(crate) fn of(input: &Path, src: &dyn TensorSource) -> Result<Carry> {
+        let size = std::fs::metadata(input)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let sources = vec![SourceFile {
+            path: input.display().to_string(),
+            size,
+            blake3: None,
+        }];
+        if input_kind(input)? != InputKind::Container {
+            return Ok(Carry {
+                sources,
+                ..Default::default()
+            });
+        }
+        let c = Container::open(input)?;
+        Ok(Carry {
+            metadata: src.metadata().clone(),
+            extensions: c.manifest().extensions.clone(),
+            sources,
+        })
+    }
+}
+
+pub(crate) fn dir_size(p: &Path) -> u64 {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+/// Refuses to start when the output's file system has less free space than
+/// the bytes about to be written (plus 1 %).
+pub fn check_free_space(output: &Path, need: u64) -> Result<()> {
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return Ok(());
+    };
+    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid
+    // NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Ok(());
+    }
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    let need = need.saturating_add(need / 100);
+    if free < need {
+        return Err(Error::new(ErrorKind::Unsupported(format!(
+            "not enough free space in {}: {need} bytes needed, {free} available",
+            dir.display()
+        ))));
+    }
+    Ok(())
+}
+
+/// Where tensors go: a writer that takes whole tensors or streams them,
+/// from several threads (positioned writes).
+pub(crate) trait Sink: Sync {
+    /// Writes one whole tensor.
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<()>;
+    /// Writes one tensor streamed by `feed`; returns its blake3 when asked
+    /// (or when the sink hashes anyway).
+    fn put_from(
+        &self,
+        key: &str,
+        want_hash: bool,
+        feed: &mut crate::io::Feed<'_>,
+    ) -> Result<Option<crate::format::manifest::Hash>>;
+}
+
+impl Sink for SafetensorsWriter {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        self.write_tensor(key, bytes)
+    }
+    fn put_from(
+        &self,
+        key: &str,
+        want_hash: bool,
+        feed: &mut crate::io::Feed<'_>,
+    ) -> Result<Option<crate::format::manifest::Hash>> {
+        self.write_from(key, want_hash, feed)
+    }
+}
+
+impl Sink for ContainerWriter {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        self.write_tensor(key, bytes).map(|_| ())
+    }
+    fn put_from(
+        &self,
+        key: &str,
+        _want_hash: bool,
+        feed: &mut crate::io::Feed<'_>,
+    ) -> Result<Option<crate::format::manifest::Hash>> {
+        self.write_from(key, feed).map(Some)
+    }
+}
+
+pub(crate) fn plan_of(tensors: &[&SourceTensor]) -> Vec<(String, Dtype, Vec<u64>)> {
+    tensors
+        .iter()
+        .map(|t| (t.key.clone(), t.dtype, t.shape.clone()))
+        .collect()
+}
+
+/// Copies one tensor from `from` (a source key) to `to` (an output key),
+/// streamed piece by piece whatever its size; the bytes are hashed as they
+/// are written and, when the source records a hash and `src` verifies,
+/// checked against it (a mismatch fails the conversion like `verify`).
+pub(crate) fn copy_one(src: &Checked<'_>, from: &str, to: &str, sink: &dyn Sink) -> Result<()> {
+    check_interrupt()?;
+    let want = if src.verifying() {
+        src.recorded_hash(from)?
+    } else {
+        None
+    };
+    let got = sink.put_from(to, want.is_some(), &mut |put| {
+        src.inner().read_pieces(from, put)
+    })?;
+    match (want, got) {
+        (Some(w), Some(g)) if w != g => {
+            Err(crate::io::source::hash_mismatch(src.inner(), from, &w, &g))
+        }
+        (Some(_), _) => Ok(()),
+        (None, _) => {
+            src.note_unchecked();
+            Ok(())
+        }
+    }
+}
+
+/// Copies tensors from a source into a positioned writer in parallel,
+/// streamed and checked ([`copy_one`]).
+pub(crate) fn copy_parallel(
+    src: &Checked<'_>,
+    tensors: &[&SourceTensor],
+    sink: &dyn Sink,
+) -> Result<()> {
+    tensors
+        .par_iter()
+        .try_for_each(|t| copy_one(src, &t.key, &t.key, sink))
+}
+
+pub(crate) fn write_safetensors(
+    src: &Checked<'_>,
+    tensors: &[SourceTensor],
+    output: &Path,
+    md: &BTreeMap<String, String>,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    let refs: Vec<&SourceTensor> = tensors.iter().collect();
+    let w = SafetensorsWriter::create(output, &plan_of(&refs), md, opts.overwrite, opts.hashes)?;
+    copy_parallel(src, &refs, &w)?;
+    w.finish()?;
+    Ok(())
+}
+
+pub(crate) fn write_container(
+    src: &Checked<'_>,
+    output: &Path,
+    layers: Option<Vec<Layer>>,
+    carry: &Carry,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    let mut w = ContainerWriter::create(
+        output,
+        ContainerOptions {
+            compression: opts.compression,
+            overwrite: opts.overwrite,
+        },
+    )?;
+    copy_shards(src, &mut w, opts.compression.is_some())?;
+    w.finish_with_provenance(
+        layers,
+        carry.metadata.clone(),
+        carry.extensions.clone(),
+        carry.sources.clone(),
+    )?;
+    Ok(())
+}
+
+/// Copies every file (shard) of a source into a container writer as one
+/// shard each, keeping names and metadata.
+pub(crate) fn copy_shards(
+    src: &Checked<'_>,
+    w: &mut ContainerWriter,
+    compressed: bool,
+) -> Result<()> {
+    let names = src.files();
+    let mut by_file: Vec<Vec<&SourceTensor>> = vec![Vec::new(); names.len()];
+    for t in src.tensors() {
+        if let Some(v) = by_file.get_mut(t.file) {
+            v.push(t);
+        }
+    }
+    for (fi, name) in names.iter().enumerate() {
+        let ts = &by_file[fi];
+        let plan = plan_of(ts);
+        w.begin_shard(name, &plan, &src.file_metadata(fi))?;
+        if compressed {
+            // compressed shards take tensors in data order, each streamed
+            // chunk by chunk
+            let mut order = plan.clone();
+            data_order(&mut order);
+            for (k, _, _) in &order {
+                copy_one(src, k, k, w)?;
+            }
+        } else {
+            copy_parallel(src, ts, w)?;
+        }
+        w.finish_shard()?;
+    }
+    Ok(())
+}
+
+/// What a directory output carried from a model directory: names carried,
+/// names skipped (with why).
+pub(crate) type Carried = (Vec<String>, Vec<String>);
+
+pub(crate) fn write_directory(
+    src: &Checked<'_>,
+    kind: InputKind,
+    input: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+) -> Result<(Vec<PathBuf>, Carried)> {
+    let dir = AtomicDir::create(output, opts.overwrite)?;
+    let carried = if input.is_dir() {
+        carry_model_files(input, dir.path())?
+    } else {
+        Default::default()
+    };
+    let names = src.files();
+    // Keep the input's file names and grouping when it has several files;
+    // otherwise split by size with the usual naming.
+    let groups: Vec<(String, Vec<&SourceTensor>)> = if names.len() > 1 {
+        names
+            .iter()
+            .enumerate()
+            .map(|(fi, n)| {
+                (
+                    n.clone(),
+                    src.tensors().iter().filter(|t| t.file == fi).collect(),
+                )
+            })
+            .collect()
+    } else {
+        let stem = model_stem(&names);
+        let list: Vec<(String, u64)> = src
+            .tensors()
+            .iter()
+            .map(|t| (t.key.clone(), t.len))
+            .collect();
+        plan_shards(&stem, &list, opts.max_shard_size)
+            .into_iter()
+            .map(|(n, keys)| {
+                let ts = keys.iter().filter_map(|k| src.get(k)).collect();
+                (n, ts)
+            })
+            .collect()
+    };
+    let mut index = ShardIndex::default();
+    let mut total = 0u64;
+    for (fi, (name, ts)) in groups.iter().enumerate() {
+        let mut md = if names.len() > 1 {
+            src.file_metadata(fi)
+        } else {
+            src.metadata().clone()
+        };
+        md.entry("format".into()).or_insert_with(|| "pt".into());
+        let p = dir.path().join(name);
+        let w = SafetensorsWriter::create(&p, &plan_of(ts), &md, false, opts.hashes)?;
+        copy_parallel(src, ts, &w)?;
+        w.finish()?;
+        for t in ts {
+            index.weight_map.insert(t.key.clone(), name.clone());
+            total += t.len;
+        }
+    }
+    if groups.len() > 1 {
+        index
+            .metadata
+            .insert("total_size".into(), serde_json::Value::from(total));
+        let index_name = match (kind, find_index(input).ok().flatten()) {
+            (InputKind::ShardedDir, Some(p)) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model.safetensors.index.json".into()),
+            _ => {
+                let stem = groups[0].0.split('-').next().unwrap_or("model");
+                format!("{stem}.safetensors.index.json")
+            }
+        };
+        let text = serde_json::to_string_pretty(&index)
+            .map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
+        std::fs::write(dir.path().join(index_name), text)?;
+    }
+    dir.commit()?;
+    Ok((vec![output.to_path_buf()], carried))
+}
+
+/// Groups whole layers into output files of at most `max` bytes each.
+pub(crate) fn group_layers(p: &Plan, max: u64) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = 0u64;
+    for (i, l) in p.layers.iter().enumerate() {
+        if !cur.is_empty() && size.saturating_add(l.bytes_out) > max {
+            groups.push(std::mem::take(&mut cur));
+            size = 0;
+        }
+        cur.push(i);
+        size = size.saturating_add(l.bytes_out);
+    }
+    if !cur.is_empty() || groups.is_empty() {
+        groups.push(cur);
+    }
+    groups
+}
+
+pub(crate) fn outputs_of(p: &Plan, idx: &[usize]) -> Vec<(String, Dtype, Vec<u64>)> {
+    idx.iter()
+        .flat_map(|&i| {
+            p.layers[i]
+                .output
+                .parts()
+                .map(|q| (q.key.clone(), q.dtype, q.shape.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The file-name stem of the input's weight files, so that outputs follow
+/// its convention: the stem of sharded names (`model`,
+/// `diffusion_pytorch_model`, `consolidated` from
+/// `consolidated-00001-of-00002.safetensors`) or of the transformers and
+/// diffusers single-file names; `model` otherwise (a directory made from a
+/// lone `flux1-dev.safetensors` is named as transformers expects).
+pub fn model_stem(files: &[String]) -> String {
+    files
+        .first()
+        .filter(|n| n.contains("-of-") || crate::io::sharded::is_weight_file_name(n))
+        .and_then(|n| crate::io::sharded::weight_file_stem(n))
+        .filter(|s| crate::format::validate::safe_file_name(s))
+        .unwrap_or("model")
+        .to_string()
+}
+
+/// Writes a plan's output as `{stem}.safetensors` or
+/// `{stem}-0000k-of-0000n.safetensors` + `{stem}.safetensors.index.json`
+/// (+ `quanto_qmap.json`) into an existing directory.
+pub(crate) fn write_model_dir(
+    src: &Checked<'_>,
+    p: &Plan,
+    losses: &Losses,
+    dir: &Path,
+    stem: &str,
+    md: &BTreeMap<String, String>,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    let groups = group_layers(p, opts.max_shard_size);
+    let n = groups.len();
+    let mut index = ShardIndex::default();
+    let mut total = 0u64;
+    for (gi, g) in groups.iter().enumerate() {
+        let name = if n == 1 {
+            format!("{stem}.safetensors")
+        } else {
+            format!("{stem}-{:05}-of-{n:05}.safetensors", gi + 1)
+        };
+        let outs = outputs_of(p, g);
+        let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, false, opts.hashes)?;
+        run_layers(src, p, g, losses, &w)?;
+        w.finish()?;
+        for (k, d, s) in outs {
+            total += crate::dtype::byte_len(d, &s)?;
+            index.weight_map.insert(k, name.clone());
+        }
+    }
+    if n > 1 {
+        index
+            .metadata
+            .insert("total_size".into(), serde_json::Value::from(total));
+        let text = serde_json::to_string_pretty(&index)
+            .map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
+        std::fs::write(dir.join(format!("{stem}.safetensors.index.json")), text)?;
+    }
+    if p.has_quanto() {
+        std::fs::write(dir.join(QMAP_FILE), qmap_for(p).to_json())?;
+    }
+    Ok(())
+}
+
+/// What happens to the `quanto_qmap.json` beside a safetensors output.
+pub(crate) enum QmapSlot {
+    /// Nothing is there and nothing is written.
+    None,
+    /// A new map is written (locked from now until the commit).
+    Write(crate::io::atomic::AtomicFile),
+    /// The output's stale map is removed with the commit.
+    Remove(crate::io::atomic::Removal),
+}
+
+/// The `quanto_qmap.json` beside a safetensors output belongs to that
+/// output alone. Refused: touching the input's companion; touching a map
+/// that belongs to another weights file in the directory (replacing it
+/// breaks that model; leaving it beside a plain output recreates the
+/// mismatch ckptkit exists to prevent); replacing or removing an existing
+/// map without `overwrite`. The slot is locked before any tensor is
+/// written, so a second writer of the same map is refused at once.
+pub(crate) fn claim_qmap_slot(
+    input: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+    quanto: bool,
+) -> Result<QmapSlot> {
+    let overwrite = opts.overwrite;
+    let qpath = output.with_file_name(QMAP_FILE);
+    let exists = std::fs::symlink_metadata(&qpath).is_ok();
+    if exists || quanto {
+        let q = crate::io::paths::resolve(&qpath);
+        if let Some(r) = read_set(input, opts)
+            .into_iter()
+            .find(|r| crate::io::paths::resolve(r) == q)
+        {
+            return Err(Error::usage(format!(
+                "{} would {} {}, which this conversion reads; write the output to another \
+                 directory",
+                output.display(),
+                if quanto { "replace" } else { "remove" },
+                r.display()
+            )));
+        }
+    }
+    if exists {
+        crate::io::atomic::check_destination(&qpath, crate::io::atomic::DestKind::File, true)?;
+        let others = other_weight_files(output)?;
+        if !others.is_empty() {
+            return Err(Error::new(ErrorKind::Conflict(format!(
+                "{} belongs to another weights file in this directory ({}); {} it would break \
+                 that model{}; write the output to another directory",
+                qpath.display(),
+                others.join(", "),
+                if quanto { "replacing" } else { "removing" },
+                if quanto {
+                    ""
+                } else {
+                    ", and leaving it beside a plain output would describe the wrong file"
+                }
+            )))
+            .with_file(&qpath));
+        }
+        if !overwrite {
+            return Err(Error::new(ErrorKind::OutputExists(qpath)));
+        }
+    }
+    Ok(if quanto {
+        QmapSlot::Write(crate::io::atomic::AtomicFile::create(&qpath, true)?)
+    } else if exists {
+        QmapSlot::Remove(crate::io::atomic::Removal::new(&qpath)?)
+    } else {
+        QmapSlot::None
+    })
+}
+
+/// The `*.safetensors` files in an output's directory other than the output
+/// itself (regular, not hidden), sorted.
+pub(crate) fn other_weight_files(output: &Path) -> Result<Vec<String>> {
+    let dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let me = output.file_name();
+    let mut v = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(v);
+    };
+    for e in rd.flatten() {
+        let n = e.file_name();
+        let s = n.to_string_lossy();
+        if Some(n.as_os_str()) == me || s.starts_with('.') || !s.ends_with(".safetensors") {
+            continue;
+        }
+        if std::fs::metadata(e.path()).is_ok_and(|m| m.is_file()) {
+            v.push(s.into_owned());
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Commits a safetensors output together with its `quanto_qmap.json`
+/// companion (written, or removed when the output has no quanto layers),
+/// through one journal: a map never describes another file.
+pub(crate) fn commit_with_qmap(p: &Plan, w: SafetensorsWriter, slot: QmapSlot) -> Result<()> {
+    let weights = w.finish_pending()?;
+    match slot {
+        QmapSlot::Write(q) => {
+            use std::io::Write;
+            let mut f = q.file()?;
+            f.write_all(qmap_for(p).to_json().as_bytes())
+                .map_err(|e| Error::from(e).with_file(q.temp()))?;
+            // weights first: the journal is named after them
+            crate::io::atomic::commit_together(vec![weights, q], vec![])
+        }
+        QmapSlot::Remove(r) => crate::io::atomic::commit_together(vec![weights], vec![r]),
+        QmapSlot::None => weights.commit(),
+    }
+}
