@@ -598,11 +598,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     return Ok(2);
                 }
             };
-            let fix = format!(
-                "migrate convert {} OUTPUT.safetensors --like {}",
-                input.display(),
-                against.display()
-            );
+            let fix = r.fix.clone().unwrap_or_default();
             if json {
                 println!(
                     "{}",

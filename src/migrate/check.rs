@@ -25,6 +25,7 @@ pub fn like_target(reference: &Path) -> Result<Target> {
                 k,
                 crate::migrate::plan::LikeLayer {
                     qtype: crate::layout::quanto::QType::from_name(&e.weights),
+                    int8: None,
                     activations: (e.activations != "none").then_some(e.activations),
                     shape: None,
                     dtype: None,
@@ -60,10 +61,18 @@ pub fn like_target(reference: &Path) -> Result<Target> {
             }
             _ => None,
         };
+        let int8 = match &l.quant.weights {
+            crate::WeightQuant::Int8 { layout, descriptor } => Some(Box::new(
+                crate::layout::int8::descriptor_of(layout, descriptor)
+                    .map_err(|e| e.with_layer(l.path.clone()).with_file(reference))?,
+            )),
+            _ => None,
+        };
         m.insert(
             l.path.clone(),
             crate::migrate::plan::LikeLayer {
                 qtype,
+                int8,
                 activations: l.quant.activations.clone(),
                 shape: w.map(|w| w.shape.clone()),
                 dtype: w.map(|w| w.dtype),
@@ -96,6 +105,23 @@ pub struct CheckReport {
     /// Layers of the checkpoint that look quantized in a layout ckptkit
     /// does not know: it cannot tell whether they match, nor convert them.
     pub unknown_layouts: Vec<crate::schema::Suspect>,
+    /// The `migrate convert` command that makes the checkpoint load where
+    /// the reference is expected (with `--allow-lossy` when the conversion
+    /// may lose information), or `None` when nothing needs fixing.
+    pub fix: Option<String>,
+}
+
+/// A path as one shell word.
+fn shell_word(p: &Path) -> String {
+    let s = p.display().to_string();
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:=@%,".contains(&b));
+    if plain {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 impl CheckReport {
@@ -131,7 +157,15 @@ pub fn check(input: &Path, reference: &Path, opts: &ConvertOptions) -> Result<Ch
     let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
     // what the input would become to match the reference
     let target = like_target(reference)?;
-    let p = plan(&layers, &target, &PlanOptions::default())?;
+    // what the input would become (lossy layers included: the fix says so)
+    let p = plan(
+        &layers,
+        &target,
+        &PlanOptions {
+            allow_lossy: true,
+            ..Default::default()
+        },
+    )?;
     let planned = || -> Vec<Layer> { p.layers.iter().map(|l| l.output.clone()).collect() };
     let keys_of = |ls: &[Layer]| -> std::collections::BTreeSet<String> {
         ls.iter()
@@ -174,6 +208,15 @@ pub fn check(input: &Path, reference: &Path, opts: &ConvertOptions) -> Result<Ch
                 });
             }
         }
+    }
+    if !report.compatible() {
+        let lossy = p.layers.iter().any(crate::migrate::plan::needs_allow_lossy);
+        report.fix = Some(format!(
+            "migrate convert {} OUTPUT.safetensors --like {}{}",
+            shell_word(input),
+            shell_word(reference),
+            if lossy { " --allow-lossy" } else { "" }
+        ));
     }
     Ok(report)
 }

@@ -37,10 +37,12 @@ pub enum Target {
 }
 
 /// A reference layer for [`Target::Like`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LikeLayer {
     /// quanto qtype, or `None` for plain.
     pub qtype: Option<QType>,
+    /// int8 layout, when the reference layer is in the int8 family.
+    pub int8: Option<Box<Int8Descriptor>>,
     /// activation qtype name (quanto), if any.
     pub activations: Option<String>,
     /// The reference's logical weight shape, when known.
@@ -186,6 +188,13 @@ pub enum Pass {
         to: String,
         /// Whether both layouts dequantize to bit-identical floats.
         same_floats: bool,
+        /// Whether the data may make it lossy: source integers outside the
+        /// target's range (quanto's -128 in bitsandbytes' [-127, 127]), or a
+        /// scale conversion that may round (an F32 absmax divided by 127
+        /// into a bf16 scale). Whether it does is checked at execution; when
+        /// it does, the re-layout needs `--allow-lossy`.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        may_lose: bool,
     },
 }
 
@@ -409,19 +418,50 @@ fn int8_of(l: &Layer) -> Option<Int8Descriptor> {
 /// The integer view of a quantized layer that can be re-laid out without
 /// touching its integers: quanto qint8, or an int8 layout with one scale per
 /// row or per tensor.
-fn relayout_source(l: &Layer) -> Option<(String, ScaleValue, Granularity)> {
+fn relayout_source(l: &Layer) -> Option<(String, ScaleValue, Granularity, [i32; 2])> {
     if let Some((q, _)) = quanto_of(l) {
         return (q == QType::QInt8).then(|| {
             (
                 "quanto qint8".to_string(),
                 ScaleValue::Scale,
                 Granularity::Channel,
+                QUANTO_QINT8_RANGE,
             )
         });
     }
     int8_of(l)
         .filter(|d| d.zero_point.is_none())
-        .map(|d| (d.name.clone(), d.scale.value, d.scale.granularity))
+        .map(|d| (d.name.clone(), d.scale.value, d.scale.granularity, d.range))
+}
+
+/// The integers optimum-quanto's qint8 stores.
+const QUANTO_QINT8_RANGE: [i32; 2] = [-128, 127];
+
+/// The dtype of a quantized layer's stored scale.
+fn scale_dtype_of(l: &Layer) -> Option<Dtype> {
+    l.tensors
+        .iter()
+        .filter(|t| t.encoding == Encoding::Quantized)
+        .flat_map(|t| &t.parts)
+        .find(|p| p.role == Role::Scale)
+        .map(|p| p.dtype)
+}
+
+/// Whether converting a stored scale between value forms and dtypes may
+/// round (some data can make it inexact); `false` only where it is exact
+/// for every value: the same form into the same or a wider dtype, or a
+/// bf16 / f16 scale times an integer divisor up to 255 into F32.
+fn scale_may_round(from: (ScaleValue, Dtype), to: (ScaleValue, Dtype)) -> bool {
+    let narrow = matches!(from.1, Dtype::BF16 | Dtype::F16);
+    let widens = from.1 == to.1 || (narrow && to.1 == Dtype::F32);
+    match (from.0, to.0) {
+        (ScaleValue::Scale, ScaleValue::Scale) => !widens,
+        (ScaleValue::AbsmaxOver(a), ScaleValue::AbsmaxOver(b)) => a != b || !widens,
+        (ScaleValue::Scale, ScaleValue::AbsmaxOver(c)) => {
+            !(narrow && to.1 == Dtype::F32 && c.fract() == 0.0 && (1.0..=255.0).contains(&c))
+        }
+        _ => true,
+    }
 }
 
 fn same_floats(a: ScaleValue, b: ScaleValue) -> bool {
@@ -514,6 +554,19 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                 }
             }
             Target::Like(refm, _) => match refm.get(&l.path) {
+                Some(r) if selected(&l.path, opts) && r.int8.is_some() => {
+                    let d = r
+                        .int8
+                        .as_deref()
+                        .ok_or_else(|| Error::layout("int8 reference"))?;
+                    let mut p = to_int8(l, d)?;
+                    p.rule = if quanto_of(l).is_some() || int8_of(l).is_some() {
+                        quantized_rule(&p)
+                    } else {
+                        "float layer quantized like the reference".into()
+                    };
+                    p
+                }
                 Some(r) if selected(&l.path, opts) => match r.qtype {
                     Some(q) => {
                         let mut p = to_quanto(l, q, r.activations.clone())?;
@@ -557,7 +610,7 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     }
     // requantizing a quantized layer (qint4 to int8, int8 to qint4) cannot
     // be undone byte for byte: only with --allow-lossy
-    if matches!(target, Target::Quanto(_) | Target::Int8(_)) && !opts.allow_lossy {
+    if !matches!(target, Target::Keep | Target::Plain(_)) && !opts.allow_lossy {
         if let Some(lp) = out.iter().find(|lp| requantizes(lp)) {
             return Err(Error::layout(format!(
                 "`{}` would be requantized ({} -> {}): its integers cannot be carried over \
@@ -652,6 +705,16 @@ fn layer_plan(l: &Layer, output: Layer, passes: Vec<Pass>, lossless: bool) -> La
 fn with_rule(mut lp: LayerPlan, rule: &str) -> LayerPlan {
     lp.rule = rule.to_string();
     lp
+}
+
+/// True when a layer's plan may lose information that `--allow-lossy` must
+/// accept: a requantization, or a re-layout whose integers may not fit.
+pub fn needs_allow_lossy(lp: &LayerPlan) -> bool {
+    requantizes(lp)
+        || lp
+            .passes
+            .iter()
+            .any(|p| matches!(p, Pass::Relayout { may_lose: true, .. }))
 }
 
 /// True when a quantized source layer is dequantized and quantized again
@@ -781,16 +844,20 @@ fn to_int8(l: &Layer, d: &Int8Descriptor) -> Result<LayerPlan> {
     let (o, i) = (w.shape[0], w.shape[1]);
     let mut passes = Vec::new();
     let mut lossless = false;
-    let relayout_ok = relayout_source(l).filter(|(_, _, g)| {
+    let relayout_ok = relayout_source(l).filter(|(_, _, g, _)| {
         *g == Granularity::Channel && matches!(d.scale.granularity, Granularity::Channel)
             || *g == d.scale.granularity
     });
     match relayout_ok {
-        Some((from, sv, _)) if d.zero_point.is_none() => {
+        Some((from, sv, _, range)) if d.zero_point.is_none() => {
+            let src_dt = scale_dtype_of(l).unwrap_or(w.dtype);
             passes.push(Pass::Relayout {
                 from,
                 to: d.name.clone(),
                 same_floats: same_floats(sv, d.scale.value),
+                may_lose: range[0] < d.range[0]
+                    || range[1] > d.range[1]
+                    || scale_may_round((sv, src_dt), (d.scale.value, d.scale_dtype(w.dtype))),
             });
             lossless = true; // checked on the data at execution
         }
@@ -955,10 +1022,14 @@ fn to_quanto(l: &Layer, q: QType, activations: Option<String>) -> Result<LayerPl
             && sd.zero_point.is_none()
             && matches!(sd.scale.granularity, Granularity::Channel)
         {
+            let src_dt = scale_dtype_of(l).unwrap_or(w.dtype);
             passes.push(Pass::Relayout {
                 from: sd.name.clone(),
                 to: "quanto qint8".into(),
                 same_floats: same_floats(sd.scale.value, ScaleValue::Scale),
+                may_lose: sd.range[0] < QUANTO_QINT8_RANGE[0]
+                    || sd.range[1] > QUANTO_QINT8_RANGE[1]
+                    || scale_may_round((sd.scale.value, src_dt), (ScaleValue::Scale, w.dtype)),
             });
             lossless = true;
         } else {
