@@ -214,6 +214,16 @@ pub enum FloatDtype {
     F32,
 }
 
+/// The float format of a dtype (F16, BF16, F32 only; `None` for the rest).
+pub fn float_dtype_of(d: crate::Dtype) -> Option<FloatDtype> {
+    match d {
+        crate::Dtype::BF16 => Some(FloatDtype::Bf16),
+        crate::Dtype::F16 => Some(FloatDtype::F16),
+        crate::Dtype::F32 => Some(FloatDtype::F32),
+        _ => None,
+    }
+}
+
 impl FloatDtype {
     /// All float dtypes.
     pub const ALL: [FloatDtype; 3] = [FloatDtype::Bf16, FloatDtype::F16, FloatDtype::F32];

@@ -783,7 +783,15 @@ fn colliding_output_keys_are_refused_by_the_planner() {
     let layers = detect_layers(&src, &Hints::default()).unwrap();
     let mut d = ckptkit::layout::int8::Int8Descriptor::from_json(MINE).unwrap();
     d.payload.key = "bias".into();
-    let e = plan(&layers, &Target::Int8(Box::new(d)), &PlanOptions::default()).unwrap_err();
+    let e = plan(
+        &layers,
+        &Target::layout(ckptkit::WeightQuant::Int8 {
+            layout: d.name.clone(),
+            descriptor: d.to_json(),
+        }),
+        &PlanOptions::default(),
+    )
+    .unwrap_err();
     let s = e.to_string();
     assert!(
         s.contains("two tensors would be named `m.bias`")
@@ -815,7 +823,15 @@ fn colliding_output_keys_are_refused_by_the_planner() {
     ]);
     let layers = detect_layers(&src, &Hints::default()).unwrap();
     let d = ckptkit::layout::int8::Int8Descriptor::from_json(MINE).unwrap();
-    let e = plan(&layers, &Target::Int8(Box::new(d)), &PlanOptions::default()).unwrap_err();
+    let e = plan(
+        &layers,
+        &Target::layout(ckptkit::WeightQuant::Int8 {
+            layout: d.name.clone(),
+            descriptor: d.to_json(),
+        }),
+        &PlanOptions::default(),
+    )
+    .unwrap_err();
     let s = e.to_string();
     assert!(
         s.contains("two tensors would be named `m.weight.qs`")

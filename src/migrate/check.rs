@@ -24,8 +24,7 @@ pub fn like_target(reference: &Path) -> Result<Target> {
             m.insert(
                 k,
                 crate::migrate::plan::LikeLayer {
-                    qtype: crate::layout::quanto::QType::from_name(&e.weights),
-                    int8: None,
+                    layout: crate::layout::quanto::family::qmap_record(&e.weights),
                     activations: (e.activations != "none").then_some(e.activations),
                     shape: None,
                     dtype: None,
@@ -55,24 +54,14 @@ pub fn like_target(reference: &Path) -> Result<Target> {
     for l in layers {
         order.push(l.path.clone());
         let w = l.tensors.iter().find(|t| t.name == "weight");
-        let qtype = match &l.quant.weights {
-            crate::WeightQuant::Quanto { qtype, .. } => {
-                crate::layout::quanto::QType::from_name(qtype)
-            }
-            _ => None,
-        };
-        let int8 = match &l.quant.weights {
-            crate::WeightQuant::Int8 { layout, descriptor } => Some(Box::new(
-                crate::layout::int8::descriptor_of(layout, descriptor)
-                    .map_err(|e| e.with_layer(l.path.clone()).with_file(reference))?,
-            )),
-            _ => None,
-        };
+        // the reference's record must be one its family reads
+        crate::layout::family::of(&l)
+            .check_record(&l.quant.weights)
+            .map_err(|e| e.with_layer(l.path.clone()).with_file(reference))?;
         m.insert(
             l.path.clone(),
             crate::migrate::plan::LikeLayer {
-                qtype,
-                int8,
+                layout: l.quant.weights.clone(),
                 activations: l.quant.activations.clone(),
                 shape: w.map(|w| w.shape.clone()),
                 dtype: w.map(|w| w.dtype),

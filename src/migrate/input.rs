@@ -182,10 +182,7 @@ pub(crate) fn refuse_no_change(
     warnings: &[String],
     opts: &ConvertOptions,
 ) -> Result<()> {
-    let explicit = matches!(
-        opts.target,
-        Target::Plain(_) | Target::Quanto(_) | Target::Int8(_)
-    );
+    let explicit = matches!(opts.target, Target::Plain(_) | Target::Layout(_));
     if !explicit || opts.dry_run {
         return Ok(());
     }

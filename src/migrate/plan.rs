@@ -7,16 +7,16 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::dtype::{byte_len, Dtype};
-use crate::error::{Error, ErrorKind, Result};
-use crate::float::{cast, FloatDtype};
-use crate::format::manifest::{
-    Encoding, Layer, LogicalTensor, Part, Quantization, Role, WeightQuant,
-};
+use crate::error::{Error, Result};
+use crate::format::manifest::{Encoding, Layer, LogicalTensor, Part, Role, WeightQuant};
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
-use crate::layout::int8::{self, Granularity, Int8Descriptor, ScaleValue};
-use crate::layout::quanto::{self, math, QType};
-use crate::schema::layout_name;
+use crate::layout::family::{
+    self, family_of, is_quantized, layout_name, plain_logical, Family, PlanCtx, Planned,
+    WeightInput, ACT_SCALES,
+};
+
+pub use crate::layout::family::{Loss, Pass};
 
 /// What to convert to.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,24 +25,45 @@ pub enum Target {
     Keep,
     /// Dequantize every quantized layer; optionally cast floats to a dtype.
     Plain(Option<Dtype>),
-    /// Quantize selected plain layers with optimum-quanto; quanto layers of
-    /// another qtype are dequantized and requantized.
-    Quanto(QType),
-    /// Quantize selected plain layers to an int8 layout; quanto qint8 and
-    /// other int8 layers are re-laid out (same integers) where possible.
-    Int8(Box<Int8Descriptor>),
+    /// A layout of a quantized family (`--to quanto:qint4`, `--to
+    /// int8:ct`): quantized layers are converted (re-laid out when their
+    /// integers carry over, else requantized), float layers quantized when
+    /// the input has no quantized layer or `--include` names them.
+    Layout(LayoutTarget),
     /// Per layer, the layout of a reference (path → weight quantization),
     /// with the reference's module order.
     Like(BTreeMap<String, LikeLayer>, Vec<String>),
 }
 
+/// A target layout: the record a family writes for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayoutTarget {
+    record: WeightQuant,
+}
+
+impl LayoutTarget {
+    /// The target whose layer record is `record` (a quanto qtype with no
+    /// group size — it follows from each layer's shape —, an int8 layout).
+    pub fn new(record: WeightQuant) -> Self {
+        LayoutTarget { record }
+    }
+
+    /// The record.
+    pub fn record(&self) -> &WeightQuant {
+        &self.record
+    }
+
+    fn family(&self) -> &'static dyn Family {
+        family_of(&self.record)
+    }
+}
+
 /// A reference layer for [`Target::Like`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct LikeLayer {
-    /// quanto qtype, or `None` for plain.
-    pub qtype: Option<QType>,
-    /// int8 layout, when the reference layer is in the int8 family.
-    pub int8: Option<Box<Int8Descriptor>>,
+    /// The reference layer's weight layout (`WeightQuant::Plain` for a
+    /// plain layer).
+    pub layout: WeightQuant,
     /// activation qtype name (quanto), if any.
     pub activations: Option<String>,
     /// The reference's logical weight shape, when known.
@@ -52,11 +73,13 @@ pub struct LikeLayer {
 }
 
 impl Target {
-    /// Parses `keep`, `plain`, `plain:bf16|f16|f32`, `quanto:QTYPE`.
+    /// Parses `keep`, `plain`, `plain:bf16|f16|f32`, and every family's
+    /// spellings (`quanto:QTYPE`, `int8`, `int8:bnb`, ...).
     pub fn parse(s: &str) -> Result<Target> {
         let bad = || {
             Error::usage(format!(
-                "unknown target `{s}`; use keep, plain, plain:bf16|f16|f32, or quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz"
+                "unknown target `{s}`; use keep, plain, plain:bf16|f16|f32, {}",
+                family::spellings()
             ))
         };
         Ok(match s.split_once(':') {
@@ -68,10 +91,16 @@ impl Target {
                 "f32" => Dtype::F32,
                 _ => return Err(bad()),
             })),
-            Some(("quanto", q)) => Target::Quanto(QType::from_name(q).ok_or_else(bad)?),
-            _ if s == "int8" || s.starts_with("int8:") => Target::Int8(Box::new(int8::preset(s)?)),
-            _ => return Err(bad()),
+            _ => match family::parse_target(s) {
+                Some(r) => Target::Layout(LayoutTarget::new(r?.1)),
+                None => return Err(bad()),
+            },
         })
+    }
+
+    /// The target of a layer record (`--to` in code).
+    pub fn layout(record: WeightQuant) -> Target {
+        Target::Layout(LayoutTarget::new(record))
     }
 }
 
@@ -147,57 +176,6 @@ pub fn apply_renames(p: &mut Plan, renames: &[Rename]) -> Result<()> {
     Ok(())
 }
 
-/// One pass applied to a layer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "pass", rename_all = "snake_case")]
-pub enum Pass {
-    /// Tensors copied unchanged.
-    Copy,
-    /// quanto → float.
-    Dequantize {
-        /// Source qtype.
-        qtype: String,
-        /// Output dtype.
-        dtype: String,
-    },
-    /// float → quanto.
-    Quantize {
-        /// Target qtype.
-        qtype: String,
-        /// Group size.
-        group_size: Option<u64>,
-    },
-    /// Float dtype cast (round to nearest even).
-    Cast {
-        /// From dtype.
-        from: String,
-        /// To dtype.
-        to: String,
-    },
-    /// quanto activation scales dropped (a plain model has no such buffers).
-    DropActivationScales,
-    /// `input_scale`/`output_scale` added (1.0), as quanto's `quantize()` does.
-    AddActivationScales,
-    /// The integer payload moved to another int8 layout unchanged, the scale
-    /// converted; lossless when converting back gives the same bytes (checked
-    /// on the data).
-    Relayout {
-        /// Source layout.
-        from: String,
-        /// Target layout.
-        to: String,
-        /// Whether both layouts dequantize to bit-identical floats.
-        same_floats: bool,
-        /// Whether the data may make it lossy: source integers outside the
-        /// target's range (quanto's -128 in bitsandbytes' [-127, 127]), or a
-        /// scale conversion that may round (an F32 absmax divided by 127
-        /// into a bf16 scale). Whether it does is checked at execution; when
-        /// it does, the re-layout needs `--allow-lossy`.
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        may_lose: bool,
-    },
-}
-
 /// The plan of one layer.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerPlan {
@@ -265,10 +243,13 @@ impl Plan {
         self.layers.iter().all(|l| l.lossless)
     }
 
-    /// True when any output layer is quanto-quantized.
+    /// True when the output needs a `quanto_qmap.json` (a layer whose
+    /// family the map describes, or one with quantized activations).
     pub fn has_quanto(&self) -> bool {
         self.layers.iter().any(|l| {
-            matches!(l.output.quant.weights, WeightQuant::Quanto { .. })
+            family_of(&l.output.quant.weights)
+                .qmap_weights(&l.output.quant.weights)
+                .is_some()
                 || l.output.quant.activations.is_some()
         })
     }
@@ -350,122 +331,18 @@ fn selected(path: &str, opts: &PlanOptions) -> bool {
     true
 }
 
-fn quantizable(l: &Layer, opts: &PlanOptions) -> bool {
-    let Some(w) = l.tensors.iter().find(|t| t.name == "weight") else {
-        return false;
-    };
+/// Whether `--to` a layout of `fam` quantizes float layer `l` by the
+/// default selection (the family takes it, it is selected, and it is not an
+/// embedding table unless `--include` names it).
+fn quantizable(l: &Layer, opts: &PlanOptions, fam: &dyn Family) -> bool {
     let explicit = !opts.include.is_empty() && opts.include.iter().any(|g| fnmatch(g, &l.path));
-    matches!(w.shape.len(), 2 | 4)
-        && w.dtype.is_filterable_float()
-        && w.shape.iter().all(|&d| d > 0)
-        && selected(&l.path, opts)
-        && (explicit || !is_embedding(&l.path))
-}
-
-fn key(path: &str, name: &str) -> String {
-    if path.is_empty() {
-        name.to_string()
-    } else {
-        format!("{path}.{name}")
-    }
-}
-
-fn out_part(role: Role, key: String, dtype: Dtype, shape: Vec<u64>) -> Part {
-    Part {
-        role,
-        shard: 0,
-        key,
-        dtype,
-        shape,
-        blake3: [0; 32],
-    }
-}
-
-fn plain_logical(path: &str, name: &str, dtype: Dtype, shape: Vec<u64>) -> LogicalTensor {
-    LogicalTensor {
-        name: name.into(),
-        dtype,
-        shape: shape.clone(),
-        encoding: Encoding::Plain,
-        parts: vec![out_part(Role::Data, key(path, name), dtype, shape)],
-    }
+    fam.takes_float(l) && selected(&l.path, opts) && (explicit || !is_embedding(&l.path))
 }
 
 fn stored_bytes(l: &Layer) -> u64 {
     l.parts()
         .map(|p| byte_len(p.dtype, &p.shape).unwrap_or(0))
         .sum()
-}
-
-fn quanto_of(l: &Layer) -> Option<(QType, Option<u64>)> {
-    match &l.quant.weights {
-        WeightQuant::Quanto { qtype, group_size } => {
-            QType::from_name(qtype).map(|q| (q, *group_size))
-        }
-        _ => None,
-    }
-}
-
-const ACT_SCALES: [&str; 2] = ["input_scale", "output_scale"];
-
-fn int8_of(l: &Layer) -> Option<Int8Descriptor> {
-    match &l.quant.weights {
-        WeightQuant::Int8 { layout, descriptor } => int8::descriptor_of(layout, descriptor).ok(),
-        _ => None,
-    }
-}
-
-/// The integer view of a quantized layer that can be re-laid out without
-/// touching its integers: quanto qint8, or an int8 layout with one scale per
-/// row or per tensor.
-fn relayout_source(l: &Layer) -> Option<(String, ScaleValue, Granularity, [i32; 2])> {
-    if let Some((q, _)) = quanto_of(l) {
-        return (q == QType::QInt8).then(|| {
-            (
-                "quanto qint8".to_string(),
-                ScaleValue::Scale,
-                Granularity::Channel,
-                QUANTO_QINT8_RANGE,
-            )
-        });
-    }
-    int8_of(l)
-        .filter(|d| d.zero_point.is_none())
-        .map(|d| (d.name.clone(), d.scale.value, d.scale.granularity, d.range))
-}
-
-/// The integers optimum-quanto's qint8 stores.
-const QUANTO_QINT8_RANGE: [i32; 2] = [-128, 127];
-
-/// The dtype of a quantized layer's stored scale.
-fn scale_dtype_of(l: &Layer) -> Option<Dtype> {
-    l.tensors
-        .iter()
-        .filter(|t| t.encoding == Encoding::Quantized)
-        .flat_map(|t| &t.parts)
-        .find(|p| p.role == Role::Scale)
-        .map(|p| p.dtype)
-}
-
-/// Whether converting a stored scale between value forms and dtypes may
-/// round (some data can make it inexact); `false` only where it is exact
-/// for every value: the same form into the same or a wider dtype, or a
-/// bf16 / f16 scale times an integer divisor up to 255 into F32.
-fn scale_may_round(from: (ScaleValue, Dtype), to: (ScaleValue, Dtype)) -> bool {
-    let narrow = matches!(from.1, Dtype::BF16 | Dtype::F16);
-    let widens = from.1 == to.1 || (narrow && to.1 == Dtype::F32);
-    match (from.0, to.0) {
-        (ScaleValue::Scale, ScaleValue::Scale) => !widens,
-        (ScaleValue::AbsmaxOver(a), ScaleValue::AbsmaxOver(b)) => a != b || !widens,
-        (ScaleValue::Scale, ScaleValue::AbsmaxOver(c)) => {
-            !(narrow && to.1 == Dtype::F32 && c.fract() == 0.0 && (1.0..=255.0).contains(&c))
-        }
-        _ => true,
-    }
-}
-
-fn same_floats(a: ScaleValue, b: ScaleValue) -> bool {
-    a == b
 }
 
 /// Plans the conversion of `layers` to `target`.
@@ -480,9 +357,7 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     // FAMILY (the layers its author left out, such as norm_out or an
     // embedder), unless --include names them; a fully float input is
     // quantized by the default selection
-    let input_quantized = layers
-        .iter()
-        .any(|l| quanto_of(l).is_some() || int8_of(l).is_some());
+    let input_quantized = layers.iter().any(is_quantized);
     let included = |path: &str| opts.include.iter().any(|g| fnmatch(g, path));
     let float_rule = |l: &Layer| -> Option<&'static str> {
         if !input_quantized {
@@ -496,54 +371,39 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     const LEFT_FLOAT: &str =
         "float layer left float: the input is partly quantized (--include selects float layers)";
     for l in layers {
-        // an int8 record must name a preset exactly or carry a valid
-        // descriptor (spec/layouts.md §3)
-        if let WeightQuant::Int8 { layout, descriptor } = &l.quant.weights {
-            int8::descriptor_of(layout, descriptor).map_err(|e| e.with_layer(l.path.clone()))?;
-        }
+        let source = family::of(l);
+        // a record's parameters must be readable (an int8 record names a
+        // preset exactly or carries a valid descriptor, spec/layouts.md §3)
+        source
+            .check_record(&l.quant.weights)
+            .map_err(|e| e.with_layer(l.path.clone()))?;
+        let ctx = PlanCtx {
+            activations: None,
+            source,
+        };
+        let into = |fam: &dyn Family, record: &WeightQuant, ctx: &PlanCtx<'_>| {
+            fam.plan_into(l, record, ctx).map(|p| layer_plan(l, p))
+        };
         let lp = match target {
             Target::Keep => keep(l),
             Target::Plain(dt) => {
                 if selected(&l.path, opts) {
-                    to_plain(l, *dt)?
+                    layer_plan(l, crate::layout::plain::to_plain(l, *dt, source)?)
                 } else {
                     keep(l)
                 }
             }
-            Target::Quanto(q) => {
-                let is_q = quanto_of(l).is_some() || int8_of(l).is_some();
-                if is_q && selected(&l.path, opts) {
-                    let mut lp = to_quanto(l, *q, None)?;
+            Target::Layout(t) => {
+                let fam = t.family();
+                let is_q = is_quantized(l);
+                if is_q && selected(&l.path, opts) && fam.takes(l) {
+                    let mut lp = into(fam, t.record(), &ctx)?;
                     lp.rule = quantized_rule(&lp);
                     lp
-                } else if !is_q && quantizable(l, opts) {
+                } else if !is_q && quantizable(l, opts, fam) {
                     match float_rule(l) {
                         Some(r) => {
-                            let mut lp = to_quanto(l, *q, None)?;
-                            lp.rule = r.into();
-                            lp
-                        }
-                        None => with_rule(keep(l), LEFT_FLOAT),
-                    }
-                } else {
-                    keep(l)
-                }
-            }
-            Target::Int8(d) => {
-                let is_q = quanto_of(l).is_some() || int8_of(l).is_some();
-                // int8 layouts describe 2-D (Linear) weights; others are kept
-                let two_d = l
-                    .tensors
-                    .iter()
-                    .any(|t| t.name == "weight" && t.shape.len() == 2);
-                if two_d && is_q && selected(&l.path, opts) {
-                    let mut lp = to_int8(l, d)?;
-                    lp.rule = quantized_rule(&lp);
-                    lp
-                } else if two_d && !is_q && quantizable(l, opts) {
-                    match float_rule(l) {
-                        Some(r) => {
-                            let mut lp = to_int8(l, d)?;
+                            let mut lp = into(fam, t.record(), &ctx)?;
                             lp.rule = r.into();
                             lp
                         }
@@ -554,42 +414,39 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                 }
             }
             Target::Like(refm, _) => match refm.get(&l.path) {
-                Some(r) if selected(&l.path, opts) && r.int8.is_some() => {
-                    let d = r
-                        .int8
-                        .as_deref()
-                        .ok_or_else(|| Error::layout("int8 reference"))?;
-                    let mut p = to_int8(l, d)?;
-                    p.rule = if quanto_of(l).is_some() || int8_of(l).is_some() {
+                Some(r) if selected(&l.path, opts) && r.layout != WeightQuant::Plain => {
+                    let fam = family_of(&r.layout);
+                    let ctx = PlanCtx {
+                        activations: r.activations.clone(),
+                        source,
+                    };
+                    let mut p = into(fam, &r.layout, &ctx)?;
+                    if let (Some(s), Some(w)) = (
+                        &r.shape,
+                        p.output.tensors.iter().find(|t| t.name == "weight"),
+                    ) {
+                        if &w.shape != s {
+                            return Err(Error::layout(format!(
+                                "the reference expects a weight of shape {s:?}, the input has {:?}",
+                                w.shape
+                            ))
+                            .with_layer(l.path.clone()));
+                        }
+                    }
+                    p.rule = if is_quantized(l) {
                         quantized_rule(&p)
                     } else {
                         "float layer quantized like the reference".into()
                     };
                     p
                 }
-                Some(r) if selected(&l.path, opts) => match r.qtype {
-                    Some(q) => {
-                        let mut p = to_quanto(l, q, r.activations.clone())?;
-                        if let (Some(s), Some(w)) = (
-                            &r.shape,
-                            p.output.tensors.iter().find(|t| t.name == "weight"),
-                        ) {
-                            if &w.shape != s {
-                                return Err(Error::layout(format!(
-                                    "the reference expects a weight of shape {s:?}, the input has {:?}",
-                                    w.shape
-                                ))
-                                .with_layer(l.path.clone()));
-                            }
-                        }
-                        p.to = layout_name(&p.output);
-                        p
-                    }
-                    None if r.activations.is_some() && quanto_of(l).is_none() => {
+                Some(r) if selected(&l.path, opts) => {
+                    if r.activations.is_some() && !is_quantized(l) {
                         activations_only(l, r.activations.clone())
+                    } else {
+                        layer_plan(l, crate::layout::plain::to_plain(l, r.dtype, source)?)
                     }
-                    None => to_plain(l, r.dtype)?,
-                },
+                }
                 _ => keep(l),
             },
         };
@@ -678,25 +535,23 @@ fn describe_output((l, t, p): (&Layer, &LogicalTensor, &Part)) -> String {
         Role::ZeroPoint => "zero point".to_string(),
         Role::Other(n) => format!("`{n}` part"),
     };
-    let layout = match &l.quant.weights {
-        WeightQuant::Int8 { layout, .. } => format!("int8 layout `{layout}`"),
-        _ => layout_name(l),
-    };
+    let fam = family_of(&l.quant.weights);
+    let layout = format!("{} layout `{}`", fam.name(), fam.label(&l.quant.weights));
     format!("the {role} of {whose} ({layout})")
 }
 
-fn layer_plan(l: &Layer, output: Layer, passes: Vec<Pass>, lossless: bool) -> LayerPlan {
+fn layer_plan(l: &Layer, p: Planned) -> LayerPlan {
     LayerPlan {
         path: l.path.clone(),
         from: layout_name(l),
-        to: layout_name(&output),
-        passes,
-        lossless,
+        to: layout_name(&p.output),
+        passes: p.passes,
+        lossless: p.lossless,
         exact: false,
         rule: String::new(),
         bytes_in: stored_bytes(l),
-        bytes_out: stored_bytes(&output),
-        output,
+        bytes_out: stored_bytes(&p.output),
+        output: p.output,
         source: l.clone(),
         allow_lossy: false,
     }
@@ -756,203 +611,7 @@ fn exactness(lp: &LayerPlan) -> bool {
 }
 
 fn keep(l: &Layer) -> LayerPlan {
-    let mut output = l.clone();
-    for t in &mut output.tensors {
-        for p in &mut t.parts {
-            p.shard = 0;
-        }
-    }
-    layer_plan(l, output, vec![Pass::Copy], true)
-}
-
-fn to_plain(l: &Layer, dt: Option<Dtype>) -> Result<LayerPlan> {
-    let mut passes = Vec::new();
-    let mut lossless = true;
-    let mut tensors = Vec::new();
-    let is_q = quanto_of(l).is_some() || l.quant.activations.is_some();
-    let int8_name = int8_of(l).map(|d| d.name);
-    for t in &l.tensors {
-        if is_q && ACT_SCALES.contains(&t.name.as_str()) {
-            if !passes.contains(&Pass::DropActivationScales) {
-                passes.push(Pass::DropActivationScales);
-            }
-            lossless = false;
-            continue;
-        }
-        let mut dtype = t.dtype;
-        if t.encoding == Encoding::Quantized {
-            let name = match (quanto_of(l), &int8_name) {
-                (Some((q, _)), _) => q.name().to_string(),
-                (None, Some(n)) => n.clone(),
-                _ => {
-                    return Err(Error::layout("quantized tensor without a layout record")
-                        .with_layer(l.path.clone()))
-                }
-            };
-            passes.push(Pass::Dequantize {
-                qtype: name,
-                dtype: t.dtype.to_string(),
-            });
-            lossless = false;
-        }
-        if let Some(d) = dt {
-            if t.dtype.is_filterable_float() && d != t.dtype {
-                passes.push(Pass::Cast {
-                    from: t.dtype.to_string(),
-                    to: d.to_string(),
-                });
-                // widening to f32 is exact; every other cast rounds
-                if d != Dtype::F32 {
-                    lossless = false;
-                }
-                dtype = d;
-            }
-        }
-        tensors.push(plain_logical(&l.path, &t.name, dtype, t.shape.clone()));
-    }
-    if passes.is_empty() {
-        passes.push(Pass::Copy);
-    }
-    let output = Layer {
-        path: l.path.clone(),
-        quant: Quantization {
-            weights: WeightQuant::Plain,
-            activations: None,
-        },
-        tensors,
-        extensions: Vec::new(),
-    };
-    Ok(layer_plan(l, output, passes, lossless))
-}
-
-fn to_int8(l: &Layer, d: &Int8Descriptor) -> Result<LayerPlan> {
-    if int8_of(l).as_ref() == Some(d) {
-        return Ok(keep(l));
-    }
-    let w = l
-        .tensors
-        .iter()
-        .find(|t| t.name == "weight")
-        .ok_or_else(|| Error::layout("no `weight` to quantize").with_layer(l.path.clone()))?;
-    if w.shape.len() != 2 || !w.dtype.is_filterable_float() {
-        return Err(Error::layout(format!(
-            "int8 layouts take 2-D float weights; this one is {} {:?}",
-            w.dtype, w.shape
-        ))
-        .with_layer(l.path.clone()));
-    }
-    let (o, i) = (w.shape[0], w.shape[1]);
-    let mut passes = Vec::new();
-    let mut lossless = false;
-    let relayout_ok = relayout_source(l).filter(|(_, _, g, _)| {
-        *g == Granularity::Channel && matches!(d.scale.granularity, Granularity::Channel)
-            || *g == d.scale.granularity
-    });
-    match relayout_ok {
-        Some((from, sv, _, range)) if d.zero_point.is_none() => {
-            let src_dt = scale_dtype_of(l).unwrap_or(w.dtype);
-            passes.push(Pass::Relayout {
-                from,
-                to: d.name.clone(),
-                same_floats: same_floats(sv, d.scale.value),
-                may_lose: range[0] < d.range[0]
-                    || range[1] > d.range[1]
-                    || scale_may_round((sv, src_dt), (d.scale.value, d.scale_dtype(w.dtype))),
-            });
-            lossless = true; // checked on the data at execution
-        }
-        _ => {
-            if let Some((q, _)) = quanto_of(l) {
-                passes.push(Pass::Dequantize {
-                    qtype: q.name().into(),
-                    dtype: w.dtype.to_string(),
-                });
-            } else if let Some(sd) = int8_of(l) {
-                passes.push(Pass::Dequantize {
-                    qtype: sd.name,
-                    dtype: w.dtype.to_string(),
-                });
-            }
-            passes.push(Pass::Quantize {
-                qtype: d.name.clone(),
-                group_size: match d.scale.granularity {
-                    Granularity::Group(g) => Some(g),
-                    _ => None,
-                },
-            });
-        }
-    }
-    let (pshape, sshape, zshape) = d.shapes(o, i).map_err(|e| e.with_layer(l.path.clone()))?;
-    let k = |x: &str| int8::Int8Descriptor::key(&l.path, x);
-    let mut parts = vec![
-        out_part(
-            Role::Data,
-            k(&d.payload.key),
-            int8::payload_dtype(d),
-            pshape,
-        ),
-        out_part(Role::Scale, k(&d.scale.key), d.scale_dtype(w.dtype), sshape),
-    ];
-    if let Some(sk) = &d.payload.shape_key {
-        parts.push(out_part(
-            Role::Other(sk.clone()),
-            k(sk),
-            Dtype::I64,
-            vec![2],
-        ));
-    }
-    if let Some(z) = &d.zero_point {
-        parts.push(out_part(Role::ZeroPoint, k(&z.key), Dtype::I8, zshape));
-    }
-    for c in &d.constants {
-        let dt = Dtype::from_name(&c.dtype).unwrap_or(Dtype::U8);
-        parts.push(out_part(
-            Role::Other(c.key.clone()),
-            k(&c.key),
-            dt,
-            c.shape.clone(),
-        ));
-    }
-    let mut tensors = vec![LogicalTensor {
-        name: "weight".into(),
-        dtype: w.dtype,
-        shape: w.shape.clone(),
-        encoding: Encoding::Quantized,
-        parts,
-    }];
-    // quanto's activation-scale buffers have no meaning in an int8 layout
-    for t in &l.tensors {
-        if t.name == "weight" {
-            continue;
-        }
-        if quanto_of(l).is_some() && ACT_SCALES.contains(&t.name.as_str()) {
-            // the weight stays byte-reversible; converting back to quanto
-            // re-adds the buffers at 1.0 (calibrated values are not carried)
-            if !passes.contains(&Pass::DropActivationScales) {
-                passes.push(Pass::DropActivationScales);
-            }
-            continue;
-        }
-        tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
-    }
-    let preset_json = if int8::is_builtin(d) {
-        String::new()
-    } else {
-        d.to_json()
-    };
-    let output = Layer {
-        path: l.path.clone(),
-        quant: Quantization {
-            weights: WeightQuant::Int8 {
-                layout: d.name.clone(),
-                descriptor: preset_json,
-            },
-            activations: None,
-        },
-        tensors,
-        extensions: Vec::new(),
-    };
-    Ok(layer_plan(l, output, passes, lossless))
+    layer_plan(l, Planned::keep(l))
 }
 
 /// A module whose weights stay plain but whose activations quanto
@@ -988,207 +647,12 @@ fn activations_only(l: &Layer, activations: Option<String>) -> LayerPlan {
     lp
 }
 
-fn to_quanto(l: &Layer, q: QType, activations: Option<String>) -> Result<LayerPlan> {
-    if let Some((sq, _)) = quanto_of(l) {
-        if sq == q
-            && activations
-                .as_ref()
-                .is_none_or(|a| l.quant.activations.as_ref() == Some(a))
-        {
-            return Ok(keep(l));
-        }
-    }
-    let w = l
-        .tensors
-        .iter()
-        .find(|t| t.name == "weight")
-        .ok_or_else(|| Error::layout("no `weight` to quantize").with_layer(l.path.clone()))?;
-    let t = quanto::float_of(w.dtype).ok_or_else(|| {
-        Error::layout(format!("weight dtype {} cannot be quantized", w.dtype))
-            .with_layer(l.path.clone())
-    })?;
-    let _ = t;
-    let mut passes = Vec::new();
-    let mut lossless = false;
-    let int8_src = int8_of(l);
-    if let Some((sq, _)) = quanto_of(l) {
-        passes.push(Pass::Dequantize {
-            qtype: sq.name().into(),
-            dtype: w.dtype.to_string(),
-        });
-    } else if let Some(sd) = &int8_src {
-        if q == QType::QInt8
-            && w.shape.len() == 2
-            && sd.zero_point.is_none()
-            && matches!(sd.scale.granularity, Granularity::Channel)
-        {
-            let src_dt = scale_dtype_of(l).unwrap_or(w.dtype);
-            passes.push(Pass::Relayout {
-                from: sd.name.clone(),
-                to: "quanto qint8".into(),
-                same_floats: same_floats(sd.scale.value, ScaleValue::Scale),
-                may_lose: sd.range[0] < QUANTO_QINT8_RANGE[0]
-                    || sd.range[1] > QUANTO_QINT8_RANGE[1]
-                    || scale_may_round((sd.scale.value, src_dt), (ScaleValue::Scale, w.dtype)),
-            });
-            lossless = true;
-        } else {
-            passes.push(Pass::Dequantize {
-                qtype: sd.name.clone(),
-                dtype: w.dtype.to_string(),
-            });
-        }
-    }
-    let numel = crate::dtype::numel(&w.shape)?;
-    let gs = if q.is_packed() {
-        math::group_size(w.shape.first().copied().unwrap_or(1), numel)
-    } else {
-        None
-    };
-    let shapes = math::quanto_shapes(q, &w.shape, gs)
-        .map_err(|e| Error::layout(e.to_string()).with_layer(l.path.clone()))?;
-    if !lossless {
-        passes.push(Pass::Quantize {
-            qtype: q.name().into(),
-            group_size: gs,
-        });
-    }
-    let (dk, sk, shk) = quanto::weight_keys(&l.path, q);
-    let mut parts = vec![
-        out_part(Role::Data, dk, quanto::data_dtype(q), shapes.data.clone()),
-        out_part(Role::Scale, sk, w.dtype, shapes.scale.clone()),
-    ];
-    if let (Some(k), Some(s)) = (shk, shapes.shift.clone()) {
-        parts.push(out_part(Role::Shift, k, w.dtype, s));
-    }
-    let mut tensors = vec![LogicalTensor {
-        name: "weight".into(),
-        dtype: w.dtype,
-        shape: w.shape.clone(),
-        encoding: Encoding::Quantized,
-        parts,
-    }];
-    for t in &l.tensors {
-        if t.name != "weight" {
-            tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
-        }
-    }
-    // quanto's QModules always carry these two 0-d buffers
-    let mut added = false;
-    for n in ACT_SCALES {
-        if !l.tensors.iter().any(|t| t.name == n) {
-            tensors.push(plain_logical(&l.path, n, w.dtype, vec![]));
-            added = true;
-        }
-    }
-    if added {
-        passes.push(Pass::AddActivationScales);
-    }
-    let output = Layer {
-        path: l.path.clone(),
-        quant: Quantization {
-            weights: WeightQuant::Quanto {
-                qtype: q.name().into(),
-                group_size: gs,
-            },
-            activations: activations.or_else(|| l.quant.activations.clone()),
-        },
-        tensors,
-        extensions: Vec::new(),
-    };
-    Ok(layer_plan(l, output, passes, lossless))
-}
-
-fn float_bytes_cast(from: Dtype, to: Dtype, b: &[u8]) -> Result<Vec<u8>> {
-    if from == to {
-        return Ok(b.to_vec());
-    }
-    let (Some(f), Some(t)) = (quanto::float_of(from), quanto::float_of(to)) else {
-        return Err(Error::new(ErrorKind::UnsupportedDtype(format!(
-            "cast {from} to {to}"
-        ))));
-    };
-    cast(f, t, b).map_err(|e| Error::new(ErrorKind::Unsupported(e.to_string())))
-}
-
 fn one(dtype: Dtype) -> Vec<u8> {
-    match quanto::float_of(dtype) {
-        Some(FloatDtype::Bf16) => half::bf16::ONE.to_bits().to_le_bytes().to_vec(),
-        Some(FloatDtype::F16) => half::f16::ONE.to_bits().to_le_bytes().to_vec(),
+    match crate::float::float_dtype_of(dtype) {
+        Some(crate::float::FloatDtype::Bf16) => half::bf16::ONE.to_bits().to_le_bytes().to_vec(),
+        Some(crate::float::FloatDtype::F16) => half::f16::ONE.to_bits().to_le_bytes().to_vec(),
         _ => 1f32.to_le_bytes().to_vec(),
     }
-}
-
-/// The integer view of a quantized weight: values `[O, I]`, scale bytes,
-/// what the scale means, its dtype.
-struct IntView {
-    q: Vec<i8>,
-    scale: Vec<u8>,
-    value: ScaleValue,
-    dtype: Dtype,
-}
-
-fn int_view(src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<IntView> {
-    let part = |r: Role| {
-        w.parts
-            .iter()
-            .find(|p| p.role == r)
-            .ok_or_else(|| Error::layout(format!("no {r:?} part")).with_layer(l.path.clone()))
-    };
-    let (o, i) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
-    let dp = part(Role::Data)?;
-    let sp = part(Role::Scale)?;
-    let data = src.read(&dp.key)?;
-    let scale = src.read(&sp.key)?.into_vec();
-    if quanto_of(l).is_some() {
-        return Ok(IntView {
-            q: data.iter().map(|&b| b as i8).collect(),
-            scale,
-            value: ScaleValue::Scale,
-            dtype: sp.dtype,
-        });
-    }
-    let d =
-        int8_of(l).ok_or_else(|| Error::layout("not an int8 layer").with_layer(l.path.clone()))?;
-    Ok(IntView {
-        q: int8::payload_values(&d, &data, o, i)?,
-        scale,
-        value: d.scale.value,
-        dtype: sp.dtype,
-    })
-}
-
-/// Dequantizes any quantized weight to dtype `to`: quanto weights exactly
-/// as quanto's `dequantize()` (in their dtype, then cast), int8 layouts in
-/// f32 with one rounding to `to`.
-fn dequantize_any(
-    src: &dyn TensorSource,
-    l: &Layer,
-    w: &LogicalTensor,
-    to: Dtype,
-) -> Result<Vec<u8>> {
-    if quanto_of(l).is_some() {
-        let b = quanto::dequantize_weight(src, l, w)?;
-        if w.dtype == to {
-            return Ok(b);
-        }
-        let c = float_bytes_cast(w.dtype, to, &b);
-        crate::io::pool::give(b);
-        return c;
-    }
-    let d = int8_of(l)
-        .ok_or_else(|| Error::layout("unknown quantized layout").with_layer(l.path.clone()))?;
-    let v = int_view(src, l, w)?;
-    let zp = match w.parts.iter().find(|p| p.role == Role::ZeroPoint) {
-        Some(p) => Some(src.read(&p.key)?.iter().map(|&b| b as i8).collect()),
-        None => None,
-    };
-    let qw = int8::Int8Weight {
-        q: v.q,
-        scale: v.scale,
-        zero_point: zp,
-    };
-    int8::dequantize(&d, w.shape[0], w.shape[1], &qw, v.dtype, to)
 }
 
 /// One output tensor of a layer: bytes computed by a pass, or a stored
@@ -1216,86 +680,6 @@ impl Produced {
 /// lossy re-layout changed.
 pub type Executed = (Vec<(String, Produced)>, Option<Loss>);
 
-/// What a lossy re-layout changed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Loss {
-    /// Module path.
-    pub layer: String,
-    /// Integers clamped into the target range.
-    pub clamped: u64,
-    /// Largest absolute change of a dequantized value.
-    pub max_abs_error: f64,
-    /// Largest change in units of the (target) scale.
-    pub max_error_in_scales: f64,
-}
-
-fn relayout_scale(
-    lp: &LayerPlan,
-    v: &IntView,
-    to: (ScaleValue, Dtype),
-    range: [i32; 2],
-    allow_lossy: bool,
-) -> Result<(Vec<i8>, Vec<u8>, Option<Loss>)> {
-    let (scale, exact) = int8::convert_scale((v.value, v.dtype), to, &v.scale)?;
-    let clamped =
-        v.q.iter()
-            .filter(|&&x| (x as i32) < range[0] || (x as i32) > range[1])
-            .count() as u64;
-    if exact && clamped == 0 {
-        return Ok((v.q.clone(), scale, None));
-    }
-    // measure the damage on the dequantized values
-    let q2: Vec<i8> =
-        v.q.iter()
-            .map(|&x| (x as i32).clamp(range[0], range[1]) as i8)
-            .collect();
-    let f = |sv: ScaleValue, d: Dtype, b: &[u8]| -> Result<Vec<f64>> {
-        let fd = quanto::float_of(d).ok_or_else(|| Error::layout("scale dtype"))?;
-        let k = match sv {
-            ScaleValue::Scale => 1.0,
-            ScaleValue::AbsmaxOver(c) => 1.0 / c,
-        };
-        Ok(fd
-            .decode(b)
-            .map_err(|e| Error::layout(e.to_string()))?
-            .iter()
-            .map(|&x| x as f64 * k)
-            .collect())
-    };
-    let s0 = f(v.value, v.dtype, &v.scale)?;
-    let s1 = f(to.0, to.1, &scale)?;
-    let per = (v.q.len() / s0.len().max(1)).max(1);
-    let (mut mae, mut mes) = (0f64, 0f64);
-    for (k, (a, b)) in v.q.iter().zip(&q2).enumerate() {
-        let g = (k / per).min(s0.len().saturating_sub(1));
-        let e = (*a as f64 * s0[g] - *b as f64 * s1[g]).abs();
-        mae = mae.max(e);
-        if s1[g] > 0.0 {
-            mes = mes.max(e / s1[g]);
-        }
-    }
-    let loss = Loss {
-        layer: lp.path.clone(),
-        clamped,
-        max_abs_error: mae,
-        max_error_in_scales: mes,
-    };
-    if !allow_lossy {
-        return Err(Error::layout(format!(
-            "re-layout cannot be undone byte for byte ({} integers outside [{}, {}], scale {}): \
-             max abs error {:.3e}, {:.3} scale units; pass --allow-lossy to accept",
-            clamped,
-            range[0],
-            range[1],
-            if exact { "exact" } else { "rounded" },
-            mae,
-            mes
-        ))
-        .with_layer(lp.path.clone()));
-    }
-    Ok((q2, scale, Some(loss)))
-}
-
 /// The float bytes of a source tensor in dtype `to`: the mapped bytes
 /// themselves when no conversion is needed, else a dequantized or cast copy.
 fn float_input(
@@ -1306,19 +690,15 @@ fn float_input(
 ) -> Result<TensorBytes> {
     if s.encoding == Encoding::Quantized {
         return Ok(TensorBytes::Pooled(crate::io::pool::Pooled::new(
-            dequantize_any(src, l, s, to)?,
+            family::of(l).dequantize(src, l, s, to)?,
         )));
     }
     let raw = src.read(&s.parts[0].key)?;
     if s.dtype == to {
         Ok(raw)
     } else {
-        let f = quanto::float_of(s.dtype)
-            .ok_or_else(|| Error::layout(format!("cannot cast {}", s.dtype)))?;
-        let t =
-            quanto::float_of(to).ok_or_else(|| Error::layout(format!("cannot cast to {to}")))?;
         Ok(TensorBytes::Owned(
-            cast(f, t, &raw).map_err(|e| Error::layout(e.to_string()))?,
+            family::cast_bytes(s.dtype, to, &raw).map_err(|e| Error::layout(e.to_string()))?,
         ))
     }
 }
@@ -1376,101 +756,36 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                     out.push((p.key.clone(), Produced::Copy(sp.key.clone())));
                 }
             }
-            (Encoding::Quantized, Some(s)) => match &lp.output.quant.weights {
-                WeightQuant::Quanto { qtype, group_size } if relayout => {
-                    let v = int_view(src, l, s)?;
-                    let (q, scale, lo) = relayout_scale(
-                        lp,
-                        &v,
-                        (ScaleValue::Scale, t.dtype),
-                        [-128, 127],
+            (Encoding::Quantized, Some(s)) => {
+                let record = &lp.output.quant.weights;
+                let fam = family_of(record);
+                // keep the float input alive while the family quantizes it
+                let float;
+                let input = if relayout {
+                    // the integers carry over through the family-neutral
+                    // code form, converted to the target's scale form
+                    let v = family::of(l).read_codes(src, l, s)?;
+                    let form = fam.target_form(record, t.dtype).ok_or_else(|| {
+                        Error::layout("re-layout into a layout without a code form")
+                            .with_layer(l.path.clone())
+                    })?;
+                    let (c, lo) = crate::layout::codes::relayout(
+                        &l.path,
+                        v,
+                        (form.value, form.scale_dtype),
+                        form.range,
                         lp.allow_lossy,
                     )?;
                     loss = lo;
-                    let _ = (qtype, group_size);
-                    for p in &t.parts {
-                        let b = match p.role {
-                            Role::Data => q.iter().map(|&x| x as u8).collect(),
-                            Role::Scale => scale.clone(),
-                            _ => return Err(Error::layout("unexpected role")),
-                        };
-                        out.push((p.key.clone(), Produced::Bytes(TensorBytes::Owned(b))));
-                    }
+                    WeightInput::Codes(c)
+                } else {
+                    float = float_input(src, l, s, t.dtype)?;
+                    WeightInput::Float(&float)
+                };
+                for (k, b) in fam.produce(record, &l.path, t, input)? {
+                    out.push((k, Produced::Bytes(b)));
                 }
-                WeightQuant::Quanto { qtype, group_size } => {
-                    let float = float_input(src, l, s, t.dtype)?;
-                    let q = QType::from_name(qtype).ok_or_else(|| Error::layout("qtype"))?;
-                    let f = quanto::float_of(t.dtype).ok_or_else(|| Error::layout("dtype"))?;
-                    let qw = math::quantize(q, f, &t.shape, &float, *group_size)
-                        .map_err(|e| Error::layout(e.to_string()).with_layer(l.path.clone()))?;
-                    // the input window is released before the outputs are written
-                    drop(float);
-                    // each part's bytes move to the writer (no copies)
-                    let (mut data, mut scale, mut shift) = (
-                        Some(qw.data.bytes),
-                        Some(qw.scale.bytes),
-                        qw.shift.map(|s| s.bytes),
-                    );
-                    for p in &t.parts {
-                        let b = match p.role {
-                            Role::Data => data.take(),
-                            Role::Scale => scale.take(),
-                            Role::Shift => shift.take(),
-                            _ => return Err(Error::layout("unexpected role")),
-                        }
-                        .ok_or_else(|| {
-                            Error::layout(format!("no quantized bytes for part `{}`", p.key))
-                        })?;
-                        out.push((p.key.clone(), Produced::Bytes(TensorBytes::Owned(b))));
-                    }
-                }
-                WeightQuant::Int8 { layout, descriptor } => {
-                    let d = int8::descriptor_of(layout, descriptor)?;
-                    let (o, i) = (t.shape[0], t.shape[1]);
-                    let sd = d.scale_dtype(t.dtype);
-                    let (q, scale, zp) = if relayout {
-                        let v = int_view(src, l, s)?;
-                        let (q, scale, lo) =
-                            relayout_scale(lp, &v, (d.scale.value, sd), d.range, lp.allow_lossy)?;
-                        loss = lo;
-                        (q, scale, None)
-                    } else {
-                        let float = float_input(src, l, s, t.dtype)?;
-                        let qw = int8::quantize(&d, t.dtype, o, i, &float)
-                            .map_err(|e| e.with_layer(l.path.clone()))?;
-                        (qw.q, qw.scale, qw.zero_point)
-                    };
-                    for p in &t.parts {
-                        let b = match &p.role {
-                            Role::Data => int8::payload_bytes(&d, &q, o, i),
-                            Role::Scale => scale.clone(),
-                            Role::ZeroPoint => zp
-                                .clone()
-                                .unwrap_or_default()
-                                .iter()
-                                .map(|&x| x as u8)
-                                .collect(),
-                            Role::Other(name) if Some(name) == d.payload.shape_key.as_ref() => {
-                                [o as i64, i as i64]
-                                    .iter()
-                                    .flat_map(|x| x.to_le_bytes())
-                                    .collect()
-                            }
-                            Role::Other(name) => {
-                                let c = d.constants.iter().find(|c| &c.key == name).ok_or_else(
-                                    || Error::layout(format!("unknown part `{name}`")),
-                                )?;
-                                int8::const_bytes(c)
-                            }
-                            _ => return Err(Error::layout("unexpected role")),
-                        };
-                        out.push((p.key.clone(), Produced::Bytes(TensorBytes::Owned(b))));
-                    }
-                }
-                WeightQuant::Plain => {
-                    return Err(Error::layout("quantized output without a layout record"))
-                }
-            },
+            }
             (Encoding::Plain, Some(s)) if s.encoding == Encoding::Plain && s.dtype == t.dtype => {
                 out.push((
                     t.parts[0].key.clone(),

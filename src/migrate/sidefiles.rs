@@ -4,21 +4,12 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::atomic::check_interrupt;
+use crate::layout::family::family_of;
 use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
 use crate::migrate::plan::Plan;
 use std::path::Path;
 
-/// Whose `config.json` it is: the quantization config a loader reads
-/// depends on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ConfigOwner {
-    /// diffusers (`_class_name`): `QuantoConfig` with `weights_dtype`.
-    Diffusers,
-    /// transformers (`model_type` / `architectures`, no `_class_name`).
-    Transformers,
-    /// Neither.
-    Unknown,
-}
+pub(crate) use crate::layout::family::ConfigOwner;
 
 pub(crate) fn config_owner(obj: &serde_json::Map<String, serde_json::Value>) -> ConfigOwner {
     if obj.contains_key("_class_name") {
@@ -69,29 +60,33 @@ pub(crate) fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<Optio
         return Ok(None);
     };
     let owner = config_owner(obj);
-    let qtypes: std::collections::BTreeSet<String> = p
-        .layers
-        .iter()
-        .filter_map(|l| match &l.output.quant.weights {
-            crate::WeightQuant::Quanto { qtype, .. } => Some(qtype.clone()),
-            crate::WeightQuant::Int8 { layout, .. } => Some(layout.clone()),
-            _ => None,
-        })
-        .collect();
+    // the output's layouts, one record each (a family's label names a
+    // layout: quanto's group sizes follow each layer's shape)
+    let mut layouts: std::collections::BTreeMap<String, &crate::WeightQuant> = Default::default();
+    for l in &p.layers {
+        let w = &l.output.quant.weights;
+        if *w != crate::WeightQuant::Plain {
+            layouts.entry(family_of(w).label(w)).or_insert(w);
+        }
+    }
     let method = obj
         .get("quantization_config")
         .and_then(|q| q.get("quant_method"))
         .and_then(|m| m.as_str())
         .map(str::to_owned);
-    let ours = method
-        .as_deref()
-        .is_some_and(|m| ["quanto", "compressed-tensors", "bitsandbytes"].contains(&m));
+    // a quantization config one of the families writes
+    let stale_family = method.as_deref().and_then(|m| {
+        crate::layout::family::FAMILIES
+            .iter()
+            .copied()
+            .find(|f| f.config_methods().contains(&m))
+    });
     // plain 2-D layers: what a library's ignore / skip list names
     let skip: Vec<String> = p
         .layers
         .iter()
         .filter(|l| {
-            matches!(l.output.quant.weights, crate::WeightQuant::Plain)
+            l.output.quant.weights == crate::WeightQuant::Plain
                 && l.output
                     .tensors
                     .iter()
@@ -100,37 +95,49 @@ pub(crate) fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<Optio
         .map(|l| l.path.clone())
         .collect();
     let mut warning = None;
-    let is_quanto = |q: &str| crate::layout::quanto::QType::from_name(q).is_some();
-    if qtypes.is_empty() {
-        if !ours {
+    if layouts.is_empty() {
+        if stale_family.is_none() {
             return Ok(None);
         }
         obj.remove("quantization_config");
-    } else if qtypes.len() > 1 {
+    } else if layouts.len() > 1 {
         warning = Some(format!(
             "{}: a quantization_config cannot describe layers of several layouts ({}); \
              it was left as it was",
             dest.display(),
-            qtypes.iter().cloned().collect::<Vec<_>>().join(", ")
+            layouts.keys().cloned().collect::<Vec<_>>().join(", ")
         ));
-        if owner == ConfigOwner::Transformers && method.as_deref() == Some("quanto") {
+        // a stale config whose family writes none for this kind of config
+        // (quanto in a transformers config) goes anyway
+        let writes_none = stale_family.is_some_and(|f| {
+            layouts
+                .values()
+                .find(|w| f.owns(w))
+                .is_some_and(|w| f.quantization_config(w, owner, &skip) == Some(None))
+        });
+        if writes_none {
             obj.remove("quantization_config");
         } else {
             return Ok(warning);
         }
     } else {
-        let q = qtypes.iter().next().cloned().unwrap_or_default();
-        if is_quanto(&q) && owner == ConfigOwner::Transformers {
-            // transformers reads no quanto config from a pre-quantized checkpoint
-            if method.is_none() {
-                return Ok(None);
+        let w = layouts
+            .values()
+            .next()
+            .copied()
+            .unwrap_or(&crate::WeightQuant::Plain);
+        match family_of(w).quantization_config(w, owner, &skip) {
+            // the family writes none (quanto in a transformers config)
+            Some(None) => {
+                if method.is_none() {
+                    return Ok(None);
+                }
+                obj.remove("quantization_config");
             }
-            obj.remove("quantization_config");
-        } else {
-            let Some(cfg) = library_config(&q, skip) else {
-                return Ok(None);
-            };
-            obj.insert("quantization_config".into(), cfg);
+            Some(Some(cfg)) => {
+                obj.insert("quantization_config".into(), cfg);
+            }
+            None => return Ok(None),
         }
     }
     let out =
@@ -202,78 +209,18 @@ pub(crate) fn carry_model_files(input: &Path, out: &Path) -> Result<(Vec<String>
     Ok((carried, skipped))
 }
 
-/// The `quantization_config` a library writes for a layout: diffusers'
-/// QuantoConfig, transformers' BitsAndBytesConfig, compressed-tensors'
-/// config (the forms tests/fixtures/int8 and spec/layouts.md record).
-pub(crate) fn library_config(layout: &str, skip: Vec<String>) -> Option<serde_json::Value> {
-    Some(match layout {
-        "qint8" | "qint4" | "qint2" | "qfloat8_e4m3fn" => {
-            let w = match layout {
-                "qint8" => "int8",
-                "qint4" => "int4",
-                "qint2" => "int2",
-                _ => "float8",
-            };
-            serde_json::json!({"quant_method": "quanto", "weights_dtype": w, "modules_to_not_convert": skip})
-        }
-        "int8:bnb" => serde_json::json!({
-            "_load_in_4bit": false, "_load_in_8bit": true,
-            "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
-            "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": false,
-            "llm_int8_enable_fp32_cpu_offload": false, "llm_int8_has_fp16_weight": false,
-            "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0,
-            "load_in_4bit": false, "load_in_8bit": true, "quant_method": "bitsandbytes"
-        }),
-        n if n.starts_with("int8:ct") => {
-            let int_q = n.ends_with(":int-quantized");
-            let group = n
-                .split(':')
-                .find_map(|x| x.strip_prefix("group="))
-                .and_then(|g| g.parse::<u64>().ok());
-            let format = if int_q {
-                "int-quantized"
-            } else {
-                "pack-quantized"
-            };
-            let input = if int_q {
-                serde_json::json!({"dynamic": true, "group_size": null, "num_bits": 8,
-                    "strategy": "token", "symmetric": true, "type": "int"})
-            } else {
-                serde_json::Value::Null
-            };
-            serde_json::json!({
-                "config_groups": {"group_0": {
-                    "format": format, "input_activations": input, "output_activations": null,
-                    "targets": ["Linear"],
-                    "weights": {"dynamic": false, "group_size": group, "num_bits": 8,
-                        "strategy": if group.is_some() { "group" } else { "channel" },
-                        "symmetric": true, "type": "int"}}},
-                "format": format, "global_compression_ratio": null, "ignore": skip,
-                "kv_cache_scheme": null, "moe_sparsity_config": null,
-                "quant_method": "compressed-tensors", "quantization_status": "compressed",
-                "sparsity_config": {}, "transform_config": {}, "version": "0.20.0"
-            })
-        }
-        _ => return None,
-    })
-}
-
 /// ckptkit's schema of the quanto layers of a plan (for `__metadata__`).
 pub(crate) fn schema_for(p: &Plan) -> Option<String> {
     let mut s = quanto::Schema::new();
     for l in &p.layers {
         let o = &l.output;
         let w = o.tensors.iter().find(|t| t.name == "weight");
-        let (weights, gs, descriptor) = match &o.quant.weights {
-            crate::WeightQuant::Quanto { qtype, group_size } => (qtype.clone(), *group_size, None),
-            crate::WeightQuant::Int8 { layout, descriptor } => (
-                layout.clone(),
-                None,
-                quanto::SchemaEntry::int8_descriptor(descriptor),
-            ),
-            _ if o.quant.activations.is_some() => ("none".to_string(), None, None),
-            _ => continue,
-        };
+        let (weights, gs, descriptor) =
+            match family_of(&o.quant.weights).schema_entry(&o.quant.weights) {
+                Some(e) => e,
+                None if o.quant.activations.is_some() => ("none".to_string(), None, None),
+                None => continue,
+            };
         s.insert(
             o.path.clone(),
             quanto::SchemaEntry {
@@ -294,10 +241,10 @@ pub fn qmap_for(p: &Plan) -> QuantoMap {
     let mut entries = Vec::new();
     for l in &p.layers {
         let o = &l.output;
-        let w = match &o.quant.weights {
-            crate::WeightQuant::Quanto { qtype, .. } => qtype.clone(),
-            _ if o.quant.activations.is_some() => "none".into(),
-            _ => continue,
+        let w = match family_of(&o.quant.weights).qmap_weights(&o.quant.weights) {
+            Some(w) => w,
+            None if o.quant.activations.is_some() => "none".into(),
+            None => continue,
         };
         entries.push((
             o.path.clone(),

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 pub use math::QType;
 
+pub(crate) mod family;
+
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::float::FloatDtype;
@@ -255,12 +257,7 @@ pub fn dtype_of_float(f: FloatDtype) -> Dtype {
 
 /// Converts our dtype to a float dtype (F16, BF16, F32 only).
 pub fn float_of(d: Dtype) -> Option<FloatDtype> {
-    match d {
-        Dtype::BF16 => Some(FloatDtype::Bf16),
-        Dtype::F16 => Some(FloatDtype::F16),
-        Dtype::F32 => Some(FloatDtype::F32),
-        _ => None,
-    }
+    crate::float::float_dtype_of(d)
 }
 
 /// The stored dtype of a qtype's data tensor.

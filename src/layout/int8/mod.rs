@@ -5,6 +5,8 @@
 //! compressed-tensors int8; a user's in-house layout is a small JSON file.
 //! spec/layouts.md §3 is the prose version.
 
+pub(crate) mod family;
+
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::Dtype;
@@ -40,27 +42,7 @@ pub struct Payload {
     pub shape_key: Option<String>,
 }
 
-/// Which elements share one scale.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Granularity {
-    /// One scale for the whole tensor.
-    Tensor,
-    /// One scale per output row.
-    Channel,
-    /// One scale per group of N consecutive elements of a row.
-    Group(u64),
-}
-
-/// What the stored scale number is.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScaleValue {
-    /// The scale itself: `w = q · s`.
-    Scale,
-    /// An absmax to be divided by a constant: `w = q · A · (1/c)`.
-    AbsmaxOver(f64),
-}
+pub use crate::layout::codes::{Granularity, ScaleValue};
 
 /// The shape the scale is stored with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1044,36 +1026,7 @@ pub fn payload_dtype(d: &Int8Descriptor) -> Dtype {
     }
 }
 
-/// Converts stored scale numbers between two (value form, dtype) pairs.
-/// Returns the new bytes and whether converting back gives the source
-/// bytes exactly.
-pub fn convert_scale(
-    from: (ScaleValue, Dtype),
-    to: (ScaleValue, Dtype),
-    bytes: &[u8],
-) -> Result<(Vec<u8>, bool)> {
-    let ff = crate::layout::quanto::float_of(from.1).ok_or_else(|| Error::layout("scale dtype"))?;
-    let tf = crate::layout::quanto::float_of(to.1).ok_or_else(|| Error::layout("scale dtype"))?;
-    let v = ff.decode(bytes).map_err(|e| Error::layout(e.to_string()))?;
-    let k = |sv: ScaleValue| match sv {
-        ScaleValue::Scale => 1.0f64,
-        ScaleValue::AbsmaxOver(c) => c,
-    };
-    let (kf, kt) = (k(from.0), k(to.0));
-    let conv = |x: f32, a: f64, b: f64| -> f32 {
-        if a == b {
-            x
-        } else if b > a {
-            (x as f64 * (b / a)) as f32
-        } else {
-            (x as f64 / (a / b)) as f32
-        }
-    };
-    let out: Vec<f32> = v.iter().map(|&x| tf.round(conv(x, kf, kt))).collect();
-    let back: Vec<f32> = out.iter().map(|&x| ff.round(conv(x, kt, kf))).collect();
-    let exact = ff.encode(&back) == bytes;
-    Ok((tf.encode(&out), exact))
-}
+pub use crate::layout::codes::convert_scale;
 
 /// The float dtype helper for scale conversions.
 pub fn float_dtype(d: Dtype) -> Option<FloatDtype> {
@@ -1321,6 +1274,54 @@ pub fn const_bytes(c: &ConstTensor) -> Vec<u8> {
         .iter()
         .flat_map(|&v| v.to_le_bytes()[..size.min(8)].to_vec())
         .collect()
+}
+
+/// The `quantization_config` a library writes for an int8 preset:
+/// transformers' `BitsAndBytesConfig` for `int8:bnb`, compressed-tensors'
+/// config for `int8:ct*` (the forms tests/fixtures/int8 and spec/layouts.md
+/// record); `None` for ckptkit's own `int8` and user layouts.
+pub(crate) fn library_config(layout: &str, skip: &[String]) -> Option<serde_json::Value> {
+    Some(match layout {
+        "int8:bnb" => serde_json::json!({
+            "_load_in_4bit": false, "_load_in_8bit": true,
+            "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": false,
+            "llm_int8_enable_fp32_cpu_offload": false, "llm_int8_has_fp16_weight": false,
+            "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0,
+            "load_in_4bit": false, "load_in_8bit": true, "quant_method": "bitsandbytes"
+        }),
+        n if n.starts_with("int8:ct") && builtin(n).is_some() => {
+            let int_q = n.ends_with(":int-quantized");
+            let group = n
+                .split(':')
+                .find_map(|x| x.strip_prefix("group="))
+                .and_then(|g| g.parse::<u64>().ok());
+            let format = if int_q {
+                "int-quantized"
+            } else {
+                "pack-quantized"
+            };
+            let input = if int_q {
+                serde_json::json!({"dynamic": true, "group_size": null, "num_bits": 8,
+                    "strategy": "token", "symmetric": true, "type": "int"})
+            } else {
+                serde_json::Value::Null
+            };
+            serde_json::json!({
+                "config_groups": {"group_0": {
+                    "format": format, "input_activations": input, "output_activations": null,
+                    "targets": ["Linear"],
+                    "weights": {"dynamic": false, "group_size": group, "num_bits": 8,
+                        "strategy": if group.is_some() { "group" } else { "channel" },
+                        "symmetric": true, "type": "int"}}},
+                "format": format, "global_compression_ratio": null, "ignore": skip,
+                "kv_cache_scheme": null, "moe_sparsity_config": null,
+                "quant_method": "compressed-tensors", "quantization_status": "compressed",
+                "sparsity_config": {}, "transform_config": {}, "version": "0.20.0"
+            })
+        }
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

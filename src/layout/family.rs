@@ -1,0 +1,387 @@
+//! The family interface and the registry.
+//!
+//! A layout family (plain, optimum-quanto, the int8 family, ...) owns
+//! everything about its layers: how its records read (`WeightQuant`), its
+//! target spellings for `--to`, how a layer of any family is planned into
+//! one of its layouts, how its weights dequantize to a float pivot and are
+//! quantized from one, the family-neutral code form it exchanges integers
+//! through (so a lossless re-layout between two families needs no code
+//! written for that pair), and the side files and `quantization_config` it
+//! writes. Nothing outside a family's folder and this registry matches on a
+//! family's record.
+//!
+//! Adding a family: a folder under `src/layout/` with a type implementing
+//! `Family`, one line in `FAMILIES`, its section in spec/layouts.md, its
+//! fixtures and tests (CONTRIBUTING.md, "Adding a layout family").
+
+use serde::Serialize;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::format::manifest::{Encoding, Layer, LogicalTensor, Part, Role, WeightQuant};
+use crate::io::source::TensorSource;
+use crate::io::TensorBytes;
+
+pub use crate::layout::codes::{CodeForm, Codes, Granularity, Loss, ScaleValue};
+
+/// One pass applied to a layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "pass", rename_all = "snake_case")]
+pub enum Pass {
+    /// Tensors copied unchanged.
+    Copy,
+    /// A quantized weight dequantized to float.
+    Dequantize {
+        /// Source layout (qtype or int8 layout name).
+        qtype: String,
+        /// Output dtype.
+        dtype: String,
+    },
+    /// A float weight quantized.
+    Quantize {
+        /// Target layout.
+        qtype: String,
+        /// Group size.
+        group_size: Option<u64>,
+    },
+    /// Float dtype cast (round to nearest even).
+    Cast {
+        /// From dtype.
+        from: String,
+        /// To dtype.
+        to: String,
+    },
+    /// quanto activation scales dropped (a plain model has no such buffers).
+    DropActivationScales,
+    /// `input_scale`/`output_scale` added (1.0), as quanto's `quantize()` does.
+    AddActivationScales,
+    /// The integer payload moved to another layout unchanged, the scale
+    /// converted; lossless when converting back gives the same bytes (checked
+    /// on the data).
+    Relayout {
+        /// Source layout.
+        from: String,
+        /// Target layout.
+        to: String,
+        /// Whether both layouts dequantize to bit-identical floats.
+        same_floats: bool,
+        /// Whether the data may make it lossy: source integers outside the
+        /// target's range (quanto's -128 in bitsandbytes' [-127, 127]), or a
+        /// scale conversion that may round (an F32 absmax divided by 127
+        /// into a bf16 scale). Whether it does is checked at execution; when
+        /// it does, the re-layout needs `--allow-lossy`.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        may_lose: bool,
+    },
+}
+
+/// What a family planned for one layer: the output layer (its parts name
+/// output keys), the passes, and whether converting back gives the source
+/// bytes exactly.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The output layer.
+    pub output: Layer,
+    /// Passes in order.
+    pub passes: Vec<Pass>,
+    /// Converting back gives the source bytes exactly.
+    pub lossless: bool,
+}
+
+/// The input of a quantized output tensor: the source's codes carried over
+/// (a re-layout, already converted to the target's scale form), or float
+/// weights to quantize.
+pub enum WeightInput<'a> {
+    /// Integers and scale in the target's value form and dtype.
+    Codes(Codes),
+    /// Float bytes in the output tensor's dtype.
+    Float(&'a [u8]),
+}
+
+/// A layout family. Implementations are crate-internal: the manifest form
+/// of a family is young (spec/container.md §8).
+pub(crate) trait Family: Sync {
+    /// The family's name (`plain`, `quanto`, `int8`).
+    fn name(&self) -> &'static str;
+    /// Whether a layer record is this family's.
+    fn owns(&self, w: &WeightQuant) -> bool;
+    /// The weights part of a layer's layout name (`quanto qint4 group
+    /// 128`, `int8:ct`, `plain BF16`).
+    fn weights_name(&self, l: &Layer) -> String;
+    /// What passes call a layout of this family (`qint4`, `int8:bnb`).
+    fn label(&self, w: &WeightQuant) -> String;
+    /// Checks a layer record: known parameters, and stored parts of the
+    /// shapes the layout implies.
+    fn check_layer(&self, l: &Layer) -> Result<()>;
+    /// A `--to` spelling of this family (`quanto:qint4`, `int8:ct`), as
+    /// the record of the target layout (`None`: not this family's).
+    fn parse_target(&self, s: &str) -> Option<Result<WeightQuant>>;
+    /// The `--to` spellings, for messages.
+    fn spellings(&self) -> &'static str;
+    /// Whether `--to` one of this family's layouts applies to a float
+    /// layer (the default selection: rank-2/4 float weights for quanto,
+    /// 2-D ones for int8).
+    fn takes_float(&self, l: &Layer) -> bool;
+    /// Whether this family can describe a layer's weight at all (int8:
+    /// 2-D weights only), so that `--to` applies to a quantized layer.
+    fn takes(&self, l: &Layer) -> bool;
+    /// The code form of one of this family's layers, when its integers can
+    /// be carried over to another layout unchanged.
+    fn code_form(&self, l: &Layer) -> Option<CodeForm>;
+    /// The code form a target record of this family takes, for a weight of
+    /// `model` dtype (`None`: its integers are not exchanged).
+    fn target_form(&self, target: &WeightQuant, model: Dtype) -> Option<CodeForm>;
+    /// Plans layer `l` (of any family) into this family's layout `target`.
+    fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned>;
+    /// The codes of one of this family's quantized weights.
+    fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes>;
+    /// Dequantizes one of this family's weights to `to`, exactly as the
+    /// family's library does.
+    fn dequantize(
+        &self,
+        src: &dyn TensorSource,
+        l: &Layer,
+        w: &LogicalTensor,
+        to: Dtype,
+    ) -> Result<Vec<u8>>;
+    /// The bytes of every part of output tensor `t`, whose layout is this
+    /// family's `record`, made from `input`.
+    fn produce(
+        &self,
+        record: &WeightQuant,
+        path: &str,
+        t: &LogicalTensor,
+        input: WeightInput<'_>,
+    ) -> Result<Vec<(String, TensorBytes)>>;
+    /// The `quantization_config` this family's library writes for a model
+    /// all in `record`'s layout, in a config of `owner`'s kind:
+    /// `Some(None)` means "none at all" (a stale one is removed), `None`
+    /// that the family writes none and leaves the config alone.
+    fn quantization_config(
+        &self,
+        record: &WeightQuant,
+        owner: ConfigOwner,
+        skip: &[String],
+    ) -> Option<Option<serde_json::Value>>;
+    /// `weights` of ckptkit's schema entry for a record of this family, and
+    /// its group size and full descriptor when it has them.
+    fn schema_entry(
+        &self,
+        record: &WeightQuant,
+    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)>;
+    /// The `weights` of a `quanto_qmap.json` entry, for a family whose
+    /// records the map describes.
+    fn qmap_weights(&self, _record: &WeightQuant) -> Option<String> {
+        None
+    }
+    /// The `quant_method` values of the `quantization_config`s this
+    /// family's libraries write (a stale one is removed when the output no
+    /// longer has such layers).
+    fn config_methods(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Buffers of this family's layers that mean nothing outside it
+    /// (quanto's activation scales): dropped on the way to another layout.
+    fn extra_buffers(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Checks a record's parameters alone (a readable int8 descriptor),
+    /// before any planning.
+    fn check_record(&self, _w: &WeightQuant) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Planned {
+    /// The layer copied unchanged (its parts' shards are set by the sink).
+    pub fn keep(l: &Layer) -> Planned {
+        let mut output = l.clone();
+        for t in &mut output.tensors {
+            for p in &mut t.parts {
+                p.shard = 0;
+            }
+        }
+        Planned {
+            output,
+            passes: vec![Pass::Copy],
+            lossless: true,
+        }
+    }
+}
+
+/// Whose `config.json` it is: the quantization config a loader reads
+/// depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigOwner {
+    /// diffusers (`_class_name`).
+    Diffusers,
+    /// transformers (`model_type` / `architectures`, no `_class_name`).
+    Transformers,
+    /// Neither.
+    Unknown,
+}
+
+/// What a family planning a layer may ask about the rest.
+pub(crate) struct PlanCtx<'a> {
+    /// The activation qtype a reference asks for (quanto), if any.
+    pub activations: Option<String>,
+    /// The family of the source layer.
+    pub source: &'a dyn Family,
+}
+
+/// The registry: every family, in detection order. Adding a family is one
+/// line here.
+pub(crate) static FAMILIES: &[&dyn Family] = &[
+    &crate::layout::plain::Plain,
+    &crate::layout::quanto::family::Quanto,
+    &crate::layout::int8::family::Int8,
+];
+
+/// The family that owns a record.
+pub(crate) fn family_of(w: &WeightQuant) -> &'static dyn Family {
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.owns(w))
+        .unwrap_or(&crate::layout::plain::Plain)
+}
+
+/// The family of a layer's record.
+pub(crate) fn of(l: &Layer) -> &'static dyn Family {
+    family_of(&l.quant.weights)
+}
+
+/// A `--to` spelling of any quantized family, as (family, target record).
+pub(crate) fn parse_target(s: &str) -> Option<Result<(&'static dyn Family, WeightQuant)>> {
+    FAMILIES
+        .iter()
+        .find_map(|f| f.parse_target(s).map(|r| r.map(|w| (*f, w))))
+}
+
+/// Every family's `--to` spellings, for messages.
+pub(crate) fn spellings() -> String {
+    FAMILIES
+        .iter()
+        .map(|f| f.spellings())
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The display name of a layer's layout.
+pub fn layout_name(l: &Layer) -> String {
+    let w = of(l).weights_name(l);
+    match &l.quant.activations {
+        Some(a) => format!("{w}, activations {a}"),
+        None => w,
+    }
+}
+
+/// Whether a layer's weights are quantized (in any family but plain).
+pub(crate) fn is_quantized(l: &Layer) -> bool {
+    l.quant.weights != WeightQuant::Plain
+}
+
+/// The key of tensor `name` of module `path`.
+pub(crate) fn key(path: &str, name: &str) -> String {
+    if path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{path}.{name}")
+    }
+}
+
+/// An output part (its hash and shard are set by the sink).
+pub(crate) fn out_part(role: Role, key: String, dtype: Dtype, shape: Vec<u64>) -> Part {
+    Part {
+        role,
+        shard: 0,
+        key,
+        dtype,
+        shape,
+        blake3: [0; 32],
+    }
+}
+
+/// A plain logical tensor `name` of module `path`.
+pub(crate) fn plain_logical(
+    path: &str,
+    name: &str,
+    dtype: Dtype,
+    shape: Vec<u64>,
+) -> LogicalTensor {
+    LogicalTensor {
+        name: name.into(),
+        dtype,
+        shape: shape.clone(),
+        encoding: Encoding::Plain,
+        parts: vec![out_part(Role::Data, key(path, name), dtype, shape)],
+    }
+}
+
+/// A layer's `weight` (plain or quantized), or an error naming the layer.
+pub(crate) fn weight_of(l: &Layer) -> Result<&LogicalTensor> {
+    l.tensors
+        .iter()
+        .find(|t| t.name == "weight")
+        .ok_or_else(|| Error::layout("no `weight` to quantize").with_layer(l.path.clone()))
+}
+
+/// The part of a quantized weight with this role.
+pub(crate) fn part<'a>(l: &Layer, w: &'a LogicalTensor, r: Role) -> Result<&'a Part> {
+    w.parts
+        .iter()
+        .find(|p| p.role == r)
+        .ok_or_else(|| Error::layout(format!("no {r:?} part")).with_layer(l.path.clone()))
+}
+
+/// quanto's activation-scale buffers (0-d, one per quantized module).
+pub(crate) const ACT_SCALES: [&str; 2] = ["input_scale", "output_scale"];
+
+/// The quantized logical tensor of a quantized layer record.
+pub(crate) fn quantized_weight(l: &Layer) -> Result<&LogicalTensor> {
+    l.tensors
+        .iter()
+        .find(|t| t.encoding == Encoding::Quantized)
+        .ok_or_else(|| Error::layout("a quantized layer record without a quantized tensor"))
+}
+
+/// Checks that a stored part has the shape its layout implies.
+pub(crate) fn expect_part(l: &Layer, w: &LogicalTensor, role: Role, shape: &[u64]) -> Result<()> {
+    let p = w.parts.iter().find(|p| p.role == role).ok_or_else(|| {
+        Error::layout(format!("`{}` has no {role:?} part", w.name)).with_layer(l.path.clone())
+    })?;
+    if p.shape != shape {
+        return Err(Error::layout(format!(
+            "part `{}` ({role:?}) has shape {:?}; the layout implies {:?}",
+            p.key, p.shape, shape
+        ))
+        .with_layer(l.path.clone())
+        .with_tensor(p.key.clone()));
+    }
+    Ok(())
+}
+
+/// Float bytes cast between F16, BF16 and F32 (round to nearest even).
+pub(crate) fn cast_bytes(from: Dtype, to: Dtype, b: &[u8]) -> Result<Vec<u8>> {
+    if from == to {
+        return Ok(b.to_vec());
+    }
+    let (Some(f), Some(t)) = (
+        crate::float::float_dtype_of(from),
+        crate::float::float_dtype_of(to),
+    ) else {
+        return Err(Error::new(crate::error::ErrorKind::UnsupportedDtype(
+            format!("cast {from} to {to}"),
+        )));
+    };
+    crate::float::cast(f, t, b)
+        .map_err(|e| Error::new(crate::error::ErrorKind::Unsupported(e.to_string())))
+}
+
+/// Checks a layer record: its family's rules (`Family::check_layer`).
+/// `verify` runs it on every layer of a container, so that a container
+/// `verify` accepts is one every conversion can read.
+pub fn check_layer(l: &Layer) -> Result<()> {
+    of(l).check_layer(l)
+}

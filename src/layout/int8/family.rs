@@ -1,0 +1,363 @@
+//! The int8 family (descriptors and presets) as a layout family
+//! (spec/layouts.md §3).
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role, WeightQuant};
+use crate::io::source::TensorSource;
+use crate::io::TensorBytes;
+use crate::layout::family::{
+    expect_part, out_part, part, plain_logical, quantized_weight, weight_of, CodeForm, Codes,
+    ConfigOwner, Family, Granularity, Pass, PlanCtx, Planned, WeightInput,
+};
+
+use super::{descriptor_of, is_builtin, preset, Int8Descriptor};
+
+/// The int8 family.
+pub(crate) struct Int8;
+
+/// The descriptor of an int8 record (a preset exactly, or a valid user
+/// descriptor carrying its name).
+fn descriptor(w: &WeightQuant) -> Option<Result<Int8Descriptor>> {
+    match w {
+        WeightQuant::Int8 { layout, descriptor } => Some(descriptor_of(layout, descriptor)),
+        _ => None,
+    }
+}
+
+fn descriptor_or_err(w: &WeightQuant) -> Result<Int8Descriptor> {
+    descriptor(w).unwrap_or_else(|| Err(Error::layout("not an int8 layer record")))
+}
+
+/// The record of a descriptor: a built-in preset is recorded by its name
+/// alone, a user layout with its canonical JSON.
+pub(crate) fn record_of(d: &Int8Descriptor) -> WeightQuant {
+    WeightQuant::Int8 {
+        layout: d.name.clone(),
+        descriptor: if is_builtin(d) {
+            String::new()
+        } else {
+            d.to_json()
+        },
+    }
+}
+
+fn form(d: &Int8Descriptor, scale_dtype: Dtype) -> CodeForm {
+    CodeForm {
+        name: d.name.clone(),
+        value: d.scale.value,
+        granularity: d.scale.granularity,
+        range: d.range,
+        scale_dtype,
+        zero_point: d.zero_point.is_some(),
+    }
+}
+
+impl Family for Int8 {
+    fn name(&self) -> &'static str {
+        "int8"
+    }
+
+    fn owns(&self, w: &WeightQuant) -> bool {
+        matches!(w, WeightQuant::Int8 { .. })
+    }
+
+    fn weights_name(&self, l: &Layer) -> String {
+        match &l.quant.weights {
+            WeightQuant::Int8 { layout, .. } => layout.clone(),
+            _ => "int8".into(),
+        }
+    }
+
+    fn label(&self, w: &WeightQuant) -> String {
+        match w {
+            WeightQuant::Int8 { layout, .. } => layout.clone(),
+            _ => "int8".into(),
+        }
+    }
+
+    fn check_record(&self, w: &WeightQuant) -> Result<()> {
+        descriptor(w).transpose().map(|_| ())
+    }
+
+    fn check_layer(&self, l: &Layer) -> Result<()> {
+        let at = |e: Error| e.with_layer(l.path.clone());
+        let d = descriptor_or_err(&l.quant.weights).map_err(at)?;
+        let w = quantized_weight(l).map_err(at)?;
+        if w.shape.len() != 2 {
+            return Err(at(Error::layout(format!(
+                "int8 layouts describe 2-D weights; this one is {:?}",
+                w.shape
+            ))));
+        }
+        let (p, sc, z) = d.shapes(w.shape[0], w.shape[1]).map_err(at)?;
+        expect_part(l, w, Role::Data, &p)?;
+        expect_part(l, w, Role::Scale, &sc)?;
+        if d.zero_point.is_some() {
+            expect_part(l, w, Role::ZeroPoint, &z)?;
+        }
+        Ok(())
+    }
+
+    fn parse_target(&self, s: &str) -> Option<Result<WeightQuant>> {
+        (s == "int8" || s.starts_with("int8:")).then(|| preset(s).map(|d| record_of(&d)))
+    }
+
+    fn spellings(&self) -> &'static str {
+        "int8, int8:bnb, int8:ct[:group=N][:int-quantized], int8:PATH.json"
+    }
+
+    fn takes_float(&self, l: &Layer) -> bool {
+        weight_of(l).is_ok_and(|w| {
+            w.shape.len() == 2 && w.dtype.is_filterable_float() && w.shape.iter().all(|&d| d > 0)
+        })
+    }
+
+    fn takes(&self, l: &Layer) -> bool {
+        // int8 layouts describe 2-D (Linear) weights; others are kept
+        weight_of(l).is_ok_and(|w| w.shape.len() == 2)
+    }
+
+    fn code_form(&self, l: &Layer) -> Option<CodeForm> {
+        let d = descriptor(&l.quant.weights)?.ok()?;
+        let w = quantized_weight(l).ok()?;
+        let scale = w.parts.iter().find(|p| p.role == Role::Scale)?;
+        Some(form(&d, scale.dtype))
+    }
+
+    fn target_form(&self, target: &WeightQuant, model: Dtype) -> Option<CodeForm> {
+        let d = descriptor(target)?.ok()?;
+        Some(form(&d, d.scale_dtype(model)))
+    }
+
+    fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
+        let d = descriptor_or_err(target).map_err(|e| e.with_layer(l.path.clone()))?;
+        if descriptor(&l.quant.weights).and_then(|r| r.ok()).as_ref() == Some(&d) {
+            return Ok(Planned::keep(l));
+        }
+        let w = weight_of(l)?;
+        if w.shape.len() != 2 || !w.dtype.is_filterable_float() {
+            return Err(Error::layout(format!(
+                "int8 layouts take 2-D float weights; this one is {} {:?}",
+                w.dtype, w.shape
+            ))
+            .with_layer(l.path.clone()));
+        }
+        let (o, i) = (w.shape[0], w.shape[1]);
+        let mut passes = Vec::new();
+        let mut lossless = false;
+        let to = form(&d, d.scale_dtype(w.dtype));
+        // per-row scales carry over to per-row ones; groups to equal groups
+        let from = ctx.source.code_form(l).filter(|f| f.carries_to(&to));
+        match from {
+            Some(from) => {
+                passes.push(Pass::Relayout {
+                    from: from.name.clone(),
+                    to: d.name.clone(),
+                    same_floats: from.same_floats(&to),
+                    may_lose: from.may_lose_to(&to),
+                });
+                lossless = true; // checked on the data at execution
+            }
+            None => {
+                if w.encoding == Encoding::Quantized {
+                    passes.push(Pass::Dequantize {
+                        qtype: ctx.source.label(&l.quant.weights),
+                        dtype: w.dtype.to_string(),
+                    });
+                }
+                passes.push(Pass::Quantize {
+                    qtype: d.name.clone(),
+                    group_size: match d.scale.granularity {
+                        Granularity::Group(g) => Some(g),
+                        _ => None,
+                    },
+                });
+            }
+        }
+        let (pshape, sshape, zshape) = d.shapes(o, i).map_err(|e| e.with_layer(l.path.clone()))?;
+        let k = |x: &str| Int8Descriptor::key(&l.path, x);
+        let mut parts = vec![
+            out_part(
+                Role::Data,
+                k(&d.payload.key),
+                super::payload_dtype(&d),
+                pshape,
+            ),
+            out_part(Role::Scale, k(&d.scale.key), d.scale_dtype(w.dtype), sshape),
+        ];
+        if let Some(sk) = &d.payload.shape_key {
+            parts.push(out_part(
+                Role::Other(sk.clone()),
+                k(sk),
+                Dtype::I64,
+                vec![2],
+            ));
+        }
+        if let Some(z) = &d.zero_point {
+            parts.push(out_part(Role::ZeroPoint, k(&z.key), Dtype::I8, zshape));
+        }
+        for c in &d.constants {
+            let dt = Dtype::from_name(&c.dtype).unwrap_or(Dtype::U8);
+            parts.push(out_part(
+                Role::Other(c.key.clone()),
+                k(&c.key),
+                dt,
+                c.shape.clone(),
+            ));
+        }
+        let mut tensors = vec![LogicalTensor {
+            name: "weight".into(),
+            dtype: w.dtype,
+            shape: w.shape.clone(),
+            encoding: Encoding::Quantized,
+            parts,
+        }];
+        // buffers of the source's family (quanto's activation scales) have
+        // no meaning in an int8 layout: the weight stays byte-reversible,
+        // and converting back re-adds them (calibrated values are not kept)
+        let extra = ctx.source.extra_buffers();
+        for t in &l.tensors {
+            if t.name == "weight" {
+                continue;
+            }
+            if extra.contains(&t.name.as_str()) {
+                if !passes.contains(&Pass::DropActivationScales) {
+                    passes.push(Pass::DropActivationScales);
+                }
+                continue;
+            }
+            tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
+        }
+        let output = Layer {
+            path: l.path.clone(),
+            quant: Quantization {
+                weights: record_of(&d),
+                activations: None,
+            },
+            tensors,
+            extensions: Vec::new(),
+        };
+        Ok(Planned {
+            output,
+            passes,
+            lossless,
+        })
+    }
+
+    fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
+        let d = descriptor_or_err(&l.quant.weights).map_err(|e| e.with_layer(l.path.clone()))?;
+        let (o, i) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
+        let dp = part(l, w, Role::Data)?;
+        let sp = part(l, w, Role::Scale)?;
+        let data = src.read(&dp.key)?;
+        Ok(Codes {
+            q: super::payload_values(&d, &data, o, i)?,
+            scale: src.read(&sp.key)?.into_vec(),
+            value: d.scale.value,
+            dtype: sp.dtype,
+        })
+    }
+
+    fn dequantize(
+        &self,
+        src: &dyn TensorSource,
+        l: &Layer,
+        w: &LogicalTensor,
+        to: Dtype,
+    ) -> Result<Vec<u8>> {
+        let d = descriptor_or_err(&l.quant.weights).map_err(|e| e.with_layer(l.path.clone()))?;
+        let v = self.read_codes(src, l, w)?;
+        let zp = match w.parts.iter().find(|p| p.role == Role::ZeroPoint) {
+            Some(p) => Some(src.read(&p.key)?.iter().map(|&b| b as i8).collect()),
+            None => None,
+        };
+        let qw = super::Int8Weight {
+            q: v.q,
+            scale: v.scale,
+            zero_point: zp,
+        };
+        super::dequantize(&d, w.shape[0], w.shape[1], &qw, v.dtype, to)
+    }
+
+    fn produce(
+        &self,
+        record: &WeightQuant,
+        path: &str,
+        t: &LogicalTensor,
+        input: WeightInput<'_>,
+    ) -> Result<Vec<(String, TensorBytes)>> {
+        let d = descriptor_or_err(record)?;
+        let (o, i) = (t.shape[0], t.shape[1]);
+        let (q, scale, zp) = match input {
+            WeightInput::Codes(c) => (c.q, c.scale, None),
+            WeightInput::Float(float) => {
+                let qw = super::quantize(&d, t.dtype, o, i, float)
+                    .map_err(|e| e.with_layer(path.to_string()))?;
+                (qw.q, qw.scale, qw.zero_point)
+            }
+        };
+        let mut out = Vec::with_capacity(t.parts.len());
+        for p in &t.parts {
+            let b = match &p.role {
+                Role::Data => super::payload_bytes(&d, &q, o, i),
+                Role::Scale => scale.clone(),
+                Role::ZeroPoint => zp
+                    .clone()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|&x| x as u8)
+                    .collect(),
+                Role::Other(name) if Some(name) == d.payload.shape_key.as_ref() => {
+                    [o as i64, i as i64]
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect()
+                }
+                Role::Other(name) => {
+                    let c = d
+                        .constants
+                        .iter()
+                        .find(|c| &c.key == name)
+                        .ok_or_else(|| Error::layout(format!("unknown part `{name}`")))?;
+                    super::const_bytes(c)
+                }
+                _ => return Err(Error::layout("unexpected role")),
+            };
+            out.push((p.key.clone(), TensorBytes::Owned(b)));
+        }
+        Ok(out)
+    }
+
+    fn quantization_config(
+        &self,
+        record: &WeightQuant,
+        _owner: ConfigOwner,
+        skip: &[String],
+    ) -> Option<Option<serde_json::Value>> {
+        let WeightQuant::Int8 { layout, .. } = record else {
+            return None;
+        };
+        super::library_config(layout, skip).map(Some)
+    }
+
+    fn schema_entry(
+        &self,
+        record: &WeightQuant,
+    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)> {
+        match record {
+            WeightQuant::Int8 { layout, descriptor } => Some((
+                layout.clone(),
+                None,
+                (!descriptor.is_empty())
+                    .then(|| serde_json::from_str(descriptor).ok())
+                    .flatten(),
+            )),
+            _ => None,
+        }
+    }
+
+    fn config_methods(&self) -> &'static [&'static str] {
+        &["compressed-tensors", "bitsandbytes"]
+    }
+}

@@ -1,0 +1,377 @@
+//! optimum-quanto as a layout family (spec/layouts.md §2).
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role, WeightQuant};
+use crate::io::source::TensorSource;
+use crate::io::TensorBytes;
+use crate::layout::family::{
+    expect_part, out_part, part, plain_logical, quantized_weight, weight_of, CodeForm, Codes,
+    ConfigOwner, Family, Granularity, Pass, PlanCtx, Planned, ScaleValue, WeightInput, ACT_SCALES,
+};
+
+use super::{float_of, math, QType};
+
+/// The record of a `quanto_qmap.json` entry's `weights` (`none`: plain).
+pub(crate) fn qmap_record(weights: &str) -> WeightQuant {
+    match QType::from_name(weights) {
+        Some(q) => WeightQuant::Quanto {
+            qtype: q.name().into(),
+            group_size: None,
+        },
+        None => WeightQuant::Plain,
+    }
+}
+
+/// The optimum-quanto family.
+pub(crate) struct Quanto;
+
+/// The integers quanto's qint8 stores.
+const QINT8_RANGE: [i32; 2] = [-128, 127];
+
+fn qtype_of(w: &WeightQuant) -> Option<(QType, Option<u64>)> {
+    match w {
+        WeightQuant::Quanto { qtype, group_size } => {
+            QType::from_name(qtype).map(|q| (q, *group_size))
+        }
+        _ => None,
+    }
+}
+
+impl Family for Quanto {
+    fn name(&self) -> &'static str {
+        "quanto"
+    }
+
+    fn owns(&self, w: &WeightQuant) -> bool {
+        matches!(w, WeightQuant::Quanto { .. })
+    }
+
+    fn weights_name(&self, l: &Layer) -> String {
+        match &l.quant.weights {
+            WeightQuant::Quanto {
+                qtype,
+                group_size: Some(g),
+            } => format!("quanto {qtype} group {g}"),
+            WeightQuant::Quanto { qtype, .. } => format!("quanto {qtype}"),
+            _ => "quanto".into(),
+        }
+    }
+
+    fn label(&self, w: &WeightQuant) -> String {
+        match w {
+            WeightQuant::Quanto { qtype, .. } => qtype.clone(),
+            _ => "quanto".into(),
+        }
+    }
+
+    fn check_layer(&self, l: &Layer) -> Result<()> {
+        let at = |e: Error| e.with_layer(l.path.clone());
+        let WeightQuant::Quanto { qtype, group_size } = &l.quant.weights else {
+            return Ok(());
+        };
+        let q = QType::from_name(qtype)
+            .ok_or_else(|| at(Error::layout(format!("unknown quanto qtype `{qtype}`"))))?;
+        let w = quantized_weight(l).map_err(at)?;
+        let s = math::quanto_shapes(q, &w.shape, *group_size)
+            .map_err(|e| at(Error::layout(format!("{qtype} weight {:?}: {e}", w.shape))))?;
+        if q.is_packed() {
+            let rule = math::group_size(w.shape[0], crate::dtype::numel(&w.shape)?);
+            if *group_size != rule {
+                let show =
+                    |g: Option<u64>| g.map_or("none (per row)".to_string(), |g| g.to_string());
+                return Err(at(Error::layout(format!(
+                    "{qtype} weight {:?} records group size {}; quanto uses {} for this shape",
+                    w.shape,
+                    show(*group_size),
+                    show(rule)
+                ))));
+            }
+        }
+        expect_part(l, w, Role::Data, &s.data)?;
+        expect_part(l, w, Role::Scale, &s.scale)?;
+        if let Some(sh) = &s.shift {
+            expect_part(l, w, Role::Shift, sh)?;
+        }
+        Ok(())
+    }
+
+    fn parse_target(&self, s: &str) -> Option<Result<WeightQuant>> {
+        let q = s.strip_prefix("quanto:")?;
+        Some(
+            QType::from_name(q)
+                .map(|q| WeightQuant::Quanto {
+                    qtype: q.name().into(),
+                    group_size: None,
+                })
+                .ok_or_else(|| {
+                    Error::usage(format!(
+                        "unknown target `{s}`; quanto targets are {}",
+                        self.spellings()
+                    ))
+                }),
+        )
+    }
+
+    fn spellings(&self) -> &'static str {
+        "quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz"
+    }
+
+    fn takes_float(&self, l: &Layer) -> bool {
+        weight_of(l).is_ok_and(|w| {
+            matches!(w.shape.len(), 2 | 4)
+                && w.dtype.is_filterable_float()
+                && w.shape.iter().all(|&d| d > 0)
+        })
+    }
+
+    fn takes(&self, _l: &Layer) -> bool {
+        true
+    }
+
+    fn code_form(&self, l: &Layer) -> Option<CodeForm> {
+        let (q, _) = qtype_of(&l.quant.weights)?;
+        let w = quantized_weight(l).ok()?;
+        let scale = w.parts.iter().find(|p| p.role == Role::Scale)?;
+        (q == QType::QInt8 && w.shape.len() == 2).then(|| CodeForm {
+            name: "quanto qint8".into(),
+            value: ScaleValue::Scale,
+            granularity: Granularity::Channel,
+            range: QINT8_RANGE,
+            scale_dtype: scale.dtype,
+            zero_point: false,
+        })
+    }
+
+    fn target_form(&self, target: &WeightQuant, model: Dtype) -> Option<CodeForm> {
+        let (q, _) = qtype_of(target)?;
+        (q == QType::QInt8).then(|| CodeForm {
+            name: "quanto qint8".into(),
+            value: ScaleValue::Scale,
+            granularity: Granularity::Channel,
+            range: QINT8_RANGE,
+            scale_dtype: model,
+            zero_point: false,
+        })
+    }
+
+    fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
+        let (q, _) = qtype_of(target).ok_or_else(|| Error::layout("quanto target record"))?;
+        let activations = ctx.activations.clone();
+        if let Some((sq, _)) = qtype_of(&l.quant.weights) {
+            if sq == q
+                && activations
+                    .as_ref()
+                    .is_none_or(|a| l.quant.activations.as_ref() == Some(a))
+            {
+                return Ok(Planned::keep(l));
+            }
+        }
+        let w = weight_of(l)?;
+        float_of(w.dtype).ok_or_else(|| {
+            Error::layout(format!("weight dtype {} cannot be quantized", w.dtype))
+                .with_layer(l.path.clone())
+        })?;
+        let mut passes = Vec::new();
+        let mut lossless = false;
+        if w.encoding == Encoding::Quantized {
+            // the integers carry over when both sides hold the same codes
+            let to = self.target_form(target, w.dtype);
+            match (ctx.source.code_form(l), to) {
+                (Some(from), Some(to)) if w.shape.len() == 2 && from.carries_to(&to) => {
+                    passes.push(Pass::Relayout {
+                        from: from.name.clone(),
+                        to: to.name.clone(),
+                        same_floats: from.same_floats(&to),
+                        may_lose: from.may_lose_to(&to),
+                    });
+                    lossless = true; // checked on the data at execution
+                }
+                _ => passes.push(Pass::Dequantize {
+                    qtype: ctx.source.label(&l.quant.weights),
+                    dtype: w.dtype.to_string(),
+                }),
+            }
+        }
+        let numel = crate::dtype::numel(&w.shape)?;
+        let gs = if q.is_packed() {
+            math::group_size(w.shape.first().copied().unwrap_or(1), numel)
+        } else {
+            None
+        };
+        let shapes = math::quanto_shapes(q, &w.shape, gs)
+            .map_err(|e| Error::layout(e.to_string()).with_layer(l.path.clone()))?;
+        if !lossless {
+            passes.push(Pass::Quantize {
+                qtype: q.name().into(),
+                group_size: gs,
+            });
+        }
+        let (dk, sk, shk) = super::weight_keys(&l.path, q);
+        let mut parts = vec![
+            out_part(Role::Data, dk, super::data_dtype(q), shapes.data.clone()),
+            out_part(Role::Scale, sk, w.dtype, shapes.scale.clone()),
+        ];
+        if let (Some(k), Some(s)) = (shk, shapes.shift.clone()) {
+            parts.push(out_part(Role::Shift, k, w.dtype, s));
+        }
+        let mut tensors = vec![LogicalTensor {
+            name: "weight".into(),
+            dtype: w.dtype,
+            shape: w.shape.clone(),
+            encoding: Encoding::Quantized,
+            parts,
+        }];
+        for t in &l.tensors {
+            if t.name != "weight" {
+                tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
+            }
+        }
+        // quanto's QModules always carry these two 0-d buffers
+        let mut added = false;
+        for n in ACT_SCALES {
+            if !l.tensors.iter().any(|t| t.name == n) {
+                tensors.push(plain_logical(&l.path, n, w.dtype, vec![]));
+                added = true;
+            }
+        }
+        if added {
+            passes.push(Pass::AddActivationScales);
+        }
+        let output = Layer {
+            path: l.path.clone(),
+            quant: Quantization {
+                weights: WeightQuant::Quanto {
+                    qtype: q.name().into(),
+                    group_size: gs,
+                },
+                activations: activations.or_else(|| l.quant.activations.clone()),
+            },
+            tensors,
+            extensions: Vec::new(),
+        };
+        Ok(Planned {
+            output,
+            passes,
+            lossless,
+        })
+    }
+
+    fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
+        let dp = part(l, w, Role::Data)?;
+        let sp = part(l, w, Role::Scale)?;
+        let data = src.read(&dp.key)?;
+        Ok(Codes {
+            q: data.iter().map(|&b| b as i8).collect(),
+            scale: src.read(&sp.key)?.into_vec(),
+            value: ScaleValue::Scale,
+            dtype: sp.dtype,
+        })
+    }
+
+    fn dequantize(
+        &self,
+        src: &dyn TensorSource,
+        l: &Layer,
+        w: &LogicalTensor,
+        to: Dtype,
+    ) -> Result<Vec<u8>> {
+        // exactly quanto's dequantize(), in the weight's dtype, then cast
+        let b = super::dequantize_weight(src, l, w)?;
+        if w.dtype == to {
+            return Ok(b);
+        }
+        let c = crate::layout::family::cast_bytes(w.dtype, to, &b);
+        crate::io::pool::give(b);
+        c
+    }
+
+    fn produce(
+        &self,
+        record: &WeightQuant,
+        path: &str,
+        t: &LogicalTensor,
+        input: WeightInput<'_>,
+    ) -> Result<Vec<(String, TensorBytes)>> {
+        let (q, group_size) = qtype_of(record).ok_or_else(|| Error::layout("quanto record"))?;
+        let (mut data, mut scale, mut shift) = match input {
+            WeightInput::Codes(c) => (
+                Some(c.q.iter().map(|&x| x as u8).collect::<Vec<u8>>()),
+                Some(c.scale),
+                None,
+            ),
+            WeightInput::Float(float) => {
+                let f = float_of(t.dtype).ok_or_else(|| Error::layout("dtype"))?;
+                let qw = math::quantize(q, f, &t.shape, float, group_size)
+                    .map_err(|e| Error::layout(e.to_string()).with_layer(path.to_string()))?;
+                (
+                    Some(qw.data.bytes),
+                    Some(qw.scale.bytes),
+                    qw.shift.map(|s| s.bytes),
+                )
+            }
+        };
+        // each part's bytes move to the writer (no copies)
+        let mut out = Vec::with_capacity(t.parts.len());
+        for p in &t.parts {
+            let b = match p.role {
+                Role::Data => data.take(),
+                Role::Scale => scale.take(),
+                Role::Shift => shift.take(),
+                _ => return Err(Error::layout("unexpected role")),
+            }
+            .ok_or_else(|| Error::layout(format!("no quantized bytes for part `{}`", p.key)))?;
+            out.push((p.key.clone(), TensorBytes::Owned(b)));
+        }
+        Ok(out)
+    }
+
+    fn quantization_config(
+        &self,
+        record: &WeightQuant,
+        owner: ConfigOwner,
+        skip: &[String],
+    ) -> Option<Option<serde_json::Value>> {
+        // transformers reads no quanto config from a pre-quantized
+        // checkpoint (optimum-quanto's own transformers save writes none)
+        if owner == ConfigOwner::Transformers {
+            return Some(None);
+        }
+        let (q, _) = qtype_of(record)?;
+        let w = match q {
+            QType::QInt8 => "int8",
+            QType::QInt4 => "int4",
+            QType::QInt2 => "int2",
+            QType::QFloat8E4M3Fn => "float8",
+            _ => return None, // diffusers' QuantoConfig has no name for it
+        };
+        Some(Some(serde_json::json!({
+            "quant_method": "quanto", "weights_dtype": w, "modules_to_not_convert": skip
+        })))
+    }
+
+    fn schema_entry(
+        &self,
+        record: &WeightQuant,
+    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)> {
+        match record {
+            WeightQuant::Quanto { qtype, group_size } => Some((qtype.clone(), *group_size, None)),
+            _ => None,
+        }
+    }
+
+    fn qmap_weights(&self, record: &WeightQuant) -> Option<String> {
+        match record {
+            WeightQuant::Quanto { qtype, .. } => Some(qtype.clone()),
+            _ => None,
+        }
+    }
+
+    fn extra_buffers(&self) -> &'static [&'static str] {
+        &ACT_SCALES
+    }
+
+    fn config_methods(&self) -> &'static [&'static str] {
+        &["quanto"]
+    }
+}
