@@ -8,7 +8,6 @@ use crate::format::manifest::{
     Encoding, Layer, LogicalTensor, Part, Quantization, Role, Shard, WeightQuant,
 };
 use crate::io::source::{SourceTensor, TensorSource};
-use crate::layout::int8::{self, Int8Descriptor};
 use crate::layout::quanto;
 
 /// Splits a key into (module path, tensor name) at the last dot. A key whose
@@ -260,187 +259,118 @@ fn plain_tensor(name: &str, t: &SourceTensor) -> LogicalTensor {
     }
 }
 
-/// The int8 layouts ckptkit's schema records, by module path: a built-in
-/// preset by name, or a user layout with its full descriptor (checked as
-/// [`int8::descriptor_of`] checks a manifest's record). A name in the
-/// reserved `int8` namespace that is not a preset, recorded without a
-/// descriptor (a user layout written before descriptors were recorded),
-/// is refused: it cannot be read back. Other names are quanto's.
-fn recorded_int8(schema: Option<&quanto::Schema>) -> Result<BTreeMap<String, Int8Descriptor>> {
-    let mut out = BTreeMap::new();
-    for (path, e) in schema.into_iter().flatten() {
-        let d = match &e.descriptor {
-            Some(v) => int8::descriptor_of(&e.weights, &v.to_string()),
-            None if int8::reserved(&e.weights) == Some("int8") => {
-                int8::descriptor_of(&e.weights, "")
-            }
-            None => continue,
-        };
-        out.insert(
-            path.clone(),
-            d.map_err(|e| {
-                let m = match e.into_kind() {
-                    ErrorKind::Layout(m) => m,
-                    k => k.to_string(),
-                };
-                Error::layout(format!("ckptkit.schema: {m}")).with_layer(path.clone())
-            })?,
-        );
-    }
-    Ok(out)
-}
-
-/// Reads the layers of a source: quanto-quantized weights are grouped from
-/// their keys (`weight._data`, `weight._data._data`, `weight._scale`,
-/// `weight._shift`), their qtype taken from the qmap, the diffusers config,
-/// ckptkit's schema, or the dtypes; logical shapes and group sizes are
-/// inferred (spec/layouts.md §2.4). Any contradiction between a hint and
-/// the tensors is an error naming the layer; layers that stay ambiguous are
-/// listed together in one error that says which hint resolves them.
+/// Reads the layers of a source. Each family's detector claims the stored
+/// keys its key scheme owns (quanto's `weight._data`, `weight._scale`, ...)
+/// and reads the modules it recognises (from its side files, ckptkit's
+/// schema, or the tensors themselves: spec/layouts.md §2.5, §3); what no
+/// family reads is plain. Any contradiction between a hint and the tensors
+/// is an error naming the layer; layers that stay ambiguous are listed
+/// together in one error that says which hint resolves them.
 pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<Layer>> {
+    use crate::layout::family::{DetectCtx, Detected, FAMILIES};
     let schema = quanto::schema_of(src.metadata()).map_err(|e| e.with_file(src.describe()))?;
-    let recorded = recorded_int8(schema.as_ref())?;
-    // the parts of a recorded int8 layout belong to its module whatever
-    // their keys look like (`weight.qs`, a quanto-like suffix)
-    let owner: std::collections::HashMap<String, &str> = recorded
-        .iter()
-        .flat_map(|(path, d)| {
-            d.part_keys()
-                .into_iter()
-                .map(move |k| (Int8Descriptor::key(path, k), path.as_str()))
-        })
-        .collect();
-    let mut groups: BTreeMap<String, quanto::Group> = BTreeMap::new();
+    let ctx = DetectCtx {
+        src,
+        schema: schema.as_ref(),
+        hints,
+    };
+    let mut detectors = Vec::new();
+    for f in FAMILIES {
+        if let Some(d) = f.detector(&ctx)? {
+            detectors.push(d);
+        }
+    }
+    // group the stored tensors by module: claimed by a family, or plain
+    /// A module's tensors in source order, each with the family that
+    /// claimed it.
+    #[derive(Default)]
+    struct Module<'s> {
+        items: Vec<(Option<usize>, &'s SourceTensor)>,
+    }
+    let mut groups: BTreeMap<String, Module<'_>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for t in src.tensors() {
-        let (module, role) = if let Some(m) = owner.get(&t.key) {
-            (*m, 4)
-        } else if let Some(m) = t.key.strip_suffix(".weight._data._data") {
-            (m, 1)
-        } else if let Some(m) = t.key.strip_suffix(".weight._data") {
-            (m, 0)
-        } else if let Some(m) = t.key.strip_suffix(".weight._scale") {
-            (m, 2)
-        } else if let Some(m) = t.key.strip_suffix(".weight._shift") {
-            (m, 3)
-        } else if let Some(m) = t
-            .key
-            .strip_suffix(".weight.q")
-            .or_else(|| t.key.strip_suffix(".weight.scale"))
-        {
-            // ckptkit's own int8 layout keeps its parts under `weight.`
-            (m, 4)
-        } else {
-            (split_key(&t.key).0, 4)
-        };
+        let claim = detectors
+            .iter()
+            .enumerate()
+            .find_map(|(i, d)| d.claim(&t.key).map(|m| (i, m)));
+        let module = claim.map(|(_, m)| m).unwrap_or_else(|| split_key(&t.key).0);
         let g = groups.entry(module.to_string()).or_insert_with(|| {
             order.push(module.to_string());
-            quanto::Group::default()
+            Module::default()
         });
-        let slot = match role {
-            0 => &mut g.data,
-            1 => &mut g.packed,
-            2 => &mut g.scale,
-            3 => &mut g.shift,
-            _ => {
-                g.plain.push(t);
-                continue;
-            }
-        };
-        *slot = Some(t);
+        g.items.push((claim.map(|(i, _)| i), t));
     }
-    // modules the qmap names that hold no tensors (never happens for real
-    // quanto files) are ignored; modules it names with weights must exist.
     let mut ambiguous: Vec<String> = Vec::new();
+    let mut ambiguous_by: Vec<usize> = Vec::new();
     let mut layers = Vec::with_capacity(order.len());
-    let qmap = hints.qmap.as_ref().map(quanto::QuantoMap::index);
     order.sort_by(|a, b| natural_cmp(a, b));
-    for path in order {
+    'module: for path in order {
         let Some(g) = groups.remove(&path) else {
             continue;
         };
-        let qentry = qmap.as_ref().and_then(|m| {
-            crate::io::source::lookups::add(1);
-            m.get(path.as_str()).copied()
-        });
-        let activations = qentry
-            .map(|e| e.activations.clone())
-            .or_else(|| {
-                schema
-                    .as_ref()
-                    .and_then(|s| s.get(&path))
-                    .map(|e| e.activations.clone())
-            })
-            .filter(|a| a != "none");
-        let is_quanto =
-            g.data.is_some() || g.packed.is_some() || g.scale.is_some() || g.shift.is_some();
-        // an activation record only describes a module that carries quanto's
-        // activation-scale buffers
-        let has_act_buffers = g.plain.iter().any(|t| split_key(&t.key).1 == "input_scale");
-        let activations = activations.filter(|_| is_quanto || has_act_buffers);
+        let mut found = None;
+        for (i, d) in detectors.iter().enumerate() {
+            let mine: Vec<&SourceTensor> = g
+                .items
+                .iter()
+                .filter(|(j, _)| *j == Some(i))
+                .map(|(_, t)| *t)
+                .collect();
+            let others: Vec<&SourceTensor> = g
+                .items
+                .iter()
+                .filter(|(j, _)| *j != Some(i))
+                .map(|(_, t)| *t)
+                .collect();
+            match d.detect(&path, &mine, &others)? {
+                Detected::Found {
+                    weight,
+                    record,
+                    used,
+                } => {
+                    found = Some((i, weight, record, used));
+                    break;
+                }
+                Detected::Ambiguous => {
+                    ambiguous.push(path.clone());
+                    if !ambiguous_by.contains(&i) {
+                        ambiguous_by.push(i);
+                    }
+                    continue 'module;
+                }
+                Detected::NotMine => {}
+            }
+        }
+        // a family whose records say the module is its own, and did not read it
+        for (i, d) in detectors.iter().enumerate() {
+            if found.as_ref().map(|f| f.0) != Some(i) {
+                if let Some(e) = d.insists(&path) {
+                    return Err(e);
+                }
+            }
+        }
+        // an activation record only describes a module its family read, or
+        // one that carries quanto's activation-scale buffers
+        let has_act_buffers = g
+            .items
+            .iter()
+            .any(|(_, t)| split_key(&t.key).1 == "input_scale");
+        let activations = detectors
+            .iter()
+            .enumerate()
+            .find_map(|(i, d)| d.activations(&path).map(|a| (i, a)))
+            .filter(|(i, _)| found.as_ref().map(|f| f.0) == Some(*i) || has_act_buffers)
+            .map(|(_, a)| a);
         let mut tensors: Vec<LogicalTensor> = Vec::new();
         let mut weights = WeightQuant::Plain;
-        if is_quanto {
-            match quanto::quanto_weight(&path, &g, qentry, hints, schema.as_ref())? {
-                Some((lt, wq)) => {
-                    tensors.push(lt);
-                    weights = wq;
-                }
-                None => {
-                    ambiguous.push(path.clone());
-                    continue;
-                }
-            }
-        }
         let mut used: Vec<String> = Vec::new();
-        let entry = schema.as_ref().and_then(|s| s.get(&path));
-        let dtype_hint = entry.and_then(|e| Dtype::from_name(&e.dtype));
-        if let Some(d) = recorded.get(&path) {
-            // ckptkit's schema says which int8 layout: only that one is tried
-            let found = if is_quanto {
-                None
-            } else {
-                int8::detect(src, &path, &g.plain, std::slice::from_ref(d), dtype_hint)?
-            };
-            let Some((lt, wq, u)) = found else {
-                return Err(quanto::lerr(
-                    &path,
-                    format!(
-                        "ckptkit.schema records int8 layout `{}` for this layer, but its stored \
-                         tensors do not match it (the layout stores {})",
-                        d.name,
-                        d.part_keys()
-                            .iter()
-                            .map(|k| format!("`{}`", Int8Descriptor::key(&path, k)))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
-            };
-            let e = entry.ok_or_else(|| quanto::lerr(&path, "schema entry"))?;
-            if (!e.dtype.is_empty() && e.dtype != lt.dtype.to_string())
-                || (!e.shape.is_empty() && e.shape != lt.shape)
-            {
-                return Err(quanto::lerr(
-                    &path,
-                    format!(
-                        "ckptkit.schema records a {} {:?} weight, the stored tensors hold {} {:?}",
-                        e.dtype, e.shape, lt.dtype, lt.shape
-                    ),
-                ));
-            }
-            tensors.push(lt);
-            weights = wq;
+        if let Some((_, weight, record, u)) = found {
+            tensors.push(weight);
+            weights = record;
             used = u;
-        } else if !is_quanto {
-            if let Some((lt, wq, u)) = int8::detect(src, &path, &g.plain, &hints.int8, dtype_hint)?
-            {
-                tensors.push(lt);
-                weights = wq;
-                used = u;
-            }
         }
-        for t in g.plain.iter().filter(|t| !used.contains(&t.key)) {
+        for (_, t) in g.items.iter().filter(|(_, t)| !used.contains(&t.key)) {
             tensors.push(plain_tensor(
                 crate::schema::split_key_after(&t.key, &path),
                 t,
@@ -459,15 +389,11 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
     if !ambiguous.is_empty() {
         let n = ambiguous.len();
         let list: Vec<&str> = ambiguous.iter().take(20).map(|s| s.as_str()).collect();
-        // the map, when it was read, gave the qtypes: only shapes are missing
-        let hint = if hints.qmap.is_some() {
-            "the quanto map gives their qtype but not their logical shape (packed layers \
-             without a bias); pass a plain checkpoint of the same model (--shapes-from \
-             model.safetensors)"
-        } else {
-            "pass the quanto map (--qmap quanto_qmap.json) or a plain checkpoint of the same \
-             model (--shapes-from model.safetensors)"
-        };
+        let hint = ambiguous_by
+            .iter()
+            .map(|&i| detectors[i].ambiguity_hint())
+            .collect::<Vec<_>>()
+            .join("; ");
         return Err(Error::new(ErrorKind::Ambiguous(format!(
             "{n} quantized layer(s) whose qtype or logical shape cannot be told from the tensors alone: {}{}; \
              {hint}, or convert from a ckptkit container or a file ckptkit wrote",
@@ -475,17 +401,8 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
             if n > 20 { ", ..." } else { "" }
         ))));
     }
-    if let Some(m) = &hints.qmap {
-        let have: std::collections::HashSet<&str> =
-            layers.iter().map(|l| l.path.as_str()).collect();
-        for (k, e) in &m.entries {
-            if e.weights != "none" && !have.contains(k.as_str()) {
-                return Err(quanto::lerr(
-                    k,
-                    format!("the quanto map says `{}` weights, but the checkpoint has no tensor of this module", e.weights),
-                ));
-            }
-        }
+    for d in &detectors {
+        d.finish(&layers)?;
     }
     Ok(layers)
 }

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::format::manifest::{Encoding, Layer, LogicalTensor, Part, Role, WeightQuant};
-use crate::io::source::TensorSource;
+use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::TensorBytes;
 
 pub use crate::layout::codes::{CodeForm, Codes, Granularity, Loss, ScaleValue};
@@ -188,6 +188,78 @@ pub(crate) trait Family: Sync {
     /// Checks a record's parameters alone (a readable int8 descriptor),
     /// before any planning.
     fn check_record(&self, _w: &WeightQuant) -> Result<()> {
+        Ok(())
+    }
+    /// This family's layer detection over one source (`None`: the family
+    /// is never read from stored tensors, as plain layers are what is
+    /// left).
+    fn detector<'a>(&self, _ctx: &DetectCtx<'a>) -> Result<Option<Box<dyn Detector + 'a>>> {
+        Ok(None)
+    }
+}
+
+/// What layer detection may use besides the tensors: the source, ckptkit's
+/// schema recorded in its `__metadata__`, and the hints (side files found
+/// beside the input, or given by the user).
+pub(crate) struct DetectCtx<'a> {
+    /// The source.
+    pub src: &'a dyn TensorSource,
+    /// ckptkit's schema (`ckptkit.schema`), when the source records one.
+    pub schema: Option<&'a crate::layout::quanto::Schema>,
+    /// The hints.
+    pub hints: &'a crate::schema::Hints<'a>,
+}
+
+/// What a family's detector read for one module.
+pub(crate) enum Detected {
+    /// The module's weight is in this family's layout: its logical
+    /// tensor, its record, and the stored keys it consumed.
+    Found {
+        /// The logical weight.
+        weight: LogicalTensor,
+        /// Its record.
+        record: WeightQuant,
+        /// Stored keys that make it up (they are not plain tensors).
+        used: Vec<String>,
+    },
+    /// Not this family's.
+    NotMine,
+    /// This family's, but its qtype or shape cannot be told from the
+    /// tensors alone (the error says which hint resolves it).
+    Ambiguous,
+}
+
+/// One family's layer detection over one source, built once (its side
+/// files and schema entries read), then asked per key and per module.
+pub(crate) trait Detector {
+    /// The module a stored key belongs to, when this family's key scheme
+    /// claims it (`m.weight._data` is quanto's module `m`). Unclaimed keys
+    /// belong to the module named by their key up to the last dot.
+    fn claim<'k>(&self, key: &'k str) -> Option<&'k str>;
+    /// Reads module `path` from the keys this family claimed for it and the
+    /// module's other tensors.
+    fn detect(
+        &self,
+        path: &str,
+        claimed: &[&SourceTensor],
+        others: &[&SourceTensor],
+    ) -> Result<Detected>;
+    /// The activation qtype this family records for a module, if any.
+    fn activations(&self, _path: &str) -> Option<String> {
+        None
+    }
+    /// An error when this family's records say a module is its own but it
+    /// was not read as such.
+    fn insists(&self, _path: &str) -> Option<Error> {
+        None
+    }
+    /// The hint that resolves this family's ambiguous layers.
+    fn ambiguity_hint(&self) -> String {
+        String::new()
+    }
+    /// Checks over all layers, at the end (a map naming a module the
+    /// checkpoint lacks).
+    fn finish(&self, _layers: &[Layer]) -> Result<()> {
         Ok(())
     }
 }

@@ -4,17 +4,141 @@
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role, WeightQuant};
-use crate::io::source::TensorSource;
+use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::TensorBytes;
 use crate::layout::family::{
     expect_part, out_part, part, plain_logical, quantized_weight, weight_of, CodeForm, Codes,
-    ConfigOwner, Family, Granularity, Pass, PlanCtx, Planned, WeightInput,
+    ConfigOwner, DetectCtx, Detected, Detector, Family, Granularity, Pass, PlanCtx, Planned,
+    WeightInput,
 };
 
 use super::{descriptor_of, is_builtin, preset, Int8Descriptor};
 
 /// The int8 family.
 pub(crate) struct Int8;
+
+/// The int8 layouts ckptkit's schema records, by module path: a built-in
+/// preset by name, or a user layout with its full descriptor (checked as
+/// [`descriptor_of`] checks a manifest's record). A name in the reserved
+/// `int8` namespace that is not a preset, recorded without a descriptor (a
+/// user layout written before descriptors were recorded), is refused: it
+/// cannot be read back. Other names are other families'.
+fn recorded(
+    schema: Option<&crate::layout::quanto::Schema>,
+) -> Result<std::collections::BTreeMap<String, Int8Descriptor>> {
+    let mut out = std::collections::BTreeMap::new();
+    for (path, e) in schema.into_iter().flatten() {
+        let d = match &e.descriptor {
+            Some(v) => descriptor_of(&e.weights, &v.to_string()),
+            None if super::reserved(&e.weights) == Some("int8") => descriptor_of(&e.weights, ""),
+            None => continue,
+        };
+        out.insert(
+            path.clone(),
+            d.map_err(|e| {
+                let m = match e.into_kind() {
+                    crate::ErrorKind::Layout(m) => m,
+                    k => k.to_string(),
+                };
+                Error::layout(format!("ckptkit.schema: {m}")).with_layer(path.clone())
+            })?,
+        );
+    }
+    Ok(out)
+}
+
+/// The int8 family's layer detection over one source: the layouts ckptkit's
+/// schema records (only that layout is tried for its module, and it must
+/// match), else the detection presets (spec/layouts.md §3).
+struct Int8Detector<'a> {
+    ctx: DetectCtx<'a>,
+    recorded: std::collections::BTreeMap<String, Int8Descriptor>,
+    /// The stored keys of a recorded layout's parts, by their module: they
+    /// belong to it whatever their keys look like.
+    owner: std::collections::HashMap<String, String>,
+}
+
+impl Detector for Int8Detector<'_> {
+    fn claim<'k>(&self, key: &'k str) -> Option<&'k str> {
+        if let Some(m) = self.owner.get(key) {
+            // a recorded module's name is a prefix of its part keys
+            return key.get(..m.len()).filter(|p| *p == m.as_str());
+        }
+        // ckptkit's own int8 layout keeps its parts under `weight.`
+        key.strip_suffix(".weight.q")
+            .or_else(|| key.strip_suffix(".weight.scale"))
+    }
+
+    fn detect(
+        &self,
+        path: &str,
+        claimed: &[&SourceTensor],
+        others: &[&SourceTensor],
+    ) -> Result<Detected> {
+        let all: Vec<&SourceTensor> = claimed.iter().chain(others).copied().collect();
+        let entry = self.ctx.schema.and_then(|s| s.get(path));
+        let dtype_hint = entry.and_then(|e| Dtype::from_name(&e.dtype));
+        if let Some(d) = self.recorded.get(path) {
+            // ckptkit's schema says which int8 layout: only that one is tried
+            let Some((weight, record, used)) = super::detect(
+                self.ctx.src,
+                path,
+                &all,
+                std::slice::from_ref(d),
+                dtype_hint,
+            )?
+            else {
+                return Err(self.mismatch(path, d));
+            };
+            if let Some(e) = entry {
+                if (!e.dtype.is_empty() && e.dtype != weight.dtype.to_string())
+                    || (!e.shape.is_empty() && e.shape != weight.shape)
+                {
+                    return Err(Error::layout(format!(
+                        "ckptkit.schema records a {} {:?} weight, the stored tensors hold {} {:?}",
+                        e.dtype, e.shape, weight.dtype, weight.shape
+                    ))
+                    .with_layer(path.to_string()));
+                }
+            }
+            return Ok(Detected::Found {
+                weight,
+                record,
+                used,
+            });
+        }
+        Ok(
+            match super::detect(self.ctx.src, path, &all, &self.ctx.hints.int8, dtype_hint)? {
+                Some((weight, record, used)) => Detected::Found {
+                    weight,
+                    record,
+                    used,
+                },
+                None => Detected::NotMine,
+            },
+        )
+    }
+
+    fn insists(&self, path: &str) -> Option<Error> {
+        self.recorded.get(path).map(|d| self.mismatch(path, d))
+    }
+}
+
+impl Int8Detector<'_> {
+    fn mismatch(&self, path: &str, d: &Int8Descriptor) -> Error {
+        Error::layout(format!(
+            "ckptkit.schema records int8 layout `{}` for this layer, but its stored tensors do \
+             not match it (the layout stores {})",
+            d.name,
+            d.part_keys()
+                .iter()
+                .map(|k| format!("`{}`", Int8Descriptor::key(path, k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .with_layer(path.to_string())
+    }
+}
 
 /// The descriptor of an int8 record (a preset exactly, or a valid user
 /// descriptor carrying its name).
@@ -54,6 +178,27 @@ fn form(d: &Int8Descriptor, scale_dtype: Dtype) -> CodeForm {
 }
 
 impl Family for Int8 {
+    fn detector<'a>(&self, ctx: &DetectCtx<'a>) -> Result<Option<Box<dyn Detector + 'a>>> {
+        let recorded = recorded(ctx.schema)?;
+        let owner = recorded
+            .iter()
+            .flat_map(|(path, d)| {
+                d.part_keys()
+                    .into_iter()
+                    .map(move |k| (Int8Descriptor::key(path, k), path.clone()))
+            })
+            .collect();
+        Ok(Some(Box::new(Int8Detector {
+            ctx: DetectCtx {
+                src: ctx.src,
+                schema: ctx.schema,
+                hints: ctx.hints,
+            },
+            recorded,
+            owner,
+        })))
+    }
+
     fn name(&self) -> &'static str {
         "int8"
     }

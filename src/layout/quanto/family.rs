@@ -3,11 +3,12 @@
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role, WeightQuant};
-use crate::io::source::TensorSource;
+use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::TensorBytes;
 use crate::layout::family::{
     expect_part, out_part, part, plain_logical, quantized_weight, weight_of, CodeForm, Codes,
-    ConfigOwner, Family, Granularity, Pass, PlanCtx, Planned, ScaleValue, WeightInput, ACT_SCALES,
+    ConfigOwner, DetectCtx, Detected, Detector, Family, Granularity, Pass, PlanCtx, Planned,
+    ScaleValue, WeightInput, ACT_SCALES,
 };
 
 use super::{float_of, math, QType};
@@ -26,6 +27,121 @@ pub(crate) fn qmap_record(weights: &str) -> WeightQuant {
 /// The optimum-quanto family.
 pub(crate) struct Quanto;
 
+/// quanto's key suffixes of a quantized weight, longest first.
+const SUFFIXES: [&str; 4] = [
+    ".weight._data._data",
+    ".weight._data",
+    ".weight._scale",
+    ".weight._shift",
+];
+
+/// quanto's layer detection over one source (spec/layouts.md §2.5): keys
+/// grouped by their suffixes, the qtype from the map, the diffusers
+/// config, ckptkit's schema or the dtypes.
+struct QuantoDetector<'a> {
+    ctx: DetectCtx<'a>,
+    qmap: Option<std::collections::HashMap<&'a str, &'a super::QmapEntry>>,
+}
+
+impl QuantoDetector<'_> {
+    fn entry(&self, path: &str) -> Option<&super::QmapEntry> {
+        self.qmap.as_ref().and_then(|m| {
+            crate::io::source::lookups::add(1);
+            m.get(path).copied()
+        })
+    }
+}
+
+impl Detector for QuantoDetector<'_> {
+    fn claim<'k>(&self, key: &'k str) -> Option<&'k str> {
+        SUFFIXES.iter().find_map(|s| key.strip_suffix(s))
+    }
+
+    fn detect(
+        &self,
+        path: &str,
+        claimed: &[&SourceTensor],
+        others: &[&SourceTensor],
+    ) -> Result<Detected> {
+        if claimed.is_empty() {
+            return Ok(Detected::NotMine);
+        }
+        let mut g = super::Group {
+            plain: others.to_vec(),
+            ..Default::default()
+        };
+        for t in claimed {
+            let slot = if t.key.ends_with(".weight._data._data") {
+                &mut g.packed
+            } else if t.key.ends_with(".weight._data") {
+                &mut g.data
+            } else if t.key.ends_with(".weight._scale") {
+                &mut g.scale
+            } else {
+                &mut g.shift
+            };
+            *slot = Some(t);
+        }
+        match super::quanto_weight(path, &g, self.entry(path), self.ctx.hints, self.ctx.schema)? {
+            Some((weight, record)) => Ok(Detected::Found {
+                weight,
+                record,
+                used: claimed.iter().map(|t| t.key.clone()).collect(),
+            }),
+            None => Ok(Detected::Ambiguous),
+        }
+    }
+
+    fn activations(&self, path: &str) -> Option<String> {
+        self.entry(path)
+            .map(|e| e.activations.clone())
+            .or_else(|| {
+                self.ctx
+                    .schema
+                    .and_then(|s| s.get(path))
+                    .map(|e| e.activations.clone())
+            })
+            .filter(|a| a != "none")
+    }
+
+    fn ambiguity_hint(&self) -> String {
+        // the map, when it was read, gave the qtypes: only shapes are missing
+        if self.ctx.hints.qmap.is_some() {
+            "the quanto map gives their qtype but not their logical shape (packed layers \
+             without a bias); pass a plain checkpoint of the same model (--shapes-from \
+             model.safetensors)"
+                .into()
+        } else {
+            "pass the quanto map (--qmap quanto_qmap.json) or a plain checkpoint of the same \
+             model (--shapes-from model.safetensors)"
+                .into()
+        }
+    }
+
+    fn finish(&self, layers: &[Layer]) -> Result<()> {
+        // modules the map names that hold no tensors (never so in real quanto
+        // files) are ignored; modules it names with weights must exist
+        let Some(m) = &self.ctx.hints.qmap else {
+            return Ok(());
+        };
+        let have: std::collections::HashSet<&str> =
+            layers.iter().map(|l| l.path.as_str()).collect();
+        for (k, e) in &m.entries {
+            if e.weights != "none" && !have.contains(k.as_str()) {
+                return Err(super::lerr(
+                    k,
+                    format!(
+                        "the quanto map says `{}` weights, but the checkpoint has no tensor of \
+                         this module",
+                        e.weights
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The integers quanto's qint8 stores.
 const QINT8_RANGE: [i32; 2] = [-128, 127];
 
@@ -39,6 +155,18 @@ fn qtype_of(w: &WeightQuant) -> Option<(QType, Option<u64>)> {
 }
 
 impl Family for Quanto {
+    fn detector<'a>(&self, ctx: &DetectCtx<'a>) -> Result<Option<Box<dyn Detector + 'a>>> {
+        let qmap = ctx.hints.qmap.as_ref().map(super::QuantoMap::index);
+        Ok(Some(Box::new(QuantoDetector {
+            ctx: DetectCtx {
+                src: ctx.src,
+                schema: ctx.schema,
+                hints: ctx.hints,
+            },
+            qmap,
+        })))
+    }
+
     fn name(&self) -> &'static str {
         "quanto"
     }
