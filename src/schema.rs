@@ -136,30 +136,7 @@ pub fn report_layers(layers: &[Layer]) -> Vec<LayerReport> {
         .collect()
 }
 
-/// The display name of a layer's layout.
-pub fn layout_name(l: &Layer) -> String {
-    let w = match &l.quant.weights {
-        WeightQuant::Plain => {
-            let d = l
-                .tensors
-                .iter()
-                .find(|t| t.name == "weight")
-                .or(l.tensors.first())
-                .map(|t| t.dtype.to_string())
-                .unwrap_or_default();
-            format!("plain {d}")
-        }
-        WeightQuant::Quanto { qtype, group_size } => match group_size {
-            Some(g) => format!("quanto {qtype} group {g}"),
-            None => format!("quanto {qtype}"),
-        },
-        WeightQuant::Int8 { layout, .. } => layout.clone(),
-    };
-    match &l.quant.activations {
-        Some(a) => format!("{w}, activations {a}"),
-        None => w,
-    }
-}
+pub use crate::layout::family::layout_name;
 
 /// Plain layers of any tensor source: every stored tensor is a plain
 /// logical tensor of the layer named by its key up to the last dot.
