@@ -53,6 +53,7 @@ mod dtype;
 mod error;
 pub mod float;
 pub mod format;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod io;

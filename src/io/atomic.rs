@@ -708,11 +708,13 @@ fn validate_journal(jname: &str, j: &Journal) -> Result<()> {
 }
 
 /// A journal's renames (`[temporary, destination]`) and removals.
+#[cfg(feature = "fuzzing")]
 pub(crate) type JournalOps = (Vec<(String, String)>, Vec<String>);
 
 /// Parses and validates a journal's bytes as found in a file named `name`
 /// (what the next write or `recover` would act on); returns its renames and
 /// removals. For the fuzz targets.
+#[cfg(feature = "fuzzing")]
 pub(crate) fn parse_journal(name: &str, bytes: &[u8]) -> Result<JournalOps> {
     let j: Journal = serde_json::from_slice(bytes)
         .map_err(|er| Error::new(ErrorKind::Journal(format!("invalid JSON: {er}"))))?;
