@@ -188,15 +188,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Set by the first Ctrl-C / SIGTERM; the conversion's cancellation handle
+/// reads it ([`ckptkit::Cancel::from_static`]).
+static CANCELLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn install_ctrlc() {
     extern "C" fn on_signal(_: libc::c_int) {
-        if ckptkit::io::atomic::check_interrupt().is_err() {
-            // a second Ctrl-C: stop now; the temporaries left behind carry
-            // this process id and are removed by the next run
+        if CANCELLED.load(std::sync::atomic::Ordering::Relaxed) {
+            // a second Ctrl-C: stop now; the temporaries left behind are
+            // removed by the next write of the same output
             // SAFETY: _exit is async-signal-safe.
             unsafe { libc::_exit(130) }
         }
-        ckptkit::io::atomic::request_interrupt();
+        CANCELLED.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     let handler: extern "C" fn(libc::c_int) = on_signal;
     // SAFETY: the handler only reads and stores an atomic flag, or calls
@@ -233,37 +237,21 @@ fn parse_compress(s: &str) -> Result<ZstdOptions, String> {
 
 /// A progress bar on stderr (only when it is a terminal), fed by a thread
 /// that polls the library's byte counter.
-fn progress_bar(
-    enabled: bool,
-    input: &std::path::Path,
-) -> Option<(
-    indicatif::ProgressBar,
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-)> {
+/// A progress bar on stderr (only when it is a terminal), fed by the
+/// conversion's progress callback.
+fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
     if !enabled || !std::io::stderr().is_terminal() {
         return None;
     }
-    let total = open_source(input)
-        .map(|s| s.tensors().iter().map(|t| t.len).sum())
-        .unwrap_or(0);
-    let bar = indicatif::ProgressBar::new(total);
+    let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (b, st) = (bar.clone(), stop.clone());
-    let base = ckptkit::io::writer::bytes_written();
-    std::thread::spawn(move || {
-        while !st.load(std::sync::atomic::Ordering::Relaxed) {
-            b.set_position(ckptkit::io::writer::bytes_written() - base);
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    });
-    Some((bar, stop))
+    Some(bar)
 }
 
 /// blake3 of an output file, for the summary (read through bounded
@@ -436,11 +424,20 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 extra_reads: like.iter().cloned().collect(),
                 verify_input: !no_verify_input,
                 assume_plain,
+                control: ckptkit::Control::new(),
             };
-            let bar = progress_bar(!(json || cli.quiet || dry_run), &input);
+            let bar = progress_bar(!(json || cli.quiet || dry_run));
+            let mut control =
+                ckptkit::Control::new().with_cancel(ckptkit::Cancel::from_static(&CANCELLED));
+            if let Some(b) = bar.clone() {
+                control = control.with_progress(move |p| {
+                    b.set_length(p.bytes_total);
+                    b.set_position(p.bytes_done);
+                });
+            }
+            let opts = ConvertOptions { control, ..opts };
             let s = convert(&input, &output, &opts);
-            if let Some((b, stop)) = bar {
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(b) = bar {
                 b.finish_and_clear();
             }
             let s = s?;

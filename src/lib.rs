@@ -49,6 +49,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod control;
 mod dtype;
 mod error;
 pub mod float;
@@ -61,6 +62,7 @@ pub mod layout;
 pub mod migrate;
 pub mod schema;
 
+pub use crate::control::{Cancel, Control, Progress, ProgressFn};
 pub use crate::dtype::{byte_len, numel, Dtype};
 pub use crate::error::{Error, ErrorKind, Location, Result};
 pub use crate::format::manifest::{

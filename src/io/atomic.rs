@@ -12,7 +12,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -31,24 +31,7 @@ pub const RECORD_NAME: &str = ".ckptkit-output.json";
 /// `NAME` and these names only.
 pub const COMPANION_NAMES: [&str; 1] = ["quanto_qmap.json"];
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Asks every running write to stop at its next tensor (used by Ctrl-C
-/// handlers). The writer then fails with [`ErrorKind::Interrupted`] and
-/// removes its temporary.
-pub fn request_interrupt() {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Fails with [`ErrorKind::Interrupted`] when an interrupt was requested.
-pub fn check_interrupt() -> Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        Err(Error::new(ErrorKind::Interrupted))
-    } else {
-        Ok(())
-    }
-}
 
 /// Test-only fault injection (debug builds only): when the environment
 /// variable `CKPTKIT_FAULT` equals `point`, the process announces it on

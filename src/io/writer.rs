@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
+use crate::control::Control;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::format::filter::encode_chunk;
@@ -27,19 +28,7 @@ use crate::format::{
     align_up, encode_manifest, validate, DEFAULT_CHUNK_SIZE, HEADER_LEN, MANIFEST_ALIGN,
     SHARD_ALIGN, VERSION_MAJOR, VERSION_MINOR,
 };
-use crate::io::atomic::{check_interrupt, AtomicFile};
-
-static BYTES_WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Process-wide count of tensor bytes handed to writers so far, for
-/// progress displays (a display thread polls it).
-pub fn bytes_written() -> u64 {
-    BYTES_WRITTEN.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-fn count(n: usize) {
-    BYTES_WRITTEN.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-}
+use crate::io::atomic::AtomicFile;
 
 /// Slice size of a tensor's writes (and of the fused hash-and-write: fits
 /// in L2).
@@ -116,8 +105,8 @@ impl InPlace {
         })
     }
 
-    fn write(&self, file: &std::fs::File, key: &str, bytes: &[u8]) -> Result<Hash> {
-        self.write_from(file, key, false, &mut |sink| sink(bytes))
+    fn write(&self, ctl: &Control, file: &std::fs::File, key: &str, bytes: &[u8]) -> Result<Hash> {
+        self.write_from(ctl, file, key, false, &mut |sink| sink(bytes))
             .map(|h| h.unwrap_or([0; 32]))
     }
 
@@ -126,12 +115,13 @@ impl InPlace {
     /// hashes or `want_hash` asks for it.
     fn write_from(
         &self,
+        ctl: &Control,
         file: &std::fs::File,
         key: &str,
         want_hash: bool,
         feed: &mut crate::io::Feed<'_>,
     ) -> Result<Option<Hash>> {
-        check_interrupt()?;
+        ctl.check()?;
         crate::io::source::lookups::add(1);
         let i = *self
             .index
@@ -164,8 +154,9 @@ impl InPlace {
                 done += slice.len() as u64;
             }
             debug_assert_eq!(done, end);
-            count(piece.len());
-            Ok(())
+            ctl.add(piece.len() as u64);
+            // a large tensor stops between pieces too
+            ctl.check()
         })?;
         if done != len {
             return Err(Error::usage(format!(
@@ -212,6 +203,7 @@ type TensorPlan = (String, Dtype, Vec<u64>);
 #[derive(Debug)]
 pub struct SafetensorsWriter {
     out: AtomicFile,
+    ctl: Control,
     shard: InPlace,
     /// The tensors and metadata the plan was built from (to rebuild the
     /// header with the hashes), when hashing.
@@ -245,9 +237,16 @@ impl SafetensorsWriter {
         let rebuild = hashes.then(|| (tensors.to_vec(), md));
         Ok(SafetensorsWriter {
             out,
+            ctl: Control::default(),
             shard,
             rebuild,
         })
+    }
+
+    /// Uses `ctl` to stop when it is cancelled and to report progress.
+    pub fn with_control(mut self, ctl: Control) -> Self {
+        self.ctl = ctl;
+        self
     }
 
     /// The plan (tensors in data order).
@@ -259,7 +258,7 @@ impl SafetensorsWriter {
     pub fn write_tensor(&self, key: &str, bytes: &[u8]) -> Result<()> {
         let f = self.out.file()?;
         self.shard
-            .write(f, key, bytes)
+            .write(&self.ctl, f, key, bytes)
             .map(|_| ())
             .map_err(|e| e.with_file(self.out.dest()).with_tensor(key))
     }
@@ -277,7 +276,7 @@ impl SafetensorsWriter {
     ) -> Result<Option<Hash>> {
         let f = self.out.file()?;
         self.shard
-            .write_from(f, key, want_hash, feed)
+            .write_from(&self.ctl, f, key, want_hash, feed)
             .map_err(|e| e.with_file(self.out.dest()).with_tensor(key))
     }
 
@@ -382,6 +381,7 @@ struct State {
 #[derive(Debug)]
 pub struct ContainerWriter {
     out: AtomicFile,
+    ctl: Control,
     opts: ContainerOptions,
     state: Mutex<State>,
 }
@@ -393,6 +393,7 @@ impl ContainerWriter {
         out.file()?.set_len(HEADER_LEN)?;
         Ok(ContainerWriter {
             out,
+            ctl: Control::default(),
             opts,
             state: Mutex::new(State {
                 pos: HEADER_LEN,
@@ -400,6 +401,12 @@ impl ContainerWriter {
                 open: None,
             }),
         })
+    }
+
+    /// Uses `ctl` to stop when it is cancelled and to report progress.
+    pub fn with_control(mut self, ctl: Control) -> Self {
+        self.ctl = ctl;
+        self
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
@@ -480,7 +487,7 @@ impl ContainerWriter {
                 // the writer's lock so that several threads can write at once.
                 let ip = Arc::clone(ip);
                 drop(st);
-                ip.write_from(file, key, true, feed)
+                ip.write_from(&self.ctl, file, key, true, feed)
                     .map(|h| h.unwrap_or([0; 32]))
                     .map_err(|e| e.with_tensor(key).with_file(self.out.dest()))
             }
@@ -490,7 +497,7 @@ impl ContainerWriter {
                 next,
                 tensors,
             } => {
-                check_interrupt()?;
+                self.ctl.check()?;
                 let t = plan.header.tensors.get(*next).ok_or_else(|| {
                     Error::usage(format!("tensor `{key}` is beyond the shard plan"))
                 })?;
@@ -521,7 +528,7 @@ impl ContainerWriter {
                         Ok(())
                     };
                     feed(&mut |piece: &[u8]| {
-                        check_interrupt()?;
+                        self.ctl.check()?;
                         seen = seen
                             .checked_add(piece.len() as u64)
                             .filter(|&e| e <= len)
@@ -541,7 +548,7 @@ impl ContainerWriter {
                             },
                         );
                         emit(chunks?)?;
-                        count(piece.len());
+                        self.ctl.add(piece.len() as u64);
                         Ok(())
                     })?;
                     emit(enc.finish()?)?;

@@ -2,7 +2,7 @@
 //! sub-directories or beside a trainer's state.
 
 use crate::error::{Error, Result};
-use crate::io::atomic::{check_interrupt, AtomicDir};
+use crate::io::atomic::AtomicDir;
 use crate::io::sharded::find_index;
 use crate::io::source::{Checked, TensorSource};
 use crate::layout::quanto::{self, QMAP_FILE};
@@ -153,15 +153,22 @@ pub fn convert_checkpoint_dir(
         return Ok(summary);
     }
     check_free_space(output, summary.bytes_in)?;
+    opts.control.set_total(
+        plans
+            .iter()
+            .flat_map(|p| &p.layers)
+            .map(|l| l.bytes_out)
+            .sum(),
+    );
     let losses: Losses = Default::default();
     let dir = AtomicDir::create(output, opts.overwrite)?;
     for rel in &copies {
-        check_interrupt()?;
+        opts.control.check()?;
         let to = dir.path().join(rel);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::from(e).with_file(parent))?;
         }
-        copy_file(&input.join(rel), &to, &output.join(rel))?;
+        copy_file(&input.join(rel), &to, &output.join(rel), &opts.control)?;
     }
     let mut unchecked = 0;
     for (((rel, _), raw), p) in models.iter().zip(&sources).zip(&plans) {

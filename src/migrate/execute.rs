@@ -1,7 +1,6 @@
 //! Executing a plan: layers in parallel, copies streamed and checked.
 
 use crate::error::Result;
-use crate::io::atomic::check_interrupt;
 use crate::io::source::Checked;
 use crate::migrate::plan::Plan;
 use rayon::prelude::*;
@@ -17,9 +16,10 @@ pub(crate) fn run_layers(
     idx: &[usize],
     losses: &Losses,
     sink: &dyn Sink,
+    ctl: &crate::Control,
 ) -> Result<()> {
     idx.par_iter().try_for_each(|&i| {
-        check_interrupt()?;
+        ctl.check()?;
         let lp = &p.layers[i];
         let (tensors, loss) =
             crate::migrate::plan::execute(src, lp).map_err(|e| e.with_layer(lp.path.clone()))?;

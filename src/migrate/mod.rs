@@ -48,9 +48,45 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Converts `input` to `output`, carrying every tensor across unchanged.
+/// Converts `input` to `output` (the kinds follow the paths: a
+/// `.safetensors` file, a `.ckpk` container, or a directory), planned per
+/// layer for `opts.target`, executed in parallel with memory bounded by the
+/// largest tensor, checked against the input's recorded hashes as it reads,
+/// and committed atomically.
+///
+/// Progress and cancellation are per call ([`Control`](crate::Control)):
+///
+/// ```no_run
+/// # fn main() -> ckptkit::Result<()> {
+/// use ckptkit::migrate::{convert, plan::Target, ConvertOptions};
+/// use ckptkit::{Cancel, Control};
+///
+/// let cancel = Cancel::new(); // cancel.cancel() from anywhere stops it
+/// let opts = ConvertOptions {
+///     target: Target::parse("plain:bf16")?,
+///     control: Control::new()
+///         .with_cancel(cancel.clone())
+///         .with_progress(|p| eprintln!("{} / {} bytes", p.bytes_done, p.bytes_total)),
+///     ..Default::default()
+/// };
+/// let summary = convert("model.safetensors".as_ref(), "plain.safetensors".as_ref(), &opts)?;
+/// println!("{} layers, every byte read verified: {}", summary.layers, summary.input_verified);
+/// # Ok(()) }
+/// ```
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Summary> {
+    // this call's own progress counters (the options may serve other calls)
+    let mut own = opts.clone();
+    own.control = opts.control.fresh();
+    let r = convert_inner(input, output, &own);
+    if r.is_ok() {
+        own.control.finish();
+    }
+    r
+}
+
+fn convert_inner(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Summary> {
     let t0 = Instant::now();
+    opts.control.check()?;
     check_overlap(input, output, opts)?;
     let okind = output_kind(output);
     if opts.compression.is_some() && okind != OutputKind::Container {
@@ -151,6 +187,7 @@ pub(crate) fn convert_opened(
         });
     }
     check_free_space(output, bytes_in)?;
+    opts.control.set_total(bytes_in);
     let (mut carried, mut skipped) = (Vec::new(), Vec::new());
     let files = match okind {
         OutputKind::Safetensors => {
@@ -239,6 +276,14 @@ pub(crate) fn convert_planned(
         return Ok(summary);
     }
     check_free_space(output, bytes_out)?;
+    // a compressed container is staged uncompressed, then packed
+    opts.control.set_total(
+        if okind == OutputKind::Container && opts.compression.is_some() {
+            bytes_out.saturating_mul(2)
+        } else {
+            bytes_out
+        },
+    );
     let losses: Losses = Default::default();
     let mut md = src.metadata().clone();
     md.remove(quanto::SCHEMA_KEY);
@@ -250,15 +295,16 @@ pub(crate) fn convert_planned(
         OutputKind::Safetensors => {
             let slot = claim_qmap_slot(input, output, opts, p.has_quanto())?;
             let w =
-                SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite, opts.hashes)?;
+                SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite, opts.hashes)?
+                    .with_control(opts.control.clone());
             let all: Vec<usize> = (0..p.layers.len()).collect();
-            run_layers(src, &p, &all, &losses, &w)?;
+            run_layers(src, &p, &all, &losses, &w, &opts.control)?;
             commit_with_qmap(&p, w, slot)?;
         }
         OutputKind::Directory => {
             let dir = AtomicDir::create(output, opts.overwrite)?;
             if input.is_dir() {
-                let (c, sk) = carry_model_files(input, dir.path())?;
+                let (c, sk) = carry_model_files(input, dir.path(), &opts.control)?;
                 summary.carried = c;
                 summary.skipped = sk;
             }
@@ -280,7 +326,7 @@ pub(crate) fn convert_planned(
                 // interleaves layers: the migrated layers are staged in an
                 // uncompressed container beside the output (a temporary of
                 // the output's, removed whatever happens), then packed
-                let mut w = ContainerWriter::create(output, co)?;
+                let mut w = ContainerWriter::create(output, co)?.with_control(opts.control.clone());
                 let stage = crate::io::atomic::temp_path_for(output);
                 let _cleanup = RemoveOnDrop(stage.clone());
                 let staged = ContainerOptions {
@@ -340,7 +386,7 @@ pub(crate) fn write_planned_container(
     carry: &Carry,
     opts: &ConvertOptions,
 ) -> Result<()> {
-    let mut w = ContainerWriter::create(dest, co)?;
+    let mut w = ContainerWriter::create(dest, co)?.with_control(opts.control.clone());
     let groups = group_layers(p, opts.max_shard_size);
     let n = groups.len();
     let mut out_layers = Vec::new();
@@ -351,7 +397,7 @@ pub(crate) fn write_planned_container(
             format!("model-{:05}-of-{n:05}.safetensors", gi + 1)
         };
         w.begin_shard(&name, &outputs_of(p, g), md)?;
-        run_layers(src, p, g, losses, &w)?;
+        run_layers(src, p, g, losses, &w, &opts.control)?;
         w.finish_shard()?;
         for &i in g {
             let mut l = p.layers[i].output.clone();

@@ -57,6 +57,9 @@ pub struct ConvertOptions {
     /// Treat layers that look quantized in an unknown layout (FP8 or int
     /// codes beside scales) as plain tensors anyway.
     pub assume_plain: bool,
+    /// Cancellation and progress of the call (each call counts its own
+    /// bytes, so one `Control` can serve calls on several threads).
+    pub control: crate::Control,
 }
 
 impl Default for ConvertOptions {
@@ -74,6 +77,7 @@ impl Default for ConvertOptions {
             extra_reads: Vec::new(),
             verify_input: true,
             assume_plain: false,
+            control: crate::Control::default(),
         }
     }
 }

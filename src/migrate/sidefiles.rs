@@ -3,7 +3,6 @@
 //! the quanto map.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::atomic::check_interrupt;
 use crate::layout::family::family_of;
 use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
 use crate::migrate::plan::Plan;
@@ -169,7 +168,11 @@ pub(crate) fn is_weights_name(n: &str) -> bool {
 /// except weights in any format, `quanto_qmap.json` (written for the new
 /// layout) and hidden files; sub-directories are not carried. Returns the
 /// names carried and the names skipped, with why.
-pub(crate) fn carry_model_files(input: &Path, out: &Path) -> Result<(Vec<String>, Vec<String>)> {
+pub(crate) fn carry_model_files(
+    input: &Path,
+    out: &Path,
+    ctl: &crate::Control,
+) -> Result<(Vec<String>, Vec<String>)> {
     let mut carried = Vec::new();
     let mut skipped = Vec::new();
     let mut names = Vec::new();
@@ -202,8 +205,8 @@ pub(crate) fn carry_model_files(input: &Path, out: &Path) -> Result<(Vec<String>
             skipped.push(format!("{name} ({w})"));
             continue;
         }
-        check_interrupt()?;
-        copy_file(&p, &out.join(name), &out.join(name))?;
+        ctl.check()?;
+        copy_file(&p, &out.join(name), &out.join(name), ctl)?;
         carried.push(name.to_string());
     }
     Ok((carried, skipped))
@@ -261,7 +264,7 @@ pub fn qmap_for(p: &Plan) -> QuantoMap {
 /// regular file and naming the right path in errors: the input when reading
 /// fails, the output (`shown`, its final name) when writing does (a full
 /// disk is the output's problem).
-pub(crate) fn copy_file(from: &Path, to: &Path, shown: &Path) -> Result<u64> {
+pub(crate) fn copy_file(from: &Path, to: &Path, shown: &Path, ctl: &crate::Control) -> Result<u64> {
     use std::io::{Read, Write};
     let mut r = crate::io::files::open_regular(from)?;
     let mut w = std::fs::OpenOptions::new()
@@ -272,7 +275,7 @@ pub(crate) fn copy_file(from: &Path, to: &Path, shown: &Path) -> Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
-        check_interrupt()?;
+        ctl.check()?;
         let k = match r.read(&mut buf) {
             Ok(0) => break,
             Ok(k) => k,

@@ -5,7 +5,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::{Layer, SourceFile};
 use crate::format::st_header::data_order;
-use crate::io::atomic::{check_interrupt, AtomicDir};
+use crate::io::atomic::AtomicDir;
 use crate::io::container::Container;
 use crate::io::sharded::{find_index, plan_shards, ShardIndex};
 use crate::io::source::{input_kind, Checked, InputKind, SourceTensor, TensorSource};
@@ -149,7 +149,6 @@ pub(crate) fn plan_of(tensors: &[&SourceTensor]) -> Vec<(String, Dtype, Vec<u64>
 /// are written and, when the source records a hash and `src` verifies,
 /// checked against it (a mismatch fails the conversion like `verify`).
 pub(crate) fn copy_one(src: &Checked<'_>, from: &str, to: &str, sink: &dyn Sink) -> Result<()> {
-    check_interrupt()?;
     let want = if src.verifying() {
         src.recorded_hash(from)?
     } else {
@@ -190,7 +189,8 @@ pub(crate) fn write_safetensors(
     opts: &ConvertOptions,
 ) -> Result<()> {
     let refs: Vec<&SourceTensor> = tensors.iter().collect();
-    let w = SafetensorsWriter::create(output, &plan_of(&refs), md, opts.overwrite, opts.hashes)?;
+    let w = SafetensorsWriter::create(output, &plan_of(&refs), md, opts.overwrite, opts.hashes)?
+        .with_control(opts.control.clone());
     copy_parallel(src, &refs, &w)?;
     w.finish()?;
     Ok(())
@@ -209,7 +209,8 @@ pub(crate) fn write_container(
             compression: opts.compression,
             overwrite: opts.overwrite,
         },
-    )?;
+    )?
+    .with_control(opts.control.clone());
     copy_shards(src, &mut w, opts.compression.is_some())?;
     w.finish_with_provenance(
         layers,
@@ -267,7 +268,7 @@ pub(crate) fn write_directory(
 ) -> Result<(Vec<PathBuf>, Carried)> {
     let dir = AtomicDir::create(output, opts.overwrite)?;
     let carried = if input.is_dir() {
-        carry_model_files(input, dir.path())?
+        carry_model_files(input, dir.path(), &opts.control)?
     } else {
         Default::default()
     };
@@ -310,7 +311,8 @@ pub(crate) fn write_directory(
         };
         md.entry("format".into()).or_insert_with(|| "pt".into());
         let p = dir.path().join(name);
-        let w = SafetensorsWriter::create(&p, &plan_of(ts), &md, false, opts.hashes)?;
+        let w = SafetensorsWriter::create(&p, &plan_of(ts), &md, false, opts.hashes)?
+            .with_control(opts.control.clone());
         copy_parallel(src, ts, &w)?;
         w.finish()?;
         for t in ts {
@@ -410,8 +412,9 @@ pub(crate) fn write_model_dir(
             format!("{stem}-{:05}-of-{n:05}.safetensors", gi + 1)
         };
         let outs = outputs_of(p, g);
-        let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, false, opts.hashes)?;
-        run_layers(src, p, g, losses, &w)?;
+        let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, false, opts.hashes)?
+            .with_control(opts.control.clone());
+        run_layers(src, p, g, losses, &w, &opts.control)?;
         w.finish()?;
         for (k, d, s) in outs {
             total += crate::dtype::byte_len(d, &s)?;
