@@ -66,12 +66,21 @@ impl TensorBytes {
 }
 
 /// Maps `len` bytes at `offset` of `file` (which the caller has checked lie
-/// inside the file). Empty ranges give an empty owned buffer.
+/// inside the file). Empty ranges give an empty owned buffer, and ranges
+/// under 64 KiB an owned copy (cheaper than a mapping).
 pub fn map_window(file: &File, path: &Path, offset: u64, len: u64) -> Result<TensorBytes> {
     if len == 0 {
         return Ok(TensorBytes::Owned(Vec::new()));
     }
     let l = usize::try_from(len).map_err(|_| Error::overflow("window length"))?;
+    if len < SMALL_READ {
+        // mapping and unmapping a window costs more than copying a small
+        // tensor (the unmap's TLB shootdown dominated conversions of
+        // checkpoints with 10^5 small tensors: BENCHMARKS.md)
+        let mut b = vec![0u8; l];
+        read_at(file, path, offset, &mut b)?;
+        return Ok(TensorBytes::Owned(b));
+    }
     // SAFETY: the map is read-only. Like every mmap-based reader, we rely on
     // the file not being truncated or modified while mapped; ckptkit never
     // modifies inputs and writes outputs through new files and renames.
@@ -85,6 +94,9 @@ pub fn map_window(file: &File, path: &Path, offset: u64, len: u64) -> Result<Ten
     .map_err(|e| Error::from(e).with_file(path).with_offset(offset))?;
     Ok(TensorBytes::Mapped(m))
 }
+
+/// Windows shorter than this are read, not mapped.
+const SMALL_READ: u64 = 64 << 10;
 
 /// Reads exactly `buf.len()` bytes at `offset`, reporting truncation with
 /// its position.
