@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use ckptkit::migrate::plan::{Plan, PlanOptions, Rename, Target};
 use ckptkit::migrate::{check, convert, input_layers, like_target, ConvertOptions};
-use ckptkit::schema::{report_layers, source_layers, LayerReport};
+use ckptkit::migrate::{report_layers, source_layers, LayerReport};
 use ckptkit::{open_source, ZstdOptions};
 use clap::{Parser, Subcommand};
 

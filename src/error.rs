@@ -151,6 +151,16 @@ pub enum ErrorKind {
     /// (the selection matched nothing, or every layer already has it);
     /// nothing was written.
     NothingChanged(String),
+    /// A layer is in a layout family this version of ckptkit does not know
+    /// (a container 2.0 family record): it can be verified, inspected and
+    /// copied into another container byte for byte, not converted.
+    UnknownFamily {
+        /// The family's name as recorded.
+        family: String,
+        /// What was asked of it (`dequantize it`, `write it outside a
+        /// container ...`).
+        doing: String,
+    },
 }
 
 /// The error type of every ckptkit operation.
@@ -269,7 +279,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::UnsupportedVersion { major, minor } => write!(
                 f,
                 "container format version {major}.{minor} is not supported by this reader \
-                 (it reads major version 1); upgrade ckptkit"
+                 (it reads major versions 1 and 2); upgrade ckptkit"
             ),
             ErrorKind::Truncated {
                 what,
@@ -344,6 +354,12 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Journal(m) => write!(f, "commit journal: {m}"),
             ErrorKind::Conflict(m) => write!(f, "{m}"),
             ErrorKind::NothingChanged(m) => write!(f, "{m}; nothing was written"),
+            ErrorKind::UnknownFamily { family, doing } => write!(
+                f,
+                "layout family `{family}` is not known to this version of ckptkit, which cannot \
+                 {doing} (it can verify and inspect such a layer, and copy it into another \
+                 container byte for byte); upgrade ckptkit"
+            ),
         }
     }
 }

@@ -967,7 +967,7 @@ pub fn layout_detect(data: &[u8]) {
     if f.tensors().iter().map(|t| t.len).sum::<u64>() > 1 << 20 {
         return;
     }
-    let Ok(layers) = crate::schema::detect_layers(&f, &Default::default()) else {
+    let Ok(layers) = crate::migrate::detect_layers(&f, &Default::default()) else {
         return;
     };
     for name in FUZZ_TARGET_NAMES {
@@ -1103,7 +1103,7 @@ pub fn migration(data: &[u8]) {
         ("m.bias".into(), d, vec![o], bias),
     ]);
     let run = |s: &MemSource, t: &str| -> Option<MemSource> {
-        let layers = crate::schema::detect_layers(s, &Default::default()).ok()?;
+        let layers = crate::migrate::detect_layers(s, &Default::default()).ok()?;
         let target = Target::parse(t).ok()?;
         let p = plan(&layers, &target, &PlanOptions::default()).ok()?;
         let mut items = Vec::new();

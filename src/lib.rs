@@ -60,7 +60,6 @@ pub mod fuzzing;
 pub mod io;
 pub mod layout;
 pub mod migrate;
-pub mod schema;
 
 pub use crate::control::{Cancel, Control, Progress, ProgressFn};
 pub use crate::dtype::{byte_len, numel, Dtype};

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use ckptkit::layout::quanto;
 use ckptkit::migrate::plan::{execute, plan, PlanOptions, Target};
 use ckptkit::migrate::{convert, ConvertOptions};
-use ckptkit::schema::{detect_layers, Hints};
+use ckptkit::migrate::{detect_layers, Hints};
 use ckptkit::{Dtype, Error, SafetensorsFile, SourceTensor, TensorBytes, TensorSource};
 use proptest::prelude::*;
 

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use ckptkit::layout::quanto::{self, math, QType, QuantoMap};
-use ckptkit::schema::{detect_layers, Hints};
+use ckptkit::migrate::{detect_layers, Hints};
 use ckptkit::{SafetensorsFile, TensorSource, WeightQuant};
 
 fn cases() -> Vec<PathBuf> {

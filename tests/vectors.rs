@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ckptkit::format::manifest::{
-    Encoding, Layer, LogicalTensor, Part, Quantization, Role, WeightQuant,
+    Encoding, Layer, LogicalTensor, Param, Part, Quantization, Role, WeightQuant,
 };
 use ckptkit::{Container, ContainerOptions, ContainerWriter, Dtype, ZstdOptions};
 use common::*;
@@ -51,7 +51,7 @@ fn logical(
 }
 
 /// Writes one vector. `quantized` adds a quanto qint8 layer record.
-fn make(path: &Path, comp: Option<ZstdOptions>, quantized: bool) {
+fn make(path: &Path, comp: Option<ZstdOptions>, records: Records) {
     let mut w = ContainerWriter::create(
         path,
         ContainerOptions {
@@ -75,7 +75,15 @@ fn make(path: &Path, comp: Option<ZstdOptions>, quantized: bool) {
         ),
         ("norm.weight".into(), Dtype::F32, vec![8], bytes(13, 32)),
     ];
-    if quantized {
+    if records == Records::Family {
+        // an FP8-stored layer under a family record (2.0): the family name
+        // is one no built-in family takes (`x-`), so every reader keeps it
+        tensors = vec![
+            ("f.weight".into(), Dtype::F8E4M3, vec![4, 8], bytes(31, 32)),
+            ("f.weight_scale".into(), Dtype::F32, vec![], bytes(32, 4)),
+        ];
+    }
+    if records == Records::Quanto {
         tensors = vec![
             (
                 "q.weight._data".into(),
@@ -115,8 +123,39 @@ fn make(path: &Path, comp: Option<ZstdOptions>, quantized: bool) {
         w.write_tensor(k, &t.3).unwrap();
     }
     w.finish_shard().unwrap();
-    let layers = quantized.then(|| {
-        vec![Layer {
+    let layers = match records {
+        Records::Writer => None,
+        Records::Family => Some(vec![Layer {
+            path: "f".into(),
+            quant: Quantization {
+                weights: WeightQuant::Family {
+                    name: "x-fp8-example".into(),
+                    params: vec![
+                        Param {
+                            key: "scale".into(),
+                            value: "tensor".into(),
+                        },
+                        Param {
+                            key: "storage".into(),
+                            value: "F8_E4M3".into(),
+                        },
+                    ],
+                },
+                activations: None,
+            },
+            tensors: vec![logical(
+                "weight",
+                Dtype::BF16,
+                vec![4, 8],
+                Encoding::Quantized,
+                vec![
+                    part(Role::Data, "f.weight"),
+                    part(Role::Scale, "f.weight_scale"),
+                ],
+            )],
+            extensions: vec![],
+        }]),
+        Records::Quanto => Some(vec![Layer {
             path: "q".into(),
             quant: Quantization {
                 weights: WeightQuant::Quanto {
@@ -159,8 +198,8 @@ fn make(path: &Path, comp: Option<ZstdOptions>, quantized: bool) {
                 ),
             ],
             extensions: vec![],
-        }]
-    });
+        }]),
+    };
     let user = BTreeMap::from([("source".to_string(), "spec/vectors recipe".to_string())]);
     w.finish(layers, user, vec![]).unwrap();
 }
@@ -184,28 +223,40 @@ fn render(c: &Container) -> String {
     serde_json::to_string_pretty(&v).unwrap() + "\n"
 }
 
-/// name, quantized layer record, compression (float filter, chunk size)
-type Recipe = (&'static str, bool, Option<(bool, u32)>);
+/// The layer records a vector carries.
+#[derive(Clone, Copy, PartialEq)]
+enum Records {
+    /// The writer's own grouping (plain layers).
+    Writer,
+    /// A quanto qint8 layer (1.0).
+    Quanto,
+    /// A family record (2.0, spec/container.md §5.2).
+    Family,
+}
 
-const VECTORS: [Recipe; 4] = [
-    ("plain", false, None),
-    ("quantized", true, None),
-    ("compressed", false, Some((false, 4096))),
-    ("filtered", false, Some((true, 4096))),
+/// name, layer records, compression (float filter, chunk size)
+type Recipe = (&'static str, Records, Option<(bool, u32)>);
+
+const VECTORS: [Recipe; 5] = [
+    ("plain", Records::Writer, None),
+    ("quantized", Records::Quanto, None),
+    ("compressed", Records::Writer, Some((false, 4096))),
+    ("filtered", Records::Writer, Some((true, 4096))),
+    ("family", Records::Family, None),
 ];
 
 #[test]
 fn vectors_match_recipes_and_json() {
     let regen = std::env::var_os("CKPTKIT_REGEN_VECTORS").is_some();
     let tmp = tempfile::tempdir().unwrap();
-    for (name, quantized, comp) in VECTORS {
+    for (name, records, comp) in VECTORS {
         let comp = comp.map(|(f, cs)| ZstdOptions {
             level: 3,
             chunk_size: cs,
             float_filter: f,
         });
         let fresh = tmp.path().join(format!("{name}.ckpk"));
-        make(&fresh, comp, quantized);
+        make(&fresh, comp, records);
         let fresh_bytes = std::fs::read(&fresh).unwrap();
         let fresh_json = render(&Container::open(&fresh).unwrap());
         let committed = dir().join(format!("{name}.ckpk"));

@@ -38,8 +38,8 @@ use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Seq
 
 use crate::error::{Error, ErrorKind};
 use crate::format::{
-    MAX_EXTENSIONS, MAX_EXTENSIONS_TOTAL, MAX_LAYERS, MAX_METADATA_ENTRIES, MAX_PARTS, MAX_RANK,
-    MAX_SHARDS, MAX_SOURCES, MAX_TENSORS,
+    MAX_EXTENSIONS, MAX_EXTENSIONS_TOTAL, MAX_LAYERS, MAX_METADATA_ENTRIES, MAX_PARAMS,
+    MAX_PARAMS_TOTAL, MAX_PARTS, MAX_RANK, MAX_SHARDS, MAX_SOURCES, MAX_TENSORS,
 };
 
 /// Elements preallocated from a declared length when no [`Scope`] bounds
@@ -57,6 +57,8 @@ pub(crate) enum Total {
     Parts,
     /// Extensions, top level and of all layers.
     Extensions,
+    /// Parameters of all family records (container 2.0).
+    Params,
 }
 
 impl Total {
@@ -67,6 +69,7 @@ impl Total {
             Total::LogicalTensors => "logical tensor count",
             Total::Parts => "part count",
             Total::Extensions => "total extension count",
+            Total::Params => "total parameter count",
         }
     }
 
@@ -75,6 +78,7 @@ impl Total {
         match self {
             Total::StoredTensors | Total::LogicalTensors | Total::Parts => MAX_TENSORS,
             Total::Extensions => MAX_EXTENSIONS_TOTAL,
+            Total::Params => MAX_PARAMS_TOTAL,
         }
     }
 
@@ -193,6 +197,15 @@ pub(crate) const EXTENSIONS: Rule = Rule {
     min_len: 3,
     place: Place::None,
 };
+/// A family record's parameters (a key and a value, each at least its
+/// length byte).
+pub(crate) const PARAMS: Rule = Rule {
+    noun: "parameters",
+    cap: Some(("parameters per record", MAX_PARAMS)),
+    total: Some(Total::Params),
+    min_len: 2,
+    place: Place::None,
+};
 /// The bytes of a string or of extension data.
 pub(crate) const BYTES: Rule = Rule {
     noun: "bytes",
@@ -261,7 +274,7 @@ struct State {
     len: u64,
     /// Least number of bytes everything declared so far occupies.
     reserved: u64,
-    totals: [u64; 4],
+    totals: [u64; 5],
     at: Context,
     stop: Option<(Stop, Context)>,
 }
@@ -282,7 +295,7 @@ impl Scope {
             base: input.as_ptr() as usize,
             len: input.len() as u64,
             reserved: 0,
-            totals: [0; 4],
+            totals: [0; 5],
             at: Context::default(),
             stop: None,
         };
@@ -715,6 +728,13 @@ pub(crate) fn parts<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     seq(d, &PARTS)
 }
 
+/// `WeightQuant::Family::params`.
+pub(crate) fn params<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
+    seq(d, &PARAMS)
+}
+
 /// `Manifest::extensions`, `Layer::extensions`.
 pub(crate) fn extensions<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     d: D,
@@ -791,7 +811,11 @@ mod tests {
             critical: false,
             data: vec![],
         };
-        let cases: [(&Rule, usize); 11] = [
+        let param = Param {
+            key: String::new(),
+            value: String::new(),
+        };
+        let cases: [(&Rule, usize); 12] = [
             (&METADATA, enc(&(String::new(), String::new()))),
             (&SOURCES, enc(&source)),
             (&SHARDS, enc(&shard)),
@@ -802,6 +826,7 @@ mod tests {
             (&LOGICAL_TENSORS, enc(&logical)),
             (&PARTS, enc(&part)),
             (&EXTENSIONS, enc(&ext)),
+            (&PARAMS, enc(&param)),
             (&BYTES, enc(&0u8)),
         ];
         for (rule, n) in cases {
@@ -881,6 +906,12 @@ mod tests {
                 size: size_of::<Extension>() as u64,
                 min_len: EXTENSIONS.min_len,
                 max: Some(Total::Extensions.limit()),
+            },
+            Kind {
+                what: "Param",
+                size: size_of::<Param>() as u64,
+                min_len: PARAMS.min_len,
+                max: Some(Total::Params.limit()),
             },
             Kind {
                 what: "shape dimension (u64)",
@@ -970,13 +1001,13 @@ mod tests {
 
     #[test]
     fn the_bound_for_a_smaller_manifest_is_as_stated() {
-        // spec/container.md §5.1: at most 28.8 bytes per manifest byte
-        // (a 5-byte empty layer is 144 bytes) plus 2.6 MiB (metadata)
+        // spec/container.md §5.1: at most 30.4 bytes per manifest byte
+        // (a 5-byte empty layer is 152 bytes) plus 2.6 MiB (metadata)
         let mut len = 1u64;
         while len <= MAX_MANIFEST_LEN {
             for l in [len - 1, len, len + len / 3] {
                 let b = bound(l, false);
-                assert!(b * 10 <= 288 * l + (26 << 20), "{l}-byte manifest: {b}");
+                assert!(b * 10 <= 304 * l + (26 << 20), "{l}-byte manifest: {b}");
             }
             len *= 2;
         }

@@ -14,7 +14,7 @@ use crate::format::MAX_MANIFEST_LEN;
 /// decoded value included, the caller's input bytes not (spec/container.md
 /// §5.1 derives it from the caps, the manifest length and the in-memory
 /// sizes of the manifest types on 64-bit targets).
-pub const MAX_DECODE_ALLOC: u64 = 611_012_608;
+pub const MAX_DECODE_ALLOC: u64 = 661_344_256;
 
 /// bincode's own byte limit, a backstop only: every allocation of a decode
 /// is made and checked by `format::bounded`. bincode counts the in-memory

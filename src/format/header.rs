@@ -2,7 +2,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::{Hash, Version};
-use crate::format::{HEADER_LEN, MAGIC, VERSION_MAJOR};
+use crate::format::{HEADER_LEN, MAGIC, READ_MAJORS};
 
 /// The decoded fixed header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,13 +64,11 @@ impl FixedHeader {
         }
         let major = u16::from_le_bytes([b[8], b[9]]);
         let minor = u16::from_le_bytes([b[10], b[11]]);
-        if major != VERSION_MAJOR {
+        if !READ_MAJORS.contains(&major) {
             return Err(Error::new(ErrorKind::UnsupportedVersion { major, minor }).with_offset(8));
         }
         if b[12..16] != [0, 0, 0, 0] {
-            return Err(
-                Error::malformed("header flags must be zero in format version 1").with_offset(12),
-            );
+            return Err(Error::malformed("header flags must be zero").with_offset(12));
         }
         let mut u = [0u8; 8];
         u.copy_from_slice(&b[16..24]);

@@ -171,6 +171,43 @@ pub enum WeightQuant {
         #[serde(deserialize_with = "crate::format::bounded::string")]
         descriptor: String,
     },
+    /// Container 2.0: a layout family by name, with its parameters
+    /// (spec/container.md §5.2). The families that have a variant of their
+    /// own (plain, quanto, int8) are always written with it.
+    Family {
+        /// The family's name (`fp8`, `gguf`, ...): 1 to 64 bytes of
+        /// `[a-z0-9_.-]`.
+        #[serde(deserialize_with = "crate::format::bounded::string")]
+        name: String,
+        /// The parameters, keys strictly ascending (byte order), each value
+        /// in the family's canonical spelling.
+        #[serde(deserialize_with = "crate::format::bounded::params")]
+        params: Vec<Param>,
+    },
+}
+
+/// One parameter of a [`WeightQuant::Family`] record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Param {
+    /// The parameter's name: 1 to 64 bytes of `[a-z0-9_.-]`.
+    #[serde(deserialize_with = "crate::format::bounded::string")]
+    pub key: String,
+    /// Its value, as the family spells it canonically (`128`, `F32`,
+    /// `e4m3fn`); at most [`MAX_NAME_LEN`](crate::format::MAX_NAME_LEN)
+    /// bytes.
+    #[serde(deserialize_with = "crate::format::bounded::string")]
+    pub value: String,
+}
+
+impl WeightQuant {
+    /// The container version a record needs: 2 for a
+    /// [`Family`](WeightQuant::Family) record, else 1.
+    pub fn needs_major(&self) -> u16 {
+        match self {
+            WeightQuant::Family { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// The quantization record of a layer.
@@ -205,6 +242,20 @@ pub enum Encoding {
     Plain,
     /// Parts combined by the layer's [`WeightQuant`].
     Quantized,
+    /// Container 2.0: parts combined by the layer's [`WeightQuant`], the
+    /// model's shape not recorded (the stored tensors do not tell it, as
+    /// for a grouped quanto qint4 weight without a bias): `shape` is the
+    /// element count alone, `[n]`. Converting such a tensor into a layout
+    /// that needs its shape takes a shape from elsewhere
+    /// (`--shapes-from`).
+    QuantizedFlat,
+}
+
+impl Encoding {
+    /// Whether the tensor is made of its layer's quantized parts.
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, Encoding::Plain)
+    }
 }
 
 /// A stored tensor that makes up (part of) a logical tensor.
@@ -279,5 +330,28 @@ impl Layer {
     /// Iterates over every stored part of every logical tensor.
     pub fn parts(&self) -> impl Iterator<Item = &Part> {
         self.tensors.iter().flat_map(|t| t.parts.iter())
+    }
+
+    /// The container major version this layer needs: 2 when its record is
+    /// a [`WeightQuant::Family`] or a tensor's shape is not recorded
+    /// ([`Encoding::QuantizedFlat`]), else 1.
+    pub fn needs_major(&self) -> u16 {
+        let flat = self
+            .tensors
+            .iter()
+            .any(|t| t.encoding == Encoding::QuantizedFlat);
+        self.quant
+            .weights
+            .needs_major()
+            .max(if flat { 2 } else { 1 })
+    }
+}
+
+impl Manifest {
+    /// The lowest container major version that can hold these layers (1
+    /// whenever every layer is plain, quanto or int8 with recorded shapes,
+    /// so that 1.x readers keep reading what ckptkit writes).
+    pub fn needs_major(layers: &[Layer]) -> u16 {
+        layers.iter().map(Layer::needs_major).max().unwrap_or(1)
     }
 }

@@ -1,9 +1,12 @@
-//! The `.ckpk` container format, version 1: pure functions over bytes, no
+//! The `.ckpk` container format, versions 1 and 2: pure functions over bytes, no
 //! I/O. spec/container.md is the normative description; each rule there
 //! names the function here that enforces it.
 
 pub mod filter;
 pub mod header;
+pub mod layers;
+#[doc(hidden)]
+pub mod lookups;
 pub mod manifest;
 pub mod st_hashes;
 pub mod st_header;
@@ -15,8 +18,12 @@ pub use codec::{decode_manifest, encode_manifest, MAX_DECODE_ALLOC};
 
 /// The 8 magic bytes at offset 0.
 pub const MAGIC: [u8; 8] = [0x89, b'C', b'K', b'P', b'K', 0x0D, 0x0A, 0x1A];
-/// Major version this crate reads and writes.
-pub const VERSION_MAJOR: u16 = 1;
+/// Highest major version this crate reads and writes. It reads 1 and 2,
+/// and writes 1 whenever the manifest needs nothing of 2
+/// ([`Manifest::needs_major`](manifest::Manifest::needs_major)).
+pub const VERSION_MAJOR: u16 = 2;
+/// Major versions this crate reads.
+pub const READ_MAJORS: [u16; 2] = [1, 2];
 /// Minor version this crate writes.
 pub const VERSION_MINOR: u16 = 0;
 /// Size of the fixed header.
@@ -51,6 +58,11 @@ pub const MAX_EXTENSIONS: usize = 4096;
 /// Most extensions in one container (top level and all layers together):
 /// one per layer is always possible.
 pub const MAX_EXTENSIONS_TOTAL: u64 = MAX_LAYERS;
+/// Most parameters in one family record (container 2.0).
+pub const MAX_PARAMS: u64 = 64;
+/// Most parameters of all family records together (one per layer at the
+/// most layers, or 16 per layer for 65,536 layers).
+pub const MAX_PARAMS_TOTAL: u64 = MAX_LAYERS;
 /// Largest safetensors header (`N`), as the safetensors crate enforces.
 pub const MAX_ST_HEADER_LEN: u64 = 100_000_000;
 /// Smallest allowed chunk size.

@@ -49,7 +49,7 @@ pub fn parse<'a>(
     let known: std::collections::HashSet<&str> = tensors.into_iter().collect();
     let mut out = BTreeMap::new();
     for (k, v) in obj {
-        crate::io::source::lookups::add(1);
+        crate::format::lookups::add(1);
         if !known.contains(k.as_str()) {
             return Err(bad(format!(
                 "names tensor `{k}`, which the file does not have"

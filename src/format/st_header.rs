@@ -68,7 +68,7 @@ impl StHeader {
     /// Finds a tensor by key (a scan: [`crate::SafetensorsFile`] keeps an
     /// index for its per-tensor lookups).
     pub fn get(&self, key: &str) -> Option<&HeaderTensor> {
-        crate::io::source::lookups::find(&self.tensors, |t| t.key == key)
+        crate::format::lookups::find(&self.tensors, |t| t.key == key)
     }
 }
 

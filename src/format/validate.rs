@@ -13,16 +13,6 @@ use crate::format::{
     MAX_NAME_LEN, MAX_PARTS, MAX_RANK, MAX_SHARDS, MAX_TENSORS, MIN_CHUNK_SIZE, SHARD_ALIGN,
 };
 
-/// Quanto weight qtype names a v1 manifest may record.
-pub const QUANTO_QTYPES: [&str; 6] = [
-    "qint8",
-    "qint4",
-    "qint2",
-    "qfloat8_e4m3fn",
-    "qfloat8_e5m2",
-    "qfloat8_e4m3fnuz",
-];
-
 /// One stored chunk: absolute position and sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkLoc {
@@ -290,31 +280,15 @@ pub fn validate(m: &Manifest, h: &FixedHeader) -> Result<Placement> {
             return Err(lerr(Error::malformed("duplicate layer path")));
         }
         check_extensions(&l.extensions).map_err(lerr)?;
-        if let WeightQuant::Quanto { qtype, group_size } = &l.quant.weights {
-            if !QUANTO_QTYPES.contains(&qtype.as_str()) {
-                return Err(lerr(Error::malformed(format!(
-                    "unknown quanto qtype `{qtype}`"
-                ))));
-            }
-            if *group_size == Some(0) {
-                return Err(lerr(Error::malformed("group size 0")));
-            }
-        }
-        if let WeightQuant::Int8 { layout, descriptor } = &l.quant.weights {
-            if let Err(e) = crate::layout::int8::descriptor_of(layout, descriptor) {
-                let m = match e.into_kind() {
-                    ErrorKind::Layout(m) => m,
-                    k => k.to_string(),
-                };
-                return Err(lerr(Error::malformed(m)));
-            }
-        }
-        if let Some(a) = &l.quant.activations {
-            if !QUANTO_QTYPES.contains(&a.as_str()) && a != "qfloat8" {
-                return Err(lerr(Error::malformed(format!(
-                    "unknown activation qtype `{a}`"
-                ))));
-            }
+        // V9 the record's form (its meaning is its family's: spec §6)
+        check_record_form(&l.quant).map_err(lerr)?;
+        // V11 what only 2.0 may hold
+        if l.needs_major() > m.version.major {
+            return Err(lerr(Error::malformed(format!(
+                "the layer needs container format 2.0 (a family record or a tensor without \
+                 a recorded shape), but the container says {}.{}",
+                m.version.major, m.version.minor
+            ))));
         }
         let mut tnames = HashSet::new();
         for t in &l.tensors {
@@ -349,7 +323,7 @@ pub fn validate(m: &Manifest, h: &FixedHeader) -> Result<Placement> {
                         m.shards.len()
                     )))
                 })?;
-                crate::io::source::lookups::add(1);
+                crate::format::lookups::add(1);
                 let ti = *placement.index[p.shard as usize]
                     .get(&p.key)
                     .ok_or_else(|| {
@@ -377,6 +351,17 @@ pub fn validate(m: &Manifest, h: &FixedHeader) -> Result<Placement> {
                     return Err(lerr(Error::malformed(format!("role {:?} twice", p.role))));
                 }
             }
+            if t.encoding == Encoding::QuantizedFlat && t.shape.len() != 1 {
+                return Err(lerr(Error::malformed(format!(
+                    "a tensor without a recorded shape has shape [element count], not {:?}",
+                    t.shape
+                ))));
+            }
+            if t.encoding.is_quantized() && l.quant.weights == WeightQuant::Plain {
+                return Err(lerr(Error::malformed(
+                    "a quantized tensor in a layer whose record is plain",
+                )));
+            }
             if t.encoding == Encoding::Plain {
                 let p = &t.parts[0];
                 if t.parts.len() != 1
@@ -401,6 +386,87 @@ pub fn validate(m: &Manifest, h: &FixedHeader) -> Result<Placement> {
         }
     }
     Ok(placement)
+}
+
+/// Longest family name or parameter key (bytes).
+pub const MAX_FAMILY_NAME_LEN: usize = 64;
+
+/// Family names that have a record variant of their own, and so are never
+/// written as a [`WeightQuant::Family`] record (one encoding per content).
+pub const OWN_VARIANT_FAMILIES: [&str; 3] = ["plain", "quanto", "int8"];
+
+/// Whether `s` is a family name or parameter key: 1 to 64 bytes of
+/// `[a-z0-9_.-]`, starting with a letter.
+pub fn family_word(s: &str) -> bool {
+    s.len() <= MAX_FAMILY_NAME_LEN
+        && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+}
+
+/// V9: the form of a layer's quantization record, which the format fixes
+/// whatever the family: a [`WeightQuant::Family`] record is a family name
+/// other than those with a variant of their own, with parameters whose
+/// keys are strictly ascending; names are bounded. What the record means
+/// (a known quanto qtype, a valid int8 descriptor, a family this reader
+/// knows) is the family's to check, when the layer is read for a
+/// conversion, an inspection or `verify` (spec/container.md §6, V9).
+fn check_record_form(q: &crate::format::manifest::Quantization) -> Result<()> {
+    match &q.weights {
+        WeightQuant::Plain => {}
+        WeightQuant::Quanto { qtype, group_size } => {
+            name_ok("quanto qtype length", qtype)?;
+            if *group_size == Some(0) {
+                return Err(Error::malformed("group size 0"));
+            }
+        }
+        WeightQuant::Int8 { layout, .. } => {
+            name_ok("int8 layout name length", layout)?;
+        }
+        WeightQuant::Family { name, params } => {
+            if !family_word(name) {
+                return Err(Error::malformed(format!(
+                    "family name `{}` is not 1 to {MAX_FAMILY_NAME_LEN} bytes of [a-z0-9_.-] \
+                     starting with a letter",
+                    name.escape_debug()
+                )));
+            }
+            if OWN_VARIANT_FAMILIES.contains(&name.as_str()) {
+                return Err(Error::malformed(format!(
+                    "a `{name}` layer is recorded with its own record variant, never as a \
+                     family record"
+                )));
+            }
+            if params.len() as u64 > crate::format::MAX_PARAMS {
+                return Err(limit(
+                    "parameters per record",
+                    params.len() as u64,
+                    crate::format::MAX_PARAMS,
+                ));
+            }
+            for p in params {
+                if !family_word(&p.key) {
+                    return Err(Error::malformed(format!(
+                        "parameter key `{}` of family `{name}` is not 1 to \
+                         {MAX_FAMILY_NAME_LEN} bytes of [a-z0-9_.-] starting with a letter",
+                        p.key.escape_debug()
+                    )));
+                }
+                name_ok("parameter value length", &p.value)?;
+            }
+            if let Some(w) = params.windows(2).find(|w| w[0].key >= w[1].key) {
+                return Err(Error::malformed(format!(
+                    "parameters of family `{name}` are not in strictly ascending key order \
+                     (`{}` before `{}`)",
+                    w[0].key, w[1].key
+                )));
+            }
+        }
+    }
+    if let Some(a) = &q.activations {
+        name_ok("activation qtype length", a)?;
+    }
+    Ok(())
 }
 
 fn check_extensions(exts: &[crate::format::manifest::Extension]) -> Result<()> {

@@ -219,7 +219,7 @@ impl Container {
     }
 
     fn stored(&self, shard: u32, key: &str) -> Result<(&StoredTensor, &TensorLoc)> {
-        crate::io::source::lookups::add(1);
+        crate::format::lookups::add(1);
         let si = shard as usize;
         let ti = self
             .placement
@@ -424,7 +424,7 @@ impl TensorSource for Container {
             .unwrap_or_default()
     }
     fn get(&self, key: &str) -> Option<&SourceTensor> {
-        crate::io::source::lookups::add(1);
+        crate::format::lookups::add(1);
         self.key_index.get(key).and_then(|&i| self.inventory.get(i))
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {

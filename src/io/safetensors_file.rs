@@ -144,7 +144,7 @@ impl SafetensorsFile {
     }
 
     fn find(&self, key: &str) -> Result<&st_header::HeaderTensor> {
-        crate::io::source::lookups::add(1);
+        crate::format::lookups::add(1);
         let i = self.index.get(key).copied();
         i.and_then(|i| self.header.tensors.get(i)).ok_or_else(|| {
             Error::new(crate::error::ErrorKind::NotFound(format!("tensor `{key}`")))
@@ -171,7 +171,7 @@ impl TensorSource for SafetensorsFile {
             .unwrap_or_default()]
     }
     fn get(&self, key: &str) -> Option<&SourceTensor> {
-        crate::io::source::lookups::add(1);
+        crate::format::lookups::add(1);
         self.index.get(key).and_then(|&i| self.tensors.get(i))
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {

@@ -245,7 +245,7 @@ impl TensorSource for ShardedDir {
             .unwrap_or_default()
     }
     fn get(&self, key: &str) -> Option<&SourceTensor> {
-        crate::io::source::lookups::add(1);
+        crate::format::lookups::add(1);
         self.by_key.get(key).and_then(|&i| self.tensors.get(i))
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {
@@ -271,7 +271,7 @@ impl TensorSource for ShardedDir {
 
 impl ShardedDir {
     fn file_of(&self, key: &str) -> Result<&SafetensorsFile> {
-        crate::io::source::lookups::add(1);
+        crate::format::lookups::add(1);
         let i = *self.by_key.get(key).ok_or_else(|| {
             Error::new(ErrorKind::NotFound(format!("tensor `{key}`"))).with_file(&self.dir)
         })?;

@@ -26,7 +26,7 @@ use crate::format::st_hashes;
 use crate::format::st_header::{self, StHeader};
 use crate::format::{
     align_up, encode_manifest, validate, DEFAULT_CHUNK_SIZE, HEADER_LEN, MANIFEST_ALIGN,
-    SHARD_ALIGN, VERSION_MAJOR, VERSION_MINOR,
+    SHARD_ALIGN, VERSION_MINOR,
 };
 use crate::io::atomic::AtomicFile;
 
@@ -122,7 +122,7 @@ impl InPlace {
         feed: &mut crate::io::Feed<'_>,
     ) -> Result<Option<Hash>> {
         ctl.check()?;
-        crate::io::source::lookups::add(1);
+        crate::format::lookups::add(1);
         let i = *self
             .index
             .get(key)
@@ -677,12 +677,14 @@ impl ContainerWriter {
         let shards = std::mem::take(&mut st.shards);
         let mut layers = match layers {
             Some(l) => l,
-            None => crate::schema::plain_layers(&shards),
+            None => crate::format::layers::plain_layers(&shards),
         };
-        crate::schema::fill_parts(&mut layers, &shards)?;
+        crate::format::layers::fill_parts(&mut layers, &shards)?;
         let manifest = Manifest {
+            // 1.0 whenever nothing needs 2.0, so that deployed readers keep
+            // reading what ckptkit writes (spec/container.md §8)
             version: Version {
-                major: VERSION_MAJOR,
+                major: Manifest::needs_major(&layers),
                 minor: VERSION_MINOR,
             },
             metadata,

@@ -198,6 +198,29 @@ pub(crate) trait Family: Sync {
     }
 }
 
+/// What the reader may use besides the tensors themselves.
+pub struct Hints<'a> {
+    /// The quantization map (from `quanto_qmap.json` or given).
+    pub qmap: Option<crate::layout::quanto::QuantoMap>,
+    /// A diffusers `QuantoConfig`.
+    pub diffusers: Option<crate::layout::quanto::DiffusersQuanto>,
+    /// A plain checkpoint of the same model to take logical shapes from.
+    pub shapes_from: Option<&'a dyn TensorSource>,
+    /// int8 layouts to recognise (the built-in presets by default).
+    pub int8: Vec<crate::layout::int8::Int8Descriptor>,
+}
+
+impl Default for Hints<'_> {
+    fn default() -> Self {
+        Hints {
+            qmap: None,
+            diffusers: None,
+            shapes_from: None,
+            int8: crate::layout::int8::detection_presets(),
+        }
+    }
+}
+
 /// What layer detection may use besides the tensors: the source, ckptkit's
 /// schema recorded in its `__metadata__`, and the hints (side files found
 /// beside the input, or given by the user).
@@ -207,7 +230,7 @@ pub(crate) struct DetectCtx<'a> {
     /// ckptkit's schema (`ckptkit.schema`), when the source records one.
     pub schema: Option<&'a crate::layout::quanto::Schema>,
     /// The hints.
-    pub hints: &'a crate::schema::Hints<'a>,
+    pub hints: &'a Hints<'a>,
 }
 
 /// What a family's detector read for one module.
@@ -309,13 +332,139 @@ pub(crate) static FAMILIES: &[&dyn Family] = &[
     &crate::layout::int8::family::Int8,
 ];
 
-/// The family that owns a record.
+/// The family that owns a record: a registered one, or [`Unknown`] for a
+/// family record no registered family owns.
 pub(crate) fn family_of(w: &WeightQuant) -> &'static dyn Family {
     FAMILIES
         .iter()
         .copied()
         .find(|f| f.owns(w))
-        .unwrap_or(&crate::layout::plain::Plain)
+        .unwrap_or(&Unknown)
+}
+
+/// Whether a layer's record is of a family this version does not know.
+pub(crate) fn is_unknown(l: &Layer) -> bool {
+    of(l).name() == Unknown.name()
+}
+
+/// Refuses layers of unknown families where their record cannot be kept
+/// (`doing`: what the caller was about to do), naming the first.
+pub(crate) fn refuse_unknown(layers: &[Layer], doing: &str) -> Result<()> {
+    match layers.iter().find(|l| is_unknown(l)) {
+        Some(l) => Err(Unknown::refuse(&l.quant.weights, doing).with_layer(l.path.clone())),
+        None => Ok(()),
+    }
+}
+
+/// The family of a record that no registered family owns (a container 2.0
+/// family record written by a newer ckptkit). Its layers can be verified,
+/// inspected and copied into another container byte for byte; everything
+/// that needs the family's meaning is refused with
+/// [`ErrorKind::UnknownFamily`](crate::ErrorKind::UnknownFamily).
+pub(crate) struct Unknown;
+
+impl Unknown {
+    /// The refusal to `doing` a record of an unknown family.
+    pub(crate) fn refuse(w: &WeightQuant, doing: &str) -> Error {
+        let family = match w {
+            WeightQuant::Family { name, .. } => name.clone(),
+            _ => "?".into(),
+        };
+        Error::new(crate::error::ErrorKind::UnknownFamily {
+            family,
+            doing: doing.into(),
+        })
+    }
+}
+
+impl Family for Unknown {
+    fn name(&self) -> &'static str {
+        "unknown"
+    }
+    fn owns(&self, w: &WeightQuant) -> bool {
+        matches!(w, WeightQuant::Family { .. })
+    }
+    fn weights_name(&self, l: &Layer) -> String {
+        match &l.quant.weights {
+            WeightQuant::Family { name, params } => {
+                let ps: Vec<String> = params
+                    .iter()
+                    .map(|p| format!("{}={}", p.key, p.value))
+                    .collect();
+                format!(
+                    "family `{name}` ({}; unknown to this version)",
+                    ps.join(", ")
+                )
+            }
+            _ => "unknown".into(),
+        }
+    }
+    fn label(&self, w: &WeightQuant) -> String {
+        match w {
+            WeightQuant::Family { name, .. } => name.clone(),
+            _ => "unknown".into(),
+        }
+    }
+    fn check_layer(&self, _l: &Layer) -> Result<()> {
+        // the format's rules hold (V9, V11); the meaning is the family's
+        Ok(())
+    }
+    fn parse_target(&self, _s: &str) -> Option<Result<WeightQuant>> {
+        None
+    }
+    fn spellings(&self) -> &'static str {
+        ""
+    }
+    fn takes_float(&self, _l: &Layer) -> bool {
+        false
+    }
+    fn takes(&self, _l: &Layer) -> bool {
+        false
+    }
+    fn code_form(&self, _l: &Layer) -> Option<CodeForm> {
+        None
+    }
+    fn target_form(&self, _target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
+        None
+    }
+    fn plan_into(&self, _l: &Layer, target: &WeightQuant, _ctx: &PlanCtx<'_>) -> Result<Planned> {
+        Err(Self::refuse(target, "convert a layer into it"))
+    }
+    fn read_codes(&self, _src: &dyn TensorSource, l: &Layer, _w: &LogicalTensor) -> Result<Codes> {
+        Err(Self::refuse(&l.quant.weights, "re-layout it").with_layer(l.path.clone()))
+    }
+    fn dequantize(
+        &self,
+        _src: &dyn TensorSource,
+        l: &Layer,
+        _w: &LogicalTensor,
+        _to: Dtype,
+    ) -> Result<Vec<u8>> {
+        Err(Self::refuse(&l.quant.weights, "dequantize it").with_layer(l.path.clone()))
+    }
+    fn produce(
+        &self,
+        record: &WeightQuant,
+        path: &str,
+        _t: &LogicalTensor,
+        _input: WeightInput<'_>,
+    ) -> Result<Vec<(String, TensorBytes)>> {
+        Err(Self::refuse(record, "quantize into it").with_layer(path.to_string()))
+    }
+    fn quantization_config(
+        &self,
+        _record: &WeightQuant,
+        _owner: ConfigOwner,
+        _skip: &[String],
+    ) -> Option<Option<serde_json::Value>> {
+        None
+    }
+    fn schema_entry(
+        &self,
+        _record: &WeightQuant,
+    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)> {
+        None
+    }
 }
 
 /// The family of a layer's record.
@@ -414,7 +563,7 @@ pub(crate) const ACT_SCALES: [&str; 2] = ["input_scale", "output_scale"];
 pub(crate) fn quantized_weight(l: &Layer) -> Result<&LogicalTensor> {
     l.tensors
         .iter()
-        .find(|t| t.encoding == Encoding::Quantized)
+        .find(|t| t.encoding.is_quantized())
         .ok_or_else(|| Error::layout("a quantized layer record without a quantized tensor"))
 }
 

@@ -93,7 +93,7 @@ pub struct CheckReport {
     pub mismatches: Vec<LayoutMismatch>,
     /// Layers of the checkpoint that look quantized in a layout ckptkit
     /// does not know: it cannot tell whether they match, nor convert them.
-    pub unknown_layouts: Vec<crate::schema::Suspect>,
+    pub unknown_layouts: Vec<crate::migrate::Suspect>,
     /// The `migrate convert` command that makes the checkpoint load where
     /// the reference is expected (with `--allow-lossy` when the conversion
     /// may lose information), or `None` when nothing needs fixing.
@@ -126,12 +126,19 @@ pub(crate) fn describe_layout(l: &Layer) -> String {
         .iter()
         .filter(|t| t.name == "weight")
         .flat_map(|t| {
-            t.parts
-                .iter()
-                .map(|p| format!("`{}`", crate::schema::split_key_after(&p.key, &l.path)))
+            t.parts.iter().map(|p| {
+                format!(
+                    "`{}`",
+                    crate::format::layers::split_key_after(&p.key, &l.path)
+                )
+            })
         })
         .collect();
-    format!("{} {}", crate::schema::layout_name(l), keys.join(" + "))
+    format!(
+        "{} {}",
+        crate::layout::family::layout_name(l),
+        keys.join(" + ")
+    )
 }
 
 /// Compares a checkpoint's keys and layouts with a reference (a

@@ -6,9 +6,10 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::Layer;
 use crate::io::container::Container;
 use crate::io::source::{input_kind, open_source, InputKind, SourceTensor, TensorSource};
+use crate::layout::family::Hints;
 use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
+use crate::migrate::detect_layers;
 use crate::migrate::plan::{Plan, Target};
-use crate::schema::{detect_layers, Hints};
 use crate::Dtype;
 use std::path::{Path, PathBuf};
 
@@ -22,7 +23,13 @@ pub fn input_layers(
     opts: &ConvertOptions,
 ) -> Result<Vec<Layer>> {
     if input_kind(input)? == InputKind::Container {
-        return Ok(Container::open(input)?.layers().to_vec());
+        // the format fixes a record's form; its family checks its meaning
+        // (spec/container.md §6, V9)
+        let layers = Container::open(input)?.layers().to_vec();
+        for l in &layers {
+            crate::layout::check_layer(l).map_err(|e| e.with_file(input))?;
+        }
+        return Ok(layers);
     }
     let qmap = match &opts.qmap {
         Some(p) => Some(QuantoMap::from_file(p)?),
@@ -70,18 +77,18 @@ pub(crate) fn config_quant_method(input: &Path) -> Result<Option<String>> {
 }
 
 /// The layers of an input that look quantized in a layout ckptkit does not
-/// know ([`crate::schema::Suspect`]).
+/// know ([`crate::migrate::Suspect`]).
 pub fn input_suspects(
     input: &Path,
     src: &dyn TensorSource,
     layers: &[Layer],
-) -> Result<Vec<crate::schema::Suspect>> {
+) -> Result<Vec<crate::migrate::Suspect>> {
     let method = if input_kind(input)? == InputKind::Container {
         None
     } else {
         config_quant_method(input)?
     };
-    Ok(crate::schema::suspects(src, layers, method.as_deref()))
+    Ok(crate::migrate::suspects(src, layers, method.as_deref()))
 }
 
 /// Integer weight payloads of a file (I8 / U8 parts of quantized weights)
@@ -127,13 +134,13 @@ pub fn misaligned_integer_weights(src: &dyn TensorSource, layers: &[Layer]) -> V
 /// (anything but copying it), unless the user vouches that it is plain.
 pub(crate) fn refuse_suspects(
     p: &Plan,
-    suspects: &[crate::schema::Suspect],
+    suspects: &[crate::migrate::Suspect],
     opts: &ConvertOptions,
 ) -> Result<()> {
     if opts.assume_plain || suspects.is_empty() {
         return Ok(());
     }
-    let by: std::collections::HashMap<&str, &crate::schema::Suspect> =
+    let by: std::collections::HashMap<&str, &crate::migrate::Suspect> =
         suspects.iter().map(|s| (s.layer.as_str(), s)).collect();
     let bad: Vec<String> = p
         .layers
@@ -307,7 +314,7 @@ pub(crate) fn ensure_parent(output: &Path) -> Result<Vec<PathBuf>> {
 pub(crate) fn count_layers(tensors: &[SourceTensor]) -> usize {
     let mut s: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for t in tensors {
-        s.insert(crate::schema::split_key(&t.key).0);
+        s.insert(crate::format::layers::split_key(&t.key).0);
     }
     s.len()
 }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! input (file | model dir | checkpoint dir | container)   input.rs, checkpoint.rs
-//!   -> layers (schema::detect_layers, or a container's manifest)
+//!   -> layers (migrate::detect_layers, or a container's manifest)
 //!   -> plan: per layer, passes, lossless / exact / lossy  plan.rs, target.rs
 //!   -> execute: layer by layer, in parallel, streamed     execute.rs
 //!   -> sink (safetensors file | directory | container)    sink.rs, sidefiles.rs
@@ -16,6 +16,7 @@
 
 mod check;
 mod checkpoint;
+mod detect;
 mod execute;
 mod input;
 mod options;
@@ -24,8 +25,12 @@ mod sidefiles;
 mod sink;
 mod verify;
 
+pub use crate::layout::family::Hints;
 pub use check::{check, like_target, CheckReport, LayoutMismatch};
 pub use checkpoint::{convert_checkpoint_dir, is_training_checkpoint};
+pub use detect::{
+    detect_layers, natural_cmp, report_layers, source_layers, suspects, LayerReport, Suspect,
+};
 pub use input::{input_layers, input_suspects, misaligned_integer_weights};
 pub use options::{output_kind, ConvertOptions, OutputKind, Summary};
 pub use sidefiles::qmap_for;
@@ -173,6 +178,12 @@ pub(crate) fn convert_opened(
         }
         Err(e) => return Err(e),
     };
+    if okind != OutputKind::Container {
+        if let Some(l) = &layers {
+            crate::layout::family::refuse_unknown(l, UNKNOWN_OUTSIDE)
+                .map_err(|e| e.with_file(input))?;
+        }
+    }
     let n_layers = layers
         .as_ref()
         .map(|l| l.len())
@@ -229,6 +240,11 @@ pub(crate) fn convert_opened(
     })
 }
 
+/// What writing a layer of an unknown family outside a container would do.
+const UNKNOWN_OUTSIDE: &str =
+    "write it outside a container (safetensors has no place for its record, which would be \
+     lost)";
+
 pub(crate) fn convert_planned(
     input: &Path,
     output: &Path,
@@ -238,6 +254,10 @@ pub(crate) fn convert_planned(
     t0: Instant,
 ) -> Result<Summary> {
     let layers = input_layers(input, src, opts).map_err(|e| e.with_file(input))?;
+    if okind != OutputKind::Container {
+        crate::layout::family::refuse_unknown(&layers, UNKNOWN_OUTSIDE)
+            .map_err(|e| e.with_file(input))?;
+    }
     let mut p = plan(&layers, &opts.target, &opts.select).map_err(|e| e.with_file(input))?;
     crate::migrate::plan::apply_renames(&mut p, &opts.select.rename)?;
     refuse_suspects(&p, &input_suspects(input, src, &layers)?, opts)

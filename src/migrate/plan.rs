@@ -450,6 +450,11 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                 _ => keep(l),
             },
         };
+        if family::is_unknown(l) && lp.passes != [Pass::Copy] {
+            return Err(
+                family::Unknown::refuse(&l.quant.weights, "convert it").with_layer(l.path.clone())
+            );
+        }
         out.push(lp);
     }
     if !like_paths.is_empty() {
@@ -688,7 +693,7 @@ fn float_input(
     s: &LogicalTensor,
     to: Dtype,
 ) -> Result<TensorBytes> {
-    if s.encoding == Encoding::Quantized {
+    if s.encoding.is_quantized() {
         return Ok(TensorBytes::Pooled(crate::io::pool::Pooled::new(
             family::of(l).dequantize(src, l, s, to)?,
         )));
@@ -729,10 +734,10 @@ impl<'l> ByName<'l> {
     fn get(&self, name: &str) -> Option<&'l LogicalTensor> {
         match &self.index {
             Some(m) => {
-                crate::io::source::lookups::add(1);
+                crate::format::lookups::add(1);
                 m.get(name).copied()
             }
-            None => crate::io::source::lookups::find(self.tensors, |s| s.name == name),
+            None => crate::format::lookups::find(self.tensors, |s| s.name == name),
         }
     }
 }
@@ -749,7 +754,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
         let src_t = sources.get(&t.name);
         match (t.encoding, src_t) {
             (Encoding::Quantized, Some(s))
-                if s.encoding == Encoding::Quantized && lp.passes == [Pass::Copy] =>
+                if s.encoding.is_quantized() && lp.passes == [Pass::Copy] =>
             {
                 // output parts mirror the source's (keys may be renamed)
                 for (p, sp) in t.parts.iter().zip(&s.parts) {

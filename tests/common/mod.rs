@@ -133,6 +133,15 @@ pub fn open_verify(b: &[u8]) -> ckptkit::Result<()> {
     Ok(())
 }
 
+/// Writes the bytes to a file and runs the pipeline's `verify` on it:
+/// structure, every layer record's meaning (its family's rules) and hashes.
+pub fn migrate_verify(b: &[u8]) -> ckptkit::Result<ckptkit::VerifyReport> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("x.ckpk");
+    std::fs::write(&p, b).expect("write");
+    ckptkit::migrate::verify(&p)
+}
+
 /// The header of container bytes.
 pub fn header(b: &[u8]) -> FixedHeader {
     FixedHeader::decode(b, b.len() as u64).expect("valid header")

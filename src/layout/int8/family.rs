@@ -305,7 +305,7 @@ impl Family for Int8 {
                 lossless = true; // checked on the data at execution
             }
             None => {
-                if w.encoding == Encoding::Quantized {
+                if w.encoding.is_quantized() {
                     passes.push(Pass::Dequantize {
                         qtype: ctx.source.label(&l.quant.weights),
                         dtype: w.dtype.to_string(),

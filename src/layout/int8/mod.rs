@@ -1060,7 +1060,7 @@ pub fn detect(
     use crate::format::manifest::{Encoding, LogicalTensor, Part, Role, WeightQuant};
     let find = |k: &str| {
         let full = Int8Descriptor::key(path, k);
-        crate::io::source::lookups::find(tensors.iter().copied(), |t| t.key == full)
+        crate::format::lookups::find(tensors.iter().copied(), |t| t.key == full)
     };
     for d0 in descriptors {
         let (Some(p), Some(s)) = (find(&d0.payload.key), find(&d0.scale.key)) else {

@@ -3,7 +3,7 @@
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, WeightQuant};
+use crate::format::manifest::{Layer, LogicalTensor, Quantization, WeightQuant};
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
@@ -33,7 +33,7 @@ pub(crate) fn to_plain(l: &Layer, dt: Option<Dtype>, source: &dyn Family) -> Res
             continue;
         }
         let mut dtype = t.dtype;
-        if t.encoding == Encoding::Quantized {
+        if t.encoding.is_quantized() {
             if l.quant.weights == WeightQuant::Plain {
                 return Err(Error::layout("quantized tensor without a layout record")
                     .with_layer(l.path.clone()));

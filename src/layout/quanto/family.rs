@@ -46,7 +46,7 @@ struct QuantoDetector<'a> {
 impl QuantoDetector<'_> {
     fn entry(&self, path: &str) -> Option<&super::QmapEntry> {
         self.qmap.as_ref().and_then(|m| {
-            crate::io::source::lookups::add(1);
+            crate::format::lookups::add(1);
             m.get(path).copied()
         })
     }
@@ -302,7 +302,7 @@ impl Family for Quanto {
         })?;
         let mut passes = Vec::new();
         let mut lossless = false;
-        if w.encoding == Encoding::Quantized {
+        if w.encoding.is_quantized() {
             // the integers carry over when both sides hold the same codes
             let to = self.target_form(target, w.dtype);
             match (ctx.source.code_form(l), to) {

@@ -18,9 +18,9 @@ pub(crate) mod family;
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::float::FloatDtype;
+use crate::format::layers::split_key;
 use crate::format::manifest::{Encoding, Layer, LogicalTensor, Part, Role, WeightQuant};
 use crate::io::source::{SourceTensor, TensorSource};
-use crate::schema::split_key;
 
 /// The side file optimum-quanto writes beside a checkpoint.
 pub const QMAP_FILE: &str = "quanto_qmap.json";
@@ -91,7 +91,7 @@ impl QuantoMap {
     /// The entry of a module (a scan: for one lookup per layer, build
     /// [`index`](Self::index) once).
     pub fn get(&self, module: &str) -> Option<&QmapEntry> {
-        crate::io::source::lookups::find(&self.entries, |(k, _)| k == module).map(|(_, e)| e)
+        crate::format::lookups::find(&self.entries, |(k, _)| k == module).map(|(_, e)| e)
     }
 
     /// Module path → entry, for lookups that give what [`get`](Self::get)
@@ -326,7 +326,7 @@ pub(crate) fn quanto_weight(
     path: &str,
     g: &Group<'_>,
     qentry: Option<&QmapEntry>,
-    hints: &crate::schema::Hints<'_>,
+    hints: &crate::layout::family::Hints<'_>,
     schema: Option<&Schema>,
 ) -> Result<Option<(LogicalTensor, WeightQuant)>> {
     let sch = schema.and_then(|s| s.get(path));

@@ -1,104 +1,18 @@
-//! Grouping stored tensors into layers and logical tensors.
+//! Layer detection: grouping a source's stored tensors into layers and
+//! logical tensors, each family reading its own (`layout::family`), and
+//! what `inspect` reports of them.
 
 use std::collections::BTreeMap;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::layers::{plain_layers, split_key};
 use crate::format::manifest::{
     Encoding, Layer, LogicalTensor, Part, Quantization, Role, Shard, WeightQuant,
 };
 use crate::io::source::{SourceTensor, TensorSource};
+use crate::layout::family::{layout_name, Hints};
 use crate::layout::quanto;
-
-/// Splits a key into (module path, tensor name) at the last dot. A key whose
-/// only dot is its first byte (`.a`) is a top-level name, so the split stays
-/// one-to-one (`a` and `.a` must not both become ("", "a")).
-pub fn split_key(key: &str) -> (&str, &str) {
-    match key.rfind('.') {
-        Some(i) if i > 0 => (&key[..i], &key[i + 1..]),
-        _ => ("", key),
-    }
-}
-
-/// Every stored tensor as a plain logical tensor of the layer named by its
-/// key up to the last dot. Layers come in order of first appearance.
-pub fn plain_layers(shards: &[Shard]) -> Vec<Layer> {
-    let mut order: Vec<String> = Vec::new();
-    let mut by_path: BTreeMap<String, Vec<LogicalTensor>> = BTreeMap::new();
-    for (si, s) in shards.iter().enumerate() {
-        for t in &s.tensors {
-            let (path, name) = split_key(&t.key);
-            let entry = by_path.entry(path.to_string()).or_insert_with(|| {
-                order.push(path.to_string());
-                Vec::new()
-            });
-            entry.push(LogicalTensor {
-                name: name.to_string(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                encoding: Encoding::Plain,
-                parts: vec![Part {
-                    role: Role::Data,
-                    shard: si as u32,
-                    key: t.key.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    blake3: t.blake3,
-                }],
-            });
-        }
-    }
-    order
-        .into_iter()
-        .map(|path| {
-            let tensors = by_path.remove(&path).unwrap_or_default();
-            Layer {
-                path,
-                quant: Quantization {
-                    weights: WeightQuant::Plain,
-                    activations: None,
-                },
-                tensors,
-                extensions: Vec::new(),
-            }
-        })
-        .collect()
-}
-
-/// Fills every part's dtype, shape and hash from the shard tables.
-pub fn fill_parts(layers: &mut [Layer], shards: &[Shard]) -> Result<()> {
-    let index: Vec<std::collections::HashMap<&str, usize>> = shards
-        .iter()
-        .map(|s| {
-            s.tensors
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.key.as_str(), i))
-                .collect()
-        })
-        .collect();
-    for l in layers.iter_mut() {
-        for t in l.tensors.iter_mut() {
-            for p in t.parts.iter_mut() {
-                crate::io::source::lookups::add(1);
-                let st = index
-                    .get(p.shard as usize)
-                    .and_then(|m| m.get(p.key.as_str()))
-                    .map(|&i| &shards[p.shard as usize].tensors[i])
-                    .ok_or_else(|| {
-                        Error::usage(format!(
-                            "layer `{}` names `{}` in shard {}, which has no such tensor",
-                            l.path, p.key, p.shard
-                        ))
-                    })?;
-                p.dtype = st.dtype;
-                p.shape = st.shape.clone();
-                p.blake3 = st.blake3;
-            }
-        }
-    }
-    Ok(())
-}
 
 /// A layer as `inspect` reports it, for any source.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -136,8 +50,6 @@ pub fn report_layers(layers: &[Layer]) -> Vec<LayerReport> {
         .collect()
 }
 
-pub use crate::layout::family::layout_name;
-
 /// Plain layers of any tensor source: every stored tensor is a plain
 /// logical tensor of the layer named by its key up to the last dot.
 pub fn source_layers(src: &dyn crate::io::source::TensorSource) -> Vec<Layer> {
@@ -168,40 +80,6 @@ pub fn source_layers(src: &dyn crate::io::source::TensorSource) -> Vec<Layer> {
         })
         .collect();
     plain_layers(&shards)
-}
-
-/// The part of a key after its layer path and a dot (`weight._data` for
-/// `a.b.weight._data` in layer `a.b`).
-pub fn split_key_after<'k>(key: &'k str, path: &str) -> &'k str {
-    if path.is_empty() {
-        return key;
-    }
-    key.strip_prefix(path)
-        .and_then(|r| r.strip_prefix('.'))
-        .unwrap_or(key)
-}
-
-/// What the reader may use besides the tensors themselves.
-pub struct Hints<'a> {
-    /// The quantization map (from `quanto_qmap.json` or given).
-    pub qmap: Option<quanto::QuantoMap>,
-    /// A diffusers `QuantoConfig`.
-    pub diffusers: Option<quanto::DiffusersQuanto>,
-    /// A plain checkpoint of the same model to take logical shapes from.
-    pub shapes_from: Option<&'a dyn TensorSource>,
-    /// int8 layouts to recognise (the built-in presets by default).
-    pub int8: Vec<crate::layout::int8::Int8Descriptor>,
-}
-
-impl Default for Hints<'_> {
-    fn default() -> Self {
-        Hints {
-            qmap: None,
-            diffusers: None,
-            shapes_from: None,
-            int8: crate::layout::int8::detection_presets(),
-        }
-    }
 }
 
 /// Natural order of module paths: numeric components compare as numbers.
@@ -349,7 +227,7 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
         }
         for (_, t) in g.items.iter().filter(|(_, t)| !used.contains(&t.key)) {
             tensors.push(plain_tensor(
-                crate::schema::split_key_after(&t.key, &path),
+                crate::format::layers::split_key_after(&t.key, &path),
                 t,
             ));
         }
