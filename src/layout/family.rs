@@ -330,6 +330,8 @@ pub(crate) static FAMILIES: &[&dyn Family] = &[
     &crate::layout::plain::Plain,
     &crate::layout::quanto::family::Quanto,
     &crate::layout::int8::family::Int8,
+    #[cfg(test)]
+    &crate::layout::toy::Toy,
 ];
 
 /// The family that owns a record: a registered one, or [`Unknown`] for a

@@ -6,5 +6,7 @@ pub mod family;
 pub mod int8;
 pub mod plain;
 pub mod quanto;
+#[cfg(test)]
+mod toy;
 
 pub use family::check_layer;
