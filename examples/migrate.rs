@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ckptkit::migrate::plan::{Plan, PlanOptions, Rename, Target};
-use ckptkit::migrate::{check, convert, input_layers, like_target, ConvertOptions};
-use ckptkit::migrate::{report_layers, source_layers, LayerReport};
-use ckptkit::{open_source, ZstdOptions};
+use ckptkit::migrate::{check, convert, inspect, like_target, ConvertOptions, InspectReport};
+use ckptkit::ZstdOptions;
 use clap::{Parser, Subcommand};
 
 const EXAMPLES: &str = "\
@@ -220,23 +219,6 @@ fn install_ctrlc() {
     }
 }
 
-fn parse_compress(s: &str) -> Result<ZstdOptions, String> {
-    let mut o = ZstdOptions::default();
-    match s.split_once(':') {
-        None if s == "zstd" => Ok(o),
-        Some(("zstd", lvl)) => {
-            o.level = lvl.parse().map_err(|_| format!("bad zstd level `{lvl}`"))?;
-            if !(1..=22).contains(&o.level) {
-                return Err(format!("zstd level {lvl} is outside 1..=22"));
-            }
-            Ok(o)
-        }
-        _ => Err(format!("unknown compression `{s}`; use zstd or zstd:LEVEL")),
-    }
-}
-
-/// A progress bar on stderr (only when it is a terminal), fed by a thread
-/// that polls the library's byte counter.
 /// A progress bar on stderr (only when it is a terminal), fed by the
 /// conversion's progress callback.
 fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
@@ -256,14 +238,9 @@ fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
 
 /// blake3 of an output file, for the summary (read through bounded
 /// windows, so memory stays flat on large outputs).
-fn output_hash(p: &std::path::Path) -> Option<String> {
-    if !p.is_file() {
-        return None;
-    }
-    let f = std::fs::File::open(p).ok()?;
-    let len = f.metadata().ok()?.len();
-    let h = ckptkit::io::hash_range(&f, p, 0, len).ok()?;
-    Some(h.to_hex().to_string())
+/// A library report as one line of JSON (`--json`).
+fn to_json<T: serde::Serialize>(r: &T) -> String {
+    serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
 fn shorten(v: &[String]) -> String {
@@ -390,12 +367,13 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     }
                 },
             };
-            let compression = match compress.as_deref().map(parse_compress).transpose() {
-                Ok(c) => c.map(|mut c| {
+            let compression = match compress.as_deref().map(str::parse::<ZstdOptions>) {
+                None => None,
+                Some(Ok(mut c)) => {
                     c.float_filter = !no_float_filter;
-                    c
-                }),
-                Err(e) => {
+                    Some(c)
+                }
+                Some(Err(e)) => {
                     eprintln!("error: {e}");
                     return Ok(2);
                 }
@@ -425,6 +403,8 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 verify_input: !no_verify_input,
                 assume_plain,
                 control: ckptkit::Control::new(),
+                // printed, and in --json
+                output_hash: true,
             };
             let bar = progress_bar(!(json || cli.quiet || dry_run));
             let mut control =
@@ -452,22 +432,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 }
             }
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "tensors": s.tensors, "layers": s.layers, "bytes_in": s.bytes_in,
-                        "bytes_out": s.bytes_out, "seconds": s.seconds, "dry_run": dry_run,
-                        "output": output.display().to_string(),
-                        "lossless": s.plan.as_ref().map(|p| p.lossless()).unwrap_or(true),
-                        "blake3": if dry_run { None } else { output_hash(&output) },
-                        "losses": s.losses,
-                        "input_verified": !dry_run && s.input_verified,
-                        "warnings": s.warnings,
-                        "carried": s.carried,
-                        "skipped": s.skipped,
-                        "plan": s.plan,
-                    })
-                );
+                println!("{}", to_json(&s));
             } else if !cli.quiet {
                 if dry_run {
                     println!(
@@ -499,7 +464,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                             l.layer, l.clamped, l.max_abs_error, l.max_error_in_scales
                         );
                     }
-                    if let Some(h) = output_hash(&output) {
+                    if let Some(h) = &s.blake3 {
                         println!("blake3 {h}  {}", output.display());
                     }
                 }
@@ -512,43 +477,23 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             shapes_from,
             json,
         } => {
-            let src = open_source(&input)?;
             let opts = ConvertOptions {
                 qmap,
                 shapes_from,
                 ..Default::default()
             };
-            let mut problems = Vec::new();
-            let mut warnings = Vec::new();
-            let mut layers: Vec<LayerReport> = match input_layers(&input, src.as_ref(), &opts) {
-                Ok(l) => {
-                    let mut r = report_layers(&l);
-                    // layers that look quantized in a layout ckptkit does not know
-                    for sus in ckptkit::migrate::input_suspects(&input, src.as_ref(), &l)? {
-                        if let Some(x) = r.iter_mut().find(|x| x.path == sus.layer) {
-                            x.layout = "unknown quantized".into();
-                        }
-                        problems.push(format!("unknown quantized layout: {}", sus.describe()));
-                    }
-                    for m in ckptkit::migrate::misaligned_integer_weights(src.as_ref(), &l) {
-                        warnings.push(format!("misaligned integer weight: {m}"));
-                    }
-                    r
-                }
-                Err(e) => {
-                    problems.push(e.to_string());
-                    report_layers(&source_layers(src.as_ref()))
-                }
-            };
-            layers.shrink_to_fit();
-            let total: u64 = layers.iter().map(|l| l.bytes).sum();
+            let r = inspect(&input, &opts)?;
+            let InspectReport {
+                layers,
+                total_bytes: total,
+                problems,
+                warnings,
+                ..
+            } = &r;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"input": input.display().to_string(), "layers": layers, "total_bytes": total, "problems": problems, "warnings": warnings})
-                );
+                println!("{}", to_json(&r));
             } else {
-                for l in &layers {
+                for l in layers {
                     let shapes: Vec<String> = l
                         .tensors
                         .iter()
@@ -567,10 +512,10 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     );
                 }
                 println!("{} layers, {} bytes", layers.len(), total);
-                for w in &warnings {
+                for w in warnings {
                     println!("warning: {w}");
                 }
-                for p in &problems {
+                for p in problems {
                     println!("problem: {p}");
                 }
             }
@@ -597,12 +542,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             };
             let fix = r.fix.clone().unwrap_or_default();
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"compatible": r.compatible(), "missing": r.missing, "unexpected": r.unexpected,
-                        "mismatches": r.mismatches, "fix": (!r.compatible()).then_some(&fix),
-                        "unknown_layouts": r.unknown_layouts})
-                );
+                println!("{}", to_json(&r));
             } else if r.compatible() {
                 for u in &r.unknown_layouts {
                     println!("note: unknown quantized layout: {}", u.describe());
@@ -642,15 +582,8 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
         }
         Cmd::Recover { path, json } => {
             let r = ckptkit::io::atomic::recover(&path)?;
-            let show = |v: &[PathBuf]| -> Vec<String> {
-                v.iter().map(|p| p.display().to_string()).collect()
-            };
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"commits": r.commits, "completed": show(&r.completed), "pending": show(&r.pending),
-                        "removed_temporaries": r.removed_temps})
-                );
+                println!("{}", to_json(&r));
             } else if !cli.quiet {
                 for c in &r.completed {
                     println!("completed: {}", c.display());
@@ -670,11 +603,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
         Cmd::Verify { input, json } => {
             let r = ckptkit::migrate::verify(&input)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": true, "tensors": r.tensors, "bytes": r.bytes,
-                        "unchecked": r.unchecked})
-                );
+                println!("{}", to_json(&r));
             } else if !cli.quiet {
                 println!(
                     "ok: {} tensors, {} bytes verified (blake3)",

@@ -830,6 +830,25 @@ pub struct Recovered {
     pub removed_temps: usize,
 }
 
+/// Paths as displayed (lossy for non-UTF-8 names).
+pub(crate) fn display_paths(v: &[PathBuf]) -> Vec<String> {
+    v.iter().map(|p| p.display().to_string()).collect()
+}
+
+/// `{"commits", "completed", "pending", "removed_temporaries"}`: `migrate
+/// recover --json`.
+impl serde::Serialize for Recovered {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut m = s.serialize_struct("Recovered", 4)?;
+        m.serialize_field("commits", &self.commits)?;
+        m.serialize_field("completed", &display_paths(&self.completed))?;
+        m.serialize_field("pending", &display_paths(&self.pending))?;
+        m.serialize_field("removed_temporaries", &self.removed_temps)?;
+        m.end()
+    }
+}
+
 fn complete_pending_commits_holding(dir: &Path, held: &[&OutputLock]) -> Result<Recovered> {
     let mut r = Recovered::default();
     for f in journals(dir)? {

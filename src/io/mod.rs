@@ -119,6 +119,17 @@ pub fn read_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<
 /// Size of hashing windows for whole-file passes.
 pub(crate) const WINDOW: u64 = 64 << 20;
 
+/// blake3 of a whole regular file (the hash `migrate convert` prints for a
+/// single-file output), in bounded memory.
+pub fn hash_file(path: &Path) -> Result<blake3::Hash> {
+    let f = files::open_regular(path)?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::from(e).with_file(path))?
+        .len();
+    hash_range(&f, path, 0, len)
+}
+
 /// blake3 of `len` bytes at `offset`, read through successive mapped
 /// windows so that resident memory stays bounded.
 pub fn hash_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<blake3::Hash> {

@@ -339,6 +339,38 @@ impl Default for ZstdOptions {
     }
 }
 
+impl std::str::FromStr for ZstdOptions {
+    type Err = Error;
+
+    /// `zstd` (level 1) or `zstd:LEVEL` (1 to 22), as `--compress` takes
+    /// them; the other settings are the defaults.
+    ///
+    /// ```
+    /// let z: ckptkit::ZstdOptions = "zstd:3".parse()?;
+    /// assert_eq!(z.level, 3);
+    /// assert!("zstd:23".parse::<ckptkit::ZstdOptions>().is_err());
+    /// # Ok::<(), ckptkit::Error>(())
+    /// ```
+    fn from_str(s: &str) -> Result<Self> {
+        let mut o = ZstdOptions::default();
+        match s.split_once(':') {
+            None if s == "zstd" => Ok(o),
+            Some(("zstd", lvl)) => {
+                o.level = lvl
+                    .parse()
+                    .map_err(|_| Error::usage(format!("bad zstd level `{lvl}`")))?;
+                if !(1..=22).contains(&o.level) {
+                    return Err(Error::usage(format!("zstd level {lvl} is outside 1..=22")));
+                }
+                Ok(o)
+            }
+            _ => Err(Error::usage(format!(
+                "unknown compression `{s}`; use zstd or zstd:LEVEL"
+            ))),
+        }
+    }
+}
+
 /// Options of a container writer.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerOptions {

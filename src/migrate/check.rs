@@ -83,7 +83,8 @@ pub struct LayoutMismatch {
 }
 
 /// Will a checkpoint load where a reference's layout is expected?
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+/// Serialized as `migrate check --json` prints it (with `compatible`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
     /// Keys the reference has and the checkpoint lacks.
     pub missing: Vec<String>,
@@ -98,6 +99,23 @@ pub struct CheckReport {
     /// the reference is expected (with `--allow-lossy` when the conversion
     /// may lose information), or `None` when nothing needs fixing.
     pub fix: Option<String>,
+}
+
+impl serde::Serialize for CheckReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let compatible = self.compatible();
+        let mut m = s.serialize_struct("CheckReport", 6)?;
+        m.serialize_field("compatible", &compatible)?;
+        m.serialize_field("missing", &self.missing)?;
+        m.serialize_field("unexpected", &self.unexpected)?;
+        m.serialize_field("mismatches", &self.mismatches)?;
+        // null when compatible; the command otherwise
+        let fix = (!compatible).then(|| self.fix.clone().unwrap_or_default());
+        m.serialize_field("fix", &fix)?;
+        m.serialize_field("unknown_layouts", &self.unknown_layouts)?;
+        m.end()
+    }
 }
 
 /// A path as one shell word.

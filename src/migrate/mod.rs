@@ -19,6 +19,7 @@ mod checkpoint;
 mod detect;
 mod execute;
 mod input;
+mod inspect;
 mod options;
 pub mod plan;
 mod sidefiles;
@@ -32,6 +33,7 @@ pub use detect::{
     detect_layers, natural_cmp, report_layers, source_layers, suspects, LayerReport, Suspect,
 };
 pub use input::{input_layers, input_suspects, misaligned_integer_weights};
+pub use inspect::{inspect, InspectReport};
 pub use options::{output_kind, ConvertOptions, OutputKind, Summary};
 pub use sidefiles::qmap_for;
 pub use sink::{check_free_space, model_stem};
@@ -82,11 +84,17 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Sum
     // this call's own progress counters (the options may serve other calls)
     let mut own = opts.clone();
     own.control = opts.control.fresh();
-    let r = convert_inner(input, output, &own);
-    if r.is_ok() {
-        own.control.finish();
+    let mut s = convert_inner(input, output, &own)?;
+    s.output = output.to_path_buf();
+    s.dry_run = opts.dry_run;
+    if opts.dry_run {
+        // nothing was read
+        s.input_verified = false;
+    } else if opts.output_hash && output.is_file() {
+        s.blake3 = Some(crate::io::hash_file(output)?.to_hex().to_string());
     }
-    r
+    own.control.finish();
+    Ok(s)
 }
 
 fn convert_inner(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Summary> {
@@ -237,6 +245,7 @@ pub(crate) fn convert_opened(
         warnings: Vec::new(),
         carried,
         skipped,
+        ..Default::default()
     })
 }
 
@@ -287,8 +296,7 @@ pub(crate) fn convert_planned(
         input_verified: false,
         input_unchecked: 0,
         warnings,
-        carried: Vec::new(),
-        skipped: Vec::new(),
+        ..Default::default()
     };
     if opts.dry_run {
         summary.seconds = t0.elapsed().as_secs_f64();

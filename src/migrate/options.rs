@@ -60,6 +60,10 @@ pub struct ConvertOptions {
     /// Cancellation and progress of the call (each call counts its own
     /// bytes, so one `Control` can serve calls on several threads).
     pub control: crate::Control,
+    /// Hash a single-file output once it is written ([`Summary::blake3`]):
+    /// one more read of the output, which `migrate convert` always does to
+    /// print it.
+    pub output_hash: bool,
 }
 
 impl Default for ConvertOptions {
@@ -78,13 +82,23 @@ impl Default for ConvertOptions {
             verify_input: true,
             assume_plain: false,
             control: crate::Control::default(),
+            output_hash: false,
         }
     }
 }
 
-/// What a conversion did.
+/// What a conversion did. Serialized as `migrate convert --json` prints it
+/// (README, "JSON output"): the fields below except `files`, plus
+/// `lossless` (every layer byte-reversible, from the plan).
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
+    /// The output path.
+    pub output: PathBuf,
+    /// Nothing was written: the plan is what would be done.
+    pub dry_run: bool,
+    /// blake3 (hex) of a single-file output, with
+    /// [`ConvertOptions::output_hash`].
+    pub blake3: Option<String>,
     /// Stored tensors written.
     pub tensors: usize,
     /// Layers in the output.
@@ -117,4 +131,36 @@ pub struct Summary {
     /// Entries of a model directory not carried, with why (weights in any
     /// format, hidden files, sub-directories).
     pub skipped: Vec<String>,
+}
+
+impl Summary {
+    /// Whether every layer can be converted back byte for byte (true
+    /// when nothing was planned: a byte copy).
+    pub fn lossless(&self) -> bool {
+        self.plan.as_ref().map(|p| p.lossless()).unwrap_or(true)
+    }
+}
+
+impl serde::Serialize for Summary {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut m = s.serialize_struct("Summary", 16)?;
+        m.serialize_field("output", &self.output.display().to_string())?;
+        m.serialize_field("tensors", &self.tensors)?;
+        m.serialize_field("layers", &self.layers)?;
+        m.serialize_field("bytes_in", &self.bytes_in)?;
+        m.serialize_field("bytes_out", &self.bytes_out)?;
+        m.serialize_field("seconds", &self.seconds)?;
+        m.serialize_field("dry_run", &self.dry_run)?;
+        m.serialize_field("lossless", &self.lossless())?;
+        m.serialize_field("blake3", &self.blake3)?;
+        m.serialize_field("losses", &self.losses)?;
+        m.serialize_field("plan", &self.plan)?;
+        m.serialize_field("input_verified", &self.input_verified)?;
+        m.serialize_field("input_unchecked", &self.input_unchecked)?;
+        m.serialize_field("warnings", &self.warnings)?;
+        m.serialize_field("carried", &self.carried)?;
+        m.serialize_field("skipped", &self.skipped)?;
+        m.end()
+    }
 }
