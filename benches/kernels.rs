@@ -9,10 +9,10 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use ckptkit::float::FloatDtype;
-use ckptkit::format::filter;
-use ckptkit::layout::quanto::math::{self, QType};
-use ckptkit::layout::quanto::pack;
+use ckptkit::fuzzing::internals::filter;
+use ckptkit::fuzzing::internals::float::FloatDtype;
+use ckptkit::fuzzing::internals::quanto::math::{self, QType};
+use ckptkit::fuzzing::internals::quanto::pack;
 use ckptkit::{Codec, Dtype};
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 

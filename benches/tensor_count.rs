@@ -47,10 +47,7 @@ fn tensor_count(c: &mut Criterion) {
     write_input(&input, n / 2);
     let ckpk = d.join("out.ckpk");
     let st = d.join("out.safetensors");
-    let opts = ConvertOptions {
-        overwrite: true,
-        ..Default::default()
-    };
+    let opts = ConvertOptions::default().overwrite(true);
     // the outputs the verify and .ckpk rows read
     migrate::convert(&input, &ckpk, &opts).expect("to .ckpk");
     migrate::convert(&input, &st, &opts).expect("to safetensors");

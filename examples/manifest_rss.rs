@@ -24,10 +24,10 @@
 
 use std::io::Write;
 
-use ckptkit::format::header::FixedHeader;
-use ckptkit::format::manifest::Version;
+use ckptkit::format::FixedHeader;
 use ckptkit::format::HEADER_LEN;
 use ckptkit::Container;
+use ckptkit::Version;
 
 fn varint(out: &mut Vec<u8>, v: u64) {
     if v < 251 {

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ckptkit::migrate::plan::{Plan, PlanOptions, Rename, Target};
 use ckptkit::migrate::{check, convert, inspect, like_target, ConvertOptions, InspectReport};
+use ckptkit::migrate::{Plan, PlanOptions, Rename, Target};
 use ckptkit::ZstdOptions;
 use clap::{Parser, Subcommand};
 
@@ -378,34 +378,34 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     return Ok(2);
                 }
             };
-            let opts = ConvertOptions {
-                compression,
-                overwrite: force,
-                dry_run,
-                max_shard_size,
-                target,
-                select: PlanOptions {
-                    include,
-                    exclude,
-                    allow_lossy,
-                    rename: match rename.iter().map(|r| Rename::parse(r)).collect() {
-                        Ok(v) => v,
-                        Err(e) => {
-                            eprintln!("error: {e}");
-                            return Ok(2);
-                        }
-                    },
-                },
-                qmap,
-                shapes_from,
-                hashes: !no_hashes,
-                extra_reads: like.iter().cloned().collect(),
-                verify_input: !no_verify_input,
-                assume_plain,
-                control: ckptkit::Control::new(),
+            let opts = ConvertOptions::default()
+                .compression(compression)
+                .overwrite(force)
+                .dry_run(dry_run)
+                .max_shard_size(max_shard_size)
+                .target(target)
+                .select(
+                    PlanOptions::default()
+                        .include(include)
+                        .exclude(exclude)
+                        .allow_lossy(allow_lossy)
+                        .rename(match rename.iter().map(|r| Rename::parse(r)).collect() {
+                            Ok(v) => v,
+                            Err(e) => {
+                                eprintln!("error: {e}");
+                                return Ok(2);
+                            }
+                        }),
+                )
+                .qmap(qmap)
+                .shapes_from(shapes_from)
+                .hashes(!no_hashes)
+                .extra_reads(like.iter().cloned().collect())
+                .verify_input(!no_verify_input)
+                .assume_plain(assume_plain)
+                .control(ckptkit::Control::new())
                 // printed, and in --json
-                output_hash: true,
-            };
+                .output_hash(true);
             let bar = progress_bar(!(json || cli.quiet || dry_run));
             let mut control =
                 ckptkit::Control::new().with_cancel(ckptkit::Cancel::from_static(&CANCELLED));
@@ -415,7 +415,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                     b.set_position(p.bytes_done);
                 });
             }
-            let opts = ConvertOptions { control, ..opts };
+            let opts = opts.control(control);
             let s = convert(&input, &output, &opts);
             if let Some(b) = bar {
                 b.finish_and_clear();
@@ -477,11 +477,9 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             shapes_from,
             json,
         } => {
-            let opts = ConvertOptions {
-                qmap,
-                shapes_from,
-                ..Default::default()
-            };
+            let opts = ConvertOptions::default()
+                .qmap(qmap)
+                .shapes_from(shapes_from);
             let r = inspect(&input, &opts)?;
             let InspectReport {
                 layers,
@@ -528,11 +526,9 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             shapes_from,
             json,
         } => {
-            let opts = ConvertOptions {
-                qmap,
-                shapes_from,
-                ..Default::default()
-            };
+            let opts = ConvertOptions::default()
+                .qmap(qmap)
+                .shapes_from(shapes_from);
             let r = match check(&input, &against, &opts) {
                 Ok(r) => r,
                 Err(e) => {
@@ -581,7 +577,7 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
             Ok(if r.compatible() { 0 } else { 1 })
         }
         Cmd::Recover { path, json } => {
-            let r = ckptkit::io::atomic::recover(&path)?;
+            let r = ckptkit::recover(&path)?;
             if json {
                 println!("{}", to_json(&r));
             } else if !cli.quiet {

@@ -423,6 +423,7 @@ pub fn cast_into(
 /// check lengths beforehand.
 pub trait FloatFormat: Copy + Send + Sync + 'static {
     /// The runtime dtype this format stands for.
+    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
     const DTYPE: FloatDtype;
     /// Size of one element in bytes.
     const SIZE: usize;

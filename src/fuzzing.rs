@@ -1164,3 +1164,39 @@ pub fn migration(data: &[u8]) {
         }
     }
 }
+
+/// Internals that the crate's own tests, benchmarks and fuzz targets
+/// exercise directly (kernels, parsers, family math). Not part of the API:
+/// only built with the `fuzzing` feature, hidden from the docs, and free to
+/// change in any release.
+pub mod internals {
+    /// Float dtypes and conversions.
+    pub mod float {
+        pub use crate::float::*;
+    }
+    /// The float byte-plane filter.
+    pub mod filter {
+        pub use crate::format::filter::*;
+    }
+    /// safetensors header parsing and data order.
+    pub mod st_header {
+        pub use crate::format::st_header::*;
+    }
+    /// The tensor-lookup counter (O(1) per tensor checks).
+    pub mod lookups {
+        pub use crate::format::lookups::*;
+    }
+    /// The manifest codec and its allocation bound.
+    pub mod codec {
+        pub use crate::format::codec::*;
+    }
+    /// optimum-quanto: qtypes, maps, math and packing.
+    pub mod quanto {
+        pub use crate::layout::quanto::*;
+    }
+    /// int8 layouts: descriptors and presets.
+    pub mod int8 {
+        pub use crate::layout::int8::*;
+    }
+    pub use crate::io::hash_range;
+}

@@ -52,22 +52,23 @@
 mod control;
 mod dtype;
 mod error;
-pub mod float;
+mod float;
 pub mod format;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod io;
-pub mod layout;
+mod io;
+mod layout;
 pub mod migrate;
 
 pub use crate::control::{Cancel, Control, Progress, ProgressFn};
 pub use crate::dtype::{byte_len, numel, Dtype};
 pub use crate::error::{Error, ErrorKind, Location, Result};
 pub use crate::format::manifest::{
-    Codec, Compression, Encoding, Extension, Layer, LogicalTensor, Manifest, Part, Quantization,
-    Role, Shard, StoredTensor, WeightQuant,
+    Codec, Compression, Encoding, Extension, Hash, Layer, LogicalTensor, Manifest, Param, Part,
+    Provenance, Quantization, Role, Shard, SourceFile, StoredTensor, Version, WeightQuant,
 };
+pub use crate::io::atomic::{recover, Recovered};
 pub use crate::io::container::{Container, VerifyReport};
 pub use crate::io::safetensors_file::SafetensorsFile;
 pub use crate::io::sharded::ShardedDir;

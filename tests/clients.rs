@@ -419,7 +419,7 @@ fn outputs_align_tensor_data_and_inspect_flags_misaligned_integer_weights() {
         assert_eq!(h.header_len % 64, 0, "{}", p.display());
         for t in &h.tensors {
             let len = t.end - t.start;
-            let class = ckptkit::format::st_header::align_class(len);
+            let class = ckptkit::fuzzing::internals::st_header::align_class(len);
             assert_eq!(
                 (h.header_len + t.start) % class,
                 0,

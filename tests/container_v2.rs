@@ -8,10 +8,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckptkit::format::manifest::{Encoding, LogicalTensor, Param, Part, Quantization, Role};
-use ckptkit::migrate::plan::Target;
+use ckptkit::migrate::Target;
 use ckptkit::migrate::{convert, report_layers, ConvertOptions};
 use ckptkit::{Container, ContainerOptions, ContainerWriter, Dtype, ErrorKind, Layer, WeightQuant};
+use ckptkit::{Encoding, LogicalTensor, Param, Part, Quantization, Role};
 use common::{bf16_weights, bytes, with_manifest};
 
 /// The record of an FP8-scaled layer, a family this version does not know.
@@ -46,7 +46,7 @@ fn part(role: Role, key: &str, dtype: Dtype, shape: &[u64]) -> Part {
 /// Layer `x` stored as FP8 data and an F32 scale under `record`, and plain
 /// layer `y`; written through the writer with the given layer records (or
 /// the writer's own plain grouping when `None`).
-fn write(path: &Path, record: Option<WeightQuant>) -> ckptkit::format::manifest::Manifest {
+fn write(path: &Path, record: Option<WeightQuant>) -> ckptkit::Manifest {
     let tensors: Vec<(String, Dtype, Vec<u64>, Vec<u8>)> = vec![
         ("x.weight".into(), Dtype::F8E4M3, vec![4, 8], bytes(7, 32)),
         ("x.weight_scale".into(), Dtype::F32, vec![], bytes(8, 4)),
@@ -59,10 +59,9 @@ fn write(path: &Path, record: Option<WeightQuant>) -> ckptkit::format::manifest:
     ];
     let mut w = ContainerWriter::create(
         path,
-        ContainerOptions {
-            compression: None,
-            overwrite: true,
-        },
+        ContainerOptions::default()
+            .compression(None)
+            .overwrite(true),
     )
     .unwrap();
     let mut plan: Vec<(String, Dtype, Vec<u64>)> = tensors
@@ -71,7 +70,7 @@ fn write(path: &Path, record: Option<WeightQuant>) -> ckptkit::format::manifest:
         .collect();
     w.begin_shard("model.safetensors", &plan, &BTreeMap::new())
         .unwrap();
-    ckptkit::format::st_header::data_order(&mut plan);
+    ckptkit::format::data_order(&mut plan);
     for (k, _, _) in &plan {
         let t = tensors.iter().find(|t| &t.0 == k).unwrap();
         w.write_tensor(k, &t.3).unwrap();
@@ -286,10 +285,7 @@ fn unknown_family_is_refused_where_its_meaning_is_needed() {
     ];
     for (name, target) in cases {
         let out = d.path().join(name);
-        let opts = ConvertOptions {
-            target,
-            ..Default::default()
-        };
+        let opts = ConvertOptions::default().target(target);
         let e = convert(&p, &out, &opts).expect_err(name);
         match e.kind() {
             ErrorKind::UnknownFamily { family, .. } => assert_eq!(family, "x-fp8-example"),

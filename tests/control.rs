@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ckptkit::migrate::plan::Target;
+use ckptkit::migrate::Target;
 use ckptkit::migrate::{convert, ConvertOptions};
 use ckptkit::{Cancel, Control, Dtype, ErrorKind, Progress, SafetensorsWriter};
 
@@ -52,25 +52,23 @@ fn two_conversions_on_two_threads_report_and_stop_on_their_own() {
     // A: quantize to a file, recording its progress
     let seen_a: Arc<Mutex<Vec<Progress>>> = Default::default();
     let sa = seen_a.clone();
-    let opts_a = ConvertOptions {
-        target: Target::parse("quanto:qint8").unwrap(),
-        control: Control::new().with_progress(move |p| sa.lock().unwrap().push(p)),
-        ..Default::default()
-    };
+    let opts_a = ConvertOptions::default()
+        .target(Target::parse("quanto:qint8").unwrap())
+        .control(Control::new().with_progress(move |p| sa.lock().unwrap().push(p)));
     // B: the same into a directory, cancelled by its own first progress report
     let cancel_b = Cancel::new();
     let calls_b = Arc::new(AtomicU64::new(0));
     let (cb, kb) = (calls_b.clone(), cancel_b.clone());
-    let opts_b = ConvertOptions {
-        target: Target::parse("int8").unwrap(),
-        control: Control::new()
-            .with_cancel(cancel_b.clone())
-            .with_progress(move |_| {
-                cb.fetch_add(1, Ordering::SeqCst);
-                kb.cancel();
-            }),
-        ..Default::default()
-    };
+    let opts_b = ConvertOptions::default()
+        .target(Target::parse("int8").unwrap())
+        .control(
+            Control::new()
+                .with_cancel(cancel_b.clone())
+                .with_progress(move |_| {
+                    cb.fetch_add(1, Ordering::SeqCst);
+                    kb.cancel();
+                }),
+        );
     let (out_a, out_b) = (d.path().join("a/q.safetensors"), d.path().join("b/out"));
     let (ra, rb) = std::thread::scope(|s| {
         let ta = s.spawn(|| convert(&input, &out_a, &opts_a));

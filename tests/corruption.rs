@@ -4,12 +4,12 @@
 
 mod common;
 
-use ckptkit::format::manifest::{Compression, Extension, Role};
 use ckptkit::format::{
     MAGIC, MAX_EXTENSIONS, MAX_LAYERS, MAX_MANIFEST_LEN, MAX_METADATA_ENTRIES, MAX_PARTS,
     MAX_TENSORS,
 };
 use ckptkit::ErrorKind;
+use ckptkit::{Compression, Extension, Role};
 use common::manifest_bytes::{layer, seq, shard, varint, with_layers, with_shards, STORED};
 use common::*;
 
@@ -472,7 +472,7 @@ fn c38_upstream_overflow_header() {
     json.push('}');
     let mut f = (json.len() as u64).to_le_bytes().to_vec();
     f.extend_from_slice(json.as_bytes());
-    let e = ckptkit::format::st_header::parse(&f, Some(f.len() as u64)).unwrap_err();
+    let e = ckptkit::fuzzing::internals::st_header::parse(&f, Some(f.len() as u64)).unwrap_err();
     assert!(
         matches!(
             e.kind(),
@@ -543,7 +543,7 @@ fn c42_safetensors_hash_not_hex_or_not_an_object() {
 /// never makes the reader open a file.
 #[test]
 fn c50_int8_records_that_contradict_the_preset_namespace() {
-    use ckptkit::layout::int8;
+    use ckptkit::fuzzing::internals::int8;
     let b = base_container(false);
     let with = |layout: &str, descriptor: String| {
         let bad = with_manifest(&b, |m| {

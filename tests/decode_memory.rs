@@ -10,12 +10,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
 
-use ckptkit::format::manifest::*;
 use ckptkit::format::{
     decode_manifest, encode_manifest, MAX_DECODE_ALLOC, MAX_EXTENSIONS, MAX_LAYERS,
     MAX_METADATA_ENTRIES, MAX_SHARDS, MAX_TENSORS,
 };
 use ckptkit::Dtype;
+use ckptkit::*;
 use common::manifest_bytes::*;
 
 struct Counting;

@@ -198,10 +198,9 @@ mod gen {
         let path = out.tmp(name);
         let mut w = ContainerWriter::create(
             &path,
-            ContainerOptions {
-                compression,
-                overwrite: true,
-            },
+            ContainerOptions::default()
+                .compression(compression)
+                .overwrite(true),
         )
         .unwrap();
         for (sname, specs, md) in shards {
@@ -210,7 +209,7 @@ mod gen {
                 .map(|(k, d, s, _)| (k.clone(), *d, s.clone()))
                 .collect();
             w.begin_shard(sname, &plan, md).unwrap();
-            ckptkit::format::st_header::data_order(&mut plan);
+            ckptkit::format::data_order(&mut plan);
             for (k, _, _) in &plan {
                 let data = &specs.iter().find(|s| &s.0 == k).unwrap().3;
                 w.write_tensor(k, data).unwrap();
@@ -321,10 +320,11 @@ fn write_seeds() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     };
-    let zstd = |chunk_size, float_filter| ZstdOptions {
-        level: 1,
-        chunk_size,
-        float_filter,
+    let zstd = |chunk_size, float_filter| {
+        ZstdOptions::default()
+            .level(1)
+            .chunk_size(chunk_size)
+            .float_filter(float_filter)
     };
 
     // ---- container (and its manifests)

@@ -7,10 +7,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckptkit::layout::quanto;
-use ckptkit::migrate::plan::{execute, plan, PlanOptions, Target};
+use ckptkit::fuzzing::internals::quanto;
 use ckptkit::migrate::{convert, ConvertOptions};
 use ckptkit::migrate::{detect_layers, Hints};
+use ckptkit::migrate::{execute, plan, PlanOptions, Target};
 use ckptkit::{Dtype, Error, SafetensorsFile, SourceTensor, TensorBytes, TensorSource};
 use proptest::prelude::*;
 
@@ -21,16 +21,13 @@ fn fx(case: &str) -> PathBuf {
 }
 
 fn opts(t: &str, lossy: bool) -> ConvertOptions {
-    ConvertOptions {
-        target: Target::parse(t).unwrap(),
-        select: PlanOptions {
-            allow_lossy: lossy,
-            // the fixtures' one module quanto left plain stays plain
-            exclude: vec!["lin_excluded".into()],
-            ..Default::default()
-        },
-        ..Default::default()
-    }
+    ConvertOptions::default()
+        .target(Target::parse(t).unwrap())
+        .select(
+            PlanOptions::default()
+                .allow_lossy(lossy)
+                .exclude(vec!["lin_excluded".into()]),
+        )
 }
 
 fn tensors(p: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -145,14 +142,7 @@ impl TensorSource for Mem {
 
 fn migrate(src: &Mem, target: &Target, lossy: bool) -> Result<Mem, Error> {
     let layers = detect_layers(src, &Hints::default())?;
-    let p = plan(
-        &layers,
-        target,
-        &PlanOptions {
-            allow_lossy: lossy,
-            ..Default::default()
-        },
-    )?;
+    let p = plan(&layers, target, &PlanOptions::default().allow_lossy(lossy))?;
     let mut items = Vec::new();
     for lp in &p.layers {
         let (out, _) = execute(src, lp)?;
@@ -330,9 +320,9 @@ fn user_descriptor_json_round_trips_and_converts() {
     }"#;
     let dp = tmp.path().join("inhouse.json");
     std::fs::write(&dp, desc).unwrap();
-    let d = ckptkit::layout::int8::Int8Descriptor::from_json(desc).unwrap();
+    let d = ckptkit::fuzzing::internals::int8::Int8Descriptor::from_json(desc).unwrap();
     assert_eq!(
-        ckptkit::layout::int8::Int8Descriptor::from_json(&d.to_json()).unwrap(),
+        ckptkit::fuzzing::internals::int8::Int8Descriptor::from_json(&d.to_json()).unwrap(),
         d
     );
     let out = tmp.path().join("o.safetensors");
@@ -534,9 +524,9 @@ fn quantizing_float_weights_matches_the_library_files_byte_for_byte() {
 /// wrong). The descriptor is handed over as a user descriptor file.
 #[test]
 fn each_library_arithmetic_rule_is_needed_for_the_fixtures() {
-    use ckptkit::layout::int8::{preset, Arithmetic, ScaleOp, ZeroScale};
+    use ckptkit::fuzzing::internals::int8::{preset, Arithmetic, ScaleOp, ZeroScale};
     let tmp = tempfile::tempdir().unwrap();
-    type Edit = fn(&mut ckptkit::layout::int8::Int8Descriptor);
+    type Edit = fn(&mut ckptkit::fuzzing::internals::int8::Int8Descriptor);
     let ablations: [(&str, &str, &str, Edit); 5] = [
         // (what, preset, case, change)
         (
@@ -723,9 +713,9 @@ fn schema_int8_records_are_checked_against_the_presets_and_the_tensors() {
     assert!(detect_layers(&with_schema(&bnb, |_| {}), &Hints::default()).is_ok());
     // the preset's name over another divisor
     let m = with_schema(&bnb, |s| {
-        let mut d = ckptkit::layout::int8::preset("int8:bnb").unwrap();
+        let mut d = ckptkit::fuzzing::internals::int8::preset("int8:bnb").unwrap();
         d.divisor = 63.5;
-        d.scale.value = ckptkit::layout::int8::ScaleValue::AbsmaxOver(63.5);
+        d.scale.value = ckptkit::fuzzing::internals::int8::ScaleValue::AbsmaxOver(63.5);
         s["layers"]["lin_g128"]["descriptor"] = serde_json::to_value(&d).unwrap();
     });
     assert!(err(&m).contains("differs from the built-in preset"));
@@ -781,7 +771,7 @@ fn colliding_output_keys_are_refused_by_the_planner() {
         ("m.bias".into(), Dtype::F32, vec![4], f32s(4)),
     ]);
     let layers = detect_layers(&src, &Hints::default()).unwrap();
-    let mut d = ckptkit::layout::int8::Int8Descriptor::from_json(MINE).unwrap();
+    let mut d = ckptkit::fuzzing::internals::int8::Int8Descriptor::from_json(MINE).unwrap();
     d.payload.key = "bias".into();
     let e = plan(
         &layers,
@@ -822,7 +812,7 @@ fn colliding_output_keys_are_refused_by_the_planner() {
         ("m.weight.qs".into(), Dtype::F32, vec![4], f32s(4)),
     ]);
     let layers = detect_layers(&src, &Hints::default()).unwrap();
-    let d = ckptkit::layout::int8::Int8Descriptor::from_json(MINE).unwrap();
+    let d = ckptkit::fuzzing::internals::int8::Int8Descriptor::from_json(MINE).unwrap();
     let e = plan(
         &layers,
         &Target::layout(ckptkit::WeightQuant::Int8 {

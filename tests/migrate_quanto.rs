@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use ckptkit::migrate::plan::Target;
+use ckptkit::migrate::Target;
 use ckptkit::migrate::{convert, like_target, ConvertOptions};
 use ckptkit::{SafetensorsFile, TensorSource};
 
@@ -29,10 +29,8 @@ fn like_qmap_quantizes_exactly_as_quanto() {
         let out_dir = tmp.path().join(dir.file_name().unwrap());
         std::fs::create_dir(&out_dir).unwrap();
         let out = out_dir.join("model.safetensors");
-        let opts = ConvertOptions {
-            target: like_target(&dir.join("quanto_qmap.json")).unwrap(),
-            ..Default::default()
-        };
+        let opts =
+            ConvertOptions::default().target(like_target(&dir.join("quanto_qmap.json")).unwrap());
         convert(&dir.join("float.safetensors"), &out, &opts).unwrap();
         let ours = SafetensorsFile::open(&out).unwrap();
         let theirs = SafetensorsFile::open(&dir.join("quantized.safetensors")).unwrap();
@@ -56,8 +54,8 @@ fn like_qmap_quantizes_exactly_as_quanto() {
         // the companion map equals quanto's
         let qmap = std::fs::read_to_string(out_dir.join("quanto_qmap.json")).unwrap();
         let want = std::fs::read_to_string(dir.join("quanto_qmap.json")).unwrap();
-        let a = ckptkit::layout::quanto::QuantoMap::parse(&qmap).unwrap();
-        let b = ckptkit::layout::quanto::QuantoMap::parse(&want).unwrap();
+        let a = ckptkit::fuzzing::internals::quanto::QuantoMap::parse(&qmap).unwrap();
+        let b = ckptkit::fuzzing::internals::quanto::QuantoMap::parse(&want).unwrap();
         let mut ae = a.entries.clone();
         let mut be = b.entries.clone();
         ae.sort_by(|x, y| x.0.cmp(&y.0));
@@ -80,12 +78,10 @@ fn dequantize_to_plain_gives_quanto_floats_and_the_plain_key_set() {
             "{}.safetensors",
             dir.file_name().unwrap().to_string_lossy()
         ));
-        let opts = ConvertOptions {
-            target: Target::Plain(None),
-            qmap: Some(dir.join("quanto_qmap.json")),
-            shapes_from: Some(dir.join("float.safetensors")),
-            ..Default::default()
-        };
+        let opts = ConvertOptions::default()
+            .target(Target::Plain(None))
+            .qmap(Some(dir.join("quanto_qmap.json")))
+            .shapes_from(Some(dir.join("float.safetensors")));
         convert(&dir.join("quantized.safetensors"), &out, &opts).unwrap();
         let ours = SafetensorsFile::open(&out).unwrap();
         let float = SafetensorsFile::open(&dir.join("float.safetensors")).unwrap();
@@ -128,12 +124,10 @@ fn quanto_through_container_and_back_is_byte_identical() {
     for dir in cases() {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         let ck = tmp.path().join(format!("{name}.ckpk"));
-        let opts = ConvertOptions {
-            qmap: Some(dir.join("quanto_qmap.json")),
-            shapes_from: Some(dir.join("float.safetensors")),
-            compression: Some(ckptkit::ZstdOptions::default()),
-            ..Default::default()
-        };
+        let opts = ConvertOptions::default()
+            .qmap(Some(dir.join("quanto_qmap.json")))
+            .shapes_from(Some(dir.join("float.safetensors")))
+            .compression(Some(ckptkit::ZstdOptions::default()));
         convert(&dir.join("quantized.safetensors"), &ck, &opts).unwrap();
         let c = ckptkit::Container::open(&ck).unwrap();
         c.verify().unwrap();
@@ -217,34 +211,21 @@ fn layers_split_across_shards_and_the_input_naming_convention() {
     )
     .unwrap();
     std::fs::copy(case.join("quanto_qmap.json"), dir.join("quanto_qmap.json")).unwrap();
-    let plain = ConvertOptions {
-        target: Target::Plain(None),
-        shapes_from: Some(case.join("float.safetensors")),
-        ..Default::default()
-    };
+    let plain = ConvertOptions::default()
+        .target(Target::Plain(None))
+        .shapes_from(Some(case.join("float.safetensors")));
     // reference: the single file
     let want = tmp.path().join("want.safetensors");
     convert(
         &case.join("quantized.safetensors"),
         &want,
-        &ConvertOptions {
-            qmap: Some(case.join("quanto_qmap.json")),
-            ..plain.clone()
-        },
+        &plain.clone().qmap(Some(case.join("quanto_qmap.json"))),
     )
     .unwrap();
     let want = SafetensorsFile::open(&want).unwrap();
     // the directory, re-sharded small: the input's stem is kept
     let out = tmp.path().join("out");
-    convert(
-        &dir,
-        &out,
-        &ConvertOptions {
-            max_shard_size: 3000,
-            ..plain.clone()
-        },
-    )
-    .unwrap();
+    convert(&dir, &out, &plain.clone().max_shard_size(3000)).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -15,8 +15,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckptkit::migrate::plan::{PlanOptions, Target};
 use ckptkit::migrate::{check, convert, like_target, ConvertOptions};
+use ckptkit::migrate::{PlanOptions, Target};
 
 const LAYOUTS: [&str; 11] = [
     "plain",
@@ -47,10 +47,7 @@ fn make(float: &Path, layout: &str, dir: &Path) -> PathBuf {
         return float.to_path_buf();
     }
     let out = dir.join(layout.replace(':', "_")).join("model.safetensors");
-    let opts = ConvertOptions {
-        target: Target::parse(layout).unwrap(),
-        ..Default::default()
-    };
+    let opts = ConvertOptions::default().target(Target::parse(layout).unwrap());
     convert(float, &out, &opts).unwrap_or_else(|e| panic!("making {layout}: {e}"));
     out
 }
@@ -66,15 +63,10 @@ fn run_fix(fix: &str, out: &Path) -> ckptkit::Result<bool> {
     let reference = PathBuf::from(words[5]);
     let lossy = words[6..] == ["--allow-lossy"];
     assert!(lossy || words.len() == 6, "{fix}");
-    let opts = ConvertOptions {
-        target: like_target(&reference)?,
-        select: PlanOptions {
-            allow_lossy: lossy,
-            ..Default::default()
-        },
-        extra_reads: vec![reference],
-        ..Default::default()
-    };
+    let opts = ConvertOptions::default()
+        .target(like_target(&reference)?)
+        .select(PlanOptions::default().allow_lossy(lossy))
+        .extra_reads(vec![reference]);
     convert(&input, out, &opts).map(|_| lossy)
 }
 
@@ -192,10 +184,7 @@ fn lossless_relayouts_convert_back_byte_for_byte() {
             .join("back")
             .join(y.replace(':', "_"))
             .join("model.safetensors");
-        let opts = ConvertOptions {
-            target: like_target(&q8).unwrap(),
-            ..Default::default()
-        };
+        let opts = ConvertOptions::default().target(like_target(&q8).unwrap());
         convert(&out, &back, &opts).unwrap();
         assert_eq!(tensors(&back), tensors(&q8), "{y}: back to quanto qint8");
     }

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use ckptkit::layout::quanto::{self, math, QType, QuantoMap};
+use ckptkit::fuzzing::internals::quanto::{self, math, QType, QuantoMap};
 use ckptkit::migrate::{detect_layers, Hints};
 use ckptkit::{SafetensorsFile, TensorSource, WeightQuant};
 

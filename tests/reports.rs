@@ -43,11 +43,9 @@ fn convert_json_is_the_summary() {
         d.path().join("a.safetensors"),
         d.path().join("b.safetensors"),
     );
-    let opts = ConvertOptions {
-        target: ckptkit::migrate::plan::Target::parse("int8:ct").unwrap(),
-        output_hash: true,
-        ..Default::default()
-    };
+    let opts = ConvertOptions::default()
+        .target(ckptkit::migrate::Target::parse("int8:ct").unwrap())
+        .output_hash(true);
     let mut want = lib(&convert(&input, &a, &opts).unwrap());
     let mut got = stdout_json(&run_ok(&[
         "convert",
@@ -164,7 +162,7 @@ fn verify_and_recover_json_are_the_reports() {
     assert_eq!(got, lib(&r));
     assert_eq!(got["ok"], true);
     let d = tempfile::tempdir().unwrap();
-    let r = ckptkit::io::atomic::recover(&d.path().join("x.safetensors")).unwrap();
+    let r = ckptkit::recover(&d.path().join("x.safetensors")).unwrap();
     let got = stdout_json(&run_ok(&[
         "recover",
         s(&d.path().join("x.safetensors")),

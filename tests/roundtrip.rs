@@ -99,7 +99,7 @@ proptest! {
 
     #[test]
     fn write_read_identical_compressed(spec in shards_strategy(), filter in any::<bool>()) {
-        check_roundtrip(&spec, Some(ZstdOptions { level: 1, chunk_size: 4096, float_filter: filter }));
+        check_roundtrip(&spec, Some(ZstdOptions::default().level(1).chunk_size(4096).float_filter(filter)));
     }
 }
 
@@ -111,19 +111,21 @@ fn large_tensor_spans_many_chunks() {
     ]];
     check_roundtrip(
         &spec,
-        Some(ZstdOptions {
-            level: 3,
-            chunk_size: 4096,
-            float_filter: true,
-        }),
+        Some(
+            ZstdOptions::default()
+                .level(3)
+                .chunk_size(4096)
+                .float_filter(true),
+        ),
     );
     check_roundtrip(
         &spec,
-        Some(ZstdOptions {
-            level: 1,
-            chunk_size: 4096,
-            float_filter: false,
-        }),
+        Some(
+            ZstdOptions::default()
+                .level(1)
+                .chunk_size(4096)
+                .float_filter(false),
+        ),
     );
 }
 
@@ -227,7 +229,7 @@ fn shard_identity(spec: &[Vec<(Dtype, Vec<u64>, u64)>], comp: Option<ZstdOptions
         let mut pos = 0;
         for (start, end) in infos {
             assert_eq!(start, pos, "no holes");
-            let class = ckptkit::format::st_header::align_class(end - start);
+            let class = ckptkit::fuzzing::internals::st_header::align_class(end - start);
             assert_eq!(start % class, 0, "a {}-byte tensor at {start}", end - start);
             pos = end;
         }

@@ -2,7 +2,7 @@
 //!
 //! Every conversion and verification below runs on checkpoints of 10,000 and
 //! 100,000 small tensors, and the library's lookup counter
-//! ([`ckptkit::io::source::lookups`]: every entry a name lookup examines on
+//! ([`ckptkit::fuzzing::internals::lookups`]: every entry a name lookup examines on
 //! the per-tensor and per-layer paths) must grow at most 12 times for 10 times
 //! the tensors: a lookup that scans a list per tensor makes it grow 100
 //! times. No timing is asserted.
@@ -14,8 +14,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckptkit::io::source::lookups;
-use ckptkit::migrate::plan::Target;
+use ckptkit::fuzzing::internals::lookups;
+use ckptkit::migrate::Target;
 use ckptkit::migrate::{self, ConvertOptions};
 use ckptkit::{Dtype, SafetensorsWriter};
 
@@ -128,10 +128,7 @@ fn run(n: usize) -> Vec<(&'static str, u64)> {
     let zk = d.join("zstd.ckpk");
     let dir_out = d.join("sharded");
     // ~8 files of whole layers (the `params` layer alone is about half)
-    let sharded = ConvertOptions {
-        max_shard_size: (n as u64 * 5) / 8,
-        ..Default::default()
-    };
+    let sharded = ConvertOptions::default().max_shard_size((n as u64 * 5) / 8);
     step("safetensors -> safetensors", &mut || {
         ok(migrate::convert(&plain, &st, &opts), "st->st")
     });
@@ -141,10 +138,7 @@ fn run(n: usize) -> Vec<(&'static str, u64)> {
     });
     step("verify .ckpk", &mut || verified(&ck));
     step("safetensors -> .ckpk (zstd)", &mut || {
-        let z = ConvertOptions {
-            compression: Some(Default::default()),
-            ..Default::default()
-        };
+        let z = ConvertOptions::default().compression(Some(Default::default()));
         ok(migrate::convert(&plain, &zk, &z), "st->ckpk zstd")
     });
     step("safetensors -> directory", &mut || {
@@ -158,11 +152,9 @@ fn run(n: usize) -> Vec<(&'static str, u64)> {
         )
     });
     step("quanto -> plain (qmap, shapes-from)", &mut || {
-        let o = ConvertOptions {
-            target: Target::Plain(None),
-            shapes_from: Some(reference.clone()),
-            ..Default::default()
-        };
+        let o = ConvertOptions::default()
+            .target(Target::Plain(None))
+            .shapes_from(Some(reference.clone()));
         ok(
             migrate::convert(&quanto, &d.join("dequantized.safetensors"), &o),
             "quanto->plain",

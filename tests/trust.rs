@@ -502,8 +502,11 @@ fn corrupt_inputs_are_not_laundered_into_outputs_that_verify() {
         let t = sh.tensors.iter().position(|t| t.key == key).unwrap();
         let hdr = c.shard_header_bytes(si as u32).unwrap().len();
         let mut off = sh.offset as usize + hdr;
-        let f = ckptkit::format::st_header::parse(c.shard_header_bytes(si as u32).unwrap(), None)
-            .unwrap();
+        let f = ckptkit::fuzzing::internals::st_header::parse(
+            c.shard_header_bytes(si as u32).unwrap(),
+            None,
+        )
+        .unwrap();
         off += f
             .tensors
             .iter()
@@ -604,14 +607,14 @@ fn bomb(path: &Path, mib: u64) {
     let len = mib << 20;
     let mut w = ContainerWriter::create(
         path,
-        ContainerOptions {
-            compression: Some(ZstdOptions {
-                level: 1,
-                chunk_size: 16 << 20,
-                float_filter: false,
-            }),
-            overwrite: false,
-        },
+        ContainerOptions::default()
+            .compression(Some(
+                ZstdOptions::default()
+                    .level(1)
+                    .chunk_size(16 << 20)
+                    .float_filter(false),
+            ))
+            .overwrite(false),
     )
     .unwrap();
     w.begin_shard(

@@ -9,10 +9,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckptkit::format::manifest::{
-    Encoding, Layer, LogicalTensor, Param, Part, Quantization, Role, WeightQuant,
-};
 use ckptkit::{Container, ContainerOptions, ContainerWriter, Dtype, ZstdOptions};
+use ckptkit::{Encoding, Layer, LogicalTensor, Param, Part, Quantization, Role, WeightQuant};
 use common::*;
 
 fn dir() -> PathBuf {
@@ -54,10 +52,9 @@ fn logical(
 fn make(path: &Path, comp: Option<ZstdOptions>, records: Records) {
     let mut w = ContainerWriter::create(
         path,
-        ContainerOptions {
-            compression: comp,
-            overwrite: true,
-        },
+        ContainerOptions::default()
+            .compression(comp)
+            .overwrite(true),
     )
     .unwrap();
     let mut tensors: Vec<T> = vec![
@@ -117,7 +114,7 @@ fn make(path: &Path, comp: Option<ZstdOptions>, records: Records) {
         .map(|t| (t.0.clone(), t.1, t.2.clone()))
         .collect();
     w.begin_shard("model.safetensors", &plan, &md()).unwrap();
-    ckptkit::format::st_header::data_order(&mut plan);
+    ckptkit::format::data_order(&mut plan);
     for (k, _, _) in &plan {
         let t = tensors.iter().find(|t| &t.0 == k).unwrap();
         w.write_tensor(k, &t.3).unwrap();
@@ -250,10 +247,11 @@ fn vectors_match_recipes_and_json() {
     let regen = std::env::var_os("CKPTKIT_REGEN_VECTORS").is_some();
     let tmp = tempfile::tempdir().unwrap();
     for (name, records, comp) in VECTORS {
-        let comp = comp.map(|(f, cs)| ZstdOptions {
-            level: 3,
-            chunk_size: cs,
-            float_filter: f,
+        let comp = comp.map(|(f, cs)| {
+            ZstdOptions::default()
+                .level(3)
+                .chunk_size(cs)
+                .float_filter(f)
         });
         let fresh = tmp.path().join(format!("{name}.ckpk"));
         make(&fresh, comp, records);

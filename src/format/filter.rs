@@ -13,6 +13,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::Codec;
 
 /// Number of byte planes the filter makes for a dtype (its element size).
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
 pub fn planes(dtype: Dtype) -> usize {
     dtype.size()
 }
@@ -51,6 +52,7 @@ pub fn split(dtype: Dtype, raw: &[u8], out: &mut [u8]) -> Result<()> {
 }
 
 /// Inverse of [`split`].
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
 pub fn merge(dtype: Dtype, planes: &[u8], out: &mut [u8]) -> Result<()> {
     let n = check(dtype, out.len(), planes.len())?;
     let mut slices: Vec<&[u8]> = planes.chunks(n.max(1)).take(dtype.size()).collect();

@@ -14,6 +14,7 @@ pub fn add(n: usize) {
 }
 
 /// Entries examined so far by this process.
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
 pub fn count() -> u64 {
     EXAMINED.load(Ordering::Relaxed)
 }

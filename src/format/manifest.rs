@@ -87,8 +87,8 @@ pub enum Compression {
     /// independent zstd frame.
     Zstd {
         /// Raw bytes per chunk; a multiple of 8 between
-        /// [`MIN_CHUNK_SIZE`](crate::format::MIN_CHUNK_SIZE) and
-        /// [`MAX_CHUNK_SIZE`](crate::format::MAX_CHUNK_SIZE).
+        /// `MIN_CHUNK_SIZE` and
+        /// `MAX_CHUNK_SIZE`.
         chunk_size: u32,
     },
 }

@@ -2,19 +2,20 @@
 //! I/O. spec/container.md is the normative description; each rule there
 //! names the function here that enforces it.
 
-pub mod filter;
-pub mod header;
-pub mod layers;
-#[doc(hidden)]
-pub mod lookups;
-pub mod manifest;
-pub mod st_hashes;
-pub mod st_header;
-pub mod validate;
+pub(crate) mod filter;
+pub(crate) mod header;
+pub(crate) mod layers;
+pub(crate) mod lookups;
+pub(crate) mod manifest;
+pub(crate) mod st_hashes;
+pub(crate) mod st_header;
+pub(crate) mod validate;
 
-mod bounded;
-mod codec;
+pub(crate) mod bounded;
+pub(crate) mod codec;
 pub use codec::{decode_manifest, encode_manifest, MAX_DECODE_ALLOC};
+pub use header::FixedHeader;
+pub use st_header::data_order;
 
 /// The 8 magic bytes at offset 0.
 pub const MAGIC: [u8; 8] = [0x89, b'C', b'K', b'P', b'K', 0x0D, 0x0A, 0x1A];
@@ -29,9 +30,9 @@ pub const VERSION_MINOR: u16 = 0;
 /// Size of the fixed header.
 pub const HEADER_LEN: u64 = 64;
 /// Shards start on multiples of this (so tensor data can be mapped aligned).
-pub const SHARD_ALIGN: u64 = 64;
+pub(crate) const SHARD_ALIGN: u64 = 64;
 /// The manifest starts on a multiple of this.
-pub const MANIFEST_ALIGN: u64 = 8;
+pub(crate) const MANIFEST_ALIGN: u64 = 8;
 
 /// Largest manifest a reader accepts (bytes).
 pub const MAX_MANIFEST_LEN: u64 = 64 << 20;
@@ -62,20 +63,30 @@ pub const MAX_EXTENSIONS_TOTAL: u64 = MAX_LAYERS;
 pub const MAX_PARAMS: u64 = 64;
 /// Most parameters of all family records together (one per layer at the
 /// most layers, or 16 per layer for 65,536 layers).
-pub const MAX_PARAMS_TOTAL: u64 = MAX_LAYERS;
+pub(crate) const MAX_PARAMS_TOTAL: u64 = MAX_LAYERS;
 /// Largest safetensors header (`N`), as the safetensors crate enforces.
 pub const MAX_ST_HEADER_LEN: u64 = 100_000_000;
 /// Smallest allowed chunk size.
-pub const MIN_CHUNK_SIZE: u32 = 4096;
+pub(crate) const MIN_CHUNK_SIZE: u32 = 4096;
 /// Largest allowed chunk size: a reader never needs more scratch than this
 /// per chunk.
-pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+pub(crate) const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// Default chunk size for writers.
-pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+pub(crate) const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 
 /// Rounds `x` up to a multiple of `a` (a power of two), with overflow
 /// checking.
-pub fn align_up(x: u64, a: u64) -> Option<u64> {
+pub(crate) fn align_up(x: u64, a: u64) -> Option<u64> {
     debug_assert!(a.is_power_of_two());
     x.checked_add(a - 1).map(|v| v & !(a - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn align_up_overflows_to_none() {
+        assert_eq!(super::align_up(u64::MAX - 3, 64), None);
+        assert_eq!(super::align_up(u64::MAX - 63, 64), Some(u64::MAX - 63));
+        assert_eq!(super::align_up(65, 64), Some(128));
+    }
 }

@@ -72,12 +72,6 @@ impl StHeader {
     }
 }
 
-/// Sorts tensors the way the `safetensors` crate does before writing:
-/// dtype descending (the crate's alignment order), then key ascending.
-pub fn crate_order(tensors: &mut [(String, Dtype, Vec<u64>)]) {
-    tensors.sort_by(|(ln, ld, _), (rn, rd, _)| rd.to_st().cmp(&ld.to_st()).then(ln.cmp(rn)));
-}
-
 /// The alignment class of a tensor of `len` bytes: the largest power of two
 /// dividing its length, at most [`DATA_ALIGN`] (an empty tensor is of the
 /// largest class).
@@ -90,7 +84,7 @@ pub fn align_class(len: u64) -> u64 {
 }
 
 /// The writer's data order (spec/container.md §3): by descending
-/// [`align_class`] of the byte length, then the safetensors crate's dtype
+/// `align_class` of the byte length, then the safetensors crate's dtype
 /// order, then key. Laid out back to back from an aligned start, every
 /// tensor then starts at a multiple of its class (so at a multiple of 16
 /// whenever its length is one), with no holes; tensors whose byte length

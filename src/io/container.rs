@@ -485,7 +485,7 @@ impl Container {
     }
 
     /// Streams one stored tensor's bytes in pieces: mapped windows of at
-    /// most [`PIECE`] bytes of an uncompressed shard, or one decoded chunk
+    /// most `PIECE` bytes of an uncompressed shard, or one decoded chunk
     /// at a time of a compressed one (at most 16 MiB, whatever the tensor
     /// claims). Not hash-checked.
     pub fn read_tensor_pieces(

@@ -74,15 +74,6 @@ pub fn open_regular(path: &Path) -> Result<File> {
     Ok(f)
 }
 
-/// Checks that `path` is a directory (after following symlinks).
-pub fn check_dir(path: &Path) -> Result<()> {
-    let md = stat(path)?;
-    if !md.is_dir() {
-        return Err(wrong_type(path, &md, "a directory"));
-    }
-    Ok(())
-}
-
 /// True when `path` names a regular file (after following symlinks);
 /// false when it does not exist. Anything else there (a FIFO, a device, a
 /// directory) is an error: a side file that exists must be readable.

@@ -39,7 +39,7 @@ pub enum TensorBytes {
     /// Owned bytes.
     Owned(Vec<u8>),
     /// Owned bytes whose allocation goes back to the buffer pool when
-    /// dropped ([`pool`]).
+    /// dropped (`pool`).
     Pooled(pool::Pooled),
 }
 

@@ -27,7 +27,7 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     /// Opens and validates the header (every rule of
-    /// [`st_header::parse`], with the file's length).
+    /// `st_header::parse`, with the file's length).
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
         if let Some(journal) = crate::io::atomic::pending_commit(path)? {
             return Err(Error::new(ErrorKind::PendingCommit { journal }).with_file(path));
@@ -100,7 +100,7 @@ impl SafetensorsFile {
     }
 
     /// Checks the tensors against the blake3 hashes ckptkit records in
-    /// `__metadata__` ([`st_hashes::HASHES_KEY`]), in parallel. The header
+    /// `__metadata__` (`st_hashes::HASHES_KEY`), in parallel. The header
     /// was validated by [`open`](Self::open); a file without recorded
     /// hashes reports zero tensors checked. The first mismatch is an
     /// [`ErrorKind::HashMismatch`] naming the file, the tensor and the

@@ -7,11 +7,9 @@ use std::path::Path;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Location, Result};
+use crate::format::lookups;
 use crate::format::manifest::Hash;
 use crate::io::TensorBytes;
-
-#[doc(hidden)]
-pub use crate::format::lookups;
 
 /// One stored tensor of a source (its bytes are not read).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,10 +42,10 @@ pub trait TensorSource: Send + Sync {
         let _ = file;
         self.metadata().clone()
     }
-    /// Reads one tensor's bytes (not hash-checked: see [`read_checked`]).
+    /// Reads one tensor's bytes (not hash-checked: see `read_checked`).
     fn read(&self, key: &str) -> Result<TensorBytes>;
     /// Streams one tensor's bytes, in order, in pieces of at most
-    /// [`PIECE`] bytes (mapped windows released as it goes, or decoded
+    /// `PIECE` bytes (mapped windows released as it goes, or decoded
     /// chunks), so that memory stays bounded whatever the tensor's size.
     /// Not hash-checked: conversions hash the pieces as they write them
     /// and compare with [`recorded_hash`](Self::recorded_hash).

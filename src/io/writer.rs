@@ -196,7 +196,7 @@ type TensorPlan = (String, Dtype, Vec<u64>);
 /// Writes one safetensors file atomically.
 ///
 /// Unless created with `hashes: false`, the file records the blake3 of every
-/// tensor in `__metadata__` under [`st_hashes::HASHES_KEY`]: the header is
+/// tensor in `__metadata__` under `st_hashes::HASHES_KEY`: the header is
 /// written with a same-length placeholder, tensors are hashed as they are
 /// written, and [`finish`](Self::finish) rewrites the header in place before
 /// the commit.
@@ -212,7 +212,7 @@ pub struct SafetensorsWriter {
 
 impl SafetensorsWriter {
     /// Creates the temporary output and writes the header. Any
-    /// [`st_hashes::HASHES_KEY`] entry in `metadata` is replaced (when
+    /// `st_hashes::HASHES_KEY` entry in `metadata` is replaced (when
     /// `hashes`) or dropped (otherwise): hashes of another file never carry
     /// over.
     pub fn create(
@@ -288,7 +288,7 @@ impl SafetensorsWriter {
 
     /// Like [`finish`](Self::finish), but returns the complete temporary
     /// file uncommitted, to be committed together with its companions
-    /// ([`crate::io::atomic::commit_together`]).
+    /// (`crate::io::atomic::commit_together`).
     pub fn finish_pending(self) -> Result<AtomicFile> {
         let (plan, hashes) = self.shard.finish()?;
         if let Some((tensors, mut md)) = self.rebuild {
@@ -318,8 +318,10 @@ impl SafetensorsWriter {
     }
 }
 
-/// zstd settings of a compressed container.
+/// zstd settings of a compressed container: `ZstdOptions::default()` (or
+/// `"zstd:LEVEL".parse()`) and the builder methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ZstdOptions {
     /// zstd level (1 is fastest and, for weights, as good as 3).
     pub level: i32,
@@ -336,6 +338,26 @@ impl Default for ZstdOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             float_filter: true,
         }
+    }
+}
+
+impl ZstdOptions {
+    /// Sets [`level`](Self::level): the zstd level.
+    pub fn level(mut self, v: i32) -> Self {
+        self.level = v;
+        self
+    }
+
+    /// Sets [`chunk_size`](Self::chunk_size): raw bytes per chunk.
+    pub fn chunk_size(mut self, v: u32) -> Self {
+        self.chunk_size = v;
+        self
+    }
+
+    /// Sets [`float_filter`](Self::float_filter): the float plane filter on F16/BF16/F32 tensors.
+    pub fn float_filter(mut self, v: bool) -> Self {
+        self.float_filter = v;
+        self
     }
 }
 
@@ -371,13 +393,29 @@ impl std::str::FromStr for ZstdOptions {
     }
 }
 
-/// Options of a container writer.
+/// Options of a container writer: `ContainerOptions::default()` and the
+/// builder methods.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ContainerOptions {
     /// Compress shards with zstd (`None` = uncompressed, memory-mappable).
     pub compression: Option<ZstdOptions>,
     /// Replace an existing output.
     pub overwrite: bool,
+}
+
+impl ContainerOptions {
+    /// Sets [`compression`](Self::compression): zstd shards (`None`: uncompressed, memory-mappable).
+    pub fn compression(mut self, v: impl Into<Option<ZstdOptions>>) -> Self {
+        self.compression = v.into();
+        self
+    }
+
+    /// Sets [`overwrite`](Self::overwrite): replace an existing output.
+    pub fn overwrite(mut self, v: bool) -> Self {
+        self.overwrite = v;
+        self
+    }
 }
 
 #[derive(Debug)]
@@ -448,7 +486,7 @@ impl ContainerWriter {
     }
 
     /// Starts a shard named `name` (its file name when extracted) holding
-    /// these tensors. A [`st_hashes::HASHES_KEY`] entry in `metadata` is
+    /// these tensors. A `st_hashes::HASHES_KEY` entry in `metadata` is
     /// dropped: the manifest holds the container's hashes.
     pub fn begin_shard(
         &mut self,

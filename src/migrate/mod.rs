@@ -21,22 +21,26 @@ mod execute;
 mod input;
 mod inspect;
 mod options;
-pub mod plan;
+pub(crate) mod plan;
 mod sidefiles;
 mod sink;
 mod verify;
 
 pub use crate::layout::family::Hints;
+pub use crate::layout::family::Pass;
 pub use check::{check, like_target, CheckReport, LayoutMismatch};
-pub use checkpoint::{convert_checkpoint_dir, is_training_checkpoint};
-pub use detect::{
-    detect_layers, natural_cmp, report_layers, source_layers, suspects, LayerReport, Suspect,
-};
-pub use input::{input_layers, input_suspects, misaligned_integer_weights};
+pub(crate) use checkpoint::{convert_checkpoint_dir, is_training_checkpoint};
+pub use detect::{detect_layers, report_layers, LayerReport, Suspect};
+pub(crate) use detect::{source_layers, suspects};
+pub use input::input_layers;
+pub(crate) use input::{input_suspects, misaligned_integer_weights};
 pub use inspect::{inspect, InspectReport};
 pub use options::{output_kind, ConvertOptions, OutputKind, Summary};
-pub use sidefiles::qmap_for;
-pub use sink::{check_free_space, model_stem};
+pub use plan::{
+    execute, plan, Executed, LayerPlan, LayoutTarget, LikeLayer, Loss, Plan, PlanOptions, Produced,
+    Rename, Target,
+};
+pub(crate) use sink::{check_free_space, model_stem};
 pub use verify::verify;
 
 pub(crate) use execute::*;
@@ -50,7 +54,6 @@ use crate::io::container::Container;
 use crate::io::source::{input_kind, open_source, Checked, InputKind, TensorSource};
 use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter};
 use crate::layout::quanto::{self};
-use crate::migrate::plan::{plan, Plan, Target};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -65,17 +68,17 @@ use std::time::Instant;
 ///
 /// ```no_run
 /// # fn main() -> ckptkit::Result<()> {
-/// use ckptkit::migrate::{convert, plan::Target, ConvertOptions};
+/// use ckptkit::migrate::{convert, ConvertOptions, Target};
 /// use ckptkit::{Cancel, Control};
 ///
 /// let cancel = Cancel::new(); // cancel.cancel() from anywhere stops it
-/// let opts = ConvertOptions {
-///     target: Target::parse("plain:bf16")?,
-///     control: Control::new()
-///         .with_cancel(cancel.clone())
-///         .with_progress(|p| eprintln!("{} / {} bytes", p.bytes_done, p.bytes_total)),
-///     ..Default::default()
-/// };
+/// let opts = ConvertOptions::default()
+///     .target(Target::parse("plain:bf16")?)
+///     .control(
+///         Control::new()
+///             .with_cancel(cancel.clone())
+///             .with_progress(|p| eprintln!("{} / {} bytes", p.bytes_done, p.bytes_total)),
+///     );
 /// let summary = convert("model.safetensors".as_ref(), "plain.safetensors".as_ref(), &opts)?;
 /// println!("{} layers, every byte read verified: {}", summary.layers, summary.input_verified);
 /// # Ok(()) }

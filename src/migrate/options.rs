@@ -24,8 +24,22 @@ pub fn output_kind(path: &Path) -> OutputKind {
     }
 }
 
-/// Options of [`convert`](super::convert).
+/// Options of [`convert`](super::convert), [`check`](super::check) and
+/// [`inspect`](super::inspect): start from `ConvertOptions::default()` and
+/// set what differs with the builder methods (new options are added
+/// without breaking callers).
+///
+/// ```
+/// use ckptkit::migrate::{ConvertOptions, Target};
+/// let opts = ConvertOptions::default()
+///     .target(Target::parse("quanto:qint8")?)
+///     .compression(ckptkit::ZstdOptions::default())
+///     .overwrite(true);
+/// assert!(opts.overwrite && opts.compression.is_some());
+/// # Ok::<(), ckptkit::Error>(())
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConvertOptions {
     /// zstd settings for container outputs (`None` = uncompressed).
     pub compression: Option<ZstdOptions>,
@@ -64,6 +78,92 @@ pub struct ConvertOptions {
     /// one more read of the output, which `migrate convert` always does to
     /// print it.
     pub output_hash: bool,
+}
+
+impl ConvertOptions {
+    /// Sets [`compression`](Self::compression): zstd for a container output (`None`: uncompressed).
+    pub fn compression(mut self, v: impl Into<Option<ZstdOptions>>) -> Self {
+        self.compression = v.into();
+        self
+    }
+
+    /// Sets [`overwrite`](Self::overwrite): replace an existing output.
+    pub fn overwrite(mut self, v: bool) -> Self {
+        self.overwrite = v;
+        self
+    }
+
+    /// Sets [`dry_run`](Self::dry_run): plan and report, write nothing.
+    pub fn dry_run(mut self, v: bool) -> Self {
+        self.dry_run = v;
+        self
+    }
+
+    /// Sets [`max_shard_size`](Self::max_shard_size): largest data bytes per file of a directory output.
+    pub fn max_shard_size(mut self, v: u64) -> Self {
+        self.max_shard_size = v;
+        self
+    }
+
+    /// Sets [`target`](Self::target): the target layouts.
+    pub fn target(mut self, v: Target) -> Self {
+        self.target = v;
+        self
+    }
+
+    /// Sets [`select`](Self::select): which layers, renames, lossy re-layouts.
+    pub fn select(mut self, v: PlanOptions) -> Self {
+        self.select = v;
+        self
+    }
+
+    /// Sets [`qmap`](Self::qmap): the input's quanto map.
+    pub fn qmap(mut self, v: impl Into<Option<PathBuf>>) -> Self {
+        self.qmap = v.into();
+        self
+    }
+
+    /// Sets [`shapes_from`](Self::shapes_from): a plain checkpoint to take logical shapes from.
+    pub fn shapes_from(mut self, v: impl Into<Option<PathBuf>>) -> Self {
+        self.shapes_from = v.into();
+        self
+    }
+
+    /// Sets [`hashes`](Self::hashes): record blake3 hashes in safetensors outputs.
+    pub fn hashes(mut self, v: bool) -> Self {
+        self.hashes = v;
+        self
+    }
+
+    /// Sets [`extra_reads`](Self::extra_reads): other files the conversion reads.
+    pub fn extra_reads(mut self, v: Vec<PathBuf>) -> Self {
+        self.extra_reads = v;
+        self
+    }
+
+    /// Sets [`verify_input`](Self::verify_input): check every byte read against the input's hashes.
+    pub fn verify_input(mut self, v: bool) -> Self {
+        self.verify_input = v;
+        self
+    }
+
+    /// Sets [`assume_plain`](Self::assume_plain): read unknown quantized-looking layers as plain.
+    pub fn assume_plain(mut self, v: bool) -> Self {
+        self.assume_plain = v;
+        self
+    }
+
+    /// Sets [`control`](Self::control): progress and cancellation of the call.
+    pub fn control(mut self, v: crate::Control) -> Self {
+        self.control = v;
+        self
+    }
+
+    /// Sets [`output_hash`](Self::output_hash): hash a single-file output into the summary.
+    pub fn output_hash(mut self, v: bool) -> Self {
+        self.output_hash = v;
+        self
+    }
 }
 
 impl Default for ConvertOptions {

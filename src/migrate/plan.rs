@@ -104,8 +104,10 @@ impl Target {
     }
 }
 
-/// Options of the planner.
+/// Options of the planner: `PlanOptions::default()` and the builder
+/// methods.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct PlanOptions {
     /// Module-path globs to select (fnmatch; `*` spans dots). Empty = the
     /// default selection.
@@ -116,6 +118,32 @@ pub struct PlanOptions {
     pub allow_lossy: bool,
     /// Key renames, applied in order to every output key.
     pub rename: Vec<Rename>,
+}
+
+impl PlanOptions {
+    /// Sets [`include`](Self::include): module-path globs to select.
+    pub fn include(mut self, v: Vec<String>) -> Self {
+        self.include = v;
+        self
+    }
+
+    /// Sets [`exclude`](Self::exclude): module-path globs to leave unchanged.
+    pub fn exclude(mut self, v: Vec<String>) -> Self {
+        self.exclude = v;
+        self
+    }
+
+    /// Sets [`allow_lossy`](Self::allow_lossy): allow re-layouts that cannot be undone byte for byte.
+    pub fn allow_lossy(mut self, v: bool) -> Self {
+        self.allow_lossy = v;
+        self
+    }
+
+    /// Sets [`rename`](Self::rename): key renames, in order.
+    pub fn rename(mut self, v: Vec<Rename>) -> Self {
+        self.rename = v;
+        self
+    }
 }
 
 /// A key rename: `FROM=TO`, where FROM is a regular expression matched

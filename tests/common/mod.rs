@@ -7,7 +7,7 @@ pub mod manifest_bytes;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckptkit::format::header::FixedHeader;
+use ckptkit::format::FixedHeader;
 use ckptkit::format::{decode_manifest, encode_manifest};
 use ckptkit::{Container, ContainerOptions, ContainerWriter, Dtype, Manifest, ZstdOptions};
 
@@ -48,10 +48,9 @@ pub fn write_container<S: AsRef<str>>(
 ) -> ckptkit::Result<Manifest> {
     let mut w = ContainerWriter::create(
         path,
-        ContainerOptions {
-            compression,
-            overwrite: true,
-        },
+        ContainerOptions::default()
+            .compression(compression)
+            .overwrite(true),
     )?;
     for (name, ts, md) in shards {
         let mut plan: Vec<(String, Dtype, Vec<u64>)> = ts
@@ -59,7 +58,7 @@ pub fn write_container<S: AsRef<str>>(
             .map(|(k, d, s, _)| (k.clone(), *d, s.clone()))
             .collect();
         w.begin_shard(name.as_ref(), &plan, md)?;
-        ckptkit::format::st_header::data_order(&mut plan);
+        ckptkit::format::data_order(&mut plan);
         for (k, _, _) in &plan {
             let t = ts.iter().find(|t| &t.0 == k).expect("planned");
             w.write_tensor(k, &t.3)?;
@@ -96,11 +95,12 @@ pub fn base_container(compressed: bool) -> Vec<u8> {
         ),
     ];
     let s1 = vec![("c.weight".to_string(), Dtype::F32, vec![3, 2], bytes(4, 24))];
-    let comp = compressed.then_some(ZstdOptions {
-        level: 1,
-        chunk_size: 4096,
-        float_filter: true,
-    });
+    let comp = compressed.then_some(
+        ZstdOptions::default()
+            .level(1)
+            .chunk_size(4096)
+            .float_filter(true),
+    );
     let mut user = BTreeMap::new();
     user.insert("step".to_string(), "4000".to_string());
     write_container(

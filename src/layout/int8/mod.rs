@@ -1026,13 +1026,6 @@ pub fn payload_dtype(d: &Int8Descriptor) -> Dtype {
     }
 }
 
-pub use crate::layout::codes::convert_scale;
-
-/// The float dtype helper for scale conversions.
-pub fn float_dtype(d: Dtype) -> Option<FloatDtype> {
-    crate::layout::quanto::float_of(d)
-}
-
 /// The presets tried when reading a checkpoint, most specific first.
 pub fn detection_presets() -> Vec<Int8Descriptor> {
     ["int8:ct", "int8:bnb", "int8", "int8:ct:int-quantized"]

@@ -338,6 +338,7 @@ pub struct QuantoTensor {
 
 impl QuantoTensor {
     /// Borrows this tensor.
+    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
     pub fn view(&self) -> QuantoTensorRef<'_> {
         QuantoTensorRef {
             dtype: self.dtype,
@@ -377,6 +378,7 @@ pub struct QuantizedWeight {
 
 impl QuantizedWeight {
     /// Borrows the stored tensors, for [`dequantize`].
+    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
     pub fn parts(&self) -> QuantizedParts<'_> {
         QuantizedParts {
             data: self.data.view(),
@@ -1203,6 +1205,7 @@ fn check_tensor(
 ///   where the int8 subtraction wraps.
 ///
 /// Grouped data is row-major, so ungrouping is a reinterpretation of the output.
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
 pub fn dequantize(
     qtype: QType,
     dtype: FloatDtype,

@@ -205,17 +205,6 @@ pub struct SchemaEntry {
     pub descriptor: Option<serde_json::Value>,
 }
 
-impl SchemaEntry {
-    /// The `descriptor` field for a manifest's int8 record (canonical JSON,
-    /// empty for a built-in preset).
-    pub fn int8_descriptor(canonical: &str) -> Option<serde_json::Value> {
-        if canonical.is_empty() {
-            return None;
-        }
-        serde_json::from_str(canonical).ok()
-    }
-}
-
 /// ckptkit's schema: module path → entry.
 pub type Schema = BTreeMap<String, SchemaEntry>;
 
@@ -714,11 +703,6 @@ pub fn diffusers_beside(input: &Path) -> Result<Option<DiffusersQuanto>> {
     } else {
         Ok(None)
     }
-}
-
-/// Indexes a layer list by path.
-pub fn by_path(layers: &[Layer]) -> HashMap<&str, &Layer> {
-    layers.iter().map(|l| (l.path.as_str(), l)).collect()
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub const fn values_per_byte(bits: u32) -> Option<usize> {
 }
 
 /// Number of packed rows for `rows` unpacked rows: `ceil(rows / vpi)`.
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
 pub fn packed_rows(bits: u32, rows: usize) -> Result<usize, MathError> {
     let vpi = values_per_byte(bits).ok_or(MathError::UnsupportedBits { bits })?;
     Ok(rows.div_ceil(vpi))
@@ -105,6 +106,7 @@ pub fn pack(bits: u32, data: &[u8], rows: usize, row_len: usize) -> Result<Vec<u
 /// Unpacks `packed` (`ceil(rows / vpi) * row_len` bytes) into `out` (`rows * row_len` codes).
 ///
 /// Padding slots of the last plane are ignored, as quanto ignores them.
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
 pub fn unpack_into(
     bits: u32,
     packed: &[u8],
@@ -129,6 +131,7 @@ pub fn unpack_into(
 }
 
 /// Unpacks planar-packed codes; see [`unpack_into`]. Returns `rows * row_len` bytes.
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
 pub fn unpack(bits: u32, packed: &[u8], rows: usize, row_len: usize) -> Result<Vec<u8>, MathError> {
     let (_, _, total) = geometry(bits, rows, row_len)?;
     let mut out = vec![0u8; total];
@@ -138,6 +141,7 @@ pub fn unpack(bits: u32, packed: &[u8], rows: usize, row_len: usize) -> Result<V
 
 /// Reads one code straight from packed data without unpacking: the element at unpacked row
 /// `row`, column `col`. `None` when out of range.
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests, benches and fuzz targets
 pub fn packed_code(
     bits: u32,
     packed: &[u8],
