@@ -161,6 +161,22 @@ pub enum ErrorKind {
         /// container ...`).
         doing: String,
     },
+    /// A re-layout between two integer layouts cannot be undone byte for
+    /// byte on this layer's data (integers outside the target's range, a
+    /// scale that rounds), and lossy re-layouts were not allowed
+    /// (`PlanOptions::allow_lossy`, `--allow-lossy`).
+    LossyRelayout {
+        /// Integers that would be clamped into the target range.
+        clamped: u64,
+        /// The target range.
+        range: [i64; 2],
+        /// Whether the scale converts exactly.
+        scale_exact: bool,
+        /// Largest absolute error of a dequantized value.
+        max_abs_error: f64,
+        /// The same, in units of the target's scale.
+        max_error_in_scales: f64,
+    },
 }
 
 /// The error type of every ckptkit operation.
@@ -359,6 +375,21 @@ impl fmt::Display for ErrorKind {
                 "layout family `{family}` is not known to this version of ckptkit, which cannot \
                  {doing} (it can verify and inspect such a layer, and copy it into another \
                  container byte for byte); upgrade ckptkit"
+            ),
+            ErrorKind::LossyRelayout {
+                clamped,
+                range,
+                scale_exact,
+                max_abs_error,
+                max_error_in_scales,
+            } => write!(
+                f,
+                "re-layout cannot be undone byte for byte ({clamped} integers outside [{}, {}], \
+                 scale {}): max abs error {max_abs_error:.3e}, {max_error_in_scales:.3} scale \
+                 units; pass --allow-lossy to accept",
+                range[0],
+                range[1],
+                if *scale_exact { "exact" } else { "rounded" },
             ),
         }
     }

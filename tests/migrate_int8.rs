@@ -63,8 +63,20 @@ fn quanto_qint8_relayout_round_trips() {
                         e.to_string().contains("--allow-lossy"),
                         "{case} {layout}: {e}"
                     );
+                    // a typed refusal, with the numbers --allow-lossy reports
+                    let ckptkit::ErrorKind::LossyRelayout {
+                        clamped,
+                        max_abs_error,
+                        ..
+                    } = *e.kind()
+                    else {
+                        panic!("{case} {layout}: not a lossy-relayout refusal: {e:?}");
+                    };
+                    assert!(e.location().layer.is_some(), "{e}");
                     let s = convert(&src, &mid, &opts(layout, true)).unwrap();
                     assert!(!s.losses.is_empty());
+                    let l = &s.losses[0];
+                    assert_eq!((l.clamped, l.max_abs_error), (clamped, max_abs_error));
                     true
                 }
             };

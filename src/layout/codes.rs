@@ -207,16 +207,13 @@ pub fn relayout(
         max_error_in_scales: mes,
     };
     if !allow_lossy {
-        return Err(Error::layout(format!(
-            "re-layout cannot be undone byte for byte ({} integers outside [{}, {}], scale {}): \
-             max abs error {:.3e}, {:.3} scale units; pass --allow-lossy to accept",
+        return Err(Error::new(crate::error::ErrorKind::LossyRelayout {
             clamped,
-            range[0],
-            range[1],
-            if exact { "exact" } else { "rounded" },
-            mae,
-            mes
-        ))
+            range: [range[0] as i64, range[1] as i64],
+            scale_exact: exact,
+            max_abs_error: mae,
+            max_error_in_scales: mes,
+        })
         .with_layer(layer.to_string()));
     }
     Ok((out(q2, scale), Some(loss)))
