@@ -289,3 +289,140 @@ fn layers_split_across_shards_and_the_input_naming_convention() {
         0
     );
 }
+
+/// Packed (qint4/qint2) fixture cases.
+fn packed_cases() -> Vec<PathBuf> {
+    let v: Vec<PathBuf> = cases()
+        .into_iter()
+        .filter(|d| {
+            let n = d.file_name().unwrap().to_string_lossy().into_owned();
+            n.ends_with("qint4") || n.ends_with("qint2")
+        })
+        .collect();
+    assert!(v.len() >= 6, "qint4/qint2 fixtures: {v:?}");
+    v
+}
+
+/// A module without a bias in a qint4/qint2 file: its shape is not in the
+/// files, its values are. It packs into a container without hints (once
+/// refused as ambiguous), verifies, is kept byte for byte, refuses
+/// conversions that need its shape, and dequantizes exactly as quanto with
+/// `--shapes-from`.
+#[test]
+fn flat_weights_pack_verify_and_dequantize_with_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in packed_cases() {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let input = tmp.path().join(&name).join("in");
+        std::fs::create_dir_all(&input).unwrap();
+        let q = input.join("model.safetensors");
+        std::fs::copy(dir.join("quantized.safetensors"), &q).unwrap();
+        std::fs::copy(dir.join("quanto_qmap.json"), input.join("quanto_qmap.json")).unwrap();
+        let ck = tmp.path().join(&name).join("model.ckpk");
+        convert(&q, &ck, &ConvertOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let c = ckptkit::Container::open(&ck).unwrap();
+        assert_eq!(
+            c.manifest().version.major,
+            2,
+            "{name}: a flat weight is 2.0"
+        );
+        let flat: Vec<&ckptkit::Layer> = c
+            .layers()
+            .iter()
+            .filter(|l| {
+                l.tensors
+                    .iter()
+                    .any(|t| t.encoding == ckptkit::Encoding::QuantizedFlat)
+            })
+            .collect();
+        assert!(
+            flat.iter().any(|l| l.path == "lin_nobias"),
+            "{name}: {:?}",
+            flat.iter().map(|l| &l.path).collect::<Vec<_>>()
+        );
+        let float = SafetensorsFile::open(&dir.join("float.safetensors")).unwrap();
+        for l in &flat {
+            let w = &l.tensors[0];
+            let real = float.get(&format!("{}.weight", l.path)).unwrap();
+            assert_eq!(
+                w.shape,
+                vec![real.shape.iter().product::<u64>()],
+                "{name} {}",
+                l.path
+            );
+        }
+        ckptkit::migrate::verify(&ck).unwrap();
+        // kept into another container: the same records and bytes
+        let ck2 = tmp.path().join(&name).join("copy.ckpk");
+        convert(&ck, &ck2, &ConvertOptions::default()).unwrap();
+        assert_eq!(ckptkit::Container::open(&ck2).unwrap().layers(), c.layers());
+        // a conversion that needs the shape: refused, naming the layer and
+        // the hint, with no output
+        let out = tmp.path().join(&name).join("plain.safetensors");
+        let e = convert(
+            &ck,
+            &out,
+            &ConvertOptions::default().target(Target::Plain(None)),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e.kind(), ckptkit::ErrorKind::Ambiguous(_))
+                && e.to_string().contains("--shapes-from"),
+            "{name}: {e}"
+        );
+        assert!(e.location().layer.is_some(), "{name}: {e}");
+        assert!(!out.exists());
+        // with the shapes: exactly what quanto dequantizes
+        let opts = ConvertOptions::default()
+            .target(Target::Plain(None))
+            .shapes_from(dir.join("float.safetensors"));
+        convert(&ck, &out, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ours = SafetensorsFile::open(&out).unwrap();
+        let theirs = SafetensorsFile::open(&dir.join("dequantized.safetensors")).unwrap();
+        for l in &flat {
+            let k = format!("{}.weight", l.path);
+            let (o, t) = (ours.get(&k).unwrap(), theirs.get(&k).unwrap());
+            assert_eq!(o.shape, t.shape, "{name} {k}");
+            assert_eq!(
+                &ours.read(&k).unwrap()[..],
+                &theirs.read(&k).unwrap()[..],
+                "{name} {k}"
+            );
+        }
+    }
+}
+
+/// A flat weight kept into a safetensors file records its shape as
+/// unknown in ckptkit's schema, so the file reads back flat.
+#[test]
+fn flat_weights_survive_a_safetensors_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed_cases().remove(0);
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let q = input.join("model.safetensors");
+    std::fs::copy(dir.join("quantized.safetensors"), &q).unwrap();
+    std::fs::copy(dir.join("quanto_qmap.json"), input.join("quanto_qmap.json")).unwrap();
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("model.safetensors");
+    convert(&q, &out, &ConvertOptions::default()).unwrap();
+    let src = ckptkit::open_source(&out).unwrap();
+    let layers =
+        ckptkit::migrate::input_layers(&out, src.as_ref(), &ConvertOptions::default()).unwrap();
+    let l = layers.iter().find(|l| l.path == "lin_nobias").unwrap();
+    assert_eq!(l.tensors[0].encoding, ckptkit::Encoding::QuantizedFlat);
+    // and every stored byte is the input's
+    let (a, b) = (
+        SafetensorsFile::open(&q).unwrap(),
+        SafetensorsFile::open(&out).unwrap(),
+    );
+    for t in a.tensors() {
+        assert_eq!(
+            &a.read(&t.key).unwrap()[..],
+            &b.read(&t.key).unwrap()[..],
+            "{}",
+            t.key
+        );
+    }
+}

@@ -190,6 +190,13 @@ pub(crate) trait Family: Sync {
     fn check_record(&self, _w: &WeightQuant) -> Result<()> {
         Ok(())
     }
+    /// Gives a flat weight ([`Encoding::QuantizedFlat`]) of one of this
+    /// family's layers its logical `shape` (from `--shapes-from`), with
+    /// whatever its record derives from the shape; the caller then checks
+    /// the layer. Families that never record flat weights refuse.
+    fn resolve_flat(&self, l: &mut Layer, _shape: &[u64]) -> Result<()> {
+        Err(Error::layout("this layout family records no flat weights").with_layer(l.path.clone()))
+    }
     /// This family's layer detection over one source (`None`: the family
     /// is never read from stored tensors, as plain layers are what is
     /// left).
@@ -600,6 +607,45 @@ pub(crate) fn cast_bytes(from: Dtype, to: Dtype, b: &[u8]) -> Result<Vec<u8>> {
     };
     crate::float::cast(f, t, b)
         .map_err(|e| Error::new(crate::error::ErrorKind::Unsupported(e.to_string())))
+}
+
+/// Gives every flat weight of `layers` its logical shape from a plain
+/// checkpoint of the same model (`{path}.{name}` there, same element
+/// count), through its family, and checks the layer again.
+pub(crate) fn resolve_flat(layers: &mut [Layer], shapes: &dyn TensorSource) -> Result<()> {
+    for l in layers.iter_mut() {
+        let Some(t) = l
+            .tensors
+            .iter()
+            .find(|t| t.encoding == Encoding::QuantizedFlat)
+        else {
+            continue;
+        };
+        let key = format!("{}.{}", l.path, t.name);
+        let n = t.shape.first().copied().unwrap_or(0);
+        let shape = match shapes.get(&key) {
+            Some(s) if crate::dtype::numel(&s.shape).ok() == Some(n) => s.shape.clone(),
+            Some(s) => {
+                return Err(Error::layout(format!(
+                    "`{key}` in {} is {:?}, not the {n} elements this layer stores",
+                    shapes.describe(),
+                    s.shape
+                ))
+                .with_layer(l.path.clone()))
+            }
+            None => {
+                return Err(Error::layout(format!(
+                    "{} has no `{key}` to take this flat weight's shape from",
+                    shapes.describe()
+                ))
+                .with_layer(l.path.clone()))
+            }
+        };
+        let fam = of(l);
+        fam.resolve_flat(l, &shape)?;
+        fam.check_layer(l)?;
+    }
+    Ok(())
 }
 
 /// Checks a layer record: its family's rules (`Family::check_layer`).

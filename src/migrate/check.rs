@@ -63,7 +63,10 @@ pub fn like_target(reference: &Path) -> Result<Target> {
             crate::migrate::plan::LikeLayer {
                 layout: l.quant.weights.clone(),
                 activations: l.quant.activations.clone(),
-                shape: w.map(|w| w.shape.clone()),
+                // a flat weight's shape is unknown: nothing to compare
+                shape: w
+                    .filter(|w| w.encoding != crate::format::manifest::Encoding::QuantizedFlat)
+                    .map(|w| w.shape.clone()),
                 dtype: w.map(|w| w.dtype),
             },
         );

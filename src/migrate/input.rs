@@ -25,9 +25,15 @@ pub fn input_layers(
     if input_kind(input)? == InputKind::Container {
         // the format fixes a record's form; its family checks its meaning
         // (spec/container.md §6, V9)
-        let layers = Container::open(input)?.layers().to_vec();
+        let mut layers = Container::open(input)?.layers().to_vec();
         for l in &layers {
             crate::layout::check_layer(l).map_err(|e| e.with_file(input))?;
+        }
+        // weights recorded flat take their shape from --shapes-from
+        if let Some(p) = &opts.shapes_from {
+            let shapes = open_source(p)?;
+            crate::layout::family::resolve_flat(&mut layers, shapes.as_ref())
+                .map_err(|e| e.with_file(input))?;
         }
         return Ok(layers);
     }
@@ -99,11 +105,7 @@ pub fn input_suspects(
 pub fn misaligned_integer_weights(src: &dyn TensorSource, layers: &[Layer]) -> Vec<String> {
     let mut out = Vec::new();
     for l in layers {
-        for t in l
-            .tensors
-            .iter()
-            .filter(|t| t.encoding == crate::Encoding::Quantized)
-        {
+        for t in l.tensors.iter().filter(|t| t.encoding.is_quantized()) {
             for p in &t.parts {
                 if !matches!(p.dtype, Dtype::I8 | Dtype::U8) || p.role != crate::Role::Data {
                     continue;

@@ -453,7 +453,13 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                         &r.shape,
                         p.output.tensors.iter().find(|t| t.name == "weight"),
                     ) {
-                        if &w.shape != s {
+                        // a quantized reference's shape read from its files
+                        // alone may have lost trailing dims (a grouped quanto
+                        // convolution is stored as [O, rest]): the same out
+                        // dimension and element count is the same weight
+                        let same = w.shape.first() == s.first()
+                            && crate::dtype::numel(&w.shape).ok() == crate::dtype::numel(s).ok();
+                        if !same {
                             return Err(Error::layout(format!(
                                 "the reference expects a weight of shape {s:?}, the input has {:?}",
                                 w.shape
@@ -478,6 +484,25 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                 _ => keep(l),
             },
         };
+        if lp.passes != [Pass::Copy]
+            && l.tensors
+                .iter()
+                .any(|t| t.encoding == crate::format::manifest::Encoding::QuantizedFlat)
+        {
+            return Err(Error::new(crate::error::ErrorKind::Ambiguous(format!(
+                "the logical shape of this layer's weight is not recorded (a packed weight of \
+                 {} elements whose files do not tell its shape); it can be kept, packed into a \
+                 container and verified, but converting it needs the shape: pass a plain \
+                 checkpoint of the same model (--shapes-from model.safetensors)",
+                l.tensors
+                    .iter()
+                    .find(|t| t.encoding == crate::format::manifest::Encoding::QuantizedFlat)
+                    .and_then(|t| t.shape.first())
+                    .copied()
+                    .unwrap_or(0)
+            )))
+            .with_layer(l.path.clone()));
+        }
         if family::is_unknown(l) && lp.passes != [Pass::Copy] {
             return Err(
                 family::Unknown::refuse(&l.quant.weights, "convert it").with_layer(l.path.clone())
@@ -781,7 +806,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
     for t in &lp.output.tensors {
         let src_t = sources.get(&t.name);
         match (t.encoding, src_t) {
-            (Encoding::Quantized, Some(s))
+            (Encoding::Quantized | Encoding::QuantizedFlat, Some(s))
                 if s.encoding.is_quantized() && lp.passes == [Pass::Copy] =>
             {
                 // output parts mirror the source's (keys may be renamed)
@@ -789,7 +814,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                     out.push((p.key.clone(), Produced::Copy(sp.key.clone())));
                 }
             }
-            (Encoding::Quantized, Some(s)) => {
+            (Encoding::Quantized | Encoding::QuantizedFlat, Some(s)) => {
                 let record = &lp.output.quant.weights;
                 let fam = family_of(record);
                 // keep the float input alive while the family quantizes it

@@ -231,7 +231,11 @@ pub(crate) fn schema_for(p: &Plan) -> Option<String> {
                 activations: o.quant.activations.clone().unwrap_or_else(|| "none".into()),
                 group_size: gs,
                 dtype: w.map(|w| w.dtype.to_string()).unwrap_or_default(),
-                shape: w.map(|w| w.shape.clone()).unwrap_or_default(),
+                // a flat weight's shape is unknown: recorded empty
+                shape: w
+                    .filter(|w| w.encoding != crate::format::manifest::Encoding::QuantizedFlat)
+                    .map(|w| w.shape.clone())
+                    .unwrap_or_default(),
                 descriptor,
             },
         );

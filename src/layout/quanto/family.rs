@@ -181,6 +181,13 @@ impl Family for Quanto {
                 qtype,
                 group_size: Some(g),
             } => format!("quanto {qtype} group {g}"),
+            WeightQuant::Quanto { qtype, .. }
+                if l.tensors
+                    .iter()
+                    .any(|t| t.encoding == Encoding::QuantizedFlat) =>
+            {
+                format!("quanto {qtype} (logical shape unknown)")
+            }
             WeightQuant::Quanto { qtype, .. } => format!("quanto {qtype}"),
             _ => "quanto".into(),
         }
@@ -201,6 +208,23 @@ impl Family for Quanto {
         let q = QType::from_name(qtype)
             .ok_or_else(|| at(Error::layout(format!("unknown quanto qtype `{qtype}`"))))?;
         let w = quantized_weight(l).map_err(at)?;
+        if w.encoding == Encoding::QuantizedFlat {
+            // logical shape unknown: the parts must be the matrix of codes
+            // of a packed weight of that many elements, with no group size
+            let m = super::flat_matrix(w).filter(|_| q.is_packed() && group_size.is_none());
+            let Some(m) = m else {
+                return Err(at(Error::layout(format!(
+                    "a flat {qtype} weight of {:?} elements must be a packed qtype with no group \
+                     size whose scale rows times data columns make that count",
+                    w.shape
+                ))));
+            };
+            let s =
+                math::quanto_shapes(q, &m, None).map_err(|e| at(Error::layout(e.to_string())))?;
+            expect_part(l, w, Role::Data, &s.data)?;
+            expect_part(l, w, Role::Scale, &s.scale)?;
+            return Ok(());
+        }
         let s = math::quanto_shapes(q, &w.shape, *group_size)
             .map_err(|e| at(Error::layout(format!("{qtype} weight {:?}: {e}", w.shape))))?;
         if q.is_packed() {
@@ -220,6 +244,26 @@ impl Family for Quanto {
         expect_part(l, w, Role::Scale, &s.scale)?;
         if let Some(sh) = &s.shift {
             expect_part(l, w, Role::Shift, sh)?;
+        }
+        Ok(())
+    }
+
+    fn resolve_flat(&self, l: &mut Layer, shape: &[u64]) -> Result<()> {
+        let path = l.path.clone();
+        let WeightQuant::Quanto { group_size, .. } = &mut l.quant.weights else {
+            return Err(Error::layout("not a quanto record").with_layer(path));
+        };
+        let n = crate::dtype::numel(shape)?;
+        let o = shape.first().copied().unwrap_or(0);
+        // quanto's group size follows from the shape (spec/layouts.md §2)
+        *group_size = math::group_size(o, n);
+        for t in l
+            .tensors
+            .iter_mut()
+            .filter(|t| t.encoding == Encoding::QuantizedFlat)
+        {
+            t.shape = shape.to_vec();
+            t.encoding = Encoding::Quantized;
         }
         Ok(())
     }

@@ -383,12 +383,16 @@ pub(crate) fn quanto_weight(
     }
     let logical_dtype = dtype_of_float(t);
     // Logical shape candidates.
-    let shape_hint: Option<Vec<u64>> = sch.map(|e| e.shape.clone()).or_else(|| {
-        hints.shapes_from.and_then(|s| {
-            let k = format!("{path}.weight");
-            s.get(&k).map(|t| t.shape.clone())
-        })
-    });
+    // an empty recorded shape is an unknown one (a flat layer, below)
+    let shape_hint: Option<Vec<u64>> = sch
+        .map(|e| e.shape.clone())
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            hints.shapes_from.and_then(|s| {
+                let k = format!("{path}.weight");
+                s.get(&k).map(|t| t.shape.clone())
+            })
+        });
     let bias_o: Option<u64> = g
         .plain
         .iter()
@@ -428,6 +432,11 @@ pub(crate) fn quanto_weight(
             }
         }
         found.dedup();
+        if found.len() > 1 {
+            if let Some(f) = flat_form(&found, &data.shape, &scale.shape) {
+                return flat_weight(path, g, f, logical_dtype);
+            }
+        }
         match found.len() {
             1 => found.remove(0),
             0 => {
@@ -546,6 +555,95 @@ pub(crate) fn quanto_weight(
             group_size: group,
         },
     )))
+}
+
+/// The element count and qtype of a packed weight whose logical shape the
+/// files do not tell (several candidate shapes, no bias, no hint) but whose
+/// stored tensors fix its values: every candidate reads the `[s0, d1]`
+/// matrix of codes (scale rows by the data's columns) row by row, one scale
+/// (and shift) per row, and ungroups by a row-major reshape, so they all
+/// dequantize to the same values in the same order (spec/layouts.md §2.5).
+/// `None` when the candidates disagree on the qtype (qint4 and qint2 both
+/// fit).
+fn flat_form(
+    found: &[(QType, Vec<u64>, Option<u64>)],
+    data: &[u64],
+    scale: &[u64],
+) -> Option<(QType, u64, u64)> {
+    let q = found.first()?.0;
+    if found.iter().any(|f| f.0 != q) {
+        return None;
+    }
+    let (&[_, d1], &[s0, 1]) = (data, scale) else {
+        return None;
+    };
+    let n = s0.checked_mul(d1)?;
+    found
+        .iter()
+        .all(|f| crate::dtype::numel(&f.1).ok() == Some(n))
+        .then_some((q, s0, d1))
+}
+
+/// A packed quanto weight recorded flat: logical shape `[n]`
+/// ([`Encoding::QuantizedFlat`]), no group size (grouped and per-row
+/// storage are the same matrix of codes, see [`flat_form`]); its parts are
+/// checked against that matrix.
+fn flat_weight(
+    path: &str,
+    g: &Group<'_>,
+    (q, s0, d1): (QType, u64, u64),
+    logical_dtype: Dtype,
+) -> Result<Option<(LogicalTensor, WeightQuant)>> {
+    let (Some(data), Some(scale), Some(shift)) = (g.packed, g.scale, g.shift) else {
+        return Ok(None);
+    };
+    let s = math::quanto_shapes(q, &[s0, d1], None).map_err(|e| lerr(path, e.to_string()))?;
+    if data.shape != s.data || data.dtype != data_dtype(q) || scale.shape != s.scale {
+        return Ok(None);
+    }
+    let float_ok = shift.dtype == scale.dtype;
+    if shift.shape != s.scale || !(float_ok || matches!(shift.dtype, Dtype::U8 | Dtype::I8)) {
+        return Ok(None);
+    }
+    let parts = vec![
+        part(Role::Data, data),
+        part(Role::Scale, scale),
+        part(
+            if float_ok {
+                Role::Shift
+            } else {
+                Role::ZeroPoint
+            },
+            shift,
+        ),
+    ];
+    Ok(Some((
+        LogicalTensor {
+            name: "weight".into(),
+            dtype: logical_dtype,
+            shape: vec![s0 * d1],
+            encoding: Encoding::QuantizedFlat,
+            parts,
+        },
+        WeightQuant::Quanto {
+            qtype: q.name().to_string(),
+            group_size: None,
+        },
+    )))
+}
+
+/// The `[rows, cols]` matrix of codes a flat weight stores (see
+/// [`flat_form`]): the logical shape its parts are checked and
+/// dequantized against.
+pub(crate) fn flat_matrix(w: &LogicalTensor) -> Option<Vec<u64>> {
+    let scale = w.parts.iter().find(|p| p.role == Role::Scale)?;
+    let data = w.parts.iter().find(|p| p.role == Role::Data)?;
+    match (data.shape.as_slice(), scale.shape.as_slice()) {
+        (&[_, d1], &[s0, 1]) if s0.checked_mul(d1) == w.shape.first().copied() => {
+            Some(vec![s0, d1])
+        }
+        _ => None,
+    }
 }
 
 /// Candidate (logical shape, group size) pairs for packed data.
