@@ -188,6 +188,8 @@ pub struct Error(Box<Inner>);
 struct Inner {
     kind: ErrorKind,
     loc: Location,
+    /// The error this one reports (a JSON parser's, a decoder's).
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl Error {
@@ -196,7 +198,21 @@ impl Error {
         Error(Box::new(Inner {
             kind,
             loc: Location::default(),
+            source: None,
         }))
+    }
+
+    /// Keeps the error this one reports, for
+    /// [`source`](std::error::Error::source).
+    pub fn with_source(mut self, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.0.source = Some(Box::new(e));
+        self
+    }
+
+    /// An [`ErrorKind::Json`] error about `what`, keeping the parser's
+    /// error as its source.
+    pub(crate) fn json(what: &str, e: serde_json::Error) -> Self {
+        Error::new(ErrorKind::Json(format!("{what}: {e}"))).with_source(e)
     }
 
     /// Shorthand for [`ErrorKind::Malformed`].
@@ -432,7 +448,11 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.0.kind {
             ErrorKind::Io(e) => Some(e),
-            _ => None,
+            _ => self
+                .0
+                .source
+                .as_deref()
+                .map(|e| e as &(dyn std::error::Error + 'static)),
         }
     }
 }

@@ -188,3 +188,24 @@ fn compression_spellings_parse_in_the_library() {
         );
     }
 }
+
+#[test]
+fn errors_keep_the_error_they_report() {
+    use std::error::Error as _;
+    let d = tempfile::tempdir().unwrap();
+    let qmap = d.path().join("bad_qmap.json");
+    std::fs::write(&qmap, "{\"lin\": ").unwrap();
+    // a quanto map that is not JSON: the parser's error is the source
+    let src =
+        ckptkit::open_source(&common::cli::fx("bf16-qint8", "quantized.safetensors")).unwrap();
+    let bad = ConvertOptions::default().qmap(d.path().join("bad_qmap.json"));
+    let e = ckptkit::migrate::input_layers(
+        &common::cli::fx("bf16-qint8", "quantized.safetensors"),
+        src.as_ref(),
+        &bad,
+    )
+    .unwrap_err();
+    assert!(matches!(e.kind(), ckptkit::ErrorKind::Json(_)), "{e}");
+    let s = e.source().expect("a source");
+    assert!(s.downcast_ref::<serde_json::Error>().is_some(), "{s:?}");
+}

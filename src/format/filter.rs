@@ -360,7 +360,7 @@ fn unzstd_or_raw(stored: &[u8], out: &mut [u8]) -> Result<()> {
         match slot.as_mut() {
             Some(d) => d
                 .decompress_to_buffer(stored, out)
-                .map_err(|e| Error::new(ErrorKind::Decompress(e.to_string()))),
+                .map_err(|e| Error::new(ErrorKind::Decompress(e.to_string())).with_source(e)),
             None => Err(Error::usage("zstd context missing")),
         }
     })?;

@@ -2,7 +2,7 @@
 //! config it is), the other files of a model directory, ckptkit's schema and
 //! the quanto map.
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::layout::family::family_of;
 use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
 use crate::migrate::plan::Plan;
@@ -139,8 +139,7 @@ pub(crate) fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<Optio
             None => return Ok(None),
         }
     }
-    let out =
-        serde_json::to_string_pretty(&v).map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
+    let out = serde_json::to_string_pretty(&v).map_err(|e| Error::json("writing JSON", e))?;
     std::fs::write(dest, out + "\n").map_err(|e| Error::from(e).with_file(dest))?;
     Ok(warning)
 }

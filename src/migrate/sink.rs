@@ -334,8 +334,8 @@ pub(crate) fn write_directory(
                 format!("{stem}.safetensors.index.json")
             }
         };
-        let text = serde_json::to_string_pretty(&index)
-            .map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
+        let text =
+            serde_json::to_string_pretty(&index).map_err(|e| Error::json("writing JSON", e))?;
         std::fs::write(dir.path().join(index_name), text)?;
     }
     dir.commit()?;
@@ -425,8 +425,8 @@ pub(crate) fn write_model_dir(
         index
             .metadata
             .insert("total_size".into(), serde_json::Value::from(total));
-        let text = serde_json::to_string_pretty(&index)
-            .map_err(|e| Error::new(ErrorKind::Json(e.to_string())))?;
+        let text =
+            serde_json::to_string_pretty(&index).map_err(|e| Error::json("writing JSON", e))?;
         std::fs::write(dir.join(format!("{stem}.safetensors.index.json")), text)?;
     }
     if p.has_quanto() {

@@ -489,8 +489,8 @@ impl Int8Descriptor {
     /// Parses a user descriptor from JSON and checks it with
     /// [`Int8Descriptor::validate_user`].
     pub fn from_json(text: &str) -> Result<Self> {
-        let d: Int8Descriptor = serde_json::from_str(text)
-            .map_err(|e| Error::new(ErrorKind::Json(format!("int8 descriptor: {e}"))))?;
+        let d: Int8Descriptor =
+            serde_json::from_str(text).map_err(|e| Error::json("int8 descriptor", e))?;
         d.validate_user()?;
         Ok(d)
     }

@@ -65,11 +65,11 @@ impl QuantoMap {
     /// Parses and validates a qmap (every qtype must be known).
     pub fn parse(text: &str) -> Result<QuantoMap> {
         let v: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(text).map_err(|e| json_err("quanto_qmap.json", e))?;
+            serde_json::from_str(text).map_err(|e| Error::json("quanto_qmap.json", e))?;
         let mut entries = Vec::with_capacity(v.len());
         for (k, e) in v {
             let e: QmapEntry = serde_json::from_value(e)
-                .map_err(|er| json_err(&format!("quanto_qmap.json entry `{k}`"), er))?;
+                .map_err(|er| Error::json(&format!("quanto_qmap.json entry `{k}`"), er))?;
             for (what, q) in [("weights", &e.weights), ("activations", &e.activations)] {
                 if !valid_qtype(q) {
                     return Err(json_err(
@@ -136,7 +136,7 @@ impl DiffusersQuanto {
     /// Reads the `quantization_config` of a `config.json`, if it is quanto's.
     pub fn from_config(text: &str) -> Result<Option<DiffusersQuanto>> {
         let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| json_err("config.json", e))?;
+            serde_json::from_str(text).map_err(|e| Error::json("config.json", e))?;
         let Some(q) = v.get("quantization_config") else {
             return Ok(None);
         };
@@ -218,7 +218,7 @@ pub fn schema_of(metadata: &BTreeMap<String, String>) -> Result<Option<Schema>> 
                 version: u32,
                 layers: Schema,
             }
-            let w: W = serde_json::from_str(s).map_err(|e| json_err(SCHEMA_KEY, e))?;
+            let w: W = serde_json::from_str(s).map_err(|e| Error::json(SCHEMA_KEY, e))?;
             if w.version != 1 {
                 return Err(json_err(
                     SCHEMA_KEY,
