@@ -226,6 +226,7 @@ pub fn float_dtype_of(d: crate::Dtype) -> Option<FloatDtype> {
 
 impl FloatDtype {
     /// All float dtypes.
+    #[allow(dead_code)] // tests, benches and fuzz targets
     pub const ALL: [FloatDtype; 3] = [FloatDtype::Bf16, FloatDtype::F16, FloatDtype::F32];
 
     /// Size of one element in bytes.
@@ -283,6 +284,7 @@ impl FloatDtype {
     /// Reads element `index` of a little-endian byte slice as `f32` (widening is exact).
     ///
     /// Returns `None` when the element lies outside the slice.
+    #[allow(dead_code)] // tests, benches and fuzz targets
     pub fn read(self, bytes: &[u8], index: usize) -> Option<f32> {
         let size = self.size();
         let start = index.checked_mul(size)?;
@@ -296,6 +298,7 @@ impl FloatDtype {
     }
 
     /// Appends `x`, rounded to this dtype (nearest, ties to even), as little-endian bytes.
+    #[allow(dead_code)] // tests, benches and fuzz targets
     pub fn push(self, x: f32, out: &mut Vec<u8>) {
         match self {
             FloatDtype::Bf16 => out.extend_from_slice(&bf16_bits_from_f32(x).to_le_bytes()),
@@ -669,6 +672,7 @@ fn encode_e4m3fnuz(x: f32) -> u8 {
 
 impl Fp8Kind {
     /// All fp8 kinds.
+    #[allow(dead_code)] // tests, benches and fuzz targets
     pub const ALL: [Fp8Kind; 3] = [Fp8Kind::E4M3Fn, Fp8Kind::E5M2, Fp8Kind::E4M3FnUz];
 
     /// The largest finite value (`torch.finfo(dtype).max`): 448, 57344 or 240.
@@ -714,11 +718,13 @@ impl Fp8Kind {
     /// propagate through dequantization: e4m3fn `0x7F`/`0xFF` → `0x7FF00000` with the sign,
     /// e5m2 NaNs → `0x7FC00000 | payload << 21` with the sign, e4m3fnuz `0x80` → `0x7FC00001`.
     #[inline]
+    #[allow(dead_code)] // tests, benches and fuzz targets
     pub fn decode(self, code: u8) -> f32 {
         self.decode_table()[usize::from(code)]
     }
 
     /// The NaN code this format produces for a NaN input of the given sign.
+    #[allow(dead_code)] // tests, benches and fuzz targets
     pub const fn nan_code(self, negative: bool) -> u8 {
         match self {
             Fp8Kind::E4M3Fn | Fp8Kind::E5M2 => {
@@ -742,6 +748,7 @@ impl Fp8Kind {
     ///   exclusive), e5m2 gives ±infinity from 61440 inclusive, e4m3fnuz gives NaN from 248
     ///   inclusive. Infinities follow the same rules.
     #[inline]
+    #[allow(dead_code)] // tests, benches and fuzz targets
     pub fn encode(self, x: f32) -> u8 {
         match self {
             Fp8Kind::E4M3Fn => encode_e4m3fn(x),

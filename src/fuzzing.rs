@@ -1199,4 +1199,10 @@ pub mod internals {
         pub use crate::layout::int8::*;
     }
     pub use crate::io::hash_range;
+    /// Layer detection with explicit hints (the library reads them from
+    /// side files: `migrate::input_layers`).
+    pub mod detect {
+        pub use crate::layout::family::Hints;
+        pub use crate::migrate::detect::detect_layers;
+    }
 }

@@ -7,9 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use ckptkit::fuzzing::internals::detect::{detect_layers, Hints};
 use ckptkit::fuzzing::internals::quanto;
 use ckptkit::migrate::{convert, ConvertOptions};
-use ckptkit::migrate::{detect_layers, Hints};
 use ckptkit::migrate::{execute, plan, PlanOptions, Target};
 use ckptkit::{Dtype, Error, SafetensorsFile, SourceTensor, TensorBytes, TensorSource};
 use proptest::prelude::*;

@@ -6,8 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use ckptkit::fuzzing::internals::detect::{detect_layers, Hints};
 use ckptkit::fuzzing::internals::quanto::{self, math, QType, QuantoMap};
-use ckptkit::migrate::{detect_layers, Hints};
 use ckptkit::{Encoding, SafetensorsFile, TensorSource, WeightQuant};
 
 fn cases() -> Vec<PathBuf> {

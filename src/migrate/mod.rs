@@ -16,7 +16,7 @@
 
 mod check;
 mod checkpoint;
-mod detect;
+pub(crate) mod detect;
 mod execute;
 mod input;
 mod inspect;
@@ -26,11 +26,11 @@ mod sidefiles;
 mod sink;
 mod verify;
 
-pub use crate::layout::family::Hints;
 pub use crate::layout::family::Pass;
 pub use check::{check, like_target, CheckReport, LayoutMismatch};
 pub(crate) use checkpoint::{convert_checkpoint_dir, is_training_checkpoint};
-pub use detect::{detect_layers, report_layers, LayerReport, Suspect};
+pub(crate) use detect::detect_layers;
+pub use detect::{report_layers, LayerReport, Suspect};
 pub(crate) use detect::{source_layers, suspects};
 pub use input::input_layers;
 pub(crate) use input::{input_suspects, misaligned_integer_weights};

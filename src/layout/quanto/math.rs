@@ -182,6 +182,7 @@ pub enum QType {
 
 impl QType {
     /// All qtypes.
+    #[allow(dead_code)] // tests, benches and fuzz targets
     pub const ALL: [QType; 6] = [
         QType::QInt8,
         QType::QInt4,

@@ -90,6 +90,7 @@ impl QuantoMap {
 
     /// The entry of a module (a scan: for one lookup per layer, build
     /// [`index`](Self::index) once).
+    #[allow(dead_code)] // tests, benches and fuzz targets
     pub fn get(&self, module: &str) -> Option<&QmapEntry> {
         crate::format::lookups::find(&self.entries, |(k, _)| k == module).map(|(_, e)| e)
     }

@@ -6,8 +6,9 @@ use std::path::Path;
 use super::*;
 use crate::io::source::open_source;
 use crate::io::writer::SafetensorsWriter;
+use crate::layout::family::Hints;
 use crate::migrate::plan::Target;
-use crate::migrate::{convert, detect_layers, ConvertOptions, Hints};
+use crate::migrate::{convert, detect_layers, ConvertOptions};
 
 /// BF16 bits of deterministic, varied weights.
 fn weights(n: usize) -> Vec<u8> {
