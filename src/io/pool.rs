@@ -76,6 +76,12 @@ impl Pooled {
     pub fn into_vec(mut self) -> Vec<u8> {
         std::mem::take(&mut self.0)
     }
+
+    /// Bytes allocated (a reused buffer may be much larger than its
+    /// contents).
+    pub fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
 }
 
 impl Deref for Pooled {

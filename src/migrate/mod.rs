@@ -21,6 +21,7 @@ mod execute;
 mod input;
 mod inspect;
 mod options;
+mod ordered;
 pub(crate) mod plan;
 mod sidefiles;
 mod sink;
@@ -45,17 +46,17 @@ pub use verify::verify;
 
 pub(crate) use execute::*;
 pub(crate) use input::*;
+pub(crate) use ordered::write_shard_once;
 pub(crate) use sidefiles::*;
 pub(crate) use sink::*;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::atomic::{AtomicDir, DestKind};
-use crate::io::container::Container;
 use crate::io::source::{input_kind, open_source, Checked, InputKind, TensorSource};
 use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter};
 use crate::layout::quanto::{self};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// Converts `input` to `output` (the kinds follow the paths: a
@@ -307,14 +308,7 @@ pub(crate) fn convert_planned(
         return Ok(summary);
     }
     check_free_space(output, bytes_out)?;
-    // a compressed container is staged uncompressed, then packed
-    opts.control.set_total(
-        if okind == OutputKind::Container && opts.compression.is_some() {
-            bytes_out.saturating_mul(2)
-        } else {
-            bytes_out
-        },
-    );
+    opts.control.set_total(bytes_out);
     let losses: Losses = Default::default();
     let mut md = src.metadata().clone();
     md.remove(quanto::SCHEMA_KEY);
@@ -352,39 +346,7 @@ pub(crate) fn convert_planned(
                 compression: opts.compression,
                 overwrite: opts.overwrite,
             };
-            if opts.compression.is_some() {
-                // compressed shards take tensors in data order, which
-                // interleaves layers: the migrated layers are staged in an
-                // uncompressed container beside the output (a temporary of
-                // the output's, removed whatever happens), then packed
-                let mut w = ContainerWriter::create(output, co)?.with_control(opts.control.clone());
-                let stage = crate::io::atomic::temp_path_for(output);
-                let _cleanup = RemoveOnDrop(stage.clone());
-                let staged = ContainerOptions {
-                    compression: None,
-                    overwrite: false,
-                };
-                write_planned_container(
-                    src,
-                    &p,
-                    &losses,
-                    &stage,
-                    staged,
-                    &md,
-                    &Carry::default(),
-                    opts,
-                )?;
-                let c = Container::open(&stage)?;
-                copy_shards(&Checked::new(&c, true), &mut w, true)?;
-                w.finish_with_provenance(
-                    Some(c.layers().to_vec()),
-                    carry.metadata,
-                    carry.extensions,
-                    carry.sources,
-                )?;
-            } else {
-                write_planned_container(src, &p, &losses, output, co, &md, &carry, opts)?;
-            }
+            write_planned_container(src, &p, &losses, output, co, &md, &carry, opts)?;
         }
     }
     summary.seconds = t0.elapsed().as_secs_f64();
@@ -396,16 +358,10 @@ pub(crate) fn convert_planned(
     Ok(summary)
 }
 
-/// Removes a path when dropped (a staging file).
-pub(crate) struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Writes a plan's output as an uncompressed container at `dest`.
+/// Writes a plan's output as a container at `dest`: the layers of each
+/// shard executed in parallel into an uncompressed shard (positioned
+/// writes, any order), or, compressed, walked in data order and every
+/// tensor written once ([`write_shard_once`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_planned_container(
     src: &Checked<'_>,
@@ -417,6 +373,7 @@ pub(crate) fn write_planned_container(
     carry: &Carry,
     opts: &ConvertOptions,
 ) -> Result<()> {
+    let compressed = co.compression.is_some();
     let mut w = ContainerWriter::create(dest, co)?.with_control(opts.control.clone());
     let groups = group_layers(p, opts.max_shard_size);
     let n = groups.len();
@@ -428,7 +385,11 @@ pub(crate) fn write_planned_container(
             format!("model-{:05}-of-{n:05}.safetensors", gi + 1)
         };
         w.begin_shard(&name, &outputs_of(p, g), md)?;
-        run_layers(src, p, g, losses, &w, &opts.control)?;
+        if compressed {
+            write_shard_once(src, p, g, losses, &w, &opts.control)?;
+        } else {
+            run_layers(src, p, g, losses, &w, &opts.control)?;
+        }
         w.finish_shard()?;
         for &i in g {
             let mut l = p.layers[i].output.clone();
