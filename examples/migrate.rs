@@ -404,8 +404,8 @@ fn run(cli: Cli) -> Result<u8, ckptkit::Error> {
                 .verify_input(!no_verify_input)
                 .assume_plain(assume_plain)
                 .control(ckptkit::Control::new())
-                // printed, and in --json
-                .output_hash(true);
+                // printed (not with -q), and in --json: one more read of the output
+                .output_hash(json || !cli.quiet);
             let bar = progress_bar(!(json || cli.quiet || dry_run));
             let mut control =
                 ckptkit::Control::new().with_cancel(ckptkit::Cancel::from_static(&CANCELLED));

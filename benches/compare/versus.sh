@@ -13,7 +13,7 @@
 #
 # Env: BENCH_DIR (default /dev/shm/ckptkit-versus: tmpfs, so the disk does not set the pace),
 # SYNTH (default target/release/examples/synth), GB (model size, default 1), KEEP=1 keeps the
-# generated inputs.
+# generated inputs, ONLY=REGEX runs only the jobs whose name matches.
 set -euo pipefail
 old="$1"
 new="$2"
@@ -29,21 +29,8 @@ if [ "${KEEP:-0}" != 1 ]; then trap 'rm -rf "$dir"' EXIT; fi
 [ -f "$dir/p.ckpk" ] || "$new" -q convert "$dir/p.safetensors" "$dir/p.ckpk"
 [ -f "$dir/pz.ckpk" ] || "$new" -q convert "$dir/p.safetensors" "$dir/pz.ckpk" --compress zstd
 
-measure() {
-    python3 - "$@" <<'EOF'
-import os, sys, time
-t0 = time.monotonic()
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-wall = time.monotonic() - t0
-io = dict(l.split(": ") for l in open(f"/proc/{pid}/io").read().splitlines())
-_, status, ru = os.wait4(pid, 0)
-print(f"wall_s={wall:.3f} rss_mib={ru.ru_maxrss / 1024:.0f} wchar={io['wchar']} "
-      f"rc={os.waitstatus_to_exitcode(status)}")
-EOF
-}
+# shellcheck source=benches/compare/measure.sh
+. "$(dirname "${BASH_SOURCE[0]}")/measure.sh"
 
 # name|arguments (o/ is the scratch output directory)
 jobs=(
@@ -59,6 +46,7 @@ jobs=(
 
 for job in "${jobs[@]}"; do
     name="${job%%|*}"
+    if [ -n "${ONLY:-}" ] && ! [[ "$name" =~ $ONLY ]]; then continue; fi
     read -r -a args <<<"${job#*|}"
     for r in $(seq "$reps"); do
         for build in old new; do

@@ -24,21 +24,8 @@ trap 'rm -rf "$dir"' EXIT
 "$synth" "$dir/model.safetensors" "${GB:-1}" plain-bf16 >/dev/null 2>&1
 cat "$dir/model.safetensors" >/dev/null
 
-measure() {
-    python3 - "$@" <<'EOF'
-import os, sys, time
-t0 = time.monotonic()
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-wall = time.monotonic() - t0
-io = dict(l.split(": ") for l in open(f"/proc/{pid}/io").read().splitlines())
-_, status, ru = os.wait4(pid, 0)
-print(f"wall_s={wall:.3f} rss_mib={ru.ru_maxrss / 1024:.0f} wchar={io['wchar']} "
-      f"rc={os.waitstatus_to_exitcode(status)}")
-EOF
-}
+# shellcheck source=benches/compare/measure.sh
+. "$(dirname "${BASH_SOURCE[0]}")/measure.sh"
 
 for to in quanto:qint8 keep; do
     for r in $(seq "$reps"); do
