@@ -49,6 +49,32 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+/// Builder methods of the option types (`#[non_exhaustive]`, so callers
+/// set options through these): `name: T` takes a `T`, `into name: T` an
+/// `impl Into<T>`; each method sets the field of its name and returns the
+/// options.
+macro_rules! setters {
+    ($ty:ty { $( $(#[$doc:meta])* $(@$into:ident)? $name:ident : $t:ty ),* $(,)? }) => {
+        impl $ty {
+            $( setters!(@one $(#[$doc])* $($into)? $name : $t); )*
+        }
+    };
+    (@one $(#[$doc:meta])* into $name:ident : $t:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, v: impl Into<$t>) -> Self {
+            self.$name = v.into();
+            self
+        }
+    };
+    (@one $(#[$doc:meta])* $name:ident : $t:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, v: $t) -> Self {
+            self.$name = v;
+            self
+        }
+    };
+}
+
 mod control;
 mod dtype;
 mod error;

@@ -31,15 +31,6 @@ fn model(path: &Path, layers: usize) {
     w.finish().unwrap();
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn two_conversions_on_two_threads_report_and_stop_on_their_own() {
     let d = tempfile::tempdir().unwrap();
@@ -91,7 +82,7 @@ fn two_conversions_on_two_threads_report_and_stop_on_their_own() {
     assert!(seen.windows(2).all(|w| w[0].bytes_done <= w[1].bytes_done));
     ckptkit::migrate::verify(&out_a).unwrap();
     assert_eq!(
-        entries(&d.path().join("a")),
+        common::entries(&d.path().join("a")),
         ["q.safetensors", "quanto_qmap.json"]
     );
     // B stopped mid-way: interrupted, nothing left behind
@@ -103,9 +94,9 @@ fn two_conversions_on_two_threads_report_and_stop_on_their_own() {
     let e = rb.expect_err("B was cancelled");
     assert!(matches!(e.kind(), ErrorKind::Interrupted), "{e}");
     assert!(
-        entries(&d.path().join("b")).is_empty(),
+        common::entries(&d.path().join("b")).is_empty(),
         "{:?}",
-        entries(&d.path().join("b"))
+        common::entries(&d.path().join("b"))
     );
     // the options can serve another call: fresh counters, the same handle
     let again = d.path().join("a/again.safetensors");

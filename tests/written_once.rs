@@ -70,15 +70,6 @@ fn written_by_process() -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn a_compressed_container_from_a_planned_conversion_is_written_once() {
     let _g = serial();
@@ -109,7 +100,7 @@ fn a_compressed_container_from_a_planned_conversion_is_written_once() {
         written >= size / 2,
         "{written} bytes measured for a {size}-byte output"
     );
-    assert_eq!(entries(&d.path().join("out")), ["q.ckpk"]);
+    assert_eq!(common::entries(&d.path().join("out")), ["q.ckpk"]);
     // progress counts each output byte once
     let plan_bytes: u64 = summary
         .plan
@@ -225,9 +216,9 @@ fn a_cancelled_compressed_conversion_leaves_no_output_and_no_temporaries() {
         "mid-write: {p:?}"
     );
     assert!(
-        entries(&d.path().join("out")).is_empty(),
+        common::entries(&d.path().join("out")).is_empty(),
         "{:?}",
-        entries(&d.path().join("out"))
+        common::entries(&d.path().join("out"))
     );
     assert!(!output.exists());
 }

@@ -341,25 +341,14 @@ impl Default for ZstdOptions {
     }
 }
 
-impl ZstdOptions {
-    /// Sets [`level`](Self::level): the zstd level.
-    pub fn level(mut self, v: i32) -> Self {
-        self.level = v;
-        self
-    }
-
-    /// Sets [`chunk_size`](Self::chunk_size): raw bytes per chunk.
-    pub fn chunk_size(mut self, v: u32) -> Self {
-        self.chunk_size = v;
-        self
-    }
-
-    /// Sets [`float_filter`](Self::float_filter): the float plane filter on F16/BF16/F32 tensors.
-    pub fn float_filter(mut self, v: bool) -> Self {
-        self.float_filter = v;
-        self
-    }
-}
+setters!(ZstdOptions {
+    /// Sets `level`: the zstd level.
+    level: i32,
+    /// Sets `chunk_size`: raw bytes per chunk.
+    chunk_size: u32,
+    /// Sets `float_filter`: the float plane filter on F16/BF16/F32 tensors.
+    float_filter: bool,
+});
 
 impl std::str::FromStr for ZstdOptions {
     type Err = Error;
@@ -404,19 +393,12 @@ pub struct ContainerOptions {
     pub overwrite: bool,
 }
 
-impl ContainerOptions {
-    /// Sets [`compression`](Self::compression): zstd shards (`None`: uncompressed, memory-mappable).
-    pub fn compression(mut self, v: impl Into<Option<ZstdOptions>>) -> Self {
-        self.compression = v.into();
-        self
-    }
-
-    /// Sets [`overwrite`](Self::overwrite): replace an existing output.
-    pub fn overwrite(mut self, v: bool) -> Self {
-        self.overwrite = v;
-        self
-    }
-}
+setters!(ContainerOptions {
+    /// Sets `compression`: zstd shards (`None`: uncompressed, memory-mappable).
+    @into compression: Option<ZstdOptions>,
+    /// Sets `overwrite`: replace an existing output.
+    overwrite: bool,
+});
 
 #[derive(Debug)]
 enum OpenShard {

@@ -126,11 +126,15 @@ pub(crate) trait Family: Sync {
     /// 2-D weights only), so that `--to` applies to a quantized layer.
     fn takes(&self, l: &Layer) -> bool;
     /// The code form of one of this family's layers, when its integers can
-    /// be carried over to another layout unchanged.
-    fn code_form(&self, l: &Layer) -> Option<CodeForm>;
+    /// be carried over to another layout unchanged (default: never).
+    fn code_form(&self, _l: &Layer) -> Option<CodeForm> {
+        None
+    }
     /// The code form a target record of this family takes, for a weight of
-    /// `model` dtype (`None`: its integers are not exchanged).
-    fn target_form(&self, target: &WeightQuant, model: Dtype) -> Option<CodeForm>;
+    /// `model` dtype (`None`, the default: its integers are not exchanged).
+    fn target_form(&self, _target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
+        None
+    }
     /// Plans layer `l` (of any family) into this family's layout `target`.
     fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned>;
     /// The codes of one of this family's quantized weights.
@@ -156,19 +160,25 @@ pub(crate) trait Family: Sync {
     /// The `quantization_config` this family's library writes for a model
     /// all in `record`'s layout, in a config of `owner`'s kind:
     /// `Some(None)` means "none at all" (a stale one is removed), `None`
-    /// that the family writes none and leaves the config alone.
+    /// that the family writes none and leaves the config alone (the
+    /// default).
     fn quantization_config(
         &self,
-        record: &WeightQuant,
-        owner: ConfigOwner,
-        skip: &[String],
-    ) -> Option<Option<serde_json::Value>>;
+        _record: &WeightQuant,
+        _owner: ConfigOwner,
+        _skip: &[String],
+    ) -> Option<Option<serde_json::Value>> {
+        None
+    }
     /// `weights` of ckptkit's schema entry for a record of this family, and
-    /// its group size and full descriptor when it has them.
+    /// its group size and full descriptor when it has them (default: the
+    /// family records no schema entry).
     fn schema_entry(
         &self,
-        record: &WeightQuant,
-    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)>;
+        _record: &WeightQuant,
+    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)> {
+        None
+    }
     /// The `weights` of a `quanto_qmap.json` entry, for a family whose
     /// records the map describes.
     fn qmap_weights(&self, _record: &WeightQuant) -> Option<String> {
@@ -430,12 +440,6 @@ impl Family for Unknown {
     fn takes(&self, _l: &Layer) -> bool {
         false
     }
-    fn code_form(&self, _l: &Layer) -> Option<CodeForm> {
-        None
-    }
-    fn target_form(&self, _target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
-        None
-    }
     fn plan_into(&self, _l: &Layer, target: &WeightQuant, _ctx: &PlanCtx<'_>) -> Result<Planned> {
         Err(Self::refuse(target, "convert a layer into it"))
     }
@@ -459,20 +463,6 @@ impl Family for Unknown {
         _input: WeightInput<'_>,
     ) -> Result<Vec<(String, TensorBytes)>> {
         Err(Self::refuse(record, "quantize into it").with_layer(path.to_string()))
-    }
-    fn quantization_config(
-        &self,
-        _record: &WeightQuant,
-        _owner: ConfigOwner,
-        _skip: &[String],
-    ) -> Option<Option<serde_json::Value>> {
-        None
-    }
-    fn schema_entry(
-        &self,
-        _record: &WeightQuant,
-    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)> {
-        None
     }
 }
 

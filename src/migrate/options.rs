@@ -80,91 +80,36 @@ pub struct ConvertOptions {
     pub output_hash: bool,
 }
 
-impl ConvertOptions {
-    /// Sets [`compression`](Self::compression): zstd for a container output (`None`: uncompressed).
-    pub fn compression(mut self, v: impl Into<Option<ZstdOptions>>) -> Self {
-        self.compression = v.into();
-        self
-    }
-
-    /// Sets [`overwrite`](Self::overwrite): replace an existing output.
-    pub fn overwrite(mut self, v: bool) -> Self {
-        self.overwrite = v;
-        self
-    }
-
-    /// Sets [`dry_run`](Self::dry_run): plan and report, write nothing.
-    pub fn dry_run(mut self, v: bool) -> Self {
-        self.dry_run = v;
-        self
-    }
-
-    /// Sets [`max_shard_size`](Self::max_shard_size): largest data bytes per file of a directory output.
-    pub fn max_shard_size(mut self, v: u64) -> Self {
-        self.max_shard_size = v;
-        self
-    }
-
-    /// Sets [`target`](Self::target): the target layouts.
-    pub fn target(mut self, v: Target) -> Self {
-        self.target = v;
-        self
-    }
-
-    /// Sets [`select`](Self::select): which layers, renames, lossy re-layouts.
-    pub fn select(mut self, v: PlanOptions) -> Self {
-        self.select = v;
-        self
-    }
-
-    /// Sets [`qmap`](Self::qmap): the input's quanto map.
-    pub fn qmap(mut self, v: impl Into<Option<PathBuf>>) -> Self {
-        self.qmap = v.into();
-        self
-    }
-
-    /// Sets [`shapes_from`](Self::shapes_from): a plain checkpoint to take logical shapes from.
-    pub fn shapes_from(mut self, v: impl Into<Option<PathBuf>>) -> Self {
-        self.shapes_from = v.into();
-        self
-    }
-
-    /// Sets [`hashes`](Self::hashes): record blake3 hashes in safetensors outputs.
-    pub fn hashes(mut self, v: bool) -> Self {
-        self.hashes = v;
-        self
-    }
-
-    /// Sets [`extra_reads`](Self::extra_reads): other files the conversion reads.
-    pub fn extra_reads(mut self, v: Vec<PathBuf>) -> Self {
-        self.extra_reads = v;
-        self
-    }
-
-    /// Sets [`verify_input`](Self::verify_input): check every byte read against the input's hashes.
-    pub fn verify_input(mut self, v: bool) -> Self {
-        self.verify_input = v;
-        self
-    }
-
-    /// Sets [`assume_plain`](Self::assume_plain): read unknown quantized-looking layers as plain.
-    pub fn assume_plain(mut self, v: bool) -> Self {
-        self.assume_plain = v;
-        self
-    }
-
-    /// Sets [`control`](Self::control): progress and cancellation of the call.
-    pub fn control(mut self, v: crate::Control) -> Self {
-        self.control = v;
-        self
-    }
-
-    /// Sets [`output_hash`](Self::output_hash): hash a single-file output into the summary.
-    pub fn output_hash(mut self, v: bool) -> Self {
-        self.output_hash = v;
-        self
-    }
-}
+setters!(ConvertOptions {
+    /// Sets `compression`: zstd for a container output (`None`: uncompressed).
+    @into compression: Option<ZstdOptions>,
+    /// Sets `overwrite`: replace an existing output.
+    overwrite: bool,
+    /// Sets `dry_run`: plan and report, write nothing.
+    dry_run: bool,
+    /// Sets `max_shard_size`: largest data bytes per file of a directory output.
+    max_shard_size: u64,
+    /// Sets `target`: the target layouts.
+    target: Target,
+    /// Sets `select`: which layers, renames, lossy re-layouts.
+    select: PlanOptions,
+    /// Sets `qmap`: the input's quanto map.
+    @into qmap: Option<PathBuf>,
+    /// Sets `shapes_from`: a plain checkpoint to take logical shapes from.
+    @into shapes_from: Option<PathBuf>,
+    /// Sets `hashes`: record blake3 hashes in safetensors outputs.
+    hashes: bool,
+    /// Sets `extra_reads`: other files the conversion reads.
+    extra_reads: Vec<PathBuf>,
+    /// Sets `verify_input`: check every byte read against the input's hashes.
+    verify_input: bool,
+    /// Sets `assume_plain`: read unknown quantized-looking layers as plain.
+    assume_plain: bool,
+    /// Sets `control`: progress and cancellation of the call.
+    control: crate::Control,
+    /// Sets `output_hash`: hash a single-file output into the summary.
+    output_hash: bool,
+});
 
 impl Default for ConvertOptions {
     fn default() -> Self {

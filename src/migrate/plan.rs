@@ -120,31 +120,16 @@ pub struct PlanOptions {
     pub rename: Vec<Rename>,
 }
 
-impl PlanOptions {
-    /// Sets [`include`](Self::include): module-path globs to select.
-    pub fn include(mut self, v: Vec<String>) -> Self {
-        self.include = v;
-        self
-    }
-
-    /// Sets [`exclude`](Self::exclude): module-path globs to leave unchanged.
-    pub fn exclude(mut self, v: Vec<String>) -> Self {
-        self.exclude = v;
-        self
-    }
-
-    /// Sets [`allow_lossy`](Self::allow_lossy): allow re-layouts that cannot be undone byte for byte.
-    pub fn allow_lossy(mut self, v: bool) -> Self {
-        self.allow_lossy = v;
-        self
-    }
-
-    /// Sets [`rename`](Self::rename): key renames, in order.
-    pub fn rename(mut self, v: Vec<Rename>) -> Self {
-        self.rename = v;
-        self
-    }
-}
+setters!(PlanOptions {
+    /// Sets `include`: module-path globs to select.
+    include: Vec<String>,
+    /// Sets `exclude`: module-path globs to leave unchanged.
+    exclude: Vec<String>,
+    /// Sets `allow_lossy`: allow re-layouts that cannot be undone byte for byte.
+    allow_lossy: bool,
+    /// Sets `rename`: key renames, in order.
+    rename: Vec<Rename>,
+});
 
 /// A key rename: `FROM=TO`, where FROM is a regular expression matched
 /// against the whole key (anchor it with `^` to touch only a prefix) and TO

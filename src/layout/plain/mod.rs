@@ -7,8 +7,7 @@ use crate::format::manifest::{Layer, LogicalTensor, Quantization, WeightQuant};
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    plain_logical, CodeForm, Codes, ConfigOwner, Family, Pass, PlanCtx, Planned, WeightInput,
-    ACT_SCALES,
+    plain_logical, Codes, Family, Pass, PlanCtx, Planned, WeightInput, ACT_SCALES,
 };
 
 /// The plain family.
@@ -127,14 +126,6 @@ impl Family for Plain {
         true
     }
 
-    fn code_form(&self, _l: &Layer) -> Option<CodeForm> {
-        None
-    }
-
-    fn target_form(&self, _target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
-        None
-    }
-
     fn plan_into(&self, l: &Layer, _target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
         to_plain(l, None, ctx.source)
     }
@@ -161,21 +152,5 @@ impl Family for Plain {
         _input: WeightInput<'_>,
     ) -> Result<Vec<(String, TensorBytes)>> {
         Err(Error::layout("quantized output without a layout record").with_layer(path.to_string()))
-    }
-
-    fn quantization_config(
-        &self,
-        _record: &WeightQuant,
-        _owner: ConfigOwner,
-        _skip: &[String],
-    ) -> Option<Option<serde_json::Value>> {
-        None
-    }
-
-    fn schema_entry(
-        &self,
-        _record: &WeightQuant,
-    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)> {
-        None
     }
 }

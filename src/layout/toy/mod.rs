@@ -15,8 +15,8 @@ use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role
 use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    out_part, part, plain_logical, quantized_weight, weight_of, CodeForm, Codes, ConfigOwner,
-    DetectCtx, Detected, Detector, Family, Pass, PlanCtx, Planned, WeightInput,
+    out_part, part, plain_logical, quantized_weight, weight_of, Codes, DetectCtx, Detected,
+    Detector, Family, Pass, PlanCtx, Planned, WeightInput,
 };
 
 /// The toy family.
@@ -182,14 +182,6 @@ impl Family for Toy {
         weight_of(l).is_ok_and(|w| w.shape.len() == 2)
     }
 
-    fn code_form(&self, _l: &Layer) -> Option<CodeForm> {
-        None
-    }
-
-    fn target_form(&self, _target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
-        None
-    }
-
     fn plan_into(&self, l: &Layer, _target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
         if self.owns(&l.quant.weights) {
             return Ok(Planned::keep(l));
@@ -296,22 +288,6 @@ impl Family for Toy {
             out.push((p.key.clone(), TensorBytes::Owned(b)));
         }
         Ok(out)
-    }
-
-    fn quantization_config(
-        &self,
-        _record: &WeightQuant,
-        _owner: ConfigOwner,
-        _skip: &[String],
-    ) -> Option<Option<serde_json::Value>> {
-        None
-    }
-
-    fn schema_entry(
-        &self,
-        _record: &WeightQuant,
-    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)> {
-        None
     }
 
     fn detector<'a>(&self, _ctx: &DetectCtx<'a>) -> Result<Option<Box<dyn Detector + 'a>>> {
