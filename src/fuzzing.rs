@@ -22,8 +22,9 @@ use crate::format::manifest::Codec;
 use crate::format::st_header;
 use crate::format::{decode_manifest, encode_manifest, validate, HEADER_LEN, MAGIC};
 use crate::io::container::Container;
+use crate::io::open::open_source;
 use crate::io::safetensors_file::SafetensorsFile;
-use crate::io::source::{open_source, TensorSource};
+use crate::io::source::TensorSource;
 use crate::io::writer::{ContainerOptions, ContainerWriter, ZstdOptions};
 
 /// Tensors declared larger than this are not read (their size is only

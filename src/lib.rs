@@ -96,8 +96,9 @@ pub use crate::format::manifest::{
 };
 pub use crate::io::atomic::{recover, Recovered};
 pub use crate::io::container::{Container, VerifyReport};
+pub use crate::io::open::{open_source, InputKind};
 pub use crate::io::safetensors_file::SafetensorsFile;
 pub use crate::io::sharded::ShardedDir;
-pub use crate::io::source::{open_source, InputKind, SourceTensor, TensorSource};
+pub use crate::io::source::{SourceTensor, TensorSource};
 pub use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter, ZstdOptions};
 pub use crate::io::TensorBytes;

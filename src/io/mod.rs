@@ -5,6 +5,7 @@ pub mod atomic;
 pub mod container;
 pub mod files;
 pub mod lock;
+pub mod open;
 pub mod paths;
 pub mod pool;
 pub mod safetensors_file;

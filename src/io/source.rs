@@ -3,7 +3,6 @@
 //! hands out one tensor's bytes on demand.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Location, Result};
@@ -213,50 +212,6 @@ impl TensorSource for Checked<'_> {
     fn get(&self, key: &str) -> Option<&SourceTensor> {
         self.inner.get(key)
     }
-}
-
-/// What kind of input a path is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputKind {
-    /// A single `.safetensors` file.
-    Safetensors,
-    /// A Hugging Face sharded directory (or a directory with one weight
-    /// file).
-    ShardedDir,
-    /// A `.ckpk` container.
-    Container,
-}
-
-/// Decides the kind of an input path: directories are sharded checkpoints,
-/// files starting with the container magic are containers, anything else is
-/// read as safetensors.
-pub fn input_kind(path: &Path) -> Result<InputKind> {
-    let md = crate::io::files::stat(path)?;
-    if md.is_dir() {
-        return Ok(InputKind::ShardedDir);
-    }
-    // refuses FIFOs, devices and sockets without blocking on them
-    let f = crate::io::files::open_regular(path)?;
-    let mut magic = [0u8; 8];
-    use std::os::unix::fs::FileExt;
-    let is_ckpk =
-        md.len() >= 8 && f.read_exact_at(&mut magic, 0).is_ok() && magic == crate::format::MAGIC;
-    Ok(if is_ckpk {
-        InputKind::Container
-    } else {
-        InputKind::Safetensors
-    })
-}
-
-/// Opens any supported input as a tensor source.
-pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
-    Ok(match input_kind(path)? {
-        InputKind::Safetensors => {
-            Box::new(crate::io::safetensors_file::SafetensorsFile::open(path)?)
-        }
-        InputKind::ShardedDir => Box::new(crate::io::sharded::ShardedDir::open(path)?),
-        InputKind::Container => Box::new(crate::io::container::Container::open(path)?),
-    })
 }
 
 /// Fails when two files of a source hold the same key.

@@ -2,7 +2,7 @@
 
 use crate::error::{ErrorKind, Result};
 use crate::format::manifest::Layer;
-use crate::io::source::open_source;
+use crate::io::open::open_source;
 use crate::layout::quanto::{self, QuantoMap};
 use crate::migrate::plan::{plan, PlanOptions, Target};
 use std::collections::BTreeMap;

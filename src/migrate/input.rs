@@ -5,7 +5,8 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::Layer;
 use crate::io::container::Container;
-use crate::io::source::{input_kind, open_source, InputKind, SourceTensor, TensorSource};
+use crate::io::open::{input_kind, open_source, InputKind};
+use crate::io::source::{SourceTensor, TensorSource};
 use crate::layout::family::Hints;
 use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
 use crate::migrate::detect_layers;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
-use crate::io::source::open_source;
+use crate::io::open::open_source;
 use crate::migrate::{
     input_layers, input_suspects, misaligned_integer_weights, report_layers, source_layers,
     ConvertOptions, LayerReport,

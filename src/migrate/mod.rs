@@ -52,7 +52,8 @@ pub(crate) use sink::*;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::atomic::{AtomicDir, DestKind};
-use crate::io::source::{input_kind, open_source, Checked, InputKind, TensorSource};
+use crate::io::open::{input_kind, open_source, InputKind};
+use crate::io::source::{Checked, TensorSource};
 use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter};
 use crate::layout::quanto::{self};
 use std::collections::BTreeMap;

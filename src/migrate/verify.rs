@@ -2,9 +2,9 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::container::{Container, VerifyReport};
+use crate::io::open::{input_kind, InputKind};
 use crate::io::safetensors_file::SafetensorsFile;
 use crate::io::sharded::{find_index, ShardedDir};
-use crate::io::source::{input_kind, InputKind};
 use std::path::Path;
 
 /// Verifies any input: a container's every hash and structural rule; a

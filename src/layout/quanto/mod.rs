@@ -3,6 +3,7 @@
 //! `quantization_config`, ckptkit's own schema, or inference), and the
 //! quantize / dequantize passes. spec/layouts.md describes it in prose.
 
+pub mod error;
 pub mod math;
 pub mod pack;
 

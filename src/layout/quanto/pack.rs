@@ -17,7 +17,7 @@
 //! All functions take flat row-major byte slices plus the row count and row length (the product
 //! of the remaining dims), and check every length before touching the data.
 
-use crate::layout::quanto::math::MathError;
+use crate::layout::quanto::error::MathError;
 
 /// Values per packed byte for a bit width: 2 for 4-bit, 4 for 2-bit, `None` otherwise.
 pub const fn values_per_byte(bits: u32) -> Option<usize> {

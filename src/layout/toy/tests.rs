@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::io::source::open_source;
+use crate::io::open::open_source;
 use crate::io::writer::SafetensorsWriter;
 use crate::layout::family::Hints;
 use crate::migrate::plan::Target;
