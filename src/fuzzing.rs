@@ -1041,11 +1041,11 @@ pub fn side_json(data: &[u8]) {
             // a Hugging Face index and ckptkit's schema entry
             let _ = serde_json::from_str::<crate::io::sharded::ShardIndex>(text);
             let md: std::collections::BTreeMap<String, String> = [(
-                crate::layout::quanto::SCHEMA_KEY.to_string(),
+                crate::format::st_schema::SCHEMA_KEY.to_string(),
                 text.to_string(),
             )]
             .into();
-            let _ = crate::layout::quanto::schema_of(&md);
+            let _ = crate::format::st_schema::schema_of(&md);
         }
         5 => {
             // the ckptkit.blake3 entry of a safetensors file

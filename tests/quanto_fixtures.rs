@@ -34,6 +34,17 @@ fn modules(c: &serde_json::Value) -> Vec<(String, Option<u64>)> {
         .collect()
 }
 
+/// Hints holding a quanto map, as the quanto family reads it beside a file.
+fn with_map(qmap: QuantoMap) -> Hints<'static> {
+    Hints::default().with_side(
+        "quanto",
+        quanto::QuantoSide {
+            qmap: Some(qmap),
+            diffusers: None,
+        },
+    )
+}
+
 #[test]
 fn dequantize_matches_quanto_bit_for_bit() {
     let mut checked = 0;
@@ -44,10 +55,7 @@ fn dequantize_matches_quanto_bit_for_bit() {
         // the map alone resolves every layer that has a bias; a bias-less
         // packed one is read flat (its values known, its shape not), and a
         // plain checkpoint of the same model gives it its shape
-        let hints = Hints {
-            qmap: Some(qmap.clone()),
-            ..Default::default()
-        };
+        let hints = with_map(qmap.clone());
         let alone = detect_layers(&src, &hints).unwrap();
         let flat: Vec<&str> = alone
             .iter()
@@ -68,11 +76,8 @@ fn dequantize_matches_quanto_bit_for_bit() {
         );
         let layers = if packed {
             let float = SafetensorsFile::open(&dir.join("float.safetensors")).unwrap();
-            let hints = Hints {
-                qmap: Some(qmap),
-                shapes_from: Some(&float),
-                ..Default::default()
-            };
+            let mut hints = with_map(qmap);
+            hints.shapes_from = Some(&float);
             detect_layers(&src, &hints).unwrap()
         } else {
             alone
@@ -197,14 +202,7 @@ fn contradicting_qmap_is_refused_naming_the_layer() {
     let mut qmap = QuantoMap::from_file(&dir.join("quanto_qmap.json")).unwrap();
     let (m, _) = qmap.entries[0].clone();
     qmap.entries[0].1.weights = "qint4".into();
-    let e = detect_layers(
-        &src,
-        &Hints {
-            qmap: Some(qmap),
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let e = detect_layers(&src, &with_map(qmap)).unwrap_err();
     assert!(matches!(e.kind(), ckptkit::ErrorKind::Layout(_)), "{e}");
     assert_eq!(e.location().layer.as_deref(), Some(m.as_str()), "{e}");
     assert!(e.to_string().contains("qint4"), "{e}");
@@ -265,14 +263,7 @@ fn rewrite(
 fn detect_err(p: &Path) -> ckptkit::Error {
     let src = SafetensorsFile::open(p).unwrap();
     let qmap = QuantoMap::from_file(&p.with_file_name("quanto_qmap.json")).unwrap();
-    detect_layers(
-        &src,
-        &Hints {
-            qmap: Some(qmap),
-            ..Default::default()
-        },
-    )
-    .unwrap_err()
+    detect_layers(&src, &with_map(qmap)).unwrap_err()
 }
 
 #[test]

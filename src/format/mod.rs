@@ -9,6 +9,7 @@ pub(crate) mod lookups;
 pub(crate) mod manifest;
 pub(crate) mod st_hashes;
 pub(crate) mod st_header;
+pub(crate) mod st_schema;
 pub(crate) mod validate;
 
 pub(crate) mod bounded;

@@ -1,4 +1,4 @@
-//! The family interface and the registry.
+//! The family interface (the list of families is `layout::registry`).
 //!
 //! A layout family (plain, optimum-quanto, the int8 family, ...) owns
 //! everything about its layers: how its records read (`WeightQuant`), its
@@ -6,12 +6,12 @@
 //! one of its layouts, how its weights dequantize to a float pivot and are
 //! quantized from one, the family-neutral code form it exchanges integers
 //! through (so a lossless re-layout between two families needs no code
-//! written for that pair), and the side files and `quantization_config` it
-//! writes. Nothing outside a family's folder and this registry matches on a
-//! family's record.
+//! written for that pair), the side files it reads beside an input, and the
+//! side files and `quantization_config` it writes. Nothing outside a
+//! family's folder and the registry matches on a family's record.
 //!
 //! Adding a family: a folder under `src/layout/` with a type implementing
-//! `Family`, one line in `FAMILIES`, its section in spec/layouts.md, its
+//! `Family`, one line in `registry::FAMILIES`, its section in spec/layouts.md, its
 //! fixtures and tests (CONTRIBUTING.md, "Adding a layout family").
 
 use serde::Serialize;
@@ -207,6 +207,18 @@ pub(crate) trait Family: Sync {
     fn resolve_flat(&self, l: &mut Layer, _shape: &[u64]) -> Result<()> {
         Err(Error::layout("this layout family records no flat weights").with_layer(l.path.clone()))
     }
+    /// What this family reads beside an input to read its layers (its
+    /// side files: quanto's `quanto_qmap.json` and diffusers `config.json`),
+    /// as its own type for its detector ([`Hints::side`]); `given` names
+    /// side files the user passed instead (`quanto_qmap.json` for
+    /// `--qmap`). Default: nothing.
+    fn side_files(
+        &self,
+        _input: &std::path::Path,
+        _given: &[(&str, &std::path::Path)],
+    ) -> Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+        Ok(None)
+    }
     /// This family's layer detection over one source (`None`: the family
     /// is never read from stored tensors, as plain layers are what is
     /// left).
@@ -215,26 +227,41 @@ pub(crate) trait Family: Sync {
     }
 }
 
-/// What the reader may use besides the tensors themselves.
+/// What the reader may use besides the tensors themselves: a plain
+/// checkpoint of the same model (logical shapes), and what each family
+/// read from its own side files beside the input ([`Family::side_files`]:
+/// quanto's map and diffusers config), kept as the family's own type.
+#[derive(Default)]
 pub struct Hints<'a> {
-    /// The quantization map (from `quanto_qmap.json` or given).
-    pub qmap: Option<crate::layout::quanto::QuantoMap>,
-    /// A diffusers `QuantoConfig`.
-    pub diffusers: Option<crate::layout::quanto::DiffusersQuanto>,
     /// A plain checkpoint of the same model to take logical shapes from.
     pub shapes_from: Option<&'a dyn TensorSource>,
-    /// int8 layouts to recognise (the built-in presets by default).
-    pub int8: Vec<crate::layout::int8::Int8Descriptor>,
+    side: Vec<(&'static str, Box<dyn std::any::Any + Send + Sync>)>,
 }
 
-impl Default for Hints<'_> {
-    fn default() -> Self {
-        Hints {
-            qmap: None,
-            diffusers: None,
-            shapes_from: None,
-            int8: crate::layout::int8::detection_presets(),
-        }
+impl<'a> Hints<'a> {
+    /// The hints with what family `family` read beside the input.
+    #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests and fuzz targets
+    pub fn with_side<T: std::any::Any + Send + Sync>(mut self, family: &'static str, v: T) -> Self {
+        self.side.push((family, Box::new(v)));
+        self
+    }
+
+    /// The same, already boxed (what [`Family::side_files`] returns).
+    pub(crate) fn with_side_boxed(
+        mut self,
+        family: &'static str,
+        v: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        self.side.push((family, v));
+        self
+    }
+
+    /// What family `family` read beside the input, if it read anything.
+    pub fn side<T: std::any::Any>(&self, family: &str) -> Option<&T> {
+        self.side
+            .iter()
+            .find(|(f, _)| *f == family)
+            .and_then(|(_, v)| v.downcast_ref())
     }
 }
 
@@ -245,7 +272,7 @@ pub(crate) struct DetectCtx<'a> {
     /// The source.
     pub src: &'a dyn TensorSource,
     /// ckptkit's schema (`ckptkit.schema`), when the source records one.
-    pub schema: Option<&'a crate::layout::quanto::Schema>,
+    pub schema: Option<&'a crate::format::st_schema::Schema>,
     /// The hints.
     pub hints: &'a Hints<'a>,
 }
@@ -341,40 +368,6 @@ pub(crate) struct PlanCtx<'a> {
     pub source: &'a dyn Family,
 }
 
-/// The registry: every family, in detection order. Adding a family is one
-/// line here.
-pub(crate) static FAMILIES: &[&dyn Family] = &[
-    &crate::layout::plain::Plain,
-    &crate::layout::quanto::family::Quanto,
-    &crate::layout::int8::family::Int8,
-    #[cfg(test)]
-    &crate::layout::toy::Toy,
-];
-
-/// The family that owns a record: a registered one, or [`Unknown`] for a
-/// family record no registered family owns.
-pub(crate) fn family_of(w: &WeightQuant) -> &'static dyn Family {
-    FAMILIES
-        .iter()
-        .copied()
-        .find(|f| f.owns(w))
-        .unwrap_or(&Unknown)
-}
-
-/// Whether a layer's record is of a family this version does not know.
-pub(crate) fn is_unknown(l: &Layer) -> bool {
-    of(l).name() == Unknown.name()
-}
-
-/// Refuses layers of unknown families where their record cannot be kept
-/// (`doing`: what the caller was about to do), naming the first.
-pub(crate) fn refuse_unknown(layers: &[Layer], doing: &str) -> Result<()> {
-    match layers.iter().find(|l| is_unknown(l)) {
-        Some(l) => Err(Unknown::refuse(&l.quant.weights, doing).with_layer(l.path.clone())),
-        None => Ok(()),
-    }
-}
-
 /// The family of a record that no registered family owns (a container 2.0
 /// family record written by a newer ckptkit). Its layers can be verified,
 /// inspected and copied into another container byte for byte; everything
@@ -463,37 +456,6 @@ impl Family for Unknown {
         _input: WeightInput<'_>,
     ) -> Result<Vec<(String, TensorBytes)>> {
         Err(Self::refuse(record, "quantize into it").with_layer(path.to_string()))
-    }
-}
-
-/// The family of a layer's record.
-pub(crate) fn of(l: &Layer) -> &'static dyn Family {
-    family_of(&l.quant.weights)
-}
-
-/// A `--to` spelling of any quantized family, as (family, target record).
-pub(crate) fn parse_target(s: &str) -> Option<Result<(&'static dyn Family, WeightQuant)>> {
-    FAMILIES
-        .iter()
-        .find_map(|f| f.parse_target(s).map(|r| r.map(|w| (*f, w))))
-}
-
-/// Every family's `--to` spellings, for messages.
-pub(crate) fn spellings() -> String {
-    FAMILIES
-        .iter()
-        .map(|f| f.spellings())
-        .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The display name of a layer's layout.
-pub fn layout_name(l: &Layer) -> String {
-    let w = of(l).weights_name(l);
-    match &l.quant.activations {
-        Some(a) => format!("{w}, activations {a}"),
-        None => w,
     }
 }
 
@@ -597,50 +559,4 @@ pub(crate) fn cast_bytes(from: Dtype, to: Dtype, b: &[u8]) -> Result<Vec<u8>> {
     };
     crate::float::cast(f, t, b)
         .map_err(|e| Error::new(crate::error::ErrorKind::Unsupported(e.to_string())))
-}
-
-/// Gives every flat weight of `layers` its logical shape from a plain
-/// checkpoint of the same model (`{path}.{name}` there, same element
-/// count), through its family, and checks the layer again.
-pub(crate) fn resolve_flat(layers: &mut [Layer], shapes: &dyn TensorSource) -> Result<()> {
-    for l in layers.iter_mut() {
-        let Some(t) = l
-            .tensors
-            .iter()
-            .find(|t| t.encoding == Encoding::QuantizedFlat)
-        else {
-            continue;
-        };
-        let key = format!("{}.{}", l.path, t.name);
-        let n = t.shape.first().copied().unwrap_or(0);
-        let shape = match shapes.get(&key) {
-            Some(s) if crate::dtype::numel(&s.shape).ok() == Some(n) => s.shape.clone(),
-            Some(s) => {
-                return Err(Error::layout(format!(
-                    "`{key}` in {} is {:?}, not the {n} elements this layer stores",
-                    shapes.describe(),
-                    s.shape
-                ))
-                .with_layer(l.path.clone()))
-            }
-            None => {
-                return Err(Error::layout(format!(
-                    "{} has no `{key}` to take this flat weight's shape from",
-                    shapes.describe()
-                ))
-                .with_layer(l.path.clone()))
-            }
-        };
-        let fam = of(l);
-        fam.resolve_flat(l, &shape)?;
-        fam.check_layer(l)?;
-    }
-    Ok(())
-}
-
-/// Checks a layer record: its family's rules (`Family::check_layer`).
-/// `verify` runs it on every layer of a container, so that a container
-/// `verify` accepts is one every conversion can read.
-pub fn check_layer(l: &Layer) -> Result<()> {
-    of(l).check_layer(l)
 }

@@ -6,7 +6,8 @@ pub mod family;
 pub mod int8;
 pub mod plain;
 pub mod quanto;
+pub mod registry;
 #[cfg(test)]
 mod toy;
 
-pub use family::check_layer;
+pub use registry::check_layer;

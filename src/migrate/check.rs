@@ -55,7 +55,7 @@ pub fn like_target(reference: &Path) -> Result<Target> {
         order.push(l.path.clone());
         let w = l.tensors.iter().find(|t| t.name == "weight");
         // the reference's record must be one its family reads
-        crate::layout::family::of(&l)
+        crate::layout::registry::of(&l)
             .check_record(&l.quant.weights)
             .map_err(|e| e.with_layer(l.path.clone()).with_file(reference))?;
         m.insert(
@@ -157,7 +157,7 @@ pub(crate) fn describe_layout(l: &Layer) -> String {
         .collect();
     format!(
         "{} {}",
-        crate::layout::family::layout_name(l),
+        crate::layout::registry::layout_name(l),
         keys.join(" + ")
     )
 }

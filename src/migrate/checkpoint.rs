@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::io::atomic::AtomicDir;
 use crate::io::sharded::find_index;
 use crate::io::source::{Checked, TensorSource};
-use crate::layout::quanto::{self, QMAP_FILE};
+use crate::layout::quanto::QMAP_FILE;
 use crate::migrate::plan::plan;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -176,10 +176,10 @@ pub fn convert_checkpoint_dir(
         let out = dir.path().join(rel);
         std::fs::create_dir_all(&out)?;
         let mut md = src.metadata().clone();
-        md.remove(quanto::SCHEMA_KEY);
+        md.remove(crate::format::st_schema::SCHEMA_KEY);
         md.entry("format".into()).or_insert_with(|| "pt".into());
         if let Some(s) = schema_for(p) {
-            md.insert(quanto::SCHEMA_KEY.into(), s);
+            md.insert(crate::format::st_schema::SCHEMA_KEY.into(), s);
         }
         write_model_dir(src, p, &losses, &out, &model_stem(&src.files()), &md, opts)?;
         summary.warnings.extend(update_config(

@@ -11,8 +11,9 @@ use crate::format::manifest::{
     Encoding, Layer, LogicalTensor, Part, Quantization, Role, Shard, WeightQuant,
 };
 use crate::io::source::{SourceTensor, TensorSource};
-use crate::layout::family::{layout_name, Hints};
+use crate::layout::family::Hints;
 use crate::layout::quanto;
+use crate::layout::registry::layout_name;
 
 /// A layer as `inspect` reports it, for any source.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -122,8 +123,10 @@ fn plain_tensor(name: &str, t: &SourceTensor) -> LogicalTensor {
 /// is an error naming the layer; layers that stay ambiguous are listed
 /// together in one error that says which hint resolves them.
 pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<Layer>> {
-    use crate::layout::family::{DetectCtx, Detected, FAMILIES};
-    let schema = quanto::schema_of(src.metadata()).map_err(|e| e.with_file(src.describe()))?;
+    use crate::layout::family::{DetectCtx, Detected};
+    use crate::layout::registry::FAMILIES;
+    let schema = crate::format::st_schema::schema_of(src.metadata())
+        .map_err(|e| e.with_file(src.describe()))?;
     let ctx = DetectCtx {
         src,
         schema: schema.as_ref(),

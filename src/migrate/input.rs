@@ -8,7 +8,7 @@ use crate::io::container::Container;
 use crate::io::open::{input_kind, open_source, InputKind};
 use crate::io::source::{SourceTensor, TensorSource};
 use crate::layout::family::Hints;
-use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
+use crate::layout::quanto::{self, QMAP_FILE};
 use crate::migrate::detect_layers;
 use crate::migrate::plan::{Plan, Target};
 use crate::Dtype;
@@ -33,25 +33,28 @@ pub fn input_layers(
         // weights recorded flat take their shape from --shapes-from
         if let Some(p) = &opts.shapes_from {
             let shapes = open_source(p)?;
-            crate::layout::family::resolve_flat(&mut layers, shapes.as_ref())
+            crate::layout::registry::resolve_flat(&mut layers, shapes.as_ref())
                 .map_err(|e| e.with_file(input))?;
         }
         return Ok(layers);
     }
-    let qmap = match &opts.qmap {
-        Some(p) => Some(QuantoMap::from_file(p)?),
-        None => quanto::qmap_beside(input)?,
-    };
     let shapes = match &opts.shapes_from {
         Some(p) => Some(open_source(p)?),
         None => None,
     };
-    let hints = Hints {
-        qmap,
-        diffusers: quanto::diffusers_beside(input)?,
-        shapes_from: shapes.as_deref(),
-        ..Default::default()
-    };
+    // each family reads its own side files beside the input (or given)
+    let given: Vec<(&str, &Path)> = opts
+        .qmap
+        .iter()
+        .map(|p| (crate::layout::quanto::QMAP_FILE, p.as_path()))
+        .collect();
+    let mut hints = Hints::default();
+    hints.shapes_from = shapes.as_deref();
+    for f in crate::layout::registry::FAMILIES {
+        if let Some(side) = f.side_files(input, &given)? {
+            hints = hints.with_side_boxed(f.name(), side);
+        }
+    }
     detect_layers(src, &hints)
 }
 

@@ -55,7 +55,7 @@ use crate::io::atomic::{AtomicDir, DestKind};
 use crate::io::open::{input_kind, open_source, InputKind};
 use crate::io::source::{Checked, TensorSource};
 use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter};
-use crate::layout::quanto::{self};
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -193,7 +193,7 @@ pub(crate) fn convert_opened(
     };
     if okind != OutputKind::Container {
         if let Some(l) = &layers {
-            crate::layout::family::refuse_unknown(l, UNKNOWN_OUTSIDE)
+            crate::layout::registry::refuse_unknown(l, UNKNOWN_OUTSIDE)
                 .map_err(|e| e.with_file(input))?;
         }
     }
@@ -269,7 +269,7 @@ pub(crate) fn convert_planned(
 ) -> Result<Summary> {
     let layers = input_layers(input, src, opts).map_err(|e| e.with_file(input))?;
     if okind != OutputKind::Container {
-        crate::layout::family::refuse_unknown(&layers, UNKNOWN_OUTSIDE)
+        crate::layout::registry::refuse_unknown(&layers, UNKNOWN_OUTSIDE)
             .map_err(|e| e.with_file(input))?;
     }
     let mut p = plan(&layers, &opts.target, &opts.select).map_err(|e| e.with_file(input))?;
@@ -312,10 +312,10 @@ pub(crate) fn convert_planned(
     opts.control.set_total(bytes_out);
     let losses: Losses = Default::default();
     let mut md = src.metadata().clone();
-    md.remove(quanto::SCHEMA_KEY);
+    md.remove(crate::format::st_schema::SCHEMA_KEY);
     md.entry("format".into()).or_insert_with(|| "pt".into());
     if let Some(s) = schema_for(&p) {
-        md.insert(quanto::SCHEMA_KEY.into(), s);
+        md.insert(crate::format::st_schema::SCHEMA_KEY.into(), s);
     }
     match okind {
         OutputKind::Safetensors => {

@@ -12,9 +12,9 @@ use crate::format::manifest::{Encoding, Layer, LogicalTensor, Part, Role, Weight
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    self, family_of, is_quantized, layout_name, plain_logical, Family, PlanCtx, Planned,
-    WeightInput, ACT_SCALES,
+    self, is_quantized, plain_logical, Family, PlanCtx, Planned, WeightInput, ACT_SCALES,
 };
+use crate::layout::registry::{family_of, layout_name};
 
 pub use crate::layout::family::{Loss, Pass};
 
@@ -79,7 +79,7 @@ impl Target {
         let bad = || {
             Error::usage(format!(
                 "unknown target `{s}`; use keep, plain, plain:bf16|f16|f32, {}",
-                family::spellings()
+                crate::layout::registry::spellings()
             ))
         };
         Ok(match s.split_once(':') {
@@ -91,7 +91,7 @@ impl Target {
                 "f32" => Dtype::F32,
                 _ => return Err(bad()),
             })),
-            _ => match family::parse_target(s) {
+            _ => match crate::layout::registry::parse_target(s) {
                 Some(r) => Target::Layout(LayoutTarget::new(r?.1)),
                 None => return Err(bad()),
             },
@@ -384,7 +384,7 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     const LEFT_FLOAT: &str =
         "float layer left float: the input is partly quantized (--include selects float layers)";
     for l in layers {
-        let source = family::of(l);
+        let source = crate::layout::registry::of(l);
         // a record's parameters must be readable (an int8 record names a
         // preset exactly or carries a valid descriptor, spec/layouts.md §3)
         source
@@ -488,7 +488,7 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
             )))
             .with_layer(l.path.clone()));
         }
-        if family::is_unknown(l) && lp.passes != [Pass::Copy] {
+        if crate::layout::registry::is_unknown(l) && lp.passes != [Pass::Copy] {
             return Err(
                 family::Unknown::refuse(&l.quant.weights, "convert it").with_layer(l.path.clone())
             );
@@ -733,7 +733,7 @@ fn float_input(
 ) -> Result<TensorBytes> {
     if s.encoding.is_quantized() {
         return Ok(TensorBytes::Pooled(crate::io::pool::Pooled::new(
-            family::of(l).dequantize(src, l, s, to)?,
+            crate::layout::registry::of(l).dequantize(src, l, s, to)?,
         )));
     }
     let raw = src.read(&s.parts[0].key)?;
@@ -807,7 +807,7 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                 let input = if relayout {
                     // the integers carry over through the family-neutral
                     // code form, converted to the target's scale form
-                    let v = family::of(l).read_codes(src, l, s)?;
+                    let v = crate::layout::registry::of(l).read_codes(src, l, s)?;
                     let form = fam.target_form(record, t.dtype).ok_or_else(|| {
                         Error::layout("re-layout into a layout without a code form")
                             .with_layer(l.path.clone())

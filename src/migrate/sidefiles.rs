@@ -3,8 +3,8 @@
 //! the quanto map.
 
 use crate::error::{Error, Result};
-use crate::layout::family::family_of;
 use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
+use crate::layout::registry::family_of;
 use crate::migrate::plan::Plan;
 use std::path::Path;
 
@@ -75,7 +75,7 @@ pub(crate) fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<Optio
         .map(str::to_owned);
     // a quantization config one of the families writes
     let stale_family = method.as_deref().and_then(|m| {
-        crate::layout::family::FAMILIES
+        crate::layout::registry::FAMILIES
             .iter()
             .copied()
             .find(|f| f.config_methods().contains(&m))
@@ -213,7 +213,7 @@ pub(crate) fn carry_model_files(
 
 /// ckptkit's schema of the quanto layers of a plan (for `__metadata__`).
 pub(crate) fn schema_for(p: &Plan) -> Option<String> {
-    let mut s = quanto::Schema::new();
+    let mut s = crate::format::st_schema::Schema::new();
     for l in &p.layers {
         let o = &l.output;
         let w = o.tensors.iter().find(|t| t.name == "weight");
@@ -225,7 +225,7 @@ pub(crate) fn schema_for(p: &Plan) -> Option<String> {
             };
         s.insert(
             o.path.clone(),
-            quanto::SchemaEntry {
+            crate::format::st_schema::SchemaEntry {
                 weights,
                 activations: o.quant.activations.clone().unwrap_or_else(|| "none".into()),
                 group_size: gs,
@@ -239,7 +239,7 @@ pub(crate) fn schema_for(p: &Plan) -> Option<String> {
             },
         );
     }
-    (!s.is_empty()).then(|| quanto::schema_json(&s))
+    (!s.is_empty()).then(|| crate::format::st_schema::schema_json(&s))
 }
 
 /// The quanto map of a plan's output (modules in natural path order).

@@ -24,7 +24,7 @@ pub(crate) struct Int8;
 /// user layout written before descriptors were recorded), is refused: it
 /// cannot be read back. Other names are other families'.
 fn recorded(
-    schema: Option<&crate::layout::quanto::Schema>,
+    schema: Option<&crate::format::st_schema::Schema>,
 ) -> Result<std::collections::BTreeMap<String, Int8Descriptor>> {
     let mut out = std::collections::BTreeMap::new();
     for (path, e) in schema.into_iter().flatten() {
@@ -56,6 +56,9 @@ struct Int8Detector<'a> {
     /// The stored keys of a recorded layout's parts, by their module: they
     /// belong to it whatever their keys look like.
     owner: std::collections::HashMap<String, String>,
+    /// The layouts tried on modules no schema entry describes: the
+    /// detection presets.
+    presets: Vec<Int8Descriptor>,
 }
 
 impl Detector for Int8Detector<'_> {
@@ -108,7 +111,7 @@ impl Detector for Int8Detector<'_> {
             });
         }
         Ok(
-            match super::detect(self.ctx.src, path, &all, &self.ctx.hints.int8, dtype_hint)? {
+            match super::detect(self.ctx.src, path, &all, &self.presets, dtype_hint)? {
                 Some((weight, record, used)) => Detected::Found {
                     weight,
                     record,
@@ -196,6 +199,7 @@ impl Family for Int8 {
             },
             recorded,
             owner,
+            presets: super::detection_presets(),
         })))
     }
 

@@ -44,6 +44,15 @@ struct QuantoDetector<'a> {
 }
 
 impl QuantoDetector<'_> {
+    /// What quanto read beside the input (map, diffusers config).
+    fn side(&self) -> Option<&super::QuantoSide> {
+        self.ctx.hints.side::<super::QuantoSide>("quanto")
+    }
+
+    fn qmap(&self) -> Option<&super::QuantoMap> {
+        self.side().and_then(|s| s.qmap.as_ref())
+    }
+
     fn entry(&self, path: &str) -> Option<&super::QmapEntry> {
         self.qmap.as_ref().and_then(|m| {
             crate::format::lookups::add(1);
@@ -82,7 +91,16 @@ impl Detector for QuantoDetector<'_> {
             };
             *slot = Some(t);
         }
-        match super::quanto_weight(path, &g, self.entry(path), self.ctx.hints, self.ctx.schema)? {
+        let diffusers = self.side().and_then(|s| s.diffusers.as_ref());
+        let shapes = self.ctx.hints.shapes_from;
+        match super::quanto_weight(
+            path,
+            &g,
+            self.entry(path),
+            diffusers,
+            shapes,
+            self.ctx.schema,
+        )? {
             Some((weight, record)) => Ok(Detected::Found {
                 weight,
                 record,
@@ -106,7 +124,7 @@ impl Detector for QuantoDetector<'_> {
 
     fn ambiguity_hint(&self) -> String {
         // the map, when it was read, gave the qtypes: only shapes are missing
-        if self.ctx.hints.qmap.is_some() {
+        if self.qmap().is_some() {
             "the quanto map gives their qtype but not their logical shape (packed layers \
              without a bias); pass a plain checkpoint of the same model (--shapes-from \
              model.safetensors)"
@@ -121,7 +139,7 @@ impl Detector for QuantoDetector<'_> {
     fn finish(&self, layers: &[Layer]) -> Result<()> {
         // modules the map names that hold no tensors (never so in real quanto
         // files) are ignored; modules it names with weights must exist
-        let Some(m) = &self.ctx.hints.qmap else {
+        let Some(m) = self.qmap() else {
             return Ok(());
         };
         let have: std::collections::HashSet<&str> =
@@ -156,7 +174,11 @@ fn qtype_of(w: &WeightQuant) -> Option<(QType, Option<u64>)> {
 
 impl Family for Quanto {
     fn detector<'a>(&self, ctx: &DetectCtx<'a>) -> Result<Option<Box<dyn Detector + 'a>>> {
-        let qmap = ctx.hints.qmap.as_ref().map(super::QuantoMap::index);
+        let qmap = ctx
+            .hints
+            .side::<super::QuantoSide>("quanto")
+            .and_then(|s| s.qmap.as_ref())
+            .map(super::QuantoMap::index);
         Ok(Some(Box::new(QuantoDetector {
             ctx: DetectCtx {
                 src: ctx.src,
@@ -169,6 +191,19 @@ impl Family for Quanto {
 
     fn name(&self) -> &'static str {
         "quanto"
+    }
+
+    fn side_files(
+        &self,
+        input: &std::path::Path,
+        given: &[(&str, &std::path::Path)],
+    ) -> Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+        let qmap = match given.iter().find(|(k, _)| *k == super::QMAP_FILE) {
+            Some((_, p)) => Some(super::QuantoMap::from_file(p)?),
+            None => super::qmap_beside(input)?,
+        };
+        let diffusers = super::diffusers_beside(input)?;
+        Ok(Some(Box::new(super::QuantoSide { qmap, diffusers })))
     }
 
     fn owns(&self, w: &WeightQuant) -> bool {

@@ -7,7 +7,7 @@ pub mod error;
 pub mod math;
 pub mod pack;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -23,10 +23,19 @@ use crate::format::layers::split_key;
 use crate::format::manifest::{Encoding, Layer, LogicalTensor, Part, Role, WeightQuant};
 use crate::io::source::{SourceTensor, TensorSource};
 
+/// What the quanto family reads beside an input ([`Family::side_files`](crate::layout::family::Family)):
+/// the quantization map (`quanto_qmap.json`, or the one given with
+/// `--qmap`) and a diffusers `config.json`'s `QuantoConfig`.
+#[derive(Debug, Clone, Default)]
+pub struct QuantoSide {
+    /// The quantization map.
+    pub qmap: Option<QuantoMap>,
+    /// A diffusers `QuantoConfig`.
+    pub diffusers: Option<DiffusersQuanto>,
+}
+
 /// The side file optimum-quanto writes beside a checkpoint.
 pub const QMAP_FILE: &str = "quanto_qmap.json";
-/// The `__metadata__` key under which ckptkit records its layer schema.
-pub const SCHEMA_KEY: &str = "ckptkit.schema";
 
 /// One entry of a quantization map.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,57 +195,6 @@ impl DiffusersQuanto {
     }
 }
 
-/// One layer of ckptkit's schema as recorded in `__metadata__`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SchemaEntry {
-    /// Weight qtype name, or `none`.
-    pub weights: String,
-    /// Activation qtype name, or `none`.
-    pub activations: String,
-    /// Group size.
-    pub group_size: Option<u64>,
-    /// Logical weight dtype.
-    pub dtype: String,
-    /// Logical weight shape.
-    pub shape: Vec<u64>,
-    /// For an int8 layer in a user layout, the full descriptor
-    /// (`weights` is then its name); absent for quanto layers and the
-    /// built-in int8 presets. An additive field of schema version 1 (readers
-    /// ignore fields they do not know).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub descriptor: Option<serde_json::Value>,
-}
-
-/// ckptkit's schema: module path → entry.
-pub type Schema = BTreeMap<String, SchemaEntry>;
-
-/// Parses the schema from a source's metadata, if present.
-pub fn schema_of(metadata: &BTreeMap<String, String>) -> Result<Option<Schema>> {
-    match metadata.get(SCHEMA_KEY) {
-        None => Ok(None),
-        Some(s) => {
-            #[derive(Deserialize)]
-            struct W {
-                version: u32,
-                layers: Schema,
-            }
-            let w: W = serde_json::from_str(s).map_err(|e| Error::json(SCHEMA_KEY, e))?;
-            if w.version != 1 {
-                return Err(json_err(
-                    SCHEMA_KEY,
-                    format!("unknown version {}", w.version),
-                ));
-            }
-            Ok(Some(w.layers))
-        }
-    }
-}
-
-/// Renders a schema for `__metadata__`.
-pub fn schema_json(schema: &Schema) -> String {
-    serde_json::json!({"version": 1, "layers": schema}).to_string()
-}
-
 /// Converts a float dtype to ours.
 pub fn dtype_of_float(f: FloatDtype) -> Dtype {
     match f {
@@ -317,8 +275,9 @@ pub(crate) fn quanto_weight(
     path: &str,
     g: &Group<'_>,
     qentry: Option<&QmapEntry>,
-    hints: &crate::layout::family::Hints<'_>,
-    schema: Option<&Schema>,
+    diffusers: Option<&DiffusersQuanto>,
+    shapes_from: Option<&dyn crate::io::source::TensorSource>,
+    schema: Option<&crate::format::st_schema::Schema>,
 ) -> Result<Option<(LogicalTensor, WeightQuant)>> {
     let sch = schema.and_then(|s| s.get(path));
     let scale = g.scale.ok_or_else(|| {
@@ -353,7 +312,7 @@ pub(crate) fn quanto_weight(
         QType::from_name(&e.weights).map(|q| (q, "the quanto map"))
     } else if let Some(e) = sch {
         QType::from_name(&e.weights).map(|q| (q, "the ckptkit schema"))
-    } else if let Some(d) = &hints.diffusers {
+    } else if let Some(d) = diffusers {
         Some((d.weights, "config.json quantization_config"))
     } else {
         None
@@ -390,7 +349,7 @@ pub(crate) fn quanto_weight(
         .map(|e| e.shape.clone())
         .filter(|s| !s.is_empty())
         .or_else(|| {
-            hints.shapes_from.and_then(|s| {
+            shapes_from.and_then(|s| {
                 let k = format!("{path}.weight");
                 s.get(&k).map(|t| t.shape.clone())
             })

@@ -1,0 +1,118 @@
+//! The registry: every layout family, in detection order, and what asks
+//! "whose is this record?". Adding a family is one line in [`FAMILIES`].
+
+use crate::error::{Error, Result};
+use crate::format::manifest::{Encoding, Layer, WeightQuant};
+use crate::io::source::TensorSource;
+use crate::layout::family::{Family, Unknown};
+
+/// The registry: every family, in detection order. Adding a family is one
+/// line here.
+pub(crate) static FAMILIES: &[&dyn Family] = &[
+    &crate::layout::plain::Plain,
+    &crate::layout::quanto::family::Quanto,
+    &crate::layout::int8::family::Int8,
+    #[cfg(test)]
+    &crate::layout::toy::Toy,
+];
+
+/// The family that owns a record: a registered one, or [`Unknown`] for a
+/// family record no registered family owns.
+pub(crate) fn family_of(w: &WeightQuant) -> &'static dyn Family {
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.owns(w))
+        .unwrap_or(&Unknown)
+}
+
+/// Whether a layer's record is of a family this version does not know.
+pub(crate) fn is_unknown(l: &Layer) -> bool {
+    of(l).name() == Unknown.name()
+}
+
+/// Refuses layers of unknown families where their record cannot be kept
+/// (`doing`: what the caller was about to do), naming the first.
+pub(crate) fn refuse_unknown(layers: &[Layer], doing: &str) -> Result<()> {
+    match layers.iter().find(|l| is_unknown(l)) {
+        Some(l) => Err(Unknown::refuse(&l.quant.weights, doing).with_layer(l.path.clone())),
+        None => Ok(()),
+    }
+}
+
+/// The family of a layer's record.
+pub(crate) fn of(l: &Layer) -> &'static dyn Family {
+    family_of(&l.quant.weights)
+}
+
+/// A `--to` spelling of any quantized family, as (family, target record).
+pub(crate) fn parse_target(s: &str) -> Option<Result<(&'static dyn Family, WeightQuant)>> {
+    FAMILIES
+        .iter()
+        .find_map(|f| f.parse_target(s).map(|r| r.map(|w| (*f, w))))
+}
+
+/// Every family's `--to` spellings, for messages.
+pub(crate) fn spellings() -> String {
+    FAMILIES
+        .iter()
+        .map(|f| f.spellings())
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The display name of a layer's layout.
+pub fn layout_name(l: &Layer) -> String {
+    let w = of(l).weights_name(l);
+    match &l.quant.activations {
+        Some(a) => format!("{w}, activations {a}"),
+        None => w,
+    }
+}
+
+/// Gives every flat weight of `layers` its logical shape from a plain
+/// checkpoint of the same model (`{path}.{name}` there, same element
+/// count), through its family, and checks the layer again.
+pub(crate) fn resolve_flat(layers: &mut [Layer], shapes: &dyn TensorSource) -> Result<()> {
+    for l in layers.iter_mut() {
+        let Some(t) = l
+            .tensors
+            .iter()
+            .find(|t| t.encoding == Encoding::QuantizedFlat)
+        else {
+            continue;
+        };
+        let key = format!("{}.{}", l.path, t.name);
+        let n = t.shape.first().copied().unwrap_or(0);
+        let shape = match shapes.get(&key) {
+            Some(s) if crate::dtype::numel(&s.shape).ok() == Some(n) => s.shape.clone(),
+            Some(s) => {
+                return Err(Error::layout(format!(
+                    "`{key}` in {} is {:?}, not the {n} elements this layer stores",
+                    shapes.describe(),
+                    s.shape
+                ))
+                .with_layer(l.path.clone()))
+            }
+            None => {
+                return Err(Error::layout(format!(
+                    "{} has no `{key}` to take this flat weight's shape from",
+                    shapes.describe()
+                ))
+                .with_layer(l.path.clone()))
+            }
+        };
+        let fam = of(l);
+        fam.resolve_flat(l, &shape)?;
+        fam.check_layer(l)?;
+    }
+    Ok(())
+}
+
+/// Checks a layer record: its family's rules (`Family::check_layer`).
+/// `verify` runs it on every layer of a container, so that a container
+/// `verify` accepts is one every conversion can read.
+pub fn check_layer(l: &Layer) -> Result<()> {
+    of(l).check_layer(l)
+}
