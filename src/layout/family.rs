@@ -106,8 +106,10 @@ pub(crate) trait Family: Sync {
     /// Whether a layer record is this family's.
     fn owns(&self, w: &WeightQuant) -> bool;
     /// The weights part of a layer's layout name (`quanto qint4 group
-    /// 128`, `int8:ct`, `plain BF16`).
-    fn weights_name(&self, l: &Layer) -> String;
+    /// 128`, `int8:ct`, `plain BF16`); by default its record's label.
+    fn weights_name(&self, l: &Layer) -> String {
+        self.label(&l.quant.weights)
+    }
     /// What passes call a layout of this family (`qint4`, `int8:bnb`).
     fn label(&self, w: &WeightQuant) -> String;
     /// Checks a layer record: known parameters, and stored parts of the
@@ -241,9 +243,8 @@ pub struct Hints<'a> {
 impl<'a> Hints<'a> {
     /// The hints with what family `family` read beside the input.
     #[cfg_attr(not(feature = "fuzzing"), allow(dead_code))] // tests and fuzz targets
-    pub fn with_side<T: std::any::Any + Send + Sync>(mut self, family: &'static str, v: T) -> Self {
-        self.side.push((family, Box::new(v)));
-        self
+    pub fn with_side<T: std::any::Any + Send + Sync>(self, family: &'static str, v: T) -> Self {
+        self.with_side_boxed(family, Box::new(v))
     }
 
     /// The same, already boxed (what [`Family::side_files`] returns).

@@ -211,13 +211,6 @@ impl Family for Int8 {
         matches!(w, WeightQuant::Int8 { .. })
     }
 
-    fn weights_name(&self, l: &Layer) -> String {
-        match &l.quant.weights {
-            WeightQuant::Int8 { layout, .. } => layout.clone(),
-            _ => "int8".into(),
-        }
-    }
-
     fn label(&self, w: &WeightQuant) -> String {
         match w {
             WeightQuant::Int8 { layout, .. } => layout.clone(),

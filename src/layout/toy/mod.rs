@@ -142,10 +142,6 @@ impl Family for Toy {
         matches!(w, WeightQuant::Family { name, .. } if name == NAME)
     }
 
-    fn weights_name(&self, _l: &Layer) -> String {
-        NAME.into()
-    }
-
     fn label(&self, _w: &WeightQuant) -> String {
         NAME.into()
     }
