@@ -426,3 +426,61 @@ fn flat_weights_survive_a_safetensors_round_trip() {
         );
     }
 }
+
+/// A plain `lin.weight` stored beside quanto's `lin.weight._data` and
+/// `lin.weight._scale`: both read as the layer's `weight`, so which one a
+/// loader takes is undefined. Every command refuses the layer by name
+/// rather than planning one tensor and executing the other (a fuzz find:
+/// the plan said BF16 [4, 32], execution produced the dequantized [4, 160]).
+#[test]
+fn a_plain_weight_beside_quantos_weight_data_is_refused() {
+    let case = cases()
+        .into_iter()
+        .find(|d| d.ends_with("bf16-qint8"))
+        .unwrap();
+    let src = SafetensorsFile::open(&case.join("quantized.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // the model's keys, with `lin_excluded.weight` (plain BF16 [4, 32])
+    // stored again under the name `lin_zero_row.weight`
+    let mut plan: Vec<(String, ckptkit::Dtype, Vec<u64>)> = src
+        .tensors()
+        .iter()
+        .map(|t| (t.key.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let extra = src.get("lin_excluded.weight").unwrap();
+    assert!(src.get("lin_zero_row.weight._data").is_some());
+    plan.push((
+        "lin_zero_row.weight".into(),
+        extra.dtype,
+        extra.shape.clone(),
+    ));
+    let input = tmp.path().join("both.safetensors");
+    let md = [("format".to_string(), "pt".to_string())].into();
+    let w = ckptkit::SafetensorsWriter::create(&input, &plan, &md, false, false).unwrap();
+    for t in src.tensors() {
+        w.write_tensor(&t.key, &src.read(&t.key).unwrap()).unwrap();
+    }
+    w.write_tensor(
+        "lin_zero_row.weight",
+        &src.read("lin_excluded.weight").unwrap(),
+    )
+    .unwrap();
+    w.finish().unwrap();
+    for target in [Target::Plain(None), Target::parse("quanto:qint8").unwrap()] {
+        let out = tmp.path().join("out.safetensors");
+        let opts = ConvertOptions::default()
+            .target(target)
+            .qmap(Some(case.join("quanto_qmap.json")));
+        let e = convert(&input, &out, &opts).expect_err("a layer with two weights converted");
+        assert!(matches!(e.kind(), ckptkit::ErrorKind::Layout(_)), "{e}");
+        assert_eq!(e.location().layer.as_deref(), Some("lin_zero_row"), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains("`lin_zero_row.weight._data`")
+                && m.contains("`lin_zero_row.weight`")
+                && m.contains("both read as `weight`"),
+            "{m}"
+        );
+        assert!(!out.exists());
+    }
+}

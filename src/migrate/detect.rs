@@ -234,6 +234,29 @@ pub fn detect_layers(src: &dyn TensorSource, hints: &Hints<'_>) -> Result<Vec<La
                 t,
             ));
         }
+        // two stored tensors that read as the same logical tensor (a plain
+        // `weight` beside quanto's `weight._data`): which one the model
+        // loads is undefined, so the layer is refused rather than guessed
+        for (i, t) in tensors.iter().enumerate() {
+            if let Some(u) = tensors[..i].iter().find(|u| u.name == t.name) {
+                let stored = |l: &LogicalTensor| {
+                    l.parts
+                        .iter()
+                        .map(|p| format!("`{}`", p.key))
+                        .collect::<Vec<_>>()
+                        .join(" + ")
+                };
+                return Err(Error::new(ErrorKind::Layout(format!(
+                    "stored tensors {} and {} both read as `{}`; which one a loader takes is \
+                     undefined; re-save the checkpoint with only one of them",
+                    stored(u),
+                    stored(t),
+                    t.name
+                )))
+                .with_layer(path.clone())
+                .with_file(src.describe()));
+            }
+        }
         layers.push(Layer {
             path,
             quant: Quantization {
