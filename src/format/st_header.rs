@@ -83,20 +83,27 @@ pub fn align_class(len: u64) -> u64 {
     }
 }
 
-/// The writer's data order (spec/container.md §3): by descending
-/// `align_class` of the byte length, then the safetensors crate's dtype
-/// order, then key. Laid out back to back from an aligned start, every
+/// The writer's data order (spec/container.md §3): empty tensors first (by
+/// the safetensors crate's dtype order, then key: how readers order tensors
+/// that share an offset), then by descending `align_class` of the byte
+/// length, then by key. Laid out back to back from an aligned start, every
 /// tensor then starts at a multiple of its class (so at a multiple of 16
-/// whenever its length is one), with no holes; tensors whose byte length
-/// cannot be computed sort last (the header builder refuses them).
+/// whenever its length is one), with no holes, and a layer's tensors of one
+/// class sit together (`l.weight._data` beside `l.weight._scale`), so a
+/// writer that must emit tensors in this order (a compressed shard)
+/// finishes a layer's large outputs together rather than holding them;
+/// tensors whose byte length cannot be computed sort last (the header
+/// builder refuses them).
 pub fn data_order(tensors: &mut [(String, Dtype, Vec<u64>)]) {
+    use std::cmp::Reverse;
     tensors.sort_by_cached_key(|(k, d, s)| {
-        let class = byte_len(*d, s).map(align_class).unwrap_or(0);
-        (
-            std::cmp::Reverse(class),
-            std::cmp::Reverse(d.to_st()),
-            k.clone(),
-        )
+        // (group, class, the empties' dtype order, key)
+        let (group, class, dtype) = match byte_len(*d, s) {
+            Ok(0) => (0u8, 0, Some(Reverse(d.to_st()))),
+            Ok(n) => (1, align_class(n), None),
+            Err(_) => (2, 0, None),
+        };
+        (group, Reverse(class), dtype, k.clone())
     });
 }
 
@@ -486,6 +493,50 @@ mod tests {
             assert_eq!(t.start % align_class(t.end - t.start), 0, "{}", t.key);
         }
         safetensors::SafeTensors::deserialize(&file).unwrap();
+    }
+
+    /// The writer's order: a layer's tensors of one alignment class sit
+    /// together whatever their dtypes (so a compressed shard, written in
+    /// this order, finishes a layer's big outputs together), smaller
+    /// classes follow, and empty tensors come first in the order readers
+    /// give tensors sharing an offset, so `parse` of what `build` wrote
+    /// lists the tensors exactly in `data_order`.
+    #[test]
+    fn data_order_keeps_a_layers_class_together_and_parses_back_in_it() {
+        let specs = vec![
+            ("b.weight._scale".to_string(), Dtype::BF16, vec![32u64, 1]),
+            ("a.weight._data".to_string(), Dtype::I8, vec![32, 64]),
+            ("b.weight._data".to_string(), Dtype::I8, vec![32, 64]),
+            ("a.weight._scale".to_string(), Dtype::BF16, vec![32, 1]),
+            ("a.input_scale".to_string(), Dtype::BF16, vec![]),
+            ("e2".to_string(), Dtype::I8, vec![0]),
+            ("e1".to_string(), Dtype::F32, vec![0, 3]),
+            ("e0".to_string(), Dtype::I8, vec![4, 0]),
+            ("a.bias".to_string(), Dtype::F32, vec![3]),
+        ];
+        let mut order = specs.clone();
+        data_order(&mut order);
+        let keys: Vec<&str> = order.iter().map(|(k, _, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "e1",
+                "e0",
+                "e2",
+                "a.weight._data",
+                "a.weight._scale",
+                "b.weight._data",
+                "b.weight._scale",
+                "a.bias",
+                "a.input_scale",
+            ]
+        );
+        let (_, parsed) = build(&specs, &BTreeMap::new()).unwrap();
+        let back: Vec<&str> = parsed.tensors.iter().map(|t| t.key.as_str()).collect();
+        assert_eq!(back, keys);
+        for t in &parsed.tensors {
+            assert_eq!(t.start % align_class(t.end - t.start), 0, "{}", t.key);
+        }
     }
 
     #[test]

@@ -113,6 +113,17 @@ pub fn read_capped(path: &Path, cap: u64, what: &'static str) -> Result<Vec<u8>>
     Ok(buf)
 }
 
+/// Largest side file (a quanto map, a `config.json`, a descriptor)
+/// accepted.
+pub const MAX_SIDE_FILE: u64 = 64 << 20;
+
+/// Reads a small JSON side file: a regular file (after following
+/// symlinks), at most [`MAX_SIDE_FILE`] bytes, read up to the cap and no
+/// further whatever the file system claims.
+pub fn read_side_file(path: &Path) -> Result<String> {
+    read_capped_text(path, MAX_SIDE_FILE, "side file size")
+}
+
 /// [`read_capped`] as UTF-8 text.
 pub fn read_capped_text(path: &Path, cap: u64, what: &'static str) -> Result<String> {
     String::from_utf8(read_capped(path, cap, what)?).map_err(|e| {

@@ -181,9 +181,18 @@ pub(crate) trait Family: Sync {
     ) -> Option<(String, Option<u64>, Option<serde_json::Value>)> {
         None
     }
-    /// The `weights` of a `quanto_qmap.json` entry, for a family whose
-    /// records the map describes.
-    fn qmap_weights(&self, _record: &WeightQuant) -> Option<String> {
+    /// The names of the companion files this family writes beside a
+    /// safetensors output (quanto: `quanto_qmap.json`). A companion belongs
+    /// to that weights file alone: it is committed with it, never left
+    /// describing another file, and a stale one is removed with the commit
+    /// when the new output needs none.
+    fn companion_names(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The contents of companion `name` for an output whose layers are
+    /// `layers` (all of them, of any family), or `None` when that output
+    /// needs none.
+    fn companion(&self, _name: &str, _layers: &[&Layer]) -> Option<String> {
         None
     }
     /// The `quant_method` values of the `quantization_config`s this
@@ -209,6 +218,11 @@ pub(crate) trait Family: Sync {
     fn resolve_flat(&self, l: &mut Layer, _shape: &[u64]) -> Result<()> {
         Err(Error::layout("this layout family records no flat weights").with_layer(l.path.clone()))
     }
+    /// The names of the files beside an input that [`Family::side_files`]
+    /// may read (an output must never replace them).
+    fn side_names(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// What this family reads beside an input to read its layers (its
     /// side files: quanto's `quanto_qmap.json` and diffusers `config.json`),
     /// as its own type for its detector ([`Hints::side`]); `given` names
@@ -219,6 +233,19 @@ pub(crate) trait Family: Sync {
         _input: &std::path::Path,
         _given: &[(&str, &std::path::Path)],
     ) -> Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+        Ok(None)
+    }
+    /// A `--like` reference read from this family's own side file: `path`
+    /// itself when `alone` (a side file given as the reference, such as a
+    /// `quanto_qmap.json`), else the one beside the checkpoint at `path`.
+    /// Each module in order, with its record and activation qtype.
+    /// Default: the family has no such file.
+    #[allow(clippy::type_complexity)]
+    fn like_from_side_file(
+        &self,
+        _path: &std::path::Path,
+        _alone: bool,
+    ) -> Result<Option<Vec<(String, WeightQuant, Option<String>)>>> {
         Ok(None)
     }
     /// This family's layer detection over one source (`None`: the family

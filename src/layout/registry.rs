@@ -45,6 +45,30 @@ pub(crate) fn of(l: &Layer) -> &'static dyn Family {
     family_of(&l.quant.weights)
 }
 
+/// Every file beside an input that some family reads.
+pub(crate) fn side_names() -> impl Iterator<Item = &'static str> {
+    FAMILIES.iter().flat_map(|f| f.side_names().iter().copied())
+}
+
+/// Every companion file any family writes beside a safetensors output.
+pub(crate) fn companion_names() -> impl Iterator<Item = &'static str> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| f.companion_names().iter().copied())
+}
+
+/// The companion files an output of `layers` needs, with their contents.
+pub(crate) fn companions(layers: &[&Layer]) -> Vec<(&'static str, String)> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| {
+            f.companion_names()
+                .iter()
+                .filter_map(move |&n| f.companion(n, layers).map(|c| (n, c)))
+        })
+        .collect()
+}
+
 /// A `--to` spelling of any quantized family, as (family, target record).
 pub(crate) fn parse_target(s: &str) -> Option<Result<(&'static dyn Family, WeightQuant)>> {
     FAMILIES
@@ -115,4 +139,68 @@ pub(crate) fn resolve_flat(layers: &mut [Layer], shapes: &dyn TensorSource) -> R
 /// `verify` accepts is one every conversion can read.
 pub fn check_layer(l: &Layer) -> Result<()> {
     of(l).check_layer(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A commit journal may rename only onto its weights file and the
+    /// companion names `io::atomic` knows (so a planted journal cannot
+    /// replace arbitrary files): every family's companion must be one of
+    /// them, or its commit would be refused by its own recovery.
+    #[test]
+    fn every_family_companion_is_one_a_journal_may_commit() {
+        for name in companion_names() {
+            assert!(
+                crate::io::atomic::COMPANION_NAMES.contains(&name),
+                "`{name}` is written beside outputs but io::atomic::COMPANION_NAMES lacks it"
+            );
+        }
+        for name in crate::io::atomic::COMPANION_NAMES {
+            assert!(
+                companion_names().any(|c| c == name),
+                "io::atomic::COMPANION_NAMES lists `{name}`, which no family writes"
+            );
+        }
+    }
+
+    /// The quanto map an output needs, from the families: its quanto
+    /// layers and the plain ones with quantized activations, in order;
+    /// none when the output has neither.
+    #[test]
+    fn companions_come_from_the_families() {
+        let layer = |path: &str, weights: WeightQuant, act: Option<&str>| Layer {
+            path: path.into(),
+            quant: crate::format::manifest::Quantization {
+                weights,
+                activations: act.map(String::from),
+            },
+            tensors: Vec::new(),
+            extensions: Vec::new(),
+        };
+        let q = layer(
+            "b",
+            WeightQuant::Quanto {
+                qtype: "qint8".into(),
+                group_size: None,
+            },
+            None,
+        );
+        let ln = layer("a", WeightQuant::Plain, Some("qfloat8"));
+        let p = layer("c", WeightQuant::Plain, None);
+        let got = companions(&[&q, &ln, &p]);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, "quanto_qmap.json");
+        let v: serde_json::Value = serde_json::from_str(&got[0].1).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "b": {"weights": "qint8", "activations": "none"},
+                "a": {"weights": "none", "activations": "qfloat8"},
+            })
+        );
+        assert!(got[0].1.find("\"b\"") < got[0].1.find("\"a\""));
+        assert!(companions(&[&p]).is_empty());
+    }
 }

@@ -3,38 +3,47 @@
 use crate::error::{ErrorKind, Result};
 use crate::format::manifest::Layer;
 use crate::io::open::open_source;
-use crate::layout::quanto::{self, QuantoMap};
 use crate::migrate::plan::{plan, PlanOptions, Target};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::*;
 
-/// Reads a `--like` reference: a `quanto_qmap.json` file alone, a
-/// checkpoint (with the qmap beside it, if any) or a container.
+/// Reads a `--like` reference: a family's side file alone (a
+/// `quanto_qmap.json`), a checkpoint (with its side files beside it, if
+/// any) or a container.
 pub fn like_target(reference: &Path) -> Result<Target> {
     let mut m = BTreeMap::new();
     let mut order = Vec::new();
     let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
-    let from_qmap = |q: QuantoMap| {
-        let mut m = BTreeMap::new();
-        let mut order = Vec::new();
-        for (k, e) in q.entries {
-            order.push(k.clone());
-            m.insert(
-                k,
-                crate::migrate::plan::LikeLayer {
-                    layout: crate::layout::quanto::family::qmap_record(&e.weights),
-                    activations: (e.activations != "none").then_some(e.activations),
-                    shape: None,
-                    dtype: None,
-                },
-            );
+    // a family's own side file (quanto's map), alone or beside the reference
+    let from_side = |alone: bool| -> Result<Option<Target>> {
+        for f in crate::layout::registry::FAMILIES {
+            if let Some(layers) = f.like_from_side_file(reference, alone)? {
+                let mut m = BTreeMap::new();
+                let mut order = Vec::new();
+                for (k, layout, activations) in layers {
+                    order.push(k.clone());
+                    let like = crate::migrate::plan::LikeLayer {
+                        layout,
+                        activations,
+                        shape: None,
+                        dtype: None,
+                    };
+                    m.insert(k, like);
+                }
+                return Ok(Some(Target::Like(m, order)));
+            }
         }
-        Target::Like(m, order)
+        Ok(None)
     };
     if is_json {
-        return Ok(from_qmap(QuantoMap::from_file(reference)?));
+        return from_side(true)?.ok_or_else(|| {
+            Error::usage(format!(
+                "{} is not a side file any layout family reads (quanto's `quanto_qmap.json`)",
+                reference.display()
+            ))
+        });
     }
     let src = open_source(reference)?;
     let layers = match input_layers(reference, src.as_ref(), &ConvertOptions::default()) {
@@ -44,8 +53,8 @@ pub fn like_target(reference: &Path) -> Result<Target> {
         // reference whose packed layers cannot be told apart without a
         // shape hint still gives its layouts through its map
         Err(e) if matches!(e.kind(), ErrorKind::Ambiguous(_)) => {
-            match quanto::qmap_beside(reference)? {
-                Some(q) => return Ok(from_qmap(q)),
+            match from_side(false)? {
+                Some(t) => return Ok(t),
                 None => return Err(e.with_file(reference)),
             }
         }

@@ -5,7 +5,6 @@ use crate::error::{Error, Result};
 use crate::io::atomic::AtomicDir;
 use crate::io::sharded::find_index;
 use crate::io::source::{Checked, TensorSource};
-use crate::layout::quanto::QMAP_FILE;
 use crate::migrate::plan::plan;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -103,7 +102,7 @@ pub fn convert_checkpoint_dir(
         let files = model_files(&d)?;
         let mut handled: std::collections::HashSet<String> = files.iter().cloned().collect();
         if !files.is_empty() {
-            handled.insert(QMAP_FILE.into());
+            handled.extend(crate::layout::registry::companion_names().map(String::from));
             handled.insert("config.json".into());
             models.push((rel.clone(), files));
         }

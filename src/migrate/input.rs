@@ -8,7 +8,6 @@ use crate::io::container::Container;
 use crate::io::open::{input_kind, open_source, InputKind};
 use crate::io::source::{SourceTensor, TensorSource};
 use crate::layout::family::Hints;
-use crate::layout::quanto::{self, QMAP_FILE};
 use crate::migrate::detect_layers;
 use crate::migrate::plan::{Plan, Target};
 use crate::Dtype;
@@ -74,7 +73,7 @@ pub(crate) fn config_quant_method(input: &Path) -> Result<Option<String>> {
     if !crate::io::files::regular_file_exists(&p)? {
         return Ok(None);
     }
-    let text = quanto::read_side_file(&p)?;
+    let text = crate::io::files::read_side_file(&p)?;
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
         return Ok(None);
     };
@@ -234,7 +233,11 @@ pub(crate) fn read_set(input: &Path, opts: &ConvertOptions) -> Vec<PathBuf> {
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            for side in [QMAP_FILE, "config.json"] {
+            let mut sides: Vec<&str> = crate::layout::registry::side_names().collect();
+            sides.push("config.json");
+            sides.sort_unstable();
+            sides.dedup();
+            for side in sides {
                 let s = dir.join(side);
                 if std::fs::symlink_metadata(&s).is_ok() {
                     v.push(s);
@@ -259,8 +262,8 @@ pub(crate) fn read_set(input: &Path, opts: &ConvertOptions) -> Vec<PathBuf> {
 
 /// Refuses an output that equals, contains or lies inside anything the
 /// conversion reads (symlinks and not-yet-existing parents resolved). The
-/// `quanto_qmap.json` slot of a safetensors output is checked when it is
-/// claimed ([`claim_qmap_slot`]).
+/// companion files of a safetensors output are checked when they are
+/// claimed ([`claim_companions`]).
 pub(crate) fn check_overlap(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<()> {
     let writes = crate::io::paths::output_forms(output);
     for r in read_set(input, opts) {

@@ -319,13 +319,13 @@ pub(crate) fn convert_planned(
     }
     match okind {
         OutputKind::Safetensors => {
-            let slot = claim_qmap_slot(input, output, opts, p.has_quanto())?;
+            let slots = claim_companions(input, output, opts, p.companions())?;
             let w =
                 SafetensorsWriter::create(output, &p.outputs(), &md, opts.overwrite, opts.hashes)?
                     .with_control(opts.control.clone());
             let all: Vec<usize> = (0..p.layers.len()).collect();
             run_layers(src, &p, &all, &losses, &w, &opts.control)?;
-            commit_with_qmap(&p, w, slot)?;
+            commit_with_companions(w, slots)?;
         }
         OutputKind::Directory => {
             let dir = AtomicDir::create(output, opts.overwrite)?;

@@ -1,16 +1,19 @@
 //! Writing a compressed shard of a planned conversion once, in data order.
 //!
-//! A compressed shard takes its tensors in data order ([`data_order`]),
-//! which interleaves layers: a quantized layer's small scale comes with the
-//! other small tensors, its large integer weight much later. The shard's
-//! keys are walked in that order; a layer is executed when its first
-//! output falls due, that tensor is written, and the layer's other computed
-//! outputs wait in memory until their turn (copied outputs do not wait:
-//! they are streamed from the source when due). The wait is capped
-//! ([`PENDING_CAP`]); past it, the tensors due last are dropped and their
-//! layer executed again when they fall due (execution is deterministic; a
-//! layer's loss is recorded once). A few layers with outputs due soon are
-//! executed together, in parallel, when those outputs fit under the cap.
+//! A compressed shard takes its tensors in data order ([`data_order`]):
+//! by alignment class, then key. A layer's tensors of the largest class
+//! (its weight's codes and, in a real model, its scale and bias) are
+//! adjacent; its tensors of smaller classes (scalar activation scales, a
+//! small layer's scale) come later, with the other small tensors. The
+//! shard's keys are walked in that order; a layer is executed when its
+//! first output falls due, that tensor is written, and the layer's other
+//! computed outputs wait in memory until their turn (copied outputs do not
+//! wait: they are streamed from the source when due). What waits is mostly
+//! small; the wait is capped all the same ([`PENDING_CAP`]): past it, the
+//! tensors due last are dropped and their layer executed again when they
+//! fall due (execution is deterministic; a layer's loss is recorded once).
+//! A few layers with outputs due soon are executed together, in parallel,
+//! when those outputs fit under the cap.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -27,12 +30,11 @@ use crate::migrate::plan::{Loss, Plan, Produced};
 use super::{copy_one, outputs_of, Losses};
 
 /// Bytes of computed tensors held in memory until their turn in a
-/// compressed shard's data order. Data order puts small tensors (scales,
-/// biases, norms) before the large ones of the same alignment and a lower
-/// dtype (a quantized layer's integer weight), so executing a layer for its
-/// first output computes outputs due much later; holding them all would
-/// hold most of the converted model. Past this cap the tensors due last are
-/// not held but computed again, by executing their layer again, when due.
+/// compressed shard's data order. Data order keeps a layer's largest-class
+/// tensors together, so what waits is mostly its small ones; a layer whose
+/// outputs span classes with large tensors in each (odd shapes) can still
+/// leave large outputs waiting. Past this cap the tensors due last are not
+/// held but computed again, by executing their layer again, when due.
 pub(crate) const PENDING_CAP: u64 = 256 << 20;
 
 /// Most layers executed together (ahead of need, in parallel).

@@ -256,15 +256,11 @@ impl Plan {
         self.layers.iter().all(|l| l.lossless)
     }
 
-    /// True when the output needs a `quanto_qmap.json` (a layer whose
-    /// family the map describes, or one with quantized activations).
-    pub fn has_quanto(&self) -> bool {
-        self.layers.iter().any(|l| {
-            family_of(&l.output.quant.weights)
-                .qmap_weights(&l.output.quant.weights)
-                .is_some()
-                || l.output.quant.activations.is_some()
-        })
+    /// The companion files the output needs beside a safetensors file
+    /// (quanto's map), with their contents, from every family.
+    pub(crate) fn companions(&self) -> Vec<(&'static str, String)> {
+        let layers: Vec<&Layer> = self.layers.iter().map(|l| &l.output).collect();
+        crate::layout::registry::companions(&layers)
     }
 }
 

@@ -1,9 +1,8 @@
 //! The files that travel with weights: `config.json` (rewritten by whose
-//! config it is), the other files of a model directory, ckptkit's schema and
-//! the quanto map.
+//! config it is), the other files of a model directory and ckptkit's schema
+//! (each family's own companion files are its own: `Family::companion`).
 
 use crate::error::{Error, Result};
-use crate::layout::quanto::{self, QuantoMap, QMAP_FILE};
 use crate::layout::registry::family_of;
 use crate::migrate::plan::Plan;
 use std::path::Path;
@@ -51,7 +50,7 @@ pub(crate) fn update_config(input: &Path, dest: &Path, p: &Plan) -> Result<Optio
     if !crate::io::files::regular_file_exists(&from)? {
         return Ok(None);
     }
-    let text = quanto::read_side_file(&from)?;
+    let text = crate::io::files::read_side_file(&from)?;
     let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) else {
         return Ok(None); // not ours to judge: copied as is
     };
@@ -164,8 +163,8 @@ pub(crate) fn is_weights_name(n: &str) -> bool {
 
 /// Copies every top-level regular file of a model directory into the
 /// output directory (following symlinks, as Hugging Face caches use them),
-/// except weights in any format, `quanto_qmap.json` (written for the new
-/// layout) and hidden files; sub-directories are not carried. Returns the
+/// except weights in any format, the families' companion files
+/// (`quanto_qmap.json`: written for the new layout) and hidden files; sub-directories are not carried. Returns the
 /// names carried and the names skipped, with why.
 pub(crate) fn carry_model_files(
     input: &Path,
@@ -189,7 +188,7 @@ pub(crate) fn carry_model_files(
         let p = input.join(name);
         let why = if name.starts_with('.') {
             Some("hidden")
-        } else if name == QMAP_FILE {
+        } else if crate::layout::registry::companion_names().any(|c| c == name) {
             Some("written for the new layout")
         } else if is_weights_name(name) {
             Some("weights")
@@ -240,27 +239,6 @@ pub(crate) fn schema_for(p: &Plan) -> Option<String> {
         );
     }
     (!s.is_empty()).then(|| crate::format::st_schema::schema_json(&s))
-}
-
-/// The quanto map of a plan's output (modules in natural path order).
-pub fn qmap_for(p: &Plan) -> QuantoMap {
-    let mut entries = Vec::new();
-    for l in &p.layers {
-        let o = &l.output;
-        let w = match family_of(&o.quant.weights).qmap_weights(&o.quant.weights) {
-            Some(w) => w,
-            None if o.quant.activations.is_some() => "none".into(),
-            None => continue,
-        };
-        entries.push((
-            o.path.clone(),
-            quanto::QmapEntry {
-                weights: w,
-                activations: o.quant.activations.clone().unwrap_or_else(|| "none".into()),
-            },
-        ));
-    }
-    QuantoMap { entries }
 }
 
 /// Copies a file that is carried unchanged into an output, reading only a

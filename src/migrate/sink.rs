@@ -11,7 +11,7 @@ use crate::io::open::{input_kind, InputKind};
 use crate::io::sharded::{find_index, plan_shards, ShardIndex};
 use crate::io::source::{Checked, SourceTensor, TensorSource};
 use crate::io::writer::{ContainerOptions, ContainerWriter, SafetensorsWriter};
-use crate::layout::quanto::QMAP_FILE;
+use crate::layout::registry::companion_names;
 use crate::migrate::plan::Plan;
 use crate::Dtype;
 use rayon::prelude::*;
@@ -430,82 +430,94 @@ pub(crate) fn write_model_dir(
             serde_json::to_string_pretty(&index).map_err(|e| Error::json("writing JSON", e))?;
         std::fs::write(dir.join(format!("{stem}.safetensors.index.json")), text)?;
     }
-    if p.has_quanto() {
-        std::fs::write(dir.join(QMAP_FILE), qmap_for(p).to_json())?;
+    for (name, text) in p.companions() {
+        std::fs::write(dir.join(name), text)?;
     }
     Ok(())
 }
 
-/// What happens to the `quanto_qmap.json` beside a safetensors output.
-pub(crate) enum QmapSlot {
-    /// Nothing is there and nothing is written.
-    None,
-    /// A new map is written (locked from now until the commit).
-    Write(crate::io::atomic::AtomicFile),
-    /// The output's stale map is removed with the commit.
+/// What happens to one companion file (a family's side file, such as
+/// quanto's `quanto_qmap.json`) beside a safetensors output.
+pub(crate) enum Companion {
+    /// It is written (locked from now until the commit) with these contents.
+    Write(crate::io::atomic::AtomicFile, String),
+    /// The output's stale one is removed with the commit.
     Remove(crate::io::atomic::Removal),
 }
 
-/// The `quanto_qmap.json` beside a safetensors output belongs to that
-/// output alone. Refused: touching the input's companion; touching a map
-/// that belongs to another weights file in the directory (replacing it
-/// breaks that model; leaving it beside a plain output recreates the
+/// The companion files beside a safetensors output belong to that output
+/// alone. For each name a family writes ([`companion_names`]), refused:
+/// touching one the conversion reads (the input's); touching one that
+/// belongs to another weights file in the directory (replacing it breaks
+/// that model; leaving it beside an output that needs none recreates the
 /// mismatch ckptkit exists to prevent); replacing or removing an existing
-/// map without `overwrite`. The slot is locked before any tensor is
-/// written, so a second writer of the same map is refused at once.
-pub(crate) fn claim_qmap_slot(
+/// one without `overwrite`. The slots are locked before any tensor is
+/// written, so a second writer of the same file is refused at once.
+/// `wanted`: the companions the output needs, with their contents.
+pub(crate) fn claim_companions(
     input: &Path,
     output: &Path,
     opts: &ConvertOptions,
-    quanto: bool,
-) -> Result<QmapSlot> {
-    let overwrite = opts.overwrite;
-    let qpath = output.with_file_name(QMAP_FILE);
-    let exists = std::fs::symlink_metadata(&qpath).is_ok();
-    if exists || quanto {
-        let q = crate::io::paths::resolve(&qpath);
-        if let Some(r) = read_set(input, opts)
-            .into_iter()
-            .find(|r| crate::io::paths::resolve(r) == q)
-        {
-            return Err(Error::usage(format!(
-                "{} would {} {}, which this conversion reads; write the output to another \
-                 directory",
-                output.display(),
-                if quanto { "replace" } else { "remove" },
-                r.display()
-            )));
+    wanted: Vec<(&'static str, String)>,
+) -> Result<Vec<Companion>> {
+    let mut slots = Vec::new();
+    for name in companion_names() {
+        let text = wanted
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t.clone());
+        let path = output.with_file_name(name);
+        let exists = std::fs::symlink_metadata(&path).is_ok();
+        let write = text.is_some();
+        if exists || write {
+            let q = crate::io::paths::resolve(&path);
+            if let Some(r) = read_set(input, opts)
+                .into_iter()
+                .find(|r| crate::io::paths::resolve(r) == q)
+            {
+                return Err(Error::usage(format!(
+                    "{} would {} {}, which this conversion reads; write the output to another \
+                     directory",
+                    output.display(),
+                    if write { "replace" } else { "remove" },
+                    r.display()
+                )));
+            }
+        }
+        if exists {
+            crate::io::atomic::check_destination(&path, crate::io::atomic::DestKind::File, true)?;
+            let others = other_weight_files(output)?;
+            if !others.is_empty() {
+                return Err(Error::new(ErrorKind::Conflict(format!(
+                    "{} belongs to another weights file in this directory ({}); {} it would break \
+                     that model{}; write the output to another directory",
+                    path.display(),
+                    others.join(", "),
+                    if write { "replacing" } else { "removing" },
+                    if write {
+                        ""
+                    } else {
+                        ", and leaving it beside this output would describe the wrong file"
+                    }
+                )))
+                .with_file(&path));
+            }
+            if !opts.overwrite {
+                return Err(Error::new(ErrorKind::OutputExists(path)));
+            }
+        }
+        match text {
+            Some(t) => slots.push(Companion::Write(
+                crate::io::atomic::AtomicFile::create(&path, true)?,
+                t,
+            )),
+            None if exists => {
+                slots.push(Companion::Remove(crate::io::atomic::Removal::new(&path)?))
+            }
+            None => {}
         }
     }
-    if exists {
-        crate::io::atomic::check_destination(&qpath, crate::io::atomic::DestKind::File, true)?;
-        let others = other_weight_files(output)?;
-        if !others.is_empty() {
-            return Err(Error::new(ErrorKind::Conflict(format!(
-                "{} belongs to another weights file in this directory ({}); {} it would break \
-                 that model{}; write the output to another directory",
-                qpath.display(),
-                others.join(", "),
-                if quanto { "replacing" } else { "removing" },
-                if quanto {
-                    ""
-                } else {
-                    ", and leaving it beside a plain output would describe the wrong file"
-                }
-            )))
-            .with_file(&qpath));
-        }
-        if !overwrite {
-            return Err(Error::new(ErrorKind::OutputExists(qpath)));
-        }
-    }
-    Ok(if quanto {
-        QmapSlot::Write(crate::io::atomic::AtomicFile::create(&qpath, true)?)
-    } else if exists {
-        QmapSlot::Remove(crate::io::atomic::Removal::new(&qpath)?)
-    } else {
-        QmapSlot::None
-    })
+    Ok(slots)
 }
 
 /// The `*.safetensors` files in an output's directory other than the output
@@ -534,21 +546,28 @@ pub(crate) fn other_weight_files(output: &Path) -> Result<Vec<String>> {
     Ok(v)
 }
 
-/// Commits a safetensors output together with its `quanto_qmap.json`
-/// companion (written, or removed when the output has no quanto layers),
-/// through one journal: a map never describes another file.
-pub(crate) fn commit_with_qmap(p: &Plan, w: SafetensorsWriter, slot: QmapSlot) -> Result<()> {
+/// Commits a safetensors output together with its companion files
+/// (written, or removed when the output needs none), through one journal:
+/// a companion never describes another file.
+pub(crate) fn commit_with_companions(w: SafetensorsWriter, slots: Vec<Companion>) -> Result<()> {
     let weights = w.finish_pending()?;
-    match slot {
-        QmapSlot::Write(q) => {
-            use std::io::Write;
-            let mut f = q.file()?;
-            f.write_all(qmap_for(p).to_json().as_bytes())
-                .map_err(|e| Error::from(e).with_file(q.temp()))?;
-            // weights first: the journal is named after them
-            crate::io::atomic::commit_together(vec![weights, q], vec![])
-        }
-        QmapSlot::Remove(r) => crate::io::atomic::commit_together(vec![weights], vec![r]),
-        QmapSlot::None => weights.commit(),
+    if slots.is_empty() {
+        return weights.commit();
     }
+    // weights first: the journal is named after them
+    let mut writes = vec![weights];
+    let mut removes = Vec::new();
+    for s in slots {
+        match s {
+            Companion::Write(f, text) => {
+                use std::io::Write;
+                f.file()?
+                    .write_all(text.as_bytes())
+                    .map_err(|e| Error::from(e).with_file(f.temp()))?;
+                writes.push(f);
+            }
+            Companion::Remove(r) => removes.push(r),
+        }
+    }
+    crate::io::atomic::commit_together(writes, removes)
 }

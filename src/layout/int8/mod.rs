@@ -564,7 +564,7 @@ impl Int8Descriptor {
 /// read from that file and checked with [`Int8Descriptor::validate_user`].
 pub fn preset(name: &str) -> Result<Int8Descriptor> {
     if let Some(p) = name.strip_prefix("int8:").filter(|p| p.ends_with(".json")) {
-        let text = crate::layout::quanto::read_side_file(std::path::Path::new(p))?;
+        let text = crate::io::files::read_side_file(std::path::Path::new(p))?;
         return Int8Descriptor::from_json(&text);
     }
     parse_builtin(name)

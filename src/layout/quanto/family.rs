@@ -11,7 +11,7 @@ use crate::layout::family::{
     ScaleValue, WeightInput, ACT_SCALES,
 };
 
-use super::{float_of, math, QType};
+use super::{float_of, math, QType, QmapEntry, QuantoMap, QMAP_FILE};
 
 /// The record of a `quanto_qmap.json` entry's `weights` (`none`: plain).
 pub(crate) fn qmap_record(weights: &str) -> WeightQuant {
@@ -40,7 +40,7 @@ const SUFFIXES: [&str; 4] = [
 /// config, ckptkit's schema or the dtypes.
 struct QuantoDetector<'a> {
     ctx: DetectCtx<'a>,
-    qmap: Option<std::collections::HashMap<&'a str, &'a super::QmapEntry>>,
+    qmap: Option<std::collections::HashMap<&'a str, &'a QmapEntry>>,
 }
 
 impl QuantoDetector<'_> {
@@ -49,11 +49,11 @@ impl QuantoDetector<'_> {
         self.ctx.hints.side::<super::QuantoSide>("quanto")
     }
 
-    fn qmap(&self) -> Option<&super::QuantoMap> {
+    fn qmap(&self) -> Option<&QuantoMap> {
         self.side().and_then(|s| s.qmap.as_ref())
     }
 
-    fn entry(&self, path: &str) -> Option<&super::QmapEntry> {
+    fn entry(&self, path: &str) -> Option<&QmapEntry> {
         self.qmap.as_ref().and_then(|m| {
             crate::format::lookups::add(1);
             m.get(path).copied()
@@ -178,7 +178,7 @@ impl Family for Quanto {
             .hints
             .side::<super::QuantoSide>("quanto")
             .and_then(|s| s.qmap.as_ref())
-            .map(super::QuantoMap::index);
+            .map(QuantoMap::index);
         Ok(Some(Box::new(QuantoDetector {
             ctx: DetectCtx {
                 src: ctx.src,
@@ -193,17 +193,42 @@ impl Family for Quanto {
         "quanto"
     }
 
+    fn side_names(&self) -> &'static [&'static str] {
+        &[QMAP_FILE, "config.json"]
+    }
+
     fn side_files(
         &self,
         input: &std::path::Path,
         given: &[(&str, &std::path::Path)],
     ) -> Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
-        let qmap = match given.iter().find(|(k, _)| *k == super::QMAP_FILE) {
-            Some((_, p)) => Some(super::QuantoMap::from_file(p)?),
+        let qmap = match given.iter().find(|(k, _)| *k == QMAP_FILE) {
+            Some((_, p)) => Some(QuantoMap::from_file(p)?),
             None => super::qmap_beside(input)?,
         };
         let diffusers = super::diffusers_beside(input)?;
         Ok(Some(Box::new(super::QuantoSide { qmap, diffusers })))
+    }
+
+    fn like_from_side_file(
+        &self,
+        path: &std::path::Path,
+        alone: bool,
+    ) -> Result<Option<Vec<(String, WeightQuant, Option<String>)>>> {
+        let map = if alone {
+            Some(QuantoMap::from_file(path)?)
+        } else {
+            super::qmap_beside(path)?
+        };
+        Ok(map.map(|m| {
+            m.entries
+                .into_iter()
+                .map(|(k, e)| {
+                    let act = (e.activations != "none").then_some(e.activations);
+                    (k, qmap_record(&e.weights), act)
+                })
+                .collect()
+        }))
     }
 
     fn owns(&self, w: &WeightQuant) -> bool {
@@ -567,11 +592,16 @@ impl Family for Quanto {
         }
     }
 
-    fn qmap_weights(&self, record: &WeightQuant) -> Option<String> {
-        match record {
-            WeightQuant::Quanto { qtype, .. } => Some(qtype.clone()),
-            _ => None,
+    fn companion_names(&self) -> &'static [&'static str] {
+        &[QMAP_FILE]
+    }
+
+    fn companion(&self, name: &str, layers: &[&Layer]) -> Option<String> {
+        if name != QMAP_FILE {
+            return None;
         }
+        let map = qmap_of(layers);
+        (!map.entries.is_empty()).then(|| map.to_json())
     }
 
     fn extra_buffers(&self) -> &'static [&'static str] {
@@ -581,4 +611,29 @@ impl Family for Quanto {
     fn config_methods(&self) -> &'static [&'static str] {
         &["quanto"]
     }
+}
+
+/// The quanto map of an output's layers, in their order: every quanto
+/// layer, and every layer whose activations quanto quantizes (QLayerNorm:
+/// weights `none`). Empty when the output has neither.
+pub(crate) fn qmap_of(layers: &[&Layer]) -> QuantoMap {
+    let entries = layers
+        .iter()
+        .filter_map(|l| {
+            let weights = match &l.quant.weights {
+                WeightQuant::Quanto { qtype, .. } => qtype.clone(),
+                _ if l.quant.activations.is_some() => "none".into(),
+                _ => return None,
+            };
+            let activations = l.quant.activations.clone().unwrap_or_else(|| "none".into());
+            Some((
+                l.path.clone(),
+                QmapEntry {
+                    weights,
+                    activations,
+                },
+            ))
+        })
+        .collect();
+    QuantoMap { entries }
 }

@@ -53,18 +53,8 @@ pub struct QuantoMap {
     pub entries: Vec<(String, QmapEntry)>,
 }
 
-/// Largest side file (qmap, config) accepted.
-pub const MAX_SIDE_FILE: u64 = 64 << 20;
-
 fn json_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Json(format!("{what}: {e}")))
-}
-
-/// Reads a small JSON side file: a regular file (after following
-/// symlinks), at most [`MAX_SIDE_FILE`] bytes, read up to the cap and no
-/// further whatever the file system claims.
-pub fn read_side_file(path: &Path) -> Result<String> {
-    crate::io::files::read_capped_text(path, MAX_SIDE_FILE, "side file size")
 }
 
 fn valid_qtype(name: &str) -> bool {
@@ -95,7 +85,7 @@ impl QuantoMap {
 
     /// Reads a qmap file.
     pub fn from_file(path: &Path) -> Result<QuantoMap> {
-        Self::parse(&read_side_file(path)?).map_err(|e| e.with_file(path))
+        Self::parse(&crate::io::files::read_side_file(path)?).map_err(|e| e.with_file(path))
     }
 
     /// The entry of a module (a scan: for one lookup per layer, build
@@ -758,7 +748,7 @@ pub fn diffusers_beside(input: &Path) -> Result<Option<DiffusersQuanto>> {
     };
     let p = dir.join("config.json");
     if crate::io::files::regular_file_exists(&p)? {
-        DiffusersQuanto::from_config(&read_side_file(&p)?).map_err(|e| e.with_file(&p))
+        DiffusersQuanto::from_config(&crate::io::files::read_side_file(&p)?).map_err(|e| e.with_file(&p))
     } else {
         Ok(None)
     }
