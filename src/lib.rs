@@ -75,6 +75,8 @@ macro_rules! setters {
     };
 }
 
+#[cfg(feature = "cli")]
+pub mod cli;
 mod control;
 mod dtype;
 mod error;

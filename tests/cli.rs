@@ -811,3 +811,46 @@ fn int8_user_descriptors_from_the_command_line() {
     let o = run_ok(&["inspect", s(&od.join("q.safetensors"))]);
     assert!(out(&o).contains("mine"), "{}", out(&o));
 }
+
+/// The command line as a library function (`ckptkit::cli::run`, what the
+/// Python package's console script calls): the binary's exit codes, in
+/// process, with the caller's cancellation handle and no signal handler.
+#[test]
+fn the_command_line_runs_in_process_with_the_callers_cancel_handle() {
+    use ckptkit::Cancel;
+    use std::process::ExitCode;
+    let fixture = fx("bf16-qint8", "quantized.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], cancel: Cancel| {
+        let mut v = vec!["migrate"];
+        v.extend_from_slice(args);
+        ckptkit::cli::run(v, cancel)
+    };
+    assert_eq!(
+        run(&["verify", s(&fixture), "-q"], Cancel::new()),
+        ExitCode::SUCCESS
+    );
+    assert_eq!(run(&["convert"], Cancel::new()), ExitCode::from(2));
+    assert_eq!(
+        run(&["verify", "/nonexistent.safetensors", "-q"], Cancel::new()),
+        ExitCode::from(1)
+    );
+    // a conversion whose handle is already cancelled stops, leaving nothing
+    let out = tmp.path().join("plain.safetensors");
+    let c = Cancel::new();
+    c.cancel();
+    assert_eq!(
+        run(&["convert", s(&fixture), s(&out), "--to", "plain", "-q"], c),
+        ExitCode::from(1)
+    );
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    // and with a live handle it converts
+    assert_eq!(
+        run(
+            &["convert", s(&fixture), s(&out), "--to", "plain", "-q"],
+            Cancel::new()
+        ),
+        ExitCode::SUCCESS
+    );
+    assert!(out.exists());
+}

@@ -52,12 +52,10 @@ pub fn like_target(reference: &Path) -> Result<Target> {
         // from the input's shapes), not the reference's logical shapes: a
         // reference whose packed layers cannot be told apart without a
         // shape hint still gives its layouts through its map
-        Err(e) if matches!(e.kind(), ErrorKind::Ambiguous(_)) => {
-            match from_side(false)? {
-                Some(t) => return Ok(t),
-                None => return Err(e.with_file(reference)),
-            }
-        }
+        Err(e) if matches!(e.kind(), ErrorKind::Ambiguous(_)) => match from_side(false)? {
+            Some(t) => return Ok(t),
+            None => return Err(e.with_file(reference)),
+        },
         Err(e) => return Err(e),
     };
     for l in layers {

@@ -748,7 +748,8 @@ pub fn diffusers_beside(input: &Path) -> Result<Option<DiffusersQuanto>> {
     };
     let p = dir.join("config.json");
     if crate::io::files::regular_file_exists(&p)? {
-        DiffusersQuanto::from_config(&crate::io::files::read_side_file(&p)?).map_err(|e| e.with_file(&p))
+        DiffusersQuanto::from_config(&crate::io::files::read_side_file(&p)?)
+            .map_err(|e| e.with_file(&p))
     } else {
         Ok(None)
     }

@@ -1,0 +1,638 @@
+//! The `migrate` command line (cargo feature `cli`, on by default): its
+//! argument parsing, printing and exit codes, over the library. All the
+//! work is in the library; the `migrate` binary (`examples/migrate.rs`) is
+//! [`main`], and an embedding (the Python package's console script) calls
+//! [`run`] with its own arguments and cancellation handle.
+//!
+//! Exit codes: 0 success (and `check`: compatible), 1 failure (and
+//! `check`: incompatible), 2 usage errors; 130 after a second Ctrl-C.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::migrate::{check, convert, inspect, like_target, ConvertOptions, InspectReport};
+use crate::migrate::{Plan, PlanOptions, Rename, Target};
+use crate::ZstdOptions;
+use clap::{Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  # dequantize an optimum-quanto checkpoint (its quanto_qmap.json beside it) to plain bf16
+  migrate convert transformer/diffusion_pytorch_model.safetensors plain.safetensors --to plain:bf16
+  # quantize to exactly what a trainer expects: the layouts of its quanto map (or checkpoint)
+  migrate convert model.safetensors quantized/model.safetensors --like quanto_qmap.json
+  # pack into a compressed, hash-verified container, then check it
+  migrate convert model.safetensors model.ckpk --compress zstd
+  migrate verify model.ckpk
+  # why does a resume fail? compare with what the model expects
+  migrate check checkpoint.safetensors --against quanto_qmap.json";
+
+#[derive(Parser)]
+#[command(name = "migrate", version, about = "Inspect, verify and convert ML checkpoints", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// No progress or summary output.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert INPUT to OUTPUT (format from OUTPUT's extension:
+    /// .safetensors, .ckpk, or a directory).
+    Convert {
+        /// A .safetensors file, a sharded directory, or a .ckpk container.
+        input: PathBuf,
+        /// Output path.
+        output: PathBuf,
+        /// Target layout: keep, plain, plain:bf16|f16|f32,
+        /// quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz,
+        /// int8, int8:bnb, int8:ct[:group=N][:int-quantized], int8:PATH.json.
+        #[arg(long, default_value = "keep")]
+        to: String,
+        /// Take every layer's layout from REF: a checkpoint (with its
+        /// quanto_qmap.json), a container, or a quanto_qmap.json alone.
+        #[arg(long, conflicts_with = "to")]
+        like: Option<PathBuf>,
+        /// The input's quanto map (default: quanto_qmap.json beside INPUT).
+        #[arg(long)]
+        qmap: Option<PathBuf>,
+        /// A plain checkpoint of the same model to take logical shapes from.
+        #[arg(long)]
+        shapes_from: Option<PathBuf>,
+        /// Only convert layers whose module path matches (fnmatch; `*` spans dots).
+        #[arg(long)]
+        include: Vec<String>,
+        /// Leave layers whose module path matches unchanged.
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Rename keys: FROM=TO, FROM a regular expression (`^_orig_mod\.=`
+        /// strips a prefix, `^=transformer.` adds one; `$1` captures work).
+        #[arg(long)]
+        rename: Vec<String>,
+        /// Compress a container output: `zstd` or `zstd:LEVEL`.
+        #[arg(long)]
+        compress: Option<String>,
+        /// Disable the float plane filter when compressing.
+        #[arg(long)]
+        no_float_filter: bool,
+        /// Show the plan, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Replace an existing output.
+        #[arg(long)]
+        force: bool,
+        /// Allow re-layouts that cannot be undone byte for byte (their error
+        /// is reported).
+        #[arg(long)]
+        allow_lossy: bool,
+        /// Largest data bytes per file when writing a directory.
+        #[arg(long, default_value_t = 5_000_000_000)]
+        max_shard_size: u64,
+        /// Do not record per-tensor blake3 hashes in safetensors outputs
+        /// (saves hashing time; `verify` can then check structure only).
+        #[arg(long)]
+        no_hashes: bool,
+        /// Do not check the bytes read against the hashes the input records
+        /// (a container's manifest, a ckptkit safetensors file's entry).
+        /// By default every byte is checked as it is read, and a mismatch
+        /// fails the conversion with no output.
+        #[arg(long)]
+        no_verify_input: bool,
+        /// Treat layers that look quantized in a layout ckptkit does not know
+        /// (FP8 or integer codes beside scale tensors, a `scaled_fp8`
+        /// marker, a config naming a quantization ckptkit cannot read) as
+        /// plain tensors. Without it, conversions that would change them are
+        /// refused: casting their codes without their scales gives garbage.
+        #[arg(long)]
+        assume_plain: bool,
+    },
+    /// List layers, layouts, shapes and sizes.
+    Inspect {
+        /// Input checkpoint.
+        input: PathBuf,
+        /// The input's quanto map (default: quanto_qmap.json beside INPUT).
+        #[arg(long)]
+        qmap: Option<PathBuf>,
+        /// A plain checkpoint of the same model to take logical shapes from.
+        #[arg(long)]
+        shapes_from: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Will INPUT load where REF's layout is expected? Exit 0 compatible,
+    /// 1 incompatible, 2 trouble.
+    Check {
+        /// The checkpoint to check.
+        input: PathBuf,
+        /// The expected layout: a checkpoint (with its quanto_qmap.json), a
+        /// container, or a quanto_qmap.json alone.
+        #[arg(long)]
+        against: PathBuf,
+        /// The input's quanto map (default: quanto_qmap.json beside INPUT).
+        #[arg(long)]
+        qmap: Option<PathBuf>,
+        /// A plain checkpoint of the same model to take logical shapes from.
+        #[arg(long)]
+        shapes_from: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check structure and hashes. Exit 0 only when everything holds.
+    /// Read-only: a pending interrupted commit is reported, not completed.
+    Verify {
+        /// Input checkpoint.
+        input: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Complete ckptkit commits interrupted by a crash beside PATH (a
+    /// weights file and its quanto_qmap.json appear together), and remove
+    /// the temporaries of writers that are gone.
+    Recover {
+        /// A file (or directory) whose directory holds the interrupted commit.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The `migrate` binary: parses the process's arguments, installs its
+/// signal handlers (the first Ctrl-C or SIGTERM cancels the running
+/// command, which removes its temporaries; a second exits at once;
+/// SIGPIPE ends the process quietly), runs the command and returns its
+/// exit code. For a process's `main` only: an embedding that owns the
+/// process's signals calls [`run`].
+pub fn main() -> ExitCode {
+    install_ctrlc();
+    run(std::env::args_os(), crate::Cancel::from_static(&CANCELLED))
+}
+
+/// Runs one `migrate` command line (`args`, the program name first) as the
+/// binary does, printing to stdout and stderr, and returns its exit code.
+/// Installs no signal handler: the command stops, leaving no output, once
+/// `cancel` is cancelled.
+pub fn run<I, T>(args: I, cancel: crate::Cancel) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run_cli(cli, cancel) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            // usage errors found by the library (output inside the input,
+            // colliding renames, contradictory options) exit like clap's
+            ExitCode::from(if matches!(e.kind(), crate::ErrorKind::Usage(_)) {
+                2
+            } else {
+                1
+            })
+        }
+    }
+}
+
+/// Set by the first Ctrl-C / SIGTERM; the conversion's cancellation handle
+/// reads it ([`crate::Cancel::from_static`]).
+static CANCELLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn install_ctrlc() {
+    extern "C" fn on_signal(_: libc::c_int) {
+        if CANCELLED.load(std::sync::atomic::Ordering::Relaxed) {
+            // a second Ctrl-C: stop now; the temporaries left behind are
+            // removed by the next write of the same output
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) }
+        }
+        CANCELLED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    // SAFETY: the handler only reads and stores an atomic flag, or calls
+    // _exit; all are async-signal-safe. The action struct is zeroed (empty
+    // mask) and fully initialised before use.
+    unsafe {
+        // a closed pipe (`migrate inspect x | head`) ends the process quietly
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as libc::sighandler_t;
+        // no SA_RESTART: a blocking system call returns EINTR at the first
+        // signal, so the first Ctrl-C always interrupts
+        sa.sa_flags = 0;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
+}
+
+/// A progress bar on stderr (only when it is a terminal), fed by the
+/// conversion's progress callback.
+fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(bar)
+}
+
+/// blake3 of an output file, for the summary (read through bounded
+/// windows, so memory stays flat on large outputs).
+/// A library report as one line of JSON (`--json`).
+fn to_json<T: serde::Serialize>(r: &T) -> String {
+    serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+fn shorten(v: &[String]) -> String {
+    let mut s: Vec<&str> = v.iter().take(8).map(|s| s.as_str()).collect();
+    if v.len() > 8 {
+        s.push("...");
+    }
+    s.join(", ")
+}
+
+fn summarize(p: &Plan) -> String {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    let (mut exact, mut lossy) = (0, 0);
+    for l in &p.layers {
+        let k = if l.from == l.to {
+            "kept".to_string()
+        } else {
+            format!("{} -> {}", l.from, l.to)
+        };
+        *counts.entry(k).or_default() += 1;
+        if !l.lossless {
+            if l.exact {
+                exact += 1;
+            } else {
+                lossy += 1;
+            }
+        }
+    }
+    let mut parts: Vec<String> = counts
+        .into_iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
+    if exact == 0 && lossy == 0 {
+        parts.push("all lossless".into());
+    }
+    if exact > 0 {
+        // the values are exactly what the layout's library computes; only
+        // converting back would not give the same bytes
+        parts.push(format!("{exact} exact (not byte-reversible)"));
+    }
+    if lossy > 0 {
+        parts.push(format!("{lossy} lossy"));
+    }
+    parts.join(", ")
+}
+
+fn print_plan(p: &Plan) {
+    println!(
+        "{:<44} {:<28} {:<28} {:>8} passes",
+        "layer", "from", "to", "lossless"
+    );
+    let mut rules: Vec<(String, String)> = Vec::new();
+    for l in &p.layers {
+        let passes: Vec<String> = l
+            .passes
+            .iter()
+            .map(|x| {
+                serde_json::to_value(x)
+                    .ok()
+                    .and_then(|v| v.get("pass").and_then(|s| s.as_str()).map(String::from))
+                    .unwrap_or_default()
+            })
+            .collect();
+        println!(
+            "{:<44} {:<28} {:<28} {:>8} {}",
+            if l.path.is_empty() {
+                "(top level)"
+            } else {
+                &l.path
+            },
+            l.from,
+            l.to,
+            if l.lossless {
+                "yes"
+            } else if l.exact {
+                "exact"
+            } else {
+                "no"
+            },
+            passes.join(" + ")
+        );
+        if !l.rule.is_empty() {
+            rules.push((l.path.clone(), l.rule.clone()));
+        }
+    }
+    for (path, rule) in rules {
+        println!("  {path}: {rule}");
+    }
+    for u in &p.unmatched {
+        println!("unmatched: the reference has layer `{u}`, the input does not");
+    }
+}
+
+fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
+    match cli.cmd {
+        Cmd::Convert {
+            input,
+            output,
+            to,
+            like,
+            qmap,
+            shapes_from,
+            include,
+            exclude,
+            rename,
+            compress,
+            no_float_filter,
+            dry_run,
+            json,
+            force,
+            allow_lossy,
+            max_shard_size,
+            no_hashes,
+            no_verify_input,
+            assume_plain,
+        } => {
+            let target = match &like {
+                Some(r) => like_target(r)?,
+                None => match Target::parse(&to) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Ok(2);
+                    }
+                },
+            };
+            let compression = match compress.as_deref().map(str::parse::<ZstdOptions>) {
+                None => None,
+                Some(Ok(mut c)) => {
+                    c.float_filter = !no_float_filter;
+                    Some(c)
+                }
+                Some(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            };
+            let opts = ConvertOptions::default()
+                .compression(compression)
+                .overwrite(force)
+                .dry_run(dry_run)
+                .max_shard_size(max_shard_size)
+                .target(target)
+                .select(
+                    PlanOptions::default()
+                        .include(include)
+                        .exclude(exclude)
+                        .allow_lossy(allow_lossy)
+                        .rename(match rename.iter().map(|r| Rename::parse(r)).collect() {
+                            Ok(v) => v,
+                            Err(e) => {
+                                eprintln!("error: {e}");
+                                return Ok(2);
+                            }
+                        }),
+                )
+                .qmap(qmap)
+                .shapes_from(shapes_from)
+                .hashes(!no_hashes)
+                .extra_reads(like.iter().cloned().collect())
+                .verify_input(!no_verify_input)
+                .assume_plain(assume_plain)
+                .control(crate::Control::new())
+                // printed (not with -q), and in --json: one more read of the output
+                .output_hash(json || !cli.quiet);
+            let bar = progress_bar(!(json || cli.quiet || dry_run));
+            let mut control = crate::Control::new().with_cancel(cancel);
+            if let Some(b) = bar.clone() {
+                control = control.with_progress(move |p| {
+                    b.set_length(p.bytes_total);
+                    b.set_position(p.bytes_done);
+                });
+            }
+            let opts = opts.control(control);
+            let s = convert(&input, &output, &opts);
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            let s = s?;
+            if !json {
+                for w in &s.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            if dry_run && !json && !cli.quiet {
+                if let Some(p) = &s.plan {
+                    print_plan(p);
+                }
+            }
+            if json {
+                println!("{}", to_json(&s));
+            } else if !cli.quiet {
+                if dry_run {
+                    println!(
+                        "dry run: would write {} tensors in {} layers ({} bytes) to {}",
+                        s.tensors,
+                        s.layers,
+                        s.bytes_in,
+                        output.display()
+                    );
+                } else {
+                    let gbs = s.bytes_in as f64 / s.seconds.max(1e-9) / 1e9;
+                    let kinds = s
+                        .plan
+                        .as_ref()
+                        .map(summarize)
+                        .unwrap_or_else(|| "all kept, lossless".into());
+                    println!(
+                        "wrote {}: {} tensors, {} layers ({kinds}), {} bytes in, {} bytes out, {:.2} s ({gbs:.2} GB/s)",
+                        output.display(),
+                        s.tensors,
+                        s.layers,
+                        s.bytes_in,
+                        s.bytes_out,
+                        s.seconds
+                    );
+                    for l in &s.losses {
+                        println!(
+                            "lossy re-layout `{}`: {} integers clamped, max abs error {:.3e} ({:.3} scale units)",
+                            l.layer, l.clamped, l.max_abs_error, l.max_error_in_scales
+                        );
+                    }
+                    if let Some(h) = &s.blake3 {
+                        println!("blake3 {h}  {}", output.display());
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Inspect {
+            input,
+            qmap,
+            shapes_from,
+            json,
+        } => {
+            let opts = ConvertOptions::default()
+                .qmap(qmap)
+                .shapes_from(shapes_from);
+            let r = inspect(&input, &opts)?;
+            let InspectReport {
+                layers,
+                total_bytes: total,
+                problems,
+                warnings,
+                ..
+            } = &r;
+            if json {
+                println!("{}", to_json(&r));
+            } else {
+                for l in layers {
+                    let shapes: Vec<String> = l
+                        .tensors
+                        .iter()
+                        .map(|(n, d, s)| format!("{n} {d} {s:?}"))
+                        .collect();
+                    println!(
+                        "{:<48} {:<24} {:>12} B  {}",
+                        if l.path.is_empty() {
+                            "(top level)"
+                        } else {
+                            &l.path
+                        },
+                        l.layout,
+                        l.bytes,
+                        shapes.join(", ")
+                    );
+                }
+                println!("{} layers, {} bytes", layers.len(), total);
+                for w in warnings {
+                    println!("warning: {w}");
+                }
+                for p in problems {
+                    println!("problem: {p}");
+                }
+            }
+            Ok(if problems.is_empty() { 0 } else { 1 })
+        }
+        Cmd::Check {
+            input,
+            against,
+            qmap,
+            shapes_from,
+            json,
+        } => {
+            let opts = ConvertOptions::default()
+                .qmap(qmap)
+                .shapes_from(shapes_from);
+            let r = match check(&input, &against, &opts) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            };
+            let fix = r.fix.clone().unwrap_or_default();
+            if json {
+                println!("{}", to_json(&r));
+            } else if r.compatible() {
+                for u in &r.unknown_layouts {
+                    println!("note: unknown quantized layout: {}", u.describe());
+                }
+                println!(
+                    "compatible: {} loads where {} is expected",
+                    input.display(),
+                    against.display()
+                );
+            } else {
+                for m in &r.mismatches {
+                    println!(
+                        "`{}`: checkpoint has {}; expected {}",
+                        m.layer, m.have, m.expected
+                    );
+                }
+                for u in &r.unknown_layouts {
+                    println!("unknown quantized layout: {}", u.describe());
+                }
+                if !r.missing.is_empty() {
+                    println!(
+                        "missing keys ({}): {}",
+                        r.missing.len(),
+                        shorten(&r.missing)
+                    );
+                }
+                if !r.unexpected.is_empty() {
+                    println!(
+                        "unexpected keys ({}): {}",
+                        r.unexpected.len(),
+                        shorten(&r.unexpected)
+                    );
+                }
+                println!("to fix:\n  {fix}");
+            }
+            Ok(if r.compatible() { 0 } else { 1 })
+        }
+        Cmd::Recover { path, json } => {
+            let r = crate::recover(&path)?;
+            if json {
+                println!("{}", to_json(&r));
+            } else if !cli.quiet {
+                for c in &r.completed {
+                    println!("completed: {}", c.display());
+                }
+                for p in &r.pending {
+                    println!("still pending (its writer is running): {}", p.display());
+                }
+                println!(
+                    "{} commit(s) completed, {} pending, {} temporary file(s) removed",
+                    r.commits,
+                    r.pending.len(),
+                    r.removed_temps
+                );
+            }
+            Ok(if r.pending.is_empty() { 0 } else { 1 })
+        }
+        Cmd::Verify { input, json } => {
+            let r = crate::migrate::verify(&input)?;
+            if json {
+                println!("{}", to_json(&r));
+            } else if !cli.quiet {
+                println!(
+                    "ok: {} tensors, {} bytes verified (blake3)",
+                    r.tensors, r.bytes
+                );
+                if r.unchecked > 0 {
+                    println!(
+                        "note: {} tensors carry no recorded hash (not written by ckptkit): their structure is valid, their bytes were not checked",
+                        r.unchecked
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
+}
