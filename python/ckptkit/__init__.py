@@ -1,0 +1,50 @@
+"""ckptkit: inspect, check, verify and convert quantized ML checkpoints exactly.
+
+The functions are the library's (a Rust extension, ``ckptkit._ckptkit``);
+each returns the same fields as the ``migrate`` command's ``--json``:
+
+>>> import ckptkit
+>>> ckptkit.check("checkpoint.safetensors", against="quanto_qmap.json")["compatible"]  # doctest: +SKIP
+False
+>>> ckptkit.convert("checkpoint.safetensors", "fixed/model.safetensors",
+...                 like="quanto_qmap.json")  # doctest: +SKIP
+
+Errors are ``ckptkit.Error`` or one of its subclasses, with ``file``,
+``layer``, ``tensor`` and ``offset`` attributes saying where.
+"""
+
+from ckptkit._ckptkit import (
+    AmbiguousLayoutError,
+    CorruptFileError,
+    Error,
+    HashMismatchError,
+    LayoutError,
+    LossyRelayoutError,
+    OutputExistsError,
+    PendingCommitError,
+    UnknownFamilyError,
+    UsageError,
+    __version__,
+    check,
+    convert,
+    inspect,
+    verify,
+)
+
+__all__ = [
+    "AmbiguousLayoutError",
+    "CorruptFileError",
+    "Error",
+    "HashMismatchError",
+    "LayoutError",
+    "LossyRelayoutError",
+    "OutputExistsError",
+    "PendingCommitError",
+    "UnknownFamilyError",
+    "UsageError",
+    "__version__",
+    "check",
+    "convert",
+    "inspect",
+    "verify",
+]

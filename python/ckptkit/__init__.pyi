@@ -1,0 +1,60 @@
+from os import PathLike
+from typing import Any, Callable, Optional, Sequence, Union
+
+_Path = Union[str, PathLike[str]]
+
+__version__: str
+
+class Error(Exception):
+    """Every ckptkit error; the attributes say where (None when unknown)."""
+
+    file: Optional[str]
+    layer: Optional[str]
+    tensor: Optional[str]
+    offset: Optional[int]
+
+class UsageError(Error): ...
+class OutputExistsError(Error): ...
+class HashMismatchError(Error): ...
+class AmbiguousLayoutError(Error): ...
+class LayoutError(Error): ...
+class LossyRelayoutError(Error): ...
+class UnknownFamilyError(Error): ...
+class PendingCommitError(Error): ...
+class CorruptFileError(Error): ...
+
+def inspect(
+    path: _Path, *, qmap: Optional[_Path] = None, shapes_from: Optional[_Path] = None
+) -> dict[str, Any]:
+    """Layers, layouts, shapes and sizes: the fields of `migrate inspect --json`."""
+
+def check(
+    path: _Path,
+    against: _Path,
+    *,
+    qmap: Optional[_Path] = None,
+    shapes_from: Optional[_Path] = None,
+) -> dict[str, Any]:
+    """Will `path` load where `against`'s layout is expected? `migrate check --json`."""
+
+def verify(path: _Path) -> dict[str, Any]:
+    """Structure and every recorded hash: `migrate verify --json`."""
+
+def convert(
+    src: _Path,
+    dst: _Path,
+    *,
+    to: Optional[str] = None,
+    like: Optional[_Path] = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    rename: Sequence[str] = (),
+    compress: Optional[str] = None,
+    allow_lossy: bool = False,
+    force: bool = False,
+    progress: Optional[Callable[[int, int], object]] = None,
+    qmap: Optional[_Path] = None,
+    shapes_from: Optional[_Path] = None,
+    max_shard_size: Optional[int] = None,
+) -> dict[str, Any]:
+    """`migrate convert`; returns the fields of its `--json`."""
