@@ -12,7 +12,8 @@ cargo clippy --quiet --manifest-path python/Cargo.toml -- -D warnings
 VENV=target/py-venv
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check 'maturin>=1.9,<2' 'pytest>=8,<9' \
-    'ziglang>=0.14,<0.15' 'auditwheel>=6,<7'
+    'ziglang>=0.14,<0.15' 'auditwheel>=6,<7' \
+    'numpy>=2,<3' 'ml_dtypes>=0.5,<1'
 rm -rf target/wheels
 start=$(date +%s)
 PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/maturin" build --release --quiet -m python/Cargo.toml \

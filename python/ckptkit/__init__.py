@@ -9,6 +9,9 @@ False
 >>> ckptkit.convert("checkpoint.safetensors", "fixed/model.safetensors",
 ...                 like="quanto_qmap.json")  # doctest: +SKIP
 
+``ckptkit.open(path)`` reads stored tensors lazily into numpy arrays or
+torch tensors, checking each against its recorded hash.
+
 Errors are ``ckptkit.Error`` or one of its subclasses, with ``file``,
 ``layer``, ``tensor`` and ``offset`` attributes saying where.
 """
@@ -27,7 +30,9 @@ from ckptkit._ckptkit import (
     __version__,
     check,
     convert,
+    Reader,
     inspect,
+    open,
     verify,
 )
 
@@ -45,6 +50,8 @@ __all__ = [
     "__version__",
     "check",
     "convert",
+    "Reader",
     "inspect",
     "verify",
 ]
+# `open` is not in __all__: `from ckptkit import *` must not shadow the builtin

@@ -1,5 +1,5 @@
 from os import PathLike
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 _Path = Union[str, PathLike[str]]
 
@@ -58,3 +58,18 @@ def convert(
     max_shard_size: Optional[int] = None,
 ) -> dict[str, Any]:
     """`migrate convert`; returns the fields of its `--json`."""
+
+class Reader:
+    """A lazy reader over a checkpoint (see `open`)."""
+
+    def keys(self) -> list[str]: ...
+    def metadata(self) -> dict[str, str]: ...
+    def layers(self) -> list[dict[str, Any]]: ...
+    def get_tensor(self, name: str, framework: Literal["np", "pt"] = "np") -> Any:
+        """One stored tensor as a numpy array ("np") or torch tensor ("pt"), hash-checked."""
+    def __enter__(self) -> "Reader": ...
+    def __exit__(self, *args: object) -> bool: ...
+    def __len__(self) -> int: ...
+
+def open(path: _Path) -> Reader:
+    """A lazy, safe_open-like reader over a file, a directory or a container."""

@@ -351,6 +351,192 @@ fn _cli_main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     Ok(code)
 }
 
+/// The numpy / torch dtype names of a stored dtype: (numpy or ml_dtypes name,
+/// torch name, the numpy integer dtype of the same width to view it as).
+fn dtype_names(d: ckptkit::Dtype) -> Option<(&'static str, &'static str, &'static str)> {
+    use ckptkit::Dtype as D;
+    Some(match d {
+        D::F64 => ("float64", "float64", "float64"),
+        D::F32 => ("float32", "float32", "float32"),
+        D::F16 => ("float16", "float16", "float16"),
+        D::BF16 => ("bfloat16", "bfloat16", "uint16"),
+        D::I64 => ("int64", "int64", "int64"),
+        D::I32 => ("int32", "int32", "int32"),
+        D::I16 => ("int16", "int16", "int16"),
+        D::I8 => ("int8", "int8", "int8"),
+        D::U64 => ("uint64", "uint64", "uint64"),
+        D::U32 => ("uint32", "uint32", "uint32"),
+        D::U16 => ("uint16", "uint16", "uint16"),
+        D::U8 => ("uint8", "uint8", "uint8"),
+        D::Bool => ("bool", "bool", "bool"),
+        D::F8E4M3 => ("float8_e4m3fn", "float8_e4m3fn", "uint8"),
+        D::F8E5M2 => ("float8_e5m2", "float8_e5m2", "uint8"),
+        D::F8E4M3Fnuz => ("float8_e4m3fnuz", "float8_e4m3fnuz", "uint8"),
+        D::F8E5M2Fnuz => ("float8_e5m2fnuz", "float8_e5m2fnuz", "uint8"),
+        D::F8E8M0 => ("float8_e8m0fnu", "float8_e8m0fnu", "uint8"),
+        _ => return None,
+    })
+}
+
+/// A lazy reader over any input ckptkit reads (a safetensors file, a
+/// sharded or training-checkpoint directory, a .ckpk container), like
+/// safetensors' `safe_open`: nothing but headers is read until a tensor is
+/// asked for, and every tensor's bytes are checked against the hash the
+/// file records for them (a container's manifest, a ckptkit safetensors
+/// file's `ckptkit.blake3`).
+#[pyclass(module = "ckptkit")]
+struct Reader {
+    src: Box<dyn ckptkit::TensorSource>,
+    path: PathBuf,
+}
+
+#[pymethods]
+impl Reader {
+    /// keys() -> list[str]
+    /// --
+    ///
+    /// The stored tensor keys, in file order.
+    fn keys(&self) -> Vec<String> {
+        self.src.tensors().iter().map(|t| t.key.clone()).collect()
+    }
+
+    /// metadata() -> dict[str, str]
+    /// --
+    ///
+    /// The safetensors `__metadata__` (of the first file of a directory).
+    fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        self.src.metadata().clone()
+    }
+
+    /// layers() -> list[dict]
+    /// --
+    ///
+    /// The layers with their layouts, as `ckptkit.inspect` reports them.
+    fn layers(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let r = ckptkit::migrate::inspect(&self.path, &ConvertOptions::default())
+            .map_err(|e| to_py(py, e))?;
+        to_dict(py, &r.layers)
+    }
+
+    /// get_tensor(name, framework="np") -> numpy.ndarray | torch.Tensor
+    /// --
+    ///
+    /// One stored tensor, as stored (a quantized layer's codes and scales
+    /// are separate tensors), its bytes checked against their recorded
+    /// hash. The array owns the bytes read (no further copy); torch tensors
+    /// share them (`torch.from_numpy`). numpy has no bfloat16 or float8:
+    /// with `framework="np"` those need the `ml_dtypes` package, else
+    /// `ckptkit.Error`; with `"pt"` they are viewed as torch's own dtypes.
+    #[pyo3(signature = (name, framework="np"))]
+    fn get_tensor(&self, py: Python<'_>, name: &str, framework: &str) -> PyResult<Py<PyAny>> {
+        if framework != "np" && framework != "pt" {
+            return Err(UsageError::new_err(format!(
+                "framework must be \"np\" or \"pt\", not {framework:?}"
+            )));
+        }
+        let t = self
+            .src
+            .tensors()
+            .iter()
+            .find(|t| t.key == name)
+            .cloned()
+            .ok_or_else(|| {
+                let e = Error::new_err(format!("{}: no tensor `{name}`", self.src.describe()));
+                let _ = e.value(py).setattr("file", self.src.describe());
+                let _ = e.value(py).setattr("tensor", name);
+                e
+            })?;
+        let (np_name, pt_name, raw) = dtype_names(t.dtype).ok_or_else(|| {
+            Error::new_err(format!(
+                "tensor `{name}`: dtype {} has no numpy form",
+                t.dtype
+            ))
+        })?;
+        let src = &self.src;
+        let key = t.key.clone();
+        let bytes = py
+            .detach(|| -> ckptkit::Result<Vec<u8>> {
+                let b = src.read(&key)?.into_vec();
+                Ok(b)
+            })
+            .map_err(|e| to_py(py, e))?;
+        if let Some(want) = src.recorded_hash(&key).map_err(|e| to_py(py, e))? {
+            let got = blake3::hash(&bytes);
+            if got.as_bytes() != &want {
+                let e = HashMismatchError::new_err(format!(
+                    "{}: tensor `{key}`: its bytes do not match their recorded blake3 hash; the file is corrupt",
+                    src.describe()
+                ));
+                let _ = e.value(py).setattr("file", src.describe());
+                let _ = e.value(py).setattr("tensor", key.as_str());
+                return Err(e);
+            }
+        }
+        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+        let arr = numpy::PyArray1::<u8>::from_vec(py, bytes).into_any();
+        let viewed = arr
+            .call_method1("view", (raw,))?
+            .call_method1("reshape", (shape,))?;
+        if framework == "pt" {
+            let torch = py.import("torch")?;
+            let t = torch.call_method1("from_numpy", (viewed,))?;
+            let out = if raw != np_name {
+                t.call_method1("view", (torch.getattr(pt_name)?,))?
+            } else {
+                t
+            };
+            return Ok(out.unbind());
+        }
+        if raw == np_name {
+            return Ok(viewed.unbind());
+        }
+        let ml = py.import("ml_dtypes").map_err(|_| {
+            Error::new_err(format!(
+                "tensor `{name}` is {}: numpy has no such dtype; install ml_dtypes, or ask for framework=\"pt\"",
+                t.dtype
+            ))
+        })?;
+        Ok(viewed
+            .call_method1("view", (ml.getattr(np_name)?,))?
+            .unbind())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        false
+    }
+
+    fn __len__(&self) -> usize {
+        self.src.tensors().len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ckptkit.open({:?}: {} tensors)",
+            self.path,
+            self.src.tensors().len()
+        )
+    }
+}
+
+/// open(path) -> Reader
+/// --
+///
+/// A lazy reader over a checkpoint: `keys()`, `metadata()`, `layers()`,
+/// `get_tensor(name, framework="np"|"pt")`. Usable as a context manager.
+#[pyfunction]
+fn open(py: Python<'_>, path: PathBuf) -> PyResult<Reader> {
+    let p = path.clone();
+    let src = py
+        .detach(move || ckptkit::open_source(&p))
+        .map_err(|e| to_py(py, e))?;
+    Ok(Reader { src, path })
+}
+
 /// ckptkit's native module; `import ckptkit` re-exports it.
 #[pymodule]
 fn _ckptkit(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -360,6 +546,8 @@ fn _ckptkit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(_cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(open, m)?)?;
+    m.add_class::<Reader>()?;
     m.add("Error", py.get_type::<Error>())?;
     m.add("UsageError", py.get_type::<UsageError>())?;
     m.add("OutputExistsError", py.get_type::<OutputExistsError>())?;
