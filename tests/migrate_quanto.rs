@@ -484,3 +484,85 @@ fn a_plain_weight_beside_quantos_weight_data_is_refused() {
         assert!(!out.exists());
     }
 }
+
+/// `migrate::load` converts into memory exactly what `convert` writes: for
+/// every quanto fixture, dequantized to plain, each tensor handed over once
+/// in the plan's order equals quanto's own `dequantized.safetensors`; a
+/// corrupt input is refused as `convert` refuses it, naming the tensor.
+#[test]
+fn load_converts_into_memory_what_convert_writes() {
+    use ckptkit::migrate::load;
+    for dir in cases() {
+        let opts = ConvertOptions::default()
+            .target(Target::Plain(None))
+            .qmap(Some(dir.join("quanto_qmap.json")))
+            .shapes_from(Some(dir.join("float.safetensors")));
+        let gold = SafetensorsFile::open(&dir.join("dequantized.safetensors")).unwrap();
+        let float = SafetensorsFile::open(&dir.join("float.safetensors")).unwrap();
+        let mut seen = BTreeSet::new();
+        let mut compared = 0;
+        let s = load(
+            &dir.join("quantized.safetensors"),
+            &opts,
+            &mut |k, d, shape, b| {
+                let t = float
+                    .get(k)
+                    .unwrap_or_else(|| panic!("{}: extra tensor {k}", dir.display()));
+                assert_eq!((d, shape), (t.dtype, &t.shape[..]), "{k}");
+                // quanto's dequantize() for every weight it dequantized
+                if gold.get(k).is_some() {
+                    assert_eq!(&b[..], &gold.read(k).unwrap()[..], "{}: {k}", dir.display());
+                    compared += 1;
+                }
+                assert!(seen.insert(k.to_string()), "{k} twice");
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            seen,
+            keys(&float),
+            "{}: a plain model's key set",
+            dir.display()
+        );
+        assert_eq!(compared, gold.tensors().len(), "{}", dir.display());
+        assert!(s.input_verified || s.input_unchecked > 0);
+        assert_eq!(s.tensors, seen.len());
+    }
+    // corrupt bytes in a file ckptkit wrote: refused, as convert refuses them
+    let case = cases()
+        .into_iter()
+        .find(|d| d.ends_with("bf16-qint8"))
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q.safetensors");
+    convert(
+        &case.join("float.safetensors"),
+        &out,
+        &ConvertOptions::default().target(Target::parse("quanto:qint8").unwrap()),
+    )
+    .unwrap();
+    // one bit of a weight's codes (every conversion to plain reads them)
+    let codes = SafetensorsFile::open(&out)
+        .unwrap()
+        .read("lin_g128.weight._data")
+        .unwrap()
+        .to_vec();
+    let mut b = std::fs::read(&out).unwrap();
+    let at = b
+        .windows(codes.len())
+        .position(|w| w == &codes[..])
+        .unwrap();
+    b[at + 100] ^= 0x40;
+    std::fs::write(&out, &b).unwrap();
+    let e = load(
+        &out,
+        &ConvertOptions::default().target(Target::Plain(None)),
+        &mut |_, _, _, _| Ok(()),
+    )
+    .expect_err("corrupt input loaded");
+    assert!(
+        matches!(e.kind(), ckptkit::ErrorKind::HashMismatch { .. }),
+        "{e}"
+    );
+}

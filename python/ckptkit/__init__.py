@@ -9,7 +9,8 @@ False
 >>> ckptkit.convert("checkpoint.safetensors", "fixed/model.safetensors",
 ...                 like="quanto_qmap.json")  # doctest: +SKIP
 
-``ckptkit.open(path)`` reads stored tensors lazily into numpy arrays or
+``ckptkit.load(path, like=...)`` returns a checkpoint's state dict converted
+in memory to the layout of a reference (or "plain"); ``ckptkit.open(path)`` reads stored tensors lazily into numpy arrays or
 torch tensors, checking each against its recorded hash.
 
 Errors are ``ckptkit.Error`` or one of its subclasses, with ``file``,
@@ -32,6 +33,7 @@ from ckptkit._ckptkit import (
     convert,
     Reader,
     inspect,
+    load,
     open,
     verify,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "convert",
     "Reader",
     "inspect",
+    "load",
     "verify",
 ]
 # `open` is not in __all__: `from ckptkit import *` must not shadow the builtin

@@ -73,3 +73,19 @@ class Reader:
 
 def open(path: _Path) -> Reader:
     """A lazy, safe_open-like reader over a file, a directory or a container."""
+
+def load(
+    path: _Path,
+    *,
+    like: Optional[Union[_Path, str]] = None,
+    framework: Literal["np", "pt"] = "pt",
+    device: str = "cpu",
+    allow_lossy: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    rename: Sequence[str] = (),
+    qmap: Optional[_Path] = None,
+    shapes_from: Optional[_Path] = None,
+    progress: Optional[Callable[[int, int], object]] = None,
+) -> dict[str, Any]:
+    """The state dict in `like`'s layout (a reference path or a target spelling), converted in memory."""

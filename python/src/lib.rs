@@ -351,6 +351,161 @@ fn _cli_main(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
     Ok(code)
 }
 
+/// Bytes read or computed by the library, handed to numpy without a copy
+/// (the array owns the Rust buffer), viewed as `dtype` with `shape`; torch
+/// tensors share the array's memory.
+fn to_array(
+    py: Python<'_>,
+    key: &str,
+    dtype: ckptkit::Dtype,
+    shape: &[u64],
+    bytes: Vec<u8>,
+    framework: &str,
+) -> PyResult<Py<PyAny>> {
+    let (np_name, pt_name, raw) = dtype_names(dtype).ok_or_else(|| {
+        Error::new_err(format!("tensor `{key}`: dtype {dtype} has no numpy form"))
+    })?;
+    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    let arr = numpy::PyArray1::<u8>::from_vec(py, bytes).into_any();
+    let viewed = arr
+        .call_method1("view", (raw,))?
+        .call_method1("reshape", (shape,))?;
+    if framework == "pt" {
+        let torch = py.import("torch")?;
+        let t = torch.call_method1("from_numpy", (viewed,))?;
+        let out = if raw != np_name {
+            t.call_method1("view", (torch.getattr(pt_name)?,))?
+        } else {
+            t
+        };
+        return Ok(out.unbind());
+    }
+    if raw == np_name {
+        return Ok(viewed.unbind());
+    }
+    let ml = py.import("ml_dtypes").map_err(|_| {
+        Error::new_err(format!(
+            "tensor `{key}` is {dtype}: numpy has no such dtype; install ml_dtypes, or ask for framework=\"pt\""
+        ))
+    })?;
+    Ok(viewed
+        .call_method1("view", (ml.getattr(np_name)?,))?
+        .unbind())
+}
+
+fn check_framework(framework: &str) -> PyResult<()> {
+    if framework != "np" && framework != "pt" {
+        return Err(UsageError::new_err(format!(
+            "framework must be \"np\" or \"pt\", not {framework:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// `like` as the library's target: a path that exists is a reference (a
+/// checkpoint, a container, a quanto_qmap.json); other text is a target
+/// spelling ("plain", "plain:bf16", "quanto:qint8", ...).
+fn like_to_target(py: Python<'_>, like: &Bound<'_, PyAny>) -> PyResult<(Target, Option<PathBuf>)> {
+    if let Ok(p) = like.extract::<PathBuf>() {
+        if p.exists() {
+            let t = ckptkit::migrate::like_target(&p).map_err(|e| to_py(py, e))?;
+            return Ok((t, Some(p)));
+        }
+        if let Some(s) = p.to_str() {
+            return Ok((Target::parse(s).map_err(|e| to_py(py, e))?, None));
+        }
+    }
+    Err(UsageError::new_err(
+        "like must be a path to a reference checkpoint, container or quanto_qmap.json, or a \
+         target spelling such as \"plain\" or \"quanto:qint8\" (a state dict is not supported yet)",
+    ))
+}
+
+/// load(path, *, like=None, framework="pt", device="cpu", allow_lossy=False, include=(), exclude=(), rename=(), qmap=None, shapes_from=None, progress=None) -> dict
+/// --
+///
+/// The state dict of the checkpoint at `path` (a file, a directory or a
+/// container) in the layout of `like`: a reference checkpoint, container
+/// or quanto_qmap.json whose layouts to take, or a target spelling such as
+/// "plain" (dequantize everything) or "quanto:qint8"; None keeps every
+/// layer's layout. Converted in memory, layer by layer, exactly as
+/// `convert` would write it, with no temporary file; every byte read is
+/// checked against the hashes the file records. Tensors are torch tensors
+/// ("pt", moved with `.to(device)` when device is not "cpu") or numpy
+/// arrays ("np"). Raises a ckptkit.Error naming the layer when a layout
+/// cannot be matched (LossyRelayoutError unless allow_lossy).
+#[pyfunction]
+#[pyo3(signature = (path, *, like=None, framework="pt", device="cpu", allow_lossy=false, include=Vec::new(), exclude=Vec::new(), rename=Vec::new(), qmap=None, shapes_from=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn load(
+    py: Python<'_>,
+    path: PathBuf,
+    like: Option<&Bound<'_, PyAny>>,
+    framework: &str,
+    device: &str,
+    allow_lossy: bool,
+    include: Vec<String>,
+    exclude: Vec<String>,
+    rename: Vec<String>,
+    qmap: Option<PathBuf>,
+    shapes_from: Option<PathBuf>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    check_framework(framework)?;
+    let (target, reference) = match like {
+        Some(l) => like_to_target(py, l)?,
+        None => (Target::parse("keep").map_err(|e| to_py(py, e))?, None),
+    };
+    let renames = rename
+        .iter()
+        .map(|r| Rename::parse(r))
+        .collect::<ckptkit::Result<Vec<_>>>()
+        .map_err(|e| to_py(py, e))?;
+    let cancel = Cancel::new();
+    let mut control = Control::new().with_cancel(cancel.clone());
+    let counters = progress.map(|f| {
+        let c: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let mine = c.clone();
+        control = control.clone().with_progress(move |p| {
+            mine[1].store(p.bytes_total, Ordering::Relaxed);
+            mine[0].store(p.bytes_done, Ordering::Relaxed);
+        });
+        (c, f)
+    });
+    let opts = ConvertOptions::default()
+        .target(target)
+        .select(
+            PlanOptions::default()
+                .include(include)
+                .exclude(exclude)
+                .allow_lossy(allow_lossy)
+                .rename(renames),
+        )
+        .qmap(qmap)
+        .shapes_from(shapes_from)
+        .extra_reads(reference.into_iter().collect())
+        .control(control);
+    type Loaded = Vec<(String, ckptkit::Dtype, Vec<u64>, Vec<u8>)>;
+    let r = run_cancellable(py, cancel, counters, move || -> ckptkit::Result<Loaded> {
+        let mut out = Vec::new();
+        ckptkit::migrate::load(&path, &opts, &mut |k, d, s, b| {
+            out.push((k.to_string(), d, s.to_vec(), b.into_vec()));
+            Ok(())
+        })?;
+        Ok(out)
+    })?;
+    let tensors = r.map_err(|e| to_py(py, e))?;
+    let dict = pyo3::types::PyDict::new(py);
+    for (k, d, s, b) in tensors {
+        let mut t = to_array(py, &k, d, &s, b, framework)?;
+        if framework == "pt" && device != "cpu" {
+            t = t.call_method1(py, "to", (device,))?;
+        }
+        dict.set_item(k, t)?;
+    }
+    Ok(dict.into_any().unbind())
+}
+
 /// The numpy / torch dtype names of a stored dtype: (numpy or ml_dtypes name,
 /// torch name, the numpy integer dtype of the same width to view it as).
 fn dtype_names(d: ckptkit::Dtype) -> Option<(&'static str, &'static str, &'static str)> {
@@ -429,11 +584,7 @@ impl Reader {
     /// `ckptkit.Error`; with `"pt"` they are viewed as torch's own dtypes.
     #[pyo3(signature = (name, framework="np"))]
     fn get_tensor(&self, py: Python<'_>, name: &str, framework: &str) -> PyResult<Py<PyAny>> {
-        if framework != "np" && framework != "pt" {
-            return Err(UsageError::new_err(format!(
-                "framework must be \"np\" or \"pt\", not {framework:?}"
-            )));
-        }
+        check_framework(framework)?;
         let t = self
             .src
             .tensors()
@@ -446,7 +597,8 @@ impl Reader {
                 let _ = e.value(py).setattr("tensor", name);
                 e
             })?;
-        let (np_name, pt_name, raw) = dtype_names(t.dtype).ok_or_else(|| {
+        // refused before any byte is read
+        dtype_names(t.dtype).ok_or_else(|| {
             Error::new_err(format!(
                 "tensor `{name}`: dtype {} has no numpy form",
                 t.dtype
@@ -472,33 +624,7 @@ impl Reader {
                 return Err(e);
             }
         }
-        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-        let arr = numpy::PyArray1::<u8>::from_vec(py, bytes).into_any();
-        let viewed = arr
-            .call_method1("view", (raw,))?
-            .call_method1("reshape", (shape,))?;
-        if framework == "pt" {
-            let torch = py.import("torch")?;
-            let t = torch.call_method1("from_numpy", (viewed,))?;
-            let out = if raw != np_name {
-                t.call_method1("view", (torch.getattr(pt_name)?,))?
-            } else {
-                t
-            };
-            return Ok(out.unbind());
-        }
-        if raw == np_name {
-            return Ok(viewed.unbind());
-        }
-        let ml = py.import("ml_dtypes").map_err(|_| {
-            Error::new_err(format!(
-                "tensor `{name}` is {}: numpy has no such dtype; install ml_dtypes, or ask for framework=\"pt\"",
-                t.dtype
-            ))
-        })?;
-        Ok(viewed
-            .call_method1("view", (ml.getattr(np_name)?,))?
-            .unbind())
+        to_array(py, &key, t.dtype, &t.shape, bytes, framework)
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -547,6 +673,7 @@ fn _ckptkit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(_cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(open, m)?)?;
+    m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_class::<Reader>()?;
     m.add("Error", py.get_type::<Error>())?;
     m.add("UsageError", py.get_type::<UsageError>())?;

@@ -28,3 +28,15 @@ def test_torch_tensors_equal_safetensors_load_file(path):
         assert ours.shape == t.shape, k
         # bit for bit (NaN payloads included)
         assert torch.equal(ours.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.parent.name)
+def test_load_into_torch_equals_quantos_dequantize(path):
+    case = path.parent
+    state = ckptkit.load(path, like="plain", shapes_from=case / "float.safetensors")
+    plain = st_torch.load_file(str(case / "float.safetensors"))
+    assert sorted(state) == sorted(plain)
+    for k, t in plain.items():
+        assert state[k].dtype == t.dtype and state[k].shape == t.shape, k
+    for k, t in st_torch.load_file(str(case / "dequantized.safetensors")).items():
+        assert torch.equal(state[k].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k

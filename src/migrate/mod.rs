@@ -20,6 +20,7 @@ pub(crate) mod detect;
 mod execute;
 mod input;
 mod inspect;
+mod load;
 mod options;
 mod ordered;
 pub(crate) mod plan;
@@ -36,6 +37,7 @@ pub(crate) use detect::{source_layers, suspects};
 pub use input::input_layers;
 pub(crate) use input::{input_suspects, misaligned_integer_weights};
 pub use inspect::{inspect, InspectReport};
+pub use load::load;
 pub use options::{output_kind, ConvertOptions, OutputKind, Summary};
 pub use plan::{
     execute, plan, Executed, LayerPlan, LayoutTarget, LikeLayer, Loss, Plan, PlanOptions, Produced,
@@ -259,25 +261,31 @@ const UNKNOWN_OUTSIDE: &str =
     "write it outside a container (safetensors has no place for its record, which would be \
      lost)";
 
-pub(crate) fn convert_planned(
+/// A planned conversion's plan: the input's layers (`unknown`: refuse
+/// layers of unknown families, saying what would be done with them), the
+/// plan with its renames, refusing layers that look quantized in a layout
+/// ckptkit does not know, a plan that changes nothing (`refuse_unchanged`)
+/// and a reference with layers the input lacks. Returns the plan and the
+/// selection's warnings.
+pub(crate) fn planned(
     input: &Path,
-    output: &Path,
     src: &Checked<'_>,
-    okind: OutputKind,
+    unknown: Option<&str>,
+    refuse_unchanged: bool,
     opts: &ConvertOptions,
-    t0: Instant,
-) -> Result<Summary> {
+) -> Result<(Plan, Vec<String>)> {
     let layers = input_layers(input, src, opts).map_err(|e| e.with_file(input))?;
-    if okind != OutputKind::Container {
-        crate::layout::registry::refuse_unknown(&layers, UNKNOWN_OUTSIDE)
-            .map_err(|e| e.with_file(input))?;
+    if let Some(doing) = unknown {
+        crate::layout::registry::refuse_unknown(&layers, doing).map_err(|e| e.with_file(input))?;
     }
     let mut p = plan(&layers, &opts.target, &opts.select).map_err(|e| e.with_file(input))?;
     crate::migrate::plan::apply_renames(&mut p, &opts.select.rename)?;
     refuse_suspects(&p, &input_suspects(input, src, &layers)?, opts)
         .map_err(|e| e.with_file(input))?;
     let warnings = selection_warnings(&layers, opts);
-    refuse_no_change(&[&p], &warnings, opts)?;
+    if refuse_unchanged {
+        refuse_no_change(&[&p], &warnings, opts)?;
+    }
     if !p.unmatched.is_empty() {
         let n = p.unmatched.len();
         let list: Vec<&str> = p.unmatched.iter().take(20).map(|s| s.as_str()).collect();
@@ -287,6 +295,19 @@ pub(crate) fn convert_planned(
             if n > 20 { ", ..." } else { "" }
         )));
     }
+    Ok((p, warnings))
+}
+
+pub(crate) fn convert_planned(
+    input: &Path,
+    output: &Path,
+    src: &Checked<'_>,
+    okind: OutputKind,
+    opts: &ConvertOptions,
+    t0: Instant,
+) -> Result<Summary> {
+    let unknown = (okind != OutputKind::Container).then_some(UNKNOWN_OUTSIDE);
+    let (p, warnings) = planned(input, src, unknown, true, opts)?;
     let bytes_in: u64 = p.layers.iter().map(|l| l.bytes_in).sum();
     let bytes_out: u64 = p.layers.iter().map(|l| l.bytes_out).sum();
     let mut summary = Summary {

@@ -1,0 +1,56 @@
+"""`ckptkit.load`: a state dict converted in memory, against files optimum-quanto wrote."""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ckptkit
+
+ROOT = Path(__file__).resolve().parents[2]
+QUANTO = ROOT / "tests" / "fixtures" / "quanto"
+CASES = sorted(p.parent for p in QUANTO.glob("*/quantized.safetensors"))
+
+
+def raw_tensors(path):
+    b = path.read_bytes()
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8 : 8 + n])
+    h.pop("__metadata__", None)
+    base = 8 + n
+    return {k: (v["dtype"], v["shape"], b[base + v["data_offsets"][0] : base + v["data_offsets"][1]]) for k, v in h.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda p: p.name)
+def test_dequantized_in_memory_equals_quantos_dequantize(case):
+    state = ckptkit.load(case / "quantized.safetensors", like="plain", framework="np", shapes_from=case / "float.safetensors")
+    plain = raw_tensors(case / "float.safetensors")
+    assert sorted(state) == sorted(plain), "a plain model's key set"
+    gold = raw_tensors(case / "dequantized.safetensors")
+    for k, (dtype, shape, data) in gold.items():
+        assert list(state[k].shape) == shape, k
+        assert state[k].tobytes() == data, k
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name.endswith("qint8")], ids=lambda p: p.name)
+def test_quantized_in_memory_equals_what_quanto_wrote(case):
+    state = ckptkit.load(case / "float.safetensors", like=case / "quanto_qmap.json", framework="np")
+    theirs = raw_tensors(case / "quantized.safetensors")
+    for k, (dtype, shape, data) in theirs.items():
+        if k.endswith(("._data", "._scale")):
+            assert state[k].tobytes() == data, k
+
+
+def test_load_refuses_what_it_cannot_match(tmp_path):
+    q = QUANTO / "bf16-qint8" / "quantized.safetensors"
+    with pytest.raises(ckptkit.UsageError):
+        ckptkit.load(q, like={"lin.weight": None})
+    with pytest.raises(ckptkit.Error):
+        ckptkit.load(q, like="quanto:qint9")
+    with pytest.raises(ckptkit.UsageError):
+        ckptkit.load(q, framework="jax")
+    # keeping the layout is a load of what is stored
+    kept = ckptkit.load(q, framework="np")
+    assert kept["lin_g64.weight._data"].dtype == np.int8
