@@ -156,3 +156,17 @@ def test_help_is_useful():
     assert "quanto_qmap.json" in ckptkit.check.__doc__
     assert "progress" in ckptkit.convert.__doc__
     assert "Ctrl-C" in ckptkit.convert.__doc__
+
+
+INT8 = ROOT / "tests" / "fixtures" / "int8"
+EVERY_FAMILY = [QUANTIZED, FLOAT] + sorted(INT8.glob("*/model.safetensors"))
+
+
+@pytest.mark.parametrize("path", EVERY_FAMILY, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_inspect_verify_and_check_agree_with_the_cli_on_every_family(path):
+    assert ckptkit.inspect(path) == cli_json("inspect", path)[1]
+    assert ckptkit.verify(path) == cli_json("verify", path)[1]
+    r = ckptkit.check(path, FLOAT)
+    code, cli = cli_json("check", path, "--against", FLOAT)
+    assert r == cli
+    assert code == (0 if r["compatible"] else 1)
