@@ -566,3 +566,27 @@ fn load_converts_into_memory_what_convert_writes() {
         "{e}"
     );
 }
+
+/// A reference described by its tensors alone (a model's state dict: keys,
+/// dtypes, shapes) with its quanto map gives the same `--like` target as
+/// the checkpoint file with the map beside it, on every fixture.
+#[test]
+fn like_tensors_reads_a_state_dict_as_like_target_reads_its_file() {
+    use ckptkit::migrate::like_tensors;
+    for dir in cases() {
+        let file = dir.join("quantized.safetensors");
+        let f = SafetensorsFile::open(&file).unwrap();
+        let described: Vec<_> = f
+            .tensors()
+            .iter()
+            .map(|t| (t.key.clone(), t.dtype, t.shape.clone()))
+            .collect();
+        let from_tensors = like_tensors(&described, Some(&dir.join("quanto_qmap.json"))).unwrap();
+        assert_eq!(
+            from_tensors,
+            like_target(&file).unwrap(),
+            "{}",
+            dir.display()
+        );
+    }
+}

@@ -33,7 +33,7 @@ from ckptkit._ckptkit import (
     convert,
     Reader,
     inspect,
-    load,
+    load as _load,
     open,
     verify,
 )
@@ -58,3 +58,41 @@ __all__ = [
     "verify",
 ]
 # `open` is not in __all__: `from ckptkit import *` must not shadow the builtin
+
+
+def load(path, *, like=None, like_qmap=None, **kwargs):
+    """The state dict of the checkpoint at ``path`` in the layout of ``like``,
+    converted in memory (see ``ckptkit._ckptkit.load`` for every option).
+
+    ``like`` is a reference checkpoint, container or ``quanto_qmap.json``
+    path; a target spelling such as ``"plain"``; or a model's
+    ``state_dict()`` (a mapping of tensors: only their keys, dtypes and
+    shapes are used), in which case ``like_qmap`` may give the model's quanto
+    map (a path, or the dict ``optimum.quanto.quantization_map(model)``)
+    for layers the tensors alone cannot tell apart. The result loads with
+    ``model.load_state_dict(..., strict=True)``.
+    """
+    from collections.abc import Mapping
+
+    if not isinstance(like, Mapping):
+        if like_qmap is not None:
+            raise UsageError("like_qmap goes with like=<a state dict>")
+        return _load(path, like=like, **kwargs)
+    described = [
+        (str(k), str(v.dtype), [int(d) for d in v.shape])
+        for k, v in like.items()
+        if hasattr(v, "dtype") and hasattr(v, "shape")
+    ]
+    if isinstance(like_qmap, Mapping):
+        import json
+        import os
+        import tempfile
+
+        fd, qpath = tempfile.mkstemp(suffix=".json", prefix="ckptkit-qmap-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(like_qmap, f)
+            return _load(path, like_tensors=described, like_qmap=qpath, **kwargs)
+        finally:
+            os.unlink(qpath)
+    return _load(path, like_tensors=described, like_qmap=like_qmap, **kwargs)

@@ -1,5 +1,5 @@
 from os import PathLike
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 _Path = Union[str, PathLike[str]]
 
@@ -77,7 +77,8 @@ def open(path: _Path) -> Reader:
 def load(
     path: _Path,
     *,
-    like: Optional[Union[_Path, str]] = None,
+    like: Optional[Union[_Path, str, Mapping[str, Any]]] = None,
+    like_qmap: Optional[Union[_Path, Mapping[str, Any]]] = None,
     framework: Literal["np", "pt"] = "pt",
     device: str = "cpu",
     allow_lossy: bool = False,
@@ -88,4 +89,5 @@ def load(
     shapes_from: Optional[_Path] = None,
     progress: Optional[Callable[[int, int], object]] = None,
 ) -> dict[str, Any]:
-    """The state dict in `like`'s layout (a reference path or a target spelling), converted in memory."""
+    """The state dict in `like`'s layout (a reference path, a target spelling, or a model's
+    state_dict() with `like_qmap` its quanto map when needed), converted in memory."""

@@ -417,7 +417,7 @@ fn like_to_target(py: Python<'_>, like: &Bound<'_, PyAny>) -> PyResult<(Target, 
     }
     Err(UsageError::new_err(
         "like must be a path to a reference checkpoint, container or quanto_qmap.json, or a \
-         target spelling such as \"plain\" or \"quanto:qint8\" (a state dict is not supported yet)",
+         target spelling such as \"plain\" or \"quanto:qint8\" (ckptkit.load takes a state dict too)",
     ))
 }
 
@@ -435,7 +435,7 @@ fn like_to_target(py: Python<'_>, like: &Bound<'_, PyAny>) -> PyResult<(Target, 
 /// arrays ("np"). Raises a ckptkit.Error naming the layer when a layout
 /// cannot be matched (LossyRelayoutError unless allow_lossy).
 #[pyfunction]
-#[pyo3(signature = (path, *, like=None, framework="pt", device="cpu", allow_lossy=false, include=Vec::new(), exclude=Vec::new(), rename=Vec::new(), qmap=None, shapes_from=None, progress=None))]
+#[pyo3(signature = (path, *, like=None, framework="pt", device="cpu", allow_lossy=false, include=Vec::new(), exclude=Vec::new(), rename=Vec::new(), qmap=None, shapes_from=None, progress=None, like_tensors=None, like_qmap=None))]
 #[allow(clippy::too_many_arguments)]
 fn load(
     py: Python<'_>,
@@ -450,11 +450,32 @@ fn load(
     qmap: Option<PathBuf>,
     shapes_from: Option<PathBuf>,
     progress: Option<Py<PyAny>>,
+    like_tensors: Option<Vec<(String, String, Vec<u64>)>>,
+    like_qmap: Option<PathBuf>,
 ) -> PyResult<Py<PyAny>> {
     check_framework(framework)?;
-    let (target, reference) = match like {
-        Some(l) => like_to_target(py, l)?,
-        None => (Target::parse("keep").map_err(|e| to_py(py, e))?, None),
+    let (target, reference) = match (like, like_tensors) {
+        (Some(_), Some(_)) => {
+            return Err(UsageError::new_err(
+                "give `like` or `like_tensors`, not both",
+            ))
+        }
+        (Some(l), None) => like_to_target(py, l)?,
+        (None, Some(described)) => {
+            let mut v = Vec::with_capacity(described.len());
+            for (k, d, shape) in described {
+                let dtype = dtype_from_name(&d).ok_or_else(|| {
+                    UsageError::new_err(format!(
+                        "`{k}` of the state dict has dtype {d}, which ckptkit does not store"
+                    ))
+                })?;
+                v.push((k, dtype, shape));
+            }
+            let t = ckptkit::migrate::like_tensors(&v, like_qmap.as_deref())
+                .map_err(|e| to_py(py, e))?;
+            (t, like_qmap)
+        }
+        (None, None) => (Target::parse("keep").map_err(|e| to_py(py, e))?, None),
     };
     let renames = rename
         .iter()
@@ -504,6 +525,35 @@ fn load(
         dict.set_item(k, t)?;
     }
     Ok(dict.into_any().unbind())
+}
+
+/// A stored dtype from its torch or numpy name (`torch.bfloat16`,
+/// `bfloat16`, `float8_e4m3fn`, ...).
+fn dtype_from_name(name: &str) -> Option<ckptkit::Dtype> {
+    use ckptkit::Dtype as D;
+    let n = name.strip_prefix("torch.").unwrap_or(name);
+    [
+        D::F64,
+        D::F32,
+        D::F16,
+        D::BF16,
+        D::I64,
+        D::I32,
+        D::I16,
+        D::I8,
+        D::U64,
+        D::U32,
+        D::U16,
+        D::U8,
+        D::Bool,
+        D::F8E4M3,
+        D::F8E5M2,
+        D::F8E4M3Fnuz,
+        D::F8E5M2Fnuz,
+        D::F8E8M0,
+    ]
+    .into_iter()
+    .find(|&d| dtype_names(d).is_some_and(|(np, pt, _)| np == n || pt == n))
 }
 
 /// The numpy / torch dtype names of a stored dtype: (numpy or ml_dtypes name,

@@ -227,10 +227,12 @@ pub(crate) trait Family: Sync {
     /// side files: quanto's `quanto_qmap.json` and diffusers `config.json`),
     /// as its own type for its detector ([`Hints::side`]); `given` names
     /// side files the user passed instead (`quanto_qmap.json` for
-    /// `--qmap`). Default: nothing.
+    /// `--qmap`). `beside` is the input whose neighbours to read, or `None`
+    /// for tensors that have no file (a state dict): then only `given` is
+    /// read. Default: nothing.
     fn side_files(
         &self,
-        _input: &std::path::Path,
+        _beside: Option<&std::path::Path>,
         _given: &[(&str, &std::path::Path)],
     ) -> Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
         Ok(None)

@@ -13,8 +13,6 @@ use super::*;
 /// `quanto_qmap.json`), a checkpoint (with its side files beside it, if
 /// any) or a container.
 pub fn like_target(reference: &Path) -> Result<Target> {
-    let mut m = BTreeMap::new();
-    let mut order = Vec::new();
     let is_json = reference.extension().and_then(|e| e.to_str()) == Some("json");
     // a family's own side file (quanto's map), alone or beside the reference
     let from_side = |alone: bool| -> Result<Option<Target>> {
@@ -58,6 +56,14 @@ pub fn like_target(reference: &Path) -> Result<Target> {
         },
         Err(e) => return Err(e),
     };
+    like_of_layers(layers, &reference.display().to_string())
+}
+
+/// The `--like` target of a reference's layers (`reference` names it in
+/// errors).
+fn like_of_layers(layers: Vec<Layer>, reference: &str) -> Result<Target> {
+    let mut m = BTreeMap::new();
+    let mut order = Vec::new();
     for l in layers {
         order.push(l.path.clone());
         let w = l.tensors.iter().find(|t| t.name == "weight");
@@ -79,6 +85,68 @@ pub fn like_target(reference: &Path) -> Result<Target> {
         );
     }
     Ok(Target::Like(m, order))
+}
+
+/// Tensors described by key, dtype and shape only (a model's state dict),
+/// for detection: nothing can be read.
+struct Described(
+    Vec<crate::io::source::SourceTensor>,
+    BTreeMap<String, String>,
+);
+
+impl crate::io::source::TensorSource for Described {
+    fn describe(&self) -> String {
+        "the state dict".into()
+    }
+    fn tensors(&self) -> &[crate::io::source::SourceTensor] {
+        &self.0
+    }
+    fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.1
+    }
+    fn files(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn read(&self, key: &str) -> Result<crate::io::TensorBytes> {
+        Err(crate::Error::usage(format!(
+            "tensor `{key}` of a state dict is described, not stored: it cannot be read"
+        )))
+    }
+}
+
+/// A `--like` target from a model's expected tensors (a state dict's keys,
+/// dtypes and shapes, as `model.state_dict()` describes them): its layers
+/// are read as a checkpoint's would be, from the tensors alone, with the
+/// quanto map `qmap` when given (a quantized model's packed layers need it;
+/// nothing beside any file is read).
+pub fn like_tensors(
+    tensors: &[(String, crate::Dtype, Vec<u64>)],
+    qmap: Option<&Path>,
+) -> Result<Target> {
+    let mut described = Vec::with_capacity(tensors.len());
+    for (key, dtype, shape) in tensors {
+        let len = crate::dtype::byte_len(*dtype, shape).map_err(|e| e.with_tensor(key.clone()))?;
+        described.push(crate::io::source::SourceTensor {
+            key: key.clone(),
+            dtype: *dtype,
+            shape: shape.to_vec(),
+            len,
+            file: 0,
+        });
+    }
+    let src = Described(described, BTreeMap::new());
+    let given: Vec<(&str, &Path)> = qmap
+        .map(|p| (crate::layout::quanto::QMAP_FILE, p))
+        .into_iter()
+        .collect();
+    let mut hints = crate::layout::family::Hints::default();
+    for f in crate::layout::registry::FAMILIES {
+        if let Some(side) = f.side_files(None, &given)? {
+            hints = hints.with_side_boxed(f.name(), side);
+        }
+    }
+    let layers = crate::migrate::detect::detect_layers(&src, &hints)?;
+    like_of_layers(layers, "the state dict")
 }
 
 /// A layer whose layout differs between a checkpoint and its reference.

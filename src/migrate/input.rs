@@ -50,7 +50,7 @@ pub fn input_layers(
     let mut hints = Hints::default();
     hints.shapes_from = shapes.as_deref();
     for f in crate::layout::registry::FAMILIES {
-        if let Some(side) = f.side_files(input, &given)? {
+        if let Some(side) = f.side_files(Some(input), &given)? {
             hints = hints.with_side_boxed(f.name(), side);
         }
     }

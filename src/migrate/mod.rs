@@ -29,7 +29,7 @@ mod sink;
 mod verify;
 
 pub use crate::layout::family::Pass;
-pub use check::{check, like_target, CheckReport, LayoutMismatch};
+pub use check::{check, like_target, like_tensors, CheckReport, LayoutMismatch};
 pub(crate) use checkpoint::{convert_checkpoint_dir, is_training_checkpoint};
 pub(crate) use detect::detect_layers;
 pub use detect::{report_layers, LayerReport, Suspect};

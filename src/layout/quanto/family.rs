@@ -199,14 +199,18 @@ impl Family for Quanto {
 
     fn side_files(
         &self,
-        input: &std::path::Path,
+        beside: Option<&std::path::Path>,
         given: &[(&str, &std::path::Path)],
     ) -> Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
-        let qmap = match given.iter().find(|(k, _)| *k == QMAP_FILE) {
-            Some((_, p)) => Some(QuantoMap::from_file(p)?),
-            None => super::qmap_beside(input)?,
+        let qmap = match (given.iter().find(|(k, _)| *k == QMAP_FILE), beside) {
+            (Some((_, p)), _) => Some(QuantoMap::from_file(p)?),
+            (None, Some(input)) => super::qmap_beside(input)?,
+            (None, None) => None,
         };
-        let diffusers = super::diffusers_beside(input)?;
+        let diffusers = match beside {
+            Some(input) => super::diffusers_beside(input)?,
+            None => None,
+        };
         Ok(Some(Box::new(super::QuantoSide { qmap, diffusers })))
     }
 
