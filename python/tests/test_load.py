@@ -54,3 +54,23 @@ def test_load_refuses_what_it_cannot_match(tmp_path):
     # keeping the layout is a load of what is stored
     kept = ckptkit.load(q, framework="np")
     assert kept["lin_g64.weight._data"].dtype == np.int8
+
+
+INT8 = ROOT / "tests" / "fixtures" / "int8"
+INT8_CASES = sorted(p.parent for p in INT8.glob("*/model.safetensors"))
+
+
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda p: p.name)
+def test_int8_checkpoints_dequantize_in_memory_as_their_libraries_do(case):
+    """compressed-tensors and bitsandbytes checkpoints made by the real libraries, into a
+    plain state dict equal to the libraries' own dequantization (dequantized.safetensors)."""
+    # bitsandbytes' own dequantization is always F32 (int8_vectorwise_dequant); CT's is the
+    # model's dtype (tests/fixtures/int8/README.md)
+    like = "plain:f32" if case.name.startswith("bnb") else "plain"
+    state = ckptkit.load(case / "model.safetensors", like=like, framework="np")
+    gold = raw_tensors(case / "dequantized.safetensors")
+    assert gold
+    for k, (dtype, shape, data) in gold.items():
+        assert list(state[k].shape) == shape, k
+        assert state[k].tobytes() == data, k
+    assert sorted(state) == sorted(raw_tensors(case / "float.safetensors")), "a plain model's key set"
