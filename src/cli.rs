@@ -37,6 +37,26 @@ struct Cli {
     quiet: bool,
 }
 
+/// What tells an input's layouts when its tensors alone do not.
+#[derive(clap::Args)]
+struct Hints {
+    /// The input's quanto map (default: quanto_qmap.json beside INPUT).
+    #[arg(long)]
+    qmap: Option<PathBuf>,
+    /// A plain checkpoint of the same model to take logical shapes from.
+    #[arg(long)]
+    shapes_from: Option<PathBuf>,
+}
+
+impl Hints {
+    /// Conversion options carrying these hints.
+    fn options(self) -> ConvertOptions {
+        ConvertOptions::default()
+            .qmap(self.qmap)
+            .shapes_from(self.shapes_from)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Convert INPUT to OUTPUT (format from OUTPUT's extension:
@@ -55,12 +75,8 @@ enum Cmd {
         /// quanto_qmap.json), a container, or a quanto_qmap.json alone.
         #[arg(long, conflicts_with = "to")]
         like: Option<PathBuf>,
-        /// The input's quanto map (default: quanto_qmap.json beside INPUT).
-        #[arg(long)]
-        qmap: Option<PathBuf>,
-        /// A plain checkpoint of the same model to take logical shapes from.
-        #[arg(long)]
-        shapes_from: Option<PathBuf>,
+        #[command(flatten)]
+        hints: Hints,
         /// Only convert layers whose module path matches (fnmatch; `*` spans dots).
         #[arg(long)]
         include: Vec<String>,
@@ -115,12 +131,8 @@ enum Cmd {
     Inspect {
         /// Input checkpoint.
         input: PathBuf,
-        /// The input's quanto map (default: quanto_qmap.json beside INPUT).
-        #[arg(long)]
-        qmap: Option<PathBuf>,
-        /// A plain checkpoint of the same model to take logical shapes from.
-        #[arg(long)]
-        shapes_from: Option<PathBuf>,
+        #[command(flatten)]
+        hints: Hints,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -134,12 +146,8 @@ enum Cmd {
         /// container, or a quanto_qmap.json alone.
         #[arg(long)]
         against: PathBuf,
-        /// The input's quanto map (default: quanto_qmap.json beside INPUT).
-        #[arg(long)]
-        qmap: Option<PathBuf>,
-        /// A plain checkpoint of the same model to take logical shapes from.
-        #[arg(long)]
-        shapes_from: Option<PathBuf>,
+        #[command(flatten)]
+        hints: Hints,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -362,8 +370,7 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
             output,
             to,
             like,
-            qmap,
-            shapes_from,
+            hints,
             include,
             exclude,
             rename,
@@ -399,7 +406,8 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
                     return Ok(2);
                 }
             };
-            let opts = ConvertOptions::default()
+            let opts = hints
+                .options()
                 .compression(compression)
                 .overwrite(force)
                 .dry_run(dry_run)
@@ -418,8 +426,6 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
                             }
                         }),
                 )
-                .qmap(qmap)
-                .shapes_from(shapes_from)
                 .hashes(!no_hashes)
                 .extra_reads(like.iter().cloned().collect())
                 .verify_input(!no_verify_input)
@@ -491,15 +497,8 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
             }
             Ok(0)
         }
-        Cmd::Inspect {
-            input,
-            qmap,
-            shapes_from,
-            json,
-        } => {
-            let opts = ConvertOptions::default()
-                .qmap(qmap)
-                .shapes_from(shapes_from);
+        Cmd::Inspect { input, hints, json } => {
+            let opts = hints.options();
             let r = inspect(&input, &opts)?;
             let InspectReport {
                 layers,
@@ -542,13 +541,10 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
         Cmd::Check {
             input,
             against,
-            qmap,
-            shapes_from,
+            hints,
             json,
         } => {
-            let opts = ConvertOptions::default()
-                .qmap(qmap)
-                .shapes_from(shapes_from);
+            let opts = hints.options();
             let r = match check(&input, &against, &opts) {
                 Ok(r) => r,
                 Err(e) => {

@@ -44,25 +44,7 @@ if mode == "ckptkit":
 else:
     sys.path.insert(0, sys.argv[3])
     import py_quanto
-    from optimum.quanto import requantize
-    from optimum.quanto.nn import QModuleMixin
-    from safetensors.torch import load_file
-    with open(os.path.join(os.path.dirname(path), "quanto_qmap.json")) as f:
-        qmap = json.load(f)
-    state = load_file(path)
-    shapes = py_quanto.linear_shapes(path, quantized=True)
-    dtype = next(v.dtype for k, v in state.items() if k.endswith("weight._scale"))
-    with torch.device("meta"):
-        model = py_quanto.build(shapes, dtype)
-    requantize(model, state, qmap, device=torch.device("cpu"))
-    del state
-    sd = {}
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, QModuleMixin) and m.weight_qtype is not None:
-                sd[f"{name}.weight"] = m.weight.dequantize().contiguous()
-                if m.bias is not None:
-                    sd[f"{name}.bias"] = m.bias.detach().contiguous()
+    sd = py_quanto.dequantized_state(path)
 seconds = time.perf_counter() - t0
 weights = {k: v for k, v in sd.items() if k.endswith(".weight")}
 out = sum(v.numel() * v.element_size() for v in sd.values())

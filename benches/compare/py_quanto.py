@@ -50,7 +50,9 @@ def build(shapes, dtype):
     return root
 
 
-def dequant(src, dst):
+def dequantized_state(src):
+    """The plain state dict of a quanto checkpoint: `load_file`, the model on the meta device,
+    `requantize` with the quanto_qmap.json beside `src`, `dequantize()` every weight."""
     from optimum.quanto import requantize
     from optimum.quanto.nn import QModuleMixin
 
@@ -62,6 +64,7 @@ def dequant(src, dst):
     with torch.device("meta"):
         model = build(shapes, dtype)
     requantize(model, state_dict, qmap, device=torch.device("cpu"))
+    del state_dict
     out = {}
     with torch.no_grad():
         for name, m in model.named_modules():
@@ -69,7 +72,11 @@ def dequant(src, dst):
                 out[f"{name}.weight"] = m.weight.dequantize().contiguous()
                 if m.bias is not None:
                     out[f"{name}.bias"] = m.bias.detach().contiguous()
-    save_file(out, dst, metadata={"format": "pt"})
+    return out
+
+
+def dequant(src, dst):
+    save_file(dequantized_state(src), dst, metadata={"format": "pt"})
 
 
 def quant(src, dst, qtype_name):

@@ -118,12 +118,7 @@ fn to_dict<T: serde::Serialize>(py: Python<'_>, r: &T) -> PyResult<Py<PyAny>> {
 /// 100 ms, checks for signals (a pending `KeyboardInterrupt` cancels
 /// `cancel`, waits for the worker to stop, and is raised) and calls
 /// `progress(done, total)` when the numbers moved.
-fn run_cancellable<R, F>(
-    py: Python<'_>,
-    cancel: Cancel,
-    counters: Option<(Arc<[AtomicU64; 2]>, Py<PyAny>)>,
-    work: F,
-) -> PyResult<R>
+fn run_cancellable<R, F>(py: Python<'_>, cancel: Cancel, counters: Counters, work: F) -> PyResult<R>
 where
     R: Send + 'static,
     F: FnOnce() -> R + Send + 'static,
@@ -177,6 +172,49 @@ where
             return Err(e);
         }
     }
+}
+
+/// The layer selection of a call (`include`, `exclude`, `rename`,
+/// `allow_lossy`), as `convert` and `load` take it.
+fn selection(
+    py: Python<'_>,
+    include: Vec<String>,
+    exclude: Vec<String>,
+    rename: Vec<String>,
+    allow_lossy: bool,
+) -> PyResult<PlanOptions> {
+    let renames = rename
+        .iter()
+        .map(|r| Rename::parse(r))
+        .collect::<ckptkit::Result<Vec<_>>>()
+        .map_err(|e| to_py(py, e))?;
+    Ok(PlanOptions::default()
+        .include(include)
+        .exclude(exclude)
+        .allow_lossy(allow_lossy)
+        .rename(renames))
+}
+
+/// A progress callback's shared counters (bytes done, bytes total) and the
+/// callback itself, for [`run_cancellable`].
+type Counters = Option<(Arc<[AtomicU64; 2]>, Py<PyAny>)>;
+
+/// A call's own cancellation handle and control; when `progress` is given,
+/// the control stores the latest numbers in counters that the waiting
+/// thread hands to it.
+fn call_control(progress: Option<Py<PyAny>>) -> (Cancel, Control, Counters) {
+    let cancel = Cancel::new();
+    let mut control = Control::new().with_cancel(cancel.clone());
+    let counters = progress.map(|f| {
+        let c: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let mine = c.clone();
+        control = control.clone().with_progress(move |p| {
+            mine[1].store(p.bytes_total, Ordering::Relaxed);
+            mine[0].store(p.bytes_done, Ordering::Relaxed);
+        });
+        (c, f)
+    });
+    (cancel, control, counters)
 }
 
 fn opts_with_hints(qmap: Option<PathBuf>, shapes_from: Option<PathBuf>) -> ConvertOptions {
@@ -288,33 +326,13 @@ fn convert(
         None => None,
         Some(c) => Some(c.parse::<ZstdOptions>().map_err(|e| to_py(py, e))?),
     };
-    let renames = rename
-        .iter()
-        .map(|r| Rename::parse(r))
-        .collect::<ckptkit::Result<Vec<_>>>()
-        .map_err(|e| to_py(py, e))?;
-    let cancel = Cancel::new();
-    let mut control = Control::new().with_cancel(cancel.clone());
-    let counters = progress.map(|f| {
-        let c: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
-        let mine = c.clone();
-        control = control.clone().with_progress(move |p| {
-            mine[1].store(p.bytes_total, Ordering::Relaxed);
-            mine[0].store(p.bytes_done, Ordering::Relaxed);
-        });
-        (c, f)
-    });
+    let select = selection(py, include, exclude, rename, allow_lossy)?;
+    let (cancel, control, counters) = call_control(progress);
     let mut opts = ConvertOptions::default()
         .target(target)
         .compression(compression)
         .overwrite(force)
-        .select(
-            PlanOptions::default()
-                .include(include)
-                .exclude(exclude)
-                .allow_lossy(allow_lossy)
-                .rename(renames),
-        )
+        .select(select)
         .qmap(qmap)
         .shapes_from(shapes_from)
         .extra_reads(like.into_iter().collect())
@@ -477,31 +495,11 @@ fn load(
         }
         (None, None) => (Target::parse("keep").map_err(|e| to_py(py, e))?, None),
     };
-    let renames = rename
-        .iter()
-        .map(|r| Rename::parse(r))
-        .collect::<ckptkit::Result<Vec<_>>>()
-        .map_err(|e| to_py(py, e))?;
-    let cancel = Cancel::new();
-    let mut control = Control::new().with_cancel(cancel.clone());
-    let counters = progress.map(|f| {
-        let c: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
-        let mine = c.clone();
-        control = control.clone().with_progress(move |p| {
-            mine[1].store(p.bytes_total, Ordering::Relaxed);
-            mine[0].store(p.bytes_done, Ordering::Relaxed);
-        });
-        (c, f)
-    });
+    let select = selection(py, include, exclude, rename, allow_lossy)?;
+    let (cancel, control, counters) = call_control(progress);
     let opts = ConvertOptions::default()
         .target(target)
-        .select(
-            PlanOptions::default()
-                .include(include)
-                .exclude(exclude)
-                .allow_lossy(allow_lossy)
-                .rename(renames),
-        )
+        .select(select)
         .qmap(qmap)
         .shapes_from(shapes_from)
         .extra_reads(reference.into_iter().collect())

@@ -1,26 +1,16 @@
 """`ckptkit.load`: a state dict converted in memory, against files optimum-quanto wrote."""
 
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ckptkit
+from conftest import raw_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 QUANTO = ROOT / "tests" / "fixtures" / "quanto"
 CASES = sorted(p.parent for p in QUANTO.glob("*/quantized.safetensors"))
-
-
-def raw_tensors(path):
-    b = path.read_bytes()
-    n = struct.unpack("<Q", b[:8])[0]
-    h = json.loads(b[8 : 8 + n])
-    h.pop("__metadata__", None)
-    base = 8 + n
-    return {k: (v["dtype"], v["shape"], b[base + v["data_offsets"][0] : base + v["data_offsets"][1]]) for k, v in h.items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda p: p.name)

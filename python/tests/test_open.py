@@ -1,7 +1,5 @@
 """`ckptkit.open`: stored tensors into numpy, checked against their hashes."""
 
-import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +8,10 @@ import numpy as np
 import pytest
 
 import ckptkit
+from conftest import raw_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 QUANTIZED = ROOT / "tests" / "fixtures" / "quanto" / "bf16-qint8" / "quantized.safetensors"
-
-
-def raw_tensors(path):
-    """key -> (dtype, shape, bytes), read with nothing but struct and json."""
-    b = path.read_bytes()
-    n = struct.unpack("<Q", b[:8])[0]
-    h = json.loads(b[8 : 8 + n])
-    h.pop("__metadata__", None)
-    base = 8 + n
-    return {k: (v["dtype"], v["shape"], b[base + v["data_offsets"][0] : base + v["data_offsets"][1]]) for k, v in h.items()}
 
 
 def test_every_stored_tensor_reads_as_stored():
