@@ -83,6 +83,10 @@ enum Cmd {
         /// Leave layers whose module path matches unchanged.
         #[arg(long)]
         exclude: Vec<String>,
+        /// Write only the layers whose module path matches (fnmatch); the
+        /// others are left out of the output.
+        #[arg(long)]
+        only: Vec<String>,
         /// Rename keys: FROM=TO, FROM a regular expression (`^_orig_mod\.=`
         /// strips a prefix, `^=transformer.` adds one; `$1` captures work).
         #[arg(long)]
@@ -373,6 +377,7 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
             hints,
             include,
             exclude,
+            only,
             rename,
             compress,
             no_float_filter,
@@ -417,6 +422,7 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
                     PlanOptions::default()
                         .include(include)
                         .exclude(exclude)
+                        .only(only)
                         .allow_lossy(allow_lossy)
                         .rename(match rename.iter().map(|r| Rename::parse(r)).collect() {
                             Ok(v) => v,

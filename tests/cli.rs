@@ -854,3 +854,37 @@ fn the_command_line_runs_in_process_with_the_callers_cancel_handle() {
     );
     assert!(out.exists());
 }
+
+/// `convert --only GLOB` writes the matching layers and nothing else.
+#[test]
+fn only_writes_the_matching_layers() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("sub.safetensors");
+    let o = run(&[
+        "convert",
+        s(&fx("bf16-qint8", "quantized.safetensors")),
+        s(&out),
+        "--to",
+        "plain",
+        "--only",
+        "lin_g*",
+        "--shapes-from",
+        s(&fx("bf16-qint8", "float.safetensors")),
+    ]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    use ckptkit::TensorSource;
+    let f = ckptkit::SafetensorsFile::open(&out).unwrap();
+    let mut keys: Vec<&str> = f.tensors().iter().map(|t| t.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "lin_g128.bias",
+            "lin_g128.weight",
+            "lin_g64.bias",
+            "lin_g64.weight",
+            "lin_g96.bias",
+            "lin_g96.weight"
+        ]
+    );
+}

@@ -842,3 +842,51 @@ fn colliding_output_keys_are_refused_by_the_planner() {
         "{s}"
     );
 }
+
+/// A compressed-tensors or bitsandbytes model's state dict (keys, dtypes,
+/// shapes, and the values of its small integer tensors: CT's `weight_shape`,
+/// bnb's `weight_format`) gives the same `--like` target as the library's
+/// checkpoint file; without those values the packed layouts are refused,
+/// naming the tensor whose value is missing.
+#[test]
+fn like_tensors_reads_an_int8_state_dict_as_like_target_reads_its_file() {
+    use ckptkit::migrate::{like_target, like_tensors};
+    let mut packed = 0;
+    for dir in int8_cases() {
+        let file = dir.join("model.safetensors");
+        let f = SafetensorsFile::open(&file).unwrap();
+        let small = |t: &SourceTensor| {
+            (t.dtype == Dtype::I64 || t.dtype == Dtype::U8)
+                .then(|| f.read(&t.key).unwrap().to_vec())
+        };
+        let described: Vec<_> = f
+            .tensors()
+            .iter()
+            .map(|t| (t.key.clone(), t.dtype, t.shape.clone(), small(t)))
+            .collect();
+        let want = like_target(&file).unwrap();
+        assert_eq!(
+            like_tensors(&described, None, None).unwrap(),
+            want,
+            "{}",
+            dir.display()
+        );
+        let bare: Vec<_> = described
+            .iter()
+            .map(|(k, d, s, _)| (k.clone(), *d, s.clone(), None))
+            .collect();
+        match like_tensors(&bare, None, None) {
+            Ok(t) => assert_eq!(t, want, "{}", dir.display()),
+            Err(e) => {
+                packed += 1;
+                let t = e.location().tensor.clone().unwrap_or_default();
+                assert!(
+                    t.ends_with("weight_shape") || t.ends_with("weight_format"),
+                    "{e}"
+                );
+                assert!(e.to_string().contains("no value"), "{e}");
+            }
+        }
+    }
+    assert!(packed >= 3, "the packed and bnb cases need their values");
+}

@@ -579,14 +579,125 @@ fn like_tensors_reads_a_state_dict_as_like_target_reads_its_file() {
         let described: Vec<_> = f
             .tensors()
             .iter()
-            .map(|t| (t.key.clone(), t.dtype, t.shape.clone()))
+            .map(|t| (t.key.clone(), t.dtype, t.shape.clone(), None))
             .collect();
-        let from_tensors = like_tensors(&described, Some(&dir.join("quanto_qmap.json"))).unwrap();
+        let qmap = dir.join("quanto_qmap.json");
+        let from_tensors = like_tensors(&described, Some(&qmap), None).unwrap();
         assert_eq!(
             from_tensors,
             like_target(&file).unwrap(),
             "{}",
             dir.display()
         );
+        // the same map handed over as JSON text (Python's quantization_map(model))
+        let text = std::fs::read_to_string(&qmap).unwrap();
+        let from_text = like_tensors(&described, None, Some(&text)).unwrap();
+        assert_eq!(from_text, from_tensors, "{}", dir.display());
     }
+}
+
+/// Without its map a packed quanto model's state dict is ambiguous; with the
+/// map as text it is not; a map as both file and text, or a broken text, is
+/// refused.
+#[test]
+fn like_tensors_takes_the_quanto_map_as_text() {
+    use ckptkit::migrate::like_tensors;
+    let dir = cases()
+        .into_iter()
+        .find(|d| d.ends_with("bf16-qint4"))
+        .unwrap();
+    let file = dir.join("quantized.safetensors");
+    let f = SafetensorsFile::open(&file).unwrap();
+    let described: Vec<_> = f
+        .tensors()
+        .iter()
+        .map(|t| (t.key.clone(), t.dtype, t.shape.clone(), None))
+        .collect();
+    let qmap = dir.join("quanto_qmap.json");
+    let text = std::fs::read_to_string(&qmap).unwrap();
+    assert!(
+        like_tensors(&described, None, None).is_err(),
+        "qint4 without its map"
+    );
+    like_tensors(&described, None, Some(&text)).unwrap();
+    let both = like_tensors(&described, Some(&qmap), Some(&text)).unwrap_err();
+    assert!(
+        matches!(both.kind(), ckptkit::ErrorKind::Usage(_)),
+        "{both}"
+    );
+    let bad = like_tensors(
+        &described,
+        None,
+        Some(r#"{"lin": {"weights": "qint9", "activations": "none"}}"#),
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("qint9"), "{bad}");
+}
+
+/// `only` writes the named layers and nothing else, converted as a full
+/// conversion converts them (the subset a reader's `get_dequantized` loads);
+/// globs that match no layer are refused before anything is written.
+#[test]
+fn only_the_selected_layers_are_loaded_and_written() {
+    use ckptkit::migrate::{load, PlanOptions};
+    let dir = cases()
+        .into_iter()
+        .find(|d| d.ends_with("bf16-qint8"))
+        .unwrap();
+    let gold = SafetensorsFile::open(&dir.join("dequantized.safetensors")).unwrap();
+    let only = |globs: &[&str]| {
+        ConvertOptions::default()
+            .target(Target::Plain(None))
+            .shapes_from(Some(dir.join("float.safetensors")))
+            .select(PlanOptions::default().only(globs.iter().map(|g| g.to_string()).collect()))
+    };
+    let mut got = Vec::new();
+    load(
+        &dir.join("quantized.safetensors"),
+        &only(&["lin_g64", "conv_*27"]),
+        &mut |k, _, _, b| {
+            got.push((k.to_string(), b.into_vec()));
+            Ok(())
+        },
+    )
+    .unwrap();
+    let names: BTreeSet<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            "conv_k3_i27.bias",
+            "conv_k3_i27.weight",
+            "lin_g64.bias",
+            "lin_g64.weight"
+        ])
+    );
+    for (k, b) in &got {
+        if k.ends_with(".weight") {
+            assert_eq!(&b[..], &gold.read(k).unwrap()[..], "{k}");
+        }
+    }
+    // convert: the same subset in the file
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sub.safetensors");
+    convert(
+        &dir.join("quantized.safetensors"),
+        &out,
+        &only(&["lin_g64"]),
+    )
+    .unwrap();
+    assert_eq!(
+        keys(&SafetensorsFile::open(&out).unwrap()),
+        BTreeSet::from(["lin_g64.bias".to_string(), "lin_g64.weight".to_string()])
+    );
+    // nothing matches: refused, nothing written
+    let none = tmp.path().join("none.safetensors");
+    let e = convert(
+        &dir.join("quantized.safetensors"),
+        &none,
+        &only(&["no_such_layer"]),
+    )
+    .unwrap_err();
+    assert!(matches!(e.kind(), ckptkit::ErrorKind::Usage(_)), "{e}");
+    assert!(e.to_string().contains("no_such_layer"), "{e}");
+    assert!(!none.exists());
 }

@@ -79,20 +79,36 @@ def load(path, *, like=None, like_qmap=None, **kwargs):
             raise UsageError("like_qmap goes with like=<a state dict>")
         return _load(path, like=like, **kwargs)
     described = [
-        (str(k), str(v.dtype), [int(d) for d in v.shape])
+        (str(k), str(v.dtype), [int(d) for d in v.shape], _small_value(v))
         for k, v in like.items()
         if hasattr(v, "dtype") and hasattr(v, "shape")
     ]
     if isinstance(like_qmap, Mapping):
         import json
-        import os
-        import tempfile
 
-        fd, qpath = tempfile.mkstemp(suffix=".json", prefix="ckptkit-qmap-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(like_qmap, f)
-            return _load(path, like_tensors=described, like_qmap=qpath, **kwargs)
-        finally:
-            os.unlink(qpath)
+        # handed over as text: nothing is written
+        return _load(path, like_tensors=described, like_qmap_json=json.dumps(like_qmap), **kwargs)
     return _load(path, like_tensors=described, like_qmap=like_qmap, **kwargs)
+
+
+_INTEGER_DTYPES = {"int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def _small_value(v):
+    """The bytes of a small integer tensor of a state dict (a layout's stored shape or
+    constant, such as compressed-tensors' ``weight_shape`` or bitsandbytes'
+    ``weight_format``), which detection reads; None for the rest and for meta tensors."""
+    if str(v.dtype).removeprefix("torch.") not in _INTEGER_DTYPES:
+        return None
+    if getattr(getattr(v, "device", None), "type", "cpu") == "meta":
+        return None
+    n = 1
+    for d in v.shape:
+        n *= int(d)
+    if n > 64:
+        return None
+    if hasattr(v, "detach"):  # torch
+        v = v.detach().cpu().contiguous().numpy()
+    import numpy as np
+
+    return np.ascontiguousarray(v).tobytes()

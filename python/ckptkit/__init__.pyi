@@ -67,11 +67,15 @@ class Reader:
     def layers(self) -> list[dict[str, Any]]: ...
     def get_tensor(self, name: str, framework: Literal["np", "pt"] = "np") -> Any:
         """One stored tensor as a numpy array ("np") or torch tensor ("pt"), hash-checked."""
+    def get_dequantized(
+        self, layer: str, framework: Literal["np", "pt"] = "np", dtype: Optional[str] = None
+    ) -> dict[str, Any]:
+        """One layer in plain form (`{"<layer>.weight": ..., ...}`), dequantized as its library does."""
     def __enter__(self) -> "Reader": ...
     def __exit__(self, *args: object) -> bool: ...
     def __len__(self) -> int: ...
 
-def open(path: _Path) -> Reader:
+def open(path: _Path, *, qmap: Optional[_Path] = None, shapes_from: Optional[_Path] = None) -> Reader:
     """A lazy, safe_open-like reader over a file, a directory or a container."""
 
 def load(
@@ -84,6 +88,7 @@ def load(
     allow_lossy: bool = False,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    only: Sequence[str] = (),
     rename: Sequence[str] = (),
     qmap: Optional[_Path] = None,
     shapes_from: Optional[_Path] = None,

@@ -439,7 +439,7 @@ fn like_to_target(py: Python<'_>, like: &Bound<'_, PyAny>) -> PyResult<(Target, 
     ))
 }
 
-/// load(path, *, like=None, framework="pt", device="cpu", allow_lossy=False, include=(), exclude=(), rename=(), qmap=None, shapes_from=None, progress=None) -> dict
+/// load(path, *, like=None, framework="pt", device="cpu", allow_lossy=False, include=(), exclude=(), only=(), rename=(), qmap=None, shapes_from=None, progress=None) -> dict
 /// --
 ///
 /// The state dict of the checkpoint at `path` (a file, a directory or a
@@ -448,12 +448,13 @@ fn like_to_target(py: Python<'_>, like: &Bound<'_, PyAny>) -> PyResult<(Target, 
 /// "plain" (dequantize everything) or "quanto:qint8"; None keeps every
 /// layer's layout. Converted in memory, layer by layer, exactly as
 /// `convert` would write it, with no temporary file; every byte read is
-/// checked against the hashes the file records. Tensors are torch tensors
-/// ("pt", moved with `.to(device)` when device is not "cpu") or numpy
-/// arrays ("np"). Raises a ckptkit.Error naming the layer when a layout
-/// cannot be matched (LossyRelayoutError unless allow_lossy).
+/// checked against the hashes the file records. `only` (module-path
+/// globs) loads just those layers. Tensors are torch tensors ("pt", moved
+/// with `.to(device)` when device is not "cpu") or numpy arrays ("np").
+/// Raises a ckptkit.Error naming the layer when a layout cannot be matched
+/// (LossyRelayoutError unless allow_lossy).
 #[pyfunction]
-#[pyo3(signature = (path, *, like=None, framework="pt", device="cpu", allow_lossy=false, include=Vec::new(), exclude=Vec::new(), rename=Vec::new(), qmap=None, shapes_from=None, progress=None, like_tensors=None, like_qmap=None))]
+#[pyo3(signature = (path, *, like=None, framework="pt", device="cpu", allow_lossy=false, include=Vec::new(), exclude=Vec::new(), only=Vec::new(), rename=Vec::new(), qmap=None, shapes_from=None, progress=None, like_tensors=None, like_qmap=None, like_qmap_json=None))]
 #[allow(clippy::too_many_arguments)]
 fn load(
     py: Python<'_>,
@@ -464,12 +465,14 @@ fn load(
     allow_lossy: bool,
     include: Vec<String>,
     exclude: Vec<String>,
+    only: Vec<String>,
     rename: Vec<String>,
     qmap: Option<PathBuf>,
     shapes_from: Option<PathBuf>,
     progress: Option<Py<PyAny>>,
-    like_tensors: Option<Vec<(String, String, Vec<u64>)>>,
+    like_tensors: Option<Vec<DescribedTensor>>,
     like_qmap: Option<PathBuf>,
+    like_qmap_json: Option<String>,
 ) -> PyResult<Py<PyAny>> {
     check_framework(framework)?;
     let (target, reference) = match (like, like_tensors) {
@@ -481,21 +484,22 @@ fn load(
         (Some(l), None) => like_to_target(py, l)?,
         (None, Some(described)) => {
             let mut v = Vec::with_capacity(described.len());
-            for (k, d, shape) in described {
+            for (k, d, shape, value) in described {
                 let dtype = dtype_from_name(&d).ok_or_else(|| {
                     UsageError::new_err(format!(
                         "`{k}` of the state dict has dtype {d}, which ckptkit does not store"
                     ))
                 })?;
-                v.push((k, dtype, shape));
+                v.push((k, dtype, shape, value));
             }
-            let t = ckptkit::migrate::like_tensors(&v, like_qmap.as_deref())
-                .map_err(|e| to_py(py, e))?;
+            let t =
+                ckptkit::migrate::like_tensors(&v, like_qmap.as_deref(), like_qmap_json.as_deref())
+                    .map_err(|e| to_py(py, e))?;
             (t, like_qmap)
         }
         (None, None) => (Target::parse("keep").map_err(|e| to_py(py, e))?, None),
     };
-    let select = selection(py, include, exclude, rename, allow_lossy)?;
+    let select = selection(py, include, exclude, rename, allow_lossy)?.only(only);
     let (cancel, control, counters) = call_control(progress);
     let opts = ConvertOptions::default()
         .target(target)
@@ -504,7 +508,25 @@ fn load(
         .shapes_from(shapes_from)
         .extra_reads(reference.into_iter().collect())
         .control(control);
-    type Loaded = Vec<(String, ckptkit::Dtype, Vec<u64>, Vec<u8>)>;
+    let tensors = load_tensors(py, path, opts, cancel, counters)?;
+    state_dict(py, tensors, framework, device)
+}
+
+/// A state dict's tensor as the Python layer describes it: key, dtype name,
+/// shape, and the bytes of a small integer tensor (None for the rest).
+type DescribedTensor = (String, String, Vec<u64>, Option<Vec<u8>>);
+
+/// What [`ckptkit::migrate::load`] hands over: key, dtype, shape, bytes.
+type Loaded = Vec<(String, ckptkit::Dtype, Vec<u64>, Vec<u8>)>;
+
+/// Runs [`ckptkit::migrate::load`] with the GIL released (cancellable).
+fn load_tensors(
+    py: Python<'_>,
+    path: PathBuf,
+    opts: ConvertOptions,
+    cancel: Cancel,
+    counters: Counters,
+) -> PyResult<Loaded> {
     let r = run_cancellable(py, cancel, counters, move || -> ckptkit::Result<Loaded> {
         let mut out = Vec::new();
         ckptkit::migrate::load(&path, &opts, &mut |k, d, s, b| {
@@ -513,7 +535,17 @@ fn load(
         })?;
         Ok(out)
     })?;
-    let tensors = r.map_err(|e| to_py(py, e))?;
+    r.map_err(|e| to_py(py, e))
+}
+
+/// A dict of arrays (numpy) or tensors (torch, moved to `device`) owning
+/// the loaded bytes.
+fn state_dict(
+    py: Python<'_>,
+    tensors: Loaded,
+    framework: &str,
+    device: &str,
+) -> PyResult<Py<PyAny>> {
     let dict = pyo3::types::PyDict::new(py);
     for (k, d, s, b) in tensors {
         let mut t = to_array(py, &k, d, &s, b, framework)?;
@@ -591,6 +623,8 @@ fn dtype_names(d: ckptkit::Dtype) -> Option<(&'static str, &'static str, &'stati
 struct Reader {
     src: Box<dyn ckptkit::TensorSource>,
     path: PathBuf,
+    qmap: Option<PathBuf>,
+    shapes_from: Option<PathBuf>,
 }
 
 #[pymethods]
@@ -616,9 +650,65 @@ impl Reader {
     ///
     /// The layers with their layouts, as `ckptkit.inspect` reports them.
     fn layers(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let r = ckptkit::migrate::inspect(&self.path, &ConvertOptions::default())
-            .map_err(|e| to_py(py, e))?;
+        let opts = opts_with_hints(self.qmap.clone(), self.shapes_from.clone());
+        let r = ckptkit::migrate::inspect(&self.path, &opts).map_err(|e| to_py(py, e))?;
         to_dict(py, &r.layers)
+    }
+
+    /// get_dequantized(layer, framework="np", dtype=None) -> dict
+    /// --
+    ///
+    /// One layer (a module path, as `layers()` names it) in plain form:
+    /// `{"<layer>.weight": ..., "<layer>.bias": ...}` as a plain model's
+    /// state dict holds them, dequantized exactly as `load(path,
+    /// like="plain")` dequantizes it (the layer's own library's arithmetic),
+    /// in the model's dtype or `dtype` ("f32", "bf16", ...). Nothing else is
+    /// read; the bytes read are checked against their recorded hashes. A
+    /// plain layer comes back as stored.
+    #[pyo3(signature = (layer, framework="np", dtype=None))]
+    fn get_dequantized(
+        &self,
+        py: Python<'_>,
+        layer: &str,
+        framework: &str,
+        dtype: Option<&str>,
+    ) -> PyResult<Py<PyAny>> {
+        check_framework(framework)?;
+        let prefix = format!("{layer}.");
+        if !self
+            .src
+            .tensors()
+            .iter()
+            .any(|t| t.key.starts_with(&prefix))
+        {
+            let e = Error::new_err(format!(
+                "{}: no layer `{layer}` (no stored tensor starts with `{prefix}`); `layers()` lists them",
+                self.src.describe()
+            ));
+            let _ = e.value(py).setattr("file", self.src.describe());
+            let _ = e.value(py).setattr("layer", layer);
+            return Err(e);
+        }
+        let spelling = match dtype {
+            None => "plain".to_string(),
+            Some(d) => format!("plain:{d}"),
+        };
+        let target = Target::parse(&spelling).map_err(|e| to_py(py, e))?;
+        // the layer's path as a glob matching only itself
+        let exact: String = layer
+            .chars()
+            .map(|c| match c {
+                '*' | '?' | '[' => format!("[{c}]"),
+                c => c.to_string(),
+            })
+            .collect();
+        let (cancel, control, counters) = call_control(None);
+        let opts = opts_with_hints(self.qmap.clone(), self.shapes_from.clone())
+            .target(target)
+            .select(PlanOptions::default().only(vec![exact]))
+            .control(control);
+        let tensors = load_tensors(py, self.path.clone(), opts, cancel, counters)?;
+        state_dict(py, tensors, framework, "cpu")
     }
 
     /// get_tensor(name, framework="np") -> numpy.ndarray | torch.Tensor
@@ -697,18 +787,32 @@ impl Reader {
     }
 }
 
-/// open(path) -> Reader
+/// open(path, *, qmap=None, shapes_from=None) -> Reader
 /// --
 ///
 /// A lazy reader over a checkpoint: `keys()`, `metadata()`, `layers()`,
-/// `get_tensor(name, framework="np"|"pt")`. Usable as a context manager.
+/// `get_tensor(name, framework="np"|"pt")` (a stored tensor as stored),
+/// `get_dequantized(layer)` (one layer in plain form). `qmap` and
+/// `shapes_from` are the hints `inspect` and `load` take. Usable as a
+/// context manager.
 #[pyfunction]
-fn open(py: Python<'_>, path: PathBuf) -> PyResult<Reader> {
+#[pyo3(signature = (path, *, qmap=None, shapes_from=None))]
+fn open(
+    py: Python<'_>,
+    path: PathBuf,
+    qmap: Option<PathBuf>,
+    shapes_from: Option<PathBuf>,
+) -> PyResult<Reader> {
     let p = path.clone();
     let src = py
         .detach(move || ckptkit::open_source(&p))
         .map_err(|e| to_py(py, e))?;
-    Ok(Reader { src, path })
+    Ok(Reader {
+        src,
+        path,
+        qmap,
+        shapes_from,
+    })
 }
 
 /// ckptkit's native module; `import ckptkit` re-exports it.

@@ -3,10 +3,11 @@
 A tiny Flux transformer (diffusers' FluxTransformer2DModel) quantized with quanto qint8 and
 frozen, as a SimpleTuner int8-quanto run does, its checkpoint saved with its quanto map:
 (a) resumed into a plain model with `ckptkit.load(..., like=model.state_dict())`, strict, every
-weight equal to quanto's `dequantize()`; (c) the reverse, a plain checkpoint into the frozen
-quantized model, strict, every tensor equal to what `quantize()` + `freeze()` made, and (b) that
-model's forward equal to the original quantized model's. Fresh random weights each run (the
-seed is printed). Runs where torch, diffusers and optimum-quanto are installed (CI: the live
+weight equal to quanto's `dequantize()`; (b) resumed into a frozen quantized model (of other
+weights), strict, every tensor as saved, and its forward equal to the original quantized
+model's; (c) the reverse, a plain checkpoint into the frozen quantized model, strict, every
+tensor equal to what `quantize()` + `freeze()` made, and its forward equal to the original's
+too. Fresh random weights each run (the seed is printed). Runs where torch, diffusers and optimum-quanto are installed (CI: the live
 suites' venv).
 """
 
@@ -96,18 +97,28 @@ def test_the_seed_a_simpletuner_flux_resume(tmp_path):
                 n += 1
     assert n >= 10
 
+    # (b) into a frozen quantized model (built from other weights): the layout is kept
+    other = quantized({k: v.detach().clone() for k, v in tiny_flux().state_dict().items()})
+    state = ckptkit.load(ckpt, like=other.state_dict(), like_qmap=quanto.quantization_map(other))
+    theirs = qmodel.state_dict()
+    assert sorted(state) == sorted(theirs)
+    for k, t in theirs.items():
+        assert same(state[k], t), k
+    with torch.no_grad():
+        assert not torch.equal(other(**inputs())[0], qmodel(**inputs())[0]), "the load must matter"
+    other.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(other(**inputs())[0], qmodel(**inputs())[0])
+
     # (c) a plain checkpoint into the frozen quantized model
     plain_ckpt = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in float_sd.items()}, str(plain_ckpt))
     target = quantized(float_sd)
     state = ckptkit.load(plain_ckpt, like=target.state_dict(), like_qmap=quanto.quantization_map(target))
-    theirs = qmodel.state_dict()
     assert sorted(state) == sorted(theirs)
     for k, t in theirs.items():
         assert same(state[k], t), k
     fresh = quantized(float_sd)
     fresh.load_state_dict(state, strict=True)
-
-    # (b) its forward equals the original quantized model's
     with torch.no_grad():
         assert torch.equal(fresh(**inputs())[0], qmodel(**inputs())[0])

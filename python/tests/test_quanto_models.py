@@ -3,7 +3,8 @@
 The fixture models of tests/fixtures/quanto, rebuilt with the generator's own
 code (tests/interop/quanto_models.py): (a) a quantized checkpoint into the
 plain model, strict; (c) a plain checkpoint into the frozen quantized model,
-strict, with tensors equal to what quanto's quantize() + freeze() made.
+strict, with tensors equal to what quanto's quantize() + freeze() made; (b) a quantized
+checkpoint into the frozen quantized model, its layout kept.
 Runs where torch and optimum-quanto are installed (CI: the live suites' venv).
 """
 
@@ -57,3 +58,23 @@ def test_a_plain_checkpoint_into_the_frozen_quantized_model(case_dir):
             continue  # calibration, not weights
         assert same(state[k], t), k
     qmodel.load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("case_dir", [c for c in CASES if c.name.endswith(("qint8", "qint4"))], ids=lambda p: p.name)
+def test_a_quantized_checkpoint_into_the_frozen_quantized_model(case_dir):
+    """The layout is kept: every tensor as quanto saved it, and the model (quantized from
+    other weights) then holds exactly what the checkpoint holds."""
+    from optimum.quanto import quantization_map
+
+    case = qm.load_case(str(case_dir))
+    float_sd = qm.load_tensors(str(case_dir / "float.safetensors"))
+    qmodel = qm.build_quantized_from_float(case, {k: v * 2 for k, v in float_sd.items()})
+    state = ckptkit.load(case_dir / "quantized.safetensors", like=qmodel.state_dict(), like_qmap=quantization_map(qmodel))
+    stored = qm.load_tensors(str(case_dir / "quantized.safetensors"))
+    assert sorted(state) == sorted(stored)
+    for k, t in stored.items():
+        assert same(state[k], t), k
+    qmodel.load_state_dict(state, strict=True)
+    for k, t in qmodel.state_dict().items():
+        if hasattr(t, "dtype") and k in stored:
+            assert same(t, stored[k]), k

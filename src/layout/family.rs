@@ -276,12 +276,14 @@ impl<'a> Hints<'a> {
         self.with_side_boxed(family, Box::new(v))
     }
 
-    /// The same, already boxed (what [`Family::side_files`] returns).
+    /// The same, already boxed (what [`Family::side_files`] returns); it
+    /// replaces what the family had before.
     pub(crate) fn with_side_boxed(
         mut self,
         family: &'static str,
         v: Box<dyn std::any::Any + Send + Sync>,
     ) -> Self {
+        self.side.retain(|(f, _)| *f != family);
         self.side.push((family, v));
         self
     }

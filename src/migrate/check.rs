@@ -87,11 +87,13 @@ fn like_of_layers(layers: Vec<Layer>, reference: &str) -> Result<Target> {
     Ok(Target::Like(m, order))
 }
 
-/// Tensors described by key, dtype and shape only (a model's state dict),
-/// for detection: nothing can be read.
+/// Tensors described by key, dtype and shape (a model's state dict), for
+/// detection: only the values given with them (small tensors such as a
+/// packed layout's stored shape) can be read.
 struct Described(
     Vec<crate::io::source::SourceTensor>,
     BTreeMap<String, String>,
+    std::collections::HashMap<String, Vec<u8>>,
 );
 
 impl crate::io::source::TensorSource for Described {
@@ -108,24 +110,52 @@ impl crate::io::source::TensorSource for Described {
         Vec::new()
     }
     fn read(&self, key: &str) -> Result<crate::io::TensorBytes> {
-        Err(crate::Error::usage(format!(
-            "tensor `{key}` of a state dict is described, not stored: it cannot be read"
-        )))
+        match self.2.get(key) {
+            Some(v) => Ok(crate::io::TensorBytes::Owned(v.clone())),
+            None => Err(crate::Error::usage(format!(
+                "tensor `{key}` of the state dict has no value (a meta tensor?), and its \
+                 layout needs it: pass a model whose tensors hold values, or the checkpoint \
+                 it was loaded from as `like`"
+            ))
+            .with_tensor(key.to_string())),
+        }
     }
 }
 
 /// A `--like` target from a model's expected tensors (a state dict's keys,
-/// dtypes and shapes, as `model.state_dict()` describes them): its layers
-/// are read as a checkpoint's would be, from the tensors alone, with the
-/// quanto map `qmap` when given (a quantized model's packed layers need it;
-/// nothing beside any file is read).
+/// dtypes and shapes, as `model.state_dict()` describes them, with the
+/// bytes of those small tensors whose values a layout needs, such as
+/// compressed-tensors' `weight_shape` or bitsandbytes' `weight_format`;
+/// `None` for the rest): its layers are read as a checkpoint's would be,
+/// from the tensors alone, with the
+/// quanto map when given, as a `quanto_qmap.json` file `qmap` or as its JSON
+/// text `qmap_json` (a quantized model's packed layers need it; nothing
+/// beside any file is read).
+#[allow(clippy::type_complexity)]
 pub fn like_tensors(
-    tensors: &[(String, crate::Dtype, Vec<u64>)],
+    tensors: &[(String, crate::Dtype, Vec<u64>, Option<Vec<u8>>)],
     qmap: Option<&Path>,
+    qmap_json: Option<&str>,
 ) -> Result<Target> {
+    if qmap.is_some() && qmap_json.is_some() {
+        return Err(Error::usage(
+            "give the quanto map as a file or as JSON text, not both",
+        ));
+    }
     let mut described = Vec::with_capacity(tensors.len());
-    for (key, dtype, shape) in tensors {
+    let mut values = std::collections::HashMap::new();
+    for (key, dtype, shape, value) in tensors {
         let len = crate::dtype::byte_len(*dtype, shape).map_err(|e| e.with_tensor(key.clone()))?;
+        if let Some(v) = value {
+            if v.len() as u64 != len {
+                return Err(Error::usage(format!(
+                    "the value given for `{key}` has {} bytes, {dtype} {shape:?} has {len}",
+                    v.len()
+                ))
+                .with_tensor(key.clone()));
+            }
+            values.insert(key.clone(), v.clone());
+        }
         described.push(crate::io::source::SourceTensor {
             key: key.clone(),
             dtype: *dtype,
@@ -134,7 +164,7 @@ pub fn like_tensors(
             file: 0,
         });
     }
-    let src = Described(described, BTreeMap::new());
+    let src = Described(described, BTreeMap::new(), values);
     let given: Vec<(&str, &Path)> = qmap
         .map(|p| (crate::layout::quanto::QMAP_FILE, p))
         .into_iter()
@@ -144,6 +174,10 @@ pub fn like_tensors(
         if let Some(side) = f.side_files(None, &given)? {
             hints = hints.with_side_boxed(f.name(), side);
         }
+    }
+    if let Some(text) = qmap_json {
+        let side = crate::layout::quanto::QuantoMap::side_of_text(text)?;
+        hints = hints.with_side_boxed(crate::layout::quanto::FAMILY_NAME, Box::new(side));
     }
     let layers = crate::migrate::detect::detect_layers(&src, &hints)?;
     like_of_layers(layers, "the state dict")

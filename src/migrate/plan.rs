@@ -118,6 +118,10 @@ pub struct PlanOptions {
     pub allow_lossy: bool,
     /// Key renames, applied in order to every output key.
     pub rename: Vec<Rename>,
+    /// Module-path globs of the layers to write; every other layer is left
+    /// out of the output (a subset, as `ckptkit.open(...).get_dequantized`
+    /// reads one layer). Empty = every layer.
+    pub only: Vec<String>,
 }
 
 setters!(PlanOptions {
@@ -129,6 +133,8 @@ setters!(PlanOptions {
     allow_lossy: bool,
     /// Sets `rename`: key renames, in order.
     rename: Vec<Rename>,
+    /// Sets `only`: globs of the layers to write (the others are left out).
+    only: Vec<String>,
 });
 
 /// A key rename: `FROM=TO`, where FROM is a regular expression matched
@@ -379,7 +385,8 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     };
     const LEFT_FLOAT: &str =
         "float layer left float: the input is partly quantized (--include selects float layers)";
-    for l in layers {
+    let wanted = |path: &str| opts.only.is_empty() || opts.only.iter().any(|g| fnmatch(g, path));
+    for l in layers.iter().filter(|l| wanted(&l.path)) {
         let source = crate::layout::registry::of(l);
         // a record's parameters must be readable (an int8 record names a
         // preset exactly or carries a valid descriptor, spec/layouts.md §3)
@@ -491,11 +498,17 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
         }
         out.push(lp);
     }
+    if !opts.only.is_empty() && out.is_empty() {
+        return Err(Error::usage(format!(
+            "no layer of the input matches {}: list its layers with `migrate inspect`",
+            opts.only.join(", ")
+        )));
+    }
     if !like_paths.is_empty() {
         let have: std::collections::HashSet<&str> =
             layers.iter().map(|l| l.path.as_str()).collect();
         for p in like_paths {
-            if !have.contains(p.as_str()) {
+            if !have.contains(p.as_str()) && wanted(p) {
                 unmatched.push(p.clone());
             }
         }

@@ -190,7 +190,7 @@ impl Family for Quanto {
     }
 
     fn name(&self) -> &'static str {
-        "quanto"
+        super::FAMILY_NAME
     }
 
     fn side_names(&self) -> &'static [&'static str] {

@@ -34,6 +34,9 @@ pub struct QuantoSide {
     pub diffusers: Option<DiffusersQuanto>,
 }
 
+/// The family's name (its side-file hints are filed under it).
+pub(crate) const FAMILY_NAME: &str = "quanto";
+
 /// The side file optimum-quanto writes beside a checkpoint.
 pub const QMAP_FILE: &str = "quanto_qmap.json";
 
@@ -81,6 +84,22 @@ impl QuantoMap {
             entries.push((k, e));
         }
         Ok(QuantoMap { entries })
+    }
+
+    /// A qmap handed over as JSON text rather than a file (a model's
+    /// `quantization_map()` from Python), under the same size cap as a file.
+    pub(crate) fn side_of_text(text: &str) -> Result<QuantoSide> {
+        if text.len() as u64 > crate::io::files::MAX_SIDE_FILE {
+            return Err(Error::new(crate::error::ErrorKind::LimitExceeded {
+                what: "quanto map size",
+                value: text.len() as u64,
+                limit: crate::io::files::MAX_SIDE_FILE,
+            }));
+        }
+        Ok(QuantoSide {
+            qmap: Some(Self::parse(text)?),
+            diffusers: None,
+        })
     }
 
     /// Reads a qmap file.
