@@ -945,7 +945,7 @@ impl crate::io::source::TensorSource for MemSource {
     }
 }
 
-const FUZZ_TARGET_NAMES: [&str; 8] = [
+const FUZZ_TARGET_NAMES: [&str; 9] = [
     "plain",
     "plain:f32",
     "quanto:qint8",
@@ -954,6 +954,7 @@ const FUZZ_TARGET_NAMES: [&str; 8] = [
     "int8",
     "int8:bnb",
     "int8:ct:group=8",
+    "comfy:float8_e4m3fn",
 ];
 
 /// Target 3: safetensors bytes → the source abstraction → layout detection

@@ -201,6 +201,13 @@ pub(crate) trait Family: Sync {
     fn config_methods(&self) -> &'static [&'static str] {
         &[]
     }
+    /// The `__metadata__` entries this family sets (`Some`) or removes
+    /// (`None`) in an output whose layers are `layers` (all of them, of any
+    /// family): a file-level record of its layers that would be stale
+    /// otherwise (ComfyUI's `_quantization_metadata`). Default: none.
+    fn metadata(&self, _layers: &[&Layer]) -> Vec<(&'static str, Option<String>)> {
+        Vec::new()
+    }
     /// Buffers of this family's layers that mean nothing outside it
     /// (quanto's activation scales): dropped on the way to another layout.
     fn extra_buffers(&self) -> &'static [&'static str] {

@@ -2,6 +2,7 @@
 //! family.
 
 pub mod codes;
+pub mod comfy;
 pub mod family;
 pub mod int8;
 pub mod plain;

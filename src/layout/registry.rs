@@ -12,6 +12,7 @@ pub(crate) static FAMILIES: &[&dyn Family] = &[
     &crate::layout::plain::Plain,
     &crate::layout::quanto::family::Quanto,
     &crate::layout::int8::family::Int8,
+    &crate::layout::comfy::family::Comfy,
     #[cfg(test)]
     &crate::layout::toy::Toy,
 ];
@@ -67,6 +68,26 @@ pub(crate) fn companions(layers: &[&Layer]) -> Vec<(&'static str, String)> {
                 .filter_map(move |&n| f.companion(n, layers).map(|c| (n, c)))
         })
         .collect()
+}
+
+/// Sets and removes the `__metadata__` entries the families keep about an
+/// output's layers (`Family::metadata`).
+pub(crate) fn apply_metadata(
+    md: &mut std::collections::BTreeMap<String, String>,
+    layers: &[&Layer],
+) {
+    for f in FAMILIES {
+        for (k, v) in f.metadata(layers) {
+            match v {
+                Some(v) => {
+                    md.insert(k.to_string(), v);
+                }
+                None => {
+                    md.remove(k);
+                }
+            }
+        }
+    }
 }
 
 /// A `--to` spelling of any quantized family, as (family, target record).

@@ -174,12 +174,7 @@ pub fn convert_checkpoint_dir(
         let src = &Checked::new(raw, opts.verify_input);
         let out = dir.path().join(rel);
         std::fs::create_dir_all(&out)?;
-        let mut md = src.metadata().clone();
-        md.remove(crate::format::st_schema::SCHEMA_KEY);
-        md.entry("format".into()).or_insert_with(|| "pt".into());
-        if let Some(s) = schema_for(p) {
-            md.insert(crate::format::st_schema::SCHEMA_KEY.into(), s);
-        }
+        let md = output_metadata(src.metadata(), p);
         write_model_dir(src, p, &losses, &out, &model_stem(&src.files()), &md, opts)?;
         summary.warnings.extend(update_config(
             &input.join(rel),

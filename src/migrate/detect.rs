@@ -362,10 +362,12 @@ pub fn suspects(
     layers: &[Layer],
     quantized_by_config: Option<&str>,
 ) -> Vec<Suspect> {
-    let marker = src
+    let markers: Vec<&SourceTensor> = src
         .tensors()
         .iter()
-        .any(|t| t.key == SCALED_FP8_MARKER || t.key.ends_with(".scaled_fp8"));
+        .filter(|t| t.key == SCALED_FP8_MARKER || t.key.ends_with(".scaled_fp8"))
+        .collect();
+    let marker = !markers.is_empty();
     // stored keys by module, to find companions like `x.weight.absmax`
     // (grouped under module `x.weight`) of a code tensor `x.weight`
     let mut by_module: std::collections::HashMap<&str, Vec<&SourceTensor>> = Default::default();
@@ -427,6 +429,16 @@ pub fn suspects(
                 reason,
             });
         }
+    }
+    // the legacy marker itself: after the layers: the whole file is in ComfyUI's legacy layout
+    for t in &markers {
+        out.push(Suspect {
+            layer: split_key(&t.key).0.to_string(),
+            tensors: vec![t.key.clone()],
+            reason: format!(
+                "the `{SCALED_FP8_MARKER}` marker of a legacy ComfyUI scaled-FP8 checkpoint"
+            ),
+        });
     }
     out
 }

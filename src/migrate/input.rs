@@ -145,6 +145,37 @@ pub(crate) fn refuse_suspects(
     if opts.assume_plain || suspects.is_empty() {
         return Ok(());
     }
+    // a legacy ComfyUI scaled-FP8 file: its marker makes every FP8 layer
+    // of the file scaled, so changing any layer of it is refused (ComfyUI
+    // would read a re-quantized or cast layer with the legacy rules)
+    let marked = suspects.iter().find(|s| {
+        s.tensors.iter().any(|t| {
+            t == crate::migrate::detect::SCALED_FP8_MARKER
+                || t.ends_with(&format!(".{}", crate::migrate::detect::SCALED_FP8_MARKER))
+        })
+    });
+    if let Some(m) = marked {
+        if let Some(lp) = p
+            .layers
+            .iter()
+            .find(|lp| lp.passes != [crate::migrate::plan::Pass::Copy])
+        {
+            let own = suspects
+                .iter()
+                .find(|s| s.layer == lp.source.path)
+                .map(|s| format!(" ({})", s.describe()))
+                .unwrap_or_default();
+            return Err(Error::new(ErrorKind::UnknownQuantized(format!(
+                "this is a legacy ComfyUI scaled-FP8 checkpoint (marker `{}`): ckptkit does not \
+                 convert those yet, and changing layer `{}`{own} as a plain layer would make a \
+                 file ComfyUI misreads; let ComfyUI load it (it converts such files to \
+                 comfy_quant) and save it again, or pass --assume-plain if the marker is stale",
+                m.tensors.join(", "),
+                lp.source.path
+            )))
+            .with_layer(lp.source.path.clone()));
+        }
+    }
     let by: std::collections::HashMap<&str, &crate::migrate::Suspect> =
         suspects.iter().map(|s| (s.layer.as_str(), s)).collect();
     let bad: Vec<String> = p

@@ -332,12 +332,7 @@ pub(crate) fn convert_planned(
     check_free_space(output, bytes_out)?;
     opts.control.set_total(bytes_out);
     let losses: Losses = Default::default();
-    let mut md = src.metadata().clone();
-    md.remove(crate::format::st_schema::SCHEMA_KEY);
-    md.entry("format".into()).or_insert_with(|| "pt".into());
-    if let Some(s) = schema_for(&p) {
-        md.insert(crate::format::st_schema::SCHEMA_KEY.into(), s);
-    }
+    let md = output_metadata(src.metadata(), &p);
     match okind {
         OutputKind::Safetensors => {
             let slots = claim_companions(input, output, opts, p.companions())?;

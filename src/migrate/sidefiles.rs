@@ -210,6 +210,24 @@ pub(crate) fn carry_model_files(
     Ok((carried, skipped))
 }
 
+/// The `__metadata__` of an output of plan `p` from a source whose own is
+/// `src`: the source's, with `format`, ckptkit's schema of the plan, and
+/// the entries the families keep about their layers (a stale one removed).
+pub(crate) fn output_metadata(
+    src: &std::collections::BTreeMap<String, String>,
+    p: &Plan,
+) -> std::collections::BTreeMap<String, String> {
+    let mut md = src.clone();
+    md.remove(crate::format::st_schema::SCHEMA_KEY);
+    md.entry("format".into()).or_insert_with(|| "pt".into());
+    if let Some(s) = schema_for(p) {
+        md.insert(crate::format::st_schema::SCHEMA_KEY.into(), s);
+    }
+    let layers: Vec<&crate::format::manifest::Layer> = p.layers.iter().map(|l| &l.output).collect();
+    crate::layout::registry::apply_metadata(&mut md, &layers);
+    md
+}
+
 /// ckptkit's schema of the quanto layers of a plan (for `__metadata__`).
 pub(crate) fn schema_for(p: &Plan) -> Option<String> {
     let mut s = crate::format::st_schema::Schema::new();

@@ -1,0 +1,358 @@
+//! ComfyUI's `comfy_quant` layouts (comfy-kitchen 0.2.40), per-tensor FP8:
+//! `{m}.weight` F8_E4M3 or F8_E5M2 `[out, in]` codes, `{m}.weight_scale`
+//! F32 `[]` (the dequantization multiplier), and the layer's format in a
+//! `{m}.comfy_quant` U8 tensor holding JSON (`{"format": "float8_e4m3fn"}`)
+//! or in the file's `__metadata__["_quantization_metadata"]`; an optional
+//! `{m}.input_scale`. Keys, transports, math and where ckptkit differs:
+//! spec/layouts.md §5.
+
+pub(crate) mod family;
+pub(crate) mod math;
+
+use std::collections::BTreeMap;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, ErrorKind, Result};
+use crate::float::Fp8Kind;
+use crate::format::manifest::{Encoding, LogicalTensor, Param, Role, WeightQuant};
+use crate::io::source::{SourceTensor, TensorSource};
+use crate::layout::family::{out_part, Detected, Detector};
+
+/// The family's name.
+pub(crate) const NAME: &str = "comfy";
+/// The per-layer marker tensor's name.
+pub(crate) const MARKER: &str = "comfy_quant";
+/// The scale tensor's name.
+pub(crate) const SCALE: &str = "weight_scale";
+/// The `__metadata__` key of the file-level transport.
+pub(crate) const METADATA_KEY: &str = "_quantization_metadata";
+/// The largest marker tensor read (its JSON is a few dozen bytes).
+const MAX_MARKER: u64 = 64 << 10;
+
+/// Every format name ComfyUI knows (`QUANT_ALGOS`); those ckptkit does not
+/// read yet are refused by name rather than read as plain tensors.
+const KNOWN_FORMATS: [&str; 8] = [
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "nvfp4",
+    "mxfp8",
+    "int8_tensorwise",
+    "convrot_w4a4",
+    "asym_w4a8_int8",
+    "awq_w4a16",
+];
+
+/// A per-tensor FP8 format: its name and code kind.
+pub(crate) fn fp8_format(name: &str) -> Option<Fp8Kind> {
+    match name {
+        "float8_e4m3fn" => Some(Fp8Kind::E4M3Fn),
+        "float8_e5m2" => Some(Fp8Kind::E5M2),
+        _ => None,
+    }
+}
+
+/// The format name of an FP8 kind.
+pub(crate) fn format_name(k: Fp8Kind) -> &'static str {
+    match k {
+        Fp8Kind::E5M2 => "float8_e5m2",
+        _ => "float8_e4m3fn",
+    }
+}
+
+/// The stored dtype of an FP8 kind's codes.
+pub(crate) fn code_dtype(k: Fp8Kind) -> Dtype {
+    match k {
+        Fp8Kind::E5M2 => Dtype::F8E5M2,
+        _ => Dtype::F8E4M3,
+    }
+}
+
+/// What a layer's format record says: the format, and ComfyUI's
+/// `full_precision_matrix_mult` flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Format {
+    /// The FP8 kind.
+    pub kind: Fp8Kind,
+    /// `full_precision_matrix_mult`: compute in the model dtype.
+    pub full_precision: bool,
+}
+
+impl Format {
+    /// The layer record.
+    pub(crate) fn record(&self) -> WeightQuant {
+        let mut params = vec![Param {
+            key: "format".into(),
+            value: format_name(self.kind).into(),
+        }];
+        if self.full_precision {
+            params.push(Param {
+                key: "full_precision_matrix_mult".into(),
+                value: "true".into(),
+            });
+        }
+        WeightQuant::Family {
+            name: NAME.into(),
+            params,
+        }
+    }
+
+    /// Reads a record of this family.
+    pub(crate) fn of(w: &WeightQuant) -> Result<Format> {
+        let WeightQuant::Family { name, params } = w else {
+            return Err(Error::layout("not a ComfyUI record"));
+        };
+        if name != NAME {
+            return Err(Error::layout(format!("`{name}` is not a ComfyUI record")));
+        }
+        let mut kind = None;
+        let mut full_precision = false;
+        for p in params {
+            match (p.key.as_str(), p.value.as_str()) {
+                ("format", f) => {
+                    kind = Some(fp8_format(f).ok_or_else(|| {
+                        Error::layout(format!("ComfyUI format `{f}` is not one ckptkit reads"))
+                    })?)
+                }
+                ("full_precision_matrix_mult", "true") => full_precision = true,
+                (k, v) => {
+                    return Err(Error::layout(format!(
+                        "unknown ComfyUI record parameter {k}={v}"
+                    )))
+                }
+            }
+        }
+        Ok(Format {
+            kind: kind.ok_or_else(|| Error::layout("a ComfyUI record without a format"))?,
+            full_precision,
+        })
+    }
+
+    /// The marker JSON as ComfyUI writes it (Python's `json.dumps`).
+    pub(crate) fn marker_json(&self) -> String {
+        let mut s = format!("{{\"format\": \"{}\"", format_name(self.kind));
+        if self.full_precision {
+            s.push_str(", \"full_precision_matrix_mult\": true");
+        }
+        s.push('}');
+        s
+    }
+
+    /// Reads a format object (`{"format": ..., ...}`, its fields possibly
+    /// inside `"params"`, as ComfyUI's loader accepts).
+    fn from_json(v: &serde_json::Value, layer: &str, from: &str) -> Result<Format> {
+        let get = |k: &str| v.get(k).or_else(|| v.get("params").and_then(|p| p.get(k)));
+        let name = get("format").and_then(|f| f.as_str()).ok_or_else(|| {
+            Error::layout(format!("{from} has no \"format\" string")).with_layer(layer.to_string())
+        })?;
+        let Some(kind) = fp8_format(name) else {
+            let what = if KNOWN_FORMATS.contains(&name) {
+                "a ComfyUI format this version of ckptkit does not read yet"
+            } else {
+                "not a ComfyUI format"
+            };
+            return Err(Error::new(ErrorKind::UnknownQuantized(format!(
+                "{from} says format `{name}`: {what}; converting it as plain tensors would give \
+                 garbage, so it is refused (leave it out with --exclude, or convert it with ComfyUI)"
+            )))
+            .with_layer(layer.to_string()));
+        };
+        let full_precision = get("full_precision_matrix_mult")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false);
+        Ok(Format {
+            kind,
+            full_precision,
+        })
+    }
+}
+
+/// The layers the file-level transport names, with their format objects.
+fn metadata_layers(src: &dyn TensorSource) -> Result<BTreeMap<String, serde_json::Value>> {
+    let Some(text) = src.metadata().get(METADATA_KEY) else {
+        return Ok(BTreeMap::new());
+    };
+    let bad = |why: String| {
+        Error::new(ErrorKind::Malformed(format!(
+            "__metadata__[\"{METADATA_KEY}\"]: {why}"
+        )))
+        .with_file(src.describe())
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let layers = v
+        .get("layers")
+        .and_then(|l| l.as_object())
+        .ok_or_else(|| bad("no \"layers\" object".into()))?;
+    Ok(layers.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// ComfyUI layer detection over one source.
+pub(crate) struct ComfyDetector<'a> {
+    src: &'a dyn TensorSource,
+    /// `_quantization_metadata`'s layers.
+    listed: BTreeMap<String, serde_json::Value>,
+    /// The model dtype of a layer with no bias: the first BF16/F16/F32
+    /// tensor of the source that is not a scale (F32 when there is none).
+    model_dtype: Dtype,
+}
+
+impl<'a> ComfyDetector<'a> {
+    pub(crate) fn new(src: &'a dyn TensorSource) -> Result<ComfyDetector<'a>> {
+        // scales are F32 whatever the model's dtype
+        let is_scale = |key: &str| {
+            let name = crate::format::layers::split_key(key).1;
+            name.ends_with("scale") || name.starts_with("scale_")
+        };
+        let model_dtype = src
+            .tensors()
+            .iter()
+            .filter(|t| !is_scale(&t.key))
+            .map(|t| t.dtype)
+            .find(|d| matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32))
+            .unwrap_or(Dtype::F32);
+        Ok(ComfyDetector {
+            src,
+            listed: metadata_layers(src)?,
+            model_dtype,
+        })
+    }
+
+    /// The format of a layer's marker tensor.
+    fn marker_format(&self, path: &str, t: &SourceTensor) -> Result<Format> {
+        if t.dtype != Dtype::U8 || t.shape.len() != 1 || t.len > MAX_MARKER {
+            return Err(Error::layout(format!(
+                "`{}` must be a U8 1-D tensor of JSON (at most {MAX_MARKER} bytes); it is {} {:?}",
+                t.key, t.dtype, t.shape
+            ))
+            .with_layer(path.to_string())
+            .with_tensor(t.key.clone()));
+        }
+        let b = self.src.read(&t.key)?;
+        let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| {
+            Error::layout(format!("`{}` does not hold JSON: {e}", t.key))
+                .with_layer(path.to_string())
+                .with_tensor(t.key.clone())
+        })?;
+        Format::from_json(&v, path, &format!("`{}`", t.key))
+    }
+}
+
+impl Detector for ComfyDetector<'_> {
+    fn claim<'k>(&self, _key: &'k str) -> Option<&'k str> {
+        // `{m}.comfy_quant`, `{m}.weight`, `{m}.weight_scale` are module m's
+        // by their keys already
+        None
+    }
+
+    fn detect(
+        &self,
+        path: &str,
+        _claimed: &[&SourceTensor],
+        others: &[&SourceTensor],
+    ) -> Result<Detected> {
+        let find = |name: &str| {
+            let k = crate::layout::family::key(path, name);
+            others.iter().find(|t| t.key == k).copied()
+        };
+        let marker = find(MARKER);
+        let from_marker = marker.map(|t| self.marker_format(path, t)).transpose()?;
+        let from_metadata = self
+            .listed
+            .get(path)
+            .map(|v| {
+                Format::from_json(
+                    v,
+                    path,
+                    &format!("__metadata__[\"{METADATA_KEY}\"] for this layer"),
+                )
+            })
+            .transpose()?;
+        let format = match (from_marker, from_metadata) {
+            (None, None) => return Ok(Detected::NotMine),
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::layout(format!(
+                    "its `{MARKER}` tensor says {} and __metadata__[\"{METADATA_KEY}\"] says {}; \
+                     ComfyUI would take the metadata's, other readers the tensor's, so which \
+                     one is meant cannot be told: re-save the checkpoint with one of them",
+                    a.marker_json(),
+                    b.marker_json()
+                ))
+                .with_layer(path.to_string()))
+            }
+            (Some(a), _) => a,
+            (None, Some(b)) => b,
+        };
+        let (Some(q), Some(s)) = (find("weight"), find(SCALE)) else {
+            return Err(Error::layout(format!(
+                "a ComfyUI {} layer needs `weight` and `{SCALE}`",
+                format_name(format.kind)
+            ))
+            .with_layer(path.to_string()));
+        };
+        let scale_ok = matches!(s.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
+            && crate::dtype::numel(&s.shape)? == 1
+            && s.shape.len() <= 1;
+        if q.dtype != code_dtype(format.kind) || q.shape.len() != 2 || !scale_ok {
+            return Err(Error::layout(format!(
+                "a ComfyUI {} layer stores `weight` {} [out, in] and a one-element F32 `{SCALE}`; \
+                 this one has `weight` {} {:?} and `{SCALE}` {} {:?}",
+                format_name(format.kind),
+                code_dtype(format.kind),
+                q.dtype,
+                q.shape,
+                s.dtype,
+                s.shape
+            ))
+            .with_layer(path.to_string()));
+        }
+        // the dequantized weight takes the model's dtype: the layer's bias,
+        // else the file's first float tensor
+        let dtype = find("bias")
+            .map(|b| b.dtype)
+            .filter(|d| matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32))
+            .unwrap_or(self.model_dtype);
+        let mut parts = vec![
+            out_part(Role::Data, q.key.clone(), q.dtype, q.shape.clone()),
+            out_part(Role::Scale, s.key.clone(), s.dtype, s.shape.clone()),
+        ];
+        let mut used = vec![q.key.clone(), s.key.clone()];
+        if let Some(m) = marker {
+            parts.push(out_part(
+                Role::Other(MARKER.into()),
+                m.key.clone(),
+                m.dtype,
+                m.shape.clone(),
+            ));
+            used.push(m.key.clone());
+        }
+        Ok(Detected::Found {
+            weight: LogicalTensor {
+                name: "weight".into(),
+                dtype,
+                shape: q.shape.clone(),
+                encoding: Encoding::Quantized,
+                parts,
+            },
+            record: format.record(),
+            used,
+        })
+    }
+
+    fn finish(&self, layers: &[crate::format::manifest::Layer]) -> Result<()> {
+        // a layer the metadata names must be there
+        for path in self.listed.keys() {
+            if !layers.iter().any(|l| &l.path == path) {
+                return Err(Error::layout(format!(
+                    "__metadata__[\"{METADATA_KEY}\"] names layer `{path}`, which the file \
+                     does not have (its layer names must be the file's key prefixes)"
+                ))
+                .with_layer(path.clone())
+                .with_file(self.src.describe()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,274 @@
+//! The ComfyUI family through the library: detection rule by rule, the two
+//! metadata transports, quantize and dequantize against the arithmetic
+//! re-stated here, and the stale-metadata rule. (Bit-identity with
+//! comfy-kitchen itself: tests/migrate_comfy.rs, on its files.)
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::*;
+use crate::error::ErrorKind;
+use crate::float::{bf16_bits_from_f32, f32_from_bf16_bits, round_bf16};
+use crate::io::open::open_source;
+use crate::io::writer::SafetensorsWriter;
+use crate::layout::family::Hints;
+use crate::migrate::plan::Target;
+use crate::migrate::{convert, detect_layers, ConvertOptions};
+
+type Tensors = Vec<(String, Dtype, Vec<u64>, Vec<u8>)>;
+
+fn write(path: &Path, tensors: &Tensors, md: &BTreeMap<String, String>) {
+    let plan: Vec<_> = tensors
+        .iter()
+        .map(|(k, d, s, _)| (k.clone(), *d, s.clone()))
+        .collect();
+    let w = SafetensorsWriter::create(path, &plan, md, false, false).unwrap();
+    for (k, _, _, b) in tensors {
+        w.write_tensor(k, b).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn bf16(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|&x| bf16_bits_from_f32(x).to_le_bytes())
+        .collect()
+}
+
+fn weights(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 23.0)
+        .collect()
+}
+
+/// A ComfyUI file: `lin` quantized (e4m3fn, scale 0.01), `norm` plain.
+fn comfy_file(marker: Option<&str>) -> Tensors {
+    let codes: Vec<u8> = (0..8 * 16).map(|i| (i * 7 % 0x7E) as u8).collect();
+    let mut t: Tensors = vec![
+        ("lin.weight".into(), Dtype::F8E4M3, vec![8, 16], codes),
+        (
+            "lin.weight_scale".into(),
+            Dtype::F32,
+            vec![],
+            0.01f32.to_le_bytes().to_vec(),
+        ),
+        ("lin.bias".into(), Dtype::BF16, vec![8], bf16(&weights(8))),
+        (
+            "norm.weight".into(),
+            Dtype::BF16,
+            vec![16],
+            bf16(&weights(16)),
+        ),
+    ];
+    if let Some(m) = marker {
+        t.push((
+            "lin.comfy_quant".into(),
+            Dtype::U8,
+            vec![m.len() as u64],
+            m.as_bytes().to_vec(),
+        ));
+    }
+    t
+}
+
+fn metadata(layers: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        METADATA_KEY.to_string(),
+        format!("{{\"format_version\": \"1.0\", \"layers\": {layers}}}"),
+    )])
+}
+
+fn layers_of(path: &Path) -> crate::Result<Vec<crate::format::manifest::Layer>> {
+    let src = open_source(path)?;
+    detect_layers(src.as_ref(), &Hints::default())
+}
+
+fn to(t: &str) -> ConvertOptions {
+    ConvertOptions::default().target(Target::parse(t).unwrap())
+}
+
+#[test]
+fn a_marker_tensor_or_the_metadata_makes_a_comfy_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    let e4 = Format {
+        kind: Fp8Kind::E4M3Fn,
+        full_precision: false,
+    };
+    for (marker, md) in [
+        (Some(r#"{"format": "float8_e4m3fn"}"#), BTreeMap::new()),
+        (None, metadata(r#"{"lin": {"format": "float8_e4m3fn"}}"#)),
+        (
+            Some(r#"{"format": "float8_e4m3fn"}"#),
+            metadata(r#"{"lin": {"format": "float8_e4m3fn"}}"#),
+        ),
+        // fields inside "params", as ComfyUI's loader accepts
+        (
+            Some(r#"{"params": {"format": "float8_e4m3fn"}}"#),
+            BTreeMap::new(),
+        ),
+    ] {
+        std::fs::remove_file(&f).ok();
+        write(&f, &comfy_file(marker), &md);
+        let layers = layers_of(&f).unwrap();
+        let lin = layers.iter().find(|l| l.path == "lin").unwrap();
+        assert_eq!(lin.quant.weights, e4.record(), "{marker:?} {md:?}");
+        let w = quantized_weight(lin).unwrap();
+        // the model dtype is the bias's
+        assert_eq!((w.dtype, &w.shape[..]), (Dtype::BF16, &[8u64, 16][..]));
+        let norm = layers.iter().find(|l| l.path == "norm").unwrap();
+        assert_eq!(norm.quant.weights, WeightQuant::Plain);
+    }
+}
+
+use crate::layout::family::quantized_weight;
+
+#[test]
+fn contradictions_and_unknown_formats_are_refused_naming_the_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    let refused = |marker: Option<&str>, md: BTreeMap<String, String>| {
+        std::fs::remove_file(&f).ok();
+        write(&f, &comfy_file(marker), &md);
+        layers_of(&f).unwrap_err()
+    };
+    // the two transports disagree
+    let e = refused(
+        Some(r#"{"format": "float8_e4m3fn"}"#),
+        metadata(r#"{"lin": {"format": "float8_e5m2"}}"#),
+    );
+    assert_eq!(e.location().layer.as_deref(), Some("lin"), "{e}");
+    assert!(e.to_string().contains("float8_e5m2"), "{e}");
+    // a format ComfyUI knows and ckptkit does not read yet
+    let e = refused(Some(r#"{"format": "nvfp4"}"#), BTreeMap::new());
+    assert!(matches!(e.kind(), ErrorKind::UnknownQuantized(_)), "{e}");
+    assert!(e.to_string().contains("nvfp4"), "{e}");
+    // not JSON; no format
+    for m in ["{\"format\": ", r#"{"fmt": "float8_e4m3fn"}"#] {
+        let e = refused(Some(m), BTreeMap::new());
+        assert_eq!(e.location().layer.as_deref(), Some("lin"), "{e}");
+    }
+    // the codes' dtype must be the format's
+    let e = refused(Some(r#"{"format": "float8_e5m2"}"#), BTreeMap::new());
+    assert!(e.to_string().contains("F8_E5M2"), "{e}");
+    // the metadata names a layer the file lacks
+    let e = refused(
+        Some(r#"{"format": "float8_e4m3fn"}"#),
+        metadata(r#"{"lin": {"format": "float8_e4m3fn"}, "gone": {"format": "float8_e4m3fn"}}"#),
+    );
+    assert_eq!(e.location().layer.as_deref(), Some("gone"), "{e}");
+    // metadata that is not JSON
+    let e = refused(
+        None,
+        BTreeMap::from([(METADATA_KEY.to_string(), "{".to_string())]),
+    );
+    assert!(matches!(e.kind(), ErrorKind::Malformed(_)), "{e}");
+}
+
+#[test]
+fn fp8_codes_beside_a_scale_without_a_format_are_refused_not_cast() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    write(&f, &comfy_file(None), &BTreeMap::new());
+    // "plain" changes nothing here (an F8 tensor is a plain tensor's
+    // dtype); a cast would change the codes without their scale
+    let e = convert(&f, &d.path().join("p.safetensors"), &to("plain:bf16")).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::UnknownQuantized(_)), "{e}");
+}
+
+#[test]
+fn dequantize_and_quantize_follow_comfy_kitchens_arithmetic() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    write(
+        &f,
+        &comfy_file(Some(r#"{"format": "float8_e4m3fn"}"#)),
+        &BTreeMap::new(),
+    );
+    let plain = d.path().join("plain.safetensors");
+    convert(&f, &plain, &to("plain")).unwrap();
+    let p = open_source(&plain).unwrap();
+    let keys: Vec<&str> = p.tensors().iter().map(|t| t.key.as_str()).collect();
+    assert!(!keys
+        .iter()
+        .any(|k| k.contains("comfy_quant") || k.contains("scale")));
+    let w: Vec<f32> = p
+        .read("lin.weight")
+        .unwrap()
+        .chunks_exact(2)
+        .map(|c| f32_from_bf16_bits(u16::from_le_bytes([c[0], c[1]])))
+        .collect();
+    let s = round_bf16(0.01);
+    let codes = &comfy_file(None)[0].3;
+    for (c, x) in codes.iter().zip(&w) {
+        assert_eq!(*x, round_bf16(Fp8Kind::E4M3Fn.decode(*c) * s));
+    }
+    // quantize the plain file again: codes, scale and marker as stated
+    for (fmt, kind) in [
+        ("float8_e4m3fn", Fp8Kind::E4M3Fn),
+        ("float8_e5m2", Fp8Kind::E5M2),
+    ] {
+        let q = d.path().join(format!("{fmt}.safetensors"));
+        convert(&plain, &q, &to(&format!("comfy:{fmt}"))).unwrap();
+        let src = open_source(&q).unwrap();
+        let marker = src.read("lin.comfy_quant").unwrap().to_vec();
+        assert_eq!(marker, format!("{{\"format\": \"{fmt}\"}}").as_bytes());
+        let scale = f32::from_le_bytes(
+            src.read("lin.weight_scale").unwrap()[..4]
+                .try_into()
+                .unwrap(),
+        );
+        let amax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert_eq!(scale, round_bf16(amax / kind.max()));
+        let inv = round_bf16(1.0 / scale);
+        let codes = src.read("lin.weight").unwrap().to_vec();
+        for (c, x) in codes.iter().zip(&w) {
+            let t = round_bf16(x * inv).clamp(-kind.max(), kind.max());
+            assert_eq!(*c, kind.encode(t), "{fmt} {x}");
+        }
+        // 1-D tensors stay plain; the layer reads back as written
+        assert_eq!(src.get("norm.weight").map(|t| t.dtype), Some(Dtype::BF16));
+        let layers = layers_of(&q).unwrap();
+        assert!(layers.iter().any(|l| l.path == "lin"
+            && l.quant.weights
+                == Format {
+                    kind,
+                    full_precision: false
+                }
+                .record()));
+    }
+}
+
+#[test]
+fn the_file_level_record_is_kept_true_or_removed() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    write(
+        &f,
+        &comfy_file(None),
+        &metadata(r#"{"lin": {"format": "float8_e4m3fn"}}"#),
+    );
+    // dequantized: a stale record would make ComfyUI cast the plain weight
+    let plain = d.path().join("plain.safetensors");
+    convert(&f, &plain, &to("plain")).unwrap();
+    assert!(!open_source(&plain)
+        .unwrap()
+        .metadata()
+        .contains_key(METADATA_KEY));
+    // kept without a marker: the record is what says its format
+    let ck = d.path().join("m.ckpk");
+    convert(&f, &ck, &ConvertOptions::default()).unwrap();
+    let back = d.path().join("back.safetensors");
+    convert(&ck, &back, &ConvertOptions::default()).unwrap();
+    let md = open_source(&back).unwrap().metadata().clone();
+    let v: serde_json::Value = serde_json::from_str(&md[METADATA_KEY]).unwrap();
+    assert_eq!(v["layers"]["lin"]["format"], "float8_e4m3fn");
+    assert_eq!(layers_of(&back).unwrap(), layers_of(&f).unwrap());
+    // re-quantized with a marker: the record is dropped
+    let q = d.path().join("q.safetensors");
+    convert(&plain, &q, &to("comfy:float8_e5m2")).unwrap();
+    assert!(!open_source(&q)
+        .unwrap()
+        .metadata()
+        .contains_key(METADATA_KEY));
+}

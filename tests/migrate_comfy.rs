@@ -1,0 +1,223 @@
+//! ComfyUI `comfy_quant` per-tensor FP8 against files the real
+//! comfy-kitchen 0.2.40 wrote (tests/fixtures/comfy, see its README):
+//! quantizing is byte-identical, dequantizing is bit-identical, `--like`
+//! and containers carry the layout, and legacy `scaled_fp8` files are
+//! refused rather than half-converted.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use ckptkit::migrate::{convert, like_target, ConvertOptions, PlanOptions, Target};
+use ckptkit::{ErrorKind, SafetensorsFile, TensorSource};
+
+fn cases() -> Vec<PathBuf> {
+    common::fixture_cases("comfy", 6)
+}
+
+fn case_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap()
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// key -> (dtype, shape, bytes)
+fn tensors(p: &Path) -> BTreeMap<String, (ckptkit::Dtype, Vec<u64>, Vec<u8>)> {
+    let f = SafetensorsFile::open(p).unwrap();
+    f.tensors()
+        .iter()
+        .map(|t| {
+            (
+                t.key.clone(),
+                (t.dtype, t.shape.clone(), f.read(&t.key).unwrap().to_vec()),
+            )
+        })
+        .collect()
+}
+
+fn opts(to: &str, exclude: Vec<String>) -> ConvertOptions {
+    ConvertOptions::default()
+        .target(Target::parse(to).unwrap())
+        .select(PlanOptions::default().exclude(exclude))
+}
+
+/// `--to comfy:FORMAT` gives comfy-kitchen's own codes, scale and marker,
+/// tensor for tensor, on every fixture. The layers whose F16 reciprocal
+/// scale overflows (where the library saturates every code) are refused,
+/// each naming itself, and the rest of the file still matches.
+#[test]
+fn quantizing_float_weights_matches_comfy_kitchen_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut compared = 0;
+    for dir in cases() {
+        let case = case_json(&dir);
+        let fmt = case["format"].as_str().unwrap();
+        let overflow = strings(&case["inv_overflow_modules"]);
+        let mut exclude = strings(&case["skipped_modules"]);
+        exclude.extend(overflow.iter().cloned());
+        let out = tmp
+            .path()
+            .join(format!("{}.safetensors", case["name"].as_str().unwrap()));
+        convert(
+            &dir.join("float.safetensors"),
+            &out,
+            &opts(&format!("comfy:{fmt}"), exclude),
+        )
+        .unwrap();
+        let ours = tensors(&out);
+        let theirs = tensors(&dir.join("quantized.safetensors"));
+        let float = tensors(&dir.join("float.safetensors"));
+        let refused = |k: &str| overflow.iter().any(|m| k.starts_with(&format!("{m}.")));
+        let want: BTreeSet<&String> = theirs.keys().filter(|k| !refused(k)).collect();
+        let got: BTreeSet<&String> = ours.keys().filter(|k| !refused(k)).collect();
+        assert_eq!(got, want, "{}", dir.display());
+        for (k, t) in &ours {
+            if refused(k) {
+                assert_eq!(t, &float[k], "{k}: an excluded layer is copied");
+            } else {
+                assert_eq!(t, &theirs[k], "{}: {k}", dir.display());
+                compared += 1;
+            }
+        }
+        for m in &overflow {
+            let e = convert(
+                &dir.join("float.safetensors"),
+                &tmp.path().join("refused.safetensors"),
+                &opts(&format!("comfy:{fmt}"), Vec::new())
+                    .select(PlanOptions::default().only(vec![m.clone()])),
+            )
+            .unwrap_err();
+            assert_eq!(e.location().layer.as_deref(), Some(m.as_str()), "{e}");
+            assert!(e.to_string().contains("overflows"), "{e}");
+            assert!(!tmp.path().join("refused.safetensors").exists());
+        }
+    }
+    assert!(compared > 100, "{compared} tensors compared");
+}
+
+/// `--to plain` of comfy-kitchen's files equals the library's own
+/// dequantization, bit for bit, in the model's dtype; the rest of the model
+/// is the float model, and no scale or marker is left.
+#[test]
+fn comfy_files_dequantize_exactly_as_comfy_kitchen_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in cases() {
+        let out = tmp.path().join("plain.safetensors");
+        std::fs::remove_file(&out).ok();
+        convert(
+            &dir.join("quantized.safetensors"),
+            &out,
+            &opts("plain", Vec::new()),
+        )
+        .unwrap();
+        let ours = tensors(&out);
+        let gold = tensors(&dir.join("dequantized.safetensors"));
+        let float = tensors(&dir.join("float.safetensors"));
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            float.keys().collect::<Vec<_>>(),
+            "{}: a plain model's key set",
+            dir.display()
+        );
+        assert!(!gold.is_empty());
+        for (k, t) in &ours {
+            match gold.get(k) {
+                Some(g) => assert_eq!(t, g, "{}: {k}", dir.display()),
+                None => assert_eq!(t, &float[k], "{}: {k}", dir.display()),
+            }
+        }
+    }
+}
+
+/// `check` against a ComfyUI file explains the mismatch and its fix
+/// (`--like`) quantizes the float model to the library's bytes; a container
+/// keeps the layout and gives the file's tensors back.
+#[test]
+fn like_and_containers_carry_the_comfy_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in cases() {
+        let case = case_json(&dir);
+        if !strings(&case["inv_overflow_modules"]).is_empty() {
+            continue;
+        }
+        let q = dir.join("quantized.safetensors");
+        let r = ckptkit::migrate::check(
+            &dir.join("float.safetensors"),
+            &q,
+            &ConvertOptions::default(),
+        )
+        .unwrap();
+        assert!(!r.mismatches.is_empty());
+        assert!(
+            r.fix.as_deref().unwrap_or("").contains("--like"),
+            "{:?}",
+            r.fix
+        );
+        let out = tmp.path().join("like.safetensors");
+        std::fs::remove_file(&out).ok();
+        convert(
+            &dir.join("float.safetensors"),
+            &out,
+            &ConvertOptions::default().target(like_target(&q).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(tensors(&out), tensors(&q), "{}", dir.display());
+        // through a container and back
+        let ck = tmp.path().join("m.ckpk");
+        let back = tmp.path().join("back.safetensors");
+        for p in [&ck, &back] {
+            std::fs::remove_file(p).ok();
+        }
+        convert(&q, &ck, &ConvertOptions::default()).unwrap();
+        let c = ckptkit::Container::open(&ck).unwrap();
+        assert_eq!(c.manifest().version.major, 2, "a family record");
+        convert(&ck, &back, &ConvertOptions::default()).unwrap();
+        assert_eq!(tensors(&back), tensors(&q), "{}", dir.display());
+    }
+}
+
+/// A legacy `scaled_fp8` file (the same codes under ComfyUI's old key
+/// names) is not converted yet: every conversion that would change a layer
+/// is refused naming the marker; a byte-for-byte copy into a container is
+/// allowed.
+#[test]
+fn legacy_scaled_fp8_files_are_refused_not_half_converted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut refused = 0;
+    for dir in cases() {
+        let legacy = dir.join("legacy.safetensors");
+        for to in [
+            "plain:bf16",
+            "plain:f32",
+            "comfy:float8_e4m3fn",
+            "comfy:float8_e5m2",
+        ] {
+            let out = tmp.path().join("o.safetensors");
+            let e = convert(&legacy, &out, &opts(to, Vec::new())).unwrap_err();
+            assert!(!out.exists());
+            // a target that changes no layer is refused as such (an F32
+            // model's `plain:f32`); every other is refused for the marker
+            if matches!(e.kind(), ErrorKind::NothingChanged(_)) {
+                continue;
+            }
+            assert!(
+                matches!(e.kind(), ErrorKind::UnknownQuantized(_)),
+                "{} --to {to}: {e}",
+                dir.display()
+            );
+            assert!(e.to_string().contains("scaled_fp8"), "{e}");
+            refused += 1;
+        }
+        let ck = tmp.path().join("legacy.ckpk");
+        std::fs::remove_file(&ck).ok();
+        convert(&legacy, &ck, &ConvertOptions::default()).unwrap();
+    }
+    assert!(refused >= 20, "{refused}");
+}
