@@ -221,3 +221,74 @@ fn legacy_scaled_fp8_files_are_refused_not_half_converted() {
     }
     assert!(refused >= 20, "{refused}");
 }
+
+/// Per-row int8 codes carry between quanto qint8, compressed-tensors int8
+/// channel and ComfyUI `int8_tensorwise` (per row) without touching an
+/// integer: their scales widen exactly to ComfyUI's F32, so the way back is
+/// byte-identical to the library's file, and ComfyUI's dequantization of
+/// the carried codes equals the source library's own, bit for bit.
+#[test]
+fn per_row_int8_codes_carry_into_comfy_and_back_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut sources: Vec<(PathBuf, &str, PathBuf)> = Vec::new();
+    for d in ["bf16-qint8", "f16-qint8", "f32-qint8"] {
+        let c = root.join("quanto").join(d);
+        sources.push((c.join("quantized.safetensors"), "quanto:qint8", c));
+    }
+    for d in [
+        "ct-bf16-int-channel",
+        "ct-f16-int-channel",
+        "ct-f32-int-channel",
+    ] {
+        let c = root.join("int8").join(d);
+        sources.push((c.join("model.safetensors"), "int8:ct:int-quantized", c));
+    }
+    for (n, (file, back_to, case)) in sources.iter().enumerate() {
+        let dir = tmp.path().join(format!("c{n}"));
+        std::fs::create_dir_all(dir.join("back")).unwrap();
+        std::fs::create_dir_all(dir.join("plain")).unwrap();
+        let comfy = dir.join("comfy.safetensors");
+        let s = convert(
+            file,
+            &comfy,
+            &ConvertOptions::default()
+                .target(Target::parse("comfy:int8_tensorwise:per_row").unwrap()),
+        )
+        .unwrap();
+        let plan = s.plan.as_ref().unwrap();
+        let carried = plan
+            .layers
+            .iter()
+            .filter(|l| {
+                l.passes
+                    .iter()
+                    .any(|p| matches!(p, ckptkit::migrate::Pass::Relayout { .. }))
+            })
+            .count();
+        assert!(carried >= 3, "{}: {carried} layers carried", file.display());
+        assert!(s.lossless(), "{}", file.display());
+        // back: the library's own bytes
+        let back = dir.join("back").join("back.safetensors");
+        convert(
+            &comfy,
+            &back,
+            &ConvertOptions::default().target(Target::parse(back_to).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(tensors(&back), tensors(file), "{}", file.display());
+        // ComfyUI's dequantization of the carried codes = the source library's
+        let gold = tensors(&case.join("dequantized.safetensors"));
+        let plain = dir.join("plain").join("plain.safetensors");
+        convert(
+            &comfy,
+            &plain,
+            &opts("plain", Vec::new()).shapes_from(Some(case.join("float.safetensors"))),
+        )
+        .unwrap();
+        let ours = tensors(&plain);
+        for (k, g) in &gold {
+            assert_eq!(&ours[k], g, "{}: {k}", file.display());
+        }
+    }
+}

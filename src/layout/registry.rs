@@ -11,8 +11,10 @@ use crate::layout::family::{Family, Unknown};
 pub(crate) static FAMILIES: &[&dyn Family] = &[
     &crate::layout::plain::Plain,
     &crate::layout::quanto::family::Quanto,
-    &crate::layout::int8::family::Int8,
+    // before int8: a ComfyUI int8 layer with its marker is also shaped
+    // like compressed-tensors' int-quantized preset
     &crate::layout::comfy::family::Comfy,
+    &crate::layout::int8::family::Int8,
     #[cfg(test)]
     &crate::layout::toy::Toy,
 ];

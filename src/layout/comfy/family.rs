@@ -6,11 +6,11 @@ use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    out_part, part, plain_logical, quantized_weight, weight_of, Codes, DetectCtx, Detector, Family,
-    Pass, PlanCtx, Planned, WeightInput,
+    out_part, part, plain_logical, quantized_weight, weight_of, CodeForm, Codes, DetectCtx,
+    Detector, Family, Granularity, Pass, PlanCtx, Planned, ScaleValue, WeightInput,
 };
 
-use super::{code_dtype, format_name, math, Format, MARKER, METADATA_KEY, NAME, SCALE};
+use super::{math, Format, Kind, MARKER, METADATA_KEY, NAME, SCALE};
 
 /// ComfyUI's `comfy_quant` family.
 pub(crate) struct Comfy;
@@ -20,6 +20,25 @@ const INPUT_SCALE: [&str; 1] = ["input_scale"];
 
 fn float_model_dtype(d: Dtype) -> bool {
     matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32)
+}
+
+/// The code form of a ComfyUI int8 layout (FP8 codes are not exchanged).
+fn form(kind: Kind, scale_dtype: Dtype) -> Option<CodeForm> {
+    let Kind::Int8 { per_row } = kind else {
+        return None;
+    };
+    Some(CodeForm {
+        name: kind.spelling(),
+        value: ScaleValue::Scale,
+        granularity: if per_row {
+            Granularity::Channel
+        } else {
+            Granularity::Tensor
+        },
+        range: [-128, 127],
+        scale_dtype,
+        zero_point: false,
+    })
 }
 
 impl Family for Comfy {
@@ -33,7 +52,7 @@ impl Family for Comfy {
 
     fn label(&self, w: &WeightQuant) -> String {
         match Format::of(w) {
-            Ok(f) => format!("comfy:{}", format_name(f.kind)),
+            Ok(f) => f.kind.spelling(),
             Err(_) => NAME.into(),
         }
     }
@@ -43,18 +62,24 @@ impl Family for Comfy {
         let w = quantized_weight(l).map_err(|e| e.with_layer(l.path.clone()))?;
         let q = part(l, w, Role::Data)?;
         let s = part(l, w, Role::Scale)?;
-        if q.dtype != code_dtype(f.kind)
+        let o = w.shape.first().copied().unwrap_or(0);
+        let scale_ok = float_model_dtype(s.dtype)
+            && match f.kind {
+                Kind::Int8 { per_row: true } => s.shape == [o, 1],
+                _ => crate::dtype::numel(&s.shape)? == 1 && s.shape.len() <= 1,
+            };
+        if q.dtype != f.kind.code_dtype()
             || q.shape != w.shape
             || w.shape.len() != 2
-            || !float_model_dtype(s.dtype)
-            || crate::dtype::numel(&s.shape)? != 1
+            || !scale_ok
             || !float_model_dtype(w.dtype)
         {
             return Err(Error::layout(format!(
-                "a ComfyUI {} weight is {} [out, in] codes with a one-element float scale; this \
-                 record has {} {:?} codes, a {} {:?} scale, a {} {:?} weight",
-                format_name(f.kind),
-                code_dtype(f.kind),
+                "a ComfyUI {} weight is {} [out, in] codes with an F32 scale {:?}; this record \
+                 has {} {:?} codes, a {} {:?} scale, a {} {:?} weight",
+                f.kind.spelling(),
+                f.kind.code_dtype(),
+                f.kind.scale_shape(o),
                 q.dtype,
                 q.shape,
                 s.dtype,
@@ -70,7 +95,7 @@ impl Family for Comfy {
     fn parse_target(&self, s: &str) -> Option<Result<WeightQuant>> {
         let rest = s.strip_prefix("comfy:")?;
         Some(
-            super::fp8_format(rest)
+            Kind::parse(rest)
                 .map(|kind| {
                     Format {
                         kind,
@@ -80,14 +105,15 @@ impl Family for Comfy {
                 })
                 .ok_or_else(|| {
                     Error::usage(format!(
-                        "unknown ComfyUI layout `{s}`: comfy:float8_e4m3fn or comfy:float8_e5m2"
+                        "unknown ComfyUI layout `{s}`: {}",
+                        self.spellings()
                     ))
                 }),
         )
     }
 
     fn spellings(&self) -> &'static str {
-        "comfy:float8_e4m3fn|float8_e5m2"
+        "comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise|int8_tensorwise:per_row"
     }
 
     fn takes_float(&self, l: &Layer) -> bool {
@@ -98,6 +124,17 @@ impl Family for Comfy {
 
     fn takes(&self, l: &Layer) -> bool {
         weight_of(l).is_ok_and(|w| w.shape.len() == 2 && float_model_dtype(w.dtype))
+    }
+
+    fn code_form(&self, l: &Layer) -> Option<CodeForm> {
+        let f = Format::of(&l.quant.weights).ok()?;
+        let w = quantized_weight(l).ok()?;
+        let s = w.parts.iter().find(|p| p.role == Role::Scale)?;
+        form(f.kind, s.dtype)
+    }
+
+    fn target_form(&self, target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
+        form(Format::of(target).ok()?.kind, Dtype::F32)
     }
 
     fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
@@ -114,16 +151,37 @@ impl Family for Comfy {
             .with_layer(l.path.clone()));
         }
         let mut passes = Vec::new();
-        if w.encoding.is_quantized() {
-            passes.push(Pass::Dequantize {
-                qtype: ctx.source.label(&l.quant.weights),
-                dtype: w.dtype.to_string(),
-            });
-        }
-        passes.push(Pass::Quantize {
-            qtype: format!("comfy:{}", format_name(f.kind)),
-            group_size: None,
+        let mut lossless = false;
+        // int8 codes carry over from a layout of the same scale granularity
+        let carried = self.target_form(target, w.dtype).and_then(|to| {
+            ctx.source
+                .code_form(l)
+                .filter(|f| f.carries_to(&to))
+                .map(|f| (f, to))
         });
+        match carried {
+            Some((from, to)) => {
+                passes.push(Pass::Relayout {
+                    from: from.name.clone(),
+                    to: to.name.clone(),
+                    same_floats: from.same_floats(&to),
+                    may_lose: from.may_lose_to(&to),
+                });
+                lossless = true; // checked on the data at execution
+            }
+            None => {
+                if w.encoding.is_quantized() {
+                    passes.push(Pass::Dequantize {
+                        qtype: ctx.source.label(&l.quant.weights),
+                        dtype: w.dtype.to_string(),
+                    });
+                }
+                passes.push(Pass::Quantize {
+                    qtype: f.kind.spelling(),
+                    group_size: None,
+                });
+            }
+        }
         let key = |s: &str| crate::layout::family::key(&l.path, s);
         let marker = f.marker_json();
         let mut tensors = vec![LogicalTensor {
@@ -135,10 +193,15 @@ impl Family for Comfy {
                 out_part(
                     Role::Data,
                     key("weight"),
-                    code_dtype(f.kind),
+                    f.kind.code_dtype(),
                     w.shape.clone(),
                 ),
-                out_part(Role::Scale, key(SCALE), Dtype::F32, Vec::new()),
+                out_part(
+                    Role::Scale,
+                    key(SCALE),
+                    Dtype::F32,
+                    f.kind.scale_shape(w.shape[0]),
+                ),
                 out_part(
                     Role::Other(MARKER.into()),
                     key(MARKER),
@@ -167,15 +230,26 @@ impl Family for Comfy {
                 extensions: Vec::new(),
             },
             passes,
-            lossless: false,
+            lossless,
         })
     }
 
-    fn read_codes(&self, _src: &dyn TensorSource, l: &Layer, _w: &LogicalTensor) -> Result<Codes> {
-        Err(Error::layout(
-            "ComfyUI FP8 codes are not carried into other layouts yet: dequantize to plain first",
-        )
-        .with_layer(l.path.clone()))
+    fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
+        let f = Format::of(&l.quant.weights).map_err(|e| e.with_layer(l.path.clone()))?;
+        if !matches!(f.kind, Kind::Int8 { .. }) {
+            return Err(Error::layout(
+                "ComfyUI FP8 codes are not carried into other layouts yet: dequantize first",
+            )
+            .with_layer(l.path.clone()));
+        }
+        let q = src.read(&part(l, w, Role::Data)?.key)?;
+        let sp = part(l, w, Role::Scale)?;
+        Ok(Codes {
+            q: q.iter().map(|&b| b as i8).collect(),
+            scale: src.read(&sp.key)?.to_vec(),
+            value: ScaleValue::Scale,
+            dtype: sp.dtype,
+        })
     }
 
     fn dequantize(
@@ -186,20 +260,25 @@ impl Family for Comfy {
         to: Dtype,
     ) -> Result<Vec<u8>> {
         let f = Format::of(&l.quant.weights).map_err(|e| e.with_layer(l.path.clone()))?;
-        let qp = part(l, w, Role::Data)?;
-        let sp = part(l, w, Role::Scale)?;
-        let q = src.read(&qp.key)?;
-        let s = src.read(&sp.key)?;
-        let s = *math::widen(sp.dtype, &s)?
-            .first()
-            .ok_or_else(|| Error::layout("empty scale").with_tensor(sp.key.clone()))?;
         if !float_model_dtype(to) {
             return Err(Error::layout(format!(
                 "a ComfyUI weight dequantizes to BF16, F16 or F32, not {to}"
             ))
             .with_layer(l.path.clone()));
         }
-        math::dequantize(f.kind, &q, s, to).map_err(|e| e.with_layer(l.path.clone()))
+        let qp = part(l, w, Role::Data)?;
+        let sp = part(l, w, Role::Scale)?;
+        let q = src.read(&qp.key)?;
+        let s = math::widen(sp.dtype, &src.read(&sp.key)?)?;
+        let cols = w.shape.get(1).copied().unwrap_or(1) as usize;
+        let r = match f.kind {
+            Kind::Fp8(kind) => match s.first() {
+                Some(&s) => math::dequantize(kind, &q, s, to),
+                None => Err(Error::layout("empty scale").with_tensor(sp.key.clone())),
+            },
+            Kind::Int8 { .. } => math::int8_dequantize(&q, cols, &s, to),
+        };
+        r.map_err(|e| e.with_layer(l.path.clone()))
     }
 
     fn produce(
@@ -209,25 +288,44 @@ impl Family for Comfy {
         t: &LogicalTensor,
         input: WeightInput<'_>,
     ) -> Result<Vec<(String, TensorBytes)>> {
-        let f = Format::of(record).map_err(|e| e.with_layer(path.to_string()))?;
-        let WeightInput::Float(float) = input else {
-            return Err(
-                Error::layout("ComfyUI FP8 takes no codes from other layouts yet")
-                    .with_layer(path.to_string()),
-            );
+        let at = |e: Error| e.with_layer(path.to_string());
+        let f = Format::of(record).map_err(at)?;
+        let cols = t.shape.get(1).copied().unwrap_or(1) as usize;
+        let (q, scale): (Vec<u8>, Vec<u8>) = match (f.kind, input) {
+            (Kind::Int8 { .. }, WeightInput::Codes(c)) => {
+                if c.dtype != Dtype::F32 || c.value != ScaleValue::Scale {
+                    return Err(at(Error::layout("int8 codes come with an F32 scale")));
+                }
+                (c.q.iter().map(|&x| x as u8).collect(), c.scale)
+            }
+            (Kind::Fp8(_), WeightInput::Codes(_)) => {
+                return Err(at(Error::layout("ComfyUI FP8 takes no integer codes")));
+            }
+            (Kind::Fp8(k), WeightInput::Float(float)) => {
+                let x = math::widen(t.dtype, float).map_err(at)?;
+                let s = math::scale_of(t.dtype, k, &x).map_err(at)?;
+                (math::quantize(t.dtype, k, &x, s), s.to_le_bytes().to_vec())
+            }
+            (Kind::Int8 { per_row }, WeightInput::Float(float)) => {
+                let x = math::widen(t.dtype, float).map_err(at)?;
+                let s = math::int8_scales(&x, cols, per_row).map_err(at)?;
+                (
+                    math::int8_quantize(t.dtype, &x, cols, &s),
+                    s.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                )
+            }
         };
-        let x = math::widen(t.dtype, float).map_err(|e| e.with_layer(path.to_string()))?;
-        let s = math::scale_of(t.dtype, f.kind, &x).map_err(|e| e.with_layer(path.to_string()))?;
-        let mut q = Some(math::quantize(t.dtype, f.kind, &x, s));
+        let (mut q, mut scale) = (Some(q), Some(scale));
         let mut out = Vec::with_capacity(3);
         for p in &t.parts {
             let b = match &p.role {
                 Role::Data => q.take().unwrap_or_default(),
-                Role::Scale => s.to_le_bytes().to_vec(),
+                Role::Scale => scale.take().unwrap_or_default(),
                 Role::Other(n) if n == MARKER => f.marker_json().into_bytes(),
                 r => {
-                    return Err(Error::layout(format!("a ComfyUI weight has no {r:?} part"))
-                        .with_layer(path.to_string()))
+                    return Err(at(Error::layout(format!(
+                        "a ComfyUI weight has no {r:?} part"
+                    ))))
                 }
             };
             out.push((p.key.clone(), TensorBytes::Owned(b)));

@@ -105,6 +105,72 @@ pub(crate) fn dequantize(kind: Fp8Kind, q: &[u8], s: f32, to: Dtype) -> Result<V
     narrow(to, &v)
 }
 
+/// The smallest positive normal of `d` (`torch.finfo(d).tiny`).
+fn tiny(d: Dtype) -> f32 {
+    match d {
+        Dtype::F16 => 6.103_515_6e-5,
+        _ => f32::MIN_POSITIVE,
+    }
+}
+
+/// comfy-kitchen's `int8_tensorwise` scales for weights `x` `[rows, cols]`
+/// of dtype `d`: one for the tensor, or one per row (`per_row`), each
+/// `max(amax / 127, 1e-30)` computed in f32 and stored as F32.
+pub(crate) fn int8_scales(x: &[f32], cols: usize, per_row: bool) -> Result<Vec<f32>> {
+    if x.iter().any(|v| !v.is_finite()) {
+        return Err(Error::layout(
+            "the weight holds NaN or infinity, which an int8 scale cannot hold; fix the \
+             weights first",
+        ));
+    }
+    let amax = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = |a: f32| (a / 127.0).max(1e-30);
+    Ok(if per_row {
+        x.chunks(cols.max(1)).map(|r| scale(amax(r))).collect()
+    } else {
+        vec![scale(amax(x))]
+    })
+}
+
+/// Quantizes weights `x` `[rows, cols]` of dtype `d` with their stored
+/// scales (comfy-kitchen's `quantize_int8_tensorwise` / `_rowwise`): `s' =
+/// d(s)` (the smallest normal of `d` if that is 0), `t = d(x / s')`, `q =
+/// clamp(round_half_even(t), -128, 127)`: with BF16 or F16 `t` can reach
+/// ±127.5, so -128 occurs.
+pub(crate) fn int8_quantize(d: Dtype, x: &[f32], cols: usize, scales: &[f32]) -> Vec<u8> {
+    let per_row = scales.len() > 1;
+    let rounded: Vec<f32> = scales
+        .iter()
+        .map(|&s| match round_to(d, s) {
+            0.0 => tiny(d),
+            r => r,
+        })
+        .collect();
+    x.iter()
+        .enumerate()
+        .map(|(k, &v)| {
+            let s = rounded[if per_row { k / cols.max(1) } else { 0 }];
+            let t = round_to(d, v / s);
+            t.round_ties_even().clamp(-128.0, 127.0) as i8 as u8
+        })
+        .collect()
+}
+
+/// Dequantizes int8 codes `[rows, cols]` with their F32 scales to `to`
+/// (comfy-kitchen's `dequantize_int8_simple_dtype`): `w = to(f32(q) · s)`.
+pub(crate) fn int8_dequantize(q: &[u8], cols: usize, scales: &[f32], to: Dtype) -> Result<Vec<u8>> {
+    let per_row = scales.len() > 1;
+    let v: Vec<f32> = q
+        .iter()
+        .enumerate()
+        .map(|(k, &c)| {
+            let s = scales[if per_row { k / cols.max(1) } else { 0 }];
+            round_to(to, c as i8 as f32 * s)
+        })
+        .collect();
+    narrow(to, &v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +200,37 @@ mod tests {
         assert!(scale_of(Dtype::F16, Fp8Kind::E4M3Fn, &[0.006]).is_err());
         assert!(scale_of(Dtype::F16, Fp8Kind::E4M3Fn, &[0.007]).is_ok());
         assert!(scale_of(Dtype::BF16, Fp8Kind::E4M3Fn, &[1e-30]).is_ok());
+    }
+
+    #[test]
+    fn int8_scales_codes_and_the_minus_128_code() {
+        // per row: each row's amax / 127; a zero row gets 1e-30 and codes 0
+        let x = [1.0f32, -2.0, 0.0, 0.0, 0.5, 0.25];
+        let s = int8_scales(&x, 2, true).unwrap();
+        assert_eq!(s, [2.0 / 127.0, 1e-30, 0.5 / 127.0]);
+        let q = int8_quantize(Dtype::F32, &x, 2, &s);
+        assert_eq!(
+            q.iter().map(|&c| c as i8).collect::<Vec<_>>(),
+            [64, -127, 0, 0, 127, 64]
+        );
+        // the stored scale rounded to bf16 can make |t| reach 127.5: -128
+        // for some bf16 amax in [0.5, 1), never in f32 arithmetic
+        let minus_128 = (0x3F00u16..0x3F80)
+            .map(f32_from_bf16_bits)
+            .filter(|&a| {
+                let s = int8_scales(&[-a], 1, false).unwrap();
+                int8_quantize(Dtype::BF16, &[-a], 1, &s)[0] as i8 == -128
+            })
+            .inspect(|&a| {
+                let s = int8_scales(&[-a], 1, false).unwrap();
+                assert_eq!(int8_quantize(Dtype::F32, &[-a], 1, &s)[0] as i8, -127);
+            })
+            .count();
+        assert!(minus_128 > 0);
+        // dequantize: one product in f32, then the output dtype
+        let w = int8_dequantize(&[0x81], 1, &[0.5], Dtype::F32).unwrap();
+        assert_eq!(f32::from_le_bytes(w[..4].try_into().unwrap()), -63.5);
+        assert!(int8_scales(&[f32::NAN], 1, false).is_err());
     }
 
     #[test]

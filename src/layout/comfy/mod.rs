@@ -1,9 +1,9 @@
-//! ComfyUI's `comfy_quant` layouts (comfy-kitchen 0.2.40), per-tensor FP8:
-//! `{m}.weight` F8_E4M3 or F8_E5M2 `[out, in]` codes, `{m}.weight_scale`
-//! F32 `[]` (the dequantization multiplier), and the layer's format in a
-//! `{m}.comfy_quant` U8 tensor holding JSON (`{"format": "float8_e4m3fn"}`)
-//! or in the file's `__metadata__["_quantization_metadata"]`; an optional
-//! `{m}.input_scale`. Keys, transports, math and where ckptkit differs:
+//! ComfyUI's `comfy_quant` layouts (comfy-kitchen 0.2.40), per-tensor FP8
+//! and int8: `{m}.weight` F8_E4M3, F8_E5M2 or I8 `[out, in]` codes,
+//! `{m}.weight_scale` F32 `[]` (int8 also `[out, 1]`: per row), and the
+//! layer's format in a `{m}.comfy_quant` U8 tensor holding JSON
+//! (`{"format": "float8_e4m3fn"}`) or in the file's
+//! `__metadata__["_quantization_metadata"]`; an optional `{m}.input_scale`. Keys, transports, math and where ckptkit differs:
 //! spec/layouts.md §5.
 
 pub(crate) mod family;
@@ -42,37 +42,72 @@ const KNOWN_FORMATS: [&str; 8] = [
     "awq_w4a16",
 ];
 
-/// A per-tensor FP8 format: its name and code kind.
-pub(crate) fn fp8_format(name: &str) -> Option<Fp8Kind> {
-    match name {
-        "float8_e4m3fn" => Some(Fp8Kind::E4M3Fn),
-        "float8_e5m2" => Some(Fp8Kind::E5M2),
-        _ => None,
+/// A layout of the family: its format and, for int8, the scale's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `float8_e4m3fn` / `float8_e5m2`: FP8 codes, one F32 scale.
+    Fp8(Fp8Kind),
+    /// `int8_tensorwise`: I8 codes, an F32 scale `[]` or, `per_row`,
+    /// `[O, 1]`.
+    Int8 {
+        /// One scale per output row.
+        per_row: bool,
+    },
+}
+
+impl Kind {
+    /// The `format` name ComfyUI writes.
+    pub(crate) fn format_name(self) -> &'static str {
+        match self {
+            Kind::Fp8(Fp8Kind::E5M2) => "float8_e5m2",
+            Kind::Fp8(_) => "float8_e4m3fn",
+            Kind::Int8 { .. } => "int8_tensorwise",
+        }
+    }
+
+    /// The `--to` spelling (`comfy:int8_tensorwise:per_row`).
+    pub(crate) fn spelling(self) -> String {
+        match self {
+            Kind::Int8 { per_row: true } => "comfy:int8_tensorwise:per_row".into(),
+            k => format!("comfy:{}", k.format_name()),
+        }
+    }
+
+    /// Parses a `--to` spelling after `comfy:`.
+    pub(crate) fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "float8_e4m3fn" => Some(Kind::Fp8(Fp8Kind::E4M3Fn)),
+            "float8_e5m2" => Some(Kind::Fp8(Fp8Kind::E5M2)),
+            "int8_tensorwise" => Some(Kind::Int8 { per_row: false }),
+            "int8_tensorwise:per_row" => Some(Kind::Int8 { per_row: true }),
+            _ => None,
+        }
+    }
+
+    /// The stored dtype of the codes.
+    pub(crate) fn code_dtype(self) -> Dtype {
+        match self {
+            Kind::Fp8(Fp8Kind::E5M2) => Dtype::F8E5M2,
+            Kind::Fp8(_) => Dtype::F8E4M3,
+            Kind::Int8 { .. } => Dtype::I8,
+        }
+    }
+
+    /// The stored scale's shape for a weight of `o` rows.
+    pub(crate) fn scale_shape(self, o: u64) -> Vec<u64> {
+        match self {
+            Kind::Int8 { per_row: true } => vec![o, 1],
+            _ => Vec::new(),
+        }
     }
 }
 
-/// The format name of an FP8 kind.
-pub(crate) fn format_name(k: Fp8Kind) -> &'static str {
-    match k {
-        Fp8Kind::E5M2 => "float8_e5m2",
-        _ => "float8_e4m3fn",
-    }
-}
-
-/// The stored dtype of an FP8 kind's codes.
-pub(crate) fn code_dtype(k: Fp8Kind) -> Dtype {
-    match k {
-        Fp8Kind::E5M2 => Dtype::F8E5M2,
-        _ => Dtype::F8E4M3,
-    }
-}
-
-/// What a layer's format record says: the format, and ComfyUI's
+/// What a layer's format record says: the layout, and ComfyUI's
 /// `full_precision_matrix_mult` flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Format {
-    /// The FP8 kind.
-    pub kind: Fp8Kind,
+    /// The layout.
+    pub kind: Kind,
     /// `full_precision_matrix_mult`: compute in the model dtype.
     pub full_precision: bool,
 }
@@ -82,11 +117,17 @@ impl Format {
     pub(crate) fn record(&self) -> WeightQuant {
         let mut params = vec![Param {
             key: "format".into(),
-            value: format_name(self.kind).into(),
+            value: self.kind.format_name().into(),
         }];
         if self.full_precision {
             params.push(Param {
                 key: "full_precision_matrix_mult".into(),
+                value: "true".into(),
+            });
+        }
+        if self.kind == (Kind::Int8 { per_row: true }) {
+            params.push(Param {
+                key: "per_row".into(),
                 value: "true".into(),
             });
         }
@@ -106,14 +147,16 @@ impl Format {
         }
         let mut kind = None;
         let mut full_precision = false;
+        let mut per_row = false;
         for p in params {
             match (p.key.as_str(), p.value.as_str()) {
                 ("format", f) => {
-                    kind = Some(fp8_format(f).ok_or_else(|| {
-                        Error::layout(format!("ComfyUI format `{f}` is not one ckptkit reads"))
-                    })?)
+                    kind = Some(Kind::parse(f).filter(|k| k.format_name() == f).ok_or_else(
+                        || Error::layout(format!("ComfyUI format `{f}` is not one ckptkit reads")),
+                    )?)
                 }
                 ("full_precision_matrix_mult", "true") => full_precision = true,
+                ("per_row", "true") => per_row = true,
                 (k, v) => {
                     return Err(Error::layout(format!(
                         "unknown ComfyUI record parameter {k}={v}"
@@ -121,15 +164,21 @@ impl Format {
                 }
             }
         }
+        let kind = match kind {
+            Some(Kind::Int8 { .. }) => Kind::Int8 { per_row },
+            Some(k) if !per_row => k,
+            Some(_) => return Err(Error::layout("per_row=true belongs to int8_tensorwise")),
+            None => return Err(Error::layout("a ComfyUI record without a format")),
+        };
         Ok(Format {
-            kind: kind.ok_or_else(|| Error::layout("a ComfyUI record without a format"))?,
+            kind,
             full_precision,
         })
     }
 
     /// The marker JSON as ComfyUI writes it (Python's `json.dumps`).
     pub(crate) fn marker_json(&self) -> String {
-        let mut s = format!("{{\"format\": \"{}\"", format_name(self.kind));
+        let mut s = format!("{{\"format\": \"{}\"", self.kind.format_name());
         if self.full_precision {
             s.push_str(", \"full_precision_matrix_mult\": true");
         }
@@ -138,24 +187,35 @@ impl Format {
     }
 
     /// Reads a format object (`{"format": ..., ...}`, its fields possibly
-    /// inside `"params"`, as ComfyUI's loader accepts).
+    /// inside `"params"`, as ComfyUI's loader accepts). An int8 layout's
+    /// scale shape is read from the tensors, later.
     fn from_json(v: &serde_json::Value, layer: &str, from: &str) -> Result<Format> {
         let get = |k: &str| v.get(k).or_else(|| v.get("params").and_then(|p| p.get(k)));
         let name = get("format").and_then(|f| f.as_str()).ok_or_else(|| {
             Error::layout(format!("{from} has no \"format\" string")).with_layer(layer.to_string())
         })?;
-        let Some(kind) = fp8_format(name) else {
-            let what = if KNOWN_FORMATS.contains(&name) {
-                "a ComfyUI format this version of ckptkit does not read yet"
-            } else {
-                "not a ComfyUI format"
-            };
-            return Err(Error::new(ErrorKind::UnknownQuantized(format!(
+        let refuse = |what: &str| {
+            Error::new(ErrorKind::UnknownQuantized(format!(
                 "{from} says format `{name}`: {what}; converting it as plain tensors would give \
                  garbage, so it is refused (leave it out with --exclude, or convert it with ComfyUI)"
             )))
-            .with_layer(layer.to_string()));
+            .with_layer(layer.to_string())
         };
+        let kind = match Kind::parse(name).filter(|k| k.format_name() == name) {
+            Some(k) => k,
+            None if KNOWN_FORMATS.contains(&name) => {
+                return Err(refuse(
+                    "a ComfyUI format this version of ckptkit does not read yet",
+                ))
+            }
+            None => return Err(refuse("not a ComfyUI format")),
+        };
+        if get("convrot").and_then(|b| b.as_bool()) == Some(true) {
+            return Err(refuse(
+                "with \"convrot\": true (Hadamard-rotated weights), which this version of \
+                 ckptkit does not read yet",
+            ));
+        }
         let full_precision = get("full_precision_matrix_mult")
             .and_then(|b| b.as_bool())
             .unwrap_or(false);
@@ -163,6 +223,17 @@ impl Format {
             kind,
             full_precision,
         })
+    }
+
+    /// The same format with the int8 scale shape the stored scale has.
+    fn with_scale_shape(mut self, shape: &[u64], o: u64) -> Format {
+        if let Kind::Int8 { .. } = self.kind {
+            // ComfyUI: a scale with dimensions is per row
+            self.kind = Kind::Int8 {
+                per_row: shape.len() == 2 && shape == [o, 1],
+            };
+        }
+        self
     }
 }
 
@@ -285,19 +356,26 @@ impl Detector for ComfyDetector<'_> {
         let (Some(q), Some(s)) = (find("weight"), find(SCALE)) else {
             return Err(Error::layout(format!(
                 "a ComfyUI {} layer needs `weight` and `{SCALE}`",
-                format_name(format.kind)
+                format.kind.format_name()
             ))
             .with_layer(path.to_string()));
         };
+        let o = q.shape.first().copied().unwrap_or(0);
+        let format = format.with_scale_shape(&s.shape, o);
         let scale_ok = matches!(s.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
-            && crate::dtype::numel(&s.shape)? == 1
-            && s.shape.len() <= 1;
-        if q.dtype != code_dtype(format.kind) || q.shape.len() != 2 || !scale_ok {
+            && (crate::dtype::numel(&s.shape)? == 1 && s.shape.len() <= 1
+                || s.shape == format.kind.scale_shape(o));
+        if q.dtype != format.kind.code_dtype() || q.shape.len() != 2 || !scale_ok {
             return Err(Error::layout(format!(
-                "a ComfyUI {} layer stores `weight` {} [out, in] and a one-element F32 `{SCALE}`; \
-                 this one has `weight` {} {:?} and `{SCALE}` {} {:?}",
-                format_name(format.kind),
-                code_dtype(format.kind),
+                "a ComfyUI {} layer stores `weight` {} [out, in] and an F32 `{SCALE}` of one \
+                 element{}; this one has `weight` {} {:?} and `{SCALE}` {} {:?}",
+                format.kind.format_name(),
+                format.kind.code_dtype(),
+                if matches!(format.kind, Kind::Int8 { .. }) {
+                    " or one per row ([out, 1])"
+                } else {
+                    ""
+                },
                 q.dtype,
                 q.shape,
                 s.dtype,

@@ -92,7 +92,7 @@ fn a_marker_tensor_or_the_metadata_makes_a_comfy_layer() {
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("m.safetensors");
     let e4 = Format {
-        kind: Fp8Kind::E4M3Fn,
+        kind: Kind::Fp8(Fp8Kind::E4M3Fn),
         full_precision: false,
     };
     for (marker, md) in [
@@ -232,7 +232,7 @@ fn dequantize_and_quantize_follow_comfy_kitchens_arithmetic() {
         assert!(layers.iter().any(|l| l.path == "lin"
             && l.quant.weights
                 == Format {
-                    kind,
+                    kind: Kind::Fp8(kind),
                     full_precision: false
                 }
                 .record()));
@@ -271,4 +271,79 @@ fn the_file_level_record_is_kept_true_or_removed() {
         .unwrap()
         .metadata()
         .contains_key(METADATA_KEY));
+}
+
+/// An int8 ComfyUI file: `lin` I8 with a scale of `scale_shape`.
+fn int8_file(scale_shape: Vec<u64>, marker: &str) -> Tensors {
+    let n: u64 = scale_shape.iter().product();
+    let codes: Vec<u8> = (0..8 * 16).map(|i| (i * 37 % 256) as u8).collect();
+    vec![
+        ("lin.weight".into(), Dtype::I8, vec![8, 16], codes),
+        (
+            "lin.weight_scale".into(),
+            Dtype::F32,
+            scale_shape,
+            (0..n)
+                .flat_map(|i| (0.01 + i as f32 * 0.001).to_le_bytes())
+                .collect(),
+        ),
+        ("lin.bias".into(), Dtype::F16, vec![8], vec![0; 16]),
+        (
+            "lin.comfy_quant".into(),
+            Dtype::U8,
+            vec![marker.len() as u64],
+            marker.as_bytes().to_vec(),
+        ),
+    ]
+}
+
+#[test]
+fn int8_tensorwise_reads_its_scale_shape_and_refuses_convrot() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    let int8 = r#"{"format": "int8_tensorwise"}"#;
+    for (shape, per_row) in [(vec![], false), (vec![1], false), (vec![8, 1], true)] {
+        std::fs::remove_file(&f).ok();
+        write(&f, &int8_file(shape.clone(), int8), &BTreeMap::new());
+        let layers = layers_of(&f).unwrap();
+        let lin = layers.iter().find(|l| l.path == "lin").unwrap();
+        let want = Format {
+            kind: Kind::Int8 { per_row },
+            full_precision: false,
+        };
+        assert_eq!(lin.quant.weights, want.record(), "{shape:?}");
+        assert_eq!(quantized_weight(lin).unwrap().dtype, Dtype::F16);
+        // dequantized: f32(q) * s, rounded to the model dtype
+        let plain = d.path().join("p.safetensors");
+        std::fs::remove_file(&plain).ok();
+        convert(&f, &plain, &to("plain:f32")).unwrap();
+        let w = open_source(&plain)
+            .unwrap()
+            .read("lin.weight")
+            .unwrap()
+            .to_vec();
+        let t = int8_file(shape.clone(), int8);
+        for (k, c) in t[0].3.iter().enumerate() {
+            let s = if per_row {
+                0.01 + (k / 16) as f32 * 0.001
+            } else {
+                0.01
+            };
+            let got = f32::from_le_bytes(w[k * 4..k * 4 + 4].try_into().unwrap());
+            assert_eq!(got, *c as i8 as f32 * s, "{shape:?} {k}");
+        }
+    }
+    for (shape, marker) in [
+        (vec![8], int8),
+        (vec![1, 8], int8),
+        (
+            vec![8, 1],
+            r#"{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 16}"#,
+        ),
+    ] {
+        std::fs::remove_file(&f).ok();
+        write(&f, &int8_file(shape.clone(), marker), &BTreeMap::new());
+        let e = layers_of(&f).unwrap_err();
+        assert_eq!(e.location().layer.as_deref(), Some("lin"), "{shape:?}: {e}");
+    }
 }
