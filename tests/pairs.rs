@@ -1,5 +1,6 @@
 //! `check`'s fix fixes, for every pair of layouts: for each input layout X
-//! and reference layout Y (plain, every quanto qtype, the int8 presets), both
+//! and reference layout Y (plain, every quanto qtype, the int8 presets, the
+//! ComfyUI layouts), both
 //! made from the same float weights, `check X --against Y` says X does not
 //! load where Y is expected and prints a `migrate convert` command; running
 //! exactly that command gives an output that `check` accepts.
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use ckptkit::migrate::{check, convert, like_target, ConvertOptions};
 use ckptkit::migrate::{PlanOptions, Target};
 
-const LAYOUTS: [&str; 11] = [
+const LAYOUTS: [&str; 15] = [
     "plain",
     "quanto:qint8",
     "quanto:qint4",
@@ -30,6 +31,10 @@ const LAYOUTS: [&str; 11] = [
     "int8:bnb",
     "int8:ct",
     "int8:ct:int-quantized",
+    "comfy:float8_e4m3fn",
+    "comfy:float8_e5m2",
+    "comfy:int8_tensorwise",
+    "comfy:int8_tensorwise:per_row",
 ];
 
 fn tensors(p: &Path) -> BTreeMap<String, Vec<u8>> {
