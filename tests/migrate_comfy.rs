@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ckptkit::migrate::{convert, like_target, ConvertOptions, PlanOptions, Target};
-use ckptkit::{ErrorKind, SafetensorsFile, TensorSource};
+use ckptkit::{SafetensorsFile, TensorSource};
 
 fn cases() -> Vec<PathBuf> {
     common::fixture_cases("comfy", 6)
@@ -42,6 +42,14 @@ fn tensors(p: &Path) -> BTreeMap<String, (ckptkit::Dtype, Vec<u64>, Vec<u8>)> {
         .collect()
 }
 
+/// The `--to` spelling of a case's layout.
+fn target_of(case: &serde_json::Value) -> String {
+    match case["ckptkit_target"].as_str() {
+        Some(t) => t.to_string(),
+        None => format!("comfy:{}", case["format"].as_str().unwrap()),
+    }
+}
+
 fn opts(to: &str, exclude: Vec<String>) -> ConvertOptions {
     ConvertOptions::default()
         .target(Target::parse(to).unwrap())
@@ -58,19 +66,14 @@ fn quantizing_float_weights_matches_comfy_kitchen_byte_for_byte() {
     let mut compared = 0;
     for dir in cases() {
         let case = case_json(&dir);
-        let fmt = case["format"].as_str().unwrap();
+        let to = target_of(&case);
         let overflow = strings(&case["inv_overflow_modules"]);
         let mut exclude = strings(&case["skipped_modules"]);
         exclude.extend(overflow.iter().cloned());
         let out = tmp
             .path()
             .join(format!("{}.safetensors", case["name"].as_str().unwrap()));
-        convert(
-            &dir.join("float.safetensors"),
-            &out,
-            &opts(&format!("comfy:{fmt}"), exclude),
-        )
-        .unwrap();
+        convert(&dir.join("float.safetensors"), &out, &opts(&to, exclude)).unwrap();
         let ours = tensors(&out);
         let theirs = tensors(&dir.join("quantized.safetensors"));
         let float = tensors(&dir.join("float.safetensors"));
@@ -90,8 +93,7 @@ fn quantizing_float_weights_matches_comfy_kitchen_byte_for_byte() {
             let e = convert(
                 &dir.join("float.safetensors"),
                 &tmp.path().join("refused.safetensors"),
-                &opts(&format!("comfy:{fmt}"), Vec::new())
-                    .select(PlanOptions::default().only(vec![m.clone()])),
+                &opts(&to, Vec::new()).select(PlanOptions::default().only(vec![m.clone()])),
             )
             .unwrap_err();
             assert_eq!(e.location().layer.as_deref(), Some(m.as_str()), "{e}");
@@ -183,43 +185,70 @@ fn like_and_containers_carry_the_comfy_layout() {
     }
 }
 
-/// A legacy `scaled_fp8` file (the same codes under ComfyUI's old key
-/// names) is not converted yet: every conversion that would change a layer
-/// is refused naming the marker; a byte-for-byte copy into a container is
-/// allowed.
+/// A legacy `scaled_fp8` file (the library's codes and scales under
+/// ComfyUI's old key names) converts as ComfyUI's `convert_old_quants`
+/// reads it: to `comfy:<its format>` the codes and scales carry over
+/// untouched and the marker is left out (the library's `comfy_quant` file,
+/// byte for byte); to plain it dequantizes as the library does; kept, it
+/// stays legacy with its marker; legacy layers beside `comfy_quant` ones
+/// are refused.
 #[test]
-fn legacy_scaled_fp8_files_are_refused_not_half_converted() {
+fn legacy_scaled_fp8_files_convert_as_comfyui_reads_them() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut refused = 0;
+    let mut n = 0;
     for dir in cases() {
         let legacy = dir.join("legacy.safetensors");
-        for to in [
-            "plain:bf16",
-            "plain:f32",
-            "comfy:float8_e4m3fn",
-            "comfy:float8_e5m2",
-        ] {
-            let out = tmp.path().join("o.safetensors");
-            let e = convert(&legacy, &out, &opts(to, Vec::new())).unwrap_err();
-            assert!(!out.exists());
-            // a target that changes no layer is refused as such (an F32
-            // model's `plain:f32`); every other is refused for the marker
-            if matches!(e.kind(), ErrorKind::NothingChanged(_)) {
-                continue;
-            }
-            assert!(
-                matches!(e.kind(), ErrorKind::UnknownQuantized(_)),
-                "{} --to {to}: {e}",
+        if !legacy.exists() {
+            continue;
+        }
+        n += 1;
+        let case = case_json(&dir);
+        let fmt = case["format"].as_str().unwrap();
+        let out = tmp.path().join(format!("{n}.safetensors"));
+        let s = convert(&legacy, &out, &opts(&format!("comfy:{fmt}"), Vec::new())).unwrap();
+        assert!(s.lossless(), "{}", dir.display());
+        assert_eq!(
+            tensors(&out),
+            tensors(&dir.join("quantized.safetensors")),
+            "{}",
+            dir.display()
+        );
+        // dequantized
+        let plain = tmp.path().join(format!("{n}-plain.safetensors"));
+        convert(&legacy, &plain, &opts("plain", Vec::new())).unwrap();
+        let gold = tensors(&dir.join("dequantized.safetensors"));
+        let float = tensors(&dir.join("float.safetensors"));
+        let ours = tensors(&plain);
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            float.keys().collect::<Vec<_>>()
+        );
+        for (k, t) in &ours {
+            assert_eq!(
+                t,
+                gold.get(k).unwrap_or(&float[k]),
+                "{}: {k}",
                 dir.display()
             );
-            assert!(e.to_string().contains("scaled_fp8"), "{e}");
-            refused += 1;
         }
-        let ck = tmp.path().join("legacy.ckpk");
-        std::fs::remove_file(&ck).ok();
+        // kept through a container: still legacy, marker and all
+        let ck = tmp.path().join(format!("{n}.ckpk"));
+        let back = tmp.path().join(format!("{n}-back.safetensors"));
         convert(&legacy, &ck, &ConvertOptions::default()).unwrap();
+        convert(&ck, &back, &ConvertOptions::default()).unwrap();
+        assert_eq!(tensors(&back), tensors(&legacy), "{}", dir.display());
+        // half converted: refused, naming a legacy layer
+        let half = tmp.path().join(format!("{n}-half.safetensors"));
+        let e = convert(
+            &legacy,
+            &half,
+            &opts(&format!("comfy:{fmt}"), vec!["lin_a".into()]),
+        )
+        .unwrap_err();
+        assert_eq!(e.location().layer.as_deref(), Some("lin_a"), "{e}");
+        assert!(!half.exists());
     }
-    assert!(refused >= 20, "{refused}");
+    assert_eq!(n, 6);
 }
 
 /// Per-row int8 codes carry between quanto qint8, compressed-tensors int8

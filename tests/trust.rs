@@ -735,16 +735,17 @@ fn fp8_checkpoints_of_unknown_layout_are_refused_not_cast() {
             None,
             "l.weight_scale",
         ),
-        // ComfyUI legacy scaled fp8: scale_weight and the marker
+        // ComfyUI legacy scaled fp8 whose layer lost its `scale_weight`
+        // (the complete form is read: tests/migrate_comfy.rs)
         (
             "comfy",
             vec![
                 ("l.weight", F8E4M3, vec![4, 4], f8(16)),
-                ("l.scale_weight", F32, vec![], f32s(&[0.01])),
+                ("l.bias", F32, vec![4], f32s(&[1.0; 4])),
                 ("scaled_fp8", F8E4M3, vec![0], vec![]),
             ],
             None,
-            "l.scale_weight",
+            "scaled_fp8",
         ),
         // DeepSeek block FP8: weight_scale_inv per 128x128 block
         (

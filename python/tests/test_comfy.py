@@ -41,8 +41,16 @@ def test_comfy_quantized_in_memory_equals_what_comfy_kitchen_wrote(case):
         assert state[k].tobytes() == data, k
 
 
-def test_a_legacy_scaled_fp8_file_is_refused_naming_the_marker():
-    legacy = COMFY / "comfy-bf16-float8_e4m3fn" / "legacy.safetensors"
-    with pytest.raises(ckptkit.LayoutError) as e:
-        ckptkit.load(legacy, like="plain:f32", framework="np")
-    assert "scaled_fp8" in str(e.value)
+@pytest.mark.parametrize("case", [c for c in CASES if (c / "legacy.safetensors").exists()], ids=lambda p: p.name)
+def test_legacy_scaled_fp8_files_load_as_comfyui_reads_them(case):
+    """ComfyUI's legacy form (`scale_weight`, the `scaled_fp8` marker) of the same codes."""
+    state = ckptkit.load(case / "legacy.safetensors", like="plain", framework="np")
+    gold = raw_tensors(case / "dequantized.safetensors")
+    plain = raw_tensors(case / "float.safetensors")
+    assert sorted(state) == sorted(plain)
+    for k, t in gold.items():
+        assert state[k].tobytes() == t[2], k
+    fmt = json.loads((case / "case.json").read_text())["format"]
+    relaid = ckptkit.load(case / "legacy.safetensors", like=f"comfy:{fmt}", framework="np")
+    for k, (dtype, shape, data) in raw_tensors(case / "quantized.safetensors").items():
+        assert relaid[k].tobytes() == data, k

@@ -47,13 +47,20 @@ pub struct CodeForm {
     pub scale_dtype: Dtype,
     /// Whether codes are offset by a zero point (never carried over).
     pub zero_point: bool,
+    /// What one code is: `I8` for integers, `F8E4M3` / `F8E5M2` for FP8
+    /// codes (carried as their bit patterns); codes carry over only to the
+    /// same kind.
+    pub code: Dtype,
 }
 
 impl CodeForm {
     /// Whether codes of this form carry over to `to` unchanged: no zero
     /// point on either side, and the same scale granularity.
     pub fn carries_to(&self, to: &CodeForm) -> bool {
-        !self.zero_point && !to.zero_point && self.granularity == to.granularity
+        !self.zero_point
+            && !to.zero_point
+            && self.granularity == to.granularity
+            && self.code == to.code
     }
 
     /// Whether some data can make the carry-over lossy: integers outside

@@ -55,6 +55,12 @@ pub enum Pass {
     DropActivationScales,
     /// `input_scale`/`output_scale` added (1.0), as quanto's `quantize()` does.
     AddActivationScales,
+    /// A file-level marker left out because no layer of the output is in
+    /// the layout it announces (ComfyUI's legacy `scaled_fp8`).
+    DropMarker {
+        /// The marker's key.
+        key: String,
+    },
     /// The integer payload moved to another layout unchanged, the scale
     /// converted; lossless when converting back gives the same bytes (checked
     /// on the data).
@@ -200,6 +206,14 @@ pub(crate) trait Family: Sync {
     /// longer has such layers).
     fn config_methods(&self) -> &'static [&'static str] {
         &[]
+    }
+    /// The stored keys of file-level markers this family's layouts use that
+    /// an output of layers `output` (planned from `input`) must leave out
+    /// because they would misdescribe it, or an error naming a layer when
+    /// the output cannot be described at all (ComfyUI: a legacy
+    /// `scaled_fp8` marker beside `comfy_quant` layers). Default: none.
+    fn stale_markers(&self, _input: &[Layer], _output: &[&Layer]) -> Result<Vec<String>> {
+        Ok(Vec::new())
     }
     /// The `__metadata__` entries this family sets (`Some`) or removes
     /// (`None`) in an output whose layers are `layers` (all of them, of any

@@ -430,8 +430,18 @@ pub fn suspects(
             });
         }
     }
-    // the legacy marker itself: after the layers: the whole file is in ComfyUI's legacy layout
-    for t in &markers {
+    // the legacy marker itself, when some FP8 codes of the file are left
+    // unread (a layer without its `scale_weight`): the whole file is in
+    // ComfyUI's legacy layout, and changing any layer of it is refused
+    let unread_fp8 = layers.iter().any(|l| {
+        l.quant.weights == WeightQuant::Plain
+            && l.parts().any(|p| {
+                matches!(p.dtype, Dtype::F8E4M3 | Dtype::F8E5M2)
+                    && !p.shape.contains(&0)
+                    && !markers.iter().any(|m| m.key == p.key)
+            })
+    });
+    for t in markers.iter().filter(|_| unread_fp8) {
         out.push(Suspect {
             layer: split_key(&t.key).0.to_string(),
             tensors: vec![t.key.clone()],

@@ -513,6 +513,7 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
             }
         }
     }
+    drop_stale_markers(layers, &mut out)?;
     for lp in &mut out {
         lp.allow_lossy = opts.allow_lossy;
         lp.exact = exactness(lp);
@@ -545,6 +546,44 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
         layers: out,
         unmatched,
     })
+}
+
+/// Leaves out the file-level markers the families say no longer describe
+/// the output (`Family::stale_markers`); a layer left with nothing is
+/// dropped.
+fn drop_stale_markers(layers: &[Layer], out: &mut Vec<LayerPlan>) -> Result<()> {
+    let outputs: Vec<&Layer> = out.iter().map(|lp| &lp.output).collect();
+    let mut stale = Vec::new();
+    for f in crate::layout::registry::FAMILIES {
+        stale.extend(f.stale_markers(layers, &outputs)?);
+    }
+    if stale.is_empty() {
+        return Ok(());
+    }
+    for lp in out.iter_mut() {
+        let before = lp.output.tensors.len();
+        lp.output
+            .tensors
+            .retain(|t| !t.parts.iter().any(|p| stale.contains(&p.key)));
+        if lp.output.tensors.len() != before {
+            for key in lp
+                .source
+                .parts()
+                .map(|p| &p.key)
+                .filter(|k| stale.contains(k))
+            {
+                lp.passes.retain(|p| *p != Pass::Copy);
+                lp.passes.push(Pass::DropMarker { key: key.clone() });
+            }
+            if lp.passes.is_empty() {
+                lp.passes.push(Pass::Copy);
+            }
+            lp.bytes_out = stored_bytes(&lp.output);
+            lp.to = layout_name(&lp.output);
+        }
+    }
+    out.retain(|lp| !lp.output.tensors.is_empty());
+    Ok(())
 }
 
 /// Refuses a plan whose outputs give two stored tensors the same key (an
@@ -655,7 +694,8 @@ fn exactness(lp: &LayerPlan) -> bool {
         | Pass::Dequantize { .. }
         | Pass::Quantize { .. }
         | Pass::DropActivationScales
-        | Pass::AddActivationScales => true,
+        | Pass::AddActivationScales
+        | Pass::DropMarker { .. } => true,
         Pass::Relayout { same_floats, .. } => *same_floats,
         // rounding to a narrower float is a loss of its own
         Pass::Cast { to, .. } => to == "F32",

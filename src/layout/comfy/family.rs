@@ -10,35 +10,37 @@ use crate::layout::family::{
     Detector, Family, Granularity, Pass, PlanCtx, Planned, ScaleValue, WeightInput,
 };
 
-use super::{math, Format, Kind, MARKER, METADATA_KEY, NAME, SCALE};
+use super::{is_legacy_marker, math, Format, Kind, MARKER, METADATA_KEY, NAME, SCALE};
 
 /// ComfyUI's `comfy_quant` family.
 pub(crate) struct Comfy;
 
-/// Buffers of a ComfyUI layer that a plain layer has no use for.
-const INPUT_SCALE: [&str; 1] = ["input_scale"];
+/// Buffers of a ComfyUI layer that a plain layer has no use for (the
+/// activation scale, and its legacy name).
+const INPUT_SCALE: [&str; 2] = ["input_scale", "scale_input"];
 
 fn float_model_dtype(d: Dtype) -> bool {
     matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32)
 }
 
-/// The code form of a ComfyUI int8 layout (FP8 codes are not exchanged).
-fn form(kind: Kind, scale_dtype: Dtype) -> Option<CodeForm> {
-    let Kind::Int8 { per_row } = kind else {
-        return None;
-    };
-    Some(CodeForm {
-        name: kind.spelling(),
+/// The code form of a ComfyUI layout: int8 codes, or FP8 codes carried as
+/// their bit patterns (between ComfyUI's legacy and current forms).
+fn form(f: &Format, scale_dtype: Dtype) -> CodeForm {
+    CodeForm {
+        name: f.label(),
         value: ScaleValue::Scale,
-        granularity: if per_row {
-            Granularity::Channel
-        } else {
-            Granularity::Tensor
+        granularity: match f.kind {
+            Kind::Int8 { per_row: true } => Granularity::Channel,
+            _ => Granularity::Tensor,
         },
         range: [-128, 127],
         scale_dtype,
         zero_point: false,
-    })
+        code: match f.kind {
+            Kind::Int8 { .. } => Dtype::I8,
+            k => k.code_dtype(),
+        },
+    }
 }
 
 impl Family for Comfy {
@@ -52,7 +54,7 @@ impl Family for Comfy {
 
     fn label(&self, w: &WeightQuant) -> String {
         match Format::of(w) {
-            Ok(f) => f.kind.spelling(),
+            Ok(f) => f.label(),
             Err(_) => NAME.into(),
         }
     }
@@ -100,6 +102,7 @@ impl Family for Comfy {
                     Format {
                         kind,
                         full_precision: false,
+                        legacy: false,
                     }
                     .record()
                 })
@@ -130,11 +133,11 @@ impl Family for Comfy {
         let f = Format::of(&l.quant.weights).ok()?;
         let w = quantized_weight(l).ok()?;
         let s = w.parts.iter().find(|p| p.role == Role::Scale)?;
-        form(f.kind, s.dtype)
+        Some(form(&f, s.dtype))
     }
 
     fn target_form(&self, target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
-        form(Format::of(target).ok()?.kind, Dtype::F32)
+        Some(form(&Format::of(target).ok()?, Dtype::F32))
     }
 
     fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
@@ -235,13 +238,6 @@ impl Family for Comfy {
     }
 
     fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
-        let f = Format::of(&l.quant.weights).map_err(|e| e.with_layer(l.path.clone()))?;
-        if !matches!(f.kind, Kind::Int8 { .. }) {
-            return Err(Error::layout(
-                "ComfyUI FP8 codes are not carried into other layouts yet: dequantize first",
-            )
-            .with_layer(l.path.clone()));
-        }
         let q = src.read(&part(l, w, Role::Data)?.key)?;
         let sp = part(l, w, Role::Scale)?;
         Ok(Codes {
@@ -292,14 +288,13 @@ impl Family for Comfy {
         let f = Format::of(record).map_err(at)?;
         let cols = t.shape.get(1).copied().unwrap_or(1) as usize;
         let (q, scale): (Vec<u8>, Vec<u8>) = match (f.kind, input) {
-            (Kind::Int8 { .. }, WeightInput::Codes(c)) => {
+            // int8 codes, or FP8 codes as their bit patterns (the planner
+            // carries codes only between forms of the same code dtype)
+            (_, WeightInput::Codes(c)) => {
                 if c.dtype != Dtype::F32 || c.value != ScaleValue::Scale {
-                    return Err(at(Error::layout("int8 codes come with an F32 scale")));
+                    return Err(at(Error::layout("carried codes come with an F32 scale")));
                 }
                 (c.q.iter().map(|&x| x as u8).collect(), c.scale)
-            }
-            (Kind::Fp8(_), WeightInput::Codes(_)) => {
-                return Err(at(Error::layout("ComfyUI FP8 takes no integer codes")));
             }
             (Kind::Fp8(k), WeightInput::Float(float)) => {
                 let x = math::widen(t.dtype, float).map_err(at)?;
@@ -337,6 +332,42 @@ impl Family for Comfy {
         &INPUT_SCALE
     }
 
+    fn stale_markers(&self, input: &[Layer], output: &[&Layer]) -> Result<Vec<String>> {
+        let markers: Vec<String> = input
+            .iter()
+            .filter(|l| l.quant.weights == WeightQuant::Plain)
+            .flat_map(|l| l.parts())
+            .filter(|p| is_legacy_marker(&p.key))
+            .map(|p| p.key.clone())
+            .collect();
+        // a marker whose layers were not read (a layer without its
+        // `scale_weight`) stays, and the conversion is refused as suspect
+        let read = input
+            .iter()
+            .any(|l| Format::of(&l.quant.weights).is_ok_and(|f| f.legacy));
+        if markers.is_empty() || !read {
+            return Ok(Vec::new());
+        }
+        let formats: Vec<(&Layer, Format)> = output
+            .iter()
+            .filter_map(|l| Format::of(&l.quant.weights).ok().map(|f| (*l, f)))
+            .collect();
+        let legacy = formats.iter().find(|(_, f)| f.legacy);
+        let current = formats.iter().find(|(_, f)| !f.legacy);
+        match (legacy, current) {
+            // nothing legacy is left: the marker would misdescribe the file
+            (None, _) => Ok(markers),
+            (Some(_), None) => Ok(Vec::new()),
+            (Some((a, _)), Some((b, _))) => Err(Error::layout(format!(
+                "the output would hold legacy scaled-FP8 layers (`{}`) beside comfy_quant ones \
+                 (`{}`), which no ComfyUI version reads together; convert every legacy layer \
+                 (--to comfy:float8_e4m3fn or the file's format)",
+                a.path, b.path
+            ))
+            .with_layer(a.path.clone())),
+        }
+    }
+
     fn metadata(&self, layers: &[&Layer]) -> Vec<(&'static str, Option<String>)> {
         // ComfyUI takes `_quantization_metadata` over the per-layer markers:
         // it is written only when a layer kept from the input has no marker
@@ -347,6 +378,11 @@ impl Family for Comfy {
             .filter(|l| self.owns(&l.quant.weights))
             .filter_map(|l| Format::of(&l.quant.weights).ok().map(|f| (*l, f)))
             .collect();
+        // a legacy file is described by its marker; metadata would make
+        // ComfyUI skip its conversion of the legacy layers
+        if mine.iter().any(|(_, f)| f.legacy) {
+            return vec![(METADATA_KEY, None)];
+        }
         let unmarked = mine.iter().any(|(l, _)| {
             quantized_weight(l)
                 .map(|w| !w.parts.iter().any(|p| p.role == Role::Other(MARKER.into())))

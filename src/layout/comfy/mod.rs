@@ -24,6 +24,10 @@ pub(crate) const NAME: &str = "comfy";
 pub(crate) const MARKER: &str = "comfy_quant";
 /// The scale tensor's name.
 pub(crate) const SCALE: &str = "weight_scale";
+/// The legacy form's scale tensor.
+pub(crate) const LEGACY_SCALE: &str = "scale_weight";
+/// The legacy form's file-level marker (`{prefix}scaled_fp8`).
+pub(crate) const LEGACY_MARKER: &str = "scaled_fp8";
 /// The `__metadata__` key of the file-level transport.
 pub(crate) const METADATA_KEY: &str = "_quantization_metadata";
 /// The largest marker tensor read (its JSON is a few dozen bytes).
@@ -110,6 +114,9 @@ pub(crate) struct Format {
     pub kind: Kind,
     /// `full_precision_matrix_mult`: compute in the model dtype.
     pub full_precision: bool,
+    /// ComfyUI's legacy form (FP8 only): `m.scale_weight` beside the codes
+    /// and a file-level `scaled_fp8` marker instead of the format record.
+    pub legacy: bool,
 }
 
 impl Format {
@@ -131,6 +138,12 @@ impl Format {
                 value: "true".into(),
             });
         }
+        if self.legacy {
+            params.push(Param {
+                key: "legacy".into(),
+                value: "true".into(),
+            });
+        }
         WeightQuant::Family {
             name: NAME.into(),
             params,
@@ -148,6 +161,7 @@ impl Format {
         let mut kind = None;
         let mut full_precision = false;
         let mut per_row = false;
+        let mut legacy = false;
         for p in params {
             match (p.key.as_str(), p.value.as_str()) {
                 ("format", f) => {
@@ -157,6 +171,7 @@ impl Format {
                 }
                 ("full_precision_matrix_mult", "true") => full_precision = true,
                 ("per_row", "true") => per_row = true,
+                ("legacy", "true") => legacy = true,
                 (k, v) => {
                     return Err(Error::layout(format!(
                         "unknown ComfyUI record parameter {k}={v}"
@@ -170,10 +185,23 @@ impl Format {
             Some(_) => return Err(Error::layout("per_row=true belongs to int8_tensorwise")),
             None => return Err(Error::layout("a ComfyUI record without a format")),
         };
+        if legacy && !matches!(kind, Kind::Fp8(_)) {
+            return Err(Error::layout("legacy=true belongs to the FP8 formats"));
+        }
         Ok(Format {
             kind,
             full_precision,
+            legacy,
         })
+    }
+
+    /// How passes and `inspect` name it.
+    pub(crate) fn label(&self) -> String {
+        if self.legacy {
+            format!("{} (legacy scaled_fp8)", self.kind.spelling())
+        } else {
+            self.kind.spelling()
+        }
     }
 
     /// The marker JSON as ComfyUI writes it (Python's `json.dumps`).
@@ -222,6 +250,7 @@ impl Format {
         Ok(Format {
             kind,
             full_precision,
+            legacy: false,
         })
     }
 
@@ -265,6 +294,14 @@ pub(crate) struct ComfyDetector<'a> {
     /// The model dtype of a layer with no bias: the first BF16/F16/F32
     /// tensor of the source that is not a scale (F32 when there is none).
     model_dtype: Dtype,
+    /// A legacy file's marker: `full_precision_matrix_mult` when it has
+    /// two elements.
+    legacy: Option<bool>,
+}
+
+/// Whether a key is a legacy `scaled_fp8` marker.
+pub(crate) fn is_legacy_marker(key: &str) -> bool {
+    crate::format::layers::split_key(key).1 == LEGACY_MARKER
 }
 
 impl<'a> ComfyDetector<'a> {
@@ -281,10 +318,26 @@ impl<'a> ComfyDetector<'a> {
             .map(|t| t.dtype)
             .find(|d| matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32))
             .unwrap_or(Dtype::F32);
+        let mut legacy = None;
+        for t in src.tensors().iter().filter(|t| is_legacy_marker(&t.key)) {
+            let n = crate::dtype::numel(&t.shape)?;
+            let ok = matches!(t.dtype, Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F32) && n <= 2;
+            if !ok || legacy.is_some_and(|l| l != (n == 2)) {
+                return Err(Error::layout(format!(
+                    "`{}` is not a legacy ComfyUI `{LEGACY_MARKER}` marker (an F8_E4M3, F8_E5M2 \
+                     or F32 tensor of 0 or 2 elements, one per file): {} {:?}",
+                    t.key, t.dtype, t.shape
+                ))
+                .with_tensor(t.key.clone())
+                .with_file(src.describe()));
+            }
+            legacy = Some(n == 2);
+        }
         Ok(ComfyDetector {
             src,
             listed: metadata_layers(src)?,
             model_dtype,
+            legacy,
         })
     }
 
@@ -305,6 +358,71 @@ impl<'a> ComfyDetector<'a> {
                 .with_tensor(t.key.clone())
         })?;
         Format::from_json(&v, path, &format!("`{}`", t.key))
+    }
+}
+
+impl ComfyDetector<'_> {
+    /// A layer of a legacy file: FP8 `weight` codes beside a one-element
+    /// `scale_weight`.
+    fn detect_legacy(&self, path: &str, others: &[&SourceTensor]) -> Result<Detected> {
+        let Some(full_precision) = self.legacy else {
+            return Ok(Detected::NotMine);
+        };
+        let find = |name: &str| {
+            let k = crate::layout::family::key(path, name);
+            others.iter().find(|t| t.key == k).copied()
+        };
+        let (Some(q), Some(s)) = (find("weight"), find(LEGACY_SCALE)) else {
+            return Ok(Detected::NotMine);
+        };
+        let kind = match q.dtype {
+            Dtype::F8E4M3 => Fp8Kind::E4M3Fn,
+            Dtype::F8E5M2 => Fp8Kind::E5M2,
+            // a dummy scale beside a float weight: not a quantized layer
+            _ => return Ok(Detected::NotMine),
+        };
+        if q.shape.len() != 2
+            || !matches!(s.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
+            || crate::dtype::numel(&s.shape)? != 1
+            || s.shape.len() > 1
+        {
+            return Err(Error::layout(format!(
+                "a legacy ComfyUI scaled-FP8 layer stores `weight` [out, in] and a one-element \
+                 `{LEGACY_SCALE}`; this one has `weight` {} {:?} and `{LEGACY_SCALE}` {} {:?}",
+                q.dtype, q.shape, s.dtype, s.shape
+            ))
+            .with_layer(path.to_string()));
+        }
+        let format = Format {
+            kind: Kind::Fp8(kind),
+            full_precision,
+            legacy: true,
+        };
+        Ok(Detected::Found {
+            weight: LogicalTensor {
+                name: "weight".into(),
+                dtype: self.dtype_of(path, others),
+                shape: q.shape.clone(),
+                encoding: Encoding::Quantized,
+                parts: vec![
+                    out_part(Role::Data, q.key.clone(), q.dtype, q.shape.clone()),
+                    out_part(Role::Scale, s.key.clone(), s.dtype, s.shape.clone()),
+                ],
+            },
+            record: format.record(),
+            used: vec![q.key.clone(), s.key.clone()],
+        })
+    }
+
+    /// The model dtype of a layer: its bias's, else the file's.
+    fn dtype_of(&self, path: &str, others: &[&SourceTensor]) -> Dtype {
+        let bias = crate::layout::family::key(path, "bias");
+        others
+            .iter()
+            .find(|t| t.key == bias)
+            .map(|b| b.dtype)
+            .filter(|d| matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32))
+            .unwrap_or(self.model_dtype)
     }
 }
 
@@ -339,7 +457,7 @@ impl Detector for ComfyDetector<'_> {
             })
             .transpose()?;
         let format = match (from_marker, from_metadata) {
-            (None, None) => return Ok(Detected::NotMine),
+            (None, None) => return self.detect_legacy(path, others),
             (Some(a), Some(b)) if a != b => {
                 return Err(Error::layout(format!(
                     "its `{MARKER}` tensor says {} and __metadata__[\"{METADATA_KEY}\"] says {}; \
@@ -385,10 +503,7 @@ impl Detector for ComfyDetector<'_> {
         }
         // the dequantized weight takes the model's dtype: the layer's bias,
         // else the file's first float tensor
-        let dtype = find("bias")
-            .map(|b| b.dtype)
-            .filter(|d| matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32))
-            .unwrap_or(self.model_dtype);
+        let dtype = self.dtype_of(path, others);
         let mut parts = vec![
             out_part(Role::Data, q.key.clone(), q.dtype, q.shape.clone()),
             out_part(Role::Scale, s.key.clone(), s.dtype, s.shape.clone()),

@@ -94,6 +94,7 @@ fn a_marker_tensor_or_the_metadata_makes_a_comfy_layer() {
     let e4 = Format {
         kind: Kind::Fp8(Fp8Kind::E4M3Fn),
         full_precision: false,
+        legacy: false,
     };
     for (marker, md) in [
         (Some(r#"{"format": "float8_e4m3fn"}"#), BTreeMap::new()),
@@ -233,7 +234,8 @@ fn dequantize_and_quantize_follow_comfy_kitchens_arithmetic() {
             && l.quant.weights
                 == Format {
                     kind: Kind::Fp8(kind),
-                    full_precision: false
+                    full_precision: false,
+                    legacy: false,
                 }
                 .record()));
     }
@@ -310,6 +312,7 @@ fn int8_tensorwise_reads_its_scale_shape_and_refuses_convrot() {
         let want = Format {
             kind: Kind::Int8 { per_row },
             full_precision: false,
+            legacy: false,
         };
         assert_eq!(lin.quant.weights, want.record(), "{shape:?}");
         assert_eq!(quantized_weight(lin).unwrap().dtype, Dtype::F16);

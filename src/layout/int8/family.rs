@@ -177,6 +177,7 @@ fn form(d: &Int8Descriptor, scale_dtype: Dtype) -> CodeForm {
         range: d.range,
         scale_dtype,
         zero_point: d.zero_point.is_some(),
+        code: Dtype::I8,
     }
 }
 

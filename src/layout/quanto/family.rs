@@ -376,6 +376,7 @@ impl Family for Quanto {
             range: QINT8_RANGE,
             scale_dtype: scale.dtype,
             zero_point: false,
+            code: Dtype::I8,
         })
     }
 
@@ -388,6 +389,7 @@ impl Family for Quanto {
             range: QINT8_RANGE,
             scale_dtype: model,
             zero_point: false,
+            code: Dtype::I8,
         })
     }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Check a ckptkit-written ComfyUI `comfy_quant` FP8 file against a fixture case (comfy-kitchen 0.2.40).
+"""Check a ckptkit-written ComfyUI `comfy_quant` file (per-tensor FP8 or `int8_tensorwise`) against a fixture
+case (comfy-kitchen 0.2.40).
 
     target/interop-venv/bin/python tests/interop/comfy/check_comfy.py --case CASE_DIR \\
         --ours OURS.safetensors [--ours-plain PLAIN.safetensors]
@@ -9,8 +10,10 @@ write a case whose library output saturates, see case.json "inv_overflow_modules
 
 CASE_DIR is a case directory written by gen_comfy_fixtures.py (case.json, float.safetensors,
 quantized.safetensors, dequantized.safetensors).  OURS is what ckptkit wrote from the case's
-float.safetensors with `migrate convert float.safetensors OURS --to comfy:<format> --exclude lin_skip`;
-PLAIN is ckptkit's `migrate convert quantized.safetensors PLAIN --to plain`.
+float.safetensors with `migrate convert float.safetensors OURS --to TARGET --exclude lin_skip`, where
+TARGET is case.json's `ckptkit_target` if it has one (int8 cases: `comfy:int8_tensorwise`, or
+`comfy:int8_tensorwise:per_row` for the rowwise cases), else `comfy:<format>`; PLAIN is ckptkit's
+`migrate convert quantized.safetensors PLAIN --to plain`.
 
   environment: comfy-kitchen, run again on float.safetensors, must still give quantized.safetensors
       (otherwise the installed library is not the one the fixture was made with);
@@ -21,7 +24,9 @@ PLAIN is ckptkit's `migrate convert quantized.safetensors PLAIN --to plain`.
       decoded JSON must equal the library's as a dict AND the bytes must be identical;
   (c) the library's own dequantization of OURS' `{m}.weight` + `{m}.weight_scale` (as ComfyUI builds
       it: QuantizedTensor(q, layout for OURS' comfy_quant format, Params(scale, orig_dtype=D,
-      orig_shape)).dequantize()) equals dequantized.safetensors bit for bit;
+      orig_shape)).dequantize()) equals dequantized.safetensors bit for bit.  The scale must be a float
+      scalar for the fp8 formats, and for int8_tensorwise a float of shape [] (one scale) or [out, 1]
+      (one per row: the two shapes ComfyUI reads);
   (d) with --ours-plain: PLAIN has the float model's key set, its quantized-layer weights equal
       dequantized.safetensors bit for bit and every other tensor equals float.safetensors.
 
@@ -41,8 +46,8 @@ import comfy_models as cm  # noqa: E402
 
 import torch  # noqa: E402
 
-# ComfyUI QUANT_ALGOS entries for the per-tensor fp8 layouts: format -> (layout, storage dtype)
-FP8_FORMATS = {fmt: (cm.LAYOUT, dt) for fmt, dt in cm.FORMATS.items()}
+# ComfyUI QUANT_ALGOS entries this checker knows: format -> (comfy-kitchen layout, storage dtype)
+KNOWN_FORMATS = cm.FORMAT_LAYOUTS
 
 
 class Checker:
@@ -87,9 +92,9 @@ def check_quant_metadata(chk: Checker, path: str, case: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Check a ckptkit comfy_quant FP8 file against a comfy-kitchen case.")
+    ap = argparse.ArgumentParser(description="Check a ckptkit comfy_quant file against a comfy-kitchen case.")
     ap.add_argument("--case", required=True, help="fixture case directory")
-    ap.add_argument("--ours", help="ckptkit's --to comfy:<format> output of float.safetensors")
+    ap.add_argument("--ours", help="ckptkit's --to comfy:<format>[:per_row] output of float.safetensors")
     ap.add_argument("--ours-plain", help="ckptkit's --to plain output of quantized.safetensors")
     args = ap.parse_args(argv)
     if not args.ours and not args.ours_plain:
@@ -106,8 +111,8 @@ def main(argv=None) -> int:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     case = cm.load_case(args.case)
-    if case.get("format") not in cm.FORMATS or case.get("dtype") not in cm.DTYPES:
-        print(f"usage error: {files['case.json']} is not a comfy fp8 case", file=sys.stderr)
+    if case.get("format") not in cm.ALL_FORMATS or case.get("dtype") not in cm.DTYPES:
+        print(f"usage error: {files['case.json']} is not a comfy fp8 or int8_tensorwise case", file=sys.stderr)
         return 2
     name = case.get("name", args.case)
     fmt = case["format"]
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     deq_sd = cm.load_tensors(files["dequantized.safetensors"])
 
     # environment: the installed comfy-kitchen reproduces the fixture
-    qts = {m: cm.library_quantize(float_sd[f"{m}.weight"], fmt) for m in qnames}
+    qts = {m: cm.library_quantize_case(case, float_sd[f"{m}.weight"]) for m in qnames}
     regen = cm.comfy_state_dict(case, float_sd, qts)
     if set(regen) != set(lib_sd) or any(cm.same_tensor(regen[k], lib_sd[k]) for k in lib_sd):
         chk.error(f"environment: comfy-kitchen no longer reproduces {files['quantized.safetensors']} "
@@ -165,18 +170,26 @@ def main(argv=None) -> int:
                 ofmt = cm.decode_comfy_quant(cq).get("format")
             except Exception:  # noqa: BLE001
                 ofmt = None
-            if ofmt not in FP8_FORMATS:
-                chk.error(f"(c) {m}: ours' comfy_quant format {ofmt!r} is not a per-tensor fp8 format")
+            if ofmt not in KNOWN_FORMATS:
+                chk.error(f"(c) {m}: ours' comfy_quant format {ofmt!r} is not a per-tensor fp8 or int8_tensorwise "
+                          "format")
                 continue
-            layout, storage = FP8_FORMATS[ofmt]
+            layout, storage = KNOWN_FORMATS[ofmt]
             if q.dtype != storage:
                 chk.error(f"(c) {m}: ours' weight is {q.dtype}; ComfyUI's {ofmt} layout stores {storage}")
                 continue
-            if s.numel() != 1 or not s.is_floating_point():
+            if ofmt == cm.INT8_FORMAT:
+                # TensorWiseINT8Layout: a 0-dim scale is one per tensor, [out, 1] one per row (requantize_kwargs:
+                # per_channel = scale.dim() > 0); anything else would broadcast wrongly or fail
+                if not s.is_floating_point() or (tuple(s.shape) != () and tuple(s.shape) != (q.shape[0], 1)):
+                    chk.error(f"(c) {m}: ours' weight_scale is {s.dtype} {tuple(s.shape)}, not a float of shape [] "
+                              f"or [{q.shape[0]}, 1]")
+                    continue
+            elif s.numel() != 1 or not s.is_floating_point():
                 chk.error(f"(c) {m}: ours' weight_scale is {s.dtype} {tuple(s.shape)}, not a float scalar")
                 continue
             try:
-                dq = cm.library_dequantize(q, s, D)
+                dq = cm.library_dequantize_format(ofmt, q, s, D)
             except Exception as e:  # noqa: BLE001
                 chk.error(f"(c) {m}: comfy-kitchen cannot dequantize ours: {type(e).__name__}: {e}")
                 continue

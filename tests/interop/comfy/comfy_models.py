@@ -1,4 +1,5 @@
-"""Shared helpers for the ComfyUI `comfy_quant` per-tensor FP8 interop fixtures (comfy-kitchen 0.2.40).
+"""Shared helpers for the ComfyUI `comfy_quant` per-tensor FP8 and `int8_tensorwise` interop fixtures
+(comfy-kitchen 0.2.40).
 
 Used by gen_comfy_fixtures.py (writes the golden fixtures), check_comfy.py (checks a ckptkit-written
 file against a case) and selftest_check_comfy.py.
@@ -21,6 +22,23 @@ Library entry points (comfy-kitchen 0.2.40, CPU, eager backend; see the fixtures
 
 The independent re-statement of the math (`formula_quantize`, `formula_dequantize`) uses plain torch
 casts between f32/bf16/f16 and its own bit-level fp8 codec in numpy (no torch fp8 cast).
+
+`int8_tensorwise` (one format name for both scale shapes: a 0-dim F32 `weight_scale` is one scale per
+tensor, an F32 `[out, 1]` one is one scale per row):
+
+* quantize:   `QuantizedTensor.from_float(w, "TensorWiseINT8Layout", scale="recalculate",
+              per_channel=False | True)` (= `TensorWiseINT8Layout.quantize` -> registry ->
+              eager `quantize_int8_tensorwise(x, scale, stochastic_rounding=0)` /
+              `quantize_int8_rowwise(x, stochastic_rounding=0)`), cross-checked against
+              `comfy_kitchen.quantize_int8_tensorwise(w)` / `comfy_kitchen.quantize_int8_rowwise(w)`;
+* serialise:  as above (`{m}.weight` I8, `{m}.weight_scale` F32 `[]` / `[out, 1]`);
+* dequantize: `QuantizedTensor(q, "TensorWiseINT8Layout", TensorWiseINT8Layout.Params(scale=s,
+              orig_dtype=D, orig_shape=q.shape)).dequantize()` (-> torch.ops.comfy_kitchen.
+              dequantize_int8_simple_dtype), cross-checked against
+              `comfy_kitchen.dequantize_int8_simple(q, s).to(D)`.
+
+Its re-statement (`int8_formula_quantize`, `int8_formula_dequantize`) is numpy with f64 intermediates
+plus torch's f32 -> bf16/f16 casts (reference fp8-comfy-gguf.md §2.2).
 """
 
 from __future__ import annotations
@@ -53,7 +71,16 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 # safetensors dtype names of the stored codes
-ST_DTYPE = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+ST_DTYPE = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int8_tensorwise": "I8"}
+
+# ComfyUI `int8_tensorwise` (comfy-kitchen TensorWiseINT8Layout): one format name for both scale shapes
+INT8_FORMAT = "int8_tensorwise"
+INT8_LAYOUT = "TensorWiseINT8Layout"
+ALL_FORMATS = [*FORMATS, INT8_FORMAT]
+# format -> (comfy-kitchen layout, storage dtype of `{m}.weight`), as ComfyUI's QUANT_ALGOS maps them
+FORMAT_LAYOUTS = {**{fmt: (LAYOUT, dt) for fmt, dt in FORMATS.items()}, INT8_FORMAT: (INT8_LAYOUT, torch.int8)}
+# the int8 cases add one all-zero row to this layer (before its negative-max element is placed)
+INT8_ZERO_ROW = ("lin_neg", 4)
 
 
 # --------------------------------------------------------------------------------------
@@ -101,13 +128,49 @@ def case_name(dtype: str, fmt: str) -> str:
     return f"comfy-{DTYPE_SHORT[dtype]}-{fmt}"
 
 
+def int8_specs() -> List[dict]:
+    """SPECS with, in lin_neg only and for the int8 cases only: one all-zero row (INT8_ZERO_ROW), and the
+    negative max element moved up to a magnitude that gives code -128 in bf16 (bf16_minus_128_magnitude)."""
+    out = [dict(s) for s in SPECS]
+    for s in out:
+        if s["name"] == INT8_ZERO_ROW[0]:
+            s["zero_row"] = INT8_ZERO_ROW[1]
+            s["neg_max_bf16_minus_128"] = True
+    return out
+
+
+def bf16_minus_128_magnitude(a: float) -> float:
+    """The smallest bf16 value v >= rne_bf16(a) for which comfy-kitchen's bf16 int8 arithmetic puts v exactly
+    on 127.5 (rne_bf16(v / rne_bf16(f32(v)/127)) == 127.5), so that -v, as the amax element of a tensor or
+    a row, gets code -128 (and +v would get a clipped 127).  v is bf16-exact, hence also exact in f16 and
+    f32 (where the same value gives -127).  About 1 in 6 bf16 values qualifies."""
+    bits = torch.tensor([a], dtype=torch.float32).to(torch.bfloat16).view(torch.int16)
+    for _ in range(1 << 15):
+        v = bits.view(torch.bfloat16)
+        s = (v.float() / 127.0).to(torch.bfloat16)
+        if float((v / s).float()) == 127.5:
+            return float(v.float())
+        bits = bits + 1
+    raise RuntimeError(f"no bf16 value >= {a!r} reaches 127.5")
+
+
 def case_list() -> List[dict]:
     out = []
     for dtype in ("bfloat16", "float16", "float32"):
         for fmt in FORMATS:
             out.append(dict(name=case_name(dtype, fmt), dtype=dtype, format=fmt,
                             specs=[dict(s) for s in SPECS]))
+    for dtype in ("bfloat16", "float16", "float32"):
+        for per_row in (False, True):
+            out.append(dict(name=f"comfy-{DTYPE_SHORT[dtype]}-int8_{'rowwise' if per_row else 'tensorwise'}",
+                            dtype=dtype, format=INT8_FORMAT, per_row=per_row,
+                            ckptkit_target=f"comfy:{INT8_FORMAT}" + (":per_row" if per_row else ""),
+                            specs=int8_specs()))
     return out
+
+
+def is_int8(case: dict) -> bool:
+    return case.get("format") == INT8_FORMAT
 
 
 def quantized_module_names(case: dict) -> List[str]:
@@ -153,9 +216,14 @@ def float_state_dict(case: dict, seed: Optional[int] = None) -> Dict[str, torch.
             m = float(val.abs().max())
             for r, c, f in WIDE_OUTLIERS:
                 val[r, c] = f * m
+        if s.get("zero_row") is not None:
+            # int8 cases only: one all-zero row (the per-row scale is then the library's floor 1e-30)
+            val[s["zero_row"]] = 0.0
         if s.get("neg_max"):
             r, c, f = NEG_MAX
             val[r, c] = f * float(val.abs().max())
+            if s.get("neg_max_bf16_minus_128"):
+                val[r, c] = -bf16_minus_128_magnitude(float(-val[r, c]))
         sd[f"{n}.weight"] = val.to(T)
         if s["bias"]:
             sd[f"{n}.bias"] = (0.1 * torch.randn(o, generator=g)).to(T)
@@ -400,6 +468,169 @@ def code_stats(fmt: str, b: np.ndarray) -> dict:
         "max_magnitude": int((mag == maxcode).sum()),
         "nan": int(fp8_is_nan_code(fmt, b).sum()),
         "negative": int(((b & 0x80) != 0).sum()),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# int8_tensorwise: the library (comfy-kitchen TensorWiseINT8Layout, eager backend)
+# --------------------------------------------------------------------------------------
+
+
+def int8_backend_report() -> dict:
+    """Which comfy-kitchen backend serves the int8 ops here (without the override)."""
+    from comfy_kitchen.registry import registry
+
+    x = torch.zeros(2, 2)
+    out = {}
+    for fn, kw in (("quantize_int8_tensorwise", {"x": x, "scale": None, "stochastic_rounding": 0}),
+                   ("quantize_int8_rowwise", {"x": x, "stochastic_rounding": 0}),
+                   ("dequantize_int8_simple_dtype", {"q": x.to(torch.int8), "scale": torch.tensor(1.0),
+                                                     "output_dtype_code": 0})):
+        out[fn] = registry.get_capable_backend(fn, kw)
+    out["available"] = sorted(k for k, v in registry.list_backends().items() if v["available"])
+    return out
+
+
+def library_quantize_int8(w: torch.Tensor, per_row: bool, scale="recalculate"):
+    """QuantizedTensor.from_float(w, "TensorWiseINT8Layout", scale=scale, per_channel=per_row)
+    (stochastic_rounding and convrot left at their defaults: 0 = off, False).  With per_channel=True
+    the layout calls quantize_int8_rowwise, which takes no scale argument."""
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    with eager_backend():
+        return QuantizedTensor.from_float(w, INT8_LAYOUT, scale=scale, per_channel=per_row)
+
+
+def library_quantize_int8_function(w: torch.Tensor, per_row: bool):
+    """comfy_kitchen.quantize_int8_rowwise(w) / comfy_kitchen.quantize_int8_tensorwise(w): (codes, scale)."""
+    import comfy_kitchen as ck
+
+    with eager_backend():
+        return ck.quantize_int8_rowwise(w) if per_row else ck.quantize_int8_tensorwise(w)
+
+
+def library_dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What ComfyUI builds from a loaded `{m}.weight` / `{m}.weight_scale` pair: a QuantizedTensor with
+    TensorWiseINT8Layout.Params(scale, orig_dtype = the compute dtype, orig_shape), then .dequantize()
+    (-> torch.ops.comfy_kitchen.dequantize_int8_simple_dtype -> eager: (f32(q) * scale).to(dtype))."""
+    from comfy_kitchen.tensor import QuantizedTensor, TensorWiseINT8Layout
+
+    with eager_backend():
+        params = TensorWiseINT8Layout.Params(scale=scale, orig_dtype=dtype, orig_shape=tuple(q.shape))
+        return QuantizedTensor(q, INT8_LAYOUT, params).dequantize()
+
+
+def library_dequantize_int8_function(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """comfy_kitchen.dequantize_int8_simple(q, scale).to(dtype)."""
+    import comfy_kitchen as ck
+
+    with eager_backend():
+        return ck.dequantize_int8_simple(q, scale).to(dtype)
+
+
+def library_quantize_case(case: dict, w: torch.Tensor):
+    """The case's library call: TensorCoreFP8Layout for the fp8 formats, TensorWiseINT8Layout (per row when
+    case["per_row"]) for int8_tensorwise."""
+    if is_int8(case):
+        return library_quantize_int8(w, bool(case.get("per_row", False)))
+    return library_quantize(w, case["format"])
+
+
+def library_dequantize_format(fmt: str, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ComfyUI's dequantization of a loaded (codes, scale) pair whose comfy_quant names `fmt`."""
+    if fmt == INT8_FORMAT:
+        return library_dequantize_int8(q, scale, dtype)
+    return library_dequantize(q, scale, dtype)
+
+
+# --------------------------------------------------------------------------------------
+# int8_tensorwise: independent re-statement (reference fp8-comfy-gguf.md §2.2)
+# --------------------------------------------------------------------------------------
+
+INT8_SCALE_FLOOR = np.float32(1e-30)
+
+
+def _rne_bf16_from_f64(a: np.ndarray) -> np.ndarray:
+    """Round f64 values straight to bf16 (8 significant bits, ties to even), for |a| in bf16's normal
+    range or 0; returned as f64.  Only used for a statistic (single vs double rounding)."""
+    m, e = np.frexp(a)  # a = m * 2^e, 0.5 <= |m| < 1
+    return np.ldexp(np.rint(m * 256.0) / 256.0, e)
+
+
+def int8_formula_quantize(x: torch.Tensor, per_row: bool):
+    """(scale f32 [] or [out,1], scale' (f32 values of D), codes int8, undefined mask, stats), D = x.dtype:
+
+    s  = max(f32(amax) / 127, f32(1e-30))   amax = max|x| over the tensor or the last dim (keepdim), f32
+    s' = rne_D(s), and finfo(D).tiny if that is 0
+    t  = rne_D(x / s')                       the quotient in f64, rounded to f32, then to D (both steps
+                                             are innocuous double roundings, so t is the correctly
+                                             rounded D quotient, which is what a division in D gives)
+    q  = clamp(round_half_even(t), -128, 127)
+    A NaN t has no defined int8 value (the library casts NaN to int8): `undefined` marks those."""
+    D = x.dtype
+    xf = x.to(torch.float32).numpy().astype(np.float32)
+    with np.errstate(all="ignore"):
+        if per_row:
+            amax = np.max(np.abs(xf), axis=-1, keepdims=True).astype(np.float32)
+        else:
+            amax = np.float32(np.max(np.abs(xf)))
+        s = np.maximum(np.asarray(amax, dtype=np.float32) / np.float32(127.0), INT8_SCALE_FLOOR).astype(np.float32)
+        sp = rne(torch.from_numpy(np.array(s, dtype=np.float32, ndmin=1)), D).numpy().reshape(np.shape(s))
+        sp_zero = sp == 0
+        sp = np.where(sp_zero, np.float32(torch.finfo(D).tiny), sp).astype(np.float32)
+        q64 = xf.astype(np.float64) / sp.astype(np.float64)
+        t = rne(torch.from_numpy(np.ascontiguousarray(q64.astype(np.float32))), D).numpy()
+        r = np.rint(t)  # round half to even
+    undefined = np.isnan(t)
+    rr = np.where(undefined, 0.0, r)
+    codes = np.clip(rr, -128, 127).astype(np.int8)
+    frac = np.abs(t - np.trunc(t))
+    stats = {
+        "elements": int(codes.size),
+        "ties": int(((frac == 0.5) & np.isfinite(t)).sum()),
+        "clipped_to_127": int((rr > 127).sum()),
+        "clipped_to_minus_128": int((rr < -128).sum()),
+        "abs_t_above_127": int((np.abs(np.where(undefined, 0, t)) > 127).sum()),
+        "undefined_nan": int(undefined.sum()),
+        "scale_prime_zero_to_tiny": int(np.sum(sp_zero)),
+        "scale_prime_below_scale": int(np.sum(sp < s)),
+    }
+    return torch.from_numpy(np.array(s, dtype=np.float32)), sp, codes, undefined, stats
+
+
+def int8_formula_dequantize(codes: np.ndarray, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """rne_O(rne_f32(f32(q) * s)): an f32 product (numpy), then torch's f32 -> O cast."""
+    s = scale.to(torch.float32).numpy().astype(np.float32)
+    with np.errstate(all="ignore"):
+        p = (codes.astype(np.float32) * s).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(p)).to(out_dtype)
+
+
+def int8_single_rounding_differs(codes: np.ndarray, scale: torch.Tensor, out_dtype: torch.dtype) -> int:
+    """How many elements of rne_O(exact q*s) (one rounding) differ from the library's rne_O(rne_f32(q*s))
+    (a statistic: O = bf16 or f16 only; q*s is exact in f64)."""
+    if out_dtype == torch.float32:
+        return 0
+    s = scale.to(torch.float32).numpy().astype(np.float64)
+    exact = codes.astype(np.float64) * s
+    two = int8_formula_dequantize(codes, scale, out_dtype).to(torch.float32).numpy().astype(np.float64)
+    if out_dtype == torch.float16:
+        one = exact.astype(np.float16).astype(np.float64)  # numpy rounds f64 -> f16 directly
+    else:
+        one = _rne_bf16_from_f64(exact)
+        small = (np.abs(exact) < 2.0 ** -126) & (exact != 0)  # bf16 subnormal range: not covered
+        one = np.where(small, two, one)
+    return int((one != two).sum())
+
+
+def int8_code_stats(q: np.ndarray) -> dict:
+    q = q.astype(np.int16)
+    return {
+        "minus_128": int((q == -128).sum()),
+        "plus_127": int((q == 127).sum()),
+        "minus_127": int((q == -127).sum()),
+        "zero": int((q == 0).sum()),
+        "negative": int((q < 0).sum()),
     }
 
 
