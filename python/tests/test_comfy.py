@@ -27,8 +27,8 @@ def test_comfy_files_load_as_comfy_kitchen_dequantizes_them(case):
         assert state[k].tobytes() == want[2], k
     with ckptkit.open(case / "quantized.safetensors") as f:
         layouts = {l["path"]: l["layout"] for l in f.layers()}
-        fmt = json.loads((case / "case.json").read_text())["format"]
-        assert layouts["lin_a"] == f"comfy:{fmt}"
+        case_json = json.loads((case / "case.json").read_text())
+        assert layouts["lin_a"] == case_json.get("ckptkit_target", "comfy:" + case_json["format"])
         assert f.get_dequantized("lin_a")["lin_a.weight"].tobytes() == gold["lin_a.weight"][2]
 
 
