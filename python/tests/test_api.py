@@ -159,7 +159,13 @@ def test_help_is_useful():
 
 
 INT8 = ROOT / "tests" / "fixtures" / "int8"
-EVERY_FAMILY = [QUANTIZED, FLOAT] + sorted(INT8.glob("*/model.safetensors"))
+COMFY = ROOT / "tests" / "fixtures" / "comfy"
+EVERY_FAMILY = (
+    [QUANTIZED, FLOAT]
+    + sorted(INT8.glob("*/model.safetensors"))
+    + sorted(COMFY.glob("*/quantized.safetensors"))
+    + sorted(COMFY.glob("*/legacy.safetensors"))
+)
 
 
 @pytest.mark.parametrize("path", EVERY_FAMILY, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -170,3 +176,25 @@ def test_inspect_verify_and_check_agree_with_the_cli_on_every_family(path):
     code, cli = cli_json("check", path, "--against", FLOAT)
     assert r == cli
     assert code == (0 if r["compatible"] else 1)
+
+
+@pytest.mark.parametrize("path", [p for p in EVERY_FAMILY if p != FLOAT], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_convert_agrees_with_the_cli_on_every_family(path, tmp_path):
+    # into a container: every family's layers, kept (a plain input: the same, compressed)
+    a = ckptkit.convert(path, tmp_path / "a.ckpk", compress="zstd")
+    code, b = cli_json("convert", path, tmp_path / "b.ckpk", "--compress", "zstd")
+    assert code == 0
+    assert a.pop("output") == str(tmp_path / "a.ckpk")
+    assert b.pop("output") == str(tmp_path / "b.ckpk")
+    a.pop("seconds"), b.pop("seconds")
+    a.pop("files", None), b.pop("files", None)
+    assert a == b
+    # and dequantized to plain (--shapes-from: quanto's packed layers need shapes)
+    plain = dict(shapes_from=FLOAT) if path == QUANTIZED else {}
+    extra = ["--shapes-from", FLOAT] if path == QUANTIZED else []
+    a = ckptkit.convert(path, tmp_path / "a.safetensors", to="plain", **plain)
+    code, b = cli_json("convert", path, tmp_path / "b.safetensors", "--to", "plain", *extra)
+    assert code == 0
+    for r in (a, b):
+        r.pop("output"), r.pop("seconds"), r.pop("files", None)
+    assert a == b
