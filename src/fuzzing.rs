@@ -945,7 +945,7 @@ impl crate::io::source::TensorSource for MemSource {
     }
 }
 
-const FUZZ_TARGET_NAMES: [&str; 9] = [
+const FUZZ_TARGET_NAMES: [&str; 10] = [
     "plain",
     "plain:f32",
     "quanto:qint8",
@@ -955,6 +955,7 @@ const FUZZ_TARGET_NAMES: [&str; 9] = [
     "int8:bnb",
     "int8:ct:group=8",
     "comfy:float8_e4m3fn",
+    "comfy:int8_tensorwise:per_row",
 ];
 
 /// Target 3: safetensors bytes → the source abstraction → layout detection

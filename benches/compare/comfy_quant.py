@@ -41,7 +41,7 @@ with registry.use_backend("eager"):
             q = QuantizedTensor.from_float(v, "TensorCoreFP8Layout", scale="recalculate",
                                            dtype=torch.float8_e4m3fn)
             res.update({kk: vv.contiguous() for kk, vv in q.state_dict(k).items()})
-            res[m + ".comfy_quant"] = marker
+            res[m + ".comfy_quant"] = marker.clone()
         else:
             res[k] = v
 save_file(res, out)

@@ -159,6 +159,13 @@ pub(crate) fn int8_quantize(d: Dtype, x: &[f32], cols: usize, scales: &[f32]) ->
 /// Dequantizes int8 codes `[rows, cols]` with their F32 scales to `to`
 /// (comfy-kitchen's `dequantize_int8_simple_dtype`): `w = to(f32(q) · s)`.
 pub(crate) fn int8_dequantize(q: &[u8], cols: usize, scales: &[f32], to: Dtype) -> Result<Vec<u8>> {
+    let rows = q.len() / cols.max(1);
+    if scales.is_empty() || (scales.len() > 1 && scales.len() != rows) {
+        return Err(Error::layout(format!(
+            "{} scales for {rows} rows of codes: one, or one per row",
+            scales.len()
+        )));
+    }
     let per_row = scales.len() > 1;
     let v: Vec<f32> = q
         .iter()
@@ -231,6 +238,9 @@ mod tests {
         let w = int8_dequantize(&[0x81], 1, &[0.5], Dtype::F32).unwrap();
         assert_eq!(f32::from_le_bytes(w[..4].try_into().unwrap()), -63.5);
         assert!(int8_scales(&[f32::NAN], 1, false).is_err());
+        // scales that fit neither form are refused, not indexed past
+        assert!(int8_dequantize(&[1, 2, 3, 4], 2, &[1.0, 2.0, 3.0], Dtype::F32).is_err());
+        assert!(int8_dequantize(&[1, 2], 2, &[], Dtype::F32).is_err());
     }
 
     #[test]
