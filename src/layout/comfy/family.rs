@@ -297,9 +297,10 @@ impl Family for Comfy {
                 (c.q.iter().map(|&x| x as u8).collect(), c.scale)
             }
             (Kind::Fp8(k), WeightInput::Float(float)) => {
-                let x = math::widen(t.dtype, float).map_err(at)?;
-                let s = math::scale_of(t.dtype, k, &x).map_err(at)?;
-                (math::quantize(t.dtype, k, &x, s), s.to_le_bytes().to_vec())
+                let amax = math::amax_of(t.dtype, float).map_err(at)?;
+                let s = math::scale_for(t.dtype, k, amax).map_err(at)?;
+                let q = math::quantize_bytes(t.dtype, k, float, s).map_err(at)?;
+                (q, s.to_le_bytes().to_vec())
             }
             (Kind::Int8 { per_row }, WeightInput::Float(float)) => {
                 let x = math::widen(t.dtype, float).map_err(at)?;

@@ -46,21 +46,51 @@ pub(crate) fn narrow(d: Dtype, v: &[f32]) -> Result<Vec<u8>> {
     Ok(f.encode(v))
 }
 
-/// The per-tensor scale comfy-kitchen computes for weights `x` of dtype
-/// `d` (`amax / finfo(T).max`, computed in `d`), as the F32 it stores. An
-/// all-zero weight gets 1.0 where the library's 0 would make every code
-/// NaN (spec/layouts.md §5.2: the one deliberate difference).
-pub(crate) fn scale_of(d: Dtype, kind: Fp8Kind, x: &[f32]) -> Result<f32> {
-    let mut amax = 0f32;
-    for &v in x {
-        if !v.is_finite() {
-            return Err(Error::layout(
-                "the weight holds NaN or infinity, which a per-tensor FP8 scale cannot hold \
-                 (comfy-kitchen would write NaN codes); fix the weights first",
-            ));
+/// The largest magnitude of BF16, F16 or F32 bytes, or an error when one
+/// is NaN or infinite. Taken over the absolute bit patterns (their order is
+/// the magnitudes' for finite values; NaN and infinity sort above them), so
+/// the loop is an integer maximum the compiler vectorizes.
+pub(crate) fn amax_of(d: Dtype, b: &[u8]) -> Result<f32> {
+    let (amax, finite) = match d {
+        Dtype::BF16 | Dtype::F16 => {
+            let m = b
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7FFF)
+                .fold(0u16, u16::max);
+            if d == Dtype::BF16 {
+                (f32_from_bf16_bits(m), m < 0x7F80)
+            } else {
+                (f32_from_f16_bits(m), m < 0x7C00)
+            }
         }
-        amax = amax.max(v.abs());
+        Dtype::F32 => {
+            let m = b
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7FFF_FFFF)
+                .fold(0u32, u32::max);
+            (f32::from_bits(m), m < 0x7F80_0000)
+        }
+        d => {
+            return Err(Error::layout(format!(
+                "a ComfyUI weight is BF16, F16 or F32, not {d}"
+            )))
+        }
+    };
+    if !finite {
+        return Err(Error::layout(
+            "the weight holds NaN or infinity, which a per-tensor FP8 scale cannot hold \
+             (comfy-kitchen would write NaN codes); fix the weights first",
+        ));
     }
+    Ok(amax)
+}
+
+/// The per-tensor scale comfy-kitchen computes for weights of dtype `d`
+/// whose largest magnitude is `amax` (`amax / finfo(T).max`, computed in
+/// `d`), as the F32 it stores. An all-zero weight gets 1.0 where the
+/// library's 0 would make every code NaN (spec/layouts.md §5.2: a
+/// deliberate difference).
+pub(crate) fn scale_for(d: Dtype, kind: Fp8Kind, amax: f32) -> Result<f32> {
     if amax == 0.0 {
         return Ok(1.0);
     }
@@ -79,8 +109,17 @@ pub(crate) fn scale_of(d: Dtype, kind: Fp8Kind, x: &[f32]) -> Result<f32> {
     Ok(s)
 }
 
+/// [`scale_for`] of f32 values (the values of a `d` tensor).
+#[cfg(test)]
+pub(crate) fn scale_of(d: Dtype, kind: Fp8Kind, x: &[f32]) -> Result<f32> {
+    let b: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    scale_for(d, kind, amax_of(Dtype::F32, &b)?)
+}
+
 /// Quantizes weights `x` of dtype `d` with scale `s` (comfy-kitchen's
 /// `quantize_per_tensor_fp8`): `q = fp8(clamp(rne_d(x · rne_d(1 / s)), ±max))`.
+/// The element-by-element statement of [`quantize_bytes`].
+#[cfg(test)]
 pub(crate) fn quantize(d: Dtype, kind: Fp8Kind, x: &[f32], s: f32) -> Vec<u8> {
     let inv = round_to(d, 1.0 / s);
     let max = kind.max();
@@ -91,6 +130,60 @@ pub(crate) fn quantize(d: Dtype, kind: Fp8Kind, x: &[f32], s: f32) -> Vec<u8> {
             kind.encode(t.clamp(-max, max))
         })
         .collect()
+}
+
+/// [`quantize`] straight from the weight's finite BF16, F16 or F32 bytes,
+/// with the dtype and format resolved once, outside the loop.
+pub(crate) fn quantize_bytes(d: Dtype, kind: Fp8Kind, b: &[u8], s: f32) -> Result<Vec<u8>> {
+    let inv = round_to(d, 1.0 / s);
+    let max = kind.max();
+    fn run<const N: usize>(
+        b: &[u8],
+        widen: impl Fn([u8; N]) -> f32,
+        round: impl Fn(f32) -> f32,
+        encode: impl Fn(f32) -> u8,
+        inv: f32,
+        max: f32,
+    ) -> Vec<u8> {
+        // in blocks through a stack buffer: both loops are plain arithmetic
+        // over arrays, which the compiler vectorizes
+        const BLOCK: usize = 256;
+        let mut out = vec![0u8; b.len() / N];
+        let mut tmp = [0f32; BLOCK];
+        for (o, c) in out.chunks_mut(BLOCK).zip(b.chunks(BLOCK * N)) {
+            for (t, e) in tmp.iter_mut().zip(c.chunks_exact(N)) {
+                let mut a = [0u8; N];
+                a.copy_from_slice(e);
+                *t = widen(a);
+            }
+            for (q, &t) in o.iter_mut().zip(tmp.iter()) {
+                *q = encode(round(t * inv).clamp(-max, max));
+            }
+        }
+        out
+    }
+    let bf16 = |a: [u8; 2]| f32_from_bf16_bits(u16::from_le_bytes(a));
+    let f16 = |a: [u8; 2]| f32_from_f16_bits(u16::from_le_bytes(a));
+    let f32v = f32::from_le_bytes;
+    // the weights are finite (amax_of), the products at most infinite
+    let rb = crate::float::round_bf16_non_nan;
+    let rh = crate::float::round_f16_non_nan;
+    let id = |x: f32| x;
+    let e4 = |x: f32| Fp8Kind::E4M3Fn.encode(x);
+    let e5 = |x: f32| Fp8Kind::E5M2.encode(x);
+    Ok(match (d, kind) {
+        (Dtype::BF16, Fp8Kind::E5M2) => run(b, bf16, rb, e5, inv, max),
+        (Dtype::BF16, _) => run(b, bf16, rb, e4, inv, max),
+        (Dtype::F16, Fp8Kind::E5M2) => run(b, f16, rh, e5, inv, max),
+        (Dtype::F16, _) => run(b, f16, rh, e4, inv, max),
+        (Dtype::F32, Fp8Kind::E5M2) => run(b, f32v, id, e5, inv, max),
+        (Dtype::F32, _) => run(b, f32v, id, e4, inv, max),
+        (d, _) => {
+            return Err(Error::layout(format!(
+                "a ComfyUI weight is BF16, F16 or F32, not {d}"
+            )))
+        }
+    })
 }
 
 /// Dequantizes codes with their stored scale to `to` (comfy-kitchen's
@@ -241,6 +334,41 @@ mod tests {
         // scales that fit neither form are refused, not indexed past
         assert!(int8_dequantize(&[1, 2, 3, 4], 2, &[1.0, 2.0, 3.0], Dtype::F32).is_err());
         assert!(int8_dequantize(&[1, 2], 2, &[], Dtype::F32).is_err());
+    }
+
+    #[test]
+    fn the_byte_quantizer_is_the_element_by_element_statement() {
+        // every BF16 / F16 bit pattern that is finite, and varied F32 values
+        for d in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            let b: Vec<u8> = match d {
+                Dtype::F32 => (0..70_000u32)
+                    .flat_map(|i| {
+                        f32::from_bits(i.wrapping_mul(0x9E37_79B9) & 0xBFFF_FFFF).to_le_bytes()
+                    })
+                    .collect(),
+                _ => (0..=u16::MAX).flat_map(|i| i.to_le_bytes()).collect(),
+            };
+            let x: Vec<f32> = widen(d, &b)
+                .unwrap()
+                .into_iter()
+                .map(|v| if v.is_finite() { v } else { 0.0 })
+                .collect();
+            let b = narrow(d, &x).unwrap();
+            for kind in [Fp8Kind::E4M3Fn, Fp8Kind::E5M2] {
+                for s in [1.0f32, 0.001_953_125, 3.7e-3, 1.3e3] {
+                    assert_eq!(
+                        quantize_bytes(d, kind, &b, s).unwrap(),
+                        quantize(d, kind, &x, s),
+                        "{d} {kind:?} {s}"
+                    );
+                }
+                let amax = amax_of(d, &b).unwrap();
+                assert_eq!(amax, x.iter().fold(0f32, |m, v| m.max(v.abs())));
+            }
+        }
+        assert!(amax_of(Dtype::BF16, &0x7F80u16.to_le_bytes()).is_err());
+        assert!(amax_of(Dtype::F16, &0xFC00u16.to_le_bytes()).is_err());
+        assert!(amax_of(Dtype::F32, &f32::NAN.to_le_bytes()).is_err());
     }
 
     #[test]

@@ -38,7 +38,7 @@ tensor, an F32 `[out, 1]` one is one scale per row):
               `comfy_kitchen.dequantize_int8_simple(q, s).to(D)`.
 
 Its re-statement (`int8_formula_quantize`, `int8_formula_dequantize`) is numpy with f64 intermediates
-plus torch's f32 -> bf16/f16 casts (reference fp8-comfy-gguf.md §2.2).
+plus torch's f32 -> bf16/f16 casts (spec/layouts.md §5.3).
 """
 
 from __future__ import annotations
@@ -544,7 +544,7 @@ def library_dequantize_format(fmt: str, q: torch.Tensor, scale: torch.Tensor, dt
 
 
 # --------------------------------------------------------------------------------------
-# int8_tensorwise: independent re-statement (reference fp8-comfy-gguf.md §2.2)
+# int8_tensorwise: independent re-statement (spec/layouts.md §5.3)
 # --------------------------------------------------------------------------------------
 
 INT8_SCALE_FLOOR = np.float32(1e-30)

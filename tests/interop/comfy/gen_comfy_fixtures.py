@@ -12,7 +12,7 @@ For every case it writes <out>/<case>/{float,quantized,dequantized}.safetensors,
 It aborts (exit 1) if a fixture is not self-consistent: the saved files differ from the in-memory
 tensors, the library's dequantization (or, for int8, quantization) entry points disagree, or the
 independent re-statement of the op order (FP8: spec/layouts.md §5.2, comfy_models.formula_*; int8:
-reference fp8-comfy-gguf.md §2.2, comfy_models.int8_formula_*) does not reproduce the library's
+spec/layouts.md §5.3, comfy_models.int8_formula_*) does not reproduce the library's
 scale, codes and dequantized weights bit for bit.
 """
 
