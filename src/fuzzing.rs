@@ -945,7 +945,7 @@ impl crate::io::source::TensorSource for MemSource {
     }
 }
 
-const FUZZ_TARGET_NAMES: [&str; 10] = [
+const FUZZ_TARGET_NAMES: [&str; 12] = [
     "plain",
     "plain:f32",
     "quanto:qint8",
@@ -956,6 +956,8 @@ const FUZZ_TARGET_NAMES: [&str; 10] = [
     "int8:ct:group=8",
     "comfy:float8_e4m3fn",
     "comfy:int8_tensorwise:per_row",
+    "fp8:block",
+    "fp8:block:ue8m0",
 ];
 
 /// Target 3: safetensors bytes → the source abstraction → layout detection
@@ -1062,7 +1064,15 @@ pub fn side_json(data: &[u8]) {
             }
         }
         1 => {
+            // a config.json, as the quanto and block FP8 families read it
             let _ = crate::layout::quanto::DiffusersQuanto::from_config(text);
+            if let Ok(Some(c)) = crate::layout::fp8block::Fp8Config::from_text(text) {
+                if c.block
+                    .is_some_and(|b| b.iter().any(|&s| s == 0 || s > 1 << 16))
+                {
+                    fail!("block FP8 config accepted a block side out of range: {c:?}")
+                }
+            }
         }
         _ => {
             if let Ok(d) = crate::layout::int8::Int8Descriptor::from_json(text) {

@@ -1,6 +1,6 @@
 //! `check`'s fix fixes, for every pair of layouts: for each input layout X
 //! and reference layout Y (plain, every quanto qtype, the int8 presets, the
-//! ComfyUI layouts), both
+//! ComfyUI layouts, block FP8), both
 //! made from the same float weights, `check X --against Y` says X does not
 //! load where Y is expected and prints a `migrate convert` command; running
 //! exactly that command gives an output that `check` accepts.
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use ckptkit::migrate::{check, convert, like_target, ConvertOptions};
 use ckptkit::migrate::{PlanOptions, Target};
 
-const LAYOUTS: [&str; 15] = [
+const LAYOUTS: [&str; 17] = [
     "plain",
     "quanto:qint8",
     "quanto:qint4",
@@ -35,6 +35,8 @@ const LAYOUTS: [&str; 15] = [
     "comfy:float8_e5m2",
     "comfy:int8_tensorwise",
     "comfy:int8_tensorwise:per_row",
+    "fp8:block",
+    "fp8:block:ue8m0",
 ];
 
 fn tensors(p: &Path) -> BTreeMap<String, Vec<u8>> {

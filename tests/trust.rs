@@ -747,16 +747,8 @@ fn fp8_checkpoints_of_unknown_layout_are_refused_not_cast() {
             None,
             "scaled_fp8",
         ),
-        // DeepSeek block FP8: weight_scale_inv per 128x128 block
-        (
-            "deepseek",
-            vec![
-                ("l.weight", F8E4M3, vec![4, 4], f8(16)),
-                ("l.weight_scale_inv", F32, vec![1, 1], f32s(&[2.0])),
-            ],
-            None,
-            "l.weight_scale_inv",
-        ),
+        // (DeepSeek block FP8, `weight_scale_inv`, is read:
+        // tests/migrate_fp8block.rs)
         // no scale tensor, but config.json says the model is quantized
         (
             "config",

@@ -4,6 +4,7 @@
 pub mod codes;
 pub mod comfy;
 pub mod family;
+pub mod fp8block;
 pub mod int8;
 pub mod plain;
 pub mod quanto;

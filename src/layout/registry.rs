@@ -14,6 +14,7 @@ pub(crate) static FAMILIES: &[&dyn Family] = &[
     // before int8: a ComfyUI int8 layer with its marker is also shaped
     // like compressed-tensors' int-quantized preset
     &crate::layout::comfy::family::Comfy,
+    &crate::layout::fp8block::family::Fp8Block,
     &crate::layout::int8::family::Int8,
     #[cfg(test)]
     &crate::layout::toy::Toy,

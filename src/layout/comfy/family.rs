@@ -95,7 +95,14 @@ impl Family for Comfy {
     }
 
     fn parse_target(&self, s: &str) -> Option<Result<WeightQuant>> {
-        let rest = s.strip_prefix("comfy:")?;
+        // the `FAMILY:PRESET` spellings name the same layouts
+        let rest = match s {
+            "fp8:comfy" => "float8_e4m3fn",
+            "fp8:comfy:e5m2" => "float8_e5m2",
+            "int8:comfy" => "int8_tensorwise:per_row",
+            "int8:comfy:tensor" => "int8_tensorwise",
+            s => s.strip_prefix("comfy:")?,
+        };
         Some(
             Kind::parse(rest)
                 .map(|kind| {
@@ -116,7 +123,8 @@ impl Family for Comfy {
     }
 
     fn spellings(&self) -> &'static str {
-        "comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise|int8_tensorwise:per_row"
+        "comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise|int8_tensorwise:per_row (also \
+         fp8:comfy[:e5m2], int8:comfy[:tensor])"
     }
 
     fn takes_float(&self, l: &Layer) -> bool {

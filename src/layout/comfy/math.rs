@@ -189,13 +189,26 @@ pub(crate) fn quantize_bytes(d: Dtype, kind: Fp8Kind, b: &[u8], s: f32) -> Resul
 /// Dequantizes codes with their stored scale to `to` (comfy-kitchen's
 /// `dequantize_per_tensor_fp8`): `w = rne_to(to(q) · rne_to(s))`, the scale
 /// rounded to the output dtype before the product.
+/// Each of the 256 codes' outputs is made once, so every element is one
+/// table lookup straight into the output bytes.
 pub(crate) fn dequantize(kind: Fp8Kind, q: &[u8], s: f32, to: Dtype) -> Result<Vec<u8>> {
     let s = round_to(to, s);
-    let v: Vec<f32> = q
-        .iter()
-        .map(|&c| round_to(to, kind.decode(c) * s))
-        .collect();
-    narrow(to, &v)
+    fn run<const N: usize>(q: &[u8], table: impl Fn(u8) -> [u8; N]) -> Vec<u8> {
+        let t: Vec<[u8; N]> = (0..=255u8).map(table).collect();
+        // every element is written below: a reused buffer's old bytes go
+        let mut out = crate::io::pool::take(q.len() * N);
+        for (&c, o) in q.iter().zip(out.chunks_exact_mut(N)) {
+            o.copy_from_slice(&t[usize::from(c)]);
+        }
+        out
+    }
+    let v = |c: u8| kind.decode(c) * s;
+    Ok(match to {
+        Dtype::BF16 => run(q, |c| crate::float::bf16_bits_from_f32(v(c)).to_le_bytes()),
+        Dtype::F16 => run(q, |c| crate::float::f16_bits_from_f32(v(c)).to_le_bytes()),
+        Dtype::F32 => run(q, |c| v(c).to_le_bytes()),
+        d => return Err(Error::layout(format!("{d} is not a float dtype"))),
+    })
 }
 
 /// The smallest positive normal of `d` (`torch.finfo(d).tiny`).

@@ -350,3 +350,23 @@ fn int8_tensorwise_reads_its_scale_shape_and_refuses_convrot() {
         assert_eq!(e.location().layer.as_deref(), Some("lin"), "{shape:?}: {e}");
     }
 }
+
+#[test]
+fn the_family_preset_spellings_name_the_same_layouts() {
+    use crate::layout::family::Family;
+    let parse = |s: &str| family::Comfy.parse_target(s).unwrap().unwrap();
+    for (alias, name) in [
+        ("fp8:comfy", "comfy:float8_e4m3fn"),
+        ("fp8:comfy:e5m2", "comfy:float8_e5m2"),
+        ("int8:comfy", "comfy:int8_tensorwise:per_row"),
+        ("int8:comfy:tensor", "comfy:int8_tensorwise"),
+    ] {
+        assert_eq!(parse(alias), parse(name), "{alias}");
+    }
+    // the int8 family's own spellings stay its own
+    assert!(family::Comfy.parse_target("int8:ct").is_none());
+    assert!(matches!(
+        crate::layout::registry::parse_target("int8:comfy"),
+        Some(Ok((f, _))) if f.name() == NAME
+    ));
+}
