@@ -178,10 +178,22 @@ pub(crate) fn refuse_suspects(
     }
     let by: std::collections::HashMap<&str, &crate::migrate::Suspect> =
         suspects.iter().map(|s| (s.layer.as_str(), s)).collect();
+    // `--to plain` promises plain weights: a suspect layer it would copy
+    // keeps its codes undequantized (what DeepSeek's converter does for an
+    // FP8 weight whose scale is missing), unless --exclude leaves it out
+    let plain = matches!(opts.target, crate::migrate::plan::Target::Plain(_));
+    let excluded = |path: &str| {
+        opts.select
+            .exclude
+            .iter()
+            .any(|g| crate::migrate::plan::fnmatch(g, path))
+    };
     let bad: Vec<String> = p
         .layers
         .iter()
-        .filter(|lp| lp.passes != [crate::migrate::plan::Pass::Copy])
+        .filter(|lp| {
+            lp.passes != [crate::migrate::plan::Pass::Copy] || (plain && !excluded(&lp.source.path))
+        })
         .filter_map(|lp| by.get(lp.source.path.as_str()).map(|s| s.describe()))
         .collect();
     if bad.is_empty() {
@@ -190,7 +202,8 @@ pub(crate) fn refuse_suspects(
     let n = bad.len();
     Err(Error::new(ErrorKind::UnknownQuantized(format!(
         "{n} layer(s) look quantized in a layout ckptkit does not know, and this conversion \
-         would change them as if they were plain, which produces garbage: {}{}; convert them \
+         would change them as if they were plain, or leave their codes in a plain output, which \
+         produces garbage: {}{}; convert them \
          with their own library, leave them out (--exclude), or pass --assume-plain if they \
          really are plain tensors",
         bad.iter().take(5).cloned().collect::<Vec<_>>().join("; "),

@@ -134,13 +134,18 @@ pub(crate) fn ceil_log2(v: f32) -> i32 {
 }
 
 /// The multiplier and the stored inverse scale of one block whose largest
-/// magnitude is `amax` (transformers' `Fp8Quantize`): `k = 448 / amax` (1
-/// for an all-zero block), `inv = 1 / k`; with `ue8m0`, `inv` is rounded up
+/// magnitude is `amax` (transformers' `Fp8Quantize`): `k = f32(f32(1 /
+/// amax) · 448)` (torch divides a number by a tensor as a reciprocal and a
+/// product: two roundings, not one), 1 for an all-zero block; `inv = 1 / k`; with `ue8m0`, `inv` is rounded up
 /// to a power of two `2^e` (at least 2^-126) and `k = 2^-e`. Returns `(k,
 /// inv)`, or an error when `k` overflows f32 (amax below 448 / f32::MAX,
 /// where the reference would store a zero scale and NaN codes).
 pub(crate) fn block_scale(amax: f32, ue8m0: bool) -> Result<(f32, f32)> {
-    let k = if amax > 0.0 { FP8_MAX / amax } else { 1.0 };
+    let k = if amax > 0.0 {
+        (1.0 / amax) * FP8_MAX
+    } else {
+        1.0
+    };
     if ue8m0 {
         let inv = (1.0 / k).max(f32::MIN_POSITIVE);
         let e = ceil_log2(inv).clamp(-126, 127);
@@ -149,8 +154,8 @@ pub(crate) fn block_scale(amax: f32, ue8m0: bool) -> Result<(f32, f32)> {
     }
     if !k.is_finite() {
         return Err(Error::layout(format!(
-            "a block's largest magnitude {amax:e} is below 448 / f32::MAX: its scale 448 / amax \
-             overflows (transformers would store a zero scale and NaN codes); use \
+            "a block's largest magnitude {amax:e} is below 448 / f32::MAX: its multiplier 448 / \
+             amax overflows (transformers would store a zero scale and NaN codes); use \
              fp8:block:ue8m0, or scale the weights"
         )));
     }

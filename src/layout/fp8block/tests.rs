@@ -46,7 +46,8 @@ fn weights(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The statement: per block, `k = 448 / amax` (1 if zero), `inv = 1/k`
+/// The statement: per block, `k = (1 / amax) · 448` in f32, two roundings
+/// (1 if zero), `inv = 1/k`
 /// (ue8m0: `2^ceil(log2(max(inv, tiny)))`, `k = 1/inv`), `q =
 /// e4m3(clamp(x · k, ±448))`, element by element.
 fn statement(
@@ -65,7 +66,11 @@ fn statement(
                     .flat_map(move |i| (c * bw..((c + 1) * bw).min(k)).map(move |j| i * k + j))
             };
             let amax = idx().map(|i| x[i].abs()).fold(0f32, f32::max);
-            let mut kk = if amax > 0.0 { 448.0 / amax } else { 1.0 };
+            let mut kk = if amax > 0.0 {
+                (1.0 / amax) * 448.0
+            } else {
+                1.0
+            };
             let mut inv = 1.0 / kk;
             if ue8m0 {
                 inv = 2f32.powi(ceil_exact_log2(inv.max(f32::MIN_POSITIVE)));
