@@ -30,8 +30,11 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// A stored tensor: dtype, shape, bytes.
+type Stored = (ckptkit::Dtype, Vec<u64>, Vec<u8>);
+
 /// key -> (dtype, shape, bytes)
-fn tensors(p: &Path) -> BTreeMap<String, (ckptkit::Dtype, Vec<u64>, Vec<u8>)> {
+fn tensors(p: &Path) -> BTreeMap<String, Stored> {
     let f = SafetensorsFile::open(p).unwrap();
     f.tensors()
         .iter()
@@ -189,12 +192,7 @@ fn directories_like_and_containers_carry_the_layout() {
 }
 
 /// Copies a fixture's model directory with one tensor replaced.
-fn damaged(
-    dir: &Path,
-    to: &Path,
-    key: &str,
-    new: Option<(ckptkit::Dtype, Vec<u64>, Vec<u8>)>,
-) -> PathBuf {
+fn damaged(dir: &Path, to: &Path, key: &str, new: Option<Stored>) -> PathBuf {
     std::fs::create_dir_all(to).unwrap();
     std::fs::copy(dir.join("config.json"), to.join("config.json")).unwrap();
     let mut t = tensors(&dir.join("model.safetensors"));
@@ -229,13 +227,13 @@ fn damaged_scales_are_refused_naming_the_layer() {
     let key = "lin_ragged.weight_scale_inv";
     let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let good = tensors(&dir.join("model.safetensors"))[key].clone();
-    let mut with = |i: usize, v: f32| {
+    let with = |i: usize, v: f32| {
         let mut b = good.2.clone();
         b[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
         (good.0, good.1.clone(), b)
     };
     use ckptkit::Dtype::*;
-    let cases: Vec<(&str, Option<(ckptkit::Dtype, Vec<u64>, Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Option<Stored>, &str)> = vec![
         (
             "grid",
             Some((F32, vec![2, 1], f32s(&[1.0, 1.0]))),
@@ -248,7 +246,7 @@ fn damaged_scales_are_refused_naming_the_layer() {
         ),
         (
             "dtype",
-            Some((BF16, vec![2, 2], vec![0x80, 0x3f].repeat(4))),
+            Some((BF16, vec![2, 2], [0x80, 0x3f].repeat(4))),
             "do not cover",
         ),
         ("zero", Some(with(3, 0.0)), "block (1, 1)"),
