@@ -945,7 +945,7 @@ impl crate::io::source::TensorSource for MemSource {
     }
 }
 
-const FUZZ_TARGET_NAMES: [&str; 12] = [
+const FUZZ_TARGET_NAMES: [&str; 14] = [
     "plain",
     "plain:f32",
     "quanto:qint8",
@@ -958,6 +958,8 @@ const FUZZ_TARGET_NAMES: [&str; 12] = [
     "comfy:int8_tensorwise:per_row",
     "fp8:block",
     "fp8:block:ue8m0",
+    "fp8:ct:channel",
+    "fp8:ct:group=8",
 ];
 
 /// Target 3: safetensors bytes → the source abstraction → layout detection
@@ -1066,6 +1068,7 @@ pub fn side_json(data: &[u8]) {
         1 => {
             // a config.json, as the quanto and block FP8 families read it
             let _ = crate::layout::quanto::DiffusersQuanto::from_config(text);
+            let _ = crate::layout::ctfp8::CtFp8Config::from_text(text);
             if let Ok(Some(c)) = crate::layout::fp8block::Fp8Config::from_text(text) {
                 if c.block
                     .is_some_and(|b| b.iter().any(|&s| s == 0 || s > 1 << 16))

@@ -8,11 +8,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ckptkit::migrate::{convert, like_target, ConvertOptions, PlanOptions, Target};
-use ckptkit::{ErrorKind, SafetensorsFile, TensorSource};
+use ckptkit::ErrorKind;
 
 fn cases() -> Vec<PathBuf> {
     common::fixture_cases("fp8block", 4)
@@ -30,22 +29,7 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// A stored tensor: dtype, shape, bytes.
-type Stored = (ckptkit::Dtype, Vec<u64>, Vec<u8>);
-
-/// key -> (dtype, shape, bytes)
-fn tensors(p: &Path) -> BTreeMap<String, Stored> {
-    let f = SafetensorsFile::open(p).unwrap();
-    f.tensors()
-        .iter()
-        .map(|t| {
-            (
-                t.key.clone(),
-                (t.dtype, t.shape.clone(), f.read(&t.key).unwrap().to_vec()),
-            )
-        })
-        .collect()
-}
+use common::{fixture_with_tensor as damaged, stored_tensors as tensors, Stored};
 
 fn opts(to: &str, exclude: Vec<String>) -> ConvertOptions {
     ConvertOptions::default()
@@ -189,28 +173,6 @@ fn directories_like_and_containers_carry_the_layout() {
         );
         assert!(!kept.exists());
     }
-}
-
-/// Copies a fixture's model directory with one tensor replaced.
-fn damaged(dir: &Path, to: &Path, key: &str, new: Option<Stored>) -> PathBuf {
-    std::fs::create_dir_all(to).unwrap();
-    std::fs::copy(dir.join("config.json"), to.join("config.json")).unwrap();
-    let mut t = tensors(&dir.join("model.safetensors"));
-    match new {
-        Some(v) => t.insert(key.to_string(), v),
-        None => t.remove(key),
-    };
-    let plan: Vec<_> = t
-        .iter()
-        .map(|(k, (d, s, _))| (k.clone(), *d, s.clone()))
-        .collect();
-    let p = to.join("model.safetensors");
-    let w = ckptkit::SafetensorsWriter::create(&p, &plan, &BTreeMap::new(), false, false).unwrap();
-    for (k, (_, _, b)) in &t {
-        w.write_tensor(k, b).unwrap();
-    }
-    w.finish().unwrap();
-    p
 }
 
 /// Each damage is refused before anything is written, naming the layer:

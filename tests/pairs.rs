@@ -1,6 +1,6 @@
 //! `check`'s fix fixes, for every pair of layouts: for each input layout X
 //! and reference layout Y (plain, every quanto qtype, the int8 presets, the
-//! ComfyUI layouts, block FP8), both
+//! ComfyUI layouts, block FP8, compressed-tensors FP8), both
 //! made from the same float weights, `check X --against Y` says X does not
 //! load where Y is expected and prints a `migrate convert` command; running
 //! exactly that command gives an output that `check` accepts.
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use ckptkit::migrate::{check, convert, like_target, ConvertOptions};
 use ckptkit::migrate::{PlanOptions, Target};
 
-const LAYOUTS: [&str; 17] = [
+const LAYOUTS: [&str; 20] = [
     "plain",
     "quanto:qint8",
     "quanto:qint4",
@@ -37,6 +37,9 @@ const LAYOUTS: [&str; 17] = [
     "comfy:int8_tensorwise:per_row",
     "fp8:block",
     "fp8:block:ue8m0",
+    "fp8:ct:tensor",
+    "fp8:ct:channel",
+    "fp8:ct:block=128x128",
 ];
 
 fn tensors(p: &Path) -> BTreeMap<String, Vec<u8>> {

@@ -161,12 +161,14 @@ def test_help_is_useful():
 INT8 = ROOT / "tests" / "fixtures" / "int8"
 COMFY = ROOT / "tests" / "fixtures" / "comfy"
 FP8BLOCK = ROOT / "tests" / "fixtures" / "fp8block"
+CTFP8 = ROOT / "tests" / "fixtures" / "ctfp8"
 EVERY_FAMILY = (
     [QUANTIZED, FLOAT]
     + sorted(INT8.glob("*/model.safetensors"))
     + sorted(COMFY.glob("*/quantized.safetensors"))
     + sorted(COMFY.glob("*/legacy.safetensors"))
     + sorted(FP8BLOCK.glob("*/model.safetensors"))
+    + sorted(CTFP8.glob("*/model.safetensors"))
 )
 
 

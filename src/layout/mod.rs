@@ -1,8 +1,10 @@
 //! Layouts: how a logical tensor is made of stored tensors, one module per
 //! family.
 
+pub(crate) mod blocks;
 pub mod codes;
 pub mod comfy;
+pub mod ctfp8;
 pub mod family;
 pub mod fp8block;
 pub mod int8;

@@ -15,6 +15,7 @@ pub(crate) static FAMILIES: &[&dyn Family] = &[
     // like compressed-tensors' int-quantized preset
     &crate::layout::comfy::family::Comfy,
     &crate::layout::fp8block::family::Fp8Block,
+    &crate::layout::ctfp8::family::CtFp8,
     &crate::layout::int8::family::Int8,
     #[cfg(test)]
     &crate::layout::toy::Toy,

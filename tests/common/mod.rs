@@ -210,3 +210,45 @@ pub fn fixture_cases(family: &str, min: usize) -> Vec<PathBuf> {
     assert!(v.len() >= min, "{family} fixtures missing");
     v
 }
+
+/// A stored tensor: dtype, shape, bytes.
+pub type Stored = (Dtype, Vec<u64>, Vec<u8>);
+
+/// Every tensor of a safetensors file, by key.
+pub fn stored_tensors(p: &Path) -> BTreeMap<String, Stored> {
+    use ckptkit::TensorSource;
+    let f = ckptkit::SafetensorsFile::open(p).unwrap();
+    f.tensors()
+        .iter()
+        .map(|t| {
+            (
+                t.key.clone(),
+                (t.dtype, t.shape.clone(), f.read(&t.key).unwrap().to_vec()),
+            )
+        })
+        .collect()
+}
+
+/// A copy of a fixture's model directory (`model.safetensors` and its
+/// `config.json`) in `to`, with tensor `key` replaced by `new` (or removed);
+/// returns the copied `model.safetensors`.
+pub fn fixture_with_tensor(dir: &Path, to: &Path, key: &str, new: Option<Stored>) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(dir.join("config.json"), to.join("config.json")).unwrap();
+    let mut t = stored_tensors(&dir.join("model.safetensors"));
+    match new {
+        Some(v) => t.insert(key.to_string(), v),
+        None => t.remove(key),
+    };
+    let plan: Vec<_> = t
+        .iter()
+        .map(|(k, (d, s, _))| (k.clone(), *d, s.clone()))
+        .collect();
+    let p = to.join("model.safetensors");
+    let w = ckptkit::SafetensorsWriter::create(&p, &plan, &BTreeMap::new(), false, false).unwrap();
+    for (k, (_, _, b)) in &t {
+        w.write_tensor(k, b).unwrap();
+    }
+    w.finish().unwrap();
+    p
+}
