@@ -210,3 +210,90 @@ fn damaged_scales_are_refused_naming_the_layer() {
         assert!(!out.exists(), "{name}: nothing is written");
     }
 }
+
+fn fixture(family: &str, name: &str) -> PathBuf {
+    common::fixture_cases(family, 1)
+        .into_iter()
+        .find(|d| d.ends_with(name))
+        .unwrap()
+}
+
+/// The passes of a conversion's plan, for its first quantized layer.
+fn passes_of(s: &ckptkit::migrate::Summary) -> String {
+    let p = s.plan.as_ref().unwrap();
+    let lp = p
+        .layers
+        .iter()
+        .find(|l| l.passes.len() == 1 && l.from != l.to)
+        .unwrap();
+    format!("{:?}", lp.passes)
+}
+
+/// FP8 codes carry over untouched between layouts of the same scale
+/// sharing (spec/layouts.md §7.3): ComfyUI's per-tensor float8 <->
+/// compressed-tensors `tensor`, DeepSeek's 128 x 128 blocks <->
+/// compressed-tensors `block=128x128`. Into the wider scale dtype it is
+/// lossless and converting back gives the library's own file byte for
+/// byte; into a narrower one (an F32 scale into a BF16 model's) it is
+/// refused unless `--allow-lossy`, and then the codes are still the same
+/// bytes.
+#[test]
+fn fp8_codes_carry_between_comfy_deepseek_and_compressed_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &Path| tensors(p);
+    // compressed-tensors -> ComfyUI -> compressed-tensors (BF16 scales widen to F32)
+    for (ct, comfy_to, ct_to) in [
+        ("ctfp8-bf16-tensor", "comfy:float8_e4m3fn", "fp8:ct:tensor"),
+        ("ctfp8-f32-tensor", "comfy:float8_e4m3fn", "fp8:ct:tensor"),
+        ("ctfp8-bf16-block", "fp8:block", "fp8:ct:block=128x128"),
+    ] {
+        let dir = fixture("ctfp8", ct);
+        let model = dir.join("model.safetensors");
+        let mid = tmp.path().join(format!("{ct}-mid.safetensors"));
+        let s = convert(&model, &mid, &opts(comfy_to, vec![])).unwrap();
+        assert!(
+            passes_of(&s).contains("Relayout"),
+            "{ct}: {}",
+            passes_of(&s)
+        );
+        assert!(s.losses.is_empty(), "{ct}");
+        let (a, b) = (t(&model), t(&mid));
+        for (k, v) in &a {
+            if k.ends_with(".weight") && v.0 == ckptkit::Dtype::F8E4M3 {
+                assert_eq!(b[k], *v, "{ct}: {k}: the codes are the same bytes");
+            }
+        }
+        let back = tmp.path().join(format!("{ct}-back.safetensors"));
+        convert(&mid, &back, &opts(ct_to, vec![])).unwrap();
+        let back = t(&back);
+        for (k, v) in &a {
+            assert_eq!(back.get(k), Some(v), "{ct}: {k}");
+        }
+    }
+    // DeepSeek's F32 scales into a BF16 model's compressed-tensors blocks:
+    // they rarely survive BF16, so lossy
+    let dir = fixture("fp8block", "fp8block-bf16-f32scale");
+    let model = dir.join("model.safetensors");
+    let out = tmp.path().join("ds-ct.safetensors");
+    let e = convert(&model, &out, &opts("fp8:ct:block=128x128", vec![])).unwrap_err();
+    assert!(
+        matches!(e.kind(), ckptkit::ErrorKind::LossyRelayout { .. }),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let s = convert(
+        &model,
+        &out,
+        &ConvertOptions::default()
+            .target(Target::parse("fp8:ct:block=128x128").unwrap())
+            .select(PlanOptions::default().allow_lossy(true)),
+    )
+    .unwrap();
+    assert!(!s.losses.is_empty());
+    let (a, b) = (t(&model), t(&out));
+    for (k, v) in &a {
+        if k.ends_with(".weight") && v.0 == ckptkit::Dtype::F8E4M3 {
+            assert_eq!(b[k], *v, "{k}: the codes are the same bytes");
+        }
+    }
+}

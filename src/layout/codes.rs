@@ -18,6 +18,9 @@ pub enum Granularity {
     Channel,
     /// One scale per group of N consecutive elements of a row.
     Group(u64),
+    /// One scale per tile of rows x columns (block FP8; the edge tiles of
+    /// a ragged weight are partial). No int8 descriptor takes it.
+    Block([u64; 2]),
 }
 
 /// What the stored scale number is.

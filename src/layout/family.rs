@@ -512,6 +512,75 @@ impl Family for Unknown {
     }
 }
 
+/// The passes that bring weight `w` of layer `l` into layout `target` of
+/// family `fam`: the codes carried over (a re-layout; lossless unless the
+/// data says otherwise when it runs) when the source layout's code form
+/// carries to the target's, else dequantized (if quantized) and quantized
+/// with `quantize`. Returns the passes and whether the plan is lossless.
+pub(crate) fn carry_or_quantize(
+    fam: &dyn Family,
+    l: &Layer,
+    w: &LogicalTensor,
+    target: &WeightQuant,
+    ctx: &PlanCtx<'_>,
+    quantize: Pass,
+) -> (Vec<Pass>, bool) {
+    let carried = fam.target_form(target, w.dtype).and_then(|to| {
+        ctx.source
+            .code_form(l)
+            .filter(|f| f.carries_to(&to))
+            .map(|f| (f, to))
+    });
+    match carried {
+        Some((from, to)) => (
+            vec![Pass::Relayout {
+                from: from.name.clone(),
+                to: to.name.clone(),
+                same_floats: from.same_floats(&to),
+                may_lose: from.may_lose_to(&to),
+            }],
+            true,
+        ),
+        None => {
+            let mut passes = Vec::new();
+            if w.encoding.is_quantized() {
+                passes.push(Pass::Dequantize {
+                    qtype: ctx.source.label(&l.quant.weights),
+                    dtype: w.dtype.to_string(),
+                });
+            }
+            passes.push(quantize);
+            (passes, false)
+        }
+    }
+}
+
+/// The code and scale bytes of codes carried into a layout whose scale is
+/// a plain multiplier stored in `scale_dtype` (the planner has converted
+/// them to the target's form; anything else is refused).
+pub(crate) fn carried_bytes(c: Codes, scale_dtype: Dtype) -> Result<(Vec<u8>, Vec<u8>)> {
+    if c.value != ScaleValue::Scale || c.dtype != scale_dtype {
+        return Err(Error::layout(format!(
+            "carried codes come with a {scale_dtype} scale, not {:?} {}",
+            c.value, c.dtype
+        )));
+    }
+    Ok((c.q.iter().map(|&x| x as u8).collect(), c.scale))
+}
+
+/// The codes of a weight whose codes are one byte each (`Data`) with a
+/// plain multiplier (`Scale`), as stored.
+pub(crate) fn byte_codes(src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
+    let q = src.read(&part(l, w, Role::Data)?.key)?;
+    let sp = part(l, w, Role::Scale)?;
+    Ok(Codes {
+        q: q.iter().map(|&b| b as i8).collect(),
+        scale: src.read(&sp.key)?.to_vec(),
+        value: ScaleValue::Scale,
+        dtype: sp.dtype,
+    })
+}
+
 /// Whether a layer's weights are quantized (in any family but plain).
 pub(crate) fn is_quantized(l: &Layer) -> bool {
     l.quant.weights != WeightQuant::Plain

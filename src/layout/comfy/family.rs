@@ -6,8 +6,9 @@ use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    out_part, part, plain_logical, quantized_weight, weight_of, CodeForm, Codes, DetectCtx,
-    Detector, Family, Granularity, Pass, PlanCtx, Planned, ScaleValue, WeightInput,
+    byte_codes, carried_bytes, carry_or_quantize, out_part, part, plain_logical, quantized_weight,
+    weight_of, CodeForm, Codes, DetectCtx, Detector, Family, Granularity, Pass, PlanCtx, Planned,
+    ScaleValue, WeightInput,
 };
 
 use super::{is_legacy_marker, math, Format, Kind, MARKER, METADATA_KEY, NAME, SCALE};
@@ -161,38 +162,19 @@ impl Family for Comfy {
             ))
             .with_layer(l.path.clone()));
         }
-        let mut passes = Vec::new();
-        let mut lossless = false;
-        // int8 codes carry over from a layout of the same scale granularity
-        let carried = self.target_form(target, w.dtype).and_then(|to| {
-            ctx.source
-                .code_form(l)
-                .filter(|f| f.carries_to(&to))
-                .map(|f| (f, to))
-        });
-        match carried {
-            Some((from, to)) => {
-                passes.push(Pass::Relayout {
-                    from: from.name.clone(),
-                    to: to.name.clone(),
-                    same_floats: from.same_floats(&to),
-                    may_lose: from.may_lose_to(&to),
-                });
-                lossless = true; // checked on the data at execution
-            }
-            None => {
-                if w.encoding.is_quantized() {
-                    passes.push(Pass::Dequantize {
-                        qtype: ctx.source.label(&l.quant.weights),
-                        dtype: w.dtype.to_string(),
-                    });
-                }
-                passes.push(Pass::Quantize {
-                    qtype: f.kind.spelling(),
-                    group_size: None,
-                });
-            }
-        }
+        // codes carry over from a layout of the same scale granularity and
+        // code kind
+        let (mut passes, lossless) = carry_or_quantize(
+            self,
+            l,
+            w,
+            target,
+            ctx,
+            Pass::Quantize {
+                qtype: f.kind.spelling(),
+                group_size: None,
+            },
+        );
         let key = |s: &str| crate::layout::family::key(&l.path, s);
         let marker = f.marker_json();
         let mut tensors = vec![LogicalTensor {
@@ -246,14 +228,7 @@ impl Family for Comfy {
     }
 
     fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
-        let q = src.read(&part(l, w, Role::Data)?.key)?;
-        let sp = part(l, w, Role::Scale)?;
-        Ok(Codes {
-            q: q.iter().map(|&b| b as i8).collect(),
-            scale: src.read(&sp.key)?.to_vec(),
-            value: ScaleValue::Scale,
-            dtype: sp.dtype,
-        })
+        byte_codes(src, l, w)
     }
 
     fn dequantize(
@@ -298,12 +273,7 @@ impl Family for Comfy {
         let (q, scale): (Vec<u8>, Vec<u8>) = match (f.kind, input) {
             // int8 codes, or FP8 codes as their bit patterns (the planner
             // carries codes only between forms of the same code dtype)
-            (_, WeightInput::Codes(c)) => {
-                if c.dtype != Dtype::F32 || c.value != ScaleValue::Scale {
-                    return Err(at(Error::layout("carried codes come with an F32 scale")));
-                }
-                (c.q.iter().map(|&x| x as u8).collect(), c.scale)
-            }
+            (_, WeightInput::Codes(c)) => carried_bytes(c, Dtype::F32).map_err(at)?,
             (Kind::Fp8(k), WeightInput::Float(float)) => {
                 let amax = math::amax_of(t.dtype, float).map_err(at)?;
                 let s = math::scale_for(t.dtype, k, amax).map_err(at)?;

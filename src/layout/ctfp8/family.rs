@@ -6,8 +6,9 @@ use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    out_part, part, plain_logical, quantized_weight, weight_of, Codes, ConfigOwner, DetectCtx,
-    Detector, Family, Pass, PlanCtx, Planned, WeightInput,
+    byte_codes, carried_bytes, carry_or_quantize, out_part, part, plain_logical, quantized_weight,
+    weight_of, CodeForm, Codes, ConfigOwner, DetectCtx, Detector, Family, Granularity, Pass,
+    PlanCtx, Planned, ScaleValue, WeightInput,
 };
 
 use super::{math, CtFp8Config, CtFp8Detector, Format, METHOD, NAME, SCALE};
@@ -27,7 +28,38 @@ fn usize_of(v: u64) -> Result<usize> {
     usize::try_from(v).map_err(|_| Error::overflow("weight dimension"))
 }
 
+/// The code form of a compressed-tensors FP8 layout: FP8 codes carried as
+/// their bit patterns, one plain multiplier per tensor, row, group or tile.
+fn form(f: &Format, scale_dtype: Dtype) -> CodeForm {
+    CodeForm {
+        name: f.spelling(),
+        value: ScaleValue::Scale,
+        granularity: match f.strategy {
+            super::Strategy::Tensor => Granularity::Tensor,
+            super::Strategy::Channel => Granularity::Channel,
+            super::Strategy::Group(g) => Granularity::Group(g),
+            super::Strategy::Block(b) => Granularity::Block(b),
+        },
+        range: [-128, 127],
+        scale_dtype,
+        zero_point: false,
+        code: Dtype::F8E4M3,
+    }
+}
+
 impl Family for CtFp8 {
+    fn code_form(&self, l: &Layer) -> Option<CodeForm> {
+        let f = Format::of(&l.quant.weights).ok()?;
+        let w = quantized_weight(l).ok()?;
+        let s = w.parts.iter().find(|p| p.role == Role::Scale)?;
+        Some(form(&f, s.dtype))
+    }
+
+    fn target_form(&self, target: &WeightQuant, model: Dtype) -> Option<CodeForm> {
+        float_model_dtype(model).then_some(())?;
+        Some(form(&Format::of(target).ok()?, model))
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }
@@ -123,17 +155,17 @@ impl Family for CtFp8 {
             ))
             .with_layer(l.path.clone()));
         }
-        let mut passes = Vec::new();
-        if w.encoding.is_quantized() {
-            passes.push(Pass::Dequantize {
-                qtype: ctx.source.label(&l.quant.weights),
-                dtype: w.dtype.to_string(),
-            });
-        }
-        passes.push(Pass::Quantize {
-            qtype: f.spelling(),
-            group_size: None,
-        });
+        let (mut passes, lossless) = carry_or_quantize(
+            self,
+            l,
+            w,
+            target,
+            ctx,
+            Pass::Quantize {
+                qtype: f.spelling(),
+                group_size: None,
+            },
+        );
         let key = |s: &str| crate::layout::family::key(&l.path, s);
         let mut tensors = vec![LogicalTensor {
             name: "weight".into(),
@@ -171,15 +203,12 @@ impl Family for CtFp8 {
                 extensions: Vec::new(),
             },
             passes,
-            lossless: false,
+            lossless,
         })
     }
 
-    fn read_codes(&self, _src: &dyn TensorSource, l: &Layer, _w: &LogicalTensor) -> Result<Codes> {
-        Err(
-            Error::layout("compressed-tensors FP8 codes are not carried to another layout yet")
-                .with_layer(l.path.clone()),
-        )
+    fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
+        byte_codes(src, l, w)
     }
 
     fn dequantize(
@@ -212,18 +241,19 @@ impl Family for CtFp8 {
     ) -> Result<Vec<(String, TensorBytes)>> {
         let at = |e: Error| e.with_layer(path.to_string());
         let f = Format::of(record).map_err(at)?;
-        let WeightInput::Float(float) = input else {
-            return Err(at(Error::layout(
-                "compressed-tensors FP8 is written from float weights only",
-            )));
-        };
         let (n, k) = match t.shape.as_slice() {
             [n, k] => (usize_of(*n)?, usize_of(*k)?),
             s => return Err(at(Error::layout(format!("a [out, in] weight, not {s:?}")))),
         };
-        let b = f.strategy.block(t.shape[0], t.shape[1]);
-        let block = [usize_of(b[0])?, usize_of(b[1])?];
-        let (q, s) = math::quantize(t.dtype, float, [n, k], block).map_err(at)?;
+        let (q, s) = match input {
+            // compressed-tensors keeps the scale in the model's dtype
+            WeightInput::Codes(c) => carried_bytes(c, t.dtype).map_err(at)?,
+            WeightInput::Float(float) => {
+                let b = f.strategy.block(t.shape[0], t.shape[1]);
+                let block = [usize_of(b[0])?, usize_of(b[1])?];
+                math::quantize(t.dtype, float, [n, k], block).map_err(at)?
+            }
+        };
         let (mut q, mut s) = (Some(q), Some(s));
         let mut out = Vec::with_capacity(2);
         for p in &t.parts {

@@ -6,8 +6,9 @@ use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    out_part, part, plain_logical, quantized_weight, weight_of, Codes, ConfigOwner, DetectCtx,
-    Detector, Family, Pass, PlanCtx, Planned, WeightInput,
+    byte_codes, carried_bytes, carry_or_quantize, out_part, part, plain_logical, quantized_weight,
+    weight_of, CodeForm, Codes, ConfigOwner, DetectCtx, Detector, Family, Granularity, Pass,
+    PlanCtx, Planned, ScaleValue, WeightInput,
 };
 
 use super::{math, Format, Fp8BlockDetector, Fp8Config, BLOCK, METHOD, NAME, SCALE};
@@ -27,7 +28,30 @@ fn usize_of(v: u64) -> Result<usize> {
     usize::try_from(v).map_err(|_| Error::overflow("weight dimension"))
 }
 
+/// The code form of a block FP8 layout with F32 scales: FP8 codes carried
+/// as their bit patterns, one plain multiplier per tile. (E8M0 scales are
+/// not exchanged: no other layout stores them.)
+fn form(f: &Format) -> Option<CodeForm> {
+    (!f.ue8m0).then(|| CodeForm {
+        name: f.spelling(),
+        value: ScaleValue::Scale,
+        granularity: Granularity::Block(f.block),
+        range: [-128, 127],
+        scale_dtype: Dtype::F32,
+        zero_point: false,
+        code: Dtype::F8E4M3,
+    })
+}
+
 impl Family for Fp8Block {
+    fn code_form(&self, l: &Layer) -> Option<CodeForm> {
+        form(&Format::of(&l.quant.weights).ok()?)
+    }
+
+    fn target_form(&self, target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
+        form(&Format::of(target).ok()?)
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }
@@ -122,17 +146,17 @@ impl Family for Fp8Block {
             ))
             .with_layer(l.path.clone()));
         }
-        let mut passes = Vec::new();
-        if w.encoding.is_quantized() {
-            passes.push(Pass::Dequantize {
-                qtype: ctx.source.label(&l.quant.weights),
-                dtype: w.dtype.to_string(),
-            });
-        }
-        passes.push(Pass::Quantize {
-            qtype: f.spelling(),
-            group_size: None,
-        });
+        let (mut passes, lossless) = carry_or_quantize(
+            self,
+            l,
+            w,
+            target,
+            ctx,
+            Pass::Quantize {
+                qtype: f.spelling(),
+                group_size: None,
+            },
+        );
         let key = |s: &str| crate::layout::family::key(&l.path, s);
         let mut tensors = vec![LogicalTensor {
             name: "weight".into(),
@@ -169,17 +193,12 @@ impl Family for Fp8Block {
                 extensions: Vec::new(),
             },
             passes,
-            lossless: false,
+            lossless,
         })
     }
 
-    fn read_codes(&self, _src: &dyn TensorSource, l: &Layer, _w: &LogicalTensor) -> Result<Codes> {
-        // no other layout has the same blocks yet (compressed-tensors'
-        // block strategy is the one that will): codes are never carried
-        Err(
-            Error::layout("block FP8 codes are not carried to another layout")
-                .with_layer(l.path.clone()),
-        )
+    fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
+        byte_codes(src, l, w)
     }
 
     fn dequantize(
@@ -210,17 +229,18 @@ impl Family for Fp8Block {
     ) -> Result<Vec<(String, TensorBytes)>> {
         let at = |e: Error| e.with_layer(path.to_string());
         let f = Format::of(record).map_err(at)?;
-        let WeightInput::Float(float) = input else {
-            return Err(at(Error::layout(
-                "block FP8 is written from float weights only",
-            )));
-        };
         let (n, k) = match t.shape.as_slice() {
             [n, k] => (usize_of(*n)?, usize_of(*k)?),
             s => return Err(at(Error::layout(format!("a [out, in] weight, not {s:?}")))),
         };
-        let block = [usize_of(f.block[0])?, usize_of(f.block[1])?];
-        let (q, s) = math::quantize(t.dtype, float, [n, k], block, f.ue8m0).map_err(at)?;
+        let (q, s) = match input {
+            // carried codes come with F32 scales (no E8M0 form is carried)
+            WeightInput::Codes(c) => carried_bytes(c, Dtype::F32).map_err(at)?,
+            WeightInput::Float(float) => {
+                let block = [usize_of(f.block[0])?, usize_of(f.block[1])?];
+                math::quantize(t.dtype, float, [n, k], block, f.ue8m0).map_err(at)?
+            }
+        };
         let (mut q, mut s) = (Some(q), Some(s));
         let mut out = Vec::with_capacity(2);
         for p in &t.parts {

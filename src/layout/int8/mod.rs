@@ -342,6 +342,12 @@ impl Int8Descriptor {
                 ));
             }
         }
+        if let Granularity::Block(_) = self.scale.granularity {
+            return Err(derr(
+                n,
+                "int8 layouts have no block granularity (tensor, channel or group)",
+            ));
+        }
         if let Granularity::Group(g) = self.scale.granularity {
             if g == 0 || g > 1 << 20 {
                 return Err(derr(n, format!("group size {g} must be in 1..=1048576")));
@@ -537,13 +543,19 @@ impl Int8Descriptor {
                 }
                 i / g
             }
+            Granularity::Block(_) => {
+                return Err(Error::layout(format!(
+                    "{}: int8 layouts have no block granularity",
+                    self.name
+                )))
+            }
         };
         let scale = match (self.scale.granularity, self.scale.shape) {
             (Granularity::Tensor, ScaleShape::Column) => vec![1],
             (Granularity::Tensor, ScaleShape::Vector) => vec![],
             (Granularity::Channel, ScaleShape::Column) => vec![o, 1],
             (Granularity::Channel, ScaleShape::Vector) => vec![o],
-            (Granularity::Group(_), _) => vec![o, groups],
+            (Granularity::Group(_) | Granularity::Block(_), _) => vec![o, groups],
         };
         Ok((payload, scale.clone(), scale))
     }
@@ -554,6 +566,8 @@ impl Int8Descriptor {
             Granularity::Tensor => 0,
             Granularity::Channel => 1,
             Granularity::Group(g) => i / g.max(1),
+            // refused by `validate`
+            Granularity::Block(_) => 0,
         }
     }
 }
