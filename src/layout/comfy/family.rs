@@ -75,6 +75,8 @@ impl Family for Comfy {
             || q.shape != w.shape
             || w.shape.len() != 2
             || !scale_ok
+            || f.convrot
+                .is_some_and(|n| w.shape.get(1).is_none_or(|i| !i.is_multiple_of(n)))
             || !float_model_dtype(w.dtype)
         {
             return Err(Error::layout(format!(
@@ -111,6 +113,7 @@ impl Family for Comfy {
                         kind,
                         full_precision: false,
                         legacy: false,
+                        convrot: None,
                     }
                     .record()
                 })
@@ -139,20 +142,31 @@ impl Family for Comfy {
     }
 
     fn code_form(&self, l: &Layer) -> Option<CodeForm> {
-        let f = Format::of(&l.quant.weights).ok()?;
+        // ConvRot codes are a rotated weight's: no other layout reads them
+        let f = Format::of(&l.quant.weights)
+            .ok()
+            .filter(|f| f.convrot.is_none())?;
         let w = quantized_weight(l).ok()?;
         let s = w.parts.iter().find(|p| p.role == Role::Scale)?;
         Some(form(&f, s.dtype))
     }
 
     fn target_form(&self, target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
-        Some(form(&Format::of(target).ok()?, Dtype::F32))
+        let f = Format::of(target).ok().filter(|f| f.convrot.is_none())?;
+        Some(form(&f, Dtype::F32))
     }
 
     fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
         let f = Format::of(target).map_err(|e| e.with_layer(l.path.clone()))?;
         if self.owns(&l.quant.weights) && Format::of(&l.quant.weights).ok().as_ref() == Some(&f) {
             return Ok(Planned::keep(l));
+        }
+        if let Some(n) = f.convrot {
+            return Err(Error::layout(format!(
+                "ckptkit reads ComfyUI's ConvRot layers (convrot {n}) but does not write them: \
+                 quantize to comfy:int8_tensorwise:per_row instead"
+            ))
+            .with_layer(l.path.clone()));
         }
         let w = weight_of(l)?;
         if w.shape.len() != 2 || !float_model_dtype(w.dtype) {
@@ -255,7 +269,10 @@ impl Family for Comfy {
                 Some(&s) => math::dequantize(kind, &q, s, to),
                 None => Err(Error::layout("empty scale").with_tensor(sp.key.clone())),
             },
-            Kind::Int8 { .. } => math::int8_dequantize(&q, cols, &s, to),
+            Kind::Int8 { .. } => match f.convrot {
+                Some(n) => math::convrot_dequantize(&q, cols, &s, n as usize, to),
+                None => math::int8_dequantize(&q, cols, &s, to),
+            },
         };
         r.map_err(|e| e.with_layer(l.path.clone()))
     }

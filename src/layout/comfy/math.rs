@@ -284,6 +284,91 @@ pub(crate) fn int8_dequantize(q: &[u8], cols: usize, scales: &[f32], to: Dtype) 
     narrow(to, &v)
 }
 
+/// comfy-kitchen's `H_4` (`int8_utils._build_hadamard`), unnormalized:
+/// `H_n` is its Kronecker power divided by `sqrt(n)`.
+const H4: [[i32; 4]; 4] = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]];
+
+/// `x · H_nᵀ` of integer codes, unnormalized (`H_n` is symmetric): `H_4`
+/// applied along each base-4 digit of the index, exact in i32.
+fn hadamard_rows(x: &mut [i32]) {
+    let n = x.len();
+    let mut st = 1;
+    while st < n {
+        for b in (0..n).step_by(4 * st) {
+            for o in b..b + st {
+                let v = [x[o], x[o + st], x[o + 2 * st], x[o + 3 * st]];
+                for (k, h) in H4.iter().enumerate() {
+                    x[o + k * st] = h[0] * v[0] + h[1] * v[1] + h[2] * v[2] + h[3] * v[3];
+                }
+            }
+        }
+        st *= 4;
+    }
+}
+
+/// Rounds an exact f64 to f32 with round-to-odd, so that rounding the
+/// result once more to BF16 or F16 is the correctly rounded value.
+fn f32_round_to_odd(x: f64) -> f32 {
+    let r = x as f32;
+    if f64::from(r) == x || r.to_bits() & 1 == 1 || !r.is_finite() {
+        return r;
+    }
+    // r is even and inexact: the odd neighbour on x's side
+    let toward = if f64::from(r) < x { 1i32 } else { -1 };
+    let step = if r.is_sign_negative() {
+        -toward
+    } else {
+        toward
+    };
+    f32::from_bits((r.to_bits() as i32 + step) as u32)
+}
+
+/// Dequantizes ConvRot codes `[rows, cols]` (int8 codes of the rotated
+/// weight, one F32 scale per row) to `to`: per group of `n` columns, `W =
+/// (q · s) · H_nᵀ`, computed exactly (an integer combination of the codes
+/// times `s / 2^log4(n)`) and rounded once to `to`. comfy-kitchen computes
+/// it as an f32 matrix product whose rounding depends on the BLAS's
+/// summation order, so the two agree within 1 ulp (spec/layouts.md §5.3).
+pub(crate) fn convrot_dequantize(
+    q: &[u8],
+    cols: usize,
+    scales: &[f32],
+    n: usize,
+    to: Dtype,
+) -> Result<Vec<u8>> {
+    let rows = q.len() / cols.max(1);
+    if n < 4 || !cols.is_multiple_of(n) || scales.len() != rows || rows * cols != q.len() {
+        return Err(Error::layout(format!(
+            "{} ConvRot codes, {} scales: not [rows, cols] with one scale per row and cols a \
+             multiple of the group size {n}",
+            q.len(),
+            scales.len()
+        )));
+    }
+    let m = n.trailing_zeros() / 2; // n = 4^m, sqrt(n) = 2^m
+    let unit = (-(m as i32)) as f64;
+    let mut v = Vec::with_capacity(q.len());
+    let mut g = vec![0i32; n];
+    for (row, &s) in q.chunks_exact(cols).zip(scales) {
+        let k = f64::from(s) * unit.exp2();
+        for grp in row.chunks_exact(n) {
+            for (d, &c) in g.iter_mut().zip(grp) {
+                *d = i32::from(c as i8);
+            }
+            hadamard_rows(&mut g);
+            v.extend(g.iter().map(|&x| {
+                let e = f64::from(x) * k; // exact
+                if to == Dtype::F32 {
+                    e as f32
+                } else {
+                    round_to(to, f32_round_to_odd(e))
+                }
+            }));
+        }
+    }
+    narrow(to, &v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,15 +117,26 @@ pub(crate) struct Format {
     /// ComfyUI's legacy form (FP8 only): `m.scale_weight` beside the codes
     /// and a file-level `scaled_fp8` marker instead of the format record.
     pub legacy: bool,
+    /// ConvRot (int8 per row only): the codes are those of the weight
+    /// rotated by a Hadamard matrix per group of this many input columns
+    /// (a power of 4). Read only.
+    pub convrot: Option<u64>,
 }
 
 impl Format {
     /// The layer record.
     pub(crate) fn record(&self) -> WeightQuant {
-        let mut params = vec![Param {
+        let mut params = Vec::new();
+        if let Some(n) = self.convrot {
+            params.push(Param {
+                key: "convrot".into(),
+                value: n.to_string(),
+            });
+        }
+        params.push(Param {
             key: "format".into(),
             value: self.kind.format_name().into(),
-        }];
+        });
         if self.full_precision {
             params.push(Param {
                 key: "full_precision_matrix_mult".into(),
@@ -162,8 +173,14 @@ impl Format {
         let mut full_precision = false;
         let mut per_row = false;
         let mut legacy = false;
+        let mut convrot = None;
         for p in params {
             match (p.key.as_str(), p.value.as_str()) {
+                ("convrot", n) => {
+                    convrot = Some(convrot_groupsize(n.parse::<u64>().ok()).ok_or_else(|| {
+                        Error::layout(format!("ConvRot group size `{n}` is not a power of 4"))
+                    })?)
+                }
                 ("format", f) => {
                     kind = Some(Kind::parse(f).filter(|k| k.format_name() == f).ok_or_else(
                         || Error::layout(format!("ComfyUI format `{f}` is not one ckptkit reads")),
@@ -188,25 +205,32 @@ impl Format {
         if legacy && !matches!(kind, Kind::Fp8(_)) {
             return Err(Error::layout("legacy=true belongs to the FP8 formats"));
         }
+        if convrot.is_some() && kind != (Kind::Int8 { per_row: true }) {
+            return Err(Error::layout("convrot belongs to int8_tensorwise per row"));
+        }
         Ok(Format {
             kind,
             full_precision,
             legacy,
+            convrot,
         })
     }
 
     /// How passes and `inspect` name it.
     pub(crate) fn label(&self) -> String {
-        if self.legacy {
-            format!("{} (legacy scaled_fp8)", self.kind.spelling())
-        } else {
-            self.kind.spelling()
+        match (self.legacy, self.convrot) {
+            (true, _) => format!("{} (legacy scaled_fp8)", self.kind.spelling()),
+            (_, Some(n)) => format!("{} (convrot {n})", self.kind.spelling()),
+            _ => self.kind.spelling(),
         }
     }
 
     /// The marker JSON as ComfyUI writes it (Python's `json.dumps`).
     pub(crate) fn marker_json(&self) -> String {
         let mut s = format!("{{\"format\": \"{}\"", self.kind.format_name());
+        if let Some(n) = self.convrot {
+            s.push_str(&format!(", \"convrot\": true, \"convrot_groupsize\": {n}"));
+        }
         if self.full_precision {
             s.push_str(", \"full_precision_matrix_mult\": true");
         }
@@ -238,19 +262,31 @@ impl Format {
             }
             None => return Err(refuse("not a ComfyUI format")),
         };
-        if get("convrot").and_then(|b| b.as_bool()) == Some(true) {
-            return Err(refuse(
-                "with \"convrot\": true (Hadamard-rotated weights), which this version of \
-                 ckptkit does not read yet",
-            ));
-        }
+        let convrot = match get("convrot").and_then(|b| b.as_bool()) {
+            Some(true) => {
+                let n = get("convrot_groupsize").map_or(Some(256), |v| v.as_u64());
+                Some(convrot_groupsize(n).ok_or_else(|| {
+                    refuse(&format!(
+                        "with \"convrot\": true and \"convrot_groupsize\": {}, which is not a \
+                         power of 4 (4, 16, 64, 256, 1024, ...): no Hadamard matrix of ComfyUI's \
+                         has that size (comfy-kitchen refuses it too)",
+                        get("convrot_groupsize").map_or("null".into(), |v| v.to_string())
+                    ))
+                })?)
+            }
+            _ => None,
+        };
         let full_precision = get("full_precision_matrix_mult")
             .and_then(|b| b.as_bool())
             .unwrap_or(false);
+        if convrot.is_some() && !matches!(kind, Kind::Int8 { .. }) {
+            return Err(refuse("with \"convrot\", which only int8_tensorwise takes"));
+        }
         Ok(Format {
             kind,
             full_precision,
             legacy: false,
+            convrot,
         })
     }
 
@@ -264,6 +300,11 @@ impl Format {
         }
         self
     }
+}
+
+/// A ConvRot group size: a power of 4 from 4 to 4^10.
+fn convrot_groupsize(n: Option<u64>) -> Option<u64> {
+    n.filter(|&n| (4..=1 << 20).contains(&n) && n.is_power_of_two() && n.trailing_zeros() % 2 == 0)
 }
 
 /// The layers the file-level transport names, with their format objects.
@@ -397,6 +438,7 @@ impl ComfyDetector<'_> {
             kind: Kind::Fp8(kind),
             full_precision,
             legacy: true,
+            convrot: None,
         };
         Ok(Detected::Found {
             weight: LogicalTensor {
@@ -480,6 +522,21 @@ impl Detector for ComfyDetector<'_> {
         };
         let o = q.shape.first().copied().unwrap_or(0);
         let format = format.with_scale_shape(&s.shape, o);
+        if let Some(n) = format.convrot {
+            let i = q.shape.get(1).copied().unwrap_or(0);
+            if format.kind != (Kind::Int8 { per_row: true })
+                || q.shape.len() != 2
+                || !i.is_multiple_of(n)
+            {
+                return Err(Error::layout(format!(
+                    "a ConvRot layer stores int8 codes [out, in] with one F32 scale per row \
+                     ([out, 1]) and in-features a multiple of its group size {n}; this one has \
+                     `weight` {} {:?} and `{SCALE}` {} {:?}",
+                    q.dtype, q.shape, s.dtype, s.shape
+                ))
+                .with_layer(path.to_string()));
+            }
+        }
         let scale_ok = matches!(s.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
             && (crate::dtype::numel(&s.shape)? == 1 && s.shape.len() <= 1
                 || s.shape == format.kind.scale_shape(o));

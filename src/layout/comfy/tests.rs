@@ -95,6 +95,7 @@ fn a_marker_tensor_or_the_metadata_makes_a_comfy_layer() {
         kind: Kind::Fp8(Fp8Kind::E4M3Fn),
         full_precision: false,
         legacy: false,
+        convrot: None,
     };
     for (marker, md) in [
         (Some(r#"{"format": "float8_e4m3fn"}"#), BTreeMap::new()),
@@ -236,6 +237,7 @@ fn dequantize_and_quantize_follow_comfy_kitchens_arithmetic() {
                     kind: Kind::Fp8(kind),
                     full_precision: false,
                     legacy: false,
+                    convrot: None,
                 }
                 .record()));
     }
@@ -300,7 +302,7 @@ fn int8_file(scale_shape: Vec<u64>, marker: &str) -> Tensors {
 }
 
 #[test]
-fn int8_tensorwise_reads_its_scale_shape_and_refuses_convrot() {
+fn int8_tensorwise_reads_its_scale_shape_and_refuses_bad_convrot() {
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("m.safetensors");
     let int8 = r#"{"format": "int8_tensorwise"}"#;
@@ -313,6 +315,7 @@ fn int8_tensorwise_reads_its_scale_shape_and_refuses_convrot() {
             kind: Kind::Int8 { per_row },
             full_precision: false,
             legacy: false,
+            convrot: None,
         };
         assert_eq!(lin.quant.weights, want.record(), "{shape:?}");
         assert_eq!(quantized_weight(lin).unwrap().dtype, Dtype::F16);
@@ -339,8 +342,17 @@ fn int8_tensorwise_reads_its_scale_shape_and_refuses_convrot() {
     for (shape, marker) in [
         (vec![8], int8),
         (vec![1, 8], int8),
+        // ConvRot needs a power of 4 dividing the row, and a scale per row
         (
             vec![8, 1],
+            r#"{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 32}"#,
+        ),
+        (
+            vec![8, 1],
+            r#"{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 64}"#,
+        ),
+        (
+            vec![],
             r#"{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 16}"#,
         ),
     ] {
@@ -369,4 +381,50 @@ fn the_family_preset_spellings_name_the_same_layouts() {
         crate::layout::registry::parse_target("int8:comfy"),
         Some(Ok((f, _))) if f.name() == NAME
     ));
+}
+
+#[test]
+fn convrot_layers_dequantize_as_the_exact_rotation() {
+    // H_16 from its definition: the Kronecker square of H_4 over 4
+    let h4 = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]];
+    let h = |j: usize, i: usize| (h4[j / 4][i / 4] * h4[j % 4][i % 4]) as f64 / 4.0;
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    let marker = r#"{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 16}"#;
+    let t = int8_file(vec![8, 1], marker);
+    write(&f, &t, &BTreeMap::new());
+    let layers = layers_of(&f).unwrap();
+    let lin = layers.iter().find(|l| l.path == "lin").unwrap();
+    assert_eq!(Format::of(&lin.quant.weights).unwrap().convrot, Some(16));
+    let plain = d.path().join("p.safetensors");
+    convert(&f, &plain, &to("plain:f32")).unwrap();
+    let w = open_source(&plain)
+        .unwrap()
+        .read("lin.weight")
+        .unwrap()
+        .to_vec();
+    let q = &t[0].3;
+    for r in 0..8 {
+        let s = 0.01f32 + r as f32 * 0.001;
+        for j in 0..16 {
+            let exact: f64 = (0..16)
+                .map(|i| (q[r * 16 + i] as i8) as f64 * s as f64 * h(j, i))
+                .sum();
+            let k = r * 16 + j;
+            let got = f32::from_le_bytes(w[k * 4..k * 4 + 4].try_into().unwrap());
+            assert_eq!(got, exact as f32, "row {r} column {j}");
+        }
+    }
+    // BF16: rounded once from the exact value (round to odd, then to BF16)
+    let e =
+        math::convrot_dequantize(&[1, 1, 1, 1], 4, &[1.0 + 2f32.powi(-9)], 4, Dtype::BF16).unwrap();
+    // row [1, 1, 1, 1] · H_4 / 2 = [1, 1, 1, -1] · (1 + 2^-9): a tie in BF16,
+    // to even
+    assert_eq!(u16::from_le_bytes([e[0], e[1]]), 0x3F80);
+    // ConvRot is read, never written
+    let back = ConvertOptions::default().target(crate::migrate::plan::Target::layout(
+        lin.quant.weights.clone(),
+    ));
+    let e = convert(&plain, &d.path().join("back.safetensors"), &back).unwrap_err();
+    assert!(e.to_string().contains("does not write them"), "{e}");
 }
