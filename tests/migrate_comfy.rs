@@ -321,3 +321,40 @@ fn per_row_int8_codes_carry_into_comfy_and_back_byte_for_byte() {
         }
     }
 }
+
+/// ComfyUI ConvRot layers (tests/fixtures/comfy-convrot, made by
+/// comfy-kitchen 0.2.40) dequantize bit for bit as the library's f32
+/// product does on the pinned torch (group sizes 16, 64, 256; BF16, F16,
+/// F32); a group size that is not a power of 4 is refused, naming the layer.
+#[test]
+fn convrot_files_dequantize_as_comfy_kitchen_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<PathBuf> = common::fixture_cases("comfy-convrot", 5)
+        .into_iter()
+        .filter(|d| !d.ends_with("bad-groupsize"))
+        .collect();
+    assert_eq!(cases.len(), 4);
+    for dir in cases {
+        let out = tmp.path().join("plain.safetensors");
+        std::fs::remove_file(&out).ok();
+        convert(
+            &dir.join("quantized.safetensors"),
+            &out,
+            &opts("plain", Vec::new()),
+        )
+        .unwrap();
+        assert_eq!(
+            tensors(&out),
+            tensors(&dir.join("dequantized.safetensors")),
+            "{}",
+            dir.display()
+        );
+    }
+    let bad = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/comfy-convrot/bad-groupsize/quantized.safetensors");
+    let out = tmp.path().join("bad.safetensors");
+    let e = convert(&bad, &out, &opts("plain", Vec::new())).unwrap_err();
+    assert_eq!(e.location().layer.as_deref(), Some("lin_a"), "{e}");
+    assert!(e.to_string().contains("not a power of 4"), "{e}");
+    assert!(!out.exists());
+}

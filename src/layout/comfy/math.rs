@@ -286,49 +286,41 @@ pub(crate) fn int8_dequantize(q: &[u8], cols: usize, scales: &[f32], to: Dtype) 
 
 /// comfy-kitchen's `H_4` (`int8_utils._build_hadamard`), unnormalized:
 /// `H_n` is its Kronecker power divided by `sqrt(n)`.
-const H4: [[i32; 4]; 4] = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]];
+const H4: [[i8; 4]; 4] = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]];
 
-/// `x · H_nᵀ` of integer codes, unnormalized (`H_n` is symmetric): `H_4`
-/// applied along each base-4 digit of the index, exact in i32.
-fn hadamard_rows(x: &mut [i32]) {
-    let n = x.len();
-    let mut st = 1;
-    while st < n {
-        for b in (0..n).step_by(4 * st) {
-            for o in b..b + st {
-                let v = [x[o], x[o + st], x[o + 2 * st], x[o + 3 * st]];
-                for (k, h) in H4.iter().enumerate() {
-                    x[o + k * st] = h[0] * v[0] + h[1] * v[1] + h[2] * v[2] + h[3] * v[3];
-                }
+/// The signs of `H_n` (row-major, `n` x `n`): the product of `H_4`'s
+/// entries over the base-4 digits of the row and column.
+fn hadamard_signs(n: usize) -> Vec<bool> {
+    let mut out = Vec::with_capacity(n * n);
+    for j in 0..n {
+        for i in 0..n {
+            let (mut a, mut b, mut neg) = (j, i, false);
+            while a > 0 || b > 0 {
+                neg ^= H4[a % 4][b % 4] < 0;
+                a /= 4;
+                b /= 4;
             }
+            out.push(neg);
         }
-        st *= 4;
     }
+    out
 }
 
-/// Rounds an exact f64 to f32 with round-to-odd, so that rounding the
-/// result once more to BF16 or F16 is the correctly rounded value.
-fn f32_round_to_odd(x: f64) -> f32 {
-    let r = x as f32;
-    if f64::from(r) == x || r.to_bits() & 1 == 1 || !r.is_finite() {
-        return r;
-    }
-    // r is even and inexact: the odd neighbour on x's side
-    let toward = if f64::from(r) < x { 1i32 } else { -1 };
-    let step = if r.is_sign_negative() {
-        -toward
-    } else {
-        toward
-    };
-    f32::from_bits((r.to_bits() as i32 + step) as u32)
-}
+/// The terms of one output summed per block of this many inputs, the
+/// block sums then added in order: the order of the f32 matrix product
+/// comfy-kitchen's dequantizer runs on the pinned torch (spec/layouts.md
+/// §5.6).
+const CONVROT_SUM_BLOCK: usize = 128;
 
 /// Dequantizes ConvRot codes `[rows, cols]` (int8 codes of the rotated
-/// weight, one F32 scale per row) to `to`: per group of `n` columns, `W =
-/// (q · s) · H_nᵀ`, computed exactly (an integer combination of the codes
-/// times `s / 2^log4(n)`) and rounded once to `to`. comfy-kitchen computes
-/// it as an f32 matrix product whose rounding depends on the BLAS's
-/// summation order, so the two agree within 1 ulp (spec/layouts.md §5.3).
+/// weight, one F32 scale per row) to `to` as comfy-kitchen's
+/// `dequantize_int8_convrot_weight_dtype` computes it: per group of `n`
+/// columns, `x = f32(q) · s` (rounded to f32), `W = x · H_nᵀ` as an f32
+/// matrix product (each product exact: `H_n`'s entries are `±2^-log4(n)`;
+/// the sums rounded in the library's order: ascending, per block of 128
+/// inputs), then rounded to `to`. Another BLAS build may sum in another
+/// order: the reference is reproduced within its own rounding, which is why
+/// ConvRot is the one layout compared within 1 ulp.
 pub(crate) fn convrot_dequantize(
     q: &[u8],
     cols: usize,
@@ -345,25 +337,33 @@ pub(crate) fn convrot_dequantize(
             scales.len()
         )));
     }
-    let m = n.trailing_zeros() / 2; // n = 4^m, sqrt(n) = 2^m
-    let unit = (-(m as i32)) as f64;
+    let unit = 2f32.powi(-((n.trailing_zeros() / 2) as i32)); // 1 / sqrt(n)
+    let signs = hadamard_signs(n);
     let mut v = Vec::with_capacity(q.len());
-    let mut g = vec![0i32; n];
+    let (mut x, mut total, mut acc) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     for (row, &s) in q.chunks_exact(cols).zip(scales) {
-        let k = f64::from(s) * unit.exp2();
         for grp in row.chunks_exact(n) {
-            for (d, &c) in g.iter_mut().zip(grp) {
-                *d = i32::from(c as i8);
+            for (d, &c) in x.iter_mut().zip(grp) {
+                *d = f32::from(c as i8) * s;
             }
-            hadamard_rows(&mut g);
-            v.extend(g.iter().map(|&x| {
-                let e = f64::from(x) * k; // exact
-                if to == Dtype::F32 {
-                    e as f32
-                } else {
-                    round_to(to, f32_round_to_odd(e))
+            // all outputs at once, each summing its inputs in ascending
+            // order: a rank-1 update per input, vectorized across outputs
+            for (b, block) in x.chunks(CONVROT_SUM_BLOCK).enumerate() {
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for (k, &xi) in block.iter().enumerate() {
+                    let i = b * CONVROT_SUM_BLOCK + k;
+                    let (pos, neg) = (xi * unit, -(xi * unit));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a += if signs[j * n + i] { neg } else { pos };
+                    }
                 }
-            }));
+                if b == 0 {
+                    total.copy_from_slice(&acc);
+                } else {
+                    total.iter_mut().zip(&acc).for_each(|(t, a)| *t += a);
+                }
+            }
+            v.extend(total.iter().map(|&y| round_to(to, y)));
         }
     }
     narrow(to, &v)

@@ -384,10 +384,10 @@ fn the_family_preset_spellings_name_the_same_layouts() {
 }
 
 #[test]
-fn convrot_layers_dequantize_as_the_exact_rotation() {
+fn convrot_layers_dequantize_as_comfy_kitchens_f32_product() {
     // H_16 from its definition: the Kronecker square of H_4 over 4
     let h4 = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]];
-    let h = |j: usize, i: usize| (h4[j / 4][i / 4] * h4[j % 4][i % 4]) as f64 / 4.0;
+    let h = |j: usize, i: usize| (h4[j / 4][i / 4] * h4[j % 4][i % 4]) as f32 / 4.0;
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("m.safetensors");
     let marker = r#"{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 16}"#;
@@ -404,23 +404,48 @@ fn convrot_layers_dequantize_as_the_exact_rotation() {
         .unwrap()
         .to_vec();
     let q = &t[0].3;
+    // the statement: x = f32(q) * s, then each output summed in f32 in
+    // ascending order of its inputs
     for r in 0..8 {
         let s = 0.01f32 + r as f32 * 0.001;
         for j in 0..16 {
-            let exact: f64 = (0..16)
-                .map(|i| (q[r * 16 + i] as i8) as f64 * s as f64 * h(j, i))
-                .sum();
+            let mut y = 0f32;
+            for i in 0..16 {
+                y += ((q[r * 16 + i] as i8) as f32 * s) * h(j, i);
+            }
             let k = r * 16 + j;
             let got = f32::from_le_bytes(w[k * 4..k * 4 + 4].try_into().unwrap());
-            assert_eq!(got, exact as f32, "row {r} column {j}");
+            assert_eq!(got.to_bits(), y.to_bits(), "row {r} column {j}");
         }
     }
-    // BF16: rounded once from the exact value (round to odd, then to BF16)
-    let e =
-        math::convrot_dequantize(&[1, 1, 1, 1], 4, &[1.0 + 2f32.powi(-9)], 4, Dtype::BF16).unwrap();
-    // row [1, 1, 1, 1] · H_4 / 2 = [1, 1, 1, -1] · (1 + 2^-9): a tie in BF16,
-    // to even
-    assert_eq!(u16::from_le_bytes([e[0], e[1]]), 0x3F80);
+    // groups of 256 sum per block of 128, then the two block sums
+    let codes: Vec<u8> = (0..256)
+        .map(|i| ((i * 37 % 255) as i32 - 127) as i8 as u8)
+        .collect();
+    let got = math::convrot_dequantize(&codes, 256, &[0.0123], 256, Dtype::F32).unwrap();
+    let signs = |j: usize, i: usize| {
+        let (mut a, mut b, mut neg) = (j, i, false);
+        while a > 0 || b > 0 {
+            neg ^= h4[a % 4][b % 4] < 0;
+            a /= 4;
+            b /= 4;
+        }
+        if neg {
+            -1.0f32 / 16.0
+        } else {
+            1.0 / 16.0
+        }
+    };
+    for j in 0..256 {
+        let x = |i: usize| (codes[i] as i8) as f32 * 0.0123f32 * signs(j, i);
+        let (mut a, mut b) = (0f32, 0f32);
+        for i in 0..128 {
+            a += x(i);
+            b += x(i + 128);
+        }
+        let g = f32::from_le_bytes(got[j * 4..j * 4 + 4].try_into().unwrap());
+        assert_eq!(g.to_bits(), (a + b).to_bits(), "output {j}");
+    }
     // ConvRot is read, never written
     let back = ConvertOptions::default().target(crate::migrate::plan::Target::layout(
         lin.quant.weights.clone(),
