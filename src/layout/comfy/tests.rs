@@ -420,7 +420,7 @@ fn convrot_layers_dequantize_as_comfy_kitchens_f32_product() {
     }
     // groups of 256 sum per block of 128, then the two block sums
     let codes: Vec<u8> = (0..256)
-        .map(|i| ((i * 37 % 255) as i32 - 127) as i8 as u8)
+        .map(|i: i32| ((i * 37 % 255) - 127) as i8 as u8)
         .collect();
     let got = math::convrot_dequantize(&codes, 256, &[0.0123], 256, Dtype::F32).unwrap();
     let signs = |j: usize, i: usize| {
