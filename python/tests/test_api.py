@@ -169,6 +169,7 @@ EVERY_FAMILY = (
     + sorted(COMFY.glob("*/legacy.safetensors"))
     + sorted(FP8BLOCK.glob("*/model.safetensors"))
     + sorted(CTFP8.glob("*/model.safetensors"))
+    + sorted((ROOT / "tests" / "fixtures" / "comfy-convrot").glob("convrot-*/quantized.safetensors"))
 )
 
 
