@@ -358,3 +358,28 @@ fn convrot_files_dequantize_as_comfy_kitchen_does() {
     assert!(e.to_string().contains("not a power of 4"), "{e}");
     assert!(!out.exists());
 }
+
+/// ComfyUI MXFP8 layers (tests/fixtures/comfy-mxfp8, made by comfy-kitchen
+/// 0.2.40): the swizzled E8M0 scales unswizzled, byte 0 read as 0.0 as the
+/// library does, the padded codes cropped to the logical shapes
+/// `--shapes-from` gives: bit for bit the library's dequantization.
+#[test]
+fn mxfp8_files_dequantize_as_comfy_kitchen_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in common::fixture_cases("comfy-mxfp8", 3) {
+        let out = tmp.path().join("plain.safetensors");
+        std::fs::remove_file(&out).ok();
+        convert(
+            &dir.join("quantized.safetensors"),
+            &out,
+            &opts("plain", Vec::new()).shapes_from(dir.join("float.safetensors")),
+        )
+        .unwrap();
+        assert_eq!(
+            tensors(&out),
+            tensors(&dir.join("dequantized.safetensors")),
+            "{}",
+            dir.display()
+        );
+    }
+}

@@ -170,6 +170,7 @@ EVERY_FAMILY = (
     + sorted(FP8BLOCK.glob("*/model.safetensors"))
     + sorted(CTFP8.glob("*/model.safetensors"))
     + sorted((ROOT / "tests" / "fixtures" / "comfy-convrot").glob("convrot-*/quantized.safetensors"))
+    + sorted((ROOT / "tests" / "fixtures" / "comfy-mxfp8").glob("*/quantized.safetensors"))
 )
 
 

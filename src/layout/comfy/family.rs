@@ -66,6 +66,29 @@ impl Family for Comfy {
         let q = part(l, w, Role::Data)?;
         let s = part(l, w, Role::Scale)?;
         let o = w.shape.first().copied().unwrap_or(0);
+        if f.kind == Kind::Mxfp8 {
+            let ok = match w.shape.as_slice() {
+                [r, c] => {
+                    let (qs, ss) = super::mx_shapes(*r, *c);
+                    q.dtype == Dtype::F8E4M3
+                        && q.shape == qs
+                        && matches!(s.dtype, Dtype::U8 | Dtype::F8E8M0)
+                        && s.shape == ss
+                        && float_model_dtype(w.dtype)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(Error::layout(format!(
+                    "a ComfyUI mxfp8 weight [R, C] is F8_E4M3 codes [R32, C32] with U8 or \
+                     F8_E8M0 swizzled scales; this record has {} {:?} codes, a {} {:?} scale, a \
+                     {} {:?} weight",
+                    q.dtype, q.shape, s.dtype, s.shape, w.dtype, w.shape
+                ))
+                .with_layer(l.path.clone()));
+            }
+            return Ok(());
+        }
         let scale_ok = float_model_dtype(s.dtype)
             && match f.kind {
                 Kind::Int8 { per_row: true } => s.shape == [o, 1],
@@ -142,17 +165,20 @@ impl Family for Comfy {
     }
 
     fn code_form(&self, l: &Layer) -> Option<CodeForm> {
-        // ConvRot codes are a rotated weight's: no other layout reads them
+        // ConvRot codes are a rotated weight's, MXFP8 codes padded with
+        // block scales: no other layout here reads them
         let f = Format::of(&l.quant.weights)
             .ok()
-            .filter(|f| f.convrot.is_none())?;
+            .filter(|f| f.convrot.is_none() && f.kind != Kind::Mxfp8)?;
         let w = quantized_weight(l).ok()?;
         let s = w.parts.iter().find(|p| p.role == Role::Scale)?;
         Some(form(&f, s.dtype))
     }
 
     fn target_form(&self, target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
-        let f = Format::of(target).ok().filter(|f| f.convrot.is_none())?;
+        let f = Format::of(target)
+            .ok()
+            .filter(|f| f.convrot.is_none() && f.kind != Kind::Mxfp8)?;
         Some(form(&f, Dtype::F32))
     }
 
@@ -160,6 +186,13 @@ impl Family for Comfy {
         let f = Format::of(target).map_err(|e| e.with_layer(l.path.clone()))?;
         if self.owns(&l.quant.weights) && Format::of(&l.quant.weights).ok().as_ref() == Some(&f) {
             return Ok(Planned::keep(l));
+        }
+        if f.kind == Kind::Mxfp8 {
+            return Err(Error::layout(
+                "ckptkit reads ComfyUI's mxfp8 layers but does not write them yet: quantize to \
+                 comfy:float8_e4m3fn instead",
+            )
+            .with_layer(l.path.clone()));
         }
         if let Some(n) = f.convrot {
             return Err(Error::layout(format!(
@@ -262,7 +295,11 @@ impl Family for Comfy {
         let qp = part(l, w, Role::Data)?;
         let sp = part(l, w, Role::Scale)?;
         let q = src.read(&qp.key)?;
-        let s = math::widen(sp.dtype, &src.read(&sp.key)?)?;
+        let sb = src.read(&sp.key)?;
+        let s = match f.kind {
+            Kind::Mxfp8 => Vec::new(), // E8M0 bytes, read by the MXFP8 dequantizer
+            _ => math::widen(sp.dtype, &sb)?,
+        };
         let cols = w.shape.get(1).copied().unwrap_or(1) as usize;
         let r = match f.kind {
             Kind::Fp8(kind) => match s.first() {
@@ -273,6 +310,8 @@ impl Family for Comfy {
                 Some(n) => math::convrot_dequantize(&q, cols, &s, n as usize, to),
                 None => math::int8_dequantize(&q, cols, &s, to),
             },
+            Kind::Mxfp8 => math::mxfp8_dequantize(&q, &qp.shape, &w.shape, &sb, to)
+                .map_err(|e| e.with_tensor(sp.key.clone())),
         };
         r.map_err(|e| e.with_layer(l.path.clone()))
     }
@@ -291,6 +330,11 @@ impl Family for Comfy {
             // int8 codes, or FP8 codes as their bit patterns (the planner
             // carries codes only between forms of the same code dtype)
             (_, WeightInput::Codes(c)) => carried_bytes(c, Dtype::F32).map_err(at)?,
+            (Kind::Mxfp8, WeightInput::Float(_)) => {
+                return Err(at(Error::layout(
+                    "ckptkit does not write ComfyUI's mxfp8 layers yet",
+                )))
+            }
             (Kind::Fp8(k), WeightInput::Float(float)) => {
                 let amax = math::amax_of(t.dtype, float).map_err(at)?;
                 let s = math::scale_for(t.dtype, k, amax).map_err(at)?;
@@ -400,6 +444,9 @@ impl Family for Comfy {
     }
 
     fn detector<'a>(&self, ctx: &DetectCtx<'a>) -> Result<Option<Box<dyn Detector + 'a>>> {
-        Ok(Some(Box::new(super::ComfyDetector::new(ctx.src)?)))
+        Ok(Some(Box::new(super::ComfyDetector::new(
+            ctx.src,
+            ctx.hints.shapes_from,
+        )?)))
     }
 }

@@ -369,6 +369,77 @@ pub(crate) fn convrot_dequantize(
     narrow(to, &v)
 }
 
+/// The value of an E8M0 scale byte as comfy-kitchen's `e8m0_to_f32`
+/// decodes it: `2^(b - 127)`, but **byte 0 is 0.0** (not 2^-127) and byte
+/// 255 is infinity.
+pub(crate) fn comfy_e8m0(b: u8) -> f32 {
+    match b {
+        0 => 0.0,
+        255 => f32::INFINITY,
+        b => f32::from_bits(u32::from(b) << 23),
+    }
+}
+
+/// Dequantizes MXFP8 (comfy-kitchen's `dequantize_mxfp8`): the stored
+/// codes `stored` = `[R32, C32]`, the swizzled E8M0 scales `s` (cuBLAS'
+/// 128 x 4 block-scaling layout), `w = to(f32(q) · sf)` per 32 elements
+/// of a row, cropped to the logical `shape`. A scale byte 255 (infinity) is
+/// refused, naming its block.
+pub(crate) fn mxfp8_dequantize(
+    q: &[u8],
+    stored: &[u64],
+    shape: &[u64],
+    s: &[u8],
+    to: Dtype,
+) -> Result<Vec<u8>> {
+    let (r32, c32) = match stored {
+        [r, c] => (*r as usize, *c as usize),
+        _ => return Err(Error::layout("mxfp8 codes are [R32, C32]")),
+    };
+    let (rows, cols) = match shape {
+        [r, c] => (*r as usize, *c as usize),
+        _ => return Err(Error::layout("an mxfp8 weight is [out, in]")),
+    };
+    let (gc, cp) = (c32 / 32, (c32 / 32).div_ceil(4) * 4);
+    let rp = r32.div_ceil(128) * 128;
+    if q.len() != r32 * c32 || s.len() != rp * cp || rows > r32 || cols > c32 {
+        return Err(Error::layout(format!(
+            "{} mxfp8 codes and {} scales for a [{rows}, {cols}] weight stored as [{r32}, {c32}]",
+            q.len(),
+            s.len()
+        )));
+    }
+    // unswizzle: scale (r, c) sits at flat index
+    // ((r/128)·(Cp/4) + c/4)·512 + (r%32)·16 + ((r%128)/32)·4 + c%4
+    let mut grid = Vec::with_capacity(r32 * gc);
+    for r in 0..r32 {
+        for c in 0..gc {
+            let f =
+                ((r / 128) * (cp / 4) + c / 4) * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + c % 4;
+            let b = s[f];
+            if b == 255 {
+                return Err(Error::layout(format!(
+                    "the scale of row {r}, block {c} is E8M0 byte 255 (infinity): the \
+                     checkpoint is damaged"
+                )));
+            }
+            grid.push(comfy_e8m0(b));
+        }
+    }
+    let full =
+        crate::layout::blocks::dequantize(q, [r32, c32], [1, 32], &grid, to, |v, sc| v * sc)?;
+    if (rows, cols) == (r32, c32) {
+        return Ok(full);
+    }
+    let size = to.size();
+    let mut out = Vec::with_capacity(rows * cols * size);
+    for r in full.chunks_exact(c32 * size).take(rows) {
+        out.extend_from_slice(&r[..cols * size]);
+    }
+    crate::io::pool::give(full);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,9 @@ pub(crate) enum Kind {
         /// One scale per output row.
         per_row: bool,
     },
+    /// `mxfp8`: E4M3 codes padded to multiples of 32 in both dimensions,
+    /// one E8M0 scale per 32 elements of a row, swizzled (read only).
+    Mxfp8,
 }
 
 impl Kind {
@@ -66,6 +69,7 @@ impl Kind {
             Kind::Fp8(Fp8Kind::E5M2) => "float8_e5m2",
             Kind::Fp8(_) => "float8_e4m3fn",
             Kind::Int8 { .. } => "int8_tensorwise",
+            Kind::Mxfp8 => "mxfp8",
         }
     }
 
@@ -84,6 +88,7 @@ impl Kind {
             "float8_e5m2" => Some(Kind::Fp8(Fp8Kind::E5M2)),
             "int8_tensorwise" => Some(Kind::Int8 { per_row: false }),
             "int8_tensorwise:per_row" => Some(Kind::Int8 { per_row: true }),
+            "mxfp8" => Some(Kind::Mxfp8),
             _ => None,
         }
     }
@@ -92,7 +97,7 @@ impl Kind {
     pub(crate) fn code_dtype(self) -> Dtype {
         match self {
             Kind::Fp8(Fp8Kind::E5M2) => Dtype::F8E5M2,
-            Kind::Fp8(_) => Dtype::F8E4M3,
+            Kind::Fp8(_) | Kind::Mxfp8 => Dtype::F8E4M3,
             Kind::Int8 { .. } => Dtype::I8,
         }
     }
@@ -104,6 +109,17 @@ impl Kind {
             _ => Vec::new(),
         }
     }
+}
+
+/// The stored shapes of an MXFP8 weight of logical shape `[r, c]`: the
+/// codes `[R32, C32]` (each rounded up to a multiple of 32) and the
+/// swizzled scales `[roundup(R32, 128), roundup(C32 / 32, 4)]`.
+pub(crate) fn mx_shapes(r: u64, c: u64) -> (Vec<u64>, Vec<u64>) {
+    let (r32, c32) = (r.div_ceil(32) * 32, c.div_ceil(32) * 32);
+    (
+        vec![r32, c32],
+        vec![r32.div_ceil(128) * 128, (c32 / 32).div_ceil(4) * 4],
+    )
 }
 
 /// What a layer's format record says: the layout, and ComfyUI's
@@ -338,6 +354,9 @@ pub(crate) struct ComfyDetector<'a> {
     /// A legacy file's marker: `full_precision_matrix_mult` when it has
     /// two elements.
     legacy: Option<bool>,
+    /// A plain checkpoint of the model (`--shapes-from`): the logical
+    /// shapes of MXFP8 weights, whose stored codes are padded.
+    shapes_from: Option<&'a dyn TensorSource>,
 }
 
 /// Whether a key is a legacy `scaled_fp8` marker.
@@ -346,7 +365,10 @@ pub(crate) fn is_legacy_marker(key: &str) -> bool {
 }
 
 impl<'a> ComfyDetector<'a> {
-    pub(crate) fn new(src: &'a dyn TensorSource) -> Result<ComfyDetector<'a>> {
+    pub(crate) fn new(
+        src: &'a dyn TensorSource,
+        shapes_from: Option<&'a dyn TensorSource>,
+    ) -> Result<ComfyDetector<'a>> {
         // scales are F32 whatever the model's dtype
         let is_scale = |key: &str| {
             let name = crate::format::layers::split_key(key).1;
@@ -379,6 +401,7 @@ impl<'a> ComfyDetector<'a> {
             listed: metadata_layers(src)?,
             model_dtype,
             legacy,
+            shapes_from,
         })
     }
 
@@ -468,6 +491,80 @@ impl ComfyDetector<'_> {
     }
 }
 
+impl ComfyDetector<'_> {
+    /// An MXFP8 layer: codes padded to multiples of 32, swizzled E8M0
+    /// scales. Its logical shape is the `--shapes-from` checkpoint's when
+    /// it pads to the stored one, else the stored shape.
+    fn detect_mxfp8(
+        &self,
+        path: &str,
+        format: Format,
+        q: &SourceTensor,
+        s: &SourceTensor,
+        marker: Option<&SourceTensor>,
+        others: &[&SourceTensor],
+    ) -> Result<Detected> {
+        let stored_ok = q.dtype == Dtype::F8E4M3
+            && q.shape.len() == 2
+            && q.shape.iter().all(|d| d % 32 == 0)
+            && matches!(s.dtype, Dtype::U8 | Dtype::F8E8M0)
+            && s.shape == mx_shapes(q.shape[0], q.shape[1]).1;
+        if !stored_ok {
+            return Err(Error::layout(format!(
+                "a ComfyUI mxfp8 layer stores `weight` F8_E4M3 [R32, C32] (padded to multiples of \
+                 32) and `{SCALE}` U8 or F8_E8M0 [roundup(R32, 128), roundup(C32 / 32, 4)] \
+                 (swizzled); this one has `weight` {} {:?} and `{SCALE}` {} {:?}",
+                q.dtype, q.shape, s.dtype, s.shape
+            ))
+            .with_layer(path.to_string()));
+        }
+        let key = crate::layout::family::key(path, "weight");
+        let hinted = self.shapes_from.and_then(|h| {
+            h.tensors()
+                .iter()
+                .find(|t| t.key == key)
+                .map(|t| t.shape.clone())
+        });
+        let shape = match hinted {
+            Some(h) if h.len() == 2 && mx_shapes(h[0], h[1]).0 == q.shape => h,
+            Some(h) => {
+                return Err(Error::layout(format!(
+                    "--shapes-from gives `{key}` the shape {h:?}, which does not pad to the \
+                     stored mxfp8 codes {:?}",
+                    q.shape
+                ))
+                .with_layer(path.to_string()))
+            }
+            None => q.shape.clone(),
+        };
+        let mut parts = vec![
+            out_part(Role::Data, q.key.clone(), q.dtype, q.shape.clone()),
+            out_part(Role::Scale, s.key.clone(), s.dtype, s.shape.clone()),
+        ];
+        let mut used = vec![q.key.clone(), s.key.clone()];
+        if let Some(m) = marker {
+            parts.push(out_part(
+                Role::Other(MARKER.into()),
+                m.key.clone(),
+                m.dtype,
+                m.shape.clone(),
+            ));
+            used.push(m.key.clone());
+        }
+        Ok(Detected::Found {
+            weight: LogicalTensor {
+                name: "weight".into(),
+                dtype: self.dtype_of(path, others),
+                shape,
+                encoding: Encoding::Quantized,
+                parts,
+            },
+            record: format.record(),
+            used,
+        })
+    }
+}
+
 impl Detector for ComfyDetector<'_> {
     fn claim<'k>(&self, _key: &'k str) -> Option<&'k str> {
         // `{m}.comfy_quant`, `{m}.weight`, `{m}.weight_scale` are module m's
@@ -520,6 +617,9 @@ impl Detector for ComfyDetector<'_> {
             ))
             .with_layer(path.to_string()));
         };
+        if format.kind == Kind::Mxfp8 {
+            return self.detect_mxfp8(path, format, q, s, marker, others);
+        }
         let o = q.shape.first().copied().unwrap_or(0);
         let format = format.with_scale_shape(&s.shape, o);
         if let Some(n) = format.convrot {

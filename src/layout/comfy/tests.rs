@@ -453,3 +453,96 @@ fn convrot_layers_dequantize_as_comfy_kitchens_f32_product() {
     let e = convert(&plain, &d.path().join("back.safetensors"), &back).unwrap_err();
     assert!(e.to_string().contains("does not write them"), "{e}");
 }
+
+#[test]
+fn mxfp8_layers_unswizzle_their_scales_and_crop_to_the_logical_shape() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    // logical [40, 64]: stored [64, 64], scales [64, 2] swizzled into [128, 4]
+    let (r32, c32, gc, cp) = (64usize, 64usize, 2usize, 4usize);
+    let codes: Vec<u8> = (0..r32 * c32).map(|i| (i * 29 % 0x7E) as u8).collect();
+    let grid = |r: usize, c: usize| -> u8 {
+        if r == 3 && c == 1 {
+            0 // comfy-kitchen's zero block: scale 0.0
+        } else {
+            (120 + (r * 3 + c) % 9) as u8
+        }
+    };
+    let mut sw = vec![0u8; 128 * cp];
+    for r in 0..r32 {
+        for c in 0..gc {
+            let i =
+                ((r / 128) * (cp / 4) + c / 4) * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + c % 4;
+            sw[i] = grid(r, c);
+        }
+    }
+    let marker = r#"{"format": "mxfp8"}"#;
+    let t: Tensors = vec![
+        (
+            "lin.weight".into(),
+            Dtype::F8E4M3,
+            vec![64, 64],
+            codes.clone(),
+        ),
+        (
+            "lin.weight_scale".into(),
+            Dtype::U8,
+            vec![128, 4],
+            sw.clone(),
+        ),
+        (
+            "lin.comfy_quant".into(),
+            Dtype::U8,
+            vec![marker.len() as u64],
+            marker.as_bytes().to_vec(),
+        ),
+        ("lin.bias".into(), Dtype::F32, vec![40], vec![0; 160]),
+    ];
+    write(&f, &t, &BTreeMap::new());
+    // the model's logical shapes
+    let shapes = d.path().join("shapes.safetensors");
+    write(
+        &shapes,
+        &vec![
+            (
+                "lin.weight".into(),
+                Dtype::F32,
+                vec![40, 64],
+                vec![0; 40 * 64 * 4],
+            ),
+            ("lin.bias".into(), Dtype::F32, vec![40], vec![0; 160]),
+        ],
+        &BTreeMap::new(),
+    );
+    let plain = d.path().join("p.safetensors");
+    convert(&f, &plain, &to("plain").shapes_from(shapes.clone())).unwrap();
+    let src = open_source(&plain).unwrap();
+    let w = src.read("lin.weight").unwrap().to_vec();
+    assert_eq!(w.len(), 40 * 64 * 4, "cropped to [40, 64]");
+    for r in 0..40 {
+        for c in 0..64 {
+            let sf = math::comfy_e8m0(grid(r, c / 32));
+            let want = Fp8Kind::E4M3Fn.decode(codes[r * 64 + c]) * sf;
+            let k = (r * 64 + c) * 4;
+            let got = f32::from_le_bytes(w[k..k + 4].try_into().unwrap());
+            assert_eq!(got.to_bits(), want.to_bits(), "[{r}, {c}]");
+        }
+    }
+    assert_eq!(math::comfy_e8m0(0), 0.0);
+    assert_eq!(math::comfy_e8m0(127), 1.0);
+    // without the shapes, the stored (padded) shape
+    let layers = layers_of(&f).unwrap();
+    let lin = layers.iter().find(|l| l.path == "lin").unwrap();
+    assert_eq!(quantized_weight(lin).unwrap().shape, vec![64, 64]);
+    // a scale byte 255 (infinity) is refused, naming the layer; ckptkit
+    // does not write mxfp8
+    let mut bad = t.clone();
+    bad[1].3[0] = 255;
+    std::fs::remove_file(&f).ok();
+    write(&f, &bad, &BTreeMap::new());
+    let e = convert(&f, &d.path().join("x.safetensors"), &to("plain")).unwrap_err();
+    assert_eq!(e.location().layer.as_deref(), Some("lin"), "{e}");
+    assert!(e.to_string().contains("255"), "{e}");
+    let e = convert(&shapes, &d.path().join("y.safetensors"), &to("comfy:mxfp8")).unwrap_err();
+    assert!(e.to_string().contains("does not write"), "{e}");
+}
