@@ -362,7 +362,8 @@ fn convrot_files_dequantize_as_comfy_kitchen_does() {
 /// ComfyUI MXFP8 layers (tests/fixtures/comfy-mxfp8, made by comfy-kitchen
 /// 0.2.40): the swizzled E8M0 scales unswizzled, byte 0 read as 0.0 as the
 /// library does, the padded codes cropped to the logical shapes
-/// `--shapes-from` gives: bit for bit the library's dequantization.
+/// `--shapes-from` gives: bit for bit the library's dequantization; and
+/// `--to comfy:mxfp8` writes the library's file byte for byte.
 #[test]
 fn mxfp8_files_dequantize_as_comfy_kitchen_does() {
     let tmp = tempfile::tempdir().unwrap();
@@ -378,6 +379,21 @@ fn mxfp8_files_dequantize_as_comfy_kitchen_does() {
         assert_eq!(
             tensors(&out),
             tensors(&dir.join("dequantized.safetensors")),
+            "{}",
+            dir.display()
+        );
+        // quantizing the float model is the library's file, byte for byte
+        let q = tmp.path().join("q.safetensors");
+        std::fs::remove_file(&q).ok();
+        convert(
+            &dir.join("float.safetensors"),
+            &q,
+            &opts("comfy:mxfp8", Vec::new()),
+        )
+        .unwrap();
+        assert_eq!(
+            tensors(&q),
+            tensors(&dir.join("quantized.safetensors")),
             "{}",
             dir.display()
         );

@@ -150,7 +150,7 @@ impl Family for Comfy {
     }
 
     fn spellings(&self) -> &'static str {
-        "comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise|int8_tensorwise:per_row (also \
+        "comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise|int8_tensorwise:per_row|mxfp8 (also \
          fp8:comfy[:e5m2], int8:comfy[:tensor])"
     }
 
@@ -187,13 +187,6 @@ impl Family for Comfy {
         if self.owns(&l.quant.weights) && Format::of(&l.quant.weights).ok().as_ref() == Some(&f) {
             return Ok(Planned::keep(l));
         }
-        if f.kind == Kind::Mxfp8 {
-            return Err(Error::layout(
-                "ckptkit reads ComfyUI's mxfp8 layers but does not write them yet: quantize to \
-                 comfy:float8_e4m3fn instead",
-            )
-            .with_layer(l.path.clone()));
-        }
         if let Some(n) = f.convrot {
             return Err(Error::layout(format!(
                 "ckptkit reads ComfyUI's ConvRot layers (convrot {n}) but does not write them: \
@@ -224,24 +217,22 @@ impl Family for Comfy {
         );
         let key = |s: &str| crate::layout::family::key(&l.path, s);
         let marker = f.marker_json();
+        // MXFP8 stores padded codes and swizzled U8 scales
+        let (q_shape, s_dtype, s_shape) = match f.kind {
+            Kind::Mxfp8 => {
+                let (q, s) = super::mx_shapes(w.shape[0], w.shape[1]);
+                (q, Dtype::U8, s)
+            }
+            k => (w.shape.clone(), Dtype::F32, k.scale_shape(w.shape[0])),
+        };
         let mut tensors = vec![LogicalTensor {
             name: "weight".into(),
             dtype: w.dtype,
             shape: w.shape.clone(),
             encoding: Encoding::Quantized,
             parts: vec![
-                out_part(
-                    Role::Data,
-                    key("weight"),
-                    f.kind.code_dtype(),
-                    w.shape.clone(),
-                ),
-                out_part(
-                    Role::Scale,
-                    key(SCALE),
-                    Dtype::F32,
-                    f.kind.scale_shape(w.shape[0]),
-                ),
+                out_part(Role::Data, key("weight"), f.kind.code_dtype(), q_shape),
+                out_part(Role::Scale, key(SCALE), s_dtype, s_shape),
                 out_part(
                     Role::Other(MARKER.into()),
                     key(MARKER),
@@ -330,10 +321,9 @@ impl Family for Comfy {
             // int8 codes, or FP8 codes as their bit patterns (the planner
             // carries codes only between forms of the same code dtype)
             (_, WeightInput::Codes(c)) => carried_bytes(c, Dtype::F32).map_err(at)?,
-            (Kind::Mxfp8, WeightInput::Float(_)) => {
-                return Err(at(Error::layout(
-                    "ckptkit does not write ComfyUI's mxfp8 layers yet",
-                )))
+            (Kind::Mxfp8, WeightInput::Float(float)) => {
+                let r = t.shape.first().copied().unwrap_or(0) as usize;
+                math::mxfp8_quantize(t.dtype, float, r, cols).map_err(at)?
             }
             (Kind::Fp8(k), WeightInput::Float(float)) => {
                 let amax = math::amax_of(t.dtype, float).map_err(at)?;

@@ -440,6 +440,66 @@ pub(crate) fn mxfp8_dequantize(
     Ok(out)
 }
 
+/// Quantizes a `[r, c]` weight of dtype `d` to MXFP8 (comfy-kitchen's
+/// `quantize_mxfp8` with its 32 x 32 padding): per 32 elements of a row,
+/// `need = max(f32(amax) / 448, 2^-127)`, `e = clamp(ceil(log2_f32(need)) +
+/// 127, 0, 254)`, codes `e4m3(clamp(f32(x) / 2^(e-127), ±448))`; an all-zero
+/// block gets `e = 0` and zero codes. Returns the padded codes `[R32, C32]`
+/// and the swizzled scale bytes. A non-zero block whose `amax` is at most
+/// 448 · 2^-127 is refused: its scale would decode to 0 (the library then
+/// writes saturated or NaN codes).
+pub(crate) fn mxfp8_quantize(d: Dtype, x: &[u8], r: usize, c: usize) -> Result<(Vec<u8>, Vec<u8>)> {
+    let mut grid = Vec::with_capacity(r * c.div_ceil(32));
+    let q = crate::layout::blocks::quantize(
+        d,
+        x,
+        [r, c],
+        [1, 32],
+        |_, amax| {
+            if amax == 0.0 {
+                grid.push(0u8);
+                return Ok(0.0); // the zero block's marker for `code`
+            }
+            let need = (amax / 448.0).max(2f32.powi(-127));
+            let e = (((f64::from(need)).log2() as f32).ceil() as i32 + 127).clamp(0, 254);
+            if e == 0 {
+                return Err(Error::layout(format!(
+                    "a block's largest magnitude {amax:e} is at most 448 · 2^-127: its E8M0 \
+                     scale would decode to 0 (comfy-kitchen writes saturated or NaN codes)"
+                )));
+            }
+            grid.push(e as u8);
+            Ok(f32::from_bits((e as u32) << 23))
+        },
+        |v, sf| {
+            if sf == 0.0 {
+                0
+            } else {
+                Fp8Kind::E4M3Fn.encode((v / sf).clamp(-448.0, 448.0))
+            }
+        },
+    )?;
+    let (r32, c32) = (r.div_ceil(32) * 32, c.div_ceil(32) * 32);
+    let mut codes = vec![0u8; r32 * c32];
+    if c > 0 {
+        for (row, out) in q.chunks_exact(c).zip(codes.chunks_exact_mut(c32)) {
+            out[..c].copy_from_slice(row);
+        }
+    }
+    let gc = c32 / 32;
+    let (rp, cp) = (r32.div_ceil(128) * 128, gc.div_ceil(4) * 4);
+    let mut sw = vec![0u8; rp * cp];
+    for (i, &e) in grid.iter().enumerate() {
+        let (row, col) = (i / gc.max(1), i % gc.max(1));
+        let f = ((row / 128) * (cp / 4) + col / 4) * 512
+            + (row % 32) * 16
+            + ((row % 128) / 32) * 4
+            + col % 4;
+        sw[f] = e;
+    }
+    Ok((codes, sw))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

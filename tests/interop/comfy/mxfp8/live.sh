@@ -31,9 +31,24 @@ for case in "$work"/cases/mxfp8-*/; do
     [ -f "$case/case.json" ] || continue
     w="$work/$name"
     mkdir -p "$w"
+    # ckptkit's own quantization (--to comfy:mxfp8) must be the library's file, tensor for tensor
     if "$MIGRATE" -q convert "$case/quantized.safetensors" "$w/plain.safetensors" --to plain \
             --shapes-from "$case/float.safetensors" \
-        && "$py" "$here/check_mxfp8.py" --case "$case" --ours-plain "$w/plain.safetensors"; then
+        && "$py" "$here/check_mxfp8.py" --case "$case" --ours-plain "$w/plain.safetensors" \
+        && "$MIGRATE" -q convert "$case/float.safetensors" "$w/ours.safetensors" --to comfy:mxfp8 \
+        && "$py" - "$w/ours.safetensors" "$case/quantized.safetensors" <<'PY'
+import sys
+from safetensors import safe_open
+a, b = (safe_open(p, "pt") for p in sys.argv[1:3])
+if set(a.keys()) != set(b.keys()):
+    sys.exit(f"keys differ: {sorted(set(a.keys()) ^ set(b.keys()))}")
+for k in sorted(a.keys()):
+    x, y = a.get_tensor(k), b.get_tensor(k)
+    if x.dtype != y.dtype or x.shape != y.shape or not x.contiguous().view(-1).view(__import__("torch").uint8).equal(y.contiguous().view(-1).view(__import__("torch").uint8)):
+        sys.exit(f"{k}: ours {x.dtype} {tuple(x.shape)} differs from the library's {y.dtype} {tuple(y.shape)}")
+print(f"OK: --to comfy:mxfp8 wrote the library's {len(a.keys())} tensors byte for byte")
+PY
+    then
         pass=$((pass + 1))
     else
         echo "FAIL $name"
