@@ -53,6 +53,21 @@ pub(crate) fn dequantize(
         }
         let gc = k.div_ceil(bw);
         let dec = Fp8Kind::E4M3Fn.decode_table();
+        if bh * bw < 256 {
+            // blocks smaller than a table (groups of 32, MXFP8's rows of 32):
+            // element by element, with no memory beyond the output
+            for (r, (row, orow)) in q.chunks(k).zip(out.chunks_mut(k * N)).enumerate() {
+                let srow = &s[(r / bh) * gc..(r / bh + 1) * gc];
+                for ((qc, oc), &sc) in row.chunks(bw).zip(orow.chunks_mut(bw * N)).zip(srow) {
+                    for (&c, e) in qc.iter().zip(oc.chunks_exact_mut(N)) {
+                        e.copy_from_slice(&enc(value(dec[usize::from(c)], sc)));
+                    }
+                }
+            }
+            return out;
+        }
+        // one table of 256 outputs per block of a band: at most 256 · N bytes
+        // per block of at least 256 elements, so never more than the output
         let mut tables: Vec<[[u8; N]; 256]> = vec![[[0u8; N]; 256]; gc];
         for (rb, (rows, orows)) in q.chunks(bh * k).zip(out.chunks_mut(bh * k * N)).enumerate() {
             for (t, &sc) in tables.iter_mut().zip(&s[rb * gc..(rb + 1) * gc]) {
@@ -179,4 +194,35 @@ pub(crate) fn quantize(
         }
     }
     Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both paths (a table per block, element by element for blocks
+    /// smaller than a table) give `to(value(decode(q), s))` for every
+    /// element, ragged edges included.
+    #[test]
+    fn dequantizing_is_the_element_by_element_statement_for_every_block_size() {
+        let (n, k) = (37usize, 70usize);
+        let q: Vec<u8> = (0..n * k).map(|i| (i * 131 % 251) as u8).collect();
+        for block in [[1usize, 32usize], [16, 16], [128, 128], [5, 7], [n, k]] {
+            let (gr, gc) = (n.div_ceil(block[0]), k.div_ceil(block[1]));
+            let s: Vec<f32> = (0..gr * gc).map(|i| 0.5 + i as f32 * 0.25).collect();
+            let got = dequantize(&q, [n, k], block, &s, Dtype::F32, |v, sc| v * sc).unwrap();
+            for (i, w) in got.chunks_exact(4).enumerate() {
+                let (r, c) = (i / k, i % k);
+                let sc = s[(r / block[0]) * gc + c / block[1]];
+                let want = Fp8Kind::E4M3Fn.decode(q[i]) * sc;
+                let have = f32::from_le_bytes(w.try_into().unwrap());
+                assert!(
+                    have.to_bits() == want.to_bits() || (have.is_nan() && want.is_nan()),
+                    "{block:?} [{r}, {c}]"
+                );
+            }
+        }
+        // scales that do not match the grid are an error, not a panic
+        assert!(dequantize(&q, [n, k], [1, 32], &[1.0], Dtype::F32, |v, s| v * s).is_err());
+    }
 }

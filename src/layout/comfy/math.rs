@@ -329,7 +329,8 @@ pub(crate) fn convrot_dequantize(
     to: Dtype,
 ) -> Result<Vec<u8>> {
     let rows = q.len() / cols.max(1);
-    if n < 4 || !cols.is_multiple_of(n) || scales.len() != rows || rows * cols != q.len() {
+    let big = n as u64 > super::MAX_CONVROT_GROUP;
+    if n < 4 || big || !cols.is_multiple_of(n) || scales.len() != rows || rows * cols != q.len() {
         return Err(Error::layout(format!(
             "{} ConvRot codes, {} scales: not [rows, cols] with one scale per row and cols a \
              multiple of the group size {n}",

@@ -284,8 +284,8 @@ impl Format {
                 Some(convrot_groupsize(n).ok_or_else(|| {
                     refuse(&format!(
                         "with \"convrot\": true and \"convrot_groupsize\": {}, which is not a \
-                         power of 4 (4, 16, 64, 256, 1024, ...): no Hadamard matrix of ComfyUI's \
-                         has that size (comfy-kitchen refuses it too)",
+                         power of 4 (4, 16, 64, 256, 1024, ...; comfy-kitchen has no Hadamard \
+                         matrix of another size) up to {MAX_CONVROT_GROUP}",
                         get("convrot_groupsize").map_or("null".into(), |v| v.to_string())
                     ))
                 })?)
@@ -318,9 +318,16 @@ impl Format {
     }
 }
 
-/// A ConvRot group size: a power of 4 from 4 to 4^10.
+/// The largest ConvRot group size read: 4^6. Dequantizing builds the
+/// `n` x `n` sign table and does `n` operations per element, so a file may
+/// not choose it freely (ComfyUI's checkpoints use 256).
+pub(crate) const MAX_CONVROT_GROUP: u64 = 4096;
+
+/// A ConvRot group size: a power of 4 from 4 to [`MAX_CONVROT_GROUP`].
 fn convrot_groupsize(n: Option<u64>) -> Option<u64> {
-    n.filter(|&n| (4..=1 << 20).contains(&n) && n.is_power_of_two() && n.trailing_zeros() % 2 == 0)
+    n.filter(|&n| {
+        (4..=MAX_CONVROT_GROUP).contains(&n) && n.is_power_of_two() && n.trailing_zeros() % 2 == 0
+    })
 }
 
 /// The layers the file-level transport names, with their format objects.

@@ -355,6 +355,11 @@ fn int8_tensorwise_reads_its_scale_shape_and_refuses_bad_convrot() {
             vec![],
             r#"{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 16}"#,
         ),
+        // a power of 4 too large to build its sign table from a file's say-so
+        (
+            vec![8, 1],
+            r#"{"format": "int8_tensorwise", "convrot": true, "convrot_groupsize": 16384}"#,
+        ),
     ] {
         std::fs::remove_file(&f).ok();
         write(&f, &int8_file(shape.clone(), marker), &BTreeMap::new());
