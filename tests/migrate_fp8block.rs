@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ckptkit::migrate::{convert, like_target, ConvertOptions, PlanOptions, Target};
 use ckptkit::ErrorKind;
@@ -17,19 +17,9 @@ fn cases() -> Vec<PathBuf> {
     common::fixture_cases("fp8block", 4)
 }
 
-fn case_json(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap()
-}
-
-fn strings(v: &serde_json::Value) -> Vec<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect()
-}
-
-use common::{fixture_with_tensor as damaged, stored_tensors as tensors, Stored};
+use common::{
+    case_json, fixture_with_tensor as damaged, stored_tensors as tensors, strings, Stored,
+};
 
 fn opts(to: &str, exclude: Vec<String>) -> ConvertOptions {
     ConvertOptions::default()

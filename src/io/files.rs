@@ -124,6 +124,23 @@ pub fn read_side_file(path: &Path) -> Result<String> {
     read_capped_text(path, MAX_SIDE_FILE, "side file size")
 }
 
+/// The `config.json` beside an input (in the directory of a file input, or
+/// in a directory input), read under the side-file cap: its path and text,
+/// or `None` when there is none.
+pub fn config_beside(input: &Path) -> Result<Option<(std::path::PathBuf, String)>> {
+    let dir = if input.is_dir() {
+        input.to_path_buf()
+    } else {
+        input.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let p = dir.join("config.json");
+    if !regular_file_exists(&p)? {
+        return Ok(None);
+    }
+    let text = read_side_file(&p)?;
+    Ok(Some((p, text)))
+}
+
 /// [`read_capped`] as UTF-8 text.
 pub fn read_capped_text(path: &Path, cap: u64, what: &'static str) -> Result<String> {
     String::from_utf8(read_capped(path, cap, what)?).map_err(|e| {

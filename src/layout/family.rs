@@ -18,7 +18,9 @@ use serde::Serialize;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::format::manifest::{Encoding, Layer, LogicalTensor, Part, Role, WeightQuant};
+use crate::format::manifest::{
+    Encoding, Layer, LogicalTensor, Part, Quantization, Role, WeightQuant,
+};
 use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::TensorBytes;
 
@@ -553,6 +555,93 @@ pub(crate) fn carry_or_quantize(
             (passes, false)
         }
     }
+}
+
+/// The output layer of layer `l` planned into `record` with its weight
+/// made of `parts`: the layer's other tensors are kept as they are, except
+/// the source family's buffers that mean nothing outside it (dropped, and
+/// the pass says so).
+pub(crate) fn quantized_layer(
+    l: &Layer,
+    w: &LogicalTensor,
+    record: WeightQuant,
+    parts: Vec<Part>,
+    ctx: &PlanCtx<'_>,
+    mut passes: Vec<Pass>,
+    lossless: bool,
+) -> Planned {
+    let mut tensors = vec![LogicalTensor {
+        name: "weight".into(),
+        dtype: w.dtype,
+        shape: w.shape.clone(),
+        encoding: Encoding::Quantized,
+        parts,
+    }];
+    let extra = ctx.source.extra_buffers();
+    for t in &l.tensors {
+        if t.name != "weight" && !extra.contains(&t.name.as_str()) {
+            tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
+        }
+    }
+    if l.tensors.iter().any(|t| extra.contains(&t.name.as_str())) {
+        passes.push(Pass::DropActivationScales);
+    }
+    Planned {
+        output: Layer {
+            path: l.path.clone(),
+            quant: Quantization {
+                weights: record,
+                activations: None,
+            },
+            tensors,
+            extensions: Vec::new(),
+        },
+        passes,
+        lossless,
+    }
+}
+
+/// The bytes of output weight `t`'s parts: the codes for `Data`, the
+/// scale for `Scale`, `other(role)` for any other part (a family's marker),
+/// else an error naming the part.
+pub(crate) fn part_bytes(
+    t: &LogicalTensor,
+    q: Vec<u8>,
+    scale: Vec<u8>,
+    other: impl Fn(&Role) -> Option<Vec<u8>>,
+) -> Result<Vec<(String, TensorBytes)>> {
+    let (mut q, mut scale) = (Some(q), Some(scale));
+    let mut out = Vec::with_capacity(t.parts.len());
+    for p in &t.parts {
+        let b = match &p.role {
+            Role::Data => q.take().unwrap_or_default(),
+            Role::Scale => scale.take().unwrap_or_default(),
+            r => other(r).ok_or_else(|| {
+                Error::layout(format!("the layout has no {r:?} part (`{}`)", p.key))
+            })?,
+        };
+        out.push((p.key.clone(), TensorBytes::Owned(b)));
+    }
+    Ok(out)
+}
+
+/// The model dtype a `config.json` names (`dtype`, or the older
+/// `torch_dtype`), when it is BF16, F16 or F32.
+pub(crate) fn config_dtype(v: &serde_json::Value) -> Option<Dtype> {
+    ["dtype", "torch_dtype"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(|d| d.as_str()))
+        .and_then(|d| match d {
+            "bfloat16" => Some(Dtype::BF16),
+            "float16" => Some(Dtype::F16),
+            "float32" => Some(Dtype::F32),
+            _ => None,
+        })
+}
+
+/// A weight dimension as an index.
+pub(crate) fn usize_of(v: u64) -> Result<usize> {
+    usize::try_from(v).map_err(|_| Error::overflow("weight dimension"))
 }
 
 /// The code and scale bytes of codes carried into a layout whose scale is

@@ -252,3 +252,17 @@ pub fn fixture_with_tensor(dir: &Path, to: &Path, key: &str, new: Option<Stored>
     w.finish().unwrap();
     p
 }
+
+/// A fixture case's `case.json`.
+pub fn case_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap()
+}
+
+/// A JSON array of strings.
+pub fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}

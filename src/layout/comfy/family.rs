@@ -2,13 +2,13 @@
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role, WeightQuant};
+use crate::format::manifest::{Layer, LogicalTensor, Role, WeightQuant};
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    byte_codes, carried_bytes, carry_or_quantize, out_part, part, plain_logical, quantized_weight,
-    weight_of, CodeForm, Codes, DetectCtx, Detector, Family, Granularity, Pass, PlanCtx, Planned,
-    ScaleValue, WeightInput,
+    byte_codes, carried_bytes, carry_or_quantize, out_part, part, part_bytes, quantized_layer,
+    quantized_weight, weight_of, CodeForm, Codes, DetectCtx, Detector, Family, Granularity, Pass,
+    PlanCtx, Planned, ScaleValue, WeightInput,
 };
 
 use super::{is_legacy_marker, math, Format, Kind, MARKER, METADATA_KEY, NAME, SCALE};
@@ -204,7 +204,7 @@ impl Family for Comfy {
         }
         // codes carry over from a layout of the same scale granularity and
         // code kind
-        let (mut passes, lossless) = carry_or_quantize(
+        let (passes, lossless) = carry_or_quantize(
             self,
             l,
             w,
@@ -225,44 +225,25 @@ impl Family for Comfy {
             }
             k => (w.shape.clone(), Dtype::F32, k.scale_shape(w.shape[0])),
         };
-        let mut tensors = vec![LogicalTensor {
-            name: "weight".into(),
-            dtype: w.dtype,
-            shape: w.shape.clone(),
-            encoding: Encoding::Quantized,
-            parts: vec![
-                out_part(Role::Data, key("weight"), f.kind.code_dtype(), q_shape),
-                out_part(Role::Scale, key(SCALE), s_dtype, s_shape),
-                out_part(
-                    Role::Other(MARKER.into()),
-                    key(MARKER),
-                    Dtype::U8,
-                    vec![marker.len() as u64],
-                ),
-            ],
-        }];
-        let extra = ctx.source.extra_buffers();
-        for t in &l.tensors {
-            if t.name != "weight" && !extra.contains(&t.name.as_str()) {
-                tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
-            }
-        }
-        if l.tensors.iter().any(|t| extra.contains(&t.name.as_str())) {
-            passes.push(Pass::DropActivationScales);
-        }
-        Ok(Planned {
-            output: Layer {
-                path: l.path.clone(),
-                quant: Quantization {
-                    weights: f.record(),
-                    activations: None,
-                },
-                tensors,
-                extensions: Vec::new(),
-            },
+        let parts = vec![
+            out_part(Role::Data, key("weight"), f.kind.code_dtype(), q_shape),
+            out_part(Role::Scale, key(SCALE), s_dtype, s_shape),
+            out_part(
+                Role::Other(MARKER.into()),
+                key(MARKER),
+                Dtype::U8,
+                vec![marker.len() as u64],
+            ),
+        ];
+        Ok(quantized_layer(
+            l,
+            w,
+            f.record(),
+            parts,
+            ctx,
             passes,
             lossless,
-        })
+        ))
     }
 
     fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
@@ -340,22 +321,10 @@ impl Family for Comfy {
                 )
             }
         };
-        let (mut q, mut scale) = (Some(q), Some(scale));
-        let mut out = Vec::with_capacity(3);
-        for p in &t.parts {
-            let b = match &p.role {
-                Role::Data => q.take().unwrap_or_default(),
-                Role::Scale => scale.take().unwrap_or_default(),
-                Role::Other(n) if n == MARKER => f.marker_json().into_bytes(),
-                r => {
-                    return Err(at(Error::layout(format!(
-                        "a ComfyUI weight has no {r:?} part"
-                    ))))
-                }
-            };
-            out.push((p.key.clone(), TensorBytes::Owned(b)));
-        }
-        Ok(out)
+        part_bytes(t, q, scale, |r| {
+            (*r == Role::Other(MARKER.into())).then(|| f.marker_json().into_bytes())
+        })
+        .map_err(at)
     }
 
     fn extra_buffers(&self) -> &'static [&'static str] {

@@ -2,13 +2,13 @@
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::format::manifest::{Encoding, Layer, LogicalTensor, Quantization, Role, WeightQuant};
+use crate::format::manifest::{Layer, LogicalTensor, Role, WeightQuant};
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    byte_codes, carried_bytes, carry_or_quantize, out_part, part, plain_logical, quantized_weight,
-    weight_of, CodeForm, Codes, ConfigOwner, DetectCtx, Detector, Family, Granularity, Pass,
-    PlanCtx, Planned, ScaleValue, WeightInput,
+    byte_codes, carried_bytes, carry_or_quantize, out_part, part, part_bytes, quantized_layer,
+    quantized_weight, usize_of, weight_of, CodeForm, Codes, ConfigOwner, DetectCtx, Detector,
+    Family, Granularity, Pass, PlanCtx, Planned, ScaleValue, WeightInput,
 };
 
 use super::{math, CtFp8Config, CtFp8Detector, Format, METHOD, NAME, SCALE};
@@ -22,10 +22,6 @@ const ACTIVATION_SCALE: [&str; 2] = ["input_scale", "input_zero_point"];
 
 fn float_model_dtype(d: Dtype) -> bool {
     matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32)
-}
-
-fn usize_of(v: u64) -> Result<usize> {
-    usize::try_from(v).map_err(|_| Error::overflow("weight dimension"))
 }
 
 /// The code form of a compressed-tensors FP8 layout: FP8 codes carried as
@@ -155,7 +151,7 @@ impl Family for CtFp8 {
             ))
             .with_layer(l.path.clone()));
         }
-        let (mut passes, lossless) = carry_or_quantize(
+        let (passes, lossless) = carry_or_quantize(
             self,
             l,
             w,
@@ -167,44 +163,25 @@ impl Family for CtFp8 {
             },
         );
         let key = |s: &str| crate::layout::family::key(&l.path, s);
-        let mut tensors = vec![LogicalTensor {
-            name: "weight".into(),
-            dtype: w.dtype,
-            shape: w.shape.clone(),
-            encoding: Encoding::Quantized,
-            parts: vec![
-                out_part(Role::Data, key("weight"), Dtype::F8E4M3, w.shape.clone()),
-                // compressed-tensors keeps the scale in the model's dtype
-                out_part(
-                    Role::Scale,
-                    key(SCALE),
-                    w.dtype,
-                    f.strategy.scale_shape(w.shape[0], w.shape[1]),
-                ),
-            ],
-        }];
-        let extra = ctx.source.extra_buffers();
-        for t in &l.tensors {
-            if t.name != "weight" && !extra.contains(&t.name.as_str()) {
-                tensors.push(plain_logical(&l.path, &t.name, t.dtype, t.shape.clone()));
-            }
-        }
-        if l.tensors.iter().any(|t| extra.contains(&t.name.as_str())) {
-            passes.push(Pass::DropActivationScales);
-        }
-        Ok(Planned {
-            output: Layer {
-                path: l.path.clone(),
-                quant: Quantization {
-                    weights: f.record(),
-                    activations: None,
-                },
-                tensors,
-                extensions: Vec::new(),
-            },
+        let parts = vec![
+            out_part(Role::Data, key("weight"), Dtype::F8E4M3, w.shape.clone()),
+            // compressed-tensors keeps the scale in the model's dtype
+            out_part(
+                Role::Scale,
+                key(SCALE),
+                w.dtype,
+                f.strategy.scale_shape(w.shape[0], w.shape[1]),
+            ),
+        ];
+        Ok(quantized_layer(
+            l,
+            w,
+            f.record(),
+            parts,
+            ctx,
             passes,
             lossless,
-        })
+        ))
     }
 
     fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
@@ -254,21 +231,7 @@ impl Family for CtFp8 {
                 math::quantize(t.dtype, float, [n, k], block).map_err(at)?
             }
         };
-        let (mut q, mut s) = (Some(q), Some(s));
-        let mut out = Vec::with_capacity(2);
-        for p in &t.parts {
-            let b = match &p.role {
-                Role::Data => q.take().unwrap_or_default(),
-                Role::Scale => s.take().unwrap_or_default(),
-                r => {
-                    return Err(at(Error::layout(format!(
-                        "a compressed-tensors FP8 weight has no {r:?} part"
-                    ))))
-                }
-            };
-            out.push((p.key.clone(), TensorBytes::Owned(b)));
-        }
-        Ok(out)
+        part_bytes(t, q, s, |_| None).map_err(at)
     }
 
     fn quantization_config(

@@ -279,15 +279,7 @@ impl CtFp8Config {
             Some("naive-quantized") | None => false,
             Some(f) => return bad(format!("FP8 weights in format `{f}`, which is not read")),
         };
-        let dtype = ["dtype", "torch_dtype"]
-            .iter()
-            .find_map(|k| v.get(*k).and_then(|d| d.as_str()))
-            .and_then(|d| match d {
-                "bfloat16" => Some(Dtype::BF16),
-                "float16" => Some(Dtype::F16),
-                "float32" => Some(Dtype::F32),
-                _ => None,
-            });
+        let dtype = crate::layout::family::config_dtype(&v);
         Ok(Some(CtFp8Config {
             format: Format {
                 strategy,
@@ -299,16 +291,10 @@ impl CtFp8Config {
 
     /// The config beside an input (a file's directory, or the directory).
     pub(crate) fn beside(input: &Path) -> Result<Option<CtFp8Config>> {
-        let dir = if input.is_dir() {
-            input.to_path_buf()
-        } else {
-            input.parent().map(Path::to_path_buf).unwrap_or_default()
-        };
-        let p = dir.join("config.json");
-        if !crate::io::files::regular_file_exists(&p)? {
-            return Ok(None);
+        match crate::io::files::config_beside(input)? {
+            Some((p, text)) => CtFp8Config::from_text(&text).map_err(|e| e.with_file(&p)),
+            None => Ok(None),
         }
-        CtFp8Config::from_text(&crate::io::files::read_side_file(&p)?).map_err(|e| e.with_file(&p))
     }
 }
 

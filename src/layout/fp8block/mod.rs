@@ -173,30 +173,16 @@ impl Fp8Config {
                 }
             }
         };
-        let dtype = ["torch_dtype", "dtype"]
-            .iter()
-            .find_map(|k| v.get(*k).and_then(|d| d.as_str()))
-            .and_then(|d| match d {
-                "bfloat16" => Some(Dtype::BF16),
-                "float16" => Some(Dtype::F16),
-                "float32" => Some(Dtype::F32),
-                _ => None,
-            });
+        let dtype = crate::layout::family::config_dtype(&v);
         Ok(Some(Fp8Config { block, dtype }))
     }
 
     /// The config beside an input (a file's directory, or the directory).
     pub(crate) fn beside(input: &Path) -> Result<Option<Fp8Config>> {
-        let dir = if input.is_dir() {
-            input.to_path_buf()
-        } else {
-            input.parent().map(Path::to_path_buf).unwrap_or_default()
-        };
-        let p = dir.join("config.json");
-        if !crate::io::files::regular_file_exists(&p)? {
-            return Ok(None);
+        match crate::io::files::config_beside(input)? {
+            Some((p, text)) => Fp8Config::from_text(&text).map_err(|e| e.with_file(&p)),
+            None => Ok(None),
         }
-        Fp8Config::from_text(&crate::io::files::read_side_file(&p)?).map_err(|e| e.with_file(&p))
     }
 }
 

@@ -760,17 +760,9 @@ pub fn qmap_beside(input: &Path) -> Result<Option<QuantoMap>> {
 
 /// Finds a diffusers quanto config in `config.json` beside an input.
 pub fn diffusers_beside(input: &Path) -> Result<Option<DiffusersQuanto>> {
-    let dir = if input.is_dir() {
-        input.to_path_buf()
-    } else {
-        input.parent().map(Path::to_path_buf).unwrap_or_default()
-    };
-    let p = dir.join("config.json");
-    if crate::io::files::regular_file_exists(&p)? {
-        DiffusersQuanto::from_config(&crate::io::files::read_side_file(&p)?)
-            .map_err(|e| e.with_file(&p))
-    } else {
-        Ok(None)
+    match crate::io::files::config_beside(input)? {
+        Some((p, text)) => DiffusersQuanto::from_config(&text).map_err(|e| e.with_file(&p)),
+        None => Ok(None),
     }
 }
 

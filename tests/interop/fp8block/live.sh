@@ -33,53 +33,8 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 seed="${LIVE_SEED:-$(( (RANDOM << 15) | RANDOM ))}"
-echo "live fp8 block interop: seed $seed, work dir $work"
-"$py" "$here/gen_fp8block_fixtures.py" --out "$work/cases" --seed "$seed" --no-probes >/dev/null
-pass=0
-fail=0
-for case in "$work"/cases/*/; do
-    case="${case%/}"
-    name="$(basename "$case")"
-    [ -f "$case/case.json" ] || continue
-    target=$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))['ckptkit_target'])" "$case/case.json")
-    excl=()
-    for m in $("$py" -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))['exclude']))" "$case/case.json"); do
-        excl+=(--exclude "$m")
-    done
-    w="$work/$name"
-    mkdir -p "$w/in"
-    ok=1
-    # 1. file to file, and the library's file to plain
-    "$MIGRATE" -q convert "$case/float.safetensors" "$w/ours.safetensors" --to "$target" "${excl[@]}" || ok=0
-    "$MIGRATE" -q convert "$case/model.safetensors" "$w/plain.safetensors" --to plain || ok=0
-    if [ $ok = 1 ]; then
-        "$py" "$here/check_fp8block.py" --case "$case" --ours "$w/ours.safetensors" \
-            --ours-plain "$w/plain.safetensors" || ok=0
-    fi
-    # 2. a model directory: the float weights with the float model's config.json
-    cp "$case/float.safetensors" "$w/in/model.safetensors"
-    "$py" -c "import json,sys; c=json.load(open(sys.argv[1])); c.pop('quantization_config'); json.dump(c, open(sys.argv[2], 'w'), indent=2, sort_keys=True)" \
-        "$case/config.json" "$w/in/config.json"
-    if "$MIGRATE" -q convert "$w/in" "$w/dir" --to "$target" "${excl[@]}"; then
-        shopt -s nullglob
-        outs=("$w"/dir/*.safetensors)
-        shopt -u nullglob
-        if [ ${#outs[@]} -ne 1 ] || [ ! -f "$w/dir/config.json" ]; then
-            echo "$name: the directory output holds ${#outs[@]} .safetensors files and config.json: $(ls "$w/dir")"
-            ok=0
-        elif ! "$py" "$here/check_fp8block.py" --case "$case" --ours "${outs[0]}" --config "$w/dir/config.json"; then
-            ok=0
-        fi
-    else
-        ok=0
-    fi
-    if [ $ok = 1 ]; then
-        pass=$((pass + 1))
-    else
-        echo "FAIL $name"
-        fail=$((fail + 1))
-    fi
-done
+source "$root/tests/interop/fp8_live_cases.sh"
+fp8_live_cases "$here/gen_fp8block_fixtures.py" "$here/check_fp8block.py" "live fp8 block interop"
 # 3. transformers loads ckptkit's directory
 if "$py" "$here/check_loader.py" --migrate "$MIGRATE" --seed "$seed" --work "$work/loader"; then
     pass=$((pass + 1))
