@@ -69,8 +69,8 @@ enum Cmd {
         /// Target layout: keep, plain, plain:bf16|f16|f32,
         /// quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz,
         /// int8, int8:bnb, int8:ct[:group=N][:int-quantized], int8:PATH.json,
-        /// comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise[:per_row]|mxfp8 (also
-        /// fp8:comfy[:e5m2], int8:comfy[:tensor]), fp8:block[:ue8m0],
+        /// comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise[:per_row]|mxfp8|nvfp4 (also
+        /// fp8:comfy[:e5m2], int8:comfy[:tensor]), fp8:legacy, fp8:block[:ue8m0],
         /// fp8:ct:tensor|channel|group=N|block=RxC[:float-quantized].
         #[arg(long, default_value = "keep")]
         to: String,

@@ -945,7 +945,7 @@ impl crate::io::source::TensorSource for MemSource {
     }
 }
 
-const FUZZ_TARGET_NAMES: [&str; 14] = [
+const FUZZ_TARGET_NAMES: [&str; 17] = [
     "plain",
     "plain:f32",
     "quanto:qint8",
@@ -956,6 +956,9 @@ const FUZZ_TARGET_NAMES: [&str; 14] = [
     "int8:ct:group=8",
     "comfy:float8_e4m3fn",
     "comfy:int8_tensorwise:per_row",
+    "comfy:mxfp8",
+    "comfy:nvfp4",
+    "fp8:legacy",
     "fp8:block",
     "fp8:block:ue8m0",
     "fp8:ct:channel",
@@ -1135,7 +1138,11 @@ pub fn migration(data: &[u8]) {
                 ));
             }
         }
-        Some(MemSource::new(items))
+        // with the output's `__metadata__` (ckptkit's schema records the
+        // logical shapes of padded layouts)
+        let mut out = MemSource::new(items);
+        out.md = crate::migrate::sidefiles::output_metadata(&s.md, &p);
+        Some(out)
     };
     let Some(qa) = run(&src, a) else { return };
     // back to plain: within the bound

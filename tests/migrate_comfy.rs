@@ -397,5 +397,136 @@ fn mxfp8_files_dequantize_as_comfy_kitchen_does() {
             "{}",
             dir.display()
         );
+        // ckptkit's file records the logical shapes (ckptkit.schema): read
+        // back without --shapes-from, it is the library's dequantization
+        let back = tmp.path().join("back.safetensors");
+        std::fs::remove_file(&back).ok();
+        convert(&q, &back, &opts("plain", Vec::new())).unwrap();
+        assert_eq!(
+            tensors(&back),
+            tensors(&dir.join("dequantized.safetensors")),
+            "{}",
+            dir.display()
+        );
+    }
+}
+
+/// ComfyUI NVFP4 layers (tests/fixtures/comfy-nvfp4, made by comfy-kitchen
+/// 0.2.40): E2M1 codes unpacked high nibble first, the swizzled E4M3 block
+/// scales unswizzled, the per-tensor `weight_scale_2` applied with the
+/// library's roundings, cropped to the logical shapes: bit for bit the
+/// library's dequantization (-0.0 included); `--to comfy:nvfp4` writes the
+/// library's file byte for byte, and ckptkit's own file reads back without
+/// `--shapes-from`.
+#[test]
+fn nvfp4_files_dequantize_and_quantize_as_comfy_kitchen_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in common::fixture_cases("comfy-nvfp4", 3) {
+        let out = tmp.path().join("plain.safetensors");
+        std::fs::remove_file(&out).ok();
+        convert(
+            &dir.join("quantized.safetensors"),
+            &out,
+            &opts("plain", Vec::new()).shapes_from(dir.join("float.safetensors")),
+        )
+        .unwrap();
+        assert_eq!(
+            tensors(&out),
+            tensors(&dir.join("dequantized.safetensors")),
+            "{}",
+            dir.display()
+        );
+        let q = tmp.path().join("q.safetensors");
+        std::fs::remove_file(&q).ok();
+        convert(
+            &dir.join("float.safetensors"),
+            &q,
+            &opts("comfy:nvfp4", Vec::new()),
+        )
+        .unwrap();
+        assert_eq!(
+            tensors(&q),
+            tensors(&dir.join("quantized.safetensors")),
+            "{}",
+            dir.display()
+        );
+        let back = tmp.path().join("back.safetensors");
+        std::fs::remove_file(&back).ok();
+        convert(&q, &back, &opts("plain", Vec::new())).unwrap();
+        assert_eq!(
+            tensors(&back),
+            tensors(&dir.join("dequantized.safetensors")),
+            "{}",
+            dir.display()
+        );
+    }
+}
+
+/// ComfyUI's legacy scaled-FP8 form written by convert-to-quant 1.3.4's
+/// simple per-tensor path (tests/fixtures/comfy-legacy; its legacy writer
+/// switched back on, see the README there): `--to fp8:legacy` gives the
+/// library's file byte for byte (the `scaled_fp8` marker, codes,
+/// `scale_weight`), except the biases, which the library bias-corrects
+/// with random calibration data and ckptkit keeps as they are. The output
+/// reads back as legacy, re-lays out to `comfy_quant` with its codes
+/// untouched, and is kept as it is under `fp8:legacy`.
+#[test]
+fn fp8_legacy_writes_convert_to_quants_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in common::fixture_cases("comfy-legacy", 3) {
+        let float = dir.join("float.safetensors");
+        let q = tmp.path().join("legacy.safetensors");
+        std::fs::remove_file(&q).ok();
+        convert(&float, &q, &opts("fp8:legacy", Vec::new())).unwrap();
+        let (ours, lib, fl) = (
+            tensors(&q),
+            tensors(&dir.join("quantized.safetensors")),
+            tensors(&float),
+        );
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            lib.keys().collect::<Vec<_>>(),
+            "{}",
+            dir.display()
+        );
+        for (k, v) in &ours {
+            let want = if k.ends_with(".bias") {
+                &fl[k]
+            } else {
+                &lib[k]
+            };
+            assert_eq!(v, want, "{}: {k}", dir.display());
+        }
+        assert_eq!(
+            ours["scaled_fp8"],
+            (ckptkit::Dtype::F8E4M3, vec![2], vec![0, 0])
+        );
+        // read back: the legacy form with a full-precision marker
+        let r = ckptkit::migrate::inspect(&q, &ConvertOptions::default()).unwrap();
+        let lin = r.layers.iter().find(|l| l.path == "lin_a").unwrap();
+        assert_eq!(lin.layout, "comfy:float8_e4m3fn (legacy scaled_fp8)");
+        // to comfy_quant: the same codes and scale under the current names
+        let cur = tmp.path().join("current.safetensors");
+        std::fs::remove_file(&cur).ok();
+        convert(&q, &cur, &opts("comfy:float8_e4m3fn", Vec::new())).unwrap();
+        let c = tensors(&cur);
+        assert_eq!(c["lin_a.weight"], ours["lin_a.weight"]);
+        assert_eq!(c["lin_a.weight_scale"], ours["lin_a.scale_weight"]);
+        assert!(!c.contains_key("scaled_fp8"));
+        // and back to the legacy form: the same file's tensors
+        let again = tmp.path().join("again.safetensors");
+        std::fs::remove_file(&again).ok();
+        convert(&cur, &again, &opts("fp8:legacy", Vec::new())).unwrap();
+        assert_eq!(tensors(&again), ours, "{}", dir.display());
+        let e = convert(
+            &q,
+            &tmp.path().join("x.safetensors"),
+            &opts("fp8:legacy", Vec::new()),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e.kind(), ckptkit::ErrorKind::NothingChanged(_)),
+            "{e}"
+        );
     }
 }

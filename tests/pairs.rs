@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use ckptkit::migrate::{check, convert, like_target, ConvertOptions};
 use ckptkit::migrate::{PlanOptions, Target};
 
-const LAYOUTS: [&str; 20] = [
+const LAYOUTS: [&str; 23] = [
     "plain",
     "quanto:qint8",
     "quanto:qint4",
@@ -35,6 +35,9 @@ const LAYOUTS: [&str; 20] = [
     "comfy:float8_e5m2",
     "comfy:int8_tensorwise",
     "comfy:int8_tensorwise:per_row",
+    "comfy:mxfp8",
+    "comfy:nvfp4",
+    "fp8:legacy",
     "fp8:block",
     "fp8:block:ue8m0",
     "fp8:ct:tensor",
@@ -175,10 +178,22 @@ fn lossless_relayouts_convert_back_byte_for_byte() {
     // quanto qint8 <-> the int8 presets that hold quanto's integers and
     // per-row scales exactly: the fix needs no --allow-lossy, and converting
     // the result back gives the input's bytes
+    // and quanto qfloat8_e4m3fn <-> compressed-tensors FP8 per channel (the
+    // same E4M3 bytes and per-row scales in the model dtype)
     let d = tempfile::tempdir().unwrap();
     let float = common::cli::fx("f16-qint8", "float.safetensors");
-    let q8 = make(&float, "quanto:qint8", &d.path().join("in"));
-    for y in ["int8", "int8:ct", "int8:ct:int-quantized"] {
+    for (x, y) in [
+        ("quanto:qint8", "int8"),
+        ("quanto:qint8", "int8:ct"),
+        ("quanto:qint8", "int8:ct:int-quantized"),
+        ("quanto:qfloat8_e4m3fn", "fp8:ct:channel"),
+        ("quanto:qfloat8_e4m3fn", "fp8:ct:channel:float-quantized"),
+    ] {
+        let q8 = d.path().join("in").join(x.replace(':', "_"));
+        let q8 = match q8.join("model.safetensors").exists() {
+            true => q8.join("model.safetensors"),
+            false => make(&float, x, &d.path().join("in")),
+        };
         let reference = make(&float, y, &d.path().join("refs"));
         let r = check(&q8, &reference, &ConvertOptions::default()).unwrap();
         let fix = r.fix.unwrap();
@@ -196,6 +211,6 @@ fn lossless_relayouts_convert_back_byte_for_byte() {
             .join("model.safetensors");
         let opts = ConvertOptions::default().target(like_target(&q8).unwrap());
         convert(&out, &back, &opts).unwrap();
-        assert_eq!(tensors(&back), tensors(&q8), "{y}: back to quanto qint8");
+        assert_eq!(tensors(&back), tensors(&q8), "{y}: back to {x}");
     }
 }

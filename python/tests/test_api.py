@@ -171,6 +171,7 @@ EVERY_FAMILY = (
     + sorted(CTFP8.glob("*/model.safetensors"))
     + sorted((ROOT / "tests" / "fixtures" / "comfy-convrot").glob("convrot-*/quantized.safetensors"))
     + sorted((ROOT / "tests" / "fixtures" / "comfy-mxfp8").glob("*/quantized.safetensors"))
+    + sorted((ROOT / "tests" / "fixtures" / "comfy-nvfp4").glob("*/quantized.safetensors"))
 )
 
 

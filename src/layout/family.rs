@@ -63,6 +63,13 @@ pub enum Pass {
         /// The marker's key.
         key: String,
     },
+    /// A file-level marker added because the output holds layers in the
+    /// layout it announces (ComfyUI's legacy `scaled_fp8`, written as
+    /// zeros: readers look at its dtype and element count only).
+    AddMarker {
+        /// The marker's key.
+        key: String,
+    },
     /// The integer payload moved to another layout unchanged, the scale
     /// converted; lossless when converting back gives the same bytes (checked
     /// on the data).
@@ -221,6 +228,17 @@ pub(crate) trait Family: Sync {
     /// (`None`) in an output whose layers are `layers` (all of them, of any
     /// family): a file-level record of its layers that would be stale
     /// otherwise (ComfyUI's `_quantization_metadata`). Default: none.
+    /// The file-level marker tensors (key, dtype, shape) an output whose
+    /// layers are `output` needs and does not have yet (ComfyUI's legacy
+    /// `scaled_fp8`); they are written as zeros (default: none).
+    fn file_markers(&self, _output: &[&Layer]) -> Vec<(String, Dtype, Vec<u64>)> {
+        Vec::new()
+    }
+    /// Whether stored key `key` is one of this family's file-level markers
+    /// (a reference's marker is not a layer `--like` asks the input for).
+    fn is_file_marker(&self, _key: &str) -> bool {
+        false
+    }
     fn metadata(&self, _layers: &[&Layer]) -> Vec<(&'static str, Option<String>)> {
         Vec::new()
     }

@@ -46,6 +46,15 @@ pub(crate) fn refuse_unknown(layers: &[Layer], doing: &str) -> Result<()> {
 }
 
 /// The family of a layer's record.
+/// Whether a layer holds nothing but file-level markers (ComfyUI's legacy
+/// `scaled_fp8`): it describes the file, not a module of the model.
+pub(crate) fn only_file_markers(l: &Layer) -> bool {
+    l.quant.weights == WeightQuant::Plain
+        && l.parts().next().is_some()
+        && l.parts()
+            .all(|p| FAMILIES.iter().any(|f| f.is_file_marker(&p.key)))
+}
+
 pub(crate) fn of(l: &Layer) -> &'static dyn Family {
     family_of(&l.quant.weights)
 }

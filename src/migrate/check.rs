@@ -64,7 +64,12 @@ pub fn like_target(reference: &Path) -> Result<Target> {
 fn like_of_layers(layers: Vec<Layer>, reference: &str) -> Result<Target> {
     let mut m = BTreeMap::new();
     let mut order = Vec::new();
-    for l in layers {
+    // a file-level marker's layer is the output's to make, not a module
+    // the input must have
+    for l in layers
+        .into_iter()
+        .filter(|l| !crate::layout::registry::only_file_markers(l))
+    {
         order.push(l.path.clone());
         let w = l.tensors.iter().find(|t| t.name == "weight");
         // the reference's record must be one its family reads

@@ -24,7 +24,7 @@ mod load;
 mod options;
 mod ordered;
 pub(crate) mod plan;
-mod sidefiles;
+pub(crate) mod sidefiles;
 mod sink;
 mod verify;
 

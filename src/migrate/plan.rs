@@ -514,6 +514,7 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
         }
     }
     drop_stale_markers(layers, &mut out)?;
+    add_file_markers(&mut out);
     for lp in &mut out {
         lp.allow_lossy = opts.allow_lossy;
         lp.exact = exactness(lp);
@@ -584,6 +585,55 @@ fn drop_stale_markers(layers: &[Layer], out: &mut Vec<LayerPlan>) -> Result<()> 
     }
     out.retain(|lp| !lp.output.tensors.is_empty());
     Ok(())
+}
+
+/// Adds the file-level markers the families say the output needs
+/// (`Family::file_markers`) to the top-level layer (path `""`, made when
+/// the input has none), each a plain tensor written as zeros.
+fn add_file_markers(out: &mut Vec<LayerPlan>) {
+    let outputs: Vec<&Layer> = out.iter().map(|lp| &lp.output).collect();
+    let mut markers = Vec::new();
+    for f in crate::layout::registry::FAMILIES {
+        markers.extend(f.file_markers(&outputs));
+    }
+    for (key, dtype, shape) in markers {
+        let (path, name) = crate::format::layers::split_key(&key);
+        let (path, name) = (path.to_string(), name.to_string());
+        let i = match out.iter().position(|lp| lp.path == path) {
+            Some(i) => i,
+            None => {
+                let empty = Layer {
+                    path: path.clone(),
+                    quant: crate::format::manifest::Quantization {
+                        weights: WeightQuant::Plain,
+                        activations: None,
+                    },
+                    tensors: Vec::new(),
+                    extensions: Vec::new(),
+                };
+                out.push(keep(&empty));
+                out.len() - 1
+            }
+        };
+        let lp = &mut out[i];
+        lp.output.tensors.push(LogicalTensor {
+            name,
+            dtype,
+            shape: shape.clone(),
+            encoding: Encoding::Plain,
+            parts: vec![crate::layout::family::out_part(
+                crate::format::manifest::Role::Data,
+                key.clone(),
+                dtype,
+                shape,
+            )],
+        });
+        lp.passes
+            .retain(|p| *p != Pass::Copy || !lp.source.tensors.is_empty());
+        lp.passes.push(Pass::AddMarker { key });
+        lp.bytes_out = stored_bytes(&lp.output);
+        lp.to = layout_name(&lp.output);
+    }
 }
 
 /// Refuses a plan whose outputs give two stored tensors the same key (an
@@ -695,7 +745,8 @@ fn exactness(lp: &LayerPlan) -> bool {
         | Pass::Quantize { .. }
         | Pass::DropActivationScales
         | Pass::AddActivationScales
-        | Pass::DropMarker { .. } => true,
+        | Pass::DropMarker { .. }
+        | Pass::AddMarker { .. } => true,
         Pass::Relayout { same_floats, .. } => *same_floats,
         // rounding to a narrower float is a loss of its own
         Pass::Cast { to, .. } => to == "F32",
@@ -889,6 +940,17 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                     t.parts[0].key.clone(),
                     Produced::Bytes(float_input(src, l, s, t.dtype)?),
                 ));
+            }
+            (Encoding::Plain, None)
+                if lp.passes.iter().any(
+                    |p| matches!(p, Pass::AddMarker { key } if Some(key) == t.parts.first().map(|p| &p.key)),
+                ) =>
+            {
+                let n = crate::dtype::numel(&t.shape)?
+                    .checked_mul(t.dtype.size() as u64)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| Error::overflow("marker size"))?;
+                out.push((t.parts[0].key.clone(), Produced::Bytes(TensorBytes::Owned(vec![0; n]))));
             }
             (Encoding::Plain, None) if ACT_SCALES.contains(&t.name.as_str()) => {
                 out.push((

@@ -11,7 +11,11 @@ use crate::layout::family::{
     PlanCtx, Planned, ScaleValue, WeightInput,
 };
 
-use super::{is_legacy_marker, math, Format, Kind, MARKER, METADATA_KEY, NAME, SCALE};
+use super::{
+    is_legacy_marker, math, nvfp4, Format, Kind, LEGACY_MARKER, LEGACY_SCALE, MARKER, METADATA_KEY,
+    NAME, SCALE, SCALE_2,
+};
+use crate::float::Fp8Kind;
 
 /// ComfyUI's `comfy_quant` family.
 pub(crate) struct Comfy;
@@ -66,24 +70,46 @@ impl Family for Comfy {
         let q = part(l, w, Role::Data)?;
         let s = part(l, w, Role::Scale)?;
         let o = w.shape.first().copied().unwrap_or(0);
-        if f.kind == Kind::Mxfp8 {
+        if f.kind.is_padded() {
+            let global = w
+                .parts
+                .iter()
+                .find(|p| p.role == Role::Other(SCALE_2.into()));
             let ok = match w.shape.as_slice() {
                 [r, c] => {
-                    let (qs, ss) = super::mx_shapes(*r, *c);
-                    q.dtype == Dtype::F8E4M3
+                    let (qs, ss) = f.kind.padded_shapes(*r, *c).unwrap_or_default();
+                    q.dtype == f.kind.code_dtype()
                         && q.shape == qs
-                        && matches!(s.dtype, Dtype::U8 | Dtype::F8E8M0)
+                        && f.kind.padded_scale_dtype(s.dtype)
                         && s.shape == ss
                         && float_model_dtype(w.dtype)
+                        && match f.kind {
+                            Kind::Nvfp4 => global.is_some_and(|g| {
+                                g.dtype == Dtype::F32
+                                    && g.shape.len() <= 1
+                                    && g.shape.iter().product::<u64>() == 1
+                            }),
+                            _ => global.is_none(),
+                        }
                 }
                 _ => false,
             };
             if !ok {
                 return Err(Error::layout(format!(
-                    "a ComfyUI mxfp8 weight [R, C] is F8_E4M3 codes [R32, C32] with U8 or \
-                     F8_E8M0 swizzled scales; this record has {} {:?} codes, a {} {:?} scale, a \
-                     {} {:?} weight",
-                    q.dtype, q.shape, s.dtype, s.shape, w.dtype, w.shape
+                    "a ComfyUI {} weight [R, C] is padded codes with swizzled block scales{}; \
+                     this record has {} {:?} codes, a {} {:?} scale, a {} {:?} weight",
+                    f.kind.format_name(),
+                    if f.kind == Kind::Nvfp4 {
+                        " and an F32 weight_scale_2"
+                    } else {
+                        ""
+                    },
+                    q.dtype,
+                    q.shape,
+                    s.dtype,
+                    s.shape,
+                    w.dtype,
+                    w.shape
                 ))
                 .with_layer(l.path.clone()));
             }
@@ -121,6 +147,17 @@ impl Family for Comfy {
     }
 
     fn parse_target(&self, s: &str) -> Option<Result<WeightQuant>> {
+        if s == "fp8:legacy" {
+            // convert-to-quant's default legacy file: e4m3fn, and a marker
+            // of two elements (ComfyUI: no FP8 matrix multiply)
+            return Some(Ok(Format {
+                kind: Kind::Fp8(Fp8Kind::E4M3Fn),
+                full_precision: true,
+                legacy: true,
+                convrot: None,
+            }
+            .record()));
+        }
         // the `FAMILY:PRESET` spellings name the same layouts
         let rest = match s {
             "fp8:comfy" => "float8_e4m3fn",
@@ -150,8 +187,8 @@ impl Family for Comfy {
     }
 
     fn spellings(&self) -> &'static str {
-        "comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise|int8_tensorwise:per_row|mxfp8 (also \
-         fp8:comfy[:e5m2], int8:comfy[:tensor])"
+        "comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise|int8_tensorwise:per_row|mxfp8|nvfp4 \
+         (also fp8:comfy[:e5m2], int8:comfy[:tensor]), fp8:legacy"
     }
 
     fn takes_float(&self, l: &Layer) -> bool {
@@ -165,11 +202,11 @@ impl Family for Comfy {
     }
 
     fn code_form(&self, l: &Layer) -> Option<CodeForm> {
-        // ConvRot codes are a rotated weight's, MXFP8 codes padded with
-        // block scales: no other layout here reads them
+        // ConvRot codes are a rotated weight's, MXFP8 and NVFP4 codes padded
+        // with block scales: no other layout here reads them
         let f = Format::of(&l.quant.weights)
             .ok()
-            .filter(|f| f.convrot.is_none() && f.kind != Kind::Mxfp8)?;
+            .filter(|f| f.convrot.is_none() && !f.kind.is_padded())?;
         let w = quantized_weight(l).ok()?;
         let s = w.parts.iter().find(|p| p.role == Role::Scale)?;
         Some(form(&f, s.dtype))
@@ -178,13 +215,20 @@ impl Family for Comfy {
     fn target_form(&self, target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
         let f = Format::of(target)
             .ok()
-            .filter(|f| f.convrot.is_none() && f.kind != Kind::Mxfp8)?;
+            .filter(|f| f.convrot.is_none() && !f.kind.is_padded())?;
         Some(form(&f, Dtype::F32))
     }
 
     fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
         let f = Format::of(target).map_err(|e| e.with_layer(l.path.clone()))?;
-        if self.owns(&l.quant.weights) && Format::of(&l.quant.weights).ok().as_ref() == Some(&f) {
+        let source = Format::of(&l.quant.weights)
+            .ok()
+            .filter(|_| self.owns(&l.quant.weights));
+        // a legacy layer stays as it is under `fp8:legacy`: its file's marker
+        // decides the matrix multiply
+        if source.as_ref().is_some_and(|s| {
+            *s == f || (s.legacy && f.legacy && s.kind == Kind::Fp8(Fp8Kind::E4M3Fn))
+        }) {
             return Ok(Planned::keep(l));
         }
         if let Some(n) = f.convrot {
@@ -217,24 +261,36 @@ impl Family for Comfy {
         );
         let key = |s: &str| crate::layout::family::key(&l.path, s);
         let marker = f.marker_json();
-        // MXFP8 stores padded codes and swizzled U8 scales
-        let (q_shape, s_dtype, s_shape) = match f.kind {
-            Kind::Mxfp8 => {
-                let (q, s) = super::mx_shapes(w.shape[0], w.shape[1]);
-                (q, Dtype::U8, s)
-            }
-            k => (w.shape.clone(), Dtype::F32, k.scale_shape(w.shape[0])),
+        // MXFP8 stores padded codes and swizzled U8 (E8M0) scales, NVFP4
+        // packed codes, swizzled E4M3 scales and a per-tensor multiplier
+        let (q_shape, s_dtype, s_shape) = match f.kind.padded_shapes(w.shape[0], w.shape[1]) {
+            Some((q, s)) if f.kind == Kind::Nvfp4 => (q, Dtype::F8E4M3, s),
+            Some((q, s)) => (q, Dtype::U8, s),
+            None => (w.shape.clone(), Dtype::F32, f.kind.scale_shape(w.shape[0])),
         };
-        let parts = vec![
+        // the legacy form: `scale_weight`, and a file-level marker instead
+        // of the layer's (added by the plan: `file_markers`)
+        let scale_key = key(if f.legacy { LEGACY_SCALE } else { SCALE });
+        let mut parts = vec![
             out_part(Role::Data, key("weight"), f.kind.code_dtype(), q_shape),
-            out_part(Role::Scale, key(SCALE), s_dtype, s_shape),
-            out_part(
+            out_part(Role::Scale, scale_key, s_dtype, s_shape),
+        ];
+        if f.kind == Kind::Nvfp4 {
+            parts.push(out_part(
+                Role::Other(SCALE_2.into()),
+                key(SCALE_2),
+                Dtype::F32,
+                Vec::new(),
+            ));
+        }
+        if !f.legacy {
+            parts.push(out_part(
                 Role::Other(MARKER.into()),
                 key(MARKER),
                 Dtype::U8,
                 vec![marker.len() as u64],
-            ),
-        ];
+            ));
+        }
         Ok(quantized_layer(
             l,
             w,
@@ -269,7 +325,8 @@ impl Family for Comfy {
         let q = src.read(&qp.key)?;
         let sb = src.read(&sp.key)?;
         let s = match f.kind {
-            Kind::Mxfp8 => Vec::new(), // E8M0 bytes, read by the MXFP8 dequantizer
+            // E8M0 or E4M3 bytes, read by the block dequantizers
+            Kind::Mxfp8 | Kind::Nvfp4 => Vec::new(),
             _ => math::widen(sp.dtype, &sb)?,
         };
         let cols = w.shape.get(1).copied().unwrap_or(1) as usize;
@@ -284,6 +341,23 @@ impl Family for Comfy {
             },
             Kind::Mxfp8 => math::mxfp8_dequantize(&q, &qp.shape, &w.shape, &sb, to)
                 .map_err(|e| e.with_tensor(sp.key.clone())),
+            Kind::Nvfp4 => {
+                let gp = part(l, w, Role::Other(SCALE_2.into()))?;
+                let gb = src.read(&gp.key)?;
+                let g = match gb.get(..4) {
+                    Some(b) if gb.len() == 4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    _ => {
+                        return Err(Error::layout(format!(
+                            "`{SCALE_2}` is one F32 value, not {} bytes",
+                            gb.len()
+                        ))
+                        .with_tensor(gp.key.clone())
+                        .with_layer(l.path.clone()))
+                    }
+                };
+                nvfp4::dequantize(&q, &qp.shape, &w.shape, &sb, g, to)
+                    .map_err(|e| e.with_tensor(sp.key.clone()))
+            }
         };
         r.map_err(|e| e.with_layer(l.path.clone()))
     }
@@ -298,6 +372,7 @@ impl Family for Comfy {
         let at = |e: Error| e.with_layer(path.to_string());
         let f = Format::of(record).map_err(at)?;
         let cols = t.shape.get(1).copied().unwrap_or(1) as usize;
+        let mut global = None;
         let (q, scale): (Vec<u8>, Vec<u8>) = match (f.kind, input) {
             // int8 codes, or FP8 codes as their bit patterns (the planner
             // carries codes only between forms of the same code dtype)
@@ -305,6 +380,16 @@ impl Family for Comfy {
             (Kind::Mxfp8, WeightInput::Float(float)) => {
                 let r = t.shape.first().copied().unwrap_or(0) as usize;
                 math::mxfp8_quantize(t.dtype, float, r, cols).map_err(at)?
+            }
+            (Kind::Nvfp4, WeightInput::Float(float)) => {
+                let r = t.shape.first().copied().unwrap_or(0) as usize;
+                let (q, s, g) = nvfp4::quantize(t.dtype, float, r, cols).map_err(at)?;
+                global = Some(g);
+                (q, s)
+            }
+            (Kind::Fp8(_), WeightInput::Float(float)) if f.legacy => {
+                let (q, s) = math::legacy_quantize(t.dtype, float).map_err(at)?;
+                (q, s.to_le_bytes().to_vec())
             }
             (Kind::Fp8(k), WeightInput::Float(float)) => {
                 let amax = math::amax_of(t.dtype, float).map_err(at)?;
@@ -321,14 +406,41 @@ impl Family for Comfy {
                 )
             }
         };
-        part_bytes(t, q, scale, |r| {
-            (*r == Role::Other(MARKER.into())).then(|| f.marker_json().into_bytes())
+        part_bytes(t, q, scale, |r| match r {
+            Role::Other(m) if m == MARKER => Some(f.marker_json().into_bytes()),
+            Role::Other(m) if m == SCALE_2 => global.map(|g| g.to_le_bytes().to_vec()),
+            _ => None,
         })
         .map_err(at)
     }
 
     fn extra_buffers(&self) -> &'static [&'static str] {
         &INPUT_SCALE
+    }
+
+    fn is_file_marker(&self, key: &str) -> bool {
+        is_legacy_marker(key)
+    }
+
+    fn file_markers(&self, output: &[&Layer]) -> Vec<(String, Dtype, Vec<u64>)> {
+        // a legacy layer needs the file's `scaled_fp8` marker: two elements
+        // when its matrix multiply is in full precision
+        let legacy = output
+            .iter()
+            .filter_map(|l| Format::of(&l.quant.weights).ok())
+            .find(|f| f.legacy);
+        let has = output
+            .iter()
+            .flat_map(|l| l.parts())
+            .any(|p| is_legacy_marker(&p.key));
+        match legacy {
+            Some(f) if !has => vec![(
+                LEGACY_MARKER.to_string(),
+                Dtype::F8E4M3,
+                vec![if f.full_precision { 2 } else { 0 }],
+            )],
+            _ => Vec::new(),
+        }
     }
 
     fn stale_markers(&self, input: &[Layer], output: &[&Layer]) -> Result<Vec<String>> {
@@ -406,6 +518,19 @@ impl Family for Comfy {
         Ok(Some(Box::new(super::ComfyDetector::new(
             ctx.src,
             ctx.hints.shapes_from,
+            ctx.schema,
         )?)))
+    }
+
+    fn schema_entry(
+        &self,
+        record: &WeightQuant,
+    ) -> Option<(String, Option<u64>, Option<serde_json::Value>)> {
+        // the padded layouts record their logical shape: the stored codes
+        // do not tell it
+        Format::of(record)
+            .ok()
+            .filter(|f| f.kind.is_padded())
+            .map(|f| (f.kind.spelling(), None, None))
     }
 }

@@ -135,7 +135,13 @@ pub(crate) fn quantize(d: Dtype, kind: Fp8Kind, x: &[f32], s: f32) -> Vec<u8> {
 /// [`quantize`] straight from the weight's finite BF16, F16 or F32 bytes,
 /// with the dtype and format resolved once, outside the loop.
 pub(crate) fn quantize_bytes(d: Dtype, kind: Fp8Kind, b: &[u8], s: f32) -> Result<Vec<u8>> {
-    let inv = round_to(d, 1.0 / s);
+    codes_times(d, kind, b, round_to(d, 1.0 / s), true)
+}
+
+/// The FP8 codes `fp8(clamp(x · inv, ±max))` of finite BF16, F16 or F32
+/// bytes `b`, the product rounded to `d` when `in_d` (comfy-kitchen's ops
+/// in the model dtype), else kept in f32 (convert-to-quant's f32 math).
+fn codes_times(d: Dtype, kind: Fp8Kind, b: &[u8], inv: f32, in_d: bool) -> Result<Vec<u8>> {
     let max = kind.max();
     fn run<const N: usize>(
         b: &[u8],
@@ -172,6 +178,10 @@ pub(crate) fn quantize_bytes(d: Dtype, kind: Fp8Kind, b: &[u8], s: f32) -> Resul
     let e4 = |x: f32| Fp8Kind::E4M3Fn.encode(x);
     let e5 = |x: f32| Fp8Kind::E5M2.encode(x);
     Ok(match (d, kind) {
+        (Dtype::BF16, Fp8Kind::E5M2) if !in_d => run(b, bf16, id, e5, inv, max),
+        (Dtype::BF16, _) if !in_d => run(b, bf16, id, e4, inv, max),
+        (Dtype::F16, Fp8Kind::E5M2) if !in_d => run(b, f16, id, e5, inv, max),
+        (Dtype::F16, _) if !in_d => run(b, f16, id, e4, inv, max),
         (Dtype::BF16, Fp8Kind::E5M2) => run(b, bf16, rb, e5, inv, max),
         (Dtype::BF16, _) => run(b, bf16, rb, e4, inv, max),
         (Dtype::F16, Fp8Kind::E5M2) => run(b, f16, rh, e5, inv, max),
@@ -184,6 +194,22 @@ pub(crate) fn quantize_bytes(d: Dtype, kind: Fp8Kind, b: &[u8], s: f32) -> Resul
             )))
         }
     })
+}
+
+/// Quantizes a weight of dtype `d` to ComfyUI's legacy scaled-FP8 form as
+/// convert-to-quant 1.3.4's simple per-tensor path does, all in f32
+/// (spec/layouts.md §5.4): `a = max(amax, 1e-12)`, `m = f32(f32(1 / a) ·
+/// 448)` (torch's `448 / a` is a reciprocal times 448: two roundings),
+/// codes `e4m3(clamp(f32(x · m), ±448))`, stored scale `f32(1 / m)`; an
+/// all-zero weight gets zero codes and scale 1. Returns the codes and the
+/// stored scale.
+pub(crate) fn legacy_quantize(d: Dtype, b: &[u8]) -> Result<(Vec<u8>, f32)> {
+    let amax = amax_of(d, b)?;
+    if amax == 0.0 {
+        return Ok((vec![0u8; b.len() / d.size().max(1)], 1.0));
+    }
+    let m = (1.0 / amax.max(1e-12)) * 448.0;
+    Ok((codes_times(d, Fp8Kind::E4M3Fn, b, m, false)?, 1.0 / m))
 }
 
 /// Dequantizes codes with their stored scale to `to` (comfy-kitchen's
@@ -370,6 +396,14 @@ pub(crate) fn convrot_dequantize(
     narrow(to, &v)
 }
 
+/// Where block scale `(r, c)` sits in a swizzled scale tensor of `cp`
+/// columns (a multiple of 4): cuBLAS' 128 x 4 block-scaling layout, which
+/// comfy-kitchen's `to_blocked` writes for MXFP8 and NVFP4,
+/// `((r/128)·(cp/4) + c/4)·512 + (r%32)·16 + ((r%128)/32)·4 + c%4`.
+pub(crate) fn swizzle_at(r: usize, c: usize, cp: usize) -> usize {
+    ((r / 128) * (cp / 4) + c / 4) * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + c % 4
+}
+
 /// The value of an E8M0 scale byte as comfy-kitchen's `e8m0_to_f32`
 /// decodes it: `2^(b - 127)`, but **byte 0 is 0.0** (not 2^-127) and byte
 /// 255 is infinity.
@@ -410,14 +444,10 @@ pub(crate) fn mxfp8_dequantize(
             s.len()
         )));
     }
-    // unswizzle: scale (r, c) sits at flat index
-    // ((r/128)·(Cp/4) + c/4)·512 + (r%32)·16 + ((r%128)/32)·4 + c%4
     let mut grid = Vec::with_capacity(r32 * gc);
     for r in 0..r32 {
         for c in 0..gc {
-            let f =
-                ((r / 128) * (cp / 4) + c / 4) * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + c % 4;
-            let b = s[f];
+            let b = s[swizzle_at(r, c, cp)];
             if b == 255 {
                 return Err(Error::layout(format!(
                     "the scale of row {r}, block {c} is E8M0 byte 255 (infinity): the \
@@ -491,12 +521,7 @@ pub(crate) fn mxfp8_quantize(d: Dtype, x: &[u8], r: usize, c: usize) -> Result<(
     let (rp, cp) = (r32.div_ceil(128) * 128, gc.div_ceil(4) * 4);
     let mut sw = vec![0u8; rp * cp];
     for (i, &e) in grid.iter().enumerate() {
-        let (row, col) = (i / gc.max(1), i % gc.max(1));
-        let f = ((row / 128) * (cp / 4) + col / 4) * 512
-            + (row % 32) * 16
-            + ((row % 128) / 32) * 4
-            + col % 4;
-        sw[f] = e;
+        sw[swizzle_at(i / gc.max(1), i % gc.max(1), cp)] = e;
     }
     Ok((codes, sw))
 }

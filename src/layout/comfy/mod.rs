@@ -1,5 +1,6 @@
-//! ComfyUI's `comfy_quant` layouts (comfy-kitchen 0.2.40), per-tensor FP8
-//! and int8: `{m}.weight` F8_E4M3, F8_E5M2 or I8 `[out, in]` codes,
+//! ComfyUI's `comfy_quant` layouts (comfy-kitchen 0.2.40): per-tensor FP8
+//! and int8, and the block-scaled MXFP8 and NVFP4 (padded codes, swizzled
+//! block scales; [`nvfp4`]). `{m}.weight` F8_E4M3, F8_E5M2 or I8 `[out, in]` codes,
 //! `{m}.weight_scale` F32 `[]` (int8 also `[out, 1]`: per row), and the
 //! layer's format in a `{m}.comfy_quant` U8 tensor holding JSON
 //! (`{"format": "float8_e4m3fn"}`) or in the file's
@@ -8,6 +9,7 @@
 
 pub(crate) mod family;
 pub(crate) mod math;
+pub(crate) mod nvfp4;
 
 use std::collections::BTreeMap;
 
@@ -24,6 +26,8 @@ pub(crate) const NAME: &str = "comfy";
 pub(crate) const MARKER: &str = "comfy_quant";
 /// The scale tensor's name.
 pub(crate) const SCALE: &str = "weight_scale";
+/// NVFP4's per-tensor multiplier.
+pub(crate) const SCALE_2: &str = "weight_scale_2";
 /// The legacy form's scale tensor.
 pub(crate) const LEGACY_SCALE: &str = "scale_weight";
 /// The legacy form's file-level marker (`{prefix}scaled_fp8`).
@@ -58,8 +62,12 @@ pub(crate) enum Kind {
         per_row: bool,
     },
     /// `mxfp8`: E4M3 codes padded to multiples of 32 in both dimensions,
-    /// one E8M0 scale per 32 elements of a row, swizzled (read only).
+    /// one E8M0 scale per 32 elements of a row, swizzled.
     Mxfp8,
+    /// `nvfp4`: E2M1 codes two to a byte, padded to multiples of 16 in
+    /// both dimensions, one E4M3 scale per 16 elements of a row, swizzled,
+    /// and an F32 multiplier per tensor (`weight_scale_2`).
+    Nvfp4,
 }
 
 impl Kind {
@@ -70,6 +78,7 @@ impl Kind {
             Kind::Fp8(_) => "float8_e4m3fn",
             Kind::Int8 { .. } => "int8_tensorwise",
             Kind::Mxfp8 => "mxfp8",
+            Kind::Nvfp4 => "nvfp4",
         }
     }
 
@@ -89,6 +98,7 @@ impl Kind {
             "int8_tensorwise" => Some(Kind::Int8 { per_row: false }),
             "int8_tensorwise:per_row" => Some(Kind::Int8 { per_row: true }),
             "mxfp8" => Some(Kind::Mxfp8),
+            "nvfp4" => Some(Kind::Nvfp4),
             _ => None,
         }
     }
@@ -99,6 +109,33 @@ impl Kind {
             Kind::Fp8(Fp8Kind::E5M2) => Dtype::F8E5M2,
             Kind::Fp8(_) | Kind::Mxfp8 => Dtype::F8E4M3,
             Kind::Int8 { .. } => Dtype::I8,
+            Kind::Nvfp4 => Dtype::U8,
+        }
+    }
+
+    /// Whether the codes are stored padded with swizzled block scales
+    /// (MXFP8, NVFP4): no other layout reads them as they are.
+    pub(crate) fn is_padded(self) -> bool {
+        matches!(self, Kind::Mxfp8 | Kind::Nvfp4)
+    }
+
+    /// The stored shapes of the codes and the scales of a padded layout's
+    /// `[r, c]` weight.
+    pub(crate) fn padded_shapes(self, r: u64, c: u64) -> Option<(Vec<u64>, Vec<u64>)> {
+        match self {
+            Kind::Mxfp8 => Some(mx_shapes(r, c)),
+            Kind::Nvfp4 => Some(nvfp4::shapes(r, c)),
+            _ => None,
+        }
+    }
+
+    /// The scale dtypes a padded layout's file may store (ComfyUI views
+    /// either as the format's own): E8M0 for MXFP8, E4M3 for NVFP4, or U8.
+    fn padded_scale_dtype(self, d: Dtype) -> bool {
+        match self {
+            Kind::Mxfp8 => matches!(d, Dtype::U8 | Dtype::F8E8M0),
+            Kind::Nvfp4 => matches!(d, Dtype::U8 | Dtype::F8E4M3),
+            _ => false,
         }
     }
 
@@ -362,8 +399,11 @@ pub(crate) struct ComfyDetector<'a> {
     /// two elements.
     legacy: Option<bool>,
     /// A plain checkpoint of the model (`--shapes-from`): the logical
-    /// shapes of MXFP8 weights, whose stored codes are padded.
+    /// shapes of MXFP8 and NVFP4 weights, whose stored codes are padded.
     shapes_from: Option<&'a dyn TensorSource>,
+    /// The logical shapes ckptkit's schema records for the padded layers
+    /// of a file ckptkit wrote.
+    recorded: BTreeMap<String, Vec<u64>>,
 }
 
 /// Whether a key is a legacy `scaled_fp8` marker.
@@ -375,11 +415,18 @@ impl<'a> ComfyDetector<'a> {
     pub(crate) fn new(
         src: &'a dyn TensorSource,
         shapes_from: Option<&'a dyn TensorSource>,
+        schema: Option<&crate::format::st_schema::Schema>,
     ) -> Result<ComfyDetector<'a>> {
-        // scales are F32 whatever the model's dtype
+        let recorded = schema
+            .into_iter()
+            .flatten()
+            .filter(|(_, e)| e.weights.starts_with("comfy:") && e.shape.len() == 2)
+            .map(|(p, e)| (p.clone(), e.shape.clone()))
+            .collect();
+        // scales (NVFP4's `weight_scale_2` too) are F32 whatever the model's dtype
         let is_scale = |key: &str| {
             let name = crate::format::layers::split_key(key).1;
-            name.ends_with("scale") || name.starts_with("scale_")
+            name.ends_with("scale") || name.ends_with("scale_2") || name.starts_with("scale_")
         };
         let model_dtype = src
             .tensors()
@@ -409,6 +456,7 @@ impl<'a> ComfyDetector<'a> {
             model_dtype,
             legacy,
             shapes_from,
+            recorded,
         })
     }
 
@@ -499,10 +547,11 @@ impl ComfyDetector<'_> {
 }
 
 impl ComfyDetector<'_> {
-    /// An MXFP8 layer: codes padded to multiples of 32, swizzled E8M0
-    /// scales. Its logical shape is the `--shapes-from` checkpoint's when
-    /// it pads to the stored one, else the stored shape.
-    fn detect_mxfp8(
+    /// An MXFP8 or NVFP4 layer: codes padded (to multiples of 32 or 16),
+    /// swizzled block scales, and NVFP4's per-tensor `weight_scale_2`. Its
+    /// logical shape is the `--shapes-from` checkpoint's when it pads to the
+    /// stored one, else the stored (padded) shape.
+    fn detect_padded(
         &self,
         path: &str,
         format: Format,
@@ -511,20 +560,57 @@ impl ComfyDetector<'_> {
         marker: Option<&SourceTensor>,
         others: &[&SourceTensor],
     ) -> Result<Detected> {
-        let stored_ok = q.dtype == Dtype::F8E4M3
-            && q.shape.len() == 2
-            && q.shape.iter().all(|d| d % 32 == 0)
-            && matches!(s.dtype, Dtype::U8 | Dtype::F8E8M0)
-            && s.shape == mx_shapes(q.shape[0], q.shape[1]).1;
+        let kind = format.kind;
+        // the stored shape, read as unpadded: [R, C] codes, or NVFP4's
+        // [R16, C16 / 2] bytes of two codes
+        let unpadded = match (kind, q.shape.as_slice()) {
+            (Kind::Nvfp4, [r, h]) => h.checked_mul(2).map(|c| vec![*r, c]),
+            (_, [r, c]) => Some(vec![*r, *c]),
+            _ => None,
+        };
+        let global = crate::layout::family::key(path, SCALE_2);
+        let s2 = others.iter().find(|t| t.key == global).copied();
+        let stored_ok = q.dtype == kind.code_dtype()
+            && kind.padded_scale_dtype(s.dtype)
+            && unpadded.as_ref().is_some_and(|u| {
+                kind.padded_shapes(u[0], u[1])
+                    .is_some_and(|(qs, ss)| qs == q.shape && ss == s.shape)
+            })
+            && match kind {
+                Kind::Nvfp4 => {
+                    s2.is_some_and(|t| t.dtype == Dtype::F32 && t.shape.len() <= 1 && t.len == 4)
+                }
+                _ => true,
+            };
         if !stored_ok {
+            let s2_was = match (kind, s2) {
+                (Kind::Nvfp4, Some(t)) => format!(" and `{SCALE_2}` {} {:?}", t.dtype, t.shape),
+                (Kind::Nvfp4, None) => format!(" and no `{SCALE_2}`"),
+                _ => String::new(),
+            };
+            let wanted = match kind {
+                Kind::Nvfp4 => format!(
+                    "`weight` U8 [R16, C16 / 2] (two E2M1 codes a byte, padded to multiples of \
+                     16), `{SCALE}` F8_E4M3 or U8 [roundup(R16, 128), roundup(C16 / 16, 4)] \
+                     (swizzled) and an F32 `{SCALE_2}` of one element"
+                ),
+                _ => format!(
+                    "`weight` F8_E4M3 [R32, C32] (padded to multiples of 32) and `{SCALE}` U8 or \
+                     F8_E8M0 [roundup(R32, 128), roundup(C32 / 32, 4)] (swizzled)"
+                ),
+            };
             return Err(Error::layout(format!(
-                "a ComfyUI mxfp8 layer stores `weight` F8_E4M3 [R32, C32] (padded to multiples of \
-                 32) and `{SCALE}` U8 or F8_E8M0 [roundup(R32, 128), roundup(C32 / 32, 4)] \
-                 (swizzled); this one has `weight` {} {:?} and `{SCALE}` {} {:?}",
-                q.dtype, q.shape, s.dtype, s.shape
+                "a ComfyUI {} layer stores {wanted}; this one has `weight` {} {:?} and \
+                 `{SCALE}` {} {:?}{s2_was}",
+                kind.format_name(),
+                q.dtype,
+                q.shape,
+                s.dtype,
+                s.shape
             ))
             .with_layer(path.to_string()));
         }
+        let stored = unpadded.unwrap_or_default();
         let key = crate::layout::family::key(path, "weight");
         let hinted = self.shapes_from.and_then(|h| {
             h.tensors()
@@ -532,31 +618,46 @@ impl ComfyDetector<'_> {
                 .find(|t| t.key == key)
                 .map(|t| t.shape.clone())
         });
+        // --shapes-from, else ckptkit's schema, else the stored shape
+        let (hinted, from) = match hinted {
+            Some(h) => (Some(h), "--shapes-from"),
+            None => (self.recorded.get(path).cloned(), "ckptkit.schema"),
+        };
         let shape = match hinted {
-            Some(h) if h.len() == 2 && mx_shapes(h[0], h[1]).0 == q.shape => h,
+            Some(h)
+                if h.len() == 2
+                    && kind
+                        .padded_shapes(h[0], h[1])
+                        .is_some_and(|(qs, _)| qs == q.shape) =>
+            {
+                h
+            }
             Some(h) => {
                 return Err(Error::layout(format!(
-                    "--shapes-from gives `{key}` the shape {h:?}, which does not pad to the \
-                     stored mxfp8 codes {:?}",
+                    "{from} gives `{key}` the shape {h:?}, which does not pad to the stored {} \
+                     codes {:?}",
+                    kind.format_name(),
                     q.shape
                 ))
                 .with_layer(path.to_string()))
             }
-            None => q.shape.clone(),
+            None => stored,
         };
         let mut parts = vec![
             out_part(Role::Data, q.key.clone(), q.dtype, q.shape.clone()),
             out_part(Role::Scale, s.key.clone(), s.dtype, s.shape.clone()),
         ];
         let mut used = vec![q.key.clone(), s.key.clone()];
-        if let Some(m) = marker {
-            parts.push(out_part(
-                Role::Other(MARKER.into()),
-                m.key.clone(),
-                m.dtype,
-                m.shape.clone(),
-            ));
-            used.push(m.key.clone());
+        for (t, role) in [(s2, SCALE_2), (marker, MARKER)] {
+            if let Some(t) = t.filter(|_| role == MARKER || kind == Kind::Nvfp4) {
+                parts.push(out_part(
+                    Role::Other(role.into()),
+                    t.key.clone(),
+                    t.dtype,
+                    t.shape.clone(),
+                ));
+                used.push(t.key.clone());
+            }
         }
         Ok(Detected::Found {
             weight: LogicalTensor {
@@ -624,8 +725,8 @@ impl Detector for ComfyDetector<'_> {
             ))
             .with_layer(path.to_string()));
         };
-        if format.kind == Kind::Mxfp8 {
-            return self.detect_mxfp8(path, format, q, s, marker, others);
+        if format.kind.is_padded() {
+            return self.detect_padded(path, format, q, s, marker, others);
         }
         let o = q.shape.first().copied().unwrap_or(0);
         let format = format.with_scale_shape(&s.shape, o);

@@ -142,9 +142,9 @@ fn contradictions_and_unknown_formats_are_refused_naming_the_layer() {
     assert_eq!(e.location().layer.as_deref(), Some("lin"), "{e}");
     assert!(e.to_string().contains("float8_e5m2"), "{e}");
     // a format ComfyUI knows and ckptkit does not read yet
-    let e = refused(Some(r#"{"format": "nvfp4"}"#), BTreeMap::new());
+    let e = refused(Some(r#"{"format": "convrot_w4a4"}"#), BTreeMap::new());
     assert!(matches!(e.kind(), ErrorKind::UnknownQuantized(_)), "{e}");
-    assert!(e.to_string().contains("nvfp4"), "{e}");
+    assert!(e.to_string().contains("convrot_w4a4"), "{e}");
     // not JSON; no format
     for m in ["{\"format\": ", r#"{"fmt": "float8_e4m3fn"}"#] {
         let e = refused(Some(m), BTreeMap::new());
@@ -561,4 +561,131 @@ fn mxfp8_layers_unswizzle_their_scales_and_crop_to_the_logical_shape() {
     let e = convert(&tiny, &d.path().join("y.safetensors"), &to("comfy:mxfp8")).unwrap_err();
     assert_eq!(e.location().layer.as_deref(), Some("lin"), "{e}");
     assert!(e.to_string().contains("block (0, 0)"), "{e}");
+}
+
+#[test]
+fn nvfp4_layers_unpack_nibbles_high_first_unswizzle_and_crop() {
+    // (quantizing is byte-identical to comfy-kitchen: tests/migrate_comfy.rs)
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    // logical [20, 40]: stored codes [32, 24] (C16 = 48, two codes a byte),
+    // scales [32, 3] swizzled into [128, 4], g one F32
+    let (r16, half, gc, cp) = (32usize, 24usize, 3usize, 4usize);
+    let codes: Vec<u8> = (0..r16 * half).map(|i| (i * 37 % 256) as u8).collect();
+    let grid = |r: usize, c: usize| -> u8 { (0x30 + (r * 5 + c * 3) % 40) as u8 };
+    let mut sw = vec![0u8; 128 * cp];
+    for r in 0..r16 {
+        for c in 0..gc {
+            sw[math::swizzle_at(r, c, cp)] = grid(r, c);
+        }
+    }
+    let g = 0.013_f32;
+    let marker = r#"{"format": "nvfp4"}"#;
+    let t: Tensors = vec![
+        ("lin.weight".into(), Dtype::U8, vec![32, 24], codes.clone()),
+        (
+            "lin.weight_scale".into(),
+            Dtype::F8E4M3,
+            vec![128, 4],
+            sw.clone(),
+        ),
+        (
+            "lin.weight_scale_2".into(),
+            Dtype::F32,
+            vec![],
+            g.to_le_bytes().to_vec(),
+        ),
+        (
+            "lin.comfy_quant".into(),
+            Dtype::U8,
+            vec![marker.len() as u64],
+            marker.as_bytes().to_vec(),
+        ),
+        ("lin.bias".into(), Dtype::F32, vec![20], vec![0; 80]),
+    ];
+    write(&f, &t, &BTreeMap::new());
+    let shapes = d.path().join("shapes.safetensors");
+    write(
+        &shapes,
+        &vec![(
+            "lin.weight".into(),
+            Dtype::F32,
+            vec![20, 40],
+            vec![0; 20 * 40 * 4],
+        )],
+        &BTreeMap::new(),
+    );
+    let plain = d.path().join("p.safetensors");
+    convert(&f, &plain, &to("plain").shapes_from(shapes.clone())).unwrap();
+    let w = open_source(&plain)
+        .unwrap()
+        .read("lin.weight")
+        .unwrap()
+        .to_vec();
+    assert_eq!(w.len(), 20 * 40 * 4, "cropped to [20, 40]");
+    let e2m1 = [0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    for r in 0..20 {
+        for c in 0..40 {
+            let byte = codes[r * half + c / 2];
+            let code = if c % 2 == 0 { byte >> 4 } else { byte & 15 };
+            let v = e2m1[usize::from(code & 7)] * if code & 8 != 0 { -1.0 } else { 1.0 };
+            let want = v * (g * Fp8Kind::E4M3Fn.decode(grid(r, c / 16)));
+            let k = (r * 40 + c) * 4;
+            let got = f32::from_le_bytes(w[k..k + 4].try_into().unwrap());
+            assert_eq!(got.to_bits(), want.to_bits(), "[{r}, {c}]");
+        }
+    }
+    // without the shapes, the stored (padded) shape, two codes a byte
+    let layers = layers_of(&f).unwrap();
+    let lin = layers.iter().find(|l| l.path == "lin").unwrap();
+    assert_eq!(quantized_weight(lin).unwrap().shape, vec![32, 48]);
+    // kept: the same bytes
+    let kept = d.path().join("k.safetensors");
+    convert(&f, &kept, &to("keep")).unwrap();
+    let k = open_source(&kept).unwrap();
+    assert_eq!(k.read("lin.weight").unwrap().to_vec(), codes);
+    assert_eq!(k.read("lin.weight_scale").unwrap().to_vec(), sw);
+    // damaged: a NaN scale byte, no weight_scale_2, a weight_scale_2 of two
+    // values, codes of the wrong shape; each refused naming the layer
+    let damaged: Vec<(Tensors, &str)> = vec![
+        (
+            {
+                let mut b = t.clone();
+                b[1].3[0] = 0x7F;
+                b
+            },
+            "NaN",
+        ),
+        (
+            t.iter()
+                .filter(|x| x.0 != "lin.weight_scale_2")
+                .cloned()
+                .collect(),
+            "weight_scale_2",
+        ),
+        (
+            {
+                let mut b = t.clone();
+                b[2].2 = vec![2];
+                b[2].3 = vec![0; 8];
+                b
+            },
+            "weight_scale_2",
+        ),
+        (
+            {
+                let mut b = t.clone();
+                b[0].2 = vec![24, 32];
+                b
+            },
+            "U8 [R16, C16 / 2]",
+        ),
+    ];
+    for (bad, says) in damaged {
+        std::fs::remove_file(&f).ok();
+        write(&f, &bad, &BTreeMap::new());
+        let e = convert(&f, &d.path().join("x.safetensors"), &to("plain")).unwrap_err();
+        assert_eq!(e.location().layer.as_deref(), Some("lin"), "{e}");
+        assert!(e.to_string().contains(says), "{says}: {e}");
+    }
 }

@@ -172,6 +172,27 @@ fn qtype_of(w: &WeightQuant) -> Option<(QType, Option<u64>)> {
     }
 }
 
+/// The code form of an 8-bit quanto qtype whose codes other layouts
+/// store too: qint8 (I8) and qfloat8_e4m3fn (FP8 E4M3 bit patterns), both
+/// with one scale per output row in the model's dtype, applied as
+/// `D(q · s)`.
+fn form(q: QType, scale_dtype: Dtype) -> Option<CodeForm> {
+    let (name, code) = match q {
+        QType::QInt8 => ("quanto qint8", Dtype::I8),
+        QType::QFloat8E4M3Fn => ("quanto qfloat8_e4m3fn", Dtype::F8E4M3),
+        _ => return None,
+    };
+    Some(CodeForm {
+        name: name.into(),
+        value: ScaleValue::Scale,
+        granularity: Granularity::Channel,
+        range: QINT8_RANGE,
+        scale_dtype,
+        zero_point: false,
+        code,
+    })
+}
+
 impl Family for Quanto {
     fn detector<'a>(&self, ctx: &DetectCtx<'a>) -> Result<Option<Box<dyn Detector + 'a>>> {
         let qmap = ctx
@@ -369,28 +390,12 @@ impl Family for Quanto {
         let (q, _) = qtype_of(&l.quant.weights)?;
         let w = quantized_weight(l).ok()?;
         let scale = w.parts.iter().find(|p| p.role == Role::Scale)?;
-        (q == QType::QInt8 && w.shape.len() == 2).then(|| CodeForm {
-            name: "quanto qint8".into(),
-            value: ScaleValue::Scale,
-            granularity: Granularity::Channel,
-            range: QINT8_RANGE,
-            scale_dtype: scale.dtype,
-            zero_point: false,
-            code: Dtype::I8,
-        })
+        (w.shape.len() == 2).then_some(())?;
+        form(q, scale.dtype)
     }
 
     fn target_form(&self, target: &WeightQuant, model: Dtype) -> Option<CodeForm> {
-        let (q, _) = qtype_of(target)?;
-        (q == QType::QInt8).then(|| CodeForm {
-            name: "quanto qint8".into(),
-            value: ScaleValue::Scale,
-            granularity: Granularity::Channel,
-            range: QINT8_RANGE,
-            scale_dtype: model,
-            zero_point: false,
-            code: Dtype::I8,
-        })
+        form(qtype_of(target)?.0, model)
     }
 
     fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
