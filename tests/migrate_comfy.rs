@@ -359,107 +359,59 @@ fn convrot_files_dequantize_as_comfy_kitchen_does() {
     assert!(!out.exists());
 }
 
-/// ComfyUI MXFP8 layers (tests/fixtures/comfy-mxfp8, made by comfy-kitchen
-/// 0.2.40): the swizzled E8M0 scales unswizzled, byte 0 read as 0.0 as the
-/// library does, the padded codes cropped to the logical shapes
-/// `--shapes-from` gives: bit for bit the library's dequantization; and
-/// `--to comfy:mxfp8` writes the library's file byte for byte.
-#[test]
-fn mxfp8_files_dequantize_as_comfy_kitchen_does() {
+/// The block-scaled layouts' fixtures, made by comfy-kitchen 0.2.40: the
+/// library's file read with the logical shapes `--shapes-from` gives is
+/// bit for bit the library's dequantization; quantizing the float model
+/// with `--to <target>` is the library's file byte for byte; and that file
+/// (which records its logical shapes in ckptkit.schema) reads back without
+/// `--shapes-from` to the same dequantization.
+fn padded_fixtures_match_comfy_kitchen(fixtures: &str, target: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    for dir in common::fixture_cases("comfy-mxfp8", 3) {
-        let out = tmp.path().join("plain.safetensors");
-        std::fs::remove_file(&out).ok();
-        convert(
-            &dir.join("quantized.safetensors"),
-            &out,
-            &opts("plain", Vec::new()).shapes_from(dir.join("float.safetensors")),
-        )
-        .unwrap();
+    for dir in common::fixture_cases(fixtures, 3) {
+        let (float, lib) = (
+            dir.join("float.safetensors"),
+            dir.join("quantized.safetensors"),
+        );
+        let want = tensors(&dir.join("dequantized.safetensors"));
+        let run = |input: &Path, name: &str, o: ConvertOptions| {
+            let out = tmp.path().join(name);
+            std::fs::remove_file(&out).ok();
+            convert(input, &out, &o).unwrap();
+            tensors(&out)
+        };
+        let shaped = opts("plain", Vec::new()).shapes_from(float.clone());
         assert_eq!(
-            tensors(&out),
-            tensors(&dir.join("dequantized.safetensors")),
+            run(&lib, "p.safetensors", shaped),
+            want,
             "{}",
             dir.display()
         );
-        // quantizing the float model is the library's file, byte for byte
         let q = tmp.path().join("q.safetensors");
-        std::fs::remove_file(&q).ok();
-        convert(
-            &dir.join("float.safetensors"),
-            &q,
-            &opts("comfy:mxfp8", Vec::new()),
-        )
-        .unwrap();
         assert_eq!(
-            tensors(&q),
-            tensors(&dir.join("quantized.safetensors")),
+            run(&float, "q.safetensors", opts(target, Vec::new())),
+            tensors(&lib),
             "{}",
             dir.display()
         );
-        // ckptkit's file records the logical shapes (ckptkit.schema): read
-        // back without --shapes-from, it is the library's dequantization
-        let back = tmp.path().join("back.safetensors");
-        std::fs::remove_file(&back).ok();
-        convert(&q, &back, &opts("plain", Vec::new())).unwrap();
-        assert_eq!(
-            tensors(&back),
-            tensors(&dir.join("dequantized.safetensors")),
-            "{}",
-            dir.display()
-        );
+        let back = run(&q, "back.safetensors", opts("plain", Vec::new()));
+        assert_eq!(back, want, "{}", dir.display());
     }
 }
 
-/// ComfyUI NVFP4 layers (tests/fixtures/comfy-nvfp4, made by comfy-kitchen
-/// 0.2.40): E2M1 codes unpacked high nibble first, the swizzled E4M3 block
-/// scales unswizzled, the per-tensor `weight_scale_2` applied with the
-/// library's roundings, cropped to the logical shapes: bit for bit the
-/// library's dequantization (-0.0 included); `--to comfy:nvfp4` writes the
-/// library's file byte for byte, and ckptkit's own file reads back without
-/// `--shapes-from`.
+/// MXFP8 (tests/fixtures/comfy-mxfp8): the swizzled E8M0 scales
+/// unswizzled, byte 0 read as 0.0 as the library does, the padded codes
+/// cropped.
+#[test]
+fn mxfp8_files_dequantize_as_comfy_kitchen_does() {
+    padded_fixtures_match_comfy_kitchen("comfy-mxfp8", "comfy:mxfp8");
+}
+
+/// NVFP4 (tests/fixtures/comfy-nvfp4): E2M1 codes unpacked high nibble
+/// first, the swizzled E4M3 block scales and `weight_scale_2` applied with
+/// the library's roundings (-0.0 codes included), cropped.
 #[test]
 fn nvfp4_files_dequantize_and_quantize_as_comfy_kitchen_does() {
-    let tmp = tempfile::tempdir().unwrap();
-    for dir in common::fixture_cases("comfy-nvfp4", 3) {
-        let out = tmp.path().join("plain.safetensors");
-        std::fs::remove_file(&out).ok();
-        convert(
-            &dir.join("quantized.safetensors"),
-            &out,
-            &opts("plain", Vec::new()).shapes_from(dir.join("float.safetensors")),
-        )
-        .unwrap();
-        assert_eq!(
-            tensors(&out),
-            tensors(&dir.join("dequantized.safetensors")),
-            "{}",
-            dir.display()
-        );
-        let q = tmp.path().join("q.safetensors");
-        std::fs::remove_file(&q).ok();
-        convert(
-            &dir.join("float.safetensors"),
-            &q,
-            &opts("comfy:nvfp4", Vec::new()),
-        )
-        .unwrap();
-        assert_eq!(
-            tensors(&q),
-            tensors(&dir.join("quantized.safetensors")),
-            "{}",
-            dir.display()
-        );
-        let back = tmp.path().join("back.safetensors");
-        std::fs::remove_file(&back).ok();
-        convert(&q, &back, &opts("plain", Vec::new())).unwrap();
-        assert_eq!(
-            tensors(&back),
-            tensors(&dir.join("dequantized.safetensors")),
-            "{}",
-            dir.display()
-        );
-    }
+    padded_fixtures_match_comfy_kitchen("comfy-nvfp4", "comfy:nvfp4");
 }
 
 /// ComfyUI's legacy scaled-FP8 form written by convert-to-quant 1.3.4's

@@ -491,7 +491,10 @@ impl ComfyDetector<'_> {
             let k = crate::layout::family::key(path, name);
             others.iter().find(|t| t.key == k).copied()
         };
-        let (Some(q), Some(s)) = (find("weight"), find(LEGACY_SCALE)) else {
+        // `scale_weight`, or the `weight_scale` spelling some legacy files
+        // use (ComfyUI renames only `scale_weight`: spec/layouts.md §5.4)
+        let (Some(q), Some(s)) = (find("weight"), find(LEGACY_SCALE).or_else(|| find(SCALE)))
+        else {
             return Ok(Detected::NotMine);
         };
         let kind = match q.dtype {

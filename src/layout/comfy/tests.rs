@@ -176,6 +176,27 @@ fn fp8_codes_beside_a_scale_without_a_format_are_refused_not_cast() {
     // dtype); a cast would change the codes without their scale
     let e = convert(&f, &d.path().join("p.safetensors"), &to("plain:bf16")).unwrap_err();
     assert!(matches!(e.kind(), ErrorKind::UnknownQuantized(_)), "{e}");
+    // beside a legacy `scaled_fp8` marker, the `weight_scale` spelling is
+    // the legacy layer's scale: read and applied, not refused
+    let mut t = comfy_file(None);
+    t.push(("scaled_fp8".into(), Dtype::F8E4M3, vec![0], Vec::new()));
+    std::fs::remove_file(&f).unwrap();
+    write(&f, &t, &BTreeMap::new());
+    let layers = layers_of(&f).unwrap();
+    let lin = layers.iter().find(|l| l.path == "lin").unwrap();
+    assert!(Format::of(&lin.quant.weights).unwrap().legacy);
+    let plain = d.path().join("legacy-plain.safetensors");
+    convert(&f, &plain, &to("plain")).unwrap();
+    let w = open_source(&plain)
+        .unwrap()
+        .read("lin.weight")
+        .unwrap()
+        .to_vec();
+    let s = round_bf16(0.01);
+    for (c, x) in t[0].3.iter().zip(w.chunks_exact(2)) {
+        let x = f32_from_bf16_bits(u16::from_le_bytes([x[0], x[1]]));
+        assert_eq!(x, round_bf16(Fp8Kind::E4M3Fn.decode(*c) * s));
+    }
 }
 
 #[test]
