@@ -155,6 +155,7 @@ impl Family for Comfy {
                 full_precision: true,
                 legacy: true,
                 convrot: None,
+                input_scale: false,
             }
             .record()));
         }
@@ -174,6 +175,7 @@ impl Family for Comfy {
                         full_precision: false,
                         legacy: false,
                         convrot: None,
+                        input_scale: false,
                     }
                     .record()
                 })
@@ -291,15 +293,28 @@ impl Family for Comfy {
                 vec![marker.len() as u64],
             ));
         }
-        Ok(quantized_layer(
-            l,
-            w,
-            f.record(),
-            parts,
-            ctx,
-            passes,
-            lossless,
-        ))
+        let mut planned = quantized_layer(l, w, f.record(), parts, ctx, passes, lossless);
+        // a legacy layer's `scale_input` that is not 1.0 stays, renamed
+        // `input_scale`, as ComfyUI's `convert_old_quants` keeps it
+        let kept = source.filter(|s| s.input_scale && !f.legacy && matches!(f.kind, Kind::Fp8(_)));
+        if let Some(t) = kept.and(l.tensors.iter().find(|t| t.name == "scale_input")) {
+            let mut input = crate::layout::family::plain_logical(
+                &l.path,
+                "input_scale",
+                t.dtype,
+                t.shape.clone(),
+            );
+            input.name = t.name.clone(); // copied from the source's `scale_input`
+            planned.output.tensors.push(input);
+            let extra = l
+                .tensors
+                .iter()
+                .any(|t| t.name != "scale_input" && INPUT_SCALE.contains(&t.name.as_str()));
+            if !extra {
+                planned.passes.retain(|p| *p != Pass::DropActivationScales);
+            }
+        }
+        Ok(planned)
     }
 
     fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {

@@ -174,6 +174,9 @@ pub(crate) struct Format {
     /// rotated by a Hadamard matrix per group of this many input columns
     /// (a power of 4). Read only.
     pub convrot: Option<u64>,
+    /// The legacy form only: the layer's `scale_input` is not 1.0, so
+    /// ComfyUI's `convert_old_quants` keeps it, as `input_scale`.
+    pub input_scale: bool,
 }
 
 impl Format {
@@ -202,6 +205,12 @@ impl Format {
                 value: "true".into(),
             });
         }
+        if self.input_scale {
+            params.push(Param {
+                key: "input_scale".into(),
+                value: "true".into(),
+            });
+        }
         if self.legacy {
             params.push(Param {
                 key: "legacy".into(),
@@ -226,6 +235,7 @@ impl Format {
         let mut full_precision = false;
         let mut per_row = false;
         let mut legacy = false;
+        let mut input_scale = false;
         let mut convrot = None;
         for p in params {
             match (p.key.as_str(), p.value.as_str()) {
@@ -242,6 +252,7 @@ impl Format {
                 ("full_precision_matrix_mult", "true") => full_precision = true,
                 ("per_row", "true") => per_row = true,
                 ("legacy", "true") => legacy = true,
+                ("input_scale", "true") => input_scale = true,
                 (k, v) => {
                     return Err(Error::layout(format!(
                         "unknown ComfyUI record parameter {k}={v}"
@@ -258,6 +269,9 @@ impl Format {
         if legacy && !matches!(kind, Kind::Fp8(_)) {
             return Err(Error::layout("legacy=true belongs to the FP8 formats"));
         }
+        if input_scale && !legacy {
+            return Err(Error::layout("input_scale=true belongs to the legacy form"));
+        }
         if convrot.is_some() && kind != (Kind::Int8 { per_row: true }) {
             return Err(Error::layout("convrot belongs to int8_tensorwise per row"));
         }
@@ -266,6 +280,7 @@ impl Format {
             full_precision,
             legacy,
             convrot,
+            input_scale,
         })
     }
 
@@ -340,6 +355,7 @@ impl Format {
             full_precision,
             legacy: false,
             convrot,
+            input_scale: false,
         })
     }
 
@@ -515,11 +531,23 @@ impl ComfyDetector<'_> {
             ))
             .with_layer(path.to_string()));
         }
+        // ComfyUI keeps a `scale_input` that is not 1.0 (as `input_scale`)
+        let input_scale = match find("scale_input") {
+            Some(t) if crate::dtype::numel(&t.shape)? == 1 && t.shape.len() <= 1 => {
+                let b = self.src.read(&t.key)?;
+                math::widen(t.dtype, &b)
+                    .map_err(|e| e.with_tensor(t.key.clone()).with_layer(path.to_string()))?
+                    .first()
+                    .is_some_and(|&v| v != 1.0)
+            }
+            _ => false,
+        };
         let format = Format {
             kind: Kind::Fp8(kind),
             full_precision,
             legacy: true,
             convrot: None,
+            input_scale,
         };
         Ok(Detected::Found {
             weight: LogicalTensor {

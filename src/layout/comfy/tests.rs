@@ -96,6 +96,7 @@ fn a_marker_tensor_or_the_metadata_makes_a_comfy_layer() {
         full_precision: false,
         legacy: false,
         convrot: None,
+        input_scale: false,
     };
     for (marker, md) in [
         (Some(r#"{"format": "float8_e4m3fn"}"#), BTreeMap::new()),
@@ -259,6 +260,7 @@ fn dequantize_and_quantize_follow_comfy_kitchens_arithmetic() {
                     full_precision: false,
                     legacy: false,
                     convrot: None,
+                    input_scale: false,
                 }
                 .record()));
     }
@@ -337,6 +339,7 @@ fn int8_tensorwise_reads_its_scale_shape_and_refuses_bad_convrot() {
             full_precision: false,
             legacy: false,
             convrot: None,
+            input_scale: false,
         };
         assert_eq!(lin.quant.weights, want.record(), "{shape:?}");
         assert_eq!(quantized_weight(lin).unwrap().dtype, Dtype::F16);
@@ -709,4 +712,48 @@ fn nvfp4_layers_unpack_nibbles_high_first_unswizzle_and_crop() {
         assert_eq!(e.location().layer.as_deref(), Some("lin"), "{e}");
         assert!(e.to_string().contains(says), "{says}: {e}");
     }
+}
+
+#[test]
+fn legacy_scale_inputs_other_than_one_are_kept_as_input_scale() {
+    // ComfyUI's convert_old_quants renames `scale_input` to `input_scale`
+    // and drops it when it is 1.0
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("m.safetensors");
+    let mut t = comfy_file(None);
+    t[1].0 = "lin.scale_weight".into();
+    let mut other = t[0].clone();
+    other.0 = "lin2.weight".into();
+    let mut other_scale = t[1].clone();
+    other_scale.0 = "lin2.scale_weight".into();
+    t.push(other);
+    t.push(other_scale);
+    let one = |k: &str, v: f32| (k.to_string(), Dtype::F32, vec![], v.to_le_bytes().to_vec());
+    t.push(one("lin.scale_input", 0.5));
+    t.push(one("lin2.scale_input", 1.0));
+    t.push(("scaled_fp8".into(), Dtype::F8E4M3, vec![0], Vec::new()));
+    write(&f, &t, &BTreeMap::new());
+    let layers = layers_of(&f).unwrap();
+    let fmt = |p: &str| Format::of(&layers.iter().find(|l| l.path == p).unwrap().quant.weights);
+    assert!(fmt("lin").unwrap().input_scale);
+    assert!(!fmt("lin2").unwrap().input_scale);
+    let cur = d.path().join("cur.safetensors");
+    convert(&f, &cur, &to("comfy:float8_e4m3fn")).unwrap();
+    let src = open_source(&cur).unwrap();
+    let keys: Vec<&str> = src.tensors().iter().map(|t| t.key.as_str()).collect();
+    assert_eq!(
+        src.read("lin.input_scale").unwrap().to_vec(),
+        0.5f32.to_le_bytes()
+    );
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.contains("scale_input") || *k == "lin2.input_scale"),
+        "{keys:?}"
+    );
+    // a plain model has no activation scales
+    let plain = d.path().join("plain.safetensors");
+    convert(&f, &plain, &to("plain")).unwrap();
+    let src = open_source(&plain).unwrap();
+    assert!(!src.tensors().iter().any(|t| t.key.contains("scale")));
 }
