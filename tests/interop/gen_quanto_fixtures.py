@@ -130,6 +130,20 @@ def module_info(spec: dict, frozen_model, dtype: str) -> dict:
     return info
 
 
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance in bf16 steps between two bf16 tensors of one shape (NaN: a large number)."""
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape != b.shape:
+        return 1 << 30
+    if bool(torch.isnan(a).any()) or bool(torch.isnan(b).any()):
+        return 1 << 30
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        i = t.detach().contiguous().reshape(-1).view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+
+    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
+
+
 def fail(msg: str) -> None:
     print(f"FATAL: {msg}", file=sys.stderr)
     sys.exit(1)
@@ -205,8 +219,17 @@ def generate_case(out_dir: str, base_seed: int, dtype: str, wq: str, aq, specs: 
         fail(f"{name}: forward output structure differs: {sorted(y1)} vs {sorted(y2)}")
     for k in y1:
         d = qm.same_tensor(y1[k], y2[k])
+        if d and dtype == "bfloat16" and wq == "qint4" and bf16_ulps(y1[k], y2[k]) <= 4:
+            # quanto's own kernels: on CPU a bf16 qint4 Linear with group size 128 (the tinygemm layout) may run a
+            # different matmul path frozen and reloaded, whose outputs can differ by a few bf16 steps for some seeds
+            # (seed 513487454: 2 of 32 elements, at most 2 steps). Its weights (dequantize(), compared above) are
+            # identical, and they are what ckptkit reads and writes; more than 4 steps still fails.
+            print(f"note: {name}: forward output of {k} differs by {bf16_ulps(y1[k], y2[k])} bf16 steps between "
+                  f"frozen and reloaded (quanto's kernels): {d}", file=sys.stderr)
+            continue
         if d:
-            fail(f"{name}: forward output of {k} differs between frozen and reloaded: {d}")
+            fail(f"{name}: forward output of {k} differs between frozen and reloaded: {d} "
+                 f"({y1[k].dtype}, {bf16_ulps(y1[k], y2[k])} bf16 steps at most)")
 
     # 4. case.json
     case["modules"] = [module_info(s, frozen, dtype) for s in ok_specs]
