@@ -17,16 +17,20 @@ dequantized.safetensors).  PLAIN is `migrate convert CASE_DIR/quantized.safetens
       float tensors there);
   (c) every ConvRot weight (case.json convrot_modules, each also marked by quantized.safetensors' comfy_quant) is
       finite where the library's is, and within --max-ulps (default 1) of the library's dequantization element by
-      element, counting D's values between them (+0 and -0 are 0 apart).  For each layer it prints how many
+      element, counting D's values between them (+0 and -0 are 0 apart), or, where a sum cancels, no further
+      from it than two f32 summation orders of the same terms can be (convrot_models.order_bound: the library's
+      order is its BLAS kernel's, which differs between CPUs).  For each layer it prints how many
       elements are not bit-identical to the library's and the largest distance, and, for information, the same
       against the exact inverse rotation rounded once to D.
 
 Prints one MISMATCH line per failure and a final OK/FAIL line.
 Exit status: 0 all checks passed, 1 any mismatch, 2 usage error.
 
---self-test runs the check, for every case under --fixtures (default tests/fixtures/comfy-convrot), on the
+--self-test runs the check (without the environment check, which depends on the CPU), for every case under
+--fixtures (default tests/fixtures/comfy-convrot), on the
 library's own dequantized.safetensors (must pass) and on corrupted copies (must fail, or pass where noted):
-one ConvRot element moved by 1 ulp (passes), by 2 ulp (fails), a sign flipped, a NaN, the weight left in the
+one ConvRot element moved by 1 ulp (passes), by 2 ulp or the fewest past the summation-order bound (fails),
+a sign flipped, a NaN, the weight left in the
 rotated basis, a plain tensor moved by 1 ulp, a weight stored in another dtype, a missing key, an extra key;
 and a missing file (exit 2).  Exit 0 when every expectation holds.
 """
@@ -96,7 +100,7 @@ def convrot_layers_in_file(chk: Checker, case: dict, lib_sd: dict) -> None:
 
 
 def compare_convrot(chk: Checker, key: str, ours: torch.Tensor, lib: torch.Tensor, exact_rounded: torch.Tensor,
-                    max_ulps: int) -> None:
+                    max_ulps: int, bound) -> None:
     lf = lib.to(torch.float64).numpy()
     of = ours.to(torch.float64).numpy()
     lib_finite = np.isfinite(lf)
@@ -120,10 +124,18 @@ def compare_convrot(chk: Checker, key: str, ours: torch.Tensor, lib: torch.Tenso
           f"vs the exact rotation rounded to {m.dtype_name(ours)}: {int(m.bitwise_differs(ours, exact_rounded).sum())}"
           f" not identical, max {int(dist_ex.max())} ulp")
     if int(dist.max()) > max_ulps:
+        # beyond max_ulps: accepted only within what another f32 summation order can give (cancelling sums)
         over = dist > max_ulps
-        chk.error(f"(c) plain {key}: {int(over.sum())} elements more than {max_ulps} ulp from the library's "
-                  f"dequantization; max {int(dist.max())} ulp at {[int(v) for v in worst]}: ours {float(of[worst])!r}, "
-                  f"library {float(lf[worst])!r}")
+        gap = np.where(ok, np.abs(of - lf), 0.0)
+        beyond = over & (gap > bound(np.maximum(np.abs(of), np.abs(lf))))
+        if beyond.any():
+            j = tuple(int(v) for v in np.argwhere(beyond)[0])
+            chk.error(f"(c) plain {key}: {int(beyond.sum())} elements more than {max_ulps} ulp from the library's "
+                      f"dequantization and beyond the f32 summation-order bound; first at {list(j)}: ours "
+                      f"{float(of[j])!r}, library {float(lf[j])!r}, {int(dist[j])} ulp apart")
+        else:
+            print(f"  {key}: {int(over.sum())} elements more than {max_ulps} ulp from the library's, each within the "
+                  "f32 summation-order bound (sums that cancel, added in another order by this CPU's kernel)")
 
 
 def main(argv=None) -> int:
@@ -183,9 +195,9 @@ def main(argv=None) -> int:
                 continue
             if k in convrot_keys:
                 mod = k[: -len(".weight")]
-                exact_rounded = m.rne_from_f64(
-                    m.exact_dequantize(lib_sd[f"{mod}.weight"], lib_sd[f"{mod}.weight_scale"], n), D)
-                compare_convrot(chk, k, ours, ref, exact_rounded, args.max_ulps)
+                q, s = lib_sd[f"{mod}.weight"], lib_sd[f"{mod}.weight_scale"]
+                exact_rounded = m.rne_from_f64(m.exact_dequantize(q, s, n), D)
+                compare_convrot(chk, k, ours, ref, exact_rounded, args.max_ulps, m.order_bound(q, s, n, D))
             else:
                 d = m.same_tensor(ours, ref)
                 if d:
@@ -194,7 +206,8 @@ def main(argv=None) -> int:
     if chk.errors:
         print(f"FAIL: {name}: {len(chk.errors)} mismatch(es)", file=sys.stderr)
         return 1
-    print(f"OK: {name} (plain; ConvRot weights within {args.max_ulps} ulp of the library)")
+    print(f"OK: {name} (plain; ConvRot weights within {args.max_ulps} ulp of the library, or within the f32 "
+          "summation-order bound where a sum cancels)")
     return 0
 
 
@@ -210,6 +223,18 @@ def _move_ulps(t: torch.Tensor, flat_index: int, k: int) -> torch.Tensor:
     bits = out.view(w).reshape(-1)
     bits[flat_index] += k
     return out
+
+
+def _past_bound(t: torch.Tensor, flat_index: int, bound) -> int:
+    """The fewest ulps (at least 2) that move element flat_index of t beyond the summation-order bound."""
+    x = float(t.reshape(-1)[flat_index])
+    k = 2
+    while True:
+        y = float(_move_ulps(t, flat_index, k).reshape(-1)[flat_index])
+        b = bound(np.array(max(abs(x), abs(y)))).reshape(-1)[flat_index]
+        if abs(y - x) > b:
+            return k
+        k *= 2
 
 
 def _pick(t: torch.Tensor) -> int:
@@ -256,9 +281,13 @@ def self_test(fixtures: str) -> int:
                      for x in case["convrot_modules"]}
             within = case["exactness_summary"]["within_1_ulp_of_rounded_exact"]
             variant("every ConvRot weight the exact rotation rounded once to D (case.json: within 1 ulp of the "
-                    f"library: {str(within).lower()})", exact, 0 if within else 1, None if within else "more than 1 ulp")
+                    f"library: {str(within).lower()}; where not, within the summation-order bound, since the library's "
+                    "f32 sums are within it of the exact ones)", exact, 0, None)
             variant(f"{wk}: one element 1 ulp further from 0", {wk: _move_ulps(deq[wk], i, 1)}, 0, None)
-            variant(f"{wk}: one element 2 ulp further from 0", {wk: _move_ulps(deq[wk], i, 2)}, 1,
+            k = _past_bound(deq[wk], i, m.order_bound(lib_sd[wk], lib_sd[f"{mod}.weight_scale"],
+                                                        case["groupsize"], D))
+            variant(f"{wk}: one element {k} ulp further from 0 (2, or the fewest past the summation-order bound)",
+                    {wk: _move_ulps(deq[wk], i, k)}, 1,
                     "more than 1 ulp")
             neg = deq[wk].clone().reshape(-1)
             neg[i] = -neg[i]
@@ -280,7 +309,7 @@ def self_test(fixtures: str) -> int:
                 m.save_file(sd, path)
                 out, err = io.StringIO(), io.StringIO()
                 with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                    rc = main(["--case", cdir, "--ours-plain", path])
+                    rc = main(["--case", cdir, "--ours-plain", path, "--no-env-check"])
                 good = rc == expect and (needle is None or needle in err.getvalue())
                 results.append((good, f"{name}: {label}: exit {rc} (want {expect}"
                                       + (f", stderr with {needle!r}" if needle else "") + ")"))

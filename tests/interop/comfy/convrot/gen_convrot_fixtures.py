@@ -130,6 +130,10 @@ def code_stats(q: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+# --order-check: fatal aborts on a summation order other than the fixtures' machine's; report collects it
+ORDER_CHECK = {"fatal": True, "differs": []}
+
+
 def library_layer(name: str, mod: str, w: torch.Tensor, n: int, D: torch.dtype):
     """Quantize w with the library, cross-check every entry point; returns (q, s, dequantized)."""
     qt = m.library_quantize(w, n)
@@ -169,8 +173,12 @@ def library_layer(name: str, mod: str, w: torch.Tensor, n: int, D: torch.dtype):
     # the re-statement of the library's f32 arithmetic
     d = m.same_tensor(m.library_order_dequantize(q, s, n, D), dq)
     if d:
-        fail(f"{name}: {mod}: library_order_dequantize (f32 products, sequential sums in blocks of "
-             f"{m.LIBRARY_K_BLOCK}) vs the library: {d}")
+        msg = (f"{name}: {mod}: library_order_dequantize (f32 products, sequential sums in blocks of "
+               f"{m.LIBRARY_K_BLOCK}) vs the library: {d}")
+        if ORDER_CHECK["fatal"]:
+            fail(msg)
+        print(f"note: this CPU's f32 matmul adds in another order than the fixtures' machine: {msg}", file=sys.stderr)
+        ORDER_CHECK["differs"].append(f"{mod}: {d}")
     return q, s, dq
 
 
@@ -183,6 +191,7 @@ def generate_case(out_dir: str, base_seed: int, recipe: dict, vers: dict) -> dic
     cdir = os.path.join(out_dir, name)
     os.makedirs(cdir, exist_ok=True)
     mods = m.convrot_module_names(case)
+    ORDER_CHECK["differs"] = []
 
     float_sd = save_checked(m.float_state_dict(case), os.path.join(cdir, "float.safetensors"))
 
@@ -250,9 +259,12 @@ def generate_case(out_dir: str, base_seed: int, recipe: dict, vers: dict) -> dic
                           "layout": file_table(os.path.join(cdir, fn))}
                      for fn in ("float.safetensors", "quantized.safetensors", "dequantized.safetensors")}
     case["library_entry_points"] = ENTRY_POINTS
-    case["library_order_check"] = (f"ok: rne_D(f32 sums of rne_f32(q*s) * (+-1/sqrt(n)), sequential in ascending i, "
-                                   f"in blocks of {m.LIBRARY_K_BLOCK}, block sums added in order) equals the "
-                                   "library's dequantization bit for bit")
+    order = (f"rne_D(f32 sums of rne_f32(q*s) * (+-1/sqrt(n)), sequential in ascending i, in blocks of "
+             f"{m.LIBRARY_K_BLOCK}, block sums added in order)")
+    differs = ORDER_CHECK["differs"]
+    case["library_order_check"] = (f"ok: {order} equals the library's dequantization bit for bit" if not differs
+                                   else f"differs on this CPU (--order-check report): {order} vs the library: "
+                                        + "; ".join(differs))
     case["backend"] = m.backend_report()
     case["versions"] = vers
     m.write_json(case, os.path.join(cdir, "case.json"))
@@ -400,7 +412,12 @@ def main() -> int:
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: tests/fixtures/comfy-convrot)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"base seed (default {DEFAULT_SEED})")
     ap.add_argument("--no-probes", action="store_true", help="skip probes.json")
+    ap.add_argument("--order-check", choices=("fatal", "report"), default="fatal",
+                    help="when library_order_dequantize does not reproduce the library bit for bit (another CPU's "
+                         "matmul kernel): abort (fatal, the default, for committed fixtures) or note it and go on "
+                         "(report, the live suite)")
     args = ap.parse_args()
+    ORDER_CHECK["fatal"] = args.order_check == "fatal"
 
     m.setup_torch()
     vers = versions()

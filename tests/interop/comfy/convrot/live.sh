@@ -4,7 +4,9 @@
 # (gen_convrot_fixtures.py); for each case ckptkit reads the library's quantized file
 # (migrate convert quantized.safetensors plain.safetensors --to plain) and check_convrot.py
 # checks it: the float model's keys, dtypes and shapes, every plain tensor byte-identical,
-# every ConvRot weight within 1 ulp of the library's dequantization.  Then the refusal case:
+# every ConvRot weight within 1 ulp of the library's dequantization (or, where a sum cancels, within
+# what another f32 summation order can give: the library's order is its CPU kernel's, spec/layouts.md
+# §5.6); the checker's own self-test runs first.  Then the refusal case:
 # ckptkit must refuse bad-groupsize/quantized.safetensors (markers with convrot_groupsize 32,
 # not a power of 4), with a message naming convrot_groupsize or "power of 4".
 #
@@ -25,9 +27,17 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 seed="${LIVE_SEED:-$(( (RANDOM << 15) | RANDOM ))}"
 echo "live comfy convrot interop: seed $seed, work dir $work"
-"$py" "$here/gen_convrot_fixtures.py" --out "$work/cases" --seed "$seed" --no-probes >/dev/null
+"$py" "$here/gen_convrot_fixtures.py" --out "$work/cases" --seed "$seed" --no-probes --order-check report >/dev/null
 pass=0
 fail=0
+# the checker itself, on the committed fixtures: it must accept the library's own output and reject corruptions
+if "$py" "$here/check_convrot.py" --self-test >"$work/selftest.log" 2>&1; then
+    pass=$((pass + 1))
+else
+    echo "FAIL check_convrot.py --self-test:"
+    grep -v '^ok ' "$work/selftest.log"
+    fail=$((fail + 1))
+fi
 for case in "$work"/cases/convrot-*/; do
     case="${case%/}"
     name="$(basename "$case")"
