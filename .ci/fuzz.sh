@@ -42,6 +42,7 @@ max_len() {
         layout_detect) echo 65536 ;;
         side_json) echo 4096 ;;
         migration) echo 2048 ;;
+        gguf) echo 16384 ;;
         *) echo 65536 ;;
     esac
 }

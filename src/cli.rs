@@ -57,12 +57,15 @@ impl Hints {
     }
 }
 
+// parsed once per process: the size of its largest variant does not matter
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Convert INPUT to OUTPUT (format from OUTPUT's extension:
-    /// .safetensors, .ckpk, or a directory).
+    /// .safetensors, .ckpk, .gguf, or a directory).
     Convert {
-        /// A .safetensors file, a sharded directory, or a .ckpk container.
+        /// A .safetensors file, a sharded directory, a .ckpk container, or a
+        /// .gguf file.
         input: PathBuf,
         /// Output path.
         output: PathBuf,
@@ -71,7 +74,8 @@ enum Cmd {
         /// int8, int8:bnb, int8:ct[:group=N][:int-quantized], int8:PATH.json,
         /// comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise[:per_row]|mxfp8|nvfp4 (also
         /// fp8:comfy[:e5m2], int8:comfy[:tensor]), fp8:legacy, fp8:block[:ue8m0],
-        /// fp8:ct:tensor|channel|group=N|block=RxC[:float-quantized].
+        /// fp8:ct:tensor|channel|group=N|block=RxC[:float-quantized],
+        /// gguf:q8_0|q4_0|q4_1|q5_0|q5_1.
         #[arg(long, default_value = "keep")]
         to: String,
         /// Take every layer's layout from REF: a checkpoint (with its
@@ -116,6 +120,10 @@ enum Cmd {
         /// Largest data bytes per file when writing a directory.
         #[arg(long, default_value_t = 5_000_000_000)]
         max_shard_size: u64,
+        /// `general.architecture` of a .gguf output whose input records none
+        /// (ComfyUI-GGUF: flux, sd1, sdxl, sd3, wan, ...).
+        #[arg(long)]
+        gguf_arch: Option<String>,
         /// Do not record per-tensor blake3 hashes in safetensors outputs
         /// (saves hashing time; `verify` can then check structure only).
         #[arg(long)]
@@ -389,6 +397,7 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
             force,
             allow_lossy,
             max_shard_size,
+            gguf_arch,
             no_hashes,
             no_verify_input,
             assume_plain,
@@ -420,6 +429,7 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
                 .overwrite(force)
                 .dry_run(dry_run)
                 .max_shard_size(max_shard_size)
+                .gguf_arch(gguf_arch)
                 .target(target)
                 .select(
                     PlanOptions::default()

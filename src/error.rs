@@ -88,6 +88,14 @@ pub enum ErrorKind {
     UnsupportedDtype(String),
     /// The input is valid but this operation cannot be done on it.
     Unsupported(String),
+    /// A GGUF tensor is stored in a ggml type ckptkit does not read (the
+    /// IQ, TQ and FP4 types, Q8_1, Q8_K); the location names the tensor.
+    UnsupportedGgufType {
+        /// gguf-py's name of the type (`IQ2_XXS`).
+        ggml_type: String,
+        /// Its id.
+        id: u32,
+    },
     /// The layout of a layer is inconsistent (wrong shapes, missing parts,
     /// a quantization map that disagrees with the tensors).
     Layout(String),
@@ -340,6 +348,11 @@ impl fmt::Display for ErrorKind {
             ErrorKind::NotFound(m) => write!(f, "not found: {m}"),
             ErrorKind::UnsupportedDtype(m) => write!(f, "unsupported dtype: {m}"),
             ErrorKind::Unsupported(m) => write!(f, "unsupported: {m}"),
+            ErrorKind::UnsupportedGgufType { ggml_type, id } => write!(
+                f,
+                "unsupported GGUF tensor type {ggml_type} ({id}): ckptkit reads F32, F16, BF16, \
+                 F64, I8-I64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K-Q6_K"
+            ),
             ErrorKind::Layout(m) => write!(f, "layout error: {m}"),
             ErrorKind::Ambiguous(m) => write!(f, "ambiguous layout: {m}"),
             ErrorKind::Json(m) => write!(f, "invalid JSON: {m}"),

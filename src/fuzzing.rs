@@ -1011,6 +1011,87 @@ pub fn layout_detect(data: &[u8]) {
     }
 }
 
+/// Target 9: GGUF bytes → the header parser (whole, and grown from a short
+/// prefix as the source reads it: both must agree) → the GGUF source →
+/// layout detection → `plain` and `keep` plans executed for every layer
+/// whose tensors are small: every dequantized tensor has the plan's byte
+/// length, every kept one the source's bytes. Ok or a typed error, never a
+/// panic.
+pub fn gguf_bytes(data: &[u8]) {
+    use crate::format::gguf::read::{parse, Parsed};
+    use crate::io::source::TensorSource;
+    let len = data.len() as u64;
+    let whole = parse(data, len);
+    // the prefix loop the source runs, from 16 bytes
+    let mut have = data.len().min(16);
+    let grown = loop {
+        match parse(&data[..have], len) {
+            Ok(Parsed::NeedMore(n)) => {
+                if n as usize <= have || n > len {
+                    fail!("NeedMore({n}) with {have} of {len} bytes")
+                }
+                have = n as usize;
+            }
+            r => break r,
+        }
+    };
+    match (&whole, &grown) {
+        (Ok(Parsed::Done(a)), Ok(Parsed::Done(b))) if a != b => {
+            fail!("the header parsed whole and from a prefix differ")
+        }
+        (Ok(Parsed::NeedMore(n)), _) => fail!("NeedMore({n}) on the whole file"),
+        (Ok(_), Err(e)) | (Err(e), Ok(_)) => {
+            fail!("the header parsed whole and from a prefix disagree: {e}")
+        }
+        _ => {}
+    }
+    let t = TempPath::write("fuzz.gguf", data);
+    let Ok(f) = crate::io::gguf_file::GgufFile::open(&t.0) else {
+        return;
+    };
+    if f.tensors().iter().map(|t| t.len).sum::<u64>() > 1 << 20 {
+        return;
+    }
+    let Ok(layers) = crate::migrate::detect_layers(&f, &Default::default()) else {
+        return;
+    };
+    for target in [
+        crate::migrate::plan::Target::Plain(None),
+        crate::migrate::plan::Target::Keep,
+    ] {
+        let Ok(p) = crate::migrate::plan::plan(&layers, &target, &Default::default()) else {
+            continue;
+        };
+        for lp in &p.layers {
+            let Ok((out, _)) = crate::migrate::plan::execute(&f, lp) else {
+                continue;
+            };
+            for (k, b) in out {
+                let Ok(b) = b.bytes(&f) else {
+                    fail!("copied tensor {k} cannot be read")
+                };
+                let Some(part) = lp.output.parts().find(|q| q.key == k) else {
+                    fail!("executed tensor {k} is not in the plan")
+                };
+                if crate::dtype::byte_len(part.dtype, &part.shape).ok() != Some(b.len() as u64) {
+                    fail!(
+                        "{k} has {} bytes, the plan says {:?} {:?}",
+                        b.len(),
+                        part.dtype,
+                        part.shape
+                    )
+                }
+                if target == crate::migrate::plan::Target::Keep {
+                    match f.read(&k) {
+                        Ok(src) if *src == *b => {}
+                        _ => fail!("kept tensor {k} differs from the source's bytes"),
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Target 4: a quanto qmap, a diffusers config or an int8 descriptor (the
 /// first byte chooses) → parse → validate → render → parse gives the same
 /// value.

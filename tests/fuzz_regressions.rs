@@ -13,7 +13,7 @@ use ckptkit::fuzzing;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 8] = [
+const TARGETS: [(&str, Target); 9] = [
     ("container", fuzzing::container_bytes),
     ("manifest", fuzzing::manifest_bytes),
     ("safetensors", fuzzing::safetensors_bytes),
@@ -22,6 +22,7 @@ const TARGETS: [(&str, Target); 8] = [
     ("layout_detect", fuzzing::layout_detect),
     ("side_json", fuzzing::side_json),
     ("migration", fuzzing::migration),
+    ("gguf", fuzzing::gguf_bytes),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -125,6 +126,11 @@ fn replay_side_json() {
 #[test]
 fn replay_migration() {
     replay(TARGETS[7].0, TARGETS[7].1);
+}
+
+#[test]
+fn replay_gguf() {
+    replay(TARGETS[8].0, TARGETS[8].1);
 }
 
 // ---------------------------------------------------------------------------
@@ -314,6 +320,18 @@ fn write_seeds() {
     use gen::*;
 
     let out = Out::new();
+    // ---- gguf: the files gguf-py wrote (tests/fixtures/gguf)
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    for name in [
+        "types-v3.gguf",
+        "align64.gguf",
+        "nested-array.gguf",
+        "model-v3.gguf",
+    ] {
+        if let Ok(b) = std::fs::read(fixtures.join(name)) {
+            out.put("seeds", "gguf", name, &b);
+        }
+    }
     let idx = |d: Dtype| Dtype::ALL.iter().position(|x| *x == d).unwrap();
     let md = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
         kv.iter()

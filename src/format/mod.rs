@@ -3,6 +3,7 @@
 //! names the function here that enforces it.
 
 pub(crate) mod filter;
+pub(crate) mod gguf;
 pub(crate) mod header;
 pub(crate) mod layers;
 pub(crate) mod lookups;

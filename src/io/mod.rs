@@ -4,6 +4,8 @@
 pub mod atomic;
 pub mod container;
 pub mod files;
+pub(crate) mod gguf_file;
+pub(crate) mod gguf_writer;
 pub mod lock;
 pub mod open;
 pub mod paths;

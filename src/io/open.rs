@@ -15,11 +15,13 @@ pub enum InputKind {
     ShardedDir,
     /// A `.ckpk` container.
     Container,
+    /// A GGUF file (it starts with `GGUF`).
+    Gguf,
 }
 
 /// Decides the kind of an input path: directories are sharded checkpoints,
-/// files starting with the container magic are containers, anything else is
-/// read as safetensors.
+/// files starting with the container magic are containers, files starting
+/// with `GGUF` are GGUF, anything else is read as safetensors.
 pub fn input_kind(path: &Path) -> Result<InputKind> {
     let md = crate::io::files::stat(path)?;
     if md.is_dir() {
@@ -31,8 +33,13 @@ pub fn input_kind(path: &Path) -> Result<InputKind> {
     use std::os::unix::fs::FileExt;
     let is_ckpk =
         md.len() >= 8 && f.read_exact_at(&mut magic, 0).is_ok() && magic == crate::format::MAGIC;
+    let is_gguf = md.len() >= 4
+        && f.read_exact_at(&mut magic[..4], 0).is_ok()
+        && magic[..4] == crate::format::gguf::read::MAGIC;
     Ok(if is_ckpk {
         InputKind::Container
+    } else if is_gguf {
+        InputKind::Gguf
     } else {
         InputKind::Safetensors
     })
@@ -46,5 +53,6 @@ pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
         }
         InputKind::ShardedDir => Box::new(crate::io::sharded::ShardedDir::open(path)?),
         InputKind::Container => Box::new(crate::io::container::Container::open(path)?),
+        InputKind::Gguf => Box::new(crate::io::gguf_file::GgufFile::open(path)?),
     })
 }

@@ -7,6 +7,7 @@ pub mod comfy;
 pub mod ctfp8;
 pub mod family;
 pub mod fp8block;
+pub(crate) mod gguf;
 pub mod int8;
 pub mod plain;
 pub mod quanto;

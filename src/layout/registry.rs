@@ -10,6 +10,8 @@ use crate::layout::family::{Family, Unknown};
 /// line here.
 pub(crate) static FAMILIES: &[&dyn Family] = &[
     &crate::layout::plain::Plain,
+    // first: it claims exactly the keys `ckptkit.gguf.tensors` records
+    &crate::layout::gguf::family::Gguf,
     &crate::layout::quanto::family::Quanto,
     // before int8: a ComfyUI int8 layer with its marker is also shaped
     // like compressed-tensors' int-quantized preset

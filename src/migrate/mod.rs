@@ -18,6 +18,7 @@ mod check;
 mod checkpoint;
 pub(crate) mod detect;
 mod execute;
+mod gguf;
 mod input;
 mod inspect;
 mod load;
@@ -25,7 +26,7 @@ mod options;
 mod ordered;
 pub(crate) mod plan;
 pub(crate) mod sidefiles;
-mod sink;
+pub(crate) mod sink;
 mod verify;
 
 pub use crate::layout::family::Pass;
@@ -115,6 +116,7 @@ fn convert_inner(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<S
             output.display(),
             match okind {
                 OutputKind::Safetensors => "a .safetensors file (safetensors has no compression)",
+                OutputKind::Gguf => "a .gguf file (GGUF has no compression)",
                 _ => "a directory of safetensors files (safetensors has no compression)",
             }
         )));
@@ -177,6 +179,7 @@ pub(crate) fn convert_opened(
     if opts.target != Target::Keep
         || !opts.select.rename.is_empty()
         || okind == OutputKind::Safetensors
+        || okind == OutputKind::Gguf
         || (okind == OutputKind::Directory && !multi_file)
     {
         match convert_planned(input, output, &src, okind, opts, t0) {
@@ -226,6 +229,14 @@ pub(crate) fn convert_opened(
             let carry = Carry::of(input, raw)?;
             write_container(&src, output, layers, &carry, opts)?;
             vec![output.to_path_buf()]
+        }
+        OutputKind::Gguf => {
+            // a GGUF output needs each tensor's ggml type: only planned
+            return Err(Error::usage(format!(
+                "{} needs every layer's layout known to be written as GGUF (give the hint the \
+                 ambiguity error names)",
+                input.display()
+            )));
         }
         OutputKind::Directory => {
             let (f, (c, sk)) = write_directory(&src, kind, input, output, opts)?;
@@ -342,6 +353,29 @@ pub(crate) fn convert_planned(
             let all: Vec<usize> = (0..p.layers.len()).collect();
             run_layers(src, &p, &all, &losses, &w, &opts.control)?;
             commit_with_companions(w, slots)?;
+        }
+        OutputKind::Gguf => {
+            let tensors = gguf::tensors(&p).map_err(|e| e.with_file(input))?;
+            let layers: Vec<&crate::format::manifest::Layer> =
+                p.layers.iter().map(|l| &l.output).collect();
+            let kvs = gguf::kvs(
+                src.metadata(),
+                opts.gguf_arch.as_deref(),
+                &tensors,
+                crate::layout::gguf::tensors_entry(&layers),
+            )
+            .map_err(|e| e.with_file(input))?;
+            let w = crate::io::gguf_writer::GgufWriter::create(
+                output,
+                &kvs,
+                &tensors,
+                crate::format::gguf::read::DEFAULT_ALIGNMENT,
+                opts.overwrite,
+            )?
+            .with_control(opts.control.clone());
+            let all: Vec<usize> = (0..p.layers.len()).collect();
+            run_layers(src, &p, &all, &losses, &w, &opts.control)?;
+            w.finish()?;
         }
         OutputKind::Directory => {
             let dir = AtomicDir::create(output, opts.overwrite)?;

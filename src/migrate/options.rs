@@ -13,6 +13,8 @@ pub enum OutputKind {
     Container,
     /// Anything else: a directory of safetensors shards with an index.
     Directory,
+    /// `*.gguf`: one GGUF v3 file (spec/gguf.md §4).
+    Gguf,
 }
 
 /// Decides the output kind from the path's extension.
@@ -20,6 +22,7 @@ pub fn output_kind(path: &Path) -> OutputKind {
     match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => OutputKind::Safetensors,
         Some("ckpk") => OutputKind::Container,
+        Some("gguf") => OutputKind::Gguf,
         _ => OutputKind::Directory,
     }
 }
@@ -78,6 +81,10 @@ pub struct ConvertOptions {
     /// one more read of the output, which `migrate convert` always does to
     /// print it.
     pub output_hash: bool,
+    /// `general.architecture` of a GGUF output whose input records none
+    /// (a GGUF input's own is kept): ComfyUI-GGUF's names are `flux`,
+    /// `sd1`, `sdxl`, `sd3`, `wan`, ...; llama.cpp's its model families.
+    pub gguf_arch: Option<String>,
 }
 
 setters!(ConvertOptions {
@@ -109,6 +116,8 @@ setters!(ConvertOptions {
     control: crate::Control,
     /// Sets `output_hash`: hash a single-file output into the summary.
     output_hash: bool,
+    /// Sets `gguf_arch`: `general.architecture` of a GGUF output.
+    gguf_arch: Option<String>,
 });
 
 impl Default for ConvertOptions {
@@ -128,6 +137,7 @@ impl Default for ConvertOptions {
             assume_plain: false,
             control: crate::Control::default(),
             output_hash: false,
+            gguf_arch: None,
         }
     }
 }

@@ -9,8 +9,8 @@ use std::path::Path;
 
 /// Verifies any input: a container's every hash and structural rule; a
 /// safetensors file's structure and the blake3 hashes ckptkit recorded in it
-/// (if any); a directory's index (if any) and every `.safetensors` and
-/// `.ckpk` file in it and its sub-directories (not following symlinks, at
+/// (if any); a GGUF file's structure; a directory's index (if any) and
+/// every `.safetensors`, `.ckpk` and `.gguf` file in it and its sub-directories (not following symlinks, at
 /// most 8 levels deep). The report sums the files.
 pub fn verify(path: &Path) -> Result<VerifyReport> {
     let mut r = VerifyReport::default();
@@ -18,8 +18,16 @@ pub fn verify(path: &Path) -> Result<VerifyReport> {
         InputKind::Container => add_report(&mut r, verify_container(path)?),
         InputKind::Safetensors => add_report(&mut r, SafetensorsFile::open(path)?.verify()?),
         InputKind::ShardedDir => verify_dir(path, 0, &mut r)?,
+        InputKind::Gguf => add_report(&mut r, verify_gguf(path)?),
     }
     Ok(r)
+}
+
+/// A GGUF file's structure (every rule of spec/gguf.md §2) and the blake3
+/// of every tensor its `ckptkit.blake3` entry records (ckptkit writes it;
+/// other writers' tensors are reported unchecked).
+pub(crate) fn verify_gguf(path: &Path) -> Result<VerifyReport> {
+    crate::io::gguf_file::GgufFile::open(path)?.verify()
 }
 
 /// A container's structure, every layer record (it must be one the
@@ -66,6 +74,8 @@ pub(crate) fn verify_dir(dir: &Path, depth: u32, r: &mut VerifyReport) -> Result
             add_report(r, SafetensorsFile::open(&p)?.verify()?);
         } else if ft.is_file() && n.ends_with(".ckpk") {
             add_report(r, verify_container(&p)?);
+        } else if ft.is_file() && n.ends_with(".gguf") {
+            add_report(r, verify_gguf(&p)?);
         }
     }
     Ok(())

@@ -533,8 +533,9 @@ def add_type_kvs(w: GGUFWriter) -> None:
         w.add_key_value(f"ckptkit.test.{key}", vals, VT.ARRAY, sub_type=sub)
 
 
-def build_types(out: Path, seed: int) -> dict:
-    path = out / "types-v3.gguf"
+def type_tensors(seed: int) -> tuple[dict[str, tuple[np.ndarray, Q]], dict]:
+    """The tensors of types-v3.gguf, in file order: name -> (stored array as written, type), plus the
+    special-value description.  Built once and shared with model-v3.gguf (same bytes, other names)."""
     arrays: dict[str, tuple[np.ndarray, Q]] = {}  # name -> (stored array as written, type)
     specials: dict[str, list] = {}
 
@@ -561,23 +562,24 @@ def build_types(out: Path, seed: int) -> dict:
         arrays[name] = (quantize(src, qt), qt)
     for name, qt, fields in K_QUANTS:
         arrays[name] = (k_quant_raw(seed, name, qt, fields), qt)
+    return arrays, specials
 
-    def build(w: GGUFWriter) -> None:
-        add_type_kvs(w)
-        for name, (a, qt) in arrays.items():
-            if qt in (Q.F32, Q.F16):
-                w.add_tensor(name, a)  # dtype float32/float16 -> F32/F16, shape taken from the array
-            else:
-                # uint8 block bytes: GGUFWriter converts the BYTE shape to the element shape itself
-                # (quant_shape_from_byte_shape); raw_shape must not be the element shape here.
-                w.add_tensor(name, a, raw_dtype=qt)
 
-    write_gguf(path, build)
-    buf = path.read_bytes()
-    p = parse_gguf(buf)
-    r = crosscheck(path, p)
+def add_tensors(w: GGUFWriter, arrays: dict[str, tuple[np.ndarray, Q]]) -> None:
+    for name, (a, qt) in arrays.items():
+        if qt in (Q.F32, Q.F16):
+            w.add_tensor(name, a)  # dtype float32/float16 -> F32/F16, shape taken from the array
+        else:
+            # uint8 block bytes: GGUFWriter converts the BYTE shape to the element shape itself
+            # (quant_shape_from_byte_shape); raw_shape must not be the element shape here.
+            w.add_tensor(name, a, raw_dtype=qt)
 
+
+def expected_tensors(r: GGUFReader, arrays: dict[str, tuple[np.ndarray, Q]]) -> tuple[dict, set[str]]:
+    """<name> = dequantize(stored) as F32 in numpy shape; <name>.raw = stored bytes (every type but F32).
+    Checks the file's tensors against the in-memory arrays they were written from."""
     expected, raw_keys = {}, set()
+    require([rt.name for rt in r.tensors] == list(arrays), "tensor order")
     for rt in r.tensors:
         a, qt = arrays[rt.name]
         require(rt.tensor_type == qt, f"{rt.name}: type")
@@ -590,6 +592,22 @@ def build_types(out: Path, seed: int) -> dict:
         if qt != Q.F32:
             expected[rt.name + ".raw"] = raw_rows(rt.data)
             raw_keys.add(rt.name + ".raw")
+    return expected, raw_keys
+
+
+def build_types(out: Path, seed: int, arrays: dict[str, tuple[np.ndarray, Q]], specials: dict) -> dict:
+    path = out / "types-v3.gguf"
+
+    def build(w: GGUFWriter) -> None:
+        add_type_kvs(w)
+        add_tensors(w, arrays)
+
+    write_gguf(path, build)
+    buf = path.read_bytes()
+    p = parse_gguf(buf)
+    r = crosscheck(path, p)
+
+    expected, raw_keys = expected_tensors(r, arrays)
     save_st(out / "types-v3.expected.safetensors", expected,
             st_meta(seed, "types-v3.gguf: <name> = gguf.quants.dequantize(stored, type) as F32 in numpy shape; "
                           "<name>.raw = stored bytes as U8 [rows, row_bytes] (every type but F32)"))
@@ -623,7 +641,99 @@ def build_types(out: Path, seed: int) -> dict:
                        "note": "same KVs, tensor infos, offsets, data_start and tensor bytes as this file"},
     })
     write_json(out / "types-v3.json", desc)
-    return {"desc": desc, "reader": r}
+    return {"desc": desc, "reader": r, "parsed": p, "expected": expected}
+
+
+# ------------------------------------------------------------------------------------------------
+# model-v3.gguf: the types-v3 tensors under model-like names
+# ------------------------------------------------------------------------------------------------
+
+# SentencePiece-style vocabulary; 4 entries = the 4 rows of token_embd.weight ([n_vocab, n_embd] = [4, 64])
+MODEL_TOKENS = ["<unk>", "<s>", "</s>", "\u2581h\u00e9llo"]
+
+
+def model_name(index: int, types_name: str, qt: Q) -> str:
+    """types-v3 tensor -> model-v3 name: the two F32 ones become token_embd/output_norm, every other
+    tensor becomes its own module blk.<index in types-v3>.<lower-case type name>.weight."""
+    if types_name == "f32":
+        return "token_embd.weight"
+    if types_name == "f32_1d":
+        return "output_norm.weight"
+    return f"blk.{index}.{qt.name.lower()}.weight"
+
+
+def add_model_kvs(w: GGUFWriter, n_blocks: int) -> None:
+    # general.architecture comes first (GGUFWriter's constructor); no general.alignment (default 32)
+    w.add_name("ckptkit tiny test model")
+    w.add_quantization_version(GGML_QUANT_VERSION)
+    w.add_context_length(512)                 # ckptkit-test.context_length (u32)
+    w.add_embedding_length(64)                # ckptkit-test.embedding_length (u32)
+    w.add_block_count(n_blocks)               # ckptkit-test.block_count (u32)
+    w.add_layer_norm_rms_eps(1e-5)            # ckptkit-test.attention.layer_norm_rms_epsilon (f32)
+    w.add_tokenizer_model("llama")            # tokenizer.ggml.model (string)
+    w.add_token_list(MODEL_TOKENS)            # tokenizer.ggml.tokens (ARRAY of STRING)
+
+
+def build_model(out: Path, seed: int, arrays: dict[str, tuple[np.ndarray, Q]], v3: dict) -> dict:
+    path = out / "model-v3.gguf"
+    names = {tname: model_name(i, tname, qt) for i, (tname, (_, qt)) in enumerate(arrays.items())}
+    require(len(set(names.values())) == len(names), "model-v3 names unique")
+    # the very same array objects, renamed (same order as types-v3.gguf)
+    marrays = {names[tname]: arrays[tname] for tname in arrays}
+    n_blocks = max(int(n.split(".")[1]) for n in marrays if n.startswith("blk.")) + 1
+
+    def build(w: GGUFWriter) -> None:
+        add_model_kvs(w, n_blocks)
+        add_tensors(w, marrays)
+
+    write_gguf(path, build)
+    buf = path.read_bytes()
+    p = parse_gguf(buf)
+    r = crosscheck(path, p)
+    require(p["alignment_source"] == "default" and p["alignment"] == GGUF_DEFAULT_ALIGNMENT, "model-v3 alignment")
+    require([kv["key"] for kv in p["kvs"]][:1] == ["general.architecture"] and p["kvs"][0]["value"] == ARCH,
+            "model-v3 architecture")
+    tok = next(kv for kv in p["kvs"] if kv["key"] == "tokenizer.ggml.tokens")
+    require(tok["vtype"] == VT.ARRAY and tok["value"].item_type == VT.STRING and tok["value"].items == MODEL_TOKENS,
+            "model-v3 tokens")
+
+    expected, raw_keys = expected_tensors(r, marrays)
+    # same data as types-v3.gguf, tensor by tensor, and so the same data section byte for byte
+    pv3 = v3["parsed"]
+    v3buf = (out / "types-v3.gguf").read_bytes()
+    require(len(p["tensors"]) == len(pv3["tensors"]), "model-v3 tensor count")
+    for t, tv3 in zip(p["tensors"], pv3["tensors"]):
+        require(t["name"] == names[tv3["name"]], f"{t['name']}: order")
+        require((t["type"], t["ne"], t["offset"], t["n_bytes"]) == (tv3["type"], tv3["ne"], tv3["offset"], tv3["n_bytes"]),
+                f"{t['name']}: info differs from types-v3 {tv3['name']}")
+        require(buf[t["offset_abs"]:t["offset_abs"] + t["n_bytes"]]
+                == v3buf[tv3["offset_abs"]:tv3["offset_abs"] + tv3["n_bytes"]], f"{t['name']}: bytes differ from types-v3")
+    require(buf[p["data_start"]:] == v3buf[pv3["data_start"]:], "model-v3 data section != types-v3 data section")
+    for tname, mname in names.items():
+        for suffix in ("", ".raw"):
+            if tname + suffix in v3["expected"]:
+                require(expected[mname + suffix].tobytes() == v3["expected"][tname + suffix].tobytes()
+                        and expected[mname + suffix].dtype == v3["expected"][tname + suffix].dtype
+                        and expected[mname + suffix].shape == v3["expected"][tname + suffix].shape,
+                        f"{mname}{suffix}: expected differs from types-v3 {tname}{suffix}")
+            else:
+                require(mname + suffix not in expected, f"{mname}{suffix}: unexpected key")
+    save_st(out / "model-v3.expected.safetensors", expected,
+            st_meta(seed, "model-v3.gguf: <name> = gguf.quants.dequantize(stored, type) as F32 in numpy shape; "
+                          "<name>.raw = stored bytes as U8 [rows, row_bytes] (every type but F32); "
+                          "same values as types-v3.expected.safetensors under the model-v3 names"))
+    desc = describe(path, p, r, raw_keys, {
+        "same_data_as": {
+            "file": "types-v3.gguf",
+            "rule": "types-v3 tensor i of type T -> blk.<i>.<lower-case T>.weight; "
+                    "f32 [4,64] -> token_embd.weight, f32_1d [64] -> output_norm.weight; same order, types, "
+                    "shapes, offsets and bytes (the data sections of the two files are identical)",
+            "tensor_names": {mname: tname for tname, mname in names.items()},
+            "data_section_sha256": sha256(buf[p["data_start"]:]),
+        },
+    })
+    write_json(out / "model-v3.json", desc)
+    return {"desc": desc}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -936,6 +1046,17 @@ Total: {total} bytes.
   sha256 of its bytes).
 * `types-v2.gguf`: the same file as GGUF **v2** — byte 4 is `02` instead of `03`, nothing else differs
   (recorded in `types-v3.json` → `v2_variant`).  Use `types-v3.json`/`.expected.safetensors` for it.
+* `model-v3.gguf` + `model-v3.json` + `model-v3.expected.safetensors`: the `types-v3.gguf` tensors (same
+  order, types, shapes, offsets and bytes: the two data sections are identical) under model-like names,
+  one quantized tensor per module.  Naming rule: the `types-v3` tensor at index i of type T is
+  `blk.<i>.<lower-case T>.weight`, except the 2-D F32 one (`token_embd.weight`) and the 1-D F32 one
+  (`output_norm.weight`); `model-v3.json` → `same_data_as.tensor_names` maps each name back.  Tensors:
+{model_tensors}
+  KVs in file order (realistic LLM metadata; no `general.alignment`, so the default alignment 32;
+  `block_count` = highest block index + 1, although `blk.0`/`blk.1` hold no tensor):
+{model_kvs}
+  Tensor infos end at {model_ti_end}, data starts at {model_start}.  The expected file follows the
+  `types-v3.expected.safetensors` convention (same values and bits, model-v3 names).
 * `nested-array.gguf` + `nested-array.json`: arrays of arrays (written by `GGUFWriter.add_array`, see
   below), a u32 KV after them (`0xdeadbeef`, to check the reader skipped them correctly) and one
   F32 `[4]` tensor `t.f32` = `[0, 1, 2, 3]`.
@@ -1063,12 +1184,15 @@ sub_type=...)`.  `add_key_value` with an existing key only logs a warning and ov
 """
 
 
-def render_readme(out: Path, seed: int, v3: dict, a64: dict, rt: dict, probe_res: dict) -> str:
+def render_readme(out: Path, seed: int, v3: dict, model: dict, a64: dict, rt: dict, probe_res: dict) -> str:
     what = {
         "types-v3.gguf": "all tensor and KV types (v3)",
         "types-v3.json": "layout + KVs + tensors of types-v3.gguf",
         "types-v3.expected.safetensors": "dequantized F32 + raw bytes per tensor",
         "types-v2.gguf": "types-v3.gguf as version 2",
+        "model-v3.gguf": "types-v3 tensors under model-like names",
+        "model-v3.json": "layout + KVs + tensors of model-v3.gguf",
+        "model-v3.expected.safetensors": "expected tensors of model-v3.gguf",
         "nested-array.gguf": "arrays of arrays",
         "nested-array.json": "layout + KVs of nested-array.gguf",
         "align64.gguf": "general.alignment = 64",
@@ -1092,7 +1216,22 @@ def render_readme(out: Path, seed: int, v3: dict, a64: dict, rt: dict, probe_res
     warns = sorted({m for v in rt["types"].values() for m in v["numpy_warnings_quantize"]})
     dwarns = sorted({m for v in rt["types"].values() for m in v["numpy_warnings_dequantize"]})
     a = a64["desc"]
+    m = model["desc"]
+    back = m["same_data_as"]["tensor_names"]
+    model_tensors = "\n".join(
+        f"  {i}. `{t['name']}` {t['ggml_type']} `[{','.join(map(str, t['shape']))}]` (types-v3 `{back[t['name']]}`)"
+        for i, t in enumerate(m["tensors"]))
+
+    def kv_text(kv: dict) -> str:
+        if kv["type"] == "ARRAY":
+            return f"`{kv['key']}` = ARRAY of {kv['item_type']} {json.dumps(kv['value'], ensure_ascii=False)}"
+        v = json.dumps(kv["value"], ensure_ascii=False) if kv["type"] == "STRING" else repr(kv["value"])
+        bits = f", bits {kv['bits']}" if "bits" in kv else ""
+        return f"`{kv['key']}` = {v} ({kv['type']}{bits})"
+
     return README.format(
+        model_tensors=model_tensors, model_kvs="\n".join(f"  * {kv_text(kv)}" for kv in m["kv"]),
+        model_ti_end=m["tensor_info_end"], model_start=m["data_start"],
         seed=seed, python=".".join(map(str, sys.version_info[:3])), qv=GGML_QUANT_VERSION, **VERSIONS,
         files="\n".join(rows), total=total,
         rows="\n".join(f"  {i}. {c}" for i, c in enumerate(RT_ROWS)),
@@ -1109,6 +1248,7 @@ def render_readme(out: Path, seed: int, v3: dict, a64: dict, rt: dict, probe_res
 # ------------------------------------------------------------------------------------------------
 
 OWNED = ["README.md", "types-v3.gguf", "types-v3.json", "types-v3.expected.safetensors", "types-v2.gguf",
+         "model-v3.gguf", "model-v3.json", "model-v3.expected.safetensors",
          "nested-array.gguf", "nested-array.json", "align64.gguf", "align64.json", "align64.expected.safetensors"]
 
 
@@ -1124,7 +1264,9 @@ def main() -> None:
     shutil.rmtree(out / "quant-roundtrip", ignore_errors=True)
 
     try:
-        v3 = build_types(out, args.seed)
+        arrays, specials = type_tensors(args.seed)
+        v3 = build_types(out, args.seed, arrays, specials)
+        model = build_model(out, args.seed, arrays, v3)
         build_nested(out)
         a64 = build_align64(out, args.seed)
         rt = build_roundtrip(out, args.seed)
@@ -1139,7 +1281,7 @@ def main() -> None:
                 "GGUFReader does not check offsets")
         require(probe_res["add_tensor(uint8 Q2_K bytes [2, 168], raw_shape=[2, 512] (element shape))"]
                 .startswith("writer raises ValueError"), "element raw_shape rejected")
-        (out / "README.md").write_text(render_readme(out, args.seed, v3, a64, rt, probe_res), encoding="utf-8")
+        (out / "README.md").write_text(render_readme(out, args.seed, v3, model, a64, rt, probe_res), encoding="utf-8")
     except Mismatch as e:
         sys.exit(f"error: gguf-py and the independent parser disagree (or a stated fact failed): {e}")
     for f in out.rglob("*"):

@@ -1,0 +1,693 @@
+//! Tests of the gguf block math against gguf-py 0.19.0 (numpy 2.4.6, x86-64):
+//! the fixtures in `tests/fixtures/gguf` and vectors produced by the same
+//! library for the edge cases the fixtures do not reach.
+
+use super::*;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+fn ty(name: &str) -> GgmlType {
+    GgmlType::from_name(name).unwrap_or_else(|| panic!("unknown type {name}"))
+}
+
+fn fixture(rel: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(rel);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    assert_eq!(bytes.len() % 4, 0);
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn st_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Vec<u8> {
+    st.tensor(name)
+        .unwrap_or_else(|e| panic!("tensor {name}: {e}"))
+        .data()
+        .to_vec()
+}
+
+/// Asserts bit equality, reporting the first difference and how many there are.
+fn assert_bits(label: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    let bad: Vec<usize> = (0..got.len())
+        .filter(|&i| got[i].to_bits() != want[i].to_bits())
+        .collect();
+    if let Some(&i) = bad.first() {
+        panic!(
+            "{label}: {} of {} elements differ; first at {i}: got {:#010x} ({}), want {:#010x} ({})",
+            bad.len(),
+            got.len(),
+            got[i].to_bits(),
+            got[i],
+            want[i].to_bits(),
+            want[i]
+        );
+    }
+}
+
+fn deq(t: &str, data: &[u8]) -> Vec<f32> {
+    let t = ty(t);
+    let n = data.len() / t.bytes as usize * t.block as usize;
+    let mut out = vec![f32::from_bits(0x1234_5678); n];
+    dequantize(t, data, &mut out).unwrap_or_else(|e| panic!("{e}"));
+    out
+}
+
+fn quant(t: &str, x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    quantize(ty(t), x, &mut out).unwrap_or_else(|e| panic!("{e}"));
+    out
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    assert_eq!(s.len() % 2, 0);
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+/// Every tensor of `types-v3.gguf` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
+/// Q8_0 2-D and 3-D, Q2_K..Q6_K) dequantizes to gguf-py's F32 bit for bit. The
+/// bytes are taken from the .gguf file at the offsets in types-v3.json and
+/// checked against the `.raw` companions.
+#[test]
+fn types_v3_fixture_dequantizes_bit_exactly() {
+    let json: serde_json::Value =
+        serde_json::from_slice(&fixture("types-v3.json")).expect("types-v3.json");
+    let gguf = fixture("types-v3.gguf");
+    let st_bytes = fixture("types-v3.expected.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&st_bytes).expect("safetensors");
+    let tensors = json["tensors"].as_array().expect("tensors");
+    let mut types = BTreeSet::new();
+    let mut raw_checked = BTreeSet::new();
+    let mut specials = 0usize;
+    for t in tensors {
+        let name = t["name"].as_str().expect("name");
+        let tname = t["ggml_type"].as_str().expect("ggml_type");
+        let off = t["offset_abs"].as_u64().expect("offset_abs") as usize;
+        let n = t["n_bytes"].as_u64().expect("n_bytes") as usize;
+        let bytes = &gguf[off..off + n];
+        if st.names().iter().any(|k| *k == format!("{name}.raw")) {
+            assert_eq!(st_tensor(&st, &format!("{name}.raw")), bytes, "{name}.raw");
+            raw_checked.insert(name.to_string());
+        }
+        let want = f32s(&st_tensor(&st, name));
+        let got = deq(tname, bytes);
+        assert_bits(name, &got, &want);
+        specials += want
+            .iter()
+            .filter(|v| !v.is_finite() || v.to_bits() == 0x8000_0000)
+            .count();
+        types.insert(tname.to_string());
+    }
+    let all: BTreeSet<String> = [
+        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
+        "Q5_K", "Q6_K",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(types, all, "every supported type is covered");
+    let raw_keys: BTreeSet<String> = [
+        "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_0_3d", "q2_k", "q3_k", "q4_k",
+        "q5_k", "q6_k",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(raw_checked, raw_keys);
+    assert!(
+        specials >= 10,
+        "the fixture's NaN/inf/-0.0 were compared ({specials})"
+    );
+}
+
+/// The same fixture fed straight from the `.raw` tensors, row by row: rows
+/// are independent (nothing carries over between blocks).
+#[test]
+fn types_v3_raw_rows_dequantize_independently() {
+    let json: serde_json::Value =
+        serde_json::from_slice(&fixture("types-v3.json")).expect("types-v3.json");
+    let st_bytes = fixture("types-v3.expected.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&st_bytes).expect("safetensors");
+    for t in json["tensors"].as_array().expect("tensors") {
+        let name = t["name"].as_str().expect("name");
+        let Ok(raw) = st.tensor(&format!("{name}.raw")) else {
+            continue;
+        };
+        let tname = t["ggml_type"].as_str().expect("ggml_type");
+        let row_bytes = raw.shape()[1];
+        let want = f32s(&st_tensor(&st, name));
+        let mut got = Vec::new();
+        for row in raw.data().chunks(row_bytes) {
+            got.extend(deq(tname, row));
+        }
+        assert_bits(&format!("{name} by rows"), &got, &want);
+    }
+}
+
+const ROUNDTRIP_TYPES: [&str; 5] = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"];
+
+/// `quantize(input)` gives gguf-py's bytes exactly (rows of zeros, tiny values
+/// whose scales underflow, huge values whose scales overflow, rounding ties,
+/// sign ties, constant blocks, normal data) and dequantizing those bytes gives
+/// gguf-py's floats bit for bit (incl. the NaN/inf of the huge row).
+#[test]
+fn quant_roundtrip_fixtures_match_gguf_py() {
+    let input_st = fixture("quant-roundtrip/input.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&input_st).expect("safetensors");
+    let input = f32s(&st_tensor(&st, "input"));
+    assert_eq!(input.len(), 8 * 256);
+    for t in ROUNDTRIP_TYPES {
+        let want = fixture(&format!("quant-roundtrip/{t}.bin"));
+        let got = quant(t, &input);
+        assert_eq!(got.len(), want.len(), "{t}: length");
+        if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+            let bb = ty(t).bytes as usize;
+            panic!(
+                "{t}: byte {i} (block {}, offset {}) is {:#04x}, gguf-py wrote {:#04x}",
+                i / bb,
+                i % bb,
+                got[i],
+                want[i]
+            );
+        }
+        // row-local: row by row gives the same bytes
+        let mut by_rows = Vec::new();
+        for row in input.chunks(256) {
+            quantize(ty(t), row, &mut by_rows).unwrap();
+        }
+        assert_eq!(by_rows, want, "{t} by rows");
+
+        let dq_st = fixture(&format!("quant-roundtrip/{t}.dequant.safetensors"));
+        let dst = safetensors::SafeTensors::deserialize(&dq_st).expect("safetensors");
+        let want_f = f32s(&st_tensor(&dst, "dequant"));
+        assert_bits(&format!("{t} dequant"), &deq(t, &want), &want_f);
+        assert!(
+            want_f.iter().any(|v| !v.is_finite()),
+            "{t}: the huge row's non-finite values are part of the comparison"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Vectors from gguf-py for what the fixtures do not reach
+// (math_vectors.rs, written by tests/interop/gguf/gen_math_vectors.py)
+// ---------------------------------------------------------------------------
+
+/// A dequantization made by gguf-py: `data` hex, output element `i` has bits
+/// `values[index[i]]` (`index` one base-62 digit per element).
+struct DeqCase {
+    label: &'static str,
+    ty: &'static str,
+    data: &'static str,
+    values: &'static [u32],
+    index: &'static str,
+}
+
+/// A quantization made by gguf-py: `input` as f32 bits (8 hex digits each).
+struct QuantCase {
+    label: &'static str,
+    ty: &'static str,
+    input: &'static str,
+    bytes: &'static str,
+}
+
+fn digit62(c: u8) -> usize {
+    match c {
+        b'0'..=b'9' => (c - b'0') as usize,
+        b'a'..=b'z' => (c - b'a') as usize + 10,
+        b'A'..=b'Z' => (c - b'A') as usize + 36,
+        _ => panic!("bad digit {c}"),
+    }
+}
+
+/// Blocks with NaN (quiet and signalling, both signs) and infinite f16 scales:
+/// NaN payload propagation, default NaNs from `inf * 0` and `inf - inf`, and
+/// numpy's swapped `m + d*q` order for a one-block Q4_1/Q5_1 tensor.
+#[test]
+fn non_finite_scales_dequantize_like_gguf_py() {
+    let mut kinds = BTreeSet::new();
+    let mut distinct_nans = BTreeSet::new();
+    for c in DEQ_CASES {
+        let data = unhex(c.data);
+        let got = deq(c.ty, &data);
+        let want: Vec<f32> = c
+            .index
+            .bytes()
+            .map(|d| f32::from_bits(c.values[digit62(d)]))
+            .collect();
+        assert_bits(c.label, &got, &want);
+        kinds.insert(c.ty);
+        for v in &want {
+            if v.is_nan() {
+                distinct_nans.insert(v.to_bits());
+            }
+        }
+    }
+    assert_eq!(kinds.len(), 10, "{kinds:?}");
+    // signalling (made quiet), quiet, negative and default NaNs all occur
+    let want: BTreeSet<u32> = [0x7fe0_2000, 0x7fc0_a000, 0xffce_e000, DEFAULT_NAN_BITS].into();
+    assert!(want.is_subset(&distinct_nans), "{distinct_nans:x?}");
+}
+
+/// Quantization edge cases: scales whose reciprocal overflows (numpy casts the
+/// resulting NaN/inf codes), `max - min` overflowing f32, subnormal elements,
+/// signed zeros (numpy's tie order in `max`/`min`), ± ties of the largest |x|,
+/// a scale overflowing f16.
+#[test]
+fn quantize_edge_cases_like_gguf_py() {
+    for c in QUANT_CASES {
+        let x: Vec<f32> = unhex(c.input)
+            .chunks_exact(4)
+            .map(|b| f32::from_bits(u32::from_be_bytes([b[0], b[1], b[2], b[3]])))
+            .collect();
+        assert_eq!(x.len(), 32, "{}", c.label);
+        let got = quant(c.ty, &x);
+        assert_eq!(
+            crate::error::hex(&got),
+            c.bytes,
+            "{} ({}): input {:?}",
+            c.label,
+            c.ty,
+            x
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Scalar conversions
+// ---------------------------------------------------------------------------
+
+fn special_values(kind: &str) -> Vec<(u32, u16)> {
+    let json: serde_json::Value =
+        serde_json::from_slice(&fixture("types-v3.json")).expect("types-v3.json");
+    let s = &json["special_values"][kind];
+    let parse = |v: &serde_json::Value| {
+        u32::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+    };
+    let inp = s["f32_input_bits"].as_array().unwrap();
+    let out = s["stored_bits"].as_array().unwrap();
+    assert_eq!(inp.len(), out.len());
+    assert!(!inp.is_empty());
+    inp.iter()
+        .zip(out)
+        .map(|(i, o)| (parse(i), parse(o) as u16))
+        .collect()
+}
+
+/// f32 → f16/bf16 of the fixture's special values (signed zeros, infinities,
+/// NaNs, subnormals, ties, overflow) as gguf-py stored them; `quantize` gives
+/// the same bytes for the finite ones and refuses the others.
+#[test]
+fn special_values_convert_like_gguf_py() {
+    for (kind, tname) in [("f16", "F16"), ("bf16", "BF16")] {
+        for (x, want) in special_values(kind) {
+            let xf = f32::from_bits(x);
+            let got = if kind == "f16" {
+                f16_bits_from_f32_np(xf)
+            } else {
+                bf16_bits_from_f32_gguf(xf)
+            };
+            assert_eq!(got, want, "{kind} of {x:#010x}");
+            let mut out = Vec::new();
+            let r = quantize(ty(tname), &[1.0, xf], &mut out);
+            if xf.is_finite() {
+                r.unwrap();
+                assert_eq!(&out[2..], &want.to_le_bytes(), "{tname} quantize {x:#010x}");
+            } else {
+                assert!(r.unwrap_err().contains("element 1"));
+                assert!(out.is_empty());
+            }
+        }
+    }
+    // F32 quantize stores the bits as they are
+    let x = [0.0f32, -0.0, f32::MAX, f32::from_bits(1), -1.5];
+    let out = quant("F32", &x);
+    assert_eq!(out.len(), 20);
+    assert_eq!(
+        f32s(&out).iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        x.map(f32::to_bits)
+    );
+}
+
+/// numpy's f16 → f32 on all 65536 inputs: exact (checked against `half`), and
+/// NaNs keep sign and payload without being made quiet (`0x7c01` →
+/// `0x7f802000`, observed on numpy 2.4.6).
+#[test]
+fn f16_to_f32_all_inputs() {
+    for h in 0..=u16::MAX {
+        let got = f32_from_f16_np(h);
+        if h & 0x7c00 == 0x7c00 && h & 0x03ff != 0 {
+            let want = (u32::from(h & 0x8000) << 16) | 0x7f80_0000 | (u32::from(h & 0x3ff) << 13);
+            assert_eq!(got.to_bits(), want, "{h:#06x}");
+        } else {
+            let want = half::f16::from_bits(h).to_f32();
+            assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
+        }
+    }
+    for (h, want) in [
+        (0x7c01u16, 0x7f80_2000u32),
+        (0xfc01, 0xff80_2000),
+        (0x7d55, 0x7faa_a000),
+        (0x7e00, 0x7fc0_0000),
+        (0xfe01, 0xffc0_2000),
+        (0x0001, 0x3380_0000),
+        (0x83ff, 0xb87f_c000),
+    ] {
+        assert_eq!(f32_from_f16_np(h).to_bits(), want, "{h:#06x}");
+    }
+    // F16 and BF16 dequantization are these conversions, element by element
+    let data = [0x01u8, 0x7c, 0xff, 0x83, 0x00, 0x80];
+    let got = deq("F16", &data);
+    assert_eq!(
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        [0x7f80_2000, 0xb87f_c000, 0x8000_0000]
+    );
+    let got = deq("BF16", &[0x81, 0xff, 0x01, 0x7f, 0x80, 0x3f]);
+    assert_eq!(
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        [0xff81_0000, 0x7f01_0000, 0x3f80_0000]
+    );
+}
+
+/// numpy's f32 → f16: round to nearest even everywhere (checked against
+/// `half` on a sweep of the finite f32s and on every rounding boundary), NaN
+/// kept unquieted with its top payload bits (observed on numpy 2.4.6).
+#[test]
+fn f32_to_f16_rounding() {
+    let check = |bits: u32| {
+        let x = f32::from_bits(bits);
+        if x.is_nan() {
+            return;
+        }
+        assert_eq!(
+            f16_bits_from_f32_np(x),
+            half::f16::from_f32(x).to_bits(),
+            "{bits:#010x}"
+        );
+    };
+    let mut b = 0u32;
+    while let Some(n) = b.checked_add(7919) {
+        check(b);
+        b = n;
+    }
+    // every f16 value, the midpoints next to it and one ulp of f32 around those
+    for h in 0..0x7c00u32 {
+        let lo = f32_from_f16_np(h as u16).to_bits();
+        let hi = f32_from_f16_np(h as u16 + 1).to_bits();
+        let mid = ((f32::from_bits(lo) as f64 + f32::from_bits(hi) as f64) / 2.0) as f32;
+        for s in [0u32, 0x8000_0000] {
+            for v in [lo, hi, mid.to_bits() - 1, mid.to_bits(), mid.to_bits() + 1] {
+                check(v | s);
+            }
+        }
+    }
+    for (x, want) in [
+        (0x7f80_0001u32, 0x7c01u16),
+        (0xff80_0001, 0xfc01),
+        (0x7fc0_0000, 0x7e00),
+        (0x7fa0_0001, 0x7d00),
+        (0x7fff_ffff, 0x7fff),
+        (0xffc0_0001, 0xfe00),
+        (0x477f_f000, 0x7c00), // 65520 -> inf
+        (0x3300_0000, 0x0000), // 2^-25 -> 0 (tie to even)
+        (0x3300_0001, 0x0001),
+    ] {
+        assert_eq!(f16_bits_from_f32_np(f32::from_bits(x)), want, "{x:#010x}");
+    }
+}
+
+/// gguf-py's bf16 rounding: ties to even, NaN quiet with sign kept.
+#[test]
+fn bf16_rounding() {
+    for (x, want) in [
+        (0x3f80_8000u32, 0x3f80u16),
+        (0x3f81_8000, 0x3f82),
+        (0x3f80_8001, 0x3f81),
+        (0x7f7f_ffff, 0x7f80),
+        (0x7f80_0001, 0x7fc0),
+        (0xffc0_0001, 0xffc0),
+        (0xffff_ffff, 0xffff),
+        (0x7f80_0000, 0x7f80),
+        (0x0000_0001, 0x0000),
+    ] {
+        assert_eq!(
+            bf16_bits_from_f32_gguf(f32::from_bits(x)),
+            want,
+            "{x:#010x}"
+        );
+    }
+}
+
+/// The float → u8/i8 cast and rounding helpers, on values observed in numpy.
+#[test]
+fn numpy_cast_and_round() {
+    let xs = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        300.0,
+        -1.0,
+        -300.0,
+        3e9,
+        -0.5,
+        255.9,
+        256.0,
+    ];
+    let got: Vec<u8> = xs.iter().map(|&v| np_cast_low_byte(v)).collect();
+    assert_eq!(got, [0, 0, 0, 44, 255, 212, 0, 0, 255, 0]);
+    for (x, want) in [
+        (0.5f32, 1.0f32),
+        (1.5, 2.0),
+        (2.5, 3.0),
+        (-2.5, -3.0),
+        (-0.5, -1.0),
+        (0.499_999_97, 0.0),
+        (126.5, 127.0),
+        (-126.49, -126.0),
+    ] {
+        assert_eq!(np_roundf(x), want, "{x}");
+    }
+    assert!(np_roundf(f32::INFINITY).is_nan());
+    assert!(np_roundf(f32::NAN).is_nan());
+}
+
+// ---------------------------------------------------------------------------
+// Errors and properties
+// ---------------------------------------------------------------------------
+
+/// Wrong lengths and unsupported types are errors, never panics.
+#[test]
+fn bad_lengths_and_types_are_errors() {
+    for t in crate::format::gguf::types::TYPES {
+        let supported = [
+            "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
+            "Q5_K", "Q6_K",
+        ]
+        .contains(&t.name);
+        let (block, bytes) = (t.block as usize, t.bytes as usize);
+        let data = vec![0u8; 3 * bytes];
+        let mut out = vec![0f32; 3 * block];
+        assert_eq!(
+            dequantize(*t, &data, &mut out).is_ok(),
+            supported,
+            "{}",
+            t.name
+        );
+        if !supported {
+            continue;
+        }
+        for n in [bytes - 1, bytes + 1, 2 * bytes + 1] {
+            if n % bytes == 0 {
+                continue;
+            }
+            let e = dequantize(*t, &vec![0u8; n], &mut vec![0f32; 8 * block]).unwrap_err();
+            assert!(e.contains("whole number"), "{e}");
+        }
+        for m in [0, 3 * block - 1, 3 * block + 1] {
+            let e = dequantize(*t, &data, &mut vec![0f32; m]).unwrap_err();
+            assert!(e.contains("output holds"), "{e}");
+        }
+        assert!(dequantize(*t, &[], &mut []).is_ok());
+    }
+    let quantizable = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"];
+    for t in crate::format::gguf::types::TYPES {
+        let ok = quantizable.contains(&t.name);
+        let mut out = vec![7u8];
+        let x = vec![0.25f32; t.block as usize * 2];
+        assert_eq!(quantize(*t, &x, &mut out).is_ok(), ok, "{}", t.name);
+        if !ok {
+            assert_eq!(out, [7], "nothing appended on error");
+            continue;
+        }
+        // appends
+        assert_eq!(out[0], 7);
+        assert_eq!(out.len(), 1 + 2 * t.bytes as usize);
+        if t.block > 1 {
+            for n in [1, 31, 33, 63] {
+                let e = quantize(*t, &vec![0f32; n], &mut out).unwrap_err();
+                assert!(e.contains("whole number"), "{e}");
+            }
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x = vec![1.0f32; 64];
+            x[37] = bad;
+            let mut out = Vec::new();
+            let e = quantize(*t, &x, &mut out).unwrap_err();
+            assert!(e.contains("element 37"), "{e}");
+            assert!(out.is_empty());
+        }
+    }
+}
+
+/// xorshift64*, a deterministic source of test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+    }
+}
+
+/// quantize → dequantize stays within the type's error bound on random finite
+/// data (scales kept inside f16's normal range): half a step for rounding
+/// codes, plus what rounding `d` (and `m`) to f16 costs (half an f16 ulp,
+/// 2^-11 relative, times |code|); a whole step for the Q4_0/Q5_0 element at
+/// `-max`, which clips to code 15/31.
+#[test]
+fn roundtrip_error_is_bounded() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    const U: f32 = 1.0 / 2048.0;
+    for t in ROUNDTRIP_TYPES {
+        let mut worst = 0f32;
+        for _ in 0..400 {
+            let scale = 10f32.powf(rng.unit() * 2.0 + 0.5);
+            let offset = if rng.next().is_multiple_of(2) {
+                rng.unit() * 4.0 * scale
+            } else {
+                0.0
+            };
+            let x: Vec<f32> = (0..32).map(|_| rng.unit() * scale + offset).collect();
+            let b = quant(t, &x);
+            let y = deq(t, &b);
+            let d = f32_from_f16_np(u16::from_le_bytes([b[0], b[1]])).abs();
+            assert!(d.is_normal(), "{t}: scale {d} stays a normal f16 here");
+            let affine = matches!(t, "Q4_1" | "Q5_1");
+            let m = if affine {
+                f32_from_f16_np(u16::from_le_bytes([b[2], b[3]]))
+            } else {
+                0.0
+            };
+            let cap = match t {
+                "Q4_0" => 7.0,
+                "Q5_0" => 15.0,
+                _ => f32::INFINITY,
+            };
+            for i in 0..32 {
+                let err = (x[i] - y[i]).abs();
+                // the element's code (q - 8 / q - 16 for the symmetric types)
+                let code = match t {
+                    "Q8_0" => f32::from(b[2 + i] as i8),
+                    _ => ((y[i] - m) / d).abs(),
+                };
+                let clipped = (code.abs() - cap).abs() < 0.01 && (x[i] / d).abs() > cap + 0.49;
+                let step = if clipped { 1.0 } else { 0.5 };
+                let bound = step * d + code.abs() * d * U + m.abs() * U + 1e-6 * x[i].abs().max(d);
+                assert!(
+                    err <= bound,
+                    "{t}: x[{i}] = {} dequantizes to {} (err {err}, bound {bound}, d {d}, code {code})",
+                    x[i],
+                    y[i]
+                );
+                worst = worst.max(err / d);
+            }
+        }
+        assert!(
+            worst > 0.3,
+            "{t}: errors reach their bound's order ({worst})"
+        );
+    }
+}
+
+/// The NaN-aware arithmetic gives the same bits as plain arithmetic whenever
+/// the block scales are finite, so taking the fast path for such blocks is
+/// exact; checked on random blocks of every block type.
+#[test]
+fn fast_and_exact_paths_agree_on_finite_scales() {
+    let mut rng = Rng(42);
+    let mut fill = |b: &mut [u8]| {
+        for v in b.iter_mut() {
+            *v = rng.next() as u8;
+        }
+    };
+    let scale = |b: &mut [u8], at: usize, r: u64| {
+        // a finite f16: clear the top exponent bit pattern 0x7c00 if set
+        let mut h = r as u16;
+        if h & 0x7c00 == 0x7c00 {
+            h &= !0x4000;
+        }
+        b[at..at + 2].copy_from_slice(&h.to_le_bytes());
+    };
+    for round in 0..300u64 {
+        let r = round.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        macro_rules! both {
+            ($f:ident, $n:expr, $e:expr, [$($at:expr),*] $(, $single:expr)?) => {{
+                let mut b = [0u8; $n];
+                fill(&mut b);
+                $( scale(&mut b, $at, r >> (($at % 5) * 8)); )*
+                let (mut o1, mut o2) = ([0f32; $e], [0f32; $e]);
+                $f::<Fast>(&b, &mut o1 $(, $single)?);
+                $f::<X86>(&b, &mut o2 $(, $single)?);
+                assert_bits(stringify!($f), &o1, &o2);
+            }};
+        }
+        both!(deq_q4_0, 18, 32, [0]);
+        both!(deq_q4_1, 20, 32, [0, 2], round % 2 == 0);
+        both!(deq_q5_0, 22, 32, [0]);
+        both!(deq_q5_1, 24, 32, [0, 2], round % 2 == 0);
+        both!(deq_q8_0, 34, 32, [0]);
+        both!(deq_q2_k, 84, 256, [80, 82]);
+        both!(deq_q3_k, 110, 256, [108]);
+        both!(deq_q4_k, 144, 256, [0, 2]);
+        both!(deq_q5_k, 176, 256, [0, 2]);
+        both!(deq_q6_k, 210, 256, [208]);
+    }
+}
+
+/// The x86 NaN rule itself: first operand's NaN, then second's, made quiet;
+/// invalid operations without NaN operands give 0xFFC00000.
+#[test]
+fn x86_nan_rule() {
+    let a = f32::from_bits(0x7fa0_0001); // signalling
+    let b = f32::from_bits(0xffc0_0005);
+    assert_eq!(X86::add(a, b).to_bits(), 0x7fe0_0001);
+    assert_eq!(X86::add(b, a).to_bits(), 0xffc0_0005);
+    assert_eq!(X86::sub(1.0, a).to_bits(), 0x7fe0_0001);
+    assert_eq!(X86::mul(f32::INFINITY, 0.0).to_bits(), DEFAULT_NAN_BITS);
+    assert_eq!(
+        X86::sub(f32::INFINITY, f32::INFINITY).to_bits(),
+        DEFAULT_NAN_BITS
+    );
+    assert_eq!(X86::mul(2.0, 3.0), 6.0);
+    assert_eq!(X86::add(-0.0, 0.0).to_bits(), 0);
+}
+include!("math_vectors.rs");

@@ -1,0 +1,510 @@
+//! GGUF files gguf-py 0.19.0 wrote (tests/fixtures/gguf, see its README)
+//! through the public API: opened as a source, inspected, converted to
+//! plain (bit-identical to gguf-py's dequantization), kept (the raw blocks
+//! byte for byte, with the record that reads them back), and refused with
+//! a typed error where ckptkit cannot read them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ckptkit::migrate::{convert, inspect, ConvertOptions, Target};
+use ckptkit::{open_source, Dtype, ErrorKind, SafetensorsFile, TensorSource};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
+}
+
+/// key -> (dtype, shape, bytes)
+type Tensors = BTreeMap<String, (Dtype, Vec<u64>, Vec<u8>)>;
+
+fn tensors(src: &dyn TensorSource) -> Tensors {
+    src.tensors()
+        .iter()
+        .map(|t| {
+            (
+                t.key.clone(),
+                (t.dtype, t.shape.clone(), src.read(&t.key).unwrap().to_vec()),
+            )
+        })
+        .collect()
+}
+
+fn st(p: &Path) -> (Tensors, BTreeMap<String, String>) {
+    let f = SafetensorsFile::open(p).unwrap();
+    let md = f.metadata().clone();
+    (tensors(&f), md)
+}
+
+fn to(target: &str) -> ConvertOptions {
+    ConvertOptions::default().target(Target::parse(target).unwrap())
+}
+
+/// The expected tensors gguf-py wrote beside a fixture: `<name>` its
+/// dequantization (F32), `<name>.raw` its stored bytes.
+fn expected(stem: &str) -> Tensors {
+    st(&fixture(&format!("{stem}.expected.safetensors"))).0
+}
+
+fn bits_equal(a: &[u8], b: &[u8]) -> Result<(), String> {
+    if a.len() != b.len() {
+        return Err(format!("{} bytes vs {}", a.len(), b.len()));
+    }
+    match a.chunks(4).zip(b.chunks(4)).position(|(x, y)| x != y) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "element {i}: {:02x?} vs {:02x?}",
+            &a[i * 4..i * 4 + 4],
+            &b[i * 4..i * 4 + 4]
+        )),
+    }
+}
+
+#[test]
+fn a_gguf_file_is_recognised_and_its_blocks_are_listed_as_raw_bytes() {
+    let p = fixture("align64.gguf");
+    // read as GGUF, not as safetensors (which it is not)
+    let src = open_source(&p).unwrap();
+    let t = tensors(src.as_ref());
+    let exp = expected("align64");
+    // F16 and I8 as themselves; Q8_0 as its raw blocks, U8 [rows, row_bytes]
+    assert_eq!(t["a.f16"].0, Dtype::F16);
+    assert_eq!(t["a.f16"].1, vec![3, 7]);
+    assert_eq!(t["a.f16"].2, exp["a.f16.raw"].2);
+    assert_eq!(t["b.i8"], exp["b.i8"]);
+    assert_eq!(t["c.q8_0"].0, Dtype::U8);
+    assert_eq!(t["c.q8_0"].1, vec![1, 68]);
+    assert_eq!(t["c.q8_0"].2, exp["c.q8_0.raw"].2);
+    let md = src.metadata();
+    let recorded: serde_json::Value = serde_json::from_str(&md["ckptkit.gguf.tensors"]).unwrap();
+    assert_eq!(
+        recorded["tensors"]["c.q8_0"],
+        serde_json::json!({"type": "Q8_0", "shape": [1, 64]})
+    );
+    let kv: serde_json::Value = serde_json::from_str(&md["ckptkit.gguf.kv"]).unwrap();
+    let last = kv["kv"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        last,
+        serde_json::json!({"key": "general.alignment", "type": "u32", "value": 64})
+    );
+}
+
+#[test]
+fn inspect_names_the_ggml_type_of_each_quantized_layer() {
+    let r = inspect(&fixture("align64.gguf"), &ConvertOptions::default()).unwrap();
+    let c = r.layers.iter().find(|l| l.path == "c").unwrap();
+    assert_eq!(c.layout, "gguf:Q8_0");
+    assert_eq!(
+        c.tensors,
+        vec![("q8_0".to_string(), "F32".to_string(), vec![1, 64])]
+    );
+    let a = r.layers.iter().find(|l| l.path == "a").unwrap();
+    assert_eq!(a.layout, "plain F16");
+}
+
+#[test]
+fn plain_is_gguf_py_dequantization_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("plain.safetensors");
+    convert(&fixture("align64.gguf"), &out, &to("plain")).unwrap();
+    let (t, md) = st(&out);
+    let exp = expected("align64");
+    assert_eq!(t["c.q8_0"].0, Dtype::F32);
+    assert_eq!(t["c.q8_0"].1, vec![1, 64]);
+    bits_equal(&t["c.q8_0"].2, &exp["c.q8_0"].2).unwrap();
+    // unquantized tensors are copied as they are
+    assert_eq!(t["a.f16"].2, exp["a.f16.raw"].2);
+    assert_eq!(t["b.i8"], exp["b.i8"]);
+    // nothing left that says "blocks"; the GGUF metadata kept
+    assert!(!md.contains_key("ckptkit.gguf.tensors"), "{md:?}");
+    assert!(md.contains_key("ckptkit.gguf.kv"));
+}
+
+#[test]
+fn keep_copies_the_blocks_and_they_read_back_as_gguf_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept = dir.path().join("kept.safetensors");
+    convert(&fixture("align64.gguf"), &kept, &to("keep")).unwrap();
+    let (t, md) = st(&kept);
+    let src = open_source(&fixture("align64.gguf")).unwrap();
+    assert_eq!(t, tensors(src.as_ref()));
+    assert_eq!(
+        md["ckptkit.gguf.tensors"],
+        src.metadata()["ckptkit.gguf.tensors"]
+    );
+    // the kept file is read as the GGUF file was: plain from it is the same
+    let a = dir.path().join("a.safetensors");
+    let b = dir.path().join("b.safetensors");
+    convert(&kept, &a, &to("plain")).unwrap();
+    convert(&fixture("align64.gguf"), &b, &to("plain")).unwrap();
+    assert_eq!(st(&a).0, st(&b).0);
+    // and through a container
+    let c = dir.path().join("kept.ckpk");
+    convert(&fixture("align64.gguf"), &c, &to("keep")).unwrap();
+    let d = dir.path().join("d.safetensors");
+    convert(&c, &d, &to("plain")).unwrap();
+    assert_eq!(st(&d).0, st(&b).0);
+}
+
+#[test]
+fn plain_bf16_rounds_the_f32_dequantization_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bf16.safetensors");
+    convert(&fixture("align64.gguf"), &out, &to("plain:bf16")).unwrap();
+    let (t, _) = st(&out);
+    let exp = expected("align64");
+    let want: Vec<u8> = exp["c.q8_0"]
+        .2
+        .chunks(4)
+        .flat_map(|c| {
+            // round to nearest even (no NaN here)
+            let b = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            (((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16).to_le_bytes()
+        })
+        .collect();
+    assert_eq!(t["c.q8_0"].0, Dtype::BF16);
+    assert_eq!(t["c.q8_0"].2, want);
+}
+
+#[test]
+fn model_named_file_dequantizes_every_type_as_gguf_py() {
+    let p = fixture("model-v3.gguf");
+    if !p.exists() {
+        panic!("tests/fixtures/gguf/model-v3.gguf is missing: regenerate the fixtures (README)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("plain.safetensors");
+    convert(&p, &out, &to("plain")).unwrap();
+    let (t, _) = st(&out);
+    let exp = expected("model-v3");
+    let mut quantized = 0;
+    for (k, (dt, shape, bytes)) in &t {
+        let (edt, eshape, ebytes) = &exp[k];
+        assert_eq!(shape, eshape, "{k}");
+        if exp.contains_key(&format!("{k}.raw")) && *dt != Dtype::F32 {
+            // F16 / BF16 stay themselves
+            assert_eq!(bytes, &exp[&format!("{k}.raw")].2, "{k}");
+        } else {
+            assert_eq!(*edt, Dtype::F32);
+            bits_equal(bytes, ebytes).unwrap_or_else(|e| panic!("{k}: {e}"));
+            quantized += exp.contains_key(&format!("{k}.raw")) as usize;
+        }
+    }
+    // Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 (2-D and 3-D) Q2_K..Q6_K
+    assert_eq!(quantized, 11);
+    // keep: the blocks byte for byte, K-quants included
+    let kept = dir.path().join("kept.safetensors");
+    convert(&p, &kept, &to("keep")).unwrap();
+    let (k, _) = st(&kept);
+    for (name, (dt, _, bytes)) in &k {
+        if *dt == Dtype::U8 {
+            assert_eq!(bytes, &exp[&format!("{name}.raw")].2, "{name}");
+        }
+    }
+}
+
+#[test]
+fn a_module_with_two_block_tensors_is_refused_naming_both() {
+    // types-v3.gguf keeps every tensor at the root (`q4_0`, `q8_0`, ...)
+    let e = inspect(&fixture("types-v3.gguf"), &ConvertOptions::default())
+        .map(|r| r.problems.join("\n"))
+        .unwrap_or_else(|e| e.to_string());
+    assert!(e.contains("block-quantized GGUF tensors"), "{e}");
+    assert!(e.contains("q4_0") && e.contains("q6_k"), "{e}");
+}
+
+#[test]
+fn v2_files_read_as_v3() {
+    let a = open_source(&fixture("types-v2.gguf")).unwrap();
+    let b = open_source(&fixture("types-v3.gguf")).unwrap();
+    assert_eq!(tensors(a.as_ref()), tensors(b.as_ref()));
+}
+
+/// A copy of a fixture with some bytes changed.
+fn patched(dir: &Path, name: &str, at: usize, bytes: &[u8]) -> PathBuf {
+    let mut b = std::fs::read(fixture(name)).unwrap();
+    b[at..at + bytes.len()].copy_from_slice(bytes);
+    let p = dir.join(format!("patched-{at}-{name}"));
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+#[test]
+fn an_unsupported_tensor_type_is_a_typed_error_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    // align64.json: the info of `c.q8_0` starts at 230: u64 name length 6, the
+    // name, u32 n_dims 2, two u64 dims, then the u32 type
+    let at = 230 + 8 + 6 + 4 + 16;
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("align64.json")).unwrap()).unwrap();
+    assert_eq!(j["tensors"][2]["info_offset"], 230);
+    // IQ4_NL (20): 32-element blocks like Q8_0's, so the header stays valid
+    // (its 64 elements take 36 bytes, inside the file; it is the last tensor)
+    let p = patched(dir.path(), "align64.gguf", at, &20u32.to_le_bytes());
+    let e = open_source(&p).err().unwrap();
+    match e.kind() {
+        ErrorKind::UnsupportedGgufType { ggml_type, id } => {
+            assert_eq!((ggml_type.as_str(), *id), ("IQ4_NL", 20))
+        }
+        k => panic!("{k:?}"),
+    }
+    assert_eq!(e.location().tensor.as_deref(), Some("c.q8_0"));
+    assert_eq!(e.location().offset, Some(230));
+    assert!(
+        e.to_string()
+            .contains("unsupported GGUF tensor type IQ4_NL"),
+        "{e}"
+    );
+}
+
+#[test]
+fn verify_checks_the_structure_and_reports_tensors_unchecked() {
+    let r = ckptkit::migrate::verify(&fixture("align64.gguf")).unwrap();
+    assert_eq!((r.tensors, r.unchecked), (0, 3));
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = std::fs::read(fixture("align64.gguf")).unwrap();
+    b.truncate(400);
+    let p = dir.path().join("short.gguf");
+    std::fs::write(&p, b).unwrap();
+    let e = ckptkit::migrate::verify(&p).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::Truncated { .. }), "{e}");
+    assert_eq!(e.location().tensor.as_deref(), Some("c.q8_0"));
+}
+
+// ---- GGUF outputs ----
+
+fn kv(src: &dyn TensorSource) -> serde_json::Value {
+    serde_json::from_str(&src.metadata()["ckptkit.gguf.kv"]).unwrap()
+}
+
+/// The KV list without ckptkit's own digest entry.
+fn kv_list(src: &dyn TensorSource) -> Vec<serde_json::Value> {
+    kv(src)["kv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["key"] != "ckptkit.blake3" && e["key"] != "ckptkit.gguf.tensors")
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn gguf_to_gguf_keep_gives_the_same_tensors_and_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["model-v3.gguf", "align64.gguf"] {
+        let out = dir.path().join(name);
+        convert(&fixture(name), &out, &to("keep")).unwrap();
+        let a = open_source(&fixture(name)).unwrap();
+        let b = open_source(&out).unwrap();
+        assert_eq!(tensors(a.as_ref()), tensors(b.as_ref()), "{name}");
+        assert_eq!(
+            a.metadata()["ckptkit.gguf.tensors"],
+            b.metadata()["ckptkit.gguf.tensors"]
+        );
+        // the same KVs in the same order (the alignment of align64 is not
+        // kept: ckptkit writes 32), plus ckptkit's digests
+        let strip = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+            v.into_iter()
+                .filter(|e| e["key"] != "general.alignment")
+                .collect()
+        };
+        assert_eq!(
+            strip(kv_list(a.as_ref())),
+            strip(kv_list(b.as_ref())),
+            "{name}"
+        );
+        let digests = kv(b.as_ref())["kv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["key"] == "ckptkit.blake3")
+            .cloned()
+            .unwrap();
+        let d: BTreeMap<String, String> =
+            serde_json::from_str(digests["value"].as_str().unwrap()).unwrap();
+        for (k, (_, _, bytes)) in tensors(b.as_ref()) {
+            assert_eq!(d[&k], blake3::hash(&bytes).to_hex().to_string(), "{k}");
+        }
+    }
+}
+
+#[test]
+fn gguf_to_plain_gguf_dequantizes_into_f32_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("plain.gguf");
+    convert(&fixture("model-v3.gguf"), &out, &to("plain")).unwrap();
+    let g = open_source(&out).unwrap();
+    assert!(!g.metadata().contains_key("ckptkit.gguf.tensors"));
+    let st_out = dir.path().join("plain.safetensors");
+    convert(&fixture("model-v3.gguf"), &st_out, &to("plain")).unwrap();
+    assert_eq!(tensors(g.as_ref()), st(&st_out).0);
+}
+
+#[test]
+fn safetensors_to_gguf_needs_an_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.safetensors");
+    convert(&fixture("model-v3.gguf"), &plain, &to("plain")).unwrap();
+    // a safetensors file carries the GGUF metadata it came from: drop it
+    let f = SafetensorsFile::open(&plain).unwrap();
+    let t = tensors(&f);
+    let bare = dir.path().join("bare.safetensors");
+    let plan: Vec<(String, Dtype, Vec<u64>)> = t
+        .iter()
+        .map(|(k, (d, s, _))| (k.clone(), *d, s.clone()))
+        .collect();
+    let w =
+        ckptkit::SafetensorsWriter::create(&bare, &plan, &BTreeMap::new(), false, true).unwrap();
+    for (k, (_, _, b)) in &t {
+        w.write_tensor(k, b).unwrap();
+    }
+    w.finish().unwrap();
+    let out = dir.path().join("out.gguf");
+    let e = convert(&bare, &out, &to("keep")).unwrap_err();
+    assert!(e.to_string().contains("--gguf-arch"), "{e}");
+    assert!(!out.exists());
+    convert(&bare, &out, &to("keep").gguf_arch(Some("flux".into()))).unwrap();
+    let g = open_source(&out).unwrap();
+    assert_eq!(tensors(g.as_ref()), t);
+    let kvs = kv_list(g.as_ref());
+    assert_eq!(
+        kvs[0],
+        serde_json::json!({"key": "general.architecture", "type": "string", "value": "flux"})
+    );
+}
+
+#[test]
+fn ckptkit_gguf_records_digests_that_verify_and_conversions_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("kept.gguf");
+    convert(&fixture("model-v3.gguf"), &out, &to("keep")).unwrap();
+    let r = ckptkit::migrate::verify(&out).unwrap();
+    assert_eq!((r.tensors, r.unchecked), (15, 0));
+    // one flipped byte in the last tensor's data
+    let mut b = std::fs::read(&out).unwrap();
+    let n = b.len();
+    b[n - 40] ^= 1;
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, &b).unwrap();
+    let e = ckptkit::migrate::verify(&bad).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::HashMismatch { .. }), "{e}");
+    assert_eq!(e.location().tensor.as_deref(), Some("token_embd.weight"));
+    let e = convert(&bad, &dir.path().join("x.safetensors"), &to("plain")).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::HashMismatch { .. }), "{e}");
+    assert!(!dir.path().join("x.safetensors").exists());
+}
+
+/// A float model whose `m.weight` is the quantizer fixture's input (F32
+/// [8, 256], made by the fixture generator), with a small bias.
+fn float_model(dir: &Path, dtype: Dtype) -> PathBuf {
+    let (t, _) = st(&fixture("quant-roundtrip/input.safetensors"));
+    let x = &t["input"].2;
+    let w: Vec<u8> = match dtype {
+        Dtype::F32 => x.clone(),
+        _ => x
+            .chunks(4)
+            .flat_map(|c| {
+                let b = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                (((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16).to_le_bytes()
+            })
+            .collect(),
+    };
+    let p = dir.join(format!("model-{dtype}.safetensors"));
+    let plan = vec![
+        ("m.bias".to_string(), dtype, vec![8]),
+        ("m.weight".to_string(), dtype, vec![8, 256]),
+    ];
+    let bias = vec![0u8; 8 * dtype.size()];
+    let wr = ckptkit::SafetensorsWriter::create(&p, &plan, &BTreeMap::new(), false, true).unwrap();
+    wr.write_tensor("m.weight", &w).unwrap();
+    wr.write_tensor("m.bias", &bias).unwrap();
+    wr.finish().unwrap();
+    p
+}
+
+#[test]
+fn quantizing_to_gguf_gives_gguf_py_s_blocks_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = float_model(dir.path(), Dtype::F32);
+    for ty in ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"] {
+        let want = std::fs::read(fixture(&format!("quant-roundtrip/{ty}.bin"))).unwrap();
+        let out = dir.path().join(format!("{ty}.gguf"));
+        let opts = to(&format!("gguf:{}", ty.to_lowercase())).gguf_arch(Some("test".into()));
+        let s = convert(&model, &out, &opts).unwrap();
+        assert!(!s.lossless(), "{ty}: quantizing is lossy");
+        let g = open_source(&out).unwrap();
+        let t = tensors(g.as_ref());
+        assert_eq!(t["m.weight"].0, Dtype::U8, "{ty}");
+        assert_eq!(t["m.weight"].2, want, "{ty}: the blocks gguf-py makes");
+        // the bias (8 elements) stays F32
+        assert_eq!(t["m.bias"].0, Dtype::F32);
+        ckptkit::migrate::verify(&out).unwrap();
+        // back to plain: gguf-py's dequantization
+        let back = dir.path().join(format!("{ty}.plain.safetensors"));
+        convert(&out, &back, &to("plain")).unwrap();
+        let exp = st(&fixture(&format!(
+            "quant-roundtrip/{ty}.dequant.safetensors"
+        )))
+        .0;
+        bits_equal(&st(&back).0["m.weight"].2, &exp["dequant"].2)
+            .unwrap_or_else(|e| panic!("{ty}: {e}"));
+        // the same blocks kept in a safetensors file
+        let kept = dir.path().join(format!("{ty}.safetensors"));
+        convert(&model, &kept, &to(&format!("gguf:{}", ty.to_lowercase()))).unwrap();
+        assert_eq!(st(&kept).0["m.weight"].2, want, "{ty}");
+    }
+}
+
+#[test]
+fn a_bf16_model_quantized_to_gguf_comes_back_as_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = float_model(dir.path(), Dtype::BF16);
+    let out = dir.path().join("q8.gguf");
+    convert(
+        &model,
+        &out,
+        &to("gguf:q8_0").gguf_arch(Some("test".into())),
+    )
+    .unwrap();
+    let back = dir.path().join("back.safetensors");
+    convert(&out, &back, &to("plain")).unwrap();
+    let t = st(&back).0;
+    assert_eq!(
+        (t["m.weight"].0, &t["m.weight"].1),
+        (Dtype::BF16, &vec![8, 256])
+    );
+    assert_eq!(t["m.bias"].0, Dtype::BF16);
+}
+
+#[test]
+fn k_quants_and_unknown_types_are_not_quantizer_targets() {
+    let e = Target::parse("gguf:q4_k").unwrap_err();
+    assert!(e.to_string().contains("only by keeping blocks"), "{e}");
+    let e = Target::parse("gguf:q9_9").unwrap_err();
+    assert!(e.to_string().contains("unknown GGUF block type"), "{e}");
+}
+
+#[test]
+fn a_quanto_layer_cannot_go_into_a_gguf_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = float_model(dir.path(), Dtype::BF16);
+    let q = dir.path().join("q.safetensors");
+    convert(&model, &q, &to("quanto:qint8")).unwrap();
+    let e = convert(
+        &q,
+        &dir.path().join("q.gguf"),
+        &to("keep").gguf_arch(Some("t".into())),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("which a GGUF file cannot hold"),
+        "{e}"
+    );
+    // requantized on the way, it can (lossy: refused unless allowed)
+    let opts = to("gguf:q8_0").gguf_arch(Some("t".into()));
+    let e = convert(&q, &dir.path().join("p.gguf"), &opts).unwrap_err();
+    assert!(e.to_string().contains("--allow-lossy"), "{e}");
+    let opts = opts.select(ckptkit::migrate::PlanOptions::default().allow_lossy(true));
+    convert(&q, &dir.path().join("p.gguf"), &opts).unwrap();
+}
