@@ -508,3 +508,47 @@ fn a_quanto_layer_cannot_go_into_a_gguf_file() {
     let opts = opts.select(ckptkit::migrate::PlanOptions::default().allow_lossy(true));
     convert(&q, &dir.path().join("p.gguf"), &opts).unwrap();
 }
+
+#[test]
+fn like_a_gguf_reference_takes_each_tensor_s_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32_model = float_model(dir.path(), Dtype::F32);
+    let reference = dir.path().join("ref.gguf");
+    convert(
+        &f32_model,
+        &reference,
+        &to("gguf:q4_1").gguf_arch(Some("test".into())),
+    )
+    .unwrap();
+    let target = ckptkit::migrate::like_target(&reference).unwrap();
+    let out = dir.path().join("like.gguf");
+    let opts = ConvertOptions::default()
+        .target(target)
+        .gguf_arch(Some("test".into()));
+    convert(&f32_model, &out, &opts).unwrap();
+    let want = std::fs::read(fixture("quant-roundtrip/Q4_1.bin")).unwrap();
+    assert_eq!(
+        tensors(open_source(&out).unwrap().as_ref())["m.weight"].2,
+        want
+    );
+    // a K-quant reference layer cannot be quantized into
+    let kref = ckptkit::migrate::like_target(&fixture("model-v3.gguf")).unwrap();
+    let (t, _) = st(&fixture("model-v3.expected.safetensors"));
+    let plain = dir.path().join("k.safetensors");
+    let plan = vec![("blk.10.q2_k.weight".to_string(), Dtype::F32, vec![2, 512])];
+    let w =
+        ckptkit::SafetensorsWriter::create(&plain, &plan, &BTreeMap::new(), false, true).unwrap();
+    w.write_tensor("blk.10.q2_k.weight", &t["blk.10.q2_k.weight"].2)
+        .unwrap();
+    w.finish().unwrap();
+    let e = convert(
+        &plain,
+        &dir.path().join("k.gguf"),
+        &ConvertOptions::default()
+            .target(kref)
+            .gguf_arch(Some("t".into())),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("Q2_K"), "{e}");
+    assert_eq!(e.location().layer.as_deref(), Some("blk.10.q2_k"));
+}

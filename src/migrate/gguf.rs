@@ -111,17 +111,17 @@ pub(crate) fn kvs(
             ))
         }
     }
-    // the logical dtype and shape of each block tensor, so that reading the
-    // file back restores them
-    if let Some(e) = tensors_entry {
-        kvs.push((crate::io::gguf_file::TENSORS_KEY.to_string(), Value::Str(e)));
-    }
     // a GGUF input's metadata is kept as it is
     if !from_gguf
         && tensors.iter().any(|t| t.ty.is_blocked())
         && !kvs.iter().any(|(k, _)| k == QVERSION_KEY)
     {
         kvs.push((QVERSION_KEY.to_string(), Value::U32(2)));
+    }
+    // the logical dtype and shape of each block tensor, so that reading the
+    // file back restores them
+    if let Some(e) = tensors_entry {
+        kvs.push((crate::io::gguf_file::TENSORS_KEY.to_string(), Value::Str(e)));
     }
     Ok(kvs)
 }

@@ -21,7 +21,7 @@ pub(crate) const ALIGNMENT_KEY: &str = "general.alignment";
 pub(crate) const MAX_HEADER_LEN: u64 = 256 << 20;
 /// Most metadata values in one file, array elements at every depth
 /// included (each costs memory once parsed).
-pub(crate) const MAX_VALUES: u64 = 16 << 20;
+pub(crate) const MAX_VALUES: u64 = 4 << 20;
 /// Deepest nesting of arrays in a value (the spec allows nesting; ggml
 /// refuses any).
 pub(crate) const MAX_DEPTH: u32 = 8;

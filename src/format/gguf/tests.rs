@@ -2,7 +2,7 @@
 //! (tests/fixtures/gguf, whose README says how they were made), and one
 //! named test per kind of hostile header.
 
-use super::read::{parse, Header, Parsed, Value, MAX_DEPTH, MAX_TENSORS};
+use super::read::{parse, Header, Parsed, Value, MAX_DEPTH, MAX_TENSORS, MAX_VALUES};
 use crate::error::ErrorKind;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -381,6 +381,20 @@ fn attack_arrays_nested_past_the_depth_cap() {
     );
     // MAX_DEPTH arrays deep is fine
     header(&G::new().kv_raw("deep", 9, &nest(MAX_DEPTH)).bytes());
+}
+
+#[test]
+fn attack_more_values_than_the_cap() {
+    // one u8 array of MAX_VALUES elements: with the array itself, one value
+    // too many (each parsed value costs memory, a byte of file does not)
+    let mut v = u32v(0);
+    v.extend(MAX_VALUES.to_le_bytes());
+    v.extend(vec![7u8; MAX_VALUES as usize]);
+    let e = err(&G::new().kv_raw("big", 9, &v).bytes());
+    assert!(
+        matches!(e.kind(), ErrorKind::LimitExceeded { what, .. } if what.contains("values")),
+        "{e}"
+    );
 }
 
 #[test]

@@ -203,12 +203,23 @@ impl Family for Gguf {
         let WeightInput::Float(float) = input else {
             return Err(at(Error::layout("GGUF blocks are quantized from floats")));
         };
-        let x = crate::float::float_dtype_of(t.dtype)
-            .ok_or_else(|| at(Error::layout(format!("a {} weight is not float", t.dtype))))?
-            .decode(float)
-            .map_err(|e| at(Error::layout(e.to_string())))?;
+        let fd = crate::float::float_dtype_of(t.dtype)
+            .ok_or_else(|| at(Error::layout(format!("a {} weight is not float", t.dtype))))?;
+        // widened to f32 a slice at a time (whole blocks: quantizing is
+        // block-local), so memory holds the output, not an f32 copy
+        const SLICE: usize = 32 * 1024;
+        let size = t.dtype.size();
+        let mut x = vec![0f32; SLICE];
         let mut out = Vec::new();
-        math::quantize(ty, &x, &mut out).map_err(|m| at(Error::layout(m)))?;
+        for piece in float.chunks(SLICE * size) {
+            let n = piece.len() / size;
+            let xs = x
+                .get_mut(..n)
+                .ok_or_else(|| at(Error::layout("slice overrun")))?;
+            fd.decode_into(piece, xs)
+                .map_err(|e| at(Error::layout(e.to_string())))?;
+            math::quantize(ty, xs, &mut out).map_err(|m| at(Error::layout(m)))?;
+        }
         let key = t
             .parts
             .iter()

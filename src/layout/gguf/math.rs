@@ -216,6 +216,20 @@ fn np_roundf(n: f32) -> f32 {
     np_sign(n) * b
 }
 
+/// [`np_roundf`] for a finite `|n| < 2^23`, as an integer, without a libm
+/// call: the truncation and the fraction `|n| - trunc(|n|)` are exact there,
+/// and the half rounds away from zero as `np_roundf` does.
+fn round_half_away_small(n: f32) -> i32 {
+    let a = n.abs();
+    let t = a as i32;
+    let r = if a - t as f32 >= 0.5 { t + 1 } else { t };
+    if n < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
 /// `np.sign` on `f32`: -1, 0 (the input zero), 1, or NaN for NaN.
 fn np_sign(n: f32) -> f32 {
     if n > 0.0 {
@@ -854,21 +868,30 @@ fn quant_q8_0(x: &[f32; 32]) -> [u8; 34] {
     let id = inverse(d);
     let mut b = [0u8; 34];
     b[..2].copy_from_slice(&f16_bits_from_f32_np(d).to_le_bytes());
-    for (o, &v) in b[2..].iter_mut().zip(x.iter()) {
-        *o = np_cast_low_byte(np_roundf(v * id));
+    if id.is_finite() {
+        // |x * id| <= 127 (plus rounding): the fast rounding is exact there
+        for (o, &v) in b[2..].iter_mut().zip(x.iter()) {
+            *o = round_half_away_small(v * id) as u8;
+        }
+    } else {
+        // a subnormal scale: 1/d overflowed, codes are numpy's casts of inf/NaN
+        for (o, &v) in b[2..].iter_mut().zip(x.iter()) {
+            *o = np_cast_low_byte(np_roundf(v * id));
+        }
     }
     b
 }
 
 /// The 4/5-bit codes of Q4_0/Q5_0: `d = max / -half` (`max` signed),
-/// `q = min(cap, u8(trunc(x * id + (half + 0.5))))`. Returns `d`.
+/// `q = min(cap, u8(trunc(x * id + (half + 0.5))))` (the cast truncates).
+/// Returns `d`.
 fn codes_sym(x: &[f32; 32], half: f32, cap: u8, q: &mut [u8; 32]) -> f32 {
     let max = signed_absmax(x);
     let d = max / -half;
     let id = inverse(d);
     let offset = half + 0.5;
     for (q, &v) in q.iter_mut().zip(x.iter()) {
-        *q = np_cast_low_byte((v * id + offset).trunc()).min(cap);
+        *q = np_cast_low_byte(v * id + offset).min(cap);
     }
     d
 }
@@ -880,7 +903,7 @@ fn codes_affine(x: &[f32; 32], levels: u8, q: &mut [u8; 32]) -> (f32, f32) {
     let d = (max - min) / f32::from(levels);
     let id = inverse(d);
     for (q, &v) in q.iter_mut().zip(x.iter()) {
-        *q = np_cast_low_byte(((v - min) * id + 0.5).trunc()).min(levels);
+        *q = np_cast_low_byte((v - min) * id + 0.5).min(levels);
     }
     (d, min)
 }
