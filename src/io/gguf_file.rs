@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::gguf::read::{self, Header, Parsed, Value};
 use crate::format::gguf::GgmlType;
-use crate::io::source::{SourceTensor, TensorSource, PIECE};
+use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::{map_window, read_at, TensorBytes};
 
 /// The metadata entry that records each block-quantized tensor's ggml type
@@ -31,7 +31,7 @@ pub struct GgufFile {
     metadata: BTreeMap<String, String>,
     index: HashMap<String, usize>,
     /// The `ckptkit.blake3` entry ckptkit writes, parsed (or why it cannot be).
-    recorded: Option<std::result::Result<BTreeMap<String, crate::format::manifest::Hash>, String>>,
+    recorded: crate::io::source::RecordedHashes,
 }
 
 /// The first bytes read of a GGUF file; a longer header is read in
@@ -140,6 +140,7 @@ impl GgufFile {
                     v,
                     header.tensors.iter().map(|t| t.name.as_str()),
                 )
+                .map(|m| m.into_iter().collect())
                 .map_err(|e| e.kind().to_string()),
                 v => Err(format!(
                     "`{}` is a GGUF {}, not a string",
@@ -355,23 +356,10 @@ impl TensorSource for GgufFile {
     }
     fn read_pieces(&self, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let t = self.find(key)?;
-        let base = self.start(t);
-        let mut done = 0u64;
-        while done < t.n_bytes {
-            let n = (t.n_bytes - done).min(PIECE as u64);
-            let w = map_window(&self.file, &self.path, base + done, n)
-                .map_err(|e| e.with_tensor(key))?;
-            f(&w)?;
-            done += n;
-        }
-        Ok(())
+        crate::io::read_windows(&self.file, &self.path, self.start(t), t.n_bytes, key, f)
     }
     fn recorded_hash(&self, key: &str) -> Result<Option<crate::format::manifest::Hash>> {
-        match &self.recorded {
-            None => Ok(None),
-            Some(Ok(m)) => Ok(m.get(key).copied()),
-            Some(Err(msg)) => Err(Error::new(ErrorKind::Json(msg.clone())).with_file(&self.path)),
-        }
+        crate::io::source::recorded_in(&self.recorded, key, &self.path)
     }
     fn location(&self, key: &str) -> crate::error::Location {
         crate::error::Location {

@@ -94,31 +94,15 @@ impl GgufWriter {
                 "tensor `{key}` is not in the GGUF plan"
             )))
         })?;
-        let (_, off, len) = self.plan.tensors[i];
+        let (_, off, len) = *self
+            .plan
+            .tensors
+            .get(i)
+            .ok_or_else(|| at(Error::usage("internal: GGUF plan index out of range")))?;
         let f = self.out.file()?;
         let mut h = blake3::Hasher::new();
-        let mut done = 0u64;
-        feed(&mut |piece: &[u8]| {
-            let end = done
-                .checked_add(piece.len() as u64)
-                .filter(|&e| e <= len)
-                .ok_or_else(|| {
-                    Error::usage(format!(
-                        "tensor `{key}` has more than the {len} bytes planned"
-                    ))
-                })?;
-            h.update(piece);
-            f.write_all_at(piece, off + done)?;
-            done = end;
-            self.ctl.add(piece.len() as u64);
-            self.ctl.check()
-        })
-        .map_err(at)?;
-        if done != len {
-            return Err(at(Error::usage(format!(
-                "tensor `{key}` has {done} bytes, the plan says {len}"
-            ))));
-        }
+        crate::io::writer::write_fed(&self.ctl, f, off, len, key, Some(&mut h), feed)
+            .map_err(at)?;
         let hash = *h.finalize().as_bytes();
         let mut g = self
             .hashes

@@ -98,6 +98,27 @@ pub fn map_window(file: &File, path: &Path, offset: u64, len: u64) -> Result<Ten
     Ok(TensorBytes::Mapped(m))
 }
 
+/// Hands the `len` bytes at `offset` of `file` to `f` in order, one mapped
+/// window of at most [`source::PIECE`] bytes at a time (released as it goes),
+/// so memory stays bounded whatever the length; errors name `key`.
+pub(crate) fn read_windows(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    key: &str,
+    f: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(source::PIECE as u64);
+        let w = map_window(file, path, offset + done, n).map_err(|e| e.with_tensor(key))?;
+        f(&w)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Windows shorter than this are read, not mapped.
 const SMALL_READ: u64 = 64 << 10;
 

@@ -8,7 +8,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::Hash;
 use crate::format::st_hashes;
 use crate::format::st_header::{self, StHeader};
-use crate::io::source::{SourceTensor, TensorSource, PIECE};
+use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::{map_window, read_at, TensorBytes};
 
 /// An open, validated safetensors file. Tensor bytes are mapped on demand,
@@ -20,7 +20,7 @@ pub struct SafetensorsFile {
     header: StHeader,
     tensors: Vec<SourceTensor>,
     /// The `ckptkit.blake3` entry, parsed (or why it cannot be).
-    recorded: Option<std::result::Result<std::collections::HashMap<String, Hash>, String>>,
+    recorded: crate::io::source::RecordedHashes,
     /// Key → index into `header.tensors` (and `tensors`: same order).
     index: HashMap<String, usize>,
 }
@@ -186,24 +186,17 @@ impl TensorSource for SafetensorsFile {
     }
     fn read_pieces(&self, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let t = self.find(key)?;
-        let base = self.header.header_len + t.start;
-        let len = t.len();
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(PIECE as u64);
-            let w = map_window(&self.file, &self.path, base + done, n)
-                .map_err(|e| e.with_tensor(key))?;
-            f(&w)?;
-            done += n;
-        }
-        Ok(())
+        crate::io::read_windows(
+            &self.file,
+            &self.path,
+            self.header.header_len + t.start,
+            t.len(),
+            key,
+            f,
+        )
     }
     fn recorded_hash(&self, key: &str) -> Result<Option<Hash>> {
-        match &self.recorded {
-            None => Ok(None),
-            Some(Ok(m)) => Ok(m.get(key).copied()),
-            Some(Err(msg)) => Err(Error::new(ErrorKind::Json(msg.clone())).with_file(&self.path)),
-        }
+        crate::io::source::recorded_in(&self.recorded, key, &self.path)
     }
     fn location(&self, key: &str) -> crate::error::Location {
         crate::error::Location {

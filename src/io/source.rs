@@ -80,6 +80,25 @@ pub trait TensorSource: Send + Sync {
     }
 }
 
+/// A file's parsed `ckptkit.blake3` entry: absent, the digests by key, or
+/// why it cannot be read.
+pub(crate) type RecordedHashes =
+    Option<std::result::Result<std::collections::HashMap<String, Hash>, String>>;
+
+/// [`TensorSource::recorded_hash`] of a file whose entry is `recorded`: an
+/// entry that exists but cannot be read is an error naming the file.
+pub(crate) fn recorded_in(
+    recorded: &RecordedHashes,
+    key: &str,
+    file: &std::path::Path,
+) -> Result<Option<Hash>> {
+    match recorded {
+        None => Ok(None),
+        Some(Ok(m)) => Ok(m.get(key).copied()),
+        Some(Err(msg)) => Err(Error::new(ErrorKind::Json(msg.clone())).with_file(file)),
+    }
+}
+
 /// Largest piece [`TensorSource::read_pieces`] hands out.
 pub const PIECE: usize = 16 << 20;
 
