@@ -577,6 +577,25 @@ fn write_seeds() {
     st.extend_from_slice(b"{}");
     out.put("regressions", "safetensors", "huge_header_len", &st);
 
+    // gguf: an F32 tensor with a zero dimension between dimensions whose
+    // product overflows; 0 elements in ggml's order, an overflow in the
+    // reversed order the planner multiplies in (found by the fuzzer)
+    let mut g = b"GGUF".to_vec();
+    g.extend(3u32.to_le_bytes());
+    g.extend(1u64.to_le_bytes()); // tensors
+    g.extend(0u64.to_le_bytes()); // metadata pairs
+    let name = b"ckptkit.test.zero_dim";
+    g.extend((name.len() as u64).to_le_bytes());
+    g.extend(name);
+    g.extend(4u32.to_le_bytes());
+    for d in [25210765039u64, 0, 17873661021126656, 18084767257853952] {
+        g.extend(d.to_le_bytes());
+    }
+    g.extend(0u32.to_le_bytes()); // F32
+    g.extend(0u64.to_le_bytes()); // offset
+    g.resize(g.len().next_multiple_of(32), 0);
+    out.put("regressions", "gguf", "zero_dim_hides_overflow", &g);
+
     // manifest: a string length prefix of 2^40 (bincode varint 253 = u64)
     let mut m = vec![1, 0, 1, 253];
     m.extend_from_slice(&(1u64 << 40).to_le_bytes());

@@ -551,4 +551,461 @@ fn like_a_gguf_reference_takes_each_tensor_s_type() {
     .unwrap_err();
     assert!(e.to_string().contains("Q2_K"), "{e}");
     assert_eq!(e.location().layer.as_deref(), Some("blk.10.q2_k"));
+    // every layer the reference has as a K-quant is listed, in one error
+    let names = [
+        "blk.10.q2_k.weight",
+        "blk.12.q4_k.weight",
+        "blk.14.q6_k.weight",
+    ];
+    let plan: Vec<(String, Dtype, Vec<u64>)> = names
+        .iter()
+        .map(|n| (n.to_string(), Dtype::F32, vec![2, 512]))
+        .collect();
+    let many = dir.path().join("many.safetensors");
+    let w =
+        ckptkit::SafetensorsWriter::create(&many, &plan, &BTreeMap::new(), false, true).unwrap();
+    for n in names {
+        w.write_tensor(n, &t[n].2).unwrap();
+    }
+    w.finish().unwrap();
+    let e = convert(
+        &many,
+        &dir.path().join("many.gguf"),
+        &ConvertOptions::default()
+            .target(ckptkit::migrate::like_target(&fixture("model-v3.gguf")).unwrap())
+            .gguf_arch(Some("t".into())),
+    )
+    .unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("3 layers cannot be made"), "{m}");
+    for (layer, ty) in [
+        ("blk.10.q2_k", "Q2_K"),
+        ("blk.12.q4_k", "Q4_K"),
+        ("blk.14.q6_k", "Q6_K"),
+    ] {
+        assert!(m.contains(layer) && m.contains(ty), "{layer}: {m}");
+    }
+}
+
+/// A float model of F32 [2, 2] tensors under `names`.
+fn named_model(dir: &Path, file: &str, names: &[&str]) -> PathBuf {
+    let p = dir.join(file);
+    let plan: Vec<(String, Dtype, Vec<u64>)> = names
+        .iter()
+        .map(|n| (n.to_string(), Dtype::F32, vec![2, 2]))
+        .collect();
+    let w = ckptkit::SafetensorsWriter::create(&p, &plan, &BTreeMap::new(), false, true).unwrap();
+    for n in names {
+        w.write_tensor(n, &[0u8; 16]).unwrap();
+    }
+    w.finish().unwrap();
+    p
+}
+
+fn arch_of(p: &Path) -> serde_json::Value {
+    let g = open_source(p).unwrap();
+    kv_list(g.as_ref())
+        .into_iter()
+        .find(|kv| kv["key"] == "general.architecture")
+        .map(|kv| kv["value"].clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_architecture_comes_from_comfyui_gguf_s_key_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        // BFL's Flux names under ComfyUI's prefix
+        (
+            &[
+                "model.diffusion_model.double_blocks.0.img_attn.proj.weight",
+                "model.diffusion_model.img_in.weight",
+            ],
+            "flux",
+        ),
+        // both SD probes' keys: the first in ComfyUI-GGUF's order (sdxl) wins
+        (
+            &[
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "add_embedding.linear_1.weight",
+            ],
+            "sdxl",
+        ),
+        (&["down_blocks.0.downsamplers.0.conv.weight"], "sd1"),
+        // a probe needs every key of one of its sets
+        (
+            &[
+                "blocks.0.self_attn.norm_q.weight",
+                "text_embedding.2.weight",
+                "head.modulation",
+            ],
+            "wan",
+        ),
+    ];
+    for (i, (names, arch)) in cases.iter().enumerate() {
+        let m = named_model(dir.path(), &format!("m{i}.safetensors"), names);
+        let out = dir.path().join(format!("m{i}.gguf"));
+        let s = convert(&m, &out, &to("keep")).unwrap();
+        assert_eq!(arch_of(&out), *arch, "{names:?}");
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("from the tensor names")),
+            "{:?}",
+            s.warnings
+        );
+        // nothing about names that will not load
+        assert!(!s
+            .warnings
+            .iter()
+            .any(|w| w.contains("will likely not load")));
+    }
+    // two of wan's three keys are not wan, nor anything else
+    let m = named_model(
+        dir.path(),
+        "partial.safetensors",
+        &["blocks.0.self_attn.norm_q.weight", "head.modulation"],
+    );
+    let out = dir.path().join("partial.gguf");
+    let e = convert(&m, &out, &to("keep")).unwrap_err();
+    assert!(e.to_string().contains("recognise no model"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn diffusers_names_are_refused_without_an_architecture_and_warned_with_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = named_model(
+        dir.path(),
+        "diffusers.safetensors",
+        &[
+            "transformer_blocks.0.attn.norm_added_k.weight",
+            "x_embedder.weight",
+        ],
+    );
+    let out = dir.path().join("d.gguf");
+    // refused at plan time: a dry run says so too
+    let e = convert(&m, &out, &to("keep").dry_run(true)).unwrap_err();
+    assert!(e.to_string().contains("diffusers"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("transformer_blocks.0.attn.norm_added_k.weight"),
+        "{e}"
+    );
+    assert!(matches!(e.kind(), ErrorKind::Usage { .. }), "{e}");
+    assert!(!out.exists());
+    let s = convert(&m, &out, &to("keep").gguf_arch(Some("flux".into()))).unwrap();
+    assert_eq!(arch_of(&out), "flux");
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("will likely not load") && w.contains("diffusers names")),
+        "{:?}",
+        s.warnings
+    );
+}
+
+#[test]
+fn names_that_will_not_load_in_comfyui_gguf_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let warnings = |file: &str, names: &[&str], arch: &str| {
+        let m = named_model(dir.path(), file, names);
+        let out = dir.path().join(format!("{file}.gguf"));
+        convert(&m, &out, &to("keep").gguf_arch(Some(arch.into())))
+            .unwrap()
+            .warnings
+    };
+    // `model.` is stripped by the probes, not by ComfyUI-GGUF's loader
+    let w = warnings(
+        "prefixed.safetensors",
+        &["model.double_blocks.0.img_attn.proj.weight"],
+        "flux",
+    );
+    assert!(
+        w.iter().any(|w| w.contains(r"--rename '^model\.='")),
+        "{w:?}"
+    );
+    // names of another model than the architecture says
+    let w = warnings(
+        "wan.safetensors",
+        &[
+            "blocks.0.self_attn.norm_q.weight",
+            "text_embedding.2.weight",
+            "head.modulation",
+        ],
+        "flux",
+    );
+    assert!(w.iter().any(|w| w.contains("a `wan` model")), "{w:?}");
+    // the names of the architecture given: no warning
+    let w = warnings(
+        "flux.safetensors",
+        &["model.diffusion_model.double_blocks.0.img_attn.proj.weight"],
+        "flux",
+    );
+    assert!(w.is_empty(), "{w:?}");
+    // an LLM architecture: llama.cpp's name tables are out of scope, no guess
+    let w = warnings("llm.safetensors", &["blk.0.attn_q.weight"], "llama");
+    assert!(w.is_empty(), "{w:?}");
+}
+
+/// The orig-shape entry of `name` in a GGUF source's KV list.
+fn orig_entry(src: &dyn TensorSource, name: &str) -> Option<serde_json::Value> {
+    kv_list(src)
+        .into_iter()
+        .find(|kv| kv["key"] == format!("comfy.gguf.orig_shape.{name}"))
+}
+
+#[test]
+fn tensors_of_more_than_4_dims_are_written_reshaped_with_comfyui_gguf_s_orig_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    // a Wan-style Conv3d patch embedding [out, in, t, h, w], and a 4-D one
+    let p = dir.path().join("wan.safetensors");
+    let plan = vec![
+        (
+            "patch_embedding.weight".to_string(),
+            Dtype::BF16,
+            vec![4, 3, 1, 2, 2],
+        ),
+        ("conv.weight".to_string(), Dtype::F32, vec![2, 3, 1, 1]),
+    ];
+    let five: Vec<u8> = (0..48u16)
+        .flat_map(|i| (0x3c00 + i).to_le_bytes())
+        .collect();
+    let four: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let w = ckptkit::SafetensorsWriter::create(&p, &plan, &BTreeMap::new(), false, true).unwrap();
+    w.write_tensor("patch_embedding.weight", &five).unwrap();
+    w.write_tensor("conv.weight", &four).unwrap();
+    w.finish().unwrap();
+    let out = dir.path().join("wan.gguf");
+    convert(&p, &out, &to("keep").gguf_arch(Some("wan".into()))).unwrap();
+    // (a 5-D tensor info would be refused by the writer: it wrote 2-D rows)
+    let g = open_source(&out).unwrap();
+    let t = tensors(g.as_ref());
+    assert_eq!(
+        t["patch_embedding.weight"],
+        (Dtype::BF16, vec![4, 3, 1, 2, 2], five.clone())
+    );
+    assert_eq!(t["conv.weight"], (Dtype::F32, vec![2, 3, 1, 1], four));
+    let e = orig_entry(g.as_ref(), "patch_embedding.weight").unwrap();
+    assert_eq!(e["type"], "array");
+    assert_eq!(e["value"]["elem"], "i32");
+    assert_eq!(e["value"]["value"], serde_json::json!([4, 3, 1, 2, 2]));
+    // 4-D tensors are written as they are
+    assert!(orig_entry(g.as_ref(), "conv.weight").is_none());
+    // back to safetensors, and GGUF to GGUF: the entry is written anew, once
+    let back = dir.path().join("back.safetensors");
+    convert(&out, &back, &to("keep")).unwrap();
+    assert_eq!(st(&back).0["patch_embedding.weight"].1, vec![4, 3, 1, 2, 2]);
+    let again = dir.path().join("again.gguf");
+    convert(&out, &again, &to("keep")).unwrap();
+    let g2 = open_source(&again).unwrap();
+    assert_eq!(tensors(g2.as_ref()), t);
+    let n = kv_list(g2.as_ref())
+        .iter()
+        .filter(|kv| {
+            kv["key"]
+                .as_str()
+                .unwrap()
+                .starts_with("comfy.gguf.orig_shape.")
+        })
+        .count();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn blocks_stored_in_other_rows_keep_their_shape_through_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    // a Q8_0 convolution [8, 3, 3, 8] (576 elements) stored in rows of 32
+    // elements, as ComfyUI-GGUF stores SD convolutions in rows of 256
+    let blocks: Vec<u8> = (0..18u32)
+        .flat_map(|r| {
+            let mut b = (0x2000u16 + r as u16).to_le_bytes().to_vec(); // f16 scale
+            b.extend((0..32u32).map(|i| (i * 7 + r) as u8));
+            b
+        })
+        .collect();
+    let p = dir.path().join("conv.safetensors");
+    let md = BTreeMap::from([(
+        "ckptkit.gguf.tensors".to_string(),
+        serde_json::json!({"version": 1, "tensors": {"c.weight": {"type": "Q8_0", "shape": [8, 3, 3, 8]}}})
+            .to_string(),
+    )]);
+    let plan = vec![("c.weight".to_string(), Dtype::U8, vec![18, 34])];
+    let w = ckptkit::SafetensorsWriter::create(&p, &plan, &md, false, true).unwrap();
+    w.write_tensor("c.weight", &blocks).unwrap();
+    w.finish().unwrap();
+    let out = dir.path().join("conv.gguf");
+    convert(&p, &out, &to("keep").gguf_arch(Some("sd1".into()))).unwrap();
+    let g = open_source(&out).unwrap();
+    assert_eq!(
+        tensors(g.as_ref())["c.weight"],
+        (Dtype::U8, vec![18, 34], blocks.clone())
+    );
+    let e = orig_entry(g.as_ref(), "c.weight").unwrap();
+    assert_eq!(e["value"]["value"], serde_json::json!([8, 3, 3, 8]));
+    // both dequantize to the same [8, 3, 3, 8] tensor
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    convert(&p, &a, &to("plain")).unwrap();
+    convert(&out, &b, &to("plain")).unwrap();
+    let (ta, tb) = (st(&a).0, st(&b).0);
+    assert_eq!(ta["c.weight"].1, vec![8, 3, 3, 8]);
+    assert_eq!(ta, tb);
+    // rows that do not hold the shape's elements are refused
+    let md = BTreeMap::from([(
+        "ckptkit.gguf.tensors".to_string(),
+        serde_json::json!({"version": 1, "tensors": {"c.weight": {"type": "Q8_0", "shape": [8, 3, 3, 9]}}})
+            .to_string(),
+    )]);
+    let bad = dir.path().join("bad.safetensors");
+    let w = ckptkit::SafetensorsWriter::create(&bad, &plan, &md, false, true).unwrap();
+    w.write_tensor("c.weight", &blocks).unwrap();
+    w.finish().unwrap();
+    let e = convert(
+        &bad,
+        &dir.path().join("bad.gguf"),
+        &to("keep").gguf_arch(Some("sd1".into())),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("c.weight"), "{e}");
+}
+
+#[test]
+fn a_bad_orig_shape_entry_is_a_typed_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.safetensors");
+    let plan = vec![("x".to_string(), Dtype::F32, vec![1, 2, 1, 2, 3])];
+    let w = ckptkit::SafetensorsWriter::create(&p, &plan, &BTreeMap::new(), false, true).unwrap();
+    w.write_tensor("x", &[0u8; 48]).unwrap();
+    w.finish().unwrap();
+    let out = dir.path().join("m.gguf");
+    convert(&p, &out, &to("keep").gguf_arch(Some("test".into()))).unwrap();
+    let good = std::fs::read(&out).unwrap();
+    // the entry: key, u32 type 9 (array), u32 element type 5 (i32), u64 count 5, dims
+    let key = b"comfy.gguf.orig_shape.x";
+    let at = good.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    assert_eq!(good[at..at + 8], [9, 0, 0, 0, 5, 0, 0, 0]);
+    let dims = at + 16;
+    let cases: &[(usize, &[u8], &str)] = &[
+        (at + 4, &4u32.to_le_bytes(), "array of i32"),
+        (dims + 4, &(-2i32).to_le_bytes(), "negative"),
+        (
+            dims + 4,
+            &3i32.to_le_bytes(),
+            "does not have the 12 elements",
+        ),
+    ];
+    for (i, (off, bytes, msg)) in cases.iter().enumerate() {
+        let mut b = good.clone();
+        b[*off..*off + bytes.len()].copy_from_slice(bytes);
+        let p = dir.path().join(format!("bad{i}.gguf"));
+        std::fs::write(&p, b).unwrap();
+        let e = open_source(&p).err().unwrap();
+        assert!(matches!(e.kind(), ErrorKind::Malformed(_)), "{e}");
+        assert!(e.to_string().contains(msg), "{msg}: {e}");
+        assert!(e.to_string().contains("comfy.gguf.orig_shape.x"), "{e}");
+        assert!(e.location().offset.is_some(), "{e}");
+    }
+}
+
+/// A float model `m.weight` [16, 128] of `dtype` with values of magnitude
+/// about `scale`, and `m.bias`.
+fn linear_model(dir: &Path, name: &str, dtype: Dtype, scale: f32) -> PathBuf {
+    let p = dir.join(name);
+    let x: Vec<f32> = (0..16 * 128)
+        .map(|i| ((i * 7919 % 251) as f32 - 125.0) / 125.0 * scale)
+        .collect();
+    let w: Vec<u8> = match dtype {
+        Dtype::F16 => x
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => x
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    };
+    let plan = vec![
+        ("m.bias".to_string(), dtype, vec![16]),
+        ("m.weight".to_string(), dtype, vec![16, 128]),
+    ];
+    let wr = ckptkit::SafetensorsWriter::create(&p, &plan, &BTreeMap::new(), false, true).unwrap();
+    wr.write_tensor("m.weight", &w).unwrap();
+    wr.write_tensor("m.bias", &vec![0u8; 16 * dtype.size()])
+        .unwrap();
+    wr.finish().unwrap();
+    p
+}
+
+#[test]
+fn int8_groups_of_32_carry_into_q8_0_and_back_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        let model = linear_model(dir.path(), &format!("lin-{dtype}.safetensors"), dtype, 0.05);
+        let int8 = dir.path().join(format!("int8-{dtype}.safetensors"));
+        convert(&model, &int8, &to("int8:ct:group=32:int-quantized")).unwrap();
+        let (ti, _) = st(&int8);
+        let (q, s) = (&ti["m.weight"], &ti["m.weight_scale"]);
+        assert_eq!((q.0, &q.1), (Dtype::I8, &vec![16, 128]));
+        assert_eq!(s.1, vec![16, 4]);
+        // into Q8_0: the codes and the scales (as F16) carried, no float pass
+        let g = dir.path().join(format!("q8-{dtype}.gguf"));
+        let sum = convert(&int8, &g, &to("gguf:q8_0").gguf_arch(Some("t".into()))).unwrap();
+        let plan = sum.plan.unwrap();
+        assert!(plan.lossless(), "{:?}", plan.layers);
+        let src = open_source(&g).unwrap();
+        let blocks = &tensors(src.as_ref())["m.weight"].2;
+        let f16_scales: Vec<[u8; 2]> = match dtype {
+            Dtype::F16 => s.2.chunks(2).map(|c| [c[0], c[1]]).collect(),
+            _ => {
+                s.2.chunks(2)
+                    .map(|c| {
+                        let v = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                        let h = half::f16::from_f32(v);
+                        assert_eq!(h.to_f32(), v, "a BF16 scale this size is exact in F16");
+                        h.to_le_bytes()
+                    })
+                    .collect()
+            }
+        };
+        let mut want: Vec<u8> = Vec::new();
+        for (b, sc) in f16_scales.iter().enumerate() {
+            want.extend(sc);
+            want.extend(&q.2[b * 32..b * 32 + 32]);
+        }
+        assert_eq!(blocks, &want, "{dtype}");
+        // and back: the int8 file's tensors byte for byte
+        let back = dir.path().join(format!("back-{dtype}.safetensors"));
+        let sum = convert(&g, &back, &to("int8:ct:group=32:int-quantized")).unwrap();
+        assert!(sum.plan.unwrap().lossless());
+        let (tb, _) = st(&back);
+        assert_eq!(tb["m.weight"], ti["m.weight"], "{dtype}");
+        if dtype == Dtype::F16 {
+            assert_eq!(tb["m.weight_scale"], ti["m.weight_scale"]);
+        }
+    }
+}
+
+#[test]
+fn a_bf16_scale_f16_cannot_hold_is_a_lossy_carry_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // scales near 1e-9: far below F16's smallest subnormal (6e-8)
+    let model = linear_model(dir.path(), "tiny.safetensors", Dtype::BF16, 1e-7);
+    let int8 = dir.path().join("tiny-int8.safetensors");
+    convert(&model, &int8, &to("int8:ct:group=32:int-quantized")).unwrap();
+    let g = dir.path().join("tiny.gguf");
+    let e = convert(&int8, &g, &to("gguf:q8_0").gguf_arch(Some("t".into()))).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::LossyRelayout {
+                scale_exact: false,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!g.exists());
 }

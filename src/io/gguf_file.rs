@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::gguf::read::{self, Header, Parsed, Value};
-use crate::format::gguf::GgmlType;
+use crate::format::gguf::{orig_shape, GgmlType, ORIG_SHAPE_PREFIX};
 use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::{map_window, read_at, TensorBytes};
 
@@ -75,6 +75,19 @@ impl GgufFile {
             }
             None => BTreeMap::new(),
         };
+        // ComfyUI-GGUF's row-major shapes of tensors stored reshaped
+        let mut orig = BTreeMap::new();
+        for k in &header.kvs {
+            let Some(name) = k.key.strip_prefix(ORIG_SHAPE_PREFIX) else {
+                continue;
+            };
+            let shape = orig_shape(&k.value).map_err(|m| {
+                Error::malformed(format!("`{}`: {m}", k.key))
+                    .with_file(path)
+                    .with_offset(k.offset)
+            })?;
+            orig.insert(name, (shape, k.offset, k.key.as_str()));
+        }
         let mut tensors = Vec::with_capacity(header.tensors.len());
         let mut blocked = serde_json::Map::new();
         for t in &header.tensors {
@@ -87,15 +100,36 @@ impl GgufFile {
                 .with_tensor(t.name.clone())
                 .with_offset(t.info_offset));
             }
+            // the row-major shape: `ne` reversed, or the orig-shape entry's
+            // when it has as many elements
+            let logical = match orig.get(t.name.as_str()) {
+                None => t.shape(),
+                Some((shape, offset, key)) => {
+                    let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+                    if n != Some(t.ne.iter().product()) {
+                        return Err(Error::malformed(format!(
+                            "`{key}` gives tensor `{}` the shape {shape:?}, which does not have \
+                             the {} elements of its stored shape {:?}",
+                            t.name,
+                            t.ne.iter().product::<u64>(),
+                            t.shape()
+                        ))
+                        .with_file(path)
+                        .with_tensor(t.name.clone())
+                        .with_offset(*offset));
+                    }
+                    shape.clone()
+                }
+            };
             let (dtype, shape) = match t.ty.plain_dtype() {
-                Some(d) if !t.ty.is_blocked() => (d, t.shape()),
+                Some(d) if !t.ty.is_blocked() => (d, logical),
                 _ => {
-                    let mut e = serde_json::json!({"type": t.ty.name, "shape": t.shape()});
+                    let mut e = serde_json::json!({"type": t.ty.name, "shape": logical});
                     match own.get(&t.name) {
                         // F32 is what an entry without a dtype means
                         Some((ty, shape, crate::Dtype::F32))
-                            if *ty == t.ty && *shape == t.shape() => {}
-                        Some((ty, shape, d)) if *ty == t.ty && *shape == t.shape() => {
+                            if *ty == t.ty && *shape == logical => {}
+                        Some((ty, shape, d)) if *ty == t.ty && *shape == logical => {
                             e["dtype"] = d.to_string().into();
                         }
                         Some(_) => {

@@ -335,6 +335,26 @@ pub(crate) fn convert_planned(
         warnings,
         ..Default::default()
     };
+    // a GGUF output's tensors and metadata are known from the plan, so a
+    // dry run reports what they refuse or warn about
+    let gguf_out = match okind {
+        OutputKind::Gguf => {
+            let (tensors, orig) = gguf::tensors(&p).map_err(|e| e.with_file(input))?;
+            let layers: Vec<&crate::format::manifest::Layer> =
+                p.layers.iter().map(|l| &l.output).collect();
+            let (kvs, notes) = gguf::kvs(
+                src.metadata(),
+                opts.gguf_arch.as_deref(),
+                &tensors,
+                orig,
+                crate::layout::gguf::tensors_entry(&layers),
+            )
+            .map_err(|e| e.with_file(input))?;
+            summary.warnings.extend(notes);
+            Some((tensors, kvs))
+        }
+        _ => None,
+    };
     if opts.dry_run {
         summary.seconds = t0.elapsed().as_secs_f64();
         summary.plan = Some(p);
@@ -355,16 +375,9 @@ pub(crate) fn convert_planned(
             commit_with_companions(w, slots)?;
         }
         OutputKind::Gguf => {
-            let tensors = gguf::tensors(&p).map_err(|e| e.with_file(input))?;
-            let layers: Vec<&crate::format::manifest::Layer> =
-                p.layers.iter().map(|l| &l.output).collect();
-            let kvs = gguf::kvs(
-                src.metadata(),
-                opts.gguf_arch.as_deref(),
-                &tensors,
-                crate::layout::gguf::tensors_entry(&layers),
-            )
-            .map_err(|e| e.with_file(input))?;
+            let Some((tensors, kvs)) = gguf_out else {
+                return Err(Error::usage("internal: a GGUF output without its header"));
+            };
             let w = crate::io::gguf_writer::GgufWriter::create(
                 output,
                 &kvs,

@@ -386,6 +386,9 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
     const LEFT_FLOAT: &str =
         "float layer left float: the input is partly quantized (--include selects float layers)";
     let wanted = |path: &str| opts.only.is_empty() || opts.only.iter().any(|g| fnmatch(g, path));
+    // layers a reference would have in a layout they cannot be made in,
+    // reported together (a GGUF reference with many K-quant tensors)
+    let mut unlike: Vec<Error> = Vec::new();
     for l in layers.iter().filter(|l| wanted(&l.path)) {
         let source = crate::layout::registry::of(l);
         // a record's parameters must be readable (an int8 record names a
@@ -436,7 +439,13 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                         activations: r.activations.clone(),
                         source,
                     };
-                    let mut p = into(fam, &r.layout, &ctx)?;
+                    let mut p = match into(fam, &r.layout, &ctx) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            unlike.push(e);
+                            continue;
+                        }
+                    };
                     if let (Some(s), Some(w)) = (
                         &r.shape,
                         p.output.tensors.iter().find(|t| t.name == "weight"),
@@ -497,6 +506,25 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
             );
         }
         out.push(lp);
+    }
+    if let Some(first) = unlike.first() {
+        if unlike.len() == 1 {
+            return Err(unlike.swap_remove(0));
+        }
+        const SHOWN: usize = 20;
+        let mut lines: Vec<String> = unlike.iter().take(SHOWN).map(|e| e.to_string()).collect();
+        if unlike.len() > SHOWN {
+            lines.push(format!("and {} more", unlike.len() - SHOWN));
+        }
+        let mut e = Error::layout(format!(
+            "{} layers cannot be made as the reference has them:\n  {}",
+            unlike.len(),
+            lines.join("\n  ")
+        ));
+        if let Some(p) = &first.location().layer {
+            e = e.with_layer(p.clone());
+        }
+        return Err(e);
     }
     if !opts.only.is_empty() && out.is_empty() {
         return Err(Error::usage(format!(

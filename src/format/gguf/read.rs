@@ -533,6 +533,10 @@ fn parse_inner(buf: &[u8], file_len: u64) -> R<Header> {
         }
         let mut ne = Vec::with_capacity(n_dims as usize);
         let mut count = 1u64;
+        // the product of the non-zero dimensions: what any multiplication
+        // order meets on the way (safetensors multiplies the reversed
+        // shape), so a zero dimension does not hide an overflow
+        let mut nonzero = 1u64;
         for _ in 0..n_dims {
             let d = c.u64("GGUF tensor dimension")?;
             if d > i64::MAX as u64 {
@@ -540,13 +544,14 @@ fn parse_inner(buf: &[u8], file_len: u64) -> R<Header> {
                     "tensor `{name}`: dimension {d} is negative as ggml reads it (int64)"
                 )));
             }
-            count = count.checked_mul(d).ok_or_else(|| {
+            nonzero = nonzero.checked_mul(d.max(1)).ok_or_else(|| {
                 Stop::Err(
                     Error::overflow("GGUF tensor element count")
                         .with_tensor(name.clone())
                         .with_offset(at),
                 )
             })?;
+            count *= d; // cannot overflow: count is 0 or nonzero
             ne.push(d);
         }
         let type_at = c.pos;

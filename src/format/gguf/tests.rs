@@ -457,6 +457,26 @@ fn attack_dims_whose_product_overflows() {
     // the element count fits, the byte length does not
     let b = G::new().tensor_raw("t", &[1 << 62, 2], 0, 0).bytes();
     assert!(matches!(err(&b).kind(), ErrorKind::Overflow { .. }));
+    // a zero dimension does not hide an overflow of the others (the shape
+    // a fuzzer found: 0 elements in ggml's order, an overflow in the
+    // reversed order safetensors and the planner multiply in)
+    let b = G::new()
+        .tensor_raw(
+            "t",
+            &[25210765039, 0, 17873661021126656, 18084767257853952],
+            0,
+            0,
+        )
+        .bytes();
+    let e = err(&b);
+    assert!(matches!(e.kind(), ErrorKind::Overflow { .. }), "{e}");
+    assert_eq!(e.location().tensor.as_deref(), Some("t"));
+    // without the overflow, a zero dimension is a valid empty tensor
+    header(
+        &G::new()
+            .tensor_raw("t", &[1 << 40, 0, 1 << 20], 0, 0)
+            .bytes(),
+    );
     // a dimension ggml reads as negative
     let b = G::new().tensor_raw("t", &[u64::MAX], 0, 0).bytes();
     assert!(message(&err(&b)).contains("negative"));

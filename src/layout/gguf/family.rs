@@ -8,7 +8,8 @@ use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
     carry_or_quantize, cast_bytes, out_part, part, quantized_layer, quantized_weight, weight_of,
-    Codes, DetectCtx, Detector, Family, Pass, PlanCtx, Planned, WeightInput,
+    CodeForm, Codes, DetectCtx, Detector, Family, Granularity, Pass, PlanCtx, Planned, ScaleValue,
+    WeightInput,
 };
 
 use super::{math, stored_shape, type_of, GgufDetector, NAME};
@@ -36,6 +37,53 @@ fn quantizable(dtype: Dtype, shape: &[u64]) -> bool {
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .is_some_and(|n| n > 1024)
         && shape.last().is_some_and(|&r| r > 0 && r.is_multiple_of(32))
+}
+
+/// The code form of Q8_0 (spec/layouts.md §8): int8 codes, one F16 scale
+/// per 32 consecutive elements of a row, `w = q · d`. Its integers carry
+/// to and from an int8 layout of groups of 32 (`int8:ct:group=32`) byte
+/// for byte; a scale F16 cannot hold exactly makes the carry lossy, which
+/// the re-layout measures and refuses without `--allow-lossy`.
+fn q8_0_form() -> CodeForm {
+    CodeForm {
+        name: "gguf:Q8_0".into(),
+        value: ScaleValue::Scale,
+        granularity: Granularity::Group(32),
+        range: [-128, 127],
+        scale_dtype: Dtype::F16,
+        zero_point: false,
+        code: Dtype::I8,
+    }
+}
+
+/// Whether `ty` is Q8_0, the block type whose integers carry over.
+fn is_q8_0(ty: GgmlType) -> bool {
+    ty.name == "Q8_0"
+}
+
+/// Q8_0 blocks from int8 codes `[rows, cols]` (row-major) and their F16
+/// scales `[rows, cols / 32]`: each block the scale's two bytes, then 32
+/// codes.
+fn q8_0_blocks(c: &Codes) -> std::result::Result<Vec<u8>, String> {
+    if c.dtype != Dtype::F16 || c.value != ScaleValue::Scale {
+        return Err(format!(
+            "Q8_0 takes F16 scales of the codes' scale form, not {} {:?}",
+            c.dtype, c.value
+        ));
+    }
+    if !c.q.len().is_multiple_of(32) || c.scale.len() != c.q.len() / 32 * 2 {
+        return Err(format!(
+            "{} codes and {} scale bytes are not Q8_0 blocks of 32 codes and 2 scale bytes",
+            c.q.len(),
+            c.scale.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(c.q.len() / 32 * 34);
+    for (q, d) in c.q.chunks_exact(32).zip(c.scale.chunks_exact(2)) {
+        out.extend_from_slice(d);
+        out.extend(q.iter().map(|&v| v as u8));
+    }
+    Ok(out)
 }
 
 /// The gguf family.
@@ -66,7 +114,7 @@ impl Family for Gguf {
         if !float_dtype(w.dtype)
             || w.parts.len() != 1
             || q.dtype != Dtype::U8
-            || want.as_deref() != Some(q.shape.as_slice())
+            || !super::blocks_fit(ty, &w.shape, &q.shape)
         {
             return Err(at(Error::layout(format!(
                 "a {} tensor is its raw blocks, U8 [rows, row_bytes] ({want:?} for shape {:?}), \
@@ -160,11 +208,52 @@ impl Family for Gguf {
         ))
     }
 
-    fn read_codes(&self, _src: &dyn TensorSource, l: &Layer, _w: &LogicalTensor) -> Result<Codes> {
-        Err(
-            Error::layout("GGUF blocks have no code form ckptkit carries into another layout")
-                .with_layer(l.path.clone()),
-        )
+    fn code_form(&self, l: &Layer) -> Option<CodeForm> {
+        // a 2-D Q8_0 weight stored in rows of its own last dimension
+        let ty = type_of(&l.quant.weights).ok().filter(|t| is_q8_0(*t))?;
+        let w = quantized_weight(l).ok()?;
+        let q = w.parts.iter().find(|p| p.role == Role::Data)?;
+        (w.shape.len() == 2 && stored_shape(ty, &w.shape).as_deref() == Some(q.shape.as_slice()))
+            .then(q8_0_form)
+    }
+
+    fn target_form(&self, target: &WeightQuant, _model: Dtype) -> Option<CodeForm> {
+        type_of(target)
+            .ok()
+            .filter(|t| is_q8_0(*t))
+            .map(|_| q8_0_form())
+    }
+
+    fn read_codes(&self, src: &dyn TensorSource, l: &Layer, w: &LogicalTensor) -> Result<Codes> {
+        let at = |e: Error| e.with_layer(l.path.clone());
+        let ty = type_of(&l.quant.weights).map_err(at)?;
+        if !is_q8_0(ty) {
+            return Err(at(Error::layout(format!(
+                "{} blocks have no code form ckptkit carries into another layout (Q8_0 has)",
+                ty.name
+            ))));
+        }
+        let q = part(l, w, Role::Data)?;
+        let blocks = src.read(&q.key)?;
+        if !blocks.len().is_multiple_of(34) {
+            return Err(at(Error::layout(format!(
+                "{} bytes are not whole Q8_0 blocks of 34",
+                blocks.len()
+            )))
+            .with_tensor(q.key.clone()));
+        }
+        let n = blocks.len() / 34;
+        let (mut codes, mut scale) = (Vec::with_capacity(n * 32), Vec::with_capacity(n * 2));
+        for b in blocks.chunks_exact(34) {
+            scale.extend_from_slice(&b[..2]);
+            codes.extend(b[2..].iter().map(|&v| v as i8));
+        }
+        Ok(Codes {
+            q: codes,
+            scale,
+            value: ScaleValue::Scale,
+            dtype: Dtype::F16,
+        })
     }
 
     fn dequantize(
@@ -200,32 +289,63 @@ impl Family for Gguf {
     ) -> Result<Vec<(String, TensorBytes)>> {
         let at = |e: Error| e.with_layer(path.to_string());
         let ty = type_of(record).map_err(at)?;
-        let WeightInput::Float(float) = input else {
-            return Err(at(Error::layout("GGUF blocks are quantized from floats")));
-        };
-        let fd = crate::float::float_dtype_of(t.dtype)
-            .ok_or_else(|| at(Error::layout(format!("a {} weight is not float", t.dtype))))?;
-        // widened to f32 a slice at a time (whole blocks: quantizing is
-        // block-local), so memory holds the output, not an f32 copy
-        const SLICE: usize = 32 * 1024;
-        let size = t.dtype.size();
-        let mut x = vec![0f32; SLICE];
-        let mut out = Vec::new();
-        for piece in float.chunks(SLICE * size) {
-            let n = piece.len() / size;
-            let xs = x
-                .get_mut(..n)
-                .ok_or_else(|| at(Error::layout("slice overrun")))?;
-            fd.decode_into(piece, xs)
-                .map_err(|e| at(Error::layout(e.to_string())))?;
-            math::quantize(ty, xs, &mut out).map_err(|m| at(Error::layout(m)))?;
-        }
         let key = t
             .parts
             .iter()
             .find(|p| p.role == Role::Data)
             .map(|p| p.key.clone())
             .ok_or_else(|| at(Error::layout("no data part to write the blocks to")))?;
+        let float = match input {
+            WeightInput::Float(float) => float,
+            // int8 codes carried over: Q8_0 blocks of their codes and scales
+            WeightInput::Codes(c) if is_q8_0(ty) => {
+                let blocks = q8_0_blocks(&c).map_err(|m| at(Error::layout(m)))?;
+                return Ok(vec![(key, TensorBytes::Owned(blocks))]);
+            }
+            WeightInput::Codes(_) => {
+                return Err(at(Error::layout(format!(
+                    "{} blocks are quantized from floats (only Q8_0 takes int8 codes)",
+                    ty.name
+                ))))
+            }
+        };
+        let fd = crate::float::float_dtype_of(t.dtype)
+            .ok_or_else(|| at(Error::layout(format!("a {} weight is not float", t.dtype))))?;
+        // widened to f32 a slice at a time (whole blocks: quantizing is
+        // block-local), so memory holds the output, not an f32 copy; the slices
+        // are quantized in parallel, each into its own range of the output,
+        // each worker reusing one slice-sized f32 buffer
+        use rayon::prelude::*;
+        const SLICE: usize = 32 * 1024;
+        let size = t.dtype.size();
+        let n = float.len() / size;
+        if n.checked_mul(size) != Some(float.len()) {
+            return Err(at(Error::layout(format!(
+                "{} bytes are not a whole number of {size}-byte elements",
+                float.len()
+            ))));
+        }
+        let total = math::quantized_len(ty, n).map_err(|m| at(Error::layout(m)))?;
+        let slice_bytes = math::quantized_len(ty, SLICE).map_err(|m| at(Error::layout(m)))?;
+        let mut out = vec![0u8; total];
+        let failed = float
+            .par_chunks(SLICE * size)
+            .zip(out.par_chunks_mut(slice_bytes))
+            .enumerate()
+            .map_init(
+                || vec![0f32; SLICE],
+                |x, (k, (piece, dst))| -> std::result::Result<(), String> {
+                    let xs = x
+                        .get_mut(..piece.len() / size)
+                        .ok_or_else(|| "slice overrun".to_string())?;
+                    fd.decode_into(piece, xs).map_err(|e| e.to_string())?;
+                    math::quantize_into(ty, xs, dst, k * SLICE)
+                },
+            )
+            .find_first(|r| r.is_err());
+        if let Some(Err(m)) = failed {
+            return Err(at(Error::layout(m)));
+        }
         Ok(vec![(key, TensorBytes::Owned(out))])
     }
 

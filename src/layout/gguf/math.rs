@@ -216,18 +216,43 @@ fn np_roundf(n: f32) -> f32 {
     np_sign(n) * b
 }
 
+/// `(floor(a), floor(a) as i32)` for `0 <= a < 2^23`, exactly, with float
+/// additions only: `a + 2^23` rounds `a` to the nearest integer (the sum's ulp
+/// is 1) and holds it in its low mantissa bits; one is taken off when that
+/// rounded up. (Rust's `as i32` saturates, which does not vectorize on
+/// baseline x86-64; this does.)
+#[inline(always)]
+fn floor_small(a: f32) -> (f32, i32) {
+    const TWO_23: f32 = 8_388_608.0;
+    let big = a + TWO_23;
+    let near = big - TWO_23;
+    // wrapping: no overflow for the inputs above, and no panic for others
+    let k = (big.to_bits() as i32)
+        .wrapping_sub(0x4b00_0000)
+        .wrapping_sub(i32::from(near > a));
+    (k as f32, k)
+}
+
 /// [`np_roundf`] for a finite `|n| < 2^23`, as an integer, without a libm
-/// call: the truncation and the fraction `|n| - trunc(|n|)` are exact there,
-/// and the half rounds away from zero as `np_roundf` does.
+/// call: the truncation ([`floor_small`] of `|n|`) and the fraction
+/// `|n| - trunc(|n|)` are exact there, and the half rounds away from zero as
+/// `np_roundf` does. Branch-free (the sign is applied by the sign bit: `-0.0`
+/// and `+0.0` both give 0), so loops over a block vectorize.
+#[inline(always)]
 fn round_half_away_small(n: f32) -> i32 {
     let a = n.abs();
-    let t = a as i32;
-    let r = if a - t as f32 >= 0.5 { t + 1 } else { t };
-    if n < 0.0 {
-        -r
-    } else {
-        r
-    }
+    let (f, t) = floor_small(a);
+    let r = t.wrapping_add(i32::from(a - f >= 0.5));
+    // all ones for a negative n, else zero: (r ^ s) - s is r or -r
+    let s = (n.to_bits() as i32) >> 31;
+    (r ^ s).wrapping_sub(s)
+}
+
+/// [`np_cast_low_byte`] for `0 <= v < 2^23`: the low byte of `trunc(v)`,
+/// branch-free ([`floor_small`]).
+#[inline(always)]
+fn cast_low_byte_small(v: f32) -> u8 {
+    floor_small(v).1 as u8
 }
 
 /// `np.sign` on `f32`: -1, 0 (the input zero), 1, or NaN for NaN.
@@ -717,24 +742,68 @@ const NP_TIE_ORDER: [usize; 32] = [
     11, 7, 15, 1, 9, 5, 13,
 ];
 
+/// The bits of `|v|`: for finite values (and infinities) they order as the
+/// magnitudes do, and `±0.0` both give 0.
+#[inline(always)]
+fn abs_bits(v: f32) -> u32 {
+    v.to_bits() & 0x7fff_ffff
+}
+
+/// The largest `|x|` of a block, as bits ([`abs_bits`]): an integer maximum,
+/// which (unlike a float one) vectorizes as is; for finite values it is the
+/// float maximum of the magnitudes, `+0.0` for an all-zero block.
+#[inline(always)]
+fn max_abs_bits(x: &[f32; 32]) -> u32 {
+    x.iter().fold(0, |m, &v| m.max(abs_bits(v)))
+}
+
+/// The first element of `x` listed in [`NP_TIE_ORDER`] that equals `target`
+/// (`+0.0 == -0.0`), or `target` if none does.
+fn first_in_tie_order(x: &[f32; 32], target: f32) -> f32 {
+    NP_TIE_ORDER
+        .iter()
+        .filter_map(|&i| x.get(i).copied())
+        .find(|&v| v == target)
+        .unwrap_or(target)
+}
+
 /// numpy's `(max, min)` of a Q4_1/Q5_1 block (finite values), with its choice
 /// between tied signed zeros ([`NP_TIE_ORDER`]).
+///
+/// Any order of comparisons finds the same maximum and minimum value; elements
+/// equal to it are bit-identical unless it is zero. So the values come from
+/// eight lanes that vectorize, and only a zero result is settled by
+/// [`NP_TIE_ORDER`] (numpy's scan keeps the first element, in that order,
+/// that equals the result).
+#[inline(always)]
 fn np_max_min(x: &[f32; 32]) -> (f32, f32) {
-    let first = x[NP_TIE_ORDER[0]];
-    let (mut max, mut min) = (first, first);
-    for &i in NP_TIE_ORDER.iter().skip(1) {
-        let v = x[i];
-        if v > max {
-            max = v;
+    let (lanes, _) = x.as_chunks::<8>();
+    let mut hi = [x[0]; 8];
+    let mut lo = [x[0]; 8];
+    for c in lanes {
+        for j in 0..8 {
+            let v = c[j];
+            hi[j] = if v > hi[j] { v } else { hi[j] };
+            lo[j] = if v < lo[j] { v } else { lo[j] };
         }
-        if v < min {
-            min = v;
-        }
+    }
+    let mut max = hi[0];
+    let mut min = lo[0];
+    for j in 1..8 {
+        max = if hi[j] > max { hi[j] } else { max };
+        min = if lo[j] < min { lo[j] } else { min };
+    }
+    if max == 0.0 {
+        max = first_in_tie_order(x, max);
+    }
+    if min == 0.0 {
+        min = first_in_tie_order(x, min);
     }
     (max, min)
 }
 
 /// `np.where(d == 0, 0, 1 / d)`: the reciprocal of the unrounded `f32` scale.
+#[inline(always)]
 fn inverse(d: f32) -> f32 {
     if d == 0.0 {
         0.0
@@ -743,28 +812,26 @@ fn inverse(d: f32) -> f32 {
     }
 }
 
-/// Quantizes `x` to type `t` and appends the bytes to `out`, bit-identical to
-/// gguf-py 0.19.0 `gguf.quants.quantize(x, t)` (numpy 2.4.6, x86-64; the
-/// result is row-local, so any number of rows back to back may be passed).
-/// Supported: F32, F16 (`astype(float16)`), BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
-/// (gguf-py has no K-quant quantizer). `x.len()` must be a multiple of the
-/// block size.
-///
-/// Every element must be finite, else this returns an error naming the first
-/// offending index and appends nothing: for NaN/±inf inputs numpy's block
-/// quantizers cast NaN/inf to integers (undefined behaviour in C, x86-specific
-/// results), so such inputs are refused rather than imitated (the same rule
-/// holds for F32/F16/BF16, for one contract across types).
-///
-/// Finite inputs whose block scale is an `f32` subnormal below 2^-128 make
-/// `1 / d` overflow to infinity in numpy; the resulting NaN/inf codes are cast
-/// the way numpy does on x86-64 ([`np_cast_low_byte`]), so the bytes still
-/// match it there.
-#[cfg_attr(not(test), allow(dead_code))] // the gguf layout only dequantizes so far
-pub(crate) fn quantize(t: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<(), String> {
-    let kind = Kind::of(t)?;
-    let (block, bytes) = kind.geometry();
-    if !matches!(
+/// The index of the first non-finite element of `x`, if any. Scans runs of
+/// 256 elements with a branch-free test that vectorizes, then looks for the
+/// element only in a run that has one.
+fn first_non_finite(x: &[f32]) -> Option<usize> {
+    const RUN: usize = 256;
+    x.chunks(RUN).enumerate().find_map(|(k, run)| {
+        let any = run
+            .iter()
+            .fold(0u32, |a, &v| a | u32::from(abs_bits(v) >= 0x7f80_0000));
+        if any == 0 {
+            None
+        } else {
+            run.iter().position(|v| !v.is_finite()).map(|i| k * RUN + i)
+        }
+    })
+}
+
+/// Whether [`quantize`] handles `kind`.
+fn quantizable_kind(kind: Kind) -> bool {
+    matches!(
         kind,
         Kind::F32
             | Kind::F16
@@ -774,200 +841,327 @@ pub(crate) fn quantize(t: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<(), 
             | Kind::Q5_0
             | Kind::Q5_1
             | Kind::Q8_0
-    ) {
+    )
+}
+
+/// The number of bytes [`quantize`] makes of `n` elements of type `t`, or
+/// why `t` or `n` cannot be quantized (an unsupported type, `n` not a whole
+/// number of blocks, an overflow).
+pub(crate) fn quantized_len(t: GgmlType, n: usize) -> Result<usize, String> {
+    let kind = Kind::of(t)?;
+    let (block, bytes) = kind.geometry();
+    if !quantizable_kind(kind) {
         return Err(format!(
             "quantizing to {} is not supported (gguf-py 0.19.0 has no quantizer for it)",
             t.name
         ));
     }
-    if !x.len().is_multiple_of(block) {
+    if !n.is_multiple_of(block) {
         return Err(format!(
-            "{}: {} elements are not a whole number of {block}-element blocks",
-            t.name,
-            x.len()
+            "{}: {n} elements are not a whole number of {block}-element blocks",
+            t.name
         ));
     }
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        let v = x.get(i).copied().unwrap_or(f32::NAN);
-        return Err(format!(
-            "{}: element {i} is {v} (bits {:#010x}); only finite values can be quantized",
-            t.name,
-            v.to_bits()
-        ));
-    }
-    let n_blocks = x.len() / block;
-    let total = n_blocks
+    (n / block)
         .checked_mul(bytes)
+        .ok_or_else(|| format!("{}: byte count overflows", t.name))
+}
+
+/// Quantizes `x` to type `t` and appends the bytes to `out`, bit-identical to
+/// gguf-py 0.19.0 `gguf.quants.quantize(x, t)` (numpy 2.4.6, x86-64; the
+/// result is row-local, so any number of rows back to back may be passed).
+/// Supported: F32, F16 (`astype(float16)`), BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+/// (gguf-py has no K-quant quantizer). `x.len()` must be a multiple of the
+/// block size. On an error nothing is appended. See [`quantize_into`].
+#[cfg_attr(not(test), allow(dead_code))] // the gguf layout quantizes in place
+pub(crate) fn quantize(t: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<(), String> {
+    let total = quantized_len(t, x.len())?;
+    let start = out.len();
+    let end = start
+        .checked_add(total)
         .ok_or_else(|| format!("{}: byte count overflows", t.name))?;
-    out.reserve(total);
-    match kind {
+    out.resize(end, 0);
+    let r = match out.get_mut(start..) {
+        Some(dst) => quantize_into(t, x, dst, 0),
+        None => Err(format!("{}: internal: output range", t.name)),
+    };
+    if r.is_err() {
+        out.truncate(start);
+    }
+    r
+}
+
+/// Quantizes `x` to type `t` into `out`, which must be exactly
+/// [`quantized_len`]`(t, x.len())` bytes long, bit-identical to gguf-py 0.19.0
+/// `gguf.quants.quantize(x, t)` (see [`quantize`]). `first` is the index of
+/// `x[0]` in its tensor, for the error message.
+///
+/// Every element must be finite, else this returns an error naming the first
+/// offending index (`first` + its index in `x`) and `out` is left unspecified:
+/// for NaN/±inf inputs numpy's block quantizers cast NaN/inf to integers
+/// (undefined behaviour in C, x86-specific results), so such inputs are refused
+/// rather than imitated (the same rule holds for F32/F16/BF16, for one contract
+/// across types).
+///
+/// Finite inputs whose block scale is an `f32` subnormal below 2^-128 make
+/// `1 / d` overflow to infinity in numpy; the resulting NaN/inf codes are cast
+/// the way numpy does on x86-64 ([`np_cast_low_byte`]), so the bytes still
+/// match it there.
+pub(crate) fn quantize_into(
+    t: GgmlType,
+    x: &[f32],
+    out: &mut [u8],
+    first: usize,
+) -> Result<(), String> {
+    let total = quantized_len(t, x.len())?;
+    if out.len() != total {
+        return Err(format!(
+            "{}: {} elements quantize to {total} bytes, the output holds {}",
+            t.name,
+            x.len(),
+            out.len()
+        ));
+    }
+    // the float types check first; the block types check each block as they
+    // go (its largest magnitude), and look for the element only if one fails
+    let kind = Kind::of(t)?;
+    if matches!(kind, Kind::F32 | Kind::F16 | Kind::Bf16) {
+        if let Some(i) = first_non_finite(x) {
+            return Err(non_finite(t, x, i, first));
+        }
+    }
+    let finite = match kind {
         Kind::F32 => {
-            for v in x {
-                out.extend_from_slice(&v.to_le_bytes());
+            for (o, v) in out.chunks_exact_mut(4).zip(x) {
+                o.copy_from_slice(&v.to_le_bytes());
             }
+            true
         }
         Kind::F16 => {
-            for &v in x {
-                out.extend_from_slice(&f16_bits_from_f32_np(v).to_le_bytes());
+            for (o, &v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&f16_bits_from_f32_np(v).to_le_bytes());
             }
+            true
         }
         Kind::Bf16 => {
-            for &v in x {
-                out.extend_from_slice(&bf16_bits_from_f32_gguf(v).to_le_bytes());
+            for (o, &v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&bf16_bits_from_f32_gguf(v).to_le_bytes());
             }
+            true
         }
-        Kind::Q8_0 => quant_blocks(x, out, quant_q8_0)?,
-        Kind::Q4_0 => quant_blocks(x, out, quant_q4_0)?,
-        Kind::Q4_1 => quant_blocks(x, out, quant_q4_1)?,
-        Kind::Q5_0 => quant_blocks(x, out, quant_q5_0)?,
-        Kind::Q5_1 => quant_blocks(x, out, quant_q5_1)?,
+        Kind::Q8_0 => quant_blocks(x, out, quant_q8_0),
+        Kind::Q4_0 => quant_blocks(x, out, quant_q4_0),
+        Kind::Q4_1 => quant_blocks(x, out, quant_q4_1),
+        Kind::Q5_0 => quant_blocks(x, out, quant_q5_0),
+        Kind::Q5_1 => quant_blocks(x, out, quant_q5_1),
         Kind::Q2K | Kind::Q3K | Kind::Q4K | Kind::Q5K | Kind::Q6K => {
             return Err(format!("quantizing to {} is not supported", t.name));
         }
+    };
+    if finite {
+        return Ok(());
     }
-    Ok(())
+    match first_non_finite(x) {
+        Some(i) => Err(non_finite(t, x, i, first)),
+        None => Err(format!("{}: internal: a block was not finite", t.name)),
+    }
 }
 
-/// Quantizes every 32-element block of `x` with `f` and appends the bytes.
+/// The error for the non-finite element `x[i]`, `first` being the index of
+/// `x[0]` in its tensor.
+fn non_finite(t: GgmlType, x: &[f32], i: usize, first: usize) -> String {
+    let v = x.get(i).copied().unwrap_or(f32::NAN);
+    format!(
+        "{}: element {} is {v} (bits {:#010x}); only finite values can be quantized",
+        t.name,
+        first.saturating_add(i),
+        v.to_bits()
+    )
+}
+
+/// Quantizes every 32-element block of `x` with `f` into its `B`-byte slot of
+/// `out` (the caller has checked that the lengths agree; extra elements or
+/// bytes, of which there are none then, would be left alone). Returns whether
+/// every element was finite; the bytes of a block that was not are garbage
+/// (the quantizers do not panic on such blocks), to be discarded.
+#[inline(always)]
 fn quant_blocks<const B: usize>(
     x: &[f32],
-    out: &mut Vec<u8>,
-    f: fn(&[f32; 32]) -> [u8; B],
-) -> Result<(), String> {
-    for c in x.chunks_exact(32) {
-        let c: &[f32; 32] = c
-            .try_into()
-            .map_err(|_| format!("internal: block of {} elements, expected 32", c.len()))?;
-        out.extend_from_slice(&f(c));
+    out: &mut [u8],
+    f: impl Fn(&[f32; 32], &mut [u8; B]),
+) -> bool {
+    let (xs, _) = x.as_chunks::<32>();
+    let (os, _) = out.as_chunks_mut::<B>();
+    let mut worst = 0u32;
+    for (c, o) in xs.iter().zip(os.iter_mut()) {
+        worst = worst.max(max_abs_bits(c));
+        f(c, o);
     }
-    Ok(())
+    worst < 0x7f80_0000
+}
+
+/// Writes the little-endian f16 (numpy's rounding) of `v` into `b[0..2]`.
+#[inline(always)]
+fn put_f16(b: &mut [u8], v: f32) {
+    for (o, x) in b.iter_mut().zip(f16_bits_from_f32_np(v).to_le_bytes()) {
+        *o = x;
+    }
 }
 
 /// The element of largest `|x|` (the first on ties), with its sign
 /// (`np.take_along_axis(blocks, abs(blocks).argmax(...))`).
+///
+/// Branch-free: the largest magnitude as an integer maximum ([`abs_bits`]
+/// orders finite values as `abs` does, `±0.0` tie), then the smallest index
+/// holding it as an integer minimum; both vectorize.
+#[inline(always)]
 fn signed_absmax(x: &[f32; 32]) -> f32 {
-    let mut best = x[0];
-    for &v in x.iter().skip(1) {
-        if v.abs() > best.abs() {
-            best = v;
-        }
-    }
-    best
+    let m = max_abs_bits(x);
+    // the minimum over a select (not a select of minima), so it vectorizes
+    let at = x.iter().zip(0u32..).fold(31u32, |f, (&v, i)| {
+        f.min(if abs_bits(v) == m { i } else { 31 })
+    });
+    x[(at & 31) as usize]
 }
 
 /// Q8_0: `d = max|x| / 127`, `q = np_roundf(x * id)` as int8, `d` stored as f16.
-fn quant_q8_0(x: &[f32; 32]) -> [u8; 34] {
-    let mut amax = 0f32;
-    for &v in x {
-        let a = v.abs();
-        if a > amax {
-            amax = a;
-        }
-    }
+#[inline(always)]
+fn quant_q8_0(x: &[f32; 32], b: &mut [u8; 34]) {
+    let amax = f32::from_bits(max_abs_bits(x));
     let d = amax / 127.0;
     let id = inverse(d);
-    let mut b = [0u8; 34];
-    b[..2].copy_from_slice(&f16_bits_from_f32_np(d).to_le_bytes());
+    let (head, qs) = b.split_at_mut(2);
+    put_f16(head, d);
     if id.is_finite() {
         // |x * id| <= 127 (plus rounding): the fast rounding is exact there
-        for (o, &v) in b[2..].iter_mut().zip(x.iter()) {
+        for (o, &v) in qs.iter_mut().zip(x.iter()) {
             *o = round_half_away_small(v * id) as u8;
         }
     } else {
         // a subnormal scale: 1/d overflowed, codes are numpy's casts of inf/NaN
-        for (o, &v) in b[2..].iter_mut().zip(x.iter()) {
+        for (o, &v) in qs.iter_mut().zip(x.iter()) {
             *o = np_cast_low_byte(np_roundf(v * id));
         }
     }
-    b
 }
 
 /// The 4/5-bit codes of Q4_0/Q5_0: `d = max / -half` (`max` signed),
 /// `q = min(cap, u8(trunc(x * id + (half + 0.5))))` (the cast truncates).
 /// Returns `d`.
+#[inline(always)]
 fn codes_sym(x: &[f32; 32], half: f32, cap: u8, q: &mut [u8; 32]) -> f32 {
     let max = signed_absmax(x);
     let d = max / -half;
     let id = inverse(d);
     let offset = half + 0.5;
-    for (q, &v) in q.iter_mut().zip(x.iter()) {
-        *q = np_cast_low_byte(v * id + offset).min(cap);
+    if id.is_finite() {
+        // |x * id| <= half (plus rounding), so x * id + offset lies in
+        // (0, 2 * half + 1): the small cast is exact there
+        for (q, &v) in q.iter_mut().zip(x.iter()) {
+            *q = cast_low_byte_small(v * id + offset).min(cap);
+        }
+    } else {
+        // a subnormal scale: 1/d overflowed, codes are numpy's casts of inf/NaN
+        for (q, &v) in q.iter_mut().zip(x.iter()) {
+            *q = np_cast_low_byte(v * id + offset).min(cap);
+        }
     }
     d
 }
 
 /// The 4/5-bit codes of Q4_1/Q5_1: `d = (max - min) / levels`,
 /// `q = min(levels, u8(trunc((x - min) * id + 0.5)))`. Returns `(d, min)`.
+#[inline(always)]
 fn codes_affine(x: &[f32; 32], levels: u8, q: &mut [u8; 32]) -> (f32, f32) {
     let (max, min) = np_max_min(x);
     let d = (max - min) / f32::from(levels);
     let id = inverse(d);
-    for (q, &v) in q.iter_mut().zip(x.iter()) {
-        *q = np_cast_low_byte((v - min) * id + 0.5).min(levels);
+    if d.is_finite() && id.is_finite() {
+        // 0 <= x - min <= max - min (finite), so (x - min) * id + 0.5 lies in
+        // [0.5, levels + 1): the small cast is exact there
+        for (q, &v) in q.iter_mut().zip(x.iter()) {
+            *q = cast_low_byte_small((v - min) * id + 0.5).min(levels);
+        }
+    } else {
+        // max - min overflowed (id = 0, inf * 0 = NaN) or a subnormal scale
+        // (1/d overflowed): codes are numpy's casts of inf/NaN
+        for (q, &v) in q.iter_mut().zip(x.iter()) {
+            *q = np_cast_low_byte((v - min) * id + 0.5).min(levels);
+        }
     }
     (d, min)
 }
 
 /// Packs 32 codes as 16 bytes: byte `j` = low nibble of `q[j]` | `q[j + 16] << 4`
 /// (a u8 shift: bit 4 of `q[j + 16]` falls off, it goes to `qh`).
+#[inline(always)]
 fn pack_nibbles(q: &[u8; 32], dst: &mut [u8]) {
-    for (j, d) in dst.iter_mut().take(16).enumerate() {
-        *d = (q[j] & 0x0f) | (q[j + 16] << 4);
+    let (lo, hi) = q.split_at(16);
+    for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+        *d = (l & 0x0f) | (h << 4);
     }
 }
 
 /// `np.packbits(q >> 4, bitorder="little")`: bit `i` of the little-endian u32
-/// is bit 4 of `q[i]`.
-fn pack_high_bits(q: &[u8; 32]) -> [u8; 4] {
-    let mut qh = 0u32;
-    for (i, &v) in q.iter().enumerate() {
-        qh |= u32::from((v >> 4) & 1) << i;
+/// is bit 4 of `q[i]`. Eight codes at a time: their bits 4 as one bit per byte
+/// of a u64, gathered into its top byte by one multiplication (byte `i` moves
+/// up by `56 - 7i` bits to bit `56 + i`; the other partial products land on
+/// distinct bits outside the top byte, so nothing carries into it).
+#[inline(always)]
+fn pack_high_bits(q: &[u8; 32], dst: &mut [u8]) {
+    let (eights, _) = q.as_chunks::<8>();
+    for (o, e) in dst.iter_mut().zip(eights) {
+        let bits = (u64::from_le_bytes(*e) >> 4) & 0x0101_0101_0101_0101;
+        *o = (bits.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8;
     }
-    qh.to_le_bytes()
 }
 
 /// Q4_0: `d` (f16), 16 bytes of nibbles.
-fn quant_q4_0(x: &[f32; 32]) -> [u8; 18] {
+#[inline(always)]
+fn quant_q4_0(x: &[f32; 32], b: &mut [u8; 18]) {
     let mut q = [0u8; 32];
     let d = codes_sym(x, 8.0, 15, &mut q);
-    let mut b = [0u8; 18];
-    b[..2].copy_from_slice(&f16_bits_from_f32_np(d).to_le_bytes());
-    pack_nibbles(&q, &mut b[2..]);
-    b
+    let (head, qs) = b.split_at_mut(2);
+    put_f16(head, d);
+    pack_nibbles(&q, qs);
 }
 
 /// Q5_0: `d` (f16), `qh` (u32), 16 bytes of nibbles.
-fn quant_q5_0(x: &[f32; 32]) -> [u8; 22] {
+#[inline(always)]
+fn quant_q5_0(x: &[f32; 32], b: &mut [u8; 22]) {
     let mut q = [0u8; 32];
     let d = codes_sym(x, 16.0, 31, &mut q);
-    let mut b = [0u8; 22];
-    b[..2].copy_from_slice(&f16_bits_from_f32_np(d).to_le_bytes());
-    b[2..6].copy_from_slice(&pack_high_bits(&q));
-    pack_nibbles(&q, &mut b[6..]);
-    b
+    let (head, rest) = b.split_at_mut(2);
+    let (qh, qs) = rest.split_at_mut(4);
+    put_f16(head, d);
+    pack_high_bits(&q, qh);
+    pack_nibbles(&q, qs);
 }
 
 /// Q4_1: `d`, `m` (f16), 16 bytes of nibbles.
-fn quant_q4_1(x: &[f32; 32]) -> [u8; 20] {
+#[inline(always)]
+fn quant_q4_1(x: &[f32; 32], b: &mut [u8; 20]) {
     let mut q = [0u8; 32];
     let (d, m) = codes_affine(x, 15, &mut q);
-    let mut b = [0u8; 20];
-    b[..2].copy_from_slice(&f16_bits_from_f32_np(d).to_le_bytes());
-    b[2..4].copy_from_slice(&f16_bits_from_f32_np(m).to_le_bytes());
-    pack_nibbles(&q, &mut b[4..]);
-    b
+    let (head, qs) = b.split_at_mut(4);
+    let (hd, hm) = head.split_at_mut(2);
+    put_f16(hd, d);
+    put_f16(hm, m);
+    pack_nibbles(&q, qs);
 }
 
 /// Q5_1: `d`, `m` (f16), `qh` (u32), 16 bytes of nibbles.
-fn quant_q5_1(x: &[f32; 32]) -> [u8; 24] {
+#[inline(always)]
+fn quant_q5_1(x: &[f32; 32], b: &mut [u8; 24]) {
     let mut q = [0u8; 32];
     let (d, m) = codes_affine(x, 31, &mut q);
-    let mut b = [0u8; 24];
-    b[..2].copy_from_slice(&f16_bits_from_f32_np(d).to_le_bytes());
-    b[2..4].copy_from_slice(&f16_bits_from_f32_np(m).to_le_bytes());
-    b[4..8].copy_from_slice(&pack_high_bits(&q));
-    pack_nibbles(&q, &mut b[8..]);
-    b
+    let (head, rest) = b.split_at_mut(4);
+    let (hd, hm) = head.split_at_mut(2);
+    let (qh, qs) = rest.split_at_mut(4);
+    put_f16(hd, d);
+    put_f16(hm, m);
+    pack_high_bits(&q, qh);
+    pack_nibbles(&q, qs);
 }
 
 #[cfg(test)]

@@ -691,3 +691,319 @@ fn x86_nan_rule() {
     assert_eq!(X86::add(-0.0, 0.0).to_bits(), 0);
 }
 include!("math_vectors.rs");
+
+// ---------------------------------------------------------------------------
+// The vectorized quantizers against straightforward scalar references
+// ---------------------------------------------------------------------------
+
+/// Scalar reference quantizers: the per-block code as first written (one
+/// comparison and branch at a time, numpy's scan order spelled out), against
+/// which the branch-free, vectorizing versions in `math.rs` are checked.
+mod reference {
+    use super::super::{f16_bits_from_f32_np, np_roundf, NP_TIE_ORDER};
+
+    /// The float → u8 cast of numpy on x86-64, with a branch.
+    fn cast(v: f32) -> u8 {
+        if v.abs() < 2_147_483_648.0 {
+            (v as i32) as u8
+        } else {
+            0
+        }
+    }
+
+    /// Round half away from zero for finite |n| < 2^23, with branches.
+    pub(super) fn round_small(n: f32) -> i32 {
+        let a = n.abs();
+        let t = a as i32;
+        let r = if a - t as f32 >= 0.5 { t + 1 } else { t };
+        if n < 0.0 {
+            -r
+        } else {
+            r
+        }
+    }
+
+    /// `np.where(d == 0, 0, 1 / d)`.
+    fn inverse(d: f32) -> f32 {
+        if d == 0.0 {
+            0.0
+        } else {
+            1.0 / d
+        }
+    }
+
+    /// numpy's scan in [`NP_TIE_ORDER`], strict comparisons.
+    fn max_min(x: &[f32; 32]) -> (f32, f32) {
+        let first = x[NP_TIE_ORDER[0]];
+        let (mut max, mut min) = (first, first);
+        for &i in NP_TIE_ORDER.iter().skip(1) {
+            let v = x[i];
+            if v > max {
+                max = v;
+            }
+            if v < min {
+                min = v;
+            }
+        }
+        (max, min)
+    }
+
+    /// First element of largest |x|, with its sign.
+    fn signed_absmax(x: &[f32; 32]) -> f32 {
+        let mut best = x[0];
+        for &v in x.iter().skip(1) {
+            if v.abs() > best.abs() {
+                best = v;
+            }
+        }
+        best
+    }
+
+    /// Nibbles: low of q[j], high of q[j + 16].
+    fn nibbles(q: &[u8; 32], dst: &mut [u8]) {
+        for (j, d) in dst.iter_mut().take(16).enumerate() {
+            *d = (q[j] & 0x0f) | (q[j + 16] << 4);
+        }
+    }
+
+    /// Bit 4 of each code, little-endian u32.
+    fn high_bits(q: &[u8; 32]) -> [u8; 4] {
+        let mut qh = 0u32;
+        for (i, &v) in q.iter().enumerate() {
+            qh |= u32::from((v >> 4) & 1) << i;
+        }
+        qh.to_le_bytes()
+    }
+
+    /// Q8_0.
+    pub(super) fn q8_0(x: &[f32; 32]) -> Vec<u8> {
+        let mut amax = 0f32;
+        for &v in x {
+            if v.abs() > amax {
+                amax = v.abs();
+            }
+        }
+        let d = amax / 127.0;
+        let id = inverse(d);
+        let mut b = f16_bits_from_f32_np(d).to_le_bytes().to_vec();
+        for &v in x {
+            b.push(if id.is_finite() {
+                round_small(v * id) as u8
+            } else {
+                cast(np_roundf(v * id))
+            });
+        }
+        b
+    }
+
+    /// Q4_0 (half 8, cap 15) and Q5_0 (half 16, cap 31).
+    pub(super) fn sym(x: &[f32; 32], half: f32, cap: u8) -> Vec<u8> {
+        let d = signed_absmax(x) / -half;
+        let id = inverse(d);
+        let mut q = [0u8; 32];
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = cast(v * id + (half + 0.5)).min(cap);
+        }
+        let mut b = f16_bits_from_f32_np(d).to_le_bytes().to_vec();
+        if cap == 31 {
+            b.extend_from_slice(&high_bits(&q));
+        }
+        let mut n = [0u8; 16];
+        nibbles(&q, &mut n);
+        b.extend_from_slice(&n);
+        b
+    }
+
+    /// Q4_1 (levels 15) and Q5_1 (levels 31).
+    pub(super) fn affine(x: &[f32; 32], levels: u8) -> Vec<u8> {
+        let (max, min) = max_min(x);
+        let d = (max - min) / f32::from(levels);
+        let id = inverse(d);
+        let mut q = [0u8; 32];
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = cast((v - min) * id + 0.5).min(levels);
+        }
+        let mut b = f16_bits_from_f32_np(d).to_le_bytes().to_vec();
+        b.extend_from_slice(&f16_bits_from_f32_np(min).to_le_bytes());
+        if levels == 31 {
+            b.extend_from_slice(&high_bits(&q));
+        }
+        let mut n = [0u8; 16];
+        nibbles(&q, &mut n);
+        b.extend_from_slice(&n);
+        b
+    }
+}
+
+/// A random block of one of several shapes that reach the quantizers' corner
+/// cases: ties of the largest magnitude (both signs), signed zeros (all-zero
+/// blocks, zero maxima and minima), exact halves of Q8_0's codes, subnormal
+/// elements and scales (`1 / d` overflowing), `max - min` overflowing, huge
+/// and tiny magnitudes.
+fn corner_block(rng: &mut Rng) -> [f32; 32] {
+    let mut x = [0f32; 32];
+    let kind = rng.next() % 10;
+    let scales = [1.0f32, 1e-3, 3e-39, 1e-44, 2.0e-38, 1e30, 3.0e38, 0.02];
+    let scale = scales[(rng.next() % scales.len() as u64) as usize];
+    for v in x.iter_mut() {
+        let r = rng.next();
+        *v = match kind {
+            // uniform
+            0 | 1 => rng.unit() * scale,
+            // few levels: ties of max |x| with both signs, signed zeros
+            2 => [-2.0f32, -1.0, -0.0, 0.0, 1.0, 2.0][(r % 6) as usize] * scale,
+            // signed zeros only
+            3 => {
+                if r & 1 == 0 {
+                    0.0
+                } else {
+                    -0.0
+                }
+            }
+            // non-positive with zeros (max is a zero) / non-negative (min is)
+            4 => -(rng.unit().abs() * scale) * ((r >> 8) % 2) as f32,
+            5 => {
+                let z = if r & 2 == 0 { 0.0 } else { -0.0 };
+                if r & 1 == 0 {
+                    z
+                } else {
+                    rng.unit().abs() * scale
+                }
+            }
+            // halves of Q8_0 codes: max |x| = 127, codes hit .5 exactly
+            6 => ((r % 509) as f32 - 254.0) * 0.5,
+            // random subnormals and tiny normals, any sign
+            7 => f32::from_bits((r as u32) & 0x80ff_ffff),
+            // extremes: max - min overflows
+            8 => [f32::MAX, -f32::MAX, 0.0, -0.0, 1.0][(r % 5) as usize],
+            // random finite bit patterns
+            _ => {
+                let b = r as u32;
+                let f = f32::from_bits(b);
+                if f.is_finite() {
+                    f
+                } else {
+                    f32::from_bits(b & 0xbfff_ffff)
+                }
+            }
+        };
+    }
+    if kind == 6 {
+        x[(rng.next() % 32) as usize] = if rng.next() & 1 == 0 { 127.0 } else { -127.0 };
+    }
+    // a level times a huge scale may overflow: keep the block finite
+    for v in x.iter_mut() {
+        if !v.is_finite() {
+            *v = f32::MAX.copysign(*v);
+        }
+    }
+    x
+}
+
+/// The vectorized quantizers give the reference's bytes on blocks built to hit
+/// every tie, signed zero, subnormal scale and overflow, for all five block
+/// types, through `quantize` (several blocks per call) and per block.
+#[test]
+fn vectorized_quantizers_match_scalar_reference() {
+    let mut rng = Rng(0x5eed_0bad_cafe_f00d);
+    type Ref = fn(&[f32; 32]) -> Vec<u8>;
+    let refs: [(&str, Ref); 5] = [
+        ("Q8_0", reference::q8_0),
+        ("Q4_0", |x| reference::sym(x, 8.0, 15)),
+        ("Q5_0", |x| reference::sym(x, 16.0, 31)),
+        ("Q4_1", |x| reference::affine(x, 15)),
+        ("Q5_1", |x| reference::affine(x, 31)),
+    ];
+    for round in 0..4000 {
+        let blocks: Vec<[f32; 32]> = (0..7).map(|_| corner_block(&mut rng)).collect();
+        let flat: Vec<f32> = blocks.iter().flatten().copied().collect();
+        for (name, f) in refs {
+            let want: Vec<u8> = blocks.iter().flat_map(f).collect();
+            let got = quant(name, &flat);
+            if got != want {
+                let bytes = want.len() / blocks.len();
+                let b = (0..blocks.len())
+                    .find(|&b| got[b * bytes..][..bytes] != want[b * bytes..][..bytes])
+                    .unwrap();
+                panic!(
+                    "{name} round {round} block {b}: {:08x?}\n got {:02x?}\nwant {:02x?}",
+                    blocks[b].map(f32::to_bits),
+                    &got[b * bytes..][..bytes],
+                    &want[b * bytes..][..bytes]
+                );
+            }
+        }
+    }
+}
+
+/// The branch-free rounding and casts equal the branching forms: every f32 in
+/// [-2^23, 2^23] near an integer or a half, and a random sweep of the range.
+#[test]
+fn branch_free_rounding_matches_reference() {
+    let check = |v: f32| {
+        if v.abs() < 8_388_608.0 {
+            assert_eq!(
+                round_half_away_small(v),
+                reference::round_small(v),
+                "{v} ({:#010x})",
+                v.to_bits()
+            );
+        }
+        if (0.0..8_388_608.0).contains(&v) {
+            assert_eq!(cast_low_byte_small(v), np_cast_low_byte(v), "{v}");
+        }
+    };
+    for k in -1000i32..=1000 {
+        for base in [
+            k as f32,
+            k as f32 + 0.5,
+            k as f32 * 4096.0,
+            k as f32 * 8191.5,
+        ] {
+            let mut u = base;
+            let mut d = base;
+            for _ in 0..4 {
+                check(u);
+                check(d);
+                u = f32::from_bits(u.to_bits().wrapping_add(1));
+                d = f32::from_bits(d.to_bits().wrapping_sub(1));
+            }
+        }
+    }
+    for v in [
+        0.0f32,
+        -0.0,
+        8_388_607.5,
+        -8_388_607.5,
+        8_388_607.0,
+        4_194_303.5,
+        1e-45,
+    ] {
+        check(v);
+    }
+    let mut rng = Rng(7);
+    for _ in 0..2_000_000 {
+        let v = f32::from_bits(rng.next() as u32);
+        check(v);
+        check(rng.unit() * 300.0);
+    }
+}
+
+/// `quantize_into` names the first non-finite element by its index in the
+/// tensor (`first` + its index in the slice), for the block and float types,
+/// and refuses an output of the wrong size.
+#[test]
+fn quantize_into_reports_the_tensor_index() {
+    for name in ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16"] {
+        let t = ty(name);
+        let mut x = vec![0.5f32; 96];
+        x[70] = f32::NAN;
+        x[90] = f32::INFINITY;
+        let mut out = vec![0u8; quantized_len(t, x.len()).unwrap()];
+        let e = quantize_into(t, &x, &mut out, 32 * 1024).unwrap_err();
+        assert!(e.contains(&format!("element {}", 32 * 1024 + 70)), "{e}");
+        let mut short = vec![0u8; out.len() - 1];
+        let e = quantize_into(t, &x[..64], &mut short, 0).unwrap_err();
+        assert!(e.contains("the output holds"), "{e}");
+    }
+}

@@ -67,6 +67,33 @@ pub(crate) fn stored_shape(ty: GgmlType, shape: &[u64]) -> Option<Vec<u64>> {
     Some(vec![rows, row_bytes])
 }
 
+/// Whether `stored` holds the raw blocks of a tensor of logical `shape` in
+/// type `ty`: [`stored_shape`], or rows of another whole number of blocks
+/// holding the same elements in row-major order (a tensor stored reshaped,
+/// as ComfyUI-GGUF stores SD convolutions in rows of 256 and ckptkit
+/// tensors of more than 4 dimensions: spec/gguf.md §3, §4).
+pub(crate) fn blocks_fit(ty: GgmlType, shape: &[u64], stored: &[u64]) -> bool {
+    if stored_shape(ty, shape).as_deref() == Some(stored) {
+        return true;
+    }
+    let [rows, row_bytes] = *stored else {
+        return false;
+    };
+    let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+    row_elems(ty, row_bytes)
+        .and_then(|r| r.checked_mul(rows))
+        .is_some_and(|m| !shape.is_empty() && Some(m) == n)
+}
+
+/// The elements in a row of `row_bytes` bytes of type `ty`, when that is a
+/// whole, non-zero number of blocks.
+pub(crate) fn row_elems(ty: GgmlType, row_bytes: u64) -> Option<u64> {
+    let size = ty.bytes;
+    (size > 0 && row_bytes > 0 && row_bytes.is_multiple_of(size))
+        .then(|| (row_bytes / size).checked_mul(ty.block))
+        .flatten()
+}
+
 /// Reads the tensors `ckptkit.gguf.tensors` records.
 pub(crate) struct GgufDetector {
     recorded: BTreeMap<String, crate::io::gguf_file::Recorded>,
@@ -111,7 +138,7 @@ impl Detector for GgufDetector {
             return Ok(Detected::NotMine);
         };
         let want = stored_shape(*ty, shape);
-        if t.dtype != Dtype::U8 || want.as_deref() != Some(t.shape.as_slice()) {
+        if t.dtype != Dtype::U8 || !blocks_fit(*ty, shape, &t.shape) {
             return Err(Error::layout(format!(
                 "`{}` is recorded as {} {:?} (raw blocks U8 {:?}), but is stored as {} {:?}",
                 t.key, ty.name, shape, want, t.dtype, t.shape

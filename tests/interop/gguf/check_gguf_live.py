@@ -1207,6 +1207,138 @@ def run(rep: Report, seed: int, work: Path, m: Migrate) -> None:
     rep.check("inspect: every quantized module listed as gguf:<TYPE> with its shape", problems)
 
     run_writer(rep, seed, work, m, v3, v2)
+    run_orig_shape(rep, rng, work, m)
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI-GGUF's comfy.gguf.orig_shape entries (spec/gguf.md §3, §4)
+# ------------------------------------------------------------------------------------------------
+
+ORIG = "comfy.gguf.orig_shape."
+
+
+def orig_field_problems(r: GGUFReader, name: str, want: list[int]) -> list[str]:
+    """ComfyUI-GGUF's loader.get_orig_shape: the field must be ARRAY of INT32, holding the shape."""
+    f = r.get_field(ORIG + name)
+    if f is None:
+        return [f"{name}: no {ORIG}{name} field"]
+    if list(f.types) != [VT.ARRAY, VT.INT32]:
+        return [f"{name}: field types {list(f.types)}, ComfyUI-GGUF needs [ARRAY, INT32]"]
+    got = [int(f.parts[i][0]) for i in f.data]
+    return [] if got == want else [f"{name}: orig shape {got}, want {want}"]
+
+
+def run_orig_shape(rep: Report, rng: np.random.Generator, work: Path, m: Migrate) -> None:
+    # ---- a file as ComfyUI-GGUF's converter writes SD convolutions (convert.py shape_fix): the
+    # row-major data reshaped to (n/256, 256), then quantized or raw K-quant rows of 256, with an
+    # ARRAY of INT32 entry holding the torch shape; one 2-D tensor without an entry
+    c_in = int(rng.choice([2, 4, 8, 16]))
+    convs = []
+    for qt in (Q.F32, Q.F16, Q.Q8_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q6_K):
+        c_out = (256 // c_in) * int(rng.integers(1, 3))
+        shape = [c_out, c_in, 3, 3]
+        n = math.prod(shape)
+        if qt in K_FIELDS:
+            stored = k_quant_raw(rng, qt, n // 256, 256)
+        else:
+            x = (rng.standard_normal(n) * 0.05).astype(np.float32).reshape(n // 256, 256)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                stored = x.astype(np.float16) if qt == Q.F16 else x if qt == Q.F32 else quantize(x, qt)
+        convs.append((f"input_blocks.{len(convs)}.0.{qt.name.lower()}.weight", qt, shape, stored))
+    src = work / "sd-orig.gguf"
+    w = GGUFWriter(src, "sd1")
+    for name, _, shape, _ in convs:
+        w.add_array(ORIG + name, shape)
+    for name, qt, _, stored in convs:
+        if qt in (Q.F32, Q.F16):
+            w.add_tensor(name, stored)
+        else:
+            w.add_tensor(name, stored, raw_dtype=qt)
+    w.add_tensor("out.weight", np.arange(64, dtype=np.float32).reshape(2, 32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    plain = work / "sd-orig-plain.safetensors"
+    problems = [e for e in [m.convert(src, plain, "plain")] if e]
+    if not problems:
+        got, _ = read_st(plain)
+        for name, qt, shape, stored in convs:
+            # plain keeps F32 and F16 tensors as they are
+            want = stored if qt in (Q.F32, Q.F16) else dequantize(stored, qt)
+            want_dt = "F16" if qt == Q.F16 else "F32"
+            dt, sh, data = got[name]
+            if (dt, sh) != (want_dt, shape):
+                problems.append(f"{name}: {dt} {sh}, want {want_dt} {shape}")
+            elif data != np.ascontiguousarray(want.reshape(shape)).tobytes():
+                problems.append(f"{name}: values differ from gguf-py's, reshaped to {shape}")
+        if got["out.weight"][1] != [2, 32]:
+            problems.append(f"out.weight: shape {got['out.weight'][1]}, want [2, 32]")
+    rep.check("orig shape: ComfyUI-GGUF's reshaped SD convolutions read (--to plain) in their torch "
+              "shape, values as gguf-py's (F32, F16, Q8_0, Q4_1, Q5_0, Q4_K, Q6_K)", problems)
+
+    # ---- GGUF -> GGUF (directly and through a kept safetensors file): the same stored blocks and
+    # entries, as ComfyUI-GGUF's loader reads them; F32/F16 tensors are written in their torch shape
+    # (ggml holds it: no entry needed), with the same bytes
+    problems = []
+    _, orig_tensors, _ = read_gguf(src)
+    plain_convs = {c[0]: c[2] for c in convs if c[1] in (Q.F32, Q.F16)}
+    orig_tensors = {k: (qt, plain_convs.get(k, sh), b) for k, (qt, sh, b) in orig_tensors.items()}
+    kept = work / "sd-orig-keep.safetensors"
+    outs = [work / "sd-orig-again.gguf", work / "sd-orig-via-st.gguf"]
+    for err in (m.convert(src, outs[0], "keep"), m.convert(src, kept, "keep"),
+                None if not kept.exists() else m.convert(kept, outs[1], "keep")):
+        if err:
+            problems.append(err)
+    for out in outs:
+        if problems or not out.exists():
+            break
+        r, tensors, _ = read_gguf(out)
+        if tensors != orig_tensors:
+            problems.append(f"{out.name}: tensors differ from the input's (type, ne, bytes)")
+        for name, _, shape, _ in convs:
+            if name not in plain_convs:
+                problems += [f"{out.name}: {p}" for p in orig_field_problems(r, name, shape)]
+        blocks = {c[0] for c in convs if c[0] not in plain_convs}
+        extra = [k for k in r.fields if k.startswith(ORIG) and k[len(ORIG):] not in blocks]
+        if extra:
+            problems.append(f"{out.name}: unexpected entries {extra}")
+    rep.check("orig shape: GGUF -> GGUF and GGUF -> safetensors -> GGUF keep every stored block tensor "
+              "and write its entry as ComfyUI-GGUF's loader reads it (ARRAY of INT32); F32/F16 in their "
+              "torch shape", problems)
+
+    # ---- ckptkit writes tensors of more than 4 dimensions (Wan's Conv3d patch embedding) as 2-D rows
+    # with the entry; ComfyUI-GGUF's loader views the data in that shape
+    problems = []
+    dims = [int(rng.integers(1, 6)) for _ in range(5)]
+    x = rng.standard_normal(math.prod(dims)).astype(np.float32)
+    st5 = work / "five.safetensors"
+    write_st(st5, [("patch_embedding.weight", "F32", dims, x.tobytes()),
+                   ("blocks.0.weight", "F32", [2, 3], x[:6].tobytes())], rng)
+    out5 = work / "five.gguf"
+    p = m.run("convert", str(st5), str(out5), "--to", "keep", "--gguf-arch", "wan")
+    if p.returncode != 0:
+        problems.append(f"convert five: exit {p.returncode}: {p.stderr.strip()[:400]}")
+    else:
+        r = GGUFReader(out5)
+        t = {rt.name: rt for rt in r.tensors}["patch_embedding.weight"]
+        if len(t.shape) > 4:
+            problems.append(f"patch_embedding.weight: {len(t.shape)} dims in the file, ggml holds 4")
+        problems += orig_field_problems(r, "patch_embedding.weight", dims)
+        if np.ascontiguousarray(t.data).reshape(dims).tobytes() != x.tobytes():
+            problems.append("patch_embedding.weight: the data viewed in its orig shape differs")
+        if r.get_field(ORIG + "blocks.0.weight") is not None:
+            problems.append("blocks.0.weight: an entry for a 2-D tensor")
+        back = work / "five-back.safetensors"
+        err = m.convert(out5, back, "keep")
+        if err:
+            problems.append(err)
+        elif read_st(back)[0]["patch_embedding.weight"][1:] != (dims, x.tobytes()):
+            problems.append(f"five.gguf -> safetensors: not the {dims} tensor it came from")
+    rep.check(f"orig shape: a 5-D tensor {dims} is written as 2-D rows with its entry, read back 5-D "
+              "(GGUFReader and ckptkit)", problems)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@
 #     GGUFReader, ckptkit's KVs; back --to plain = dequantize rounded to the model dtype; migrate verify
 #     checks every tensor and fails on a flipped bit;
 #   * the GGUF file --to keep into GGUF (directly, through safetensors, from v2): every tensor (K-quants
-#     included) and KV (but general.alignment) as in the original, in order.
+#     included) and KV (but general.alignment) as in the original, in order;
+#   * ComfyUI-GGUF's comfy.gguf.orig_shape entries: SD convolutions written by GGUFWriter as its
+#     converter writes them (rows of 256, F32/F16/Q8_0/Q4_1/Q5_0/Q4_K/Q6_K) read in their torch shape
+#     with gguf-py's values, kept through GGUF -> GGUF with their entries typed as its loader requires;
+#     a 5-D tensor ckptkit writes is 2-D rows plus the entry in GGUFReader's eyes.
 # One OK/FAIL line per check, then a summary; exits non-zero on any failure.
 #
 #   bash tests/interop/gguf/live.sh [VENV_DIR]
