@@ -508,8 +508,17 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
         out.push(lp);
     }
     if let Some(first) = unlike.first() {
-        if unlike.len() == 1 {
-            return Err(unlike.swap_remove(0));
+        // layout refusals are listed together; another error (a usage or
+        // I/O error) is returned as it is, the first such one
+        let all_layout = unlike
+            .iter()
+            .all(|e| matches!(e.kind(), crate::error::ErrorKind::Layout(_)));
+        if unlike.len() == 1 || !all_layout {
+            let i = unlike
+                .iter()
+                .position(|e| !matches!(e.kind(), crate::error::ErrorKind::Layout(_)))
+                .unwrap_or(0);
+            return Err(unlike.swap_remove(i));
         }
         const SHOWN: usize = 20;
         let mut lines: Vec<String> = unlike.iter().take(SHOWN).map(|e| e.to_string()).collect();
