@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ckptkit::migrate::{convert, inspect, ConvertOptions, Target};
+use ckptkit::migrate::{convert, inspect, ConvertOptions, Pass, PlanOptions, Target};
 use ckptkit::{open_source, Dtype, ErrorKind, SafetensorsFile, TensorSource};
 
 fn fixture(name: &str) -> PathBuf {
@@ -985,6 +985,206 @@ fn int8_groups_of_32_carry_into_q8_0_and_back_byte_for_byte() {
         if dtype == Dtype::F16 {
             assert_eq!(tb["m.weight_scale"], ti["m.weight_scale"]);
         }
+        // the packed form (compressed-tensors pack-quantized: codes in I32
+        // words) carries the same codes: the same Q8_0 blocks, and back to
+        // the packed file's tensors
+        let packed = dir.path().join(format!("packed-{dtype}.safetensors"));
+        convert(&model, &packed, &to("int8:ct:group=32")).unwrap();
+        let (tp, _) = st(&packed);
+        assert!(
+            !tp.contains_key("m.weight") && tp.keys().any(|k| k.starts_with("m.weight_packed")),
+            "{:?}",
+            tp.keys().collect::<Vec<_>>()
+        );
+        let gp = dir.path().join(format!("q8-packed-{dtype}.gguf"));
+        let sum = convert(&packed, &gp, &to("gguf:q8_0").gguf_arch(Some("t".into()))).unwrap();
+        assert!(sum.plan.unwrap().lossless(), "{dtype} packed");
+        let src = open_source(&gp).unwrap();
+        assert_eq!(
+            &tensors(src.as_ref())["m.weight"].2,
+            &want,
+            "{dtype} packed"
+        );
+        let back = dir.path().join(format!("back-packed-{dtype}.safetensors"));
+        let sum = convert(&gp, &back, &to("int8:ct:group=32")).unwrap();
+        assert!(sum.plan.unwrap().lossless());
+        let (tb, _) = st(&back);
+        assert_eq!(
+            tb["m.weight_packed"], tp["m.weight_packed"],
+            "{dtype} packed"
+        );
+        if dtype == Dtype::F16 {
+            assert_eq!(tb["m.weight_scale"], tp["m.weight_scale"]);
+        }
+    }
+}
+
+/// One scale per row (compressed-tensors int8 per channel, quanto qint8,
+/// ComfyUI int8 per row) carries into Q8_0 too: each block is the row's
+/// scale in F16 and 32 of the row's codes, lossless; the dequantized floats
+/// are the source's `q·s` (in f32, of the F16 scale, which equals the source
+/// scale here).
+#[test]
+fn per_row_int8_codes_carry_into_q8_0_with_the_row_scale_in_each_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = linear_model(dir.path(), "rows.safetensors", Dtype::F16, 0.05);
+    for (target, codes, scale) in [
+        ("int8:ct:int-quantized", "m.weight", "m.weight_scale"),
+        ("quanto:qint8", "m.weight._data", "m.weight._scale"),
+        ("int8:comfy", "m.weight", "m.weight_scale"),
+    ] {
+        // a directory each: quanto writes a quanto_qmap.json beside its file
+        let sub = dir.path().join(target.replace(':', "-"));
+        std::fs::create_dir(&sub).unwrap();
+        let src = sub.join("model.safetensors");
+        convert(&model, &src, &to(target)).unwrap();
+        let (ts, _) = st(&src);
+        let get = |k: &str| {
+            ts.get(k)
+                .unwrap_or_else(|| panic!("{target}: no {k} in {:?}", ts.keys()))
+        };
+        let (q, sc) = (get(codes), get(scale));
+        assert_eq!((q.0, &q.1), (Dtype::I8, &vec![16, 128]), "{target}");
+        assert_eq!(
+            sc.1.iter().product::<u64>(),
+            16,
+            "{target}: one scale per row"
+        );
+        let (f16_scales, exact): (Vec<[u8; 2]>, Vec<bool>) =
+            sc.2.chunks(sc.0.size())
+                .map(|c| {
+                    let v = match sc.0 {
+                        Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                        Dtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                        _ => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                    };
+                    let h = half::f16::from_f32(v);
+                    (h.to_le_bytes(), h.to_f32() == v)
+                })
+                .unzip();
+        let g = sub.join("model.gguf");
+        let q8 = to("gguf:q8_0").gguf_arch(Some("t".into()));
+        if exact.contains(&false) {
+            // ComfyUI's F32 row scales: F16 cannot hold them, so carrying the
+            // codes would round them; refused as a lossy re-layout, no output
+            assert_eq!((target, sc.0), ("int8:comfy", Dtype::F32));
+            refused_for_the_scale(&src, &g, &q8);
+            continue;
+        }
+        let sum = convert(&src, &g, &q8).unwrap();
+        let plan = sum.plan.unwrap();
+        assert!(plan.lossless(), "{target}: {:?}", plan.layers);
+        let src_g = open_source(&g).unwrap();
+        let blocks = &tensors(src_g.as_ref())["m.weight"].2;
+        let mut want: Vec<u8> = Vec::new();
+        for (r, d) in f16_scales.iter().enumerate() {
+            for b in 0..4 {
+                want.extend(d);
+                want.extend(&q.2[r * 128 + b * 32..][..32]);
+            }
+        }
+        assert_eq!(blocks, &want, "{target}");
+    }
+}
+
+/// A file optimum-quanto wrote (the committed qint8 fixture, BF16 model):
+/// every layer `gguf:q8_0` takes (2-D, rows of whole groups of 32, more than
+/// 1024 elements) carries into Q8_0 with its row scale in each block,
+/// lossless. The same layers go into `int8:ct:group=32` losslessly too (each
+/// group its row's scale), and that file into the same Q8_0 bytes.
+#[test]
+fn a_quanto_file_s_rows_carry_into_q8_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/quanto/bf16-qint8/quantized.safetensors");
+    let (ts, _) = st(&src);
+    // the layers `gguf:q8_0` does not quantize (4-D convolutions with rows
+    // of 3 and 9 elements, a row of 202, and at most 1024 elements, which
+    // stay float by ComfyUI-GGUF's rule) made plain first: a GGUF file
+    // cannot hold a quanto layer
+    let odd: Vec<String> = ts
+        .iter()
+        .filter_map(|(k, (_, shape, _))| {
+            let path = k.strip_suffix(".weight._data")?;
+            let n: u64 = shape.iter().product();
+            (shape.len() != 2 || shape[1] % 32 != 0 || n <= 1024).then(|| path.to_string())
+        })
+        .collect();
+    assert_eq!(odd.len(), 8, "{odd:?}");
+    let part = dir.path().join("part");
+    std::fs::create_dir(&part).unwrap();
+    let mixed = part.join("model.safetensors");
+    let opts = to("plain:f16").select(PlanOptions::default().include(odd.clone()));
+    convert(&src, &mixed, &opts).unwrap();
+    let src = mixed;
+    let g = dir.path().join("q.gguf");
+    let opts = to("gguf:q8_0")
+        .gguf_arch(Some("t".into()))
+        .select(PlanOptions::default().allow_lossy(true));
+    let plan = convert(&src, &g, &opts).unwrap().plan.unwrap();
+    let src_g = open_source(&g).unwrap();
+    let tg = tensors(src_g.as_ref());
+    let mut carried = Vec::new();
+    for l in &plan.layers {
+        let Some(q) = ts.get(&format!("{}.weight._data", l.path)) else {
+            continue;
+        };
+        if odd.contains(&l.path) {
+            continue;
+        }
+        let relayout = l.passes.iter().any(|p| matches!(p, Pass::Relayout { .. }));
+        let rows_of_32 = q.1.len() == 2 && q.1[1] % 32 == 0;
+        assert_eq!(relayout, rows_of_32, "{}: {:?}", l.path, l.passes);
+        assert_eq!(l.lossless, rows_of_32, "{}", l.path);
+        if !rows_of_32 {
+            continue;
+        }
+        let sc = &ts[&format!("{}.weight._scale", l.path)];
+        assert_eq!(sc.0, Dtype::BF16);
+        let cols = q.1[1] as usize;
+        let mut want: Vec<u8> = Vec::new();
+        for (r, c) in sc.2.chunks(2).enumerate() {
+            // quanto's BF16 row scales are F16 numbers: the carry is exact
+            let v = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            let d = half::f16::from_f32(v);
+            assert_eq!(d.to_f32(), v, "{}", l.path);
+            for b in 0..cols / 32 {
+                want.extend(d.to_le_bytes());
+                want.extend(&q.2[r * cols + b * 32..][..32]);
+            }
+        }
+        assert_eq!(tg[&format!("{}.weight", l.path)].2, want, "{}", l.path);
+        carried.push(l.path.clone());
+    }
+    assert_eq!(carried.len(), 4, "{carried:?}");
+    // the rows into int8 groups of 32 (each group its row's scale), then
+    // that file into Q8_0: the same blocks
+    let sub = dir.path().join("int8");
+    std::fs::create_dir(&sub).unwrap();
+    let int8 = sub.join("model.safetensors");
+    let opts = to("int8:ct:group=32:int-quantized").select(
+        PlanOptions::default()
+            .allow_lossy(true)
+            .include(carried.clone()),
+    );
+    let plan = convert(&src, &int8, &opts).unwrap().plan.unwrap();
+    for l in plan.layers.iter().filter(|l| carried.contains(&l.path)) {
+        assert!(l.lossless, "{}: {:?}", l.path, l.passes);
+    }
+    let g2 = sub.join("q.gguf");
+    convert(
+        &int8,
+        &g2,
+        &to("gguf:q8_0")
+            .gguf_arch(Some("t".into()))
+            .select(PlanOptions::default().allow_lossy(true)),
+    )
+    .unwrap();
+    let src_g2 = open_source(&g2).unwrap();
+    let tg2 = tensors(src_g2.as_ref());
+    for p in &carried {
+        let k = format!("{p}.weight");
+        assert_eq!(tg2[&k].2, tg[&k].2, "{k}");
     }
 }
 
@@ -996,7 +1196,13 @@ fn a_bf16_scale_f16_cannot_hold_is_a_lossy_carry_refused() {
     let int8 = dir.path().join("tiny-int8.safetensors");
     convert(&model, &int8, &to("int8:ct:group=32:int-quantized")).unwrap();
     let g = dir.path().join("tiny.gguf");
-    let e = convert(&int8, &g, &to("gguf:q8_0").gguf_arch(Some("t".into()))).unwrap_err();
+    refused_for_the_scale(&int8, &g, &to("gguf:q8_0").gguf_arch(Some("t".into())));
+}
+
+/// Converting `src` to `out` is refused as a lossy re-layout because a scale
+/// does not survive, and writes nothing.
+fn refused_for_the_scale(src: &Path, out: &Path, opts: &ConvertOptions) {
+    let e = convert(src, out, opts).unwrap_err();
     assert!(
         matches!(
             e.kind(),
@@ -1007,5 +1213,5 @@ fn a_bf16_scale_f16_cannot_hold_is_a_lossy_carry_refused() {
         ),
         "{e}"
     );
-    assert!(!g.exists());
+    assert!(!out.exists());
 }

@@ -105,13 +105,14 @@ impl GgufFile {
             let logical = match orig.get(t.name.as_str()) {
                 None => t.shape(),
                 Some((shape, offset, key)) => {
-                    let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-                    if n != Some(t.ne.iter().product()) {
+                    // (rule G9 has checked that the stored count does not overflow)
+                    let stored = crate::dtype::numel(&t.ne).ok();
+                    if crate::dtype::numel(shape).ok() != stored {
                         return Err(Error::malformed(format!(
                             "`{key}` gives tensor `{}` the shape {shape:?}, which does not have \
                              the {} elements of its stored shape {:?}",
                             t.name,
-                            t.ne.iter().product::<u64>(),
+                            stored.unwrap_or(0),
                             t.shape()
                         ))
                         .with_file(path)

@@ -160,6 +160,19 @@ impl InPlace {
     }
 }
 
+/// The byte count after a piece of `piece` bytes, when `done` were fed before
+/// it: an error if tensor `key` would then hold more than the `len` bytes the
+/// plan gave it.
+fn within_plan(done: u64, piece: usize, len: u64, key: &str) -> Result<u64> {
+    done.checked_add(piece as u64)
+        .filter(|&e| e <= len)
+        .ok_or_else(|| {
+            Error::usage(format!(
+                "tensor `{key}` has more than the {len} bytes the plan says"
+            ))
+        })
+}
+
 /// Writes the `len` bytes of tensor `key` that `feed` hands out, in order
 /// and in pieces of any size, at `off` of `file`, hashing them into `hasher`
 /// when given; more or fewer bytes than `len` is an error. Slice by slice:
@@ -177,14 +190,7 @@ pub(crate) fn write_fed(
 ) -> Result<()> {
     let mut done = 0u64;
     feed(&mut |piece: &[u8]| {
-        let end = done
-            .checked_add(piece.len() as u64)
-            .filter(|&e| e <= len)
-            .ok_or_else(|| {
-                Error::usage(format!(
-                    "tensor `{key}` has more than the {len} bytes the plan says"
-                ))
-            })?;
+        let end = within_plan(done, piece.len(), len, key)?;
         for slice in piece.chunks(WRITE_SLICE) {
             if let Some(h) = hasher.as_mut() {
                 h.update(slice);
@@ -596,14 +602,7 @@ impl ContainerWriter {
                     };
                     feed(&mut |piece: &[u8]| {
                         self.ctl.check()?;
-                        seen = seen
-                            .checked_add(piece.len() as u64)
-                            .filter(|&e| e <= len)
-                            .ok_or_else(|| {
-                                Error::usage(format!(
-                                    "tensor `{key}` has more than the {len} bytes the plan says"
-                                ))
-                            })?;
+                        seen = within_plan(seen, piece.len(), len, key)?;
                         let (chunks, ()) = rayon::join(
                             || enc.push(piece),
                             || {

@@ -66,6 +66,20 @@ impl CodeForm {
             && self.code == to.code
     }
 
+    /// Whether codes of this form carry over to `to` once each row's scale
+    /// is repeated over the row's groups ([`regroup_rows`]): one scale per
+    /// row of a 2-D `shape` into groups that divide the row, otherwise as
+    /// [`CodeForm::carries_to`] (no zero point, the same code kind).
+    pub fn regroups_to(&self, to: &CodeForm, shape: &[u64]) -> bool {
+        let rows_into_groups = match (self.granularity, to.granularity, shape) {
+            (Granularity::Channel, Granularity::Group(g), &[_, cols]) => {
+                g > 0 && cols > 0 && cols.is_multiple_of(g)
+            }
+            _ => false,
+        };
+        rows_into_groups && !self.zero_point && !to.zero_point && self.code == to.code
+    }
+
     /// Whether some data can make the carry-over lossy: integers outside
     /// `to`'s range, or a scale conversion that may round.
     pub fn may_lose_to(&self, to: &CodeForm) -> bool {
@@ -92,6 +106,45 @@ pub struct Codes {
     pub value: ScaleValue,
     /// The scale's stored dtype.
     pub dtype: Dtype,
+}
+
+/// `v`'s codes `[rows, cols]` with one scale per row, as the same codes with
+/// one scale per group of `group` elements of a row: each row's scale bytes
+/// repeated `cols / group` times (row-major `[rows, cols / group]`). Exact:
+/// every code keeps the scale it had. An error if the counts do not say so.
+pub fn regroup_rows(v: Codes, rows: u64, cols: u64, group: u64) -> Result<Codes> {
+    let size = v.dtype.size();
+    let per_row = (group > 0 && cols.is_multiple_of(group))
+        .then(|| cols / group)
+        .and_then(|n| usize::try_from(n).ok());
+    let counts = usize::try_from(rows)
+        .ok()
+        .zip(usize::try_from(cols).ok())
+        .and_then(|(r, c)| Some((r.checked_mul(c)?, r.checked_mul(size)?, r)));
+    let (Some(per_row), Some((n, scale_bytes, r))) = (per_row, counts) else {
+        return Err(Error::layout(format!(
+            "rows of {cols} codes do not split into groups of {group}"
+        )));
+    };
+    if v.q.len() != n || v.scale.len() != scale_bytes {
+        return Err(Error::layout(format!(
+            "{} codes and {} scale bytes are not {rows} rows of {cols} codes with one \
+             {}-byte scale each",
+            v.q.len(),
+            v.scale.len(),
+            size
+        )));
+    }
+    let mut scale = Vec::new();
+    scale
+        .try_reserve_exact(r.saturating_mul(per_row).saturating_mul(size))
+        .map_err(|_| Error::overflow("regrouped scales"))?;
+    for s in v.scale.chunks_exact(size) {
+        for _ in 0..per_row {
+            scale.extend_from_slice(s);
+        }
+    }
+    Ok(Codes { scale, ..v })
 }
 
 /// Whether converting a stored scale between value forms and dtypes may
@@ -227,4 +280,74 @@ pub fn relayout(
         .with_layer(layer.to_string()));
     }
     Ok((out(q2, scale), Some(loss)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(granularity: Granularity, zero_point: bool) -> CodeForm {
+        CodeForm {
+            name: "t".into(),
+            value: ScaleValue::Scale,
+            granularity,
+            range: [-128, 127],
+            scale_dtype: Dtype::F16,
+            zero_point,
+            code: Dtype::I8,
+        }
+    }
+
+    /// Rows regroup into groups that divide them, 2-D only, never with a
+    /// zero point or another code kind, and nothing else regroups.
+    #[test]
+    fn only_rows_regroup_into_groups_that_divide_them() {
+        let row = form(Granularity::Channel, false);
+        let g32 = form(Granularity::Group(32), false);
+        assert!(row.regroups_to(&g32, &[4, 64]));
+        assert!(row.regroups_to(&g32, &[1, 32]));
+        assert!(!row.regroups_to(&g32, &[4, 48]), "48 is not whole groups");
+        assert!(!row.regroups_to(&g32, &[4, 0]));
+        assert!(!row.regroups_to(&g32, &[2, 4, 64]), "2-D only");
+        assert!(!row.regroups_to(&form(Granularity::Group(0), false), &[4, 64]));
+        assert!(!row.regroups_to(&form(Granularity::Group(32), true), &[4, 64]));
+        assert!(!form(Granularity::Channel, true).regroups_to(&g32, &[4, 64]));
+        let mut fp8 = g32.clone();
+        fp8.code = Dtype::F8E4M3;
+        assert!(!row.regroups_to(&fp8, &[4, 64]));
+        assert!(!form(Granularity::Tensor, false).regroups_to(&g32, &[4, 64]));
+        assert!(
+            !g32.regroups_to(&row, &[4, 64]),
+            "groups do not merge into rows"
+        );
+        assert!(!row.regroups_to(&row, &[4, 64]));
+    }
+
+    /// Each row's scale bytes are repeated over its groups, codes untouched;
+    /// counts that do not fit are errors, not panics.
+    #[test]
+    fn regroup_rows_repeats_each_row_scale() {
+        let q: Vec<i8> = (0..2 * 64).map(|i| (i as i8).wrapping_mul(3)).collect();
+        let v = Codes {
+            q: q.clone(),
+            scale: vec![1, 2, 3, 4],
+            value: ScaleValue::Scale,
+            dtype: Dtype::F16,
+        };
+        let r = regroup_rows(v.clone(), 2, 64, 32).unwrap();
+        assert_eq!(r.q, q);
+        assert_eq!(r.scale, vec![1, 2, 1, 2, 3, 4, 3, 4]);
+        assert_eq!((r.value, r.dtype), (ScaleValue::Scale, Dtype::F16));
+        assert!(regroup_rows(v.clone(), 2, 64, 48).is_err());
+        assert!(regroup_rows(v.clone(), 2, 64, 0).is_err());
+        assert!(
+            regroup_rows(v.clone(), 3, 64, 32).is_err(),
+            "3 rows, 2 scales"
+        );
+        assert!(
+            regroup_rows(v.clone(), 4, 32, 32).is_err(),
+            "4 rows, 2 scales"
+        );
+        assert!(regroup_rows(v, u64::MAX, u64::MAX, 1).is_err());
+    }
 }

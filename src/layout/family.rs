@@ -548,7 +548,7 @@ pub(crate) fn carry_or_quantize(
     let carried = fam.target_form(target, w.dtype).and_then(|to| {
         ctx.source
             .code_form(l)
-            .filter(|f| f.carries_to(&to))
+            .filter(|f| f.carries_to(&to) || f.regroups_to(&to, &w.shape))
             .map(|f| (f, to))
     });
     match carried {

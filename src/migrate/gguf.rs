@@ -311,10 +311,9 @@ fn reshaped(
 /// overflows, which the GGUF writer then refuses).
 fn at_most_4_dims(shape: &[u64]) -> Vec<u64> {
     match shape.split_last() {
-        Some((&last, lead)) if shape.len() > 4 => lead
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .map_or_else(|| shape.to_vec(), |rows| vec![rows, last]),
+        Some((&last, lead)) if shape.len() > 4 => {
+            crate::dtype::numel(lead).map_or_else(|_| shape.to_vec(), |rows| vec![rows, last])
+        }
         _ => shape.to_vec(),
     }
 }

@@ -12,7 +12,8 @@ use crate::format::manifest::{Encoding, Layer, LogicalTensor, Part, Role, Weight
 use crate::io::source::TensorSource;
 use crate::io::TensorBytes;
 use crate::layout::family::{
-    self, is_quantized, plain_logical, Family, PlanCtx, Planned, WeightInput, ACT_SCALES,
+    self, is_quantized, plain_logical, Family, Granularity, PlanCtx, Planned, WeightInput,
+    ACT_SCALES,
 };
 use crate::layout::registry::{family_of, layout_name};
 
@@ -944,11 +945,21 @@ pub fn execute(src: &dyn TensorSource, lp: &LayerPlan) -> Result<Executed> {
                 let input = if relayout {
                     // the integers carry over through the family-neutral
                     // code form, converted to the target's scale form
-                    let v = crate::layout::registry::of(l).read_codes(src, l, s)?;
+                    let source = crate::layout::registry::of(l);
+                    let mut v = source.read_codes(src, l, s)?;
                     let form = fam.target_form(record, t.dtype).ok_or_else(|| {
                         Error::layout("re-layout into a layout without a code form")
                             .with_layer(l.path.clone())
                     })?;
+                    // one scale per row into the target's groups: repeated
+                    if let (Some(from), Granularity::Group(g), &[rows, cols]) =
+                        (source.code_form(l), form.granularity, s.shape.as_slice())
+                    {
+                        if from.granularity == Granularity::Channel {
+                            v = crate::layout::codes::regroup_rows(v, rows, cols, g)
+                                .map_err(|e| e.with_layer(l.path.clone()))?;
+                        }
+                    }
                     let (c, lo) = crate::layout::codes::relayout(
                         &l.path,
                         v,

@@ -327,7 +327,9 @@ impl Family for Gguf {
         }
         let total = math::quantized_len(ty, n).map_err(|m| at(Error::layout(m)))?;
         let slice_bytes = math::quantized_len(ty, SLICE).map_err(|m| at(Error::layout(m)))?;
-        let mut out = vec![0u8; total];
+        // from the pool: a fresh buffer's first writes fault page by page
+        // (crate::io::pool); every byte is overwritten below
+        let mut out = crate::io::pool::take(total);
         let failed = float
             .par_chunks(SLICE * size)
             .zip(out.par_chunks_mut(slice_bytes))
@@ -338,15 +340,17 @@ impl Family for Gguf {
                     let xs = x
                         .get_mut(..piece.len() / size)
                         .ok_or_else(|| "slice overrun".to_string())?;
-                    fd.decode_into(piece, xs).map_err(|e| e.to_string())?;
-                    math::quantize_into(ty, xs, dst, k * SLICE)
+                    math::widen_quantize_into(ty, fd, piece, xs, dst, k * SLICE)
                 },
             )
             .find_first(|r| r.is_err());
         if let Some(Err(m)) = failed {
             return Err(at(Error::layout(m)));
         }
-        Ok(vec![(key, TensorBytes::Owned(out))])
+        Ok(vec![(
+            key,
+            TensorBytes::Pooled(crate::io::pool::Pooled::new(out)),
+        )])
     }
 
     fn metadata(&self, layers: &[&Layer]) -> Vec<(&'static str, Option<String>)> {

@@ -17,6 +17,7 @@
 //!   [`np_cast_low_byte`];
 //! * which zero `max`/`min` return when `+0.0` and `-0.0` tie, see [`NP_TIE_ORDER`].
 
+use crate::float::{Bf16Format, F16Format, F32Format, FloatDtype, FloatFormat};
 use crate::format::gguf::GgmlType;
 
 /// Elements per K-quant super-block (`QK_K`).
@@ -913,6 +914,157 @@ pub(crate) fn quantize_into(
     out: &mut [u8],
     first: usize,
 ) -> Result<(), String> {
+    quantize_at(Isa::best(), t, Widen::F32(x), out, first)
+}
+
+/// Widens the little-endian `src` of float type `fd` into `scratch` (exactly
+/// its element count long) and quantizes it into `out`, as [`quantize_into`]
+/// does: both loops in one function compiled for the CPU's [`Isa`].
+pub(crate) fn widen_quantize_into(
+    t: GgmlType,
+    fd: FloatDtype,
+    src: &[u8],
+    scratch: &mut [f32],
+    out: &mut [u8],
+    first: usize,
+) -> Result<(), String> {
+    let n = fd.element_count(src).map_err(|e| e.to_string())?;
+    if n != scratch.len() {
+        return Err(format!(
+            "{}: {n} elements to widen into {} slots",
+            t.name,
+            scratch.len()
+        ));
+    }
+    quantize_at(Isa::best(), t, Widen::From(fd, src, scratch), out, first)
+}
+
+/// The floats [`quantize_body`] quantizes: `f32` as they are, or bytes of a
+/// float type widened into a scratch buffer of their element count first.
+pub(crate) enum Widen<'a> {
+    /// Already `f32`.
+    F32(&'a [f32]),
+    /// Little-endian bytes of a float type, and a buffer of as many `f32`.
+    From(FloatDtype, &'a [u8], &'a mut [f32]),
+}
+
+/// [`quantize_body`] at the level `isa`, which must run on this CPU (it is
+/// [`Isa::best`] or one of [`Isa::available`]).
+fn quantize_at(
+    isa: Isa,
+    t: GgmlType,
+    x: Widen<'_>,
+    out: &mut [u8],
+    first: usize,
+) -> Result<(), String> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::best` and `Isa::available` return an x86 level only
+        // when the CPU has its features (runtime detection)
+        Isa::Avx512 => unsafe { quantize_avx512(t, x, out, first) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above
+        Isa::Avx2 => unsafe { quantize_avx2(t, x, out, first) },
+        Isa::Baseline => quantize_body(t, x, out, first),
+    }
+}
+
+/// The instruction sets [`quantize_into`] compiles its loops for. Every
+/// level computes the same bytes: the loops use only IEEE-exact float
+/// operations (no fused multiply-add: Rust never contracts `a * b + c`)
+/// and integer ones, which wider vectors do lane by lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// The target's baseline (SSE2 on x86-64).
+    Baseline,
+    /// x86-64 AVX2.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// x86-64 AVX-512 (F, BW, VL).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    /// The widest level this CPU runs (detected once, then cached by std).
+    pub(crate) fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Baseline
+    }
+
+    /// Every level this CPU runs, the baseline first (for the tests that
+    /// compare them byte for byte).
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                v.push(Isa::Avx2);
+            }
+            if Isa::best() == Isa::Avx512 {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+}
+
+/// [`quantize_into`] at the level `isa` (one of [`Isa::available`]).
+#[cfg(test)]
+pub(crate) fn quantize_into_at(
+    isa: Isa,
+    t: GgmlType,
+    x: &[f32],
+    out: &mut [u8],
+    first: usize,
+) -> Result<(), String> {
+    assert!(Isa::available().contains(&isa), "{isa:?} is not available");
+    quantize_at(isa, t, Widen::F32(x), out, first)
+}
+
+/// [`quantize_body`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_avx2(t: GgmlType, x: Widen<'_>, out: &mut [u8], first: usize) -> Result<(), String> {
+    quantize_body(t, x, out, first)
+}
+
+/// [`quantize_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+fn quantize_avx512(t: GgmlType, x: Widen<'_>, out: &mut [u8], first: usize) -> Result<(), String> {
+    quantize_body(t, x, out, first)
+}
+
+/// The body of [`quantize_into`], inlined into each [`Isa`] level's copy so
+/// its loops are compiled for that level.
+#[inline(always)]
+#[allow(clippy::redundant_closure)] // the closures are inlined, the fn items were not
+fn quantize_body(t: GgmlType, x: Widen<'_>, out: &mut [u8], first: usize) -> Result<(), String> {
+    // the widening is inlined here too (the formats' loops are `#[inline]`)
+    let x: &[f32] = match x {
+        Widen::F32(x) => x,
+        Widen::From(fd, src, scratch) => {
+            match fd {
+                FloatDtype::Bf16 => Bf16Format::decode_into(src, scratch),
+                FloatDtype::F16 => F16Format::decode_into(src, scratch),
+                FloatDtype::F32 => F32Format::decode_into(src, scratch),
+            }
+            scratch
+        }
+    };
     let total = quantized_len(t, x.len())?;
     if out.len() != total {
         return Err(format!(
@@ -949,11 +1101,39 @@ pub(crate) fn quantize_into(
             }
             true
         }
-        Kind::Q8_0 => quant_blocks(x, out, quant_q8_0),
-        Kind::Q4_0 => quant_blocks(x, out, quant_q4_0),
-        Kind::Q4_1 => quant_blocks(x, out, quant_q4_1),
-        Kind::Q5_0 => quant_blocks(x, out, quant_q5_0),
-        Kind::Q5_1 => quant_blocks(x, out, quant_q5_1),
+        // closures, not the fn items: a closure is inlined into this body,
+        // and so compiled for its instruction set (a fn item's call shim
+        // was not)
+        Kind::Q8_0 => quant_blocks(
+            x,
+            out,
+            #[inline(always)]
+            |c, o| quant_q8_0(c, o),
+        ),
+        Kind::Q4_0 => quant_blocks(
+            x,
+            out,
+            #[inline(always)]
+            |c, o| quant_q4_0(c, o),
+        ),
+        Kind::Q4_1 => quant_blocks(
+            x,
+            out,
+            #[inline(always)]
+            |c, o| quant_q4_1(c, o),
+        ),
+        Kind::Q5_0 => quant_blocks(
+            x,
+            out,
+            #[inline(always)]
+            |c, o| quant_q5_0(c, o),
+        ),
+        Kind::Q5_1 => quant_blocks(
+            x,
+            out,
+            #[inline(always)]
+            |c, o| quant_q5_1(c, o),
+        ),
         Kind::Q2K | Kind::Q3K | Kind::Q4K | Kind::Q5K | Kind::Q6K => {
             return Err(format!("quantizing to {} is not supported", t.name));
         }
@@ -1013,15 +1193,17 @@ fn put_f16(b: &mut [u8], v: f32) {
 ///
 /// Branch-free: the largest magnitude as an integer maximum ([`abs_bits`]
 /// orders finite values as `abs` does, `±0.0` tie), then the smallest index
-/// holding it as an integer minimum; both vectorize.
+/// holding it as the lowest set bit of a mask; both vectorize.
 #[inline(always)]
 fn signed_absmax(x: &[f32; 32]) -> f32 {
     let m = max_abs_bits(x);
-    // the minimum over a select (not a select of minima), so it vectorizes
-    let at = x.iter().zip(0u32..).fold(31u32, |f, (&v, i)| {
-        f.min(if abs_bits(v) == m { i } else { 31 })
-    });
-    x[(at & 31) as usize]
+    // a bit per element holding it (a vector compare to a mask), the first
+    // set bit is the index; `m` is some element's, so the mask is not empty
+    let mask = x
+        .iter()
+        .zip(0u32..)
+        .fold(0u32, |a, (&v, i)| a | (u32::from(abs_bits(v) == m) << i));
+    x[(mask.trailing_zeros() & 31) as usize]
 }
 
 /// Q8_0: `d = max|x| / 127`, `q = np_roundf(x * id)` as int8, `d` stored as f16.

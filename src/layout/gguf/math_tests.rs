@@ -1007,3 +1007,75 @@ fn quantize_into_reports_the_tensor_index() {
         assert!(e.contains("the output holds"), "{e}");
     }
 }
+
+/// Every instruction set `quantize_into` may run on this CPU (the baseline,
+/// and AVX2 / AVX-512 where present) gives the scalar reference's bytes on the
+/// corner-case blocks, for all five block types and F16/BF16, and refuses the
+/// same non-finite element; `widen_quantize_into` from BF16, F16 and F32 bytes
+/// equals widening first and quantizing then.
+#[test]
+fn every_instruction_set_gives_the_reference_bytes() {
+    let isas = Isa::available();
+    eprintln!("instruction sets compared: {isas:?}");
+    let mut rng = Rng(0x0dd5_eed5_1234_5678);
+    type Ref = fn(&[f32; 32]) -> Vec<u8>;
+    let refs: [(&str, Ref); 7] = [
+        ("Q8_0", reference::q8_0),
+        ("Q4_0", |x| reference::sym(x, 8.0, 15)),
+        ("Q5_0", |x| reference::sym(x, 16.0, 31)),
+        ("Q4_1", |x| reference::affine(x, 15)),
+        ("Q5_1", |x| reference::affine(x, 31)),
+        ("F16", |x| {
+            x.iter()
+                .flat_map(|&v| f16_bits_from_f32_np(v).to_le_bytes())
+                .collect()
+        }),
+        ("BF16", |x| {
+            x.iter()
+                .flat_map(|&v| bf16_bits_from_f32_gguf(v).to_le_bytes())
+                .collect()
+        }),
+    ];
+    for round in 0..1500 {
+        let blocks: Vec<[f32; 32]> = (0..9).map(|_| corner_block(&mut rng)).collect();
+        let flat: Vec<f32> = blocks.iter().flatten().copied().collect();
+        for (name, f) in refs {
+            let t = ty(name);
+            let want: Vec<u8> = blocks.iter().flat_map(f).collect();
+            for &isa in &isas {
+                let mut got = vec![0u8; want.len()];
+                quantize_into_at(isa, t, &flat, &mut got, 0).unwrap();
+                assert!(got == want, "{name} {isa:?} round {round}: differs");
+            }
+        }
+    }
+    // a non-finite element is refused, by its index, at every level
+    for name in ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16"] {
+        let t = ty(name);
+        let mut x = vec![0.25f32; 320];
+        x[211] = f32::NEG_INFINITY;
+        let n = quantized_len(t, x.len()).unwrap();
+        for &isa in &isas {
+            let e = quantize_into_at(isa, t, &x, &mut vec![0u8; n], 64).unwrap_err();
+            assert!(e.contains("element 275"), "{name} {isa:?}: {e}");
+        }
+    }
+    // fused widening: the bytes of each float type, widened and quantized
+    let x: Vec<f32> = (0..32 * 40).map(|_| rng.unit() * 3.0).collect();
+    for fd in [FloatDtype::Bf16, FloatDtype::F16, FloatDtype::F32] {
+        let mut bytes = vec![0u8; x.len() * fd.size()];
+        fd.encode_into(&x, &mut bytes).unwrap();
+        let wide = fd.decode(&bytes).unwrap();
+        for name in ["Q8_0", "Q4_1", "Q5_0", "F16"] {
+            let t = ty(name);
+            let want = quant(name, &wide);
+            let mut got = vec![0u8; want.len()];
+            let mut scratch = vec![0f32; x.len()];
+            widen_quantize_into(t, fd, &bytes, &mut scratch, &mut got, 0).unwrap();
+            assert!(got == want, "{name} from {fd:?}: differs");
+            // a scratch of the wrong length is refused, not overrun
+            let mut short = vec![0f32; x.len() - 1];
+            assert!(widen_quantize_into(t, fd, &bytes, &mut short, &mut got, 0).is_err());
+        }
+    }
+}

@@ -61,7 +61,7 @@ pub(crate) fn type_of(w: &WeightQuant) -> Result<GgmlType> {
 /// sizes overflow.
 pub(crate) fn stored_shape(ty: GgmlType, shape: &[u64]) -> Option<Vec<u64>> {
     let (&row, lead) = shape.split_last()?;
-    let rows = lead.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+    let rows = crate::dtype::numel(lead).ok()?;
     let row_bytes = ty.row_bytes(row)?;
     rows.checked_mul(row_bytes)?;
     Some(vec![rows, row_bytes])
@@ -79,7 +79,7 @@ pub(crate) fn blocks_fit(ty: GgmlType, shape: &[u64], stored: &[u64]) -> bool {
     let [rows, row_bytes] = *stored else {
         return false;
     };
-    let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+    let n = crate::dtype::numel(shape).ok();
     row_elems(ty, row_bytes)
         .and_then(|r| r.checked_mul(rows))
         .is_some_and(|m| !shape.is_empty() && Some(m) == n)

@@ -290,8 +290,12 @@ impl Family for Int8 {
         let mut passes = Vec::new();
         let mut lossless = false;
         let to = form(&d, d.scale_dtype(w.dtype));
-        // per-row scales carry over to per-row ones; groups to equal groups
-        let from = ctx.source.code_form(l).filter(|f| f.carries_to(&to));
+        // per-row scales carry over to per-row ones and to groups that divide
+        // the rows (each group taking its row's scale); groups to equal groups
+        let from = ctx
+            .source
+            .code_form(l)
+            .filter(|f| f.carries_to(&to) || f.regroups_to(&to, &w.shape));
         match from {
             Some(from) => {
                 passes.push(Pass::Relayout {
