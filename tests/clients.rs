@@ -209,8 +209,9 @@ fn partly_quantized_models_keep_their_float_layers_and_round_trip() {
         let mid = sub.join("mid.safetensors");
         let o = run(&["convert", s(&q8), s(&mid), "--to", preset, "--json"]);
         if preset.contains("group") {
-            // per-group scales cannot hold quanto's per-row ones (and 202
-            // in-features hold no group of 32): refused
+            // rows of 202 in-features hold no group of 32, so that layer is
+            // requantized (lossy): refused without --allow-lossy (the layers
+            // whose rows are whole groups carry, each group its row's scale)
             assert_eq!(code(&o), 1, "{preset}: {}", err(&o));
             continue;
         }

@@ -1090,7 +1090,7 @@ fn per_row_int8_codes_carry_into_q8_0_with_the_row_scale_in_each_block() {
 /// A file optimum-quanto wrote (the committed qint8 fixture, BF16 model):
 /// every layer `gguf:q8_0` takes (2-D, rows of whole groups of 32, more than
 /// 1024 elements) carries into Q8_0 with its row scale in each block,
-/// lossless. The same layers go into `int8:ct:group=32` losslessly too (each
+/// lossless; the others are dequantized to BF16. The same layers go into `int8:ct:group=32` losslessly too (each
 /// group its row's scale), and that file into the same Q8_0 bytes.
 #[test]
 fn a_quanto_file_s_rows_carry_into_q8_0() {
@@ -1100,7 +1100,7 @@ fn a_quanto_file_s_rows_carry_into_q8_0() {
     let (ts, _) = st(&src);
     // the layers `gguf:q8_0` does not quantize (4-D convolutions with rows
     // of 3 and 9 elements, a row of 202, and at most 1024 elements, which
-    // stay float by ComfyUI-GGUF's rule) made plain first: a GGUF file
+    // stay float by ComfyUI-GGUF's rule) are dequantized: a GGUF file
     // cannot hold a quanto layer
     let odd: Vec<String> = ts
         .iter()
@@ -1111,12 +1111,6 @@ fn a_quanto_file_s_rows_carry_into_q8_0() {
         })
         .collect();
     assert_eq!(odd.len(), 8, "{odd:?}");
-    let part = dir.path().join("part");
-    std::fs::create_dir(&part).unwrap();
-    let mixed = part.join("model.safetensors");
-    let opts = to("plain:f16").select(PlanOptions::default().include(odd.clone()));
-    convert(&src, &mixed, &opts).unwrap();
-    let src = mixed;
     let g = dir.path().join("q.gguf");
     let opts = to("gguf:q8_0")
         .gguf_arch(Some("t".into()))
@@ -1130,6 +1124,17 @@ fn a_quanto_file_s_rows_carry_into_q8_0() {
             continue;
         };
         if odd.contains(&l.path) {
+            // dequantized to the model's dtype, as `--to plain` does
+            assert_eq!(l.to, "plain BF16", "{}: {:?}", l.path, l.passes);
+            assert!(
+                l.passes
+                    .iter()
+                    .any(|p| matches!(p, Pass::Dequantize { .. })),
+                "{}",
+                l.path
+            );
+            let w = &tg[&format!("{}.weight", l.path)];
+            assert_eq!(w.0, Dtype::BF16, "{}", l.path);
             continue;
         }
         let relayout = l.passes.iter().any(|p| matches!(p, Pass::Relayout { .. }));

@@ -142,6 +142,14 @@ pub(crate) trait Family: Sync {
     /// Whether this family can describe a layer's weight at all (int8:
     /// 2-D weights only), so that `--to` applies to a quantized layer.
     fn takes(&self, l: &Layer) -> bool;
+    /// Whether `--to` one of this family's layouts makes a selected layer
+    /// quantized in another family's layout, which this family does not
+    /// take, plain (dequantized to its model dtype) instead of keeping it:
+    /// for a family whose output holds no other family's layouts (GGUF).
+    /// Default: such layers are kept.
+    fn makes_the_rest_plain(&self) -> bool {
+        false
+    }
     /// The code form of one of this family's layers, when its integers can
     /// be carried over to another layout unchanged (default: never).
     fn code_form(&self, _l: &Layer) -> Option<CodeForm> {

@@ -384,6 +384,8 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
             None
         }
     };
+    const MADE_PLAIN: &str = "quantized layer dequantized: the target takes no weight of its \
+                              shape, and its output holds no other layout";
     const LEFT_FLOAT: &str =
         "float layer left float: the input is partly quantized (--include selects float layers)";
     let wanted = |path: &str| opts.only.is_empty() || opts.only.iter().any(|g| fnmatch(g, path));
@@ -419,6 +421,14 @@ pub fn plan(layers: &[Layer], target: &Target, opts: &PlanOptions) -> Result<Pla
                 if is_q && selected(&l.path, opts) && fam.takes(l) {
                     let mut lp = into(fam, t.record(), &ctx)?;
                     lp.rule = quantized_rule(&lp);
+                    lp
+                } else if is_q
+                    && selected(&l.path, opts)
+                    && fam.makes_the_rest_plain()
+                    && !fam.owns(&l.quant.weights)
+                {
+                    let mut lp = layer_plan(l, crate::layout::plain::to_plain(l, None, source)?);
+                    lp.rule = MADE_PLAIN.into();
                     lp
                 } else if !is_q && quantizable(l, opts, fam) {
                     match float_rule(l) {

@@ -32,10 +32,7 @@ fn float_dtype(d: Dtype) -> bool {
 fn quantizable(dtype: Dtype, shape: &[u64]) -> bool {
     float_dtype(dtype)
         && (2..=4).contains(&shape.len())
-        && shape
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .is_some_and(|n| n > 1024)
+        && crate::dtype::numel(shape).is_ok_and(|n| n > 1024)
         && shape.last().is_some_and(|&r| r > 0 && r.is_multiple_of(32))
 }
 
@@ -153,6 +150,13 @@ impl Family for Gguf {
 
     fn takes(&self, l: &Layer) -> bool {
         weight_of(l).is_ok_and(|w| quantizable(w.dtype, &w.shape))
+    }
+
+    fn makes_the_rest_plain(&self) -> bool {
+        // a GGUF file holds ggml types only: a quanto or int8 layer too small
+        // for a block type (or with rows of partial blocks) is dequantized,
+        // as the float layers of that kind stay float
+        true
     }
 
     fn plan_into(&self, l: &Layer, target: &WeightQuant, ctx: &PlanCtx<'_>) -> Result<Planned> {
