@@ -30,6 +30,15 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want"
 fi
 
 start=$(date +%s)
+# pip keeps every downloaded wheel in TMPDIR until the install ends: ~3.5 GB on top of the
+# ~6 GB installed.  Where /dev/shm has room and no TMPDIR is set, those downloads go to
+# memory rather than to a disk that may be small.
+if [ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] &&
+    [ "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt $((6 * 1024 * 1024)) ]; then
+    TMPDIR="$(mktemp -d /dev/shm/ckptkit-pip.XXXXXX)"
+    export TMPDIR
+    trap 'rm -rf "$TMPDIR"' EXIT
+fi
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
