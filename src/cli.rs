@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::migrate::jobs;
 use crate::migrate::{check, convert, inspect, like_target, ConvertOptions, InspectReport};
 use crate::migrate::{Plan, PlanOptions, Rename, Target};
 use crate::ZstdOptions;
@@ -38,7 +39,7 @@ struct Cli {
 }
 
 /// What tells an input's layouts when its tensors alone do not.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone, serde::Serialize, serde::Deserialize)]
 struct Hints {
     /// The input's quanto map (default: quanto_qmap.json beside INPUT).
     #[arg(long)]
@@ -57,90 +58,179 @@ impl Hints {
     }
 }
 
+/// `convert`'s arguments, also recorded in a plan file (`migrate plan`) so
+/// that every job rebuilds the same options.
+#[derive(clap::Args, Clone, serde::Serialize, serde::Deserialize)]
+struct ConvertArgs {
+    /// A .safetensors file, a sharded directory, a .ckpk container, or a
+    /// .gguf file.
+    input: PathBuf,
+    /// Output path.
+    output: PathBuf,
+    /// Target layout: keep, plain, plain:bf16|f16|f32,
+    /// quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz,
+    /// int8, int8:bnb, int8:ct[:group=N][:int-quantized], int8:PATH.json,
+    /// comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise[:per_row]|mxfp8|nvfp4 (also
+    /// fp8:comfy[:e5m2], int8:comfy[:tensor]), fp8:legacy, fp8:block[:ue8m0],
+    /// fp8:ct:tensor|channel|group=N|block=RxC[:float-quantized],
+    /// gguf:q8_0|q4_0|q4_1|q5_0|q5_1.
+    #[arg(long, default_value = "keep")]
+    to: String,
+    /// Take every layer's layout from REF: a checkpoint (with its
+    /// quanto_qmap.json), a container, or a quanto_qmap.json alone.
+    #[arg(long, conflicts_with = "to")]
+    like: Option<PathBuf>,
+    #[command(flatten)]
+    hints: Hints,
+    /// Only convert layers whose module path matches (fnmatch; `*` spans dots).
+    #[arg(long)]
+    include: Vec<String>,
+    /// Leave layers whose module path matches unchanged.
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Write only the layers whose module path matches (fnmatch); the
+    /// others are left out of the output.
+    #[arg(long)]
+    only: Vec<String>,
+    /// Rename keys: FROM=TO, FROM a regular expression (`^_orig_mod\.=`
+    /// strips a prefix, `^=transformer.` adds one; `$1` captures work).
+    #[arg(long)]
+    rename: Vec<String>,
+    /// Compress a container output: `zstd` or `zstd:LEVEL`.
+    #[arg(long)]
+    compress: Option<String>,
+    /// Disable the float plane filter when compressing.
+    #[arg(long)]
+    no_float_filter: bool,
+    /// Show the plan, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+    /// Allow re-layouts that cannot be undone byte for byte (their error
+    /// is reported).
+    #[arg(long)]
+    allow_lossy: bool,
+    /// Largest data bytes per file when writing a directory.
+    #[arg(long, default_value_t = 5_000_000_000)]
+    max_shard_size: u64,
+    /// `general.architecture` of a .gguf output whose input records none
+    /// (ComfyUI-GGUF: flux, sd1, sdxl, sd3, wan, ...).
+    #[arg(long)]
+    gguf_arch: Option<String>,
+    /// Do not record per-tensor blake3 hashes in safetensors outputs
+    /// (saves hashing time; `verify` can then check structure only).
+    #[arg(long)]
+    no_hashes: bool,
+    /// Do not check the bytes read against the hashes the input records
+    /// (a container's manifest, a ckptkit safetensors file's entry).
+    /// By default every byte is checked as it is read, and a mismatch
+    /// fails the conversion with no output.
+    #[arg(long)]
+    no_verify_input: bool,
+    /// Treat layers that look quantized in a layout ckptkit does not know
+    /// (FP8 or integer codes beside scale tensors, a `scaled_fp8`
+    /// marker, a config naming a quantization ckptkit cannot read) as
+    /// plain tensors. Without it, conversions that would change them are
+    /// refused: casting their codes without their scales gives garbage.
+    #[arg(long)]
+    assume_plain: bool,
+}
+
+impl ConvertArgs {
+    /// The conversion options these arguments give (without progress or
+    /// cancellation), or the usage error.
+    fn options(&self) -> Result<ConvertOptions, String> {
+        let target = match &self.like {
+            Some(r) => like_target(r).map_err(|e| e.to_string())?,
+            None => match Target::parse(&self.to) {
+                Ok(t) => t,
+                Err(e) => return Err(e.to_string()),
+            },
+        };
+        let compression = match self.compress.as_deref().map(str::parse::<ZstdOptions>) {
+            None => None,
+            Some(Ok(mut c)) => {
+                c.float_filter = !self.no_float_filter;
+                Some(c)
+            }
+            Some(Err(e)) => return Err(e.to_string()),
+        };
+        let rename = self
+            .rename
+            .iter()
+            .map(|r| Rename::parse(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        Ok(self
+            .hints
+            .clone()
+            .options()
+            .compression(compression)
+            .overwrite(self.force)
+            .dry_run(self.dry_run)
+            .max_shard_size(self.max_shard_size)
+            .gguf_arch(self.gguf_arch.clone())
+            .target(target)
+            .select(
+                PlanOptions::default()
+                    .include(self.include.clone())
+                    .exclude(self.exclude.clone())
+                    .only(self.only.clone())
+                    .allow_lossy(self.allow_lossy)
+                    .rename(rename),
+            )
+            .hashes(!self.no_hashes)
+            .extra_reads(self.like.iter().cloned().collect())
+            .verify_input(!self.no_verify_input)
+            .assume_plain(self.assume_plain))
+    }
+}
+
 // parsed once per process: the size of its largest variant does not matter
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Convert INPUT to OUTPUT (format from OUTPUT's extension:
     /// .safetensors, .ckpk, .gguf, or a directory).
-    Convert {
-        /// A .safetensors file, a sharded directory, a .ckpk container, or a
-        /// .gguf file.
-        input: PathBuf,
-        /// Output path.
-        output: PathBuf,
-        /// Target layout: keep, plain, plain:bf16|f16|f32,
-        /// quanto:qint8|qint4|qint2|qfloat8|qfloat8_e4m3fn|qfloat8_e5m2|qfloat8_e4m3fnuz,
-        /// int8, int8:bnb, int8:ct[:group=N][:int-quantized], int8:PATH.json,
-        /// comfy:float8_e4m3fn|float8_e5m2|int8_tensorwise[:per_row]|mxfp8|nvfp4 (also
-        /// fp8:comfy[:e5m2], int8:comfy[:tensor]), fp8:legacy, fp8:block[:ue8m0],
-        /// fp8:ct:tensor|channel|group=N|block=RxC[:float-quantized],
-        /// gguf:q8_0|q4_0|q4_1|q5_0|q5_1.
-        #[arg(long, default_value = "keep")]
-        to: String,
-        /// Take every layer's layout from REF: a checkpoint (with its
-        /// quanto_qmap.json), a container, or a quanto_qmap.json alone.
-        #[arg(long, conflicts_with = "to")]
-        like: Option<PathBuf>,
+    Convert(ConvertArgs),
+    /// Plan a conversion to a directory as jobs, one per output file, for
+    /// separate processes or machines sharing the file system (a
+    /// Kubernetes indexed Job, a Slurm array: one `run-shard` per index),
+    /// then `finish`. Takes `convert`'s arguments; paths are kept as given,
+    /// so every job must see them at the same paths.
+    Plan {
         #[command(flatten)]
-        hints: Hints,
-        /// Only convert layers whose module path matches (fnmatch; `*` spans dots).
+        args: ConvertArgs,
+        /// Where to write the plan (JSON).
         #[arg(long)]
-        include: Vec<String>,
-        /// Leave layers whose module path matches unchanged.
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// Write only the layers whose module path matches (fnmatch); the
-        /// others are left out of the output.
-        #[arg(long)]
-        only: Vec<String>,
-        /// Rename keys: FROM=TO, FROM a regular expression (`^_orig_mod\.=`
-        /// strips a prefix, `^=transformer.` adds one; `$1` captures work).
-        #[arg(long)]
-        rename: Vec<String>,
-        /// Compress a container output: `zstd` or `zstd:LEVEL`.
-        #[arg(long)]
-        compress: Option<String>,
-        /// Disable the float plane filter when compressing.
-        #[arg(long)]
-        no_float_filter: bool,
-        /// Show the plan, write nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Print the summary as JSON.
+        plan_file: PathBuf,
+    },
+    /// Run job K (from 0) of a plan: write its output file into the staging
+    /// directory beside the output, with a completion record. A job whose
+    /// record matches its file is not run again.
+    RunShard {
+        /// The plan file.
+        plan: PathBuf,
+        /// The job's index, from 0 (a Kubernetes JOB_COMPLETION_INDEX).
+        k: usize,
+        /// Print the job's record as JSON.
         #[arg(long)]
         json: bool,
-        /// Replace an existing output.
+    },
+    /// Check every job's record against its file, then commit the output
+    /// directory (byte-identical to `convert`) and remove the staging
+    /// directory.
+    Finish {
+        /// The plan file.
+        plan: PathBuf,
+        /// Print JSON.
         #[arg(long)]
-        force: bool,
-        /// Allow re-layouts that cannot be undone byte for byte (their error
-        /// is reported).
-        #[arg(long)]
-        allow_lossy: bool,
-        /// Largest data bytes per file when writing a directory.
-        #[arg(long, default_value_t = 5_000_000_000)]
-        max_shard_size: u64,
-        /// `general.architecture` of a .gguf output whose input records none
-        /// (ComfyUI-GGUF: flux, sd1, sdxl, sd3, wan, ...).
-        #[arg(long)]
-        gguf_arch: Option<String>,
-        /// Do not record per-tensor blake3 hashes in safetensors outputs
-        /// (saves hashing time; `verify` can then check structure only).
-        #[arg(long)]
-        no_hashes: bool,
-        /// Do not check the bytes read against the hashes the input records
-        /// (a container's manifest, a ckptkit safetensors file's entry).
-        /// By default every byte is checked as it is read, and a mismatch
-        /// fails the conversion with no output.
-        #[arg(long)]
-        no_verify_input: bool,
-        /// Treat layers that look quantized in a layout ckptkit does not know
-        /// (FP8 or integer codes beside scale tensors, a `scaled_fp8`
-        /// marker, a config naming a quantization ckptkit cannot read) as
-        /// plain tensors. Without it, conversions that would change them are
-        /// refused: casting their codes without their scales gives garbage.
-        #[arg(long)]
-        assume_plain: bool,
+        json: bool,
     },
     /// List layers, layouts, shapes and sizes.
     Inspect {
@@ -283,6 +373,19 @@ fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
 /// blake3 of an output file, for the summary (read through bounded
 /// windows, so memory stays flat on large outputs).
 /// A library report as one line of JSON (`--json`).
+/// The options a plan records, rebuilt as `convert` builds them.
+fn plan_options(p: &jobs::JobPlan, cancel: crate::Cancel) -> Result<ConvertOptions, crate::Error> {
+    let args: ConvertArgs = serde_json::from_value(p.options.clone()).map_err(|e| {
+        crate::Error::new(crate::ErrorKind::Job(format!(
+            "the plan's options are not this version's `convert` options: {e}"
+        )))
+    })?;
+    let opts = args.options().map_err(|e| {
+        crate::Error::new(crate::ErrorKind::Job(format!("the plan's options: {e}")))
+    })?;
+    Ok(opts.control(crate::Control::new().with_cancel(cancel)))
+}
+
 fn to_json<T: serde::Serialize>(r: &T) -> String {
     serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
@@ -380,78 +483,23 @@ fn print_plan(p: &Plan) {
 
 fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
     match cli.cmd {
-        Cmd::Convert {
-            input,
-            output,
-            to,
-            like,
-            hints,
-            include,
-            exclude,
-            only,
-            rename,
-            compress,
-            no_float_filter,
-            dry_run,
-            json,
-            force,
-            allow_lossy,
-            max_shard_size,
-            gguf_arch,
-            no_hashes,
-            no_verify_input,
-            assume_plain,
-        } => {
-            let target = match &like {
-                Some(r) => like_target(r)?,
-                None => match Target::parse(&to) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return Ok(2);
-                    }
-                },
-            };
-            let compression = match compress.as_deref().map(str::parse::<ZstdOptions>) {
-                None => None,
-                Some(Ok(mut c)) => {
-                    c.float_filter = !no_float_filter;
-                    Some(c)
-                }
-                Some(Err(e)) => {
+        Cmd::Convert(a) => {
+            let opts = match a.options() {
+                Ok(o) => o,
+                Err(e) => {
                     eprintln!("error: {e}");
                     return Ok(2);
                 }
             };
-            let opts = hints
-                .options()
-                .compression(compression)
-                .overwrite(force)
-                .dry_run(dry_run)
-                .max_shard_size(max_shard_size)
-                .gguf_arch(gguf_arch)
-                .target(target)
-                .select(
-                    PlanOptions::default()
-                        .include(include)
-                        .exclude(exclude)
-                        .only(only)
-                        .allow_lossy(allow_lossy)
-                        .rename(match rename.iter().map(|r| Rename::parse(r)).collect() {
-                            Ok(v) => v,
-                            Err(e) => {
-                                eprintln!("error: {e}");
-                                return Ok(2);
-                            }
-                        }),
-                )
-                .hashes(!no_hashes)
-                .extra_reads(like.iter().cloned().collect())
-                .verify_input(!no_verify_input)
-                .assume_plain(assume_plain)
-                .control(crate::Control::new())
-                // printed (not with -q), and in --json: one more read of the output
-                .output_hash(json || !cli.quiet);
+            let ConvertArgs {
+                input,
+                output,
+                json,
+                dry_run,
+                ..
+            } = a;
+            // printed (not with -q), and in --json: one more read of the output
+            let opts = opts.output_hash(json || !cli.quiet);
             let bar = progress_bar(!(json || cli.quiet || dry_run));
             let mut control = crate::Control::new().with_cancel(cancel);
             if let Some(b) = bar.clone() {
@@ -512,6 +560,108 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
                     if let Some(h) = &s.blake3 {
                         println!("blake3 {h}  {}", output.display());
                     }
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Plan { args, plan_file } => {
+            if args.dry_run {
+                eprintln!("error: a plan writes nothing but the plan: drop --dry-run");
+                return Ok(2);
+            }
+            let opts = match args.options() {
+                Ok(o) => o.control(crate::Control::new().with_cancel(cancel)),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            };
+            let recorded = serde_json::to_value(&args)
+                .map_err(|e| crate::Error::usage(format!("recording the options: {e}")))?;
+            let plan = jobs::make_plan(&args.input, &args.output, &opts, recorded)?;
+            // the plan file is replaced only with --force, as the output is
+            jobs::write_plan(&plan, &plan_file, args.force)?;
+            if args.json {
+                println!("{}", to_json(&plan));
+            } else if !cli.quiet {
+                let bytes: u64 = plan.jobs.iter().map(|j| j.bytes).sum();
+                println!(
+                    "wrote {}: {} job(s) (0 to {}) writing {} bytes to {}; run `migrate run-shard {} K` \
+                     for each K, then `migrate finish {}`",
+                    plan_file.display(),
+                    plan.jobs.len(),
+                    plan.jobs.len().saturating_sub(1),
+                    bytes,
+                    args.output.display(),
+                    plan_file.display(),
+                    plan_file.display()
+                );
+            }
+            Ok(0)
+        }
+        Cmd::RunShard { plan, k, json } => {
+            let (p, id) = jobs::read_plan(&plan)?;
+            let opts = plan_options(&p, cancel)?;
+            let bar = progress_bar(!(json || cli.quiet));
+            let opts = match bar.clone() {
+                Some(b) => {
+                    let control = opts.control.clone().with_progress(move |pr| {
+                        b.set_length(pr.bytes_total);
+                        b.set_position(pr.bytes_done);
+                    });
+                    opts.control(control)
+                }
+                None => opts,
+            };
+            let r = jobs::run_job(&p, &id, k, &opts);
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            let r = r?;
+            if json {
+                println!("{}", to_json(&r));
+            } else if !cli.quiet {
+                println!(
+                    "job {k}: {} {} ({} bytes, blake3 {})",
+                    r.record.shard,
+                    if r.already_done {
+                        "was already done"
+                    } else {
+                        "written"
+                    },
+                    r.record.size,
+                    r.record.blake3
+                );
+                for l in &r.lossy_layers {
+                    println!("lossy re-layout `{l}` (allowed by the plan's options)");
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Finish { plan, json } => {
+            let (p, id) = jobs::read_plan(&plan)?;
+            let opts = plan_options(&p, cancel)?;
+            let (files, warnings) = jobs::finish(&p, &id, &opts)?;
+            if json {
+                println!(
+                    "{}",
+                    to_json(&serde_json::json!({
+                        "output": p.output,
+                        "files": files,
+                        "warnings": warnings,
+                    }))
+                );
+            } else {
+                for w in &warnings {
+                    eprintln!("warning: {w}");
+                }
+                if !cli.quiet {
+                    println!(
+                        "wrote {}: {} file(s) from {} job(s)",
+                        p.output,
+                        files.len(),
+                        p.jobs.len()
+                    );
                 }
             }
             Ok(0)

@@ -152,6 +152,10 @@ pub enum ErrorKind {
     Index(String),
     /// A ckptkit commit journal is invalid or not ours to complete.
     Journal(String),
+    /// A job of a planned conversion cannot run or finish: the plan file
+    /// is another version's or not a plan, the input changed since the
+    /// plan, a job's record does not match its file, jobs are not done.
+    Job(String),
     /// The output would replace or remove a file that belongs to something
     /// else (another model's `quanto_qmap.json`).
     Conflict(String),
@@ -398,6 +402,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Index(m) => write!(f, "invalid index file: {m}"),
             ErrorKind::Journal(m) => write!(f, "commit journal: {m}"),
             ErrorKind::Conflict(m) => write!(f, "{m}"),
+            ErrorKind::Job(m) => write!(f, "{m}"),
             ErrorKind::NothingChanged(m) => write!(f, "{m}; nothing was written"),
             ErrorKind::UnknownFamily { family, doing } => write!(
                 f,

@@ -21,6 +21,9 @@ mod execute;
 mod gguf;
 mod input;
 mod inspect;
+// planned jobs are driven from the command line (`migrate plan`, `run-shard`, `finish`)
+#[cfg(feature = "cli")]
+pub(crate) mod jobs;
 mod load;
 mod options;
 mod ordered;
@@ -268,7 +271,7 @@ pub(crate) fn convert_opened(
 }
 
 /// What writing a layer of an unknown family outside a container would do.
-const UNKNOWN_OUTSIDE: &str =
+pub(crate) const UNKNOWN_OUTSIDE: &str =
     "write it outside a container (safetensors has no place for its record, which would be \
      lost)";
 

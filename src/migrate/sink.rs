@@ -390,6 +390,70 @@ pub fn model_stem(files: &[String]) -> String {
         .to_string()
 }
 
+/// The name of output file `gi` of `n` in a directory: `{stem}.safetensors`
+/// alone, else `{stem}-0000k-of-0000n.safetensors`.
+pub(crate) fn shard_name(stem: &str, gi: usize, n: usize) -> String {
+    if n == 1 {
+        format!("{stem}.safetensors")
+    } else {
+        format!("{stem}-{:05}-of-{n:05}.safetensors", gi + 1)
+    }
+}
+
+/// Writes output file `gi` of a directory (`groups` from [`group_layers`])
+/// into `dir`, committed in place.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_model_shard(
+    src: &Checked<'_>,
+    p: &Plan,
+    groups: &[Vec<usize>],
+    gi: usize,
+    losses: &Losses,
+    dir: &Path,
+    stem: &str,
+    md: &BTreeMap<String, String>,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    let name = shard_name(stem, gi, groups.len());
+    let outs = outputs_of(p, &groups[gi]);
+    let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, true, opts.hashes)?
+        .with_control(opts.control.clone());
+    run_layers(src, p, &groups[gi], losses, &w, &opts.control)?;
+    w.finish()
+}
+
+/// Writes what a directory holds beside its weight files: the index when
+/// there are several, and the families' side files (`quanto_qmap.json`).
+pub(crate) fn write_model_tail(
+    p: &Plan,
+    groups: &[Vec<usize>],
+    dir: &Path,
+    stem: &str,
+) -> Result<()> {
+    let n = groups.len();
+    if n > 1 {
+        let mut index = ShardIndex::default();
+        let mut total = 0u64;
+        for (gi, g) in groups.iter().enumerate() {
+            let name = shard_name(stem, gi, n);
+            for (k, d, s) in outputs_of(p, g) {
+                total += crate::dtype::byte_len(d, &s)?;
+                index.weight_map.insert(k, name.clone());
+            }
+        }
+        index
+            .metadata
+            .insert("total_size".into(), serde_json::Value::from(total));
+        let text =
+            serde_json::to_string_pretty(&index).map_err(|e| Error::json("writing JSON", e))?;
+        std::fs::write(dir.join(format!("{stem}.safetensors.index.json")), text)?;
+    }
+    for (name, text) in p.companions() {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(())
+}
+
 /// Writes a plan's output as `{stem}.safetensors` or
 /// `{stem}-0000k-of-0000n.safetensors` + `{stem}.safetensors.index.json`
 /// (+ `quanto_qmap.json`) into an existing directory.
@@ -403,37 +467,10 @@ pub(crate) fn write_model_dir(
     opts: &ConvertOptions,
 ) -> Result<()> {
     let groups = group_layers(p, opts.max_shard_size);
-    let n = groups.len();
-    let mut index = ShardIndex::default();
-    let mut total = 0u64;
-    for (gi, g) in groups.iter().enumerate() {
-        let name = if n == 1 {
-            format!("{stem}.safetensors")
-        } else {
-            format!("{stem}-{:05}-of-{n:05}.safetensors", gi + 1)
-        };
-        let outs = outputs_of(p, g);
-        let w = SafetensorsWriter::create(&dir.join(&name), &outs, md, false, opts.hashes)?
-            .with_control(opts.control.clone());
-        run_layers(src, p, g, losses, &w, &opts.control)?;
-        w.finish()?;
-        for (k, d, s) in outs {
-            total += crate::dtype::byte_len(d, &s)?;
-            index.weight_map.insert(k, name.clone());
-        }
+    for gi in 0..groups.len() {
+        write_model_shard(src, p, &groups, gi, losses, dir, stem, md, opts)?;
     }
-    if n > 1 {
-        index
-            .metadata
-            .insert("total_size".into(), serde_json::Value::from(total));
-        let text =
-            serde_json::to_string_pretty(&index).map_err(|e| Error::json("writing JSON", e))?;
-        std::fs::write(dir.join(format!("{stem}.safetensors.index.json")), text)?;
-    }
-    for (name, text) in p.companions() {
-        std::fs::write(dir.join(name), text)?;
-    }
-    Ok(())
+    write_model_tail(p, &groups, dir, stem)
 }
 
 /// What happens to one companion file (a family's side file, such as
