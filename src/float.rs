@@ -309,6 +309,7 @@ impl FloatDtype {
 
     /// Widens every element of a little-endian byte slice into `out`, which must hold exactly as
     /// many elements.
+    #[inline]
     pub fn decode_into(self, bytes: &[u8], out: &mut [f32]) -> Result<(), FloatError> {
         let n = self.element_count(bytes)?;
         if n != out.len() {

@@ -166,6 +166,30 @@ fn a_job_whose_record_matches_its_file_is_not_run_again_and_a_damaged_one_is() {
     assert_eq!(tree(&a), tree(&b));
 }
 
+#[test]
+fn jobs_started_at_the_same_moment_all_run() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, p, n) = converted_and_planned(d.path());
+    // every job is a first job here: the staging directory and its plan id
+    // are created by whichever comes first, and the others use them
+    let children: Vec<_> = (0..n)
+        .map(|k| {
+            Command::new(bin())
+                .args(["run-shard", s(&p), &k.to_string(), "-q"])
+                .current_dir(root())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    run_ok(&["finish", s(&p), "-q"]);
+    assert_eq!(tree(&a), tree(&b));
+}
+
 /// Starts `migrate` stopped at a fault point; returns once `ready` exists.
 fn stopped_at(point: &str, args: &[&str], ready: &Path) -> std::process::Child {
     let c = Command::new(bin())

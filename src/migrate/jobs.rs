@@ -156,12 +156,8 @@ pub(crate) fn staging_dir(output: &Path) -> Result<PathBuf> {
     Ok(output.with_file_name(format!(".{name}{STAGING_SUFFIX}")))
 }
 
-/// The input, opened as every step opens it.
-struct Opened {
-    raw: Box<dyn TensorSource>,
-}
-
-fn open_input(input: &Path) -> Result<Opened> {
+/// The input, opened as every step opens it (the kinds a plan takes).
+fn open_input(input: &Path) -> Result<Box<dyn TensorSource>> {
     match input_kind(input)? {
         InputKind::Safetensors => {}
         InputKind::ShardedDir => {
@@ -180,9 +176,7 @@ fn open_input(input: &Path) -> Result<Opened> {
             )))
         }
     }
-    Ok(Opened {
-        raw: open_source(input)?,
-    })
+    open_source(input)
 }
 
 /// The pins of the input's files.
@@ -311,15 +305,24 @@ pub(crate) fn make_plan(
 ) -> Result<JobPlan> {
     check_overlap(input, output, opts)?;
     crate::io::atomic::check_destination(output, DestKind::Dir, opts.overwrite)?;
-    let o = open_input(input)?;
-    let src = Checked::new(o.raw.as_ref(), opts.verify_input);
+    let text = |p: &Path| {
+        p.to_str().map(str::to_owned).ok_or_else(|| {
+            Error::usage(format!(
+                "{} is not valid UTF-8: a plan records its paths as text",
+                p.display()
+            ))
+        })
+    };
+    let (input_text, output_text) = (text(input)?, text(output)?);
+    let raw = open_input(input)?;
+    let src = Checked::new(raw.as_ref(), opts.verify_input);
     let d = derive(input, output, &src, opts)?;
     Ok(JobPlan {
         format: PLAN_FORMAT.into(),
         version: PLAN_VERSION,
         ckptkit: env!("CARGO_PKG_VERSION").into(),
-        input: input.to_string_lossy().into_owned(),
-        output: output.to_string_lossy().into_owned(),
+        input: input_text,
+        output: output_text,
         options,
         inputs: pins(input, &src.files())?,
         jobs: d.jobs,
@@ -430,11 +433,11 @@ fn check_pins(plan: &JobPlan) -> Result<()> {
 /// must be the plan's.
 fn reopen<'a>(
     plan: &JobPlan,
-    o: &'a Opened,
+    raw: &'a dyn TensorSource,
     opts: &ConvertOptions,
 ) -> Result<(Checked<'a>, Derived)> {
     let input = Path::new(&plan.input);
-    let src = Checked::new(o.raw.as_ref(), opts.verify_input);
+    let src = Checked::new(raw, opts.verify_input);
     let now = pins(input, &src.files())?;
     if now != plan.inputs {
         return Err(job_error(format!(
@@ -491,12 +494,19 @@ fn staging(plan: &JobPlan, id: &str, create: bool) -> Result<PathBuf> {
         )))
         .with_file(&dir)),
         Err(_) if create => {
-            // first job here (or a race with another first job: same id)
-            let f = AtomicFile::create(&idp, true)?;
-            f.file()?
-                .write_all(id.as_bytes())
-                .map_err(|e| Error::from(e).with_file(f.temp()))?;
-            f.commit()?;
+            // the first job here; others may be starting at the same moment:
+            // the id is written to a temporary and linked into place, which
+            // fails if another got there first (then its id is compared)
+            let tmp = crate::io::atomic::temp_path_for(&idp);
+            let r = std::fs::write(&tmp, id.as_bytes())
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::hard_link(&tmp, &idp));
+            let _ = std::fs::remove_file(&tmp);
+            match r {
+                Ok(()) => crate::io::atomic::sync_dir(&dir)?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::from(e).with_file(&idp)),
+            }
             staging(plan, id, false)
         }
         Err(e) => Err(e),
@@ -557,8 +567,8 @@ pub(crate) fn run_job(
         });
     }
     check_pins(plan)?;
-    let o = open_input(Path::new(&plan.input))?;
-    let (src, d) = reopen(plan, &o, opts)?;
+    let raw = open_input(Path::new(&plan.input))?;
+    let (src, d) = reopen(plan, raw.as_ref(), opts)?;
     opts.control.set_total(job.bytes);
     let losses: Losses = Default::default();
     let md = output_metadata(src.metadata(), &d.plan);
@@ -630,8 +640,8 @@ pub(crate) fn finish(
         .with_file(&dir));
     }
     check_pins(plan)?;
-    let o = open_input(input)?;
-    let (_src, d) = reopen(plan, &o, opts)?;
+    let raw = open_input(input)?;
+    let (_src, d) = reopen(plan, raw.as_ref(), opts)?;
     check_overlap(input, output, opts)?;
     let out = AtomicDir::create(output, opts.overwrite)?;
     let mut warnings = Vec::new();

@@ -17,7 +17,7 @@
 //!   [`np_cast_low_byte`];
 //! * which zero `max`/`min` return when `+0.0` and `-0.0` tie, see [`NP_TIE_ORDER`].
 
-use crate::float::{Bf16Format, F16Format, F32Format, FloatDtype, FloatFormat};
+use crate::float::FloatDtype;
 use crate::format::gguf::GgmlType;
 
 /// Elements per K-quant super-block (`QK_K`).
@@ -928,14 +928,6 @@ pub(crate) fn widen_quantize_into(
     out: &mut [u8],
     first: usize,
 ) -> Result<(), String> {
-    let n = fd.element_count(src).map_err(|e| e.to_string())?;
-    if n != scratch.len() {
-        return Err(format!(
-            "{}: {n} elements to widen into {} slots",
-            t.name,
-            scratch.len()
-        ));
-    }
     quantize_at(Isa::best(), t, Widen::From(fd, src, scratch), out, first)
 }
 
@@ -973,7 +965,7 @@ fn quantize_at(
 /// level computes the same bytes: the loops use only IEEE-exact float
 /// operations (no fused multiply-add: Rust never contracts `a * b + c`)
 /// and integer ones, which wider vectors do lane by lane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     /// The target's baseline (SSE2 on x86-64).
     Baseline,
@@ -990,7 +982,10 @@ impl Isa {
     pub(crate) fn best() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f")
+            // each level needs the one below it, so every level up to the
+            // best runs here ([`Isa::available`])
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vl")
             {
@@ -1009,14 +1004,9 @@ impl Isa {
     pub(crate) fn available() -> Vec<Isa> {
         let mut v = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                v.push(Isa::Avx2);
-            }
-            if Isa::best() == Isa::Avx512 {
-                v.push(Isa::Avx512);
-            }
-        }
+        v.extend([Isa::Avx2, Isa::Avx512]);
+        let best = Isa::best();
+        v.retain(|&l| l <= best);
         v
     }
 }
@@ -1057,11 +1047,8 @@ fn quantize_body(t: GgmlType, x: Widen<'_>, out: &mut [u8], first: usize) -> Res
     let x: &[f32] = match x {
         Widen::F32(x) => x,
         Widen::From(fd, src, scratch) => {
-            match fd {
-                FloatDtype::Bf16 => Bf16Format::decode_into(src, scratch),
-                FloatDtype::F16 => F16Format::decode_into(src, scratch),
-                FloatDtype::F32 => F32Format::decode_into(src, scratch),
-            }
+            fd.decode_into(src, scratch)
+                .map_err(|e| format!("{}: widening {fd:?}: {e}", t.name))?;
             scratch
         }
     };
