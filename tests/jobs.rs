@@ -53,16 +53,26 @@ fn jobs_in(plan: &Path) -> usize {
     v["jobs"].as_array().unwrap().len()
 }
 
+/// The options most tests plan with (6 jobs).
+const PLAIN_6000: [&str; 4] = ["--to", "plain", "--max-shard-size", "6000"];
+
+/// The model directory under `root`, planned to `b` with [`PLAIN_6000`]:
+/// `(input, b, plan)`.
+fn planned(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let input = model_dir(root);
+    let (b, p) = (root.join("b"), root.join("p.json"));
+    plan(&PLAIN_6000, &input, &b, &p);
+    (input, b, p)
+}
+
 /// `convert` of the model directory to `a`, and the same conversion planned
 /// to `b` (6 jobs): `(a, b, plan, jobs)`.
 fn converted_and_planned(root: &Path) -> (PathBuf, PathBuf, PathBuf, usize) {
-    let input = model_dir(root);
-    let (a, b, p) = (root.join("a"), root.join("b"), root.join("p.json"));
-    let args = ["--to", "plain", "--max-shard-size", "6000"];
+    let (input, b, p) = planned(root);
+    let a = root.join("a");
     let mut conv = vec!["convert", s(&input), s(&a), "-q"];
-    conv.extend_from_slice(&args);
+    conv.extend_from_slice(&PLAIN_6000);
     run_ok(&conv);
-    plan(&args, &input, &b, &p);
     let n = jobs_in(&p);
     assert_eq!(n, 6);
     (a, b, p, n)
@@ -190,8 +200,9 @@ fn jobs_started_at_the_same_moment_all_run() {
     assert_eq!(tree(&a), tree(&b));
 }
 
-/// Starts `migrate` stopped at a fault point; returns once `ready` exists.
-fn stopped_at(point: &str, args: &[&str], ready: &Path) -> std::process::Child {
+/// Starts `migrate` with the fault point `point` set; returns once
+/// `ready()` holds and the process has had time to stop there.
+fn stopped_at(point: &str, args: &[&str], ready: impl Fn() -> bool) -> std::process::Child {
     let c = Command::new(bin())
         .args(args)
         .current_dir(root())
@@ -201,15 +212,15 @@ fn stopped_at(point: &str, args: &[&str], ready: &Path) -> std::process::Child {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while !ready.exists() {
+    while !ready() {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "never reached {point}"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // the file appears by rename, after which the process stops
-    std::thread::sleep(Duration::from_millis(200));
+    // what `ready` sees appears just before the process stops
+    std::thread::sleep(Duration::from_millis(300));
     c
 }
 
@@ -219,11 +230,11 @@ fn a_killed_job_or_finish_leaves_no_output_and_running_again_completes_it() {
     let (a, b, p, n) = converted_and_planned(d.path());
     let staging = d.path().join(".b.ckptkit-jobs");
     // job 2 killed after its file is written, before its record
-    let mut c = stopped_at(
-        "job-before-record",
-        &["run-shard", s(&p), "2"],
-        &staging.join("diffusion_pytorch_model-00003-of-00006.safetensors"),
-    );
+    let mut c = stopped_at("job-before-record", &["run-shard", s(&p), "2"], || {
+        staging
+            .join("diffusion_pytorch_model-00003-of-00006.safetensors")
+            .exists()
+    });
     c.kill().unwrap();
     c.wait().unwrap();
     assert!(!staging
@@ -242,27 +253,11 @@ fn a_killed_job_or_finish_leaves_no_output_and_running_again_completes_it() {
     run_ok(&["run-shard", s(&p), "2", "-q"]);
     // finish killed just before its directory is put in place
     let parent_before = entries(d.path());
-    let mut c = Command::new(bin())
-        .args(["finish", s(&p)])
-        .current_dir(root())
-        .env("CKPTKIT_FAULT", "dir-before-swap")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    loop {
-        let now = entries(d.path());
-        if now.iter().any(|e| e.starts_with(".b.ckptkit-tmp.")) {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "finish never started: {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let mut c = stopped_at("dir-before-swap", &["finish", s(&p)], || {
+        entries(d.path())
+            .iter()
+            .any(|e| e.starts_with(".b.ckptkit-tmp."))
+    });
     c.kill().unwrap();
     c.wait().unwrap();
     assert!(!b.exists(), "a killed finish commits nothing");
@@ -275,14 +270,7 @@ fn a_killed_job_or_finish_leaves_no_output_and_running_again_completes_it() {
 #[test]
 fn an_input_changed_since_the_plan_is_refused_by_its_pin() {
     let d = tempfile::tempdir().unwrap();
-    let input = model_dir(d.path());
-    let (b, p) = (d.path().join("b"), d.path().join("p.json"));
-    plan(
-        &["--to", "plain", "--max-shard-size", "6000"],
-        &input,
-        &b,
-        &p,
-    );
+    let (input, b, p) = planned(d.path());
     let w = input.join("diffusion_pytorch_model.safetensors");
     // same size, one header byte changed (a metadata value)
     let mut bytes = std::fs::read(&w).unwrap();
@@ -313,14 +301,7 @@ fn an_input_changed_since_the_plan_is_refused_by_its_pin() {
 #[test]
 fn a_plan_of_another_version_or_another_plan_s_staging_is_refused() {
     let d = tempfile::tempdir().unwrap();
-    let input = model_dir(d.path());
-    let (b, p) = (d.path().join("b"), d.path().join("p.json"));
-    plan(
-        &["--to", "plain", "--max-shard-size", "6000"],
-        &input,
-        &b,
-        &p,
-    );
+    let (input, b, p) = planned(d.path());
     // the plan file is not replaced without --force
     let o = run(&[
         "plan",

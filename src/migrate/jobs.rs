@@ -331,7 +331,12 @@ pub(crate) fn make_plan(
 
 /// Writes a plan file atomically.
 pub(crate) fn write_plan(plan: &JobPlan, path: &Path, overwrite: bool) -> Result<()> {
-    let text = serde_json::to_string_pretty(plan).map_err(|e| Error::json("writing JSON", e))?;
+    write_json(plan, path, overwrite)
+}
+
+/// Writes `v` as JSON to `path` atomically (temporary file, fsync, rename).
+fn write_json<T: Serialize>(v: &T, path: &Path, overwrite: bool) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::json("writing JSON", e))?;
     let f = AtomicFile::create(path, overwrite)?;
     f.file()?
         .write_all(text.as_bytes())
@@ -593,12 +598,7 @@ pub(crate) fn run_job(
         size,
         blake3: crate::io::hash_file(&fp)?.to_hex().to_string(),
     };
-    let text = serde_json::to_string_pretty(&record).map_err(|e| Error::json("writing JSON", e))?;
-    let f = AtomicFile::create(&rp, true)?;
-    f.file()?
-        .write_all(text.as_bytes())
-        .map_err(|e| Error::from(e).with_file(f.temp()))?;
-    f.commit()?;
+    write_json(&record, &rp, true)?;
     Ok(JobOutcome {
         record,
         already_done: false,
