@@ -481,7 +481,140 @@ fn print_plan(p: &Plan) {
     }
 }
 
-fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
+/// The remote inputs of one command, mounted for as long as it runs
+/// (feature `remote`); without the feature a URL is refused.
+#[derive(Default)]
+struct Mounts {
+    #[cfg(feature = "remote")]
+    list: Vec<crate::io::remote::Mount>,
+}
+
+impl Mounts {
+    /// Mounts `p` when it is a URL and makes it the mount's local path.
+    fn is_url(p: &std::path::Path) -> bool {
+        let s = p.to_string_lossy().to_ascii_lowercase();
+        ["s3://", "gs://", "az://", "abfs://", "http://", "https://"]
+            .iter()
+            .any(|x| s.starts_with(x))
+    }
+
+    #[cfg_attr(not(feature = "remote"), allow(clippy::ptr_arg))]
+    fn input(&mut self, p: &mut PathBuf) -> Result<(), crate::Error> {
+        if !Self::is_url(p) {
+            return Ok(());
+        }
+        let s = p.to_string_lossy().into_owned();
+        #[cfg(feature = "remote")]
+        {
+            let m = crate::io::remote::Mount::open(&s)?;
+            *p = m.path().to_path_buf();
+            self.list.push(m);
+            Ok(())
+        }
+        #[cfg(not(feature = "remote"))]
+        Err(crate::Error::usage(format!(
+            "{s} is a URL: this migrate was built without remote inputs (build it with \
+             `--features remote`)"
+        )))
+    }
+
+    /// How a path is shown: a mount's URL for its local path.
+    fn shown(&self, p: &std::path::Path) -> String {
+        #[cfg(feature = "remote")]
+        if let Some(m) = self.list.iter().find(|m| m.path() == p) {
+            return m.url().to_string();
+        }
+        self.unmounted(&p.display().to_string())
+    }
+
+    /// `s` with every mount's local path written as its URL (the commands
+    /// a report suggests, paths in messages).
+    fn unmounted(&self, s: &str) -> String {
+        #[cfg(feature = "remote")]
+        {
+            let mut s = s.to_string();
+            for m in &self.list {
+                let local = m.path().display().to_string();
+                let url = m.url().trim_end_matches('/');
+                s = s.replace(&local, url);
+            }
+            s
+        }
+        #[cfg(not(feature = "remote"))]
+        s.to_string()
+    }
+
+    /// A report as JSON: mounts' local paths shown as their URLs, and what
+    /// was fetched (`"remote"`: per URL, bytes and requests).
+    fn json<T: serde::Serialize>(&self, r: &T) -> String {
+        #[cfg(feature = "remote")]
+        if !self.list.is_empty() {
+            let Ok(mut v) = serde_json::to_value(r) else {
+                return to_json(r);
+            };
+            self.unmount_json(&mut v);
+            if let Some(o) = v.as_object_mut() {
+                for val in o.values_mut() {
+                    if let Some(m) = val.as_str().and_then(|s| {
+                        self.list
+                            .iter()
+                            .find(|m| m.url().trim_end_matches('/') == s)
+                    }) {
+                        // the URL as given (a directory keeps its slash)
+                        *val = serde_json::Value::String(m.url().to_string());
+                    }
+                }
+                let remote: Vec<serde_json::Value> = self
+                    .list
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "url": m.url(),
+                            "fetched_bytes": m.fetched_bytes(),
+                            "requests": m.requests(),
+                        })
+                    })
+                    .collect();
+                o.insert("remote".into(), serde_json::Value::Array(remote));
+            }
+            return to_json(&v);
+        }
+        to_json(r)
+    }
+
+    #[cfg(feature = "remote")]
+    fn unmount_json(&self, v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => *s = self.unmounted(s),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| self.unmount_json(x)),
+            serde_json::Value::Object(o) => o.values_mut().for_each(|x| self.unmount_json(x)),
+            _ => {}
+        }
+    }
+}
+
+fn run_cli(mut cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
+    let mut mounts = Mounts::default();
+    match &mut cli.cmd {
+        Cmd::Convert(a) => mounts.input(&mut a.input)?,
+        Cmd::Inspect { input, .. } | Cmd::Verify { input, .. } => mounts.input(input)?,
+        Cmd::Check { input, against, .. } => {
+            mounts.input(input)?;
+            mounts.input(against)?;
+        }
+        Cmd::Plan { args, .. } if Mounts::is_url(&args.input) => {
+            return Err(crate::Error::usage(format!(
+                "{}: plans read inputs on local or shared file systems (every job opens \
+                 them); convert a remote input with `migrate convert`",
+                args.input.display()
+            )));
+        }
+        _ => {}
+    }
+    run_cmd(cli, cancel, &mounts)
+}
+
+fn run_cmd(cli: Cli, cancel: crate::Cancel, mounts: &Mounts) -> Result<u8, crate::Error> {
     match cli.cmd {
         Cmd::Convert(a) => {
             let opts = match a.options() {
@@ -525,7 +658,7 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
                 }
             }
             if json {
-                println!("{}", to_json(&s));
+                println!("{}", mounts.json(&s));
             } else if !cli.quiet {
                 if dry_run {
                     println!(
@@ -677,7 +810,7 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
                 ..
             } = &r;
             if json {
-                println!("{}", to_json(&r));
+                println!("{}", mounts.json(&r));
             } else {
                 for l in layers {
                     let shapes: Vec<String> = l
@@ -723,15 +856,15 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
             };
             let fix = r.fix.clone().unwrap_or_default();
             if json {
-                println!("{}", to_json(&r));
+                println!("{}", mounts.json(&r));
             } else if r.compatible() {
                 for u in &r.unknown_layouts {
                     println!("note: unknown quantized layout: {}", u.describe());
                 }
                 println!(
                     "compatible: {} loads where {} is expected",
-                    input.display(),
-                    against.display()
+                    mounts.shown(&input),
+                    mounts.shown(&against)
                 );
             } else {
                 for m in &r.mismatches {
@@ -757,7 +890,7 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
                         shorten(&r.unexpected)
                     );
                 }
-                println!("to fix:\n  {fix}");
+                println!("to fix:\n  {}", mounts.unmounted(&fix));
             }
             Ok(if r.compatible() { 0 } else { 1 })
         }
@@ -784,7 +917,7 @@ fn run_cli(cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
         Cmd::Verify { input, json } => {
             let r = crate::migrate::verify(&input)?;
             if json {
-                println!("{}", to_json(&r));
+                println!("{}", mounts.json(&r));
             } else if !cli.quiet {
                 println!(
                     "ok: {} tensors, {} bytes verified (blake3)",

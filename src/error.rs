@@ -156,6 +156,10 @@ pub enum ErrorKind {
     /// is another version's or not a plan, the input changed since the
     /// plan, a job's record does not match its file, jobs are not done.
     Job(String),
+    /// A remote input (`s3://`, `gs://`, `az://`, `http(s)://`) cannot be
+    /// read: the store's error after its retries, an object that changed
+    /// while it was read, a URL or kind ckptkit cannot read remotely.
+    Remote(String),
     /// The output would replace or remove a file that belongs to something
     /// else (another model's `quanto_qmap.json`).
     Conflict(String),
@@ -403,6 +407,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Journal(m) => write!(f, "commit journal: {m}"),
             ErrorKind::Conflict(m) => write!(f, "{m}"),
             ErrorKind::Job(m) => write!(f, "{m}"),
+            ErrorKind::Remote(m) => write!(f, "{m}"),
             ErrorKind::NothingChanged(m) => write!(f, "{m}; nothing was written"),
             ErrorKind::UnknownFamily { family, doing } => write!(
                 f,

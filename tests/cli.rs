@@ -888,3 +888,27 @@ fn only_writes_the_matching_layers() {
         ]
     );
 }
+
+/// Without the `remote` feature a URL input is refused with how to get it,
+/// not read as a local path.
+#[cfg(not(feature = "remote"))]
+#[test]
+fn a_url_input_without_the_remote_feature_says_how_to_build_it() {
+    for cmd in [
+        vec!["inspect", "s3://bucket/model.safetensors"],
+        vec![
+            "convert",
+            "https://host/m.safetensors",
+            "/nonexistent/out.safetensors",
+        ],
+        vec!["verify", "gs://bucket/dir/"],
+    ] {
+        let o = run(&cmd);
+        assert_eq!(code(&o), 2, "{cmd:?}: {}", err(&o));
+        assert!(
+            err(&o).contains("--features remote"),
+            "{cmd:?}: {}",
+            err(&o)
+        );
+    }
+}

@@ -10,6 +10,8 @@ pub mod lock;
 pub mod open;
 pub mod paths;
 pub mod pool;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod safetensors_file;
 pub mod sharded;
 pub mod source;

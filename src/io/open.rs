@@ -23,6 +23,10 @@ pub enum InputKind {
 /// files starting with the container magic are containers, files starting
 /// with `GGUF` are GGUF, anything else is read as safetensors.
 pub fn input_kind(path: &Path) -> Result<InputKind> {
+    #[cfg(feature = "remote")]
+    if let Some(k) = crate::io::remote::mounted_kind(path) {
+        return Ok(k);
+    }
     let md = crate::io::files::stat(path)?;
     if md.is_dir() {
         return Ok(InputKind::ShardedDir);
@@ -45,8 +49,27 @@ pub fn input_kind(path: &Path) -> Result<InputKind> {
     })
 }
 
+/// The URL and size a mounted remote input is recorded by in provenance
+/// (feature `remote`); `None` for a local path.
+pub(crate) fn remote_origin(path: &Path) -> Option<(String, u64)> {
+    #[cfg(feature = "remote")]
+    return crate::io::remote::mounted_url(path);
+    #[cfg(not(feature = "remote"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 /// Opens any supported input as a tensor source.
 pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
+    #[cfg(feature = "remote")]
+    if let Some(m) = crate::io::remote::mounted(path) {
+        return Ok(match m {
+            crate::io::remote::Mounted::File(f) => Box::new(Shared(f)),
+            crate::io::remote::Mounted::Dir(d) => Box::new(Shared(d)),
+        });
+    }
     Ok(match input_kind(path)? {
         InputKind::Safetensors => {
             Box::new(crate::io::safetensors_file::SafetensorsFile::open(path)?)
@@ -55,4 +78,42 @@ pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
         InputKind::Container => Box::new(crate::io::container::Container::open(path)?),
         InputKind::Gguf => Box::new(crate::io::gguf_file::GgufFile::open(path)?),
     })
+}
+
+/// A mounted remote input's source, shared by every command that opens it.
+#[cfg(feature = "remote")]
+struct Shared<T>(std::sync::Arc<T>);
+
+#[cfg(feature = "remote")]
+impl<T: TensorSource> TensorSource for Shared<T> {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn tensors(&self) -> &[crate::io::source::SourceTensor] {
+        self.0.tensors()
+    }
+    fn metadata(&self) -> &std::collections::BTreeMap<String, String> {
+        self.0.metadata()
+    }
+    fn files(&self) -> Vec<String> {
+        self.0.files()
+    }
+    fn file_metadata(&self, file: usize) -> std::collections::BTreeMap<String, String> {
+        self.0.file_metadata(file)
+    }
+    fn read(&self, key: &str) -> Result<crate::io::TensorBytes> {
+        self.0.read(key)
+    }
+    fn read_pieces(&self, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        self.0.read_pieces(key, f)
+    }
+    fn recorded_hash(&self, key: &str) -> Result<Option<crate::format::manifest::Hash>> {
+        self.0.recorded_hash(key)
+    }
+    fn location(&self, key: &str) -> crate::error::Location {
+        self.0.location(key)
+    }
+    fn get(&self, key: &str) -> Option<&crate::io::source::SourceTensor> {
+        self.0.get(key)
+    }
 }

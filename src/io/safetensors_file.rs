@@ -12,11 +12,14 @@ use crate::io::source::{SourceTensor, TensorSource};
 use crate::io::{map_window, read_at, TensorBytes};
 
 /// An open, validated safetensors file. Tensor bytes are mapped on demand,
-/// one window per tensor, and released when dropped.
+/// one window per tensor, and released when dropped (or, for a remote
+/// object, fetched by range).
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
-    file: File,
+    file: Backing,
+    /// The file's length in bytes.
+    len: u64,
     header: StHeader,
     tensors: Vec<SourceTensor>,
     /// The `ckptkit.blake3` entry, parsed (or why it cannot be).
@@ -37,6 +40,19 @@ impl SafetensorsFile {
             .metadata()
             .map_err(|e| Error::from(e).with_file(path))?
             .len();
+        Self::from_backing(path, Backing::Local(file), len)
+    }
+
+    /// Opens a remote object (validated as [`open`](Self::open) validates a
+    /// file); its path is its URL.
+    #[cfg(feature = "remote")]
+    pub(crate) fn open_remote(obj: crate::io::remote::Object) -> Result<SafetensorsFile> {
+        let len = obj.size();
+        let path = PathBuf::from(obj.url());
+        Self::from_backing(&path, Backing::Remote(obj), len)
+    }
+
+    fn from_backing(path: &Path, file: Backing, len: u64) -> Result<SafetensorsFile> {
         let mut first = [0u8; 8];
         if len < 8 {
             return Err(Error::new(crate::error::ErrorKind::Truncated {
@@ -46,10 +62,10 @@ impl SafetensorsFile {
             })
             .with_file(path));
         }
-        read_at(&file, path, 0, &mut first)?;
+        file.read_at(path, 0, &mut first)?;
         let hl = st_header::header_len(&first, len).map_err(|e| e.with_file(path))?;
         let mut buf = vec![0u8; hl as usize];
-        read_at(&file, path, 0, &mut buf)?;
+        file.read_at(path, 0, &mut buf)?;
         let header = st_header::parse(&buf, Some(len)).map_err(|e| e.with_file(path))?;
         let index = crate::io::source::key_index(header.tensors.iter().map(|t| t.key.as_str()));
         let tensors = header
@@ -71,6 +87,7 @@ impl SafetensorsFile {
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             file,
+            len,
             header,
             tensors,
             recorded,
@@ -83,6 +100,11 @@ impl SafetensorsFile {
         &self.header
     }
 
+    /// The file's length in bytes.
+    pub fn byte_len(&self) -> u64 {
+        self.len
+    }
+
     /// The path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -91,12 +113,8 @@ impl SafetensorsFile {
     /// blake3 of one tensor's bytes, read in bounded windows.
     pub fn hash_tensor(&self, key: &str) -> Result<blake3::Hash> {
         let t = self.find(key)?;
-        crate::io::hash_range(
-            &self.file,
-            &self.path,
-            self.header.header_len + t.start,
-            t.len(),
-        )
+        self.file
+            .hash_range(&self.path, self.header.header_len + t.start, t.len())
     }
 
     /// Checks the tensors against the blake3 hashes ckptkit records in
@@ -176,18 +194,13 @@ impl TensorSource for SafetensorsFile {
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {
         let t = self.find(key)?;
-        map_window(
-            &self.file,
-            &self.path,
-            self.header.header_len + t.start,
-            t.len(),
-        )
-        .map_err(|e| e.with_tensor(key))
+        self.file
+            .window(&self.path, self.header.header_len + t.start, t.len())
+            .map_err(|e| e.with_tensor(key))
     }
     fn read_pieces(&self, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let t = self.find(key)?;
-        crate::io::read_windows(
-            &self.file,
+        self.file.windows(
             &self.path,
             self.header.header_len + t.start,
             t.len(),
@@ -207,6 +220,63 @@ impl TensorSource for SafetensorsFile {
                 .get(key)
                 .map(|t| self.header.header_len + t.start),
             ..Default::default()
+        }
+    }
+}
+
+/// Where a safetensors file's bytes are: a local file (mapped) or a remote
+/// object (fetched by range).
+#[derive(Debug)]
+enum Backing {
+    Local(File),
+    #[cfg(feature = "remote")]
+    Remote(crate::io::remote::Object),
+}
+
+impl Backing {
+    fn read_at(&self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Backing::Local(f) => read_at(f, path, offset, buf),
+            #[cfg(feature = "remote")]
+            Backing::Remote(o) => o.read_at(offset, buf),
+        }
+    }
+
+    fn window(&self, path: &Path, offset: u64, len: u64) -> Result<TensorBytes> {
+        match self {
+            Backing::Local(f) => map_window(f, path, offset, len),
+            #[cfg(feature = "remote")]
+            Backing::Remote(o) => o.range(offset, len).map(TensorBytes::Owned),
+        }
+    }
+
+    fn windows(
+        &self,
+        path: &Path,
+        offset: u64,
+        len: u64,
+        key: &str,
+        f: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        match self {
+            Backing::Local(file) => crate::io::read_windows(file, path, offset, len, key, f),
+            #[cfg(feature = "remote")]
+            Backing::Remote(o) => o.pieces(offset, len, f).map_err(|e| e.with_tensor(key)),
+        }
+    }
+
+    fn hash_range(&self, path: &Path, offset: u64, len: u64) -> Result<blake3::Hash> {
+        match self {
+            Backing::Local(f) => crate::io::hash_range(f, path, offset, len),
+            #[cfg(feature = "remote")]
+            Backing::Remote(o) => {
+                let mut h = blake3::Hasher::new();
+                o.pieces(offset, len, &mut |b| {
+                    h.update_rayon(b);
+                    Ok(())
+                })?;
+                Ok(h.finalize())
+            }
         }
     }
 }

@@ -83,7 +83,48 @@ impl ShardedDir {
     /// one, else the given weight files (or, with `None`, its single
     /// `*.safetensors` file).
     pub fn open_with(dir: &Path, files: Option<Vec<String>>) -> Result<ShardedDir> {
-        let index_path = find_index(dir)?;
+        let listed = |dir: &Path| -> Result<Vec<String>> {
+            let mut names = Vec::new();
+            for e in std::fs::read_dir(dir).map_err(|e| Error::from(e).with_file(dir))? {
+                let n = e
+                    .map_err(|er| Error::from(er).with_file(dir))?
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned();
+                if n.ends_with(".safetensors") && !n.starts_with('.') {
+                    names.push(n);
+                }
+            }
+            Ok(names)
+        };
+        Self::open_impl(dir, dir, files, &listed, &|n: &str| {
+            SafetensorsFile::open(&dir.join(n))
+        })
+    }
+
+    /// Opens a remote directory: its index (if any) in the local directory
+    /// `side` its side files were fetched into, its weight files (`listed`:
+    /// the `*.safetensors` names under it) through `open`; messages name
+    /// `shown` (its URL).
+    #[cfg(feature = "remote")]
+    pub(crate) fn open_listed(
+        side: &Path,
+        shown: &Path,
+        listed: Vec<String>,
+        open: &dyn Fn(&str) -> Result<SafetensorsFile>,
+    ) -> Result<ShardedDir> {
+        Self::open_impl(side, shown, None, &|_: &Path| Ok(listed.clone()), open)
+    }
+
+    fn open_impl(
+        side: &Path,
+        shown: &Path,
+        files: Option<Vec<String>>,
+        list: &dyn Fn(&Path) -> Result<Vec<String>>,
+        open: &dyn Fn(&str) -> Result<SafetensorsFile>,
+    ) -> Result<ShardedDir> {
+        let dir = shown;
+        let index_path = find_index(side)?;
         let (names, index) = match (&index_path, files) {
             (None, Some(names)) => (names, None),
             (index_path, _) => match index_path {
@@ -103,17 +144,7 @@ impl ShardedDir {
                     (names, Some(idx))
                 }
                 None => {
-                    let mut names = Vec::new();
-                    for e in std::fs::read_dir(dir).map_err(|e| Error::from(e).with_file(dir))? {
-                        let n = e
-                            .map_err(|er| Error::from(er).with_file(dir))?
-                            .file_name()
-                            .to_string_lossy()
-                            .into_owned();
-                        if n.ends_with(".safetensors") && !n.starts_with('.') {
-                            names.push(n);
-                        }
-                    }
+                    let mut names = list(side)?;
                     names.sort();
                     // several files: the one transformers or diffusers loads
                     if names.len() > 1 {
@@ -147,7 +178,7 @@ impl ShardedDir {
         let mut tensors = Vec::new();
         let mut metadata = BTreeMap::new();
         for (fi, n) in names.iter().enumerate() {
-            let f = SafetensorsFile::open(&dir.join(n))?;
+            let f = open(n)?;
             for t in f.tensors() {
                 let mut t = t.clone();
                 t.file = fi;

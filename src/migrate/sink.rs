@@ -32,13 +32,17 @@ pub(crate) struct Carry {
 
 impl Carry {
     pub(crate) fn of(input: &Path, src: &dyn TensorSource) -> Result<Carry> {
-        let size = std::fs::metadata(input)
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
-            .unwrap_or(0);
+        // a remote input is recorded by its URL, never its local stand-in
+        let (path, size) = crate::io::open::remote_origin(input).unwrap_or_else(|| {
+            let size = std::fs::metadata(input)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .unwrap_or(0);
+            (input.display().to_string(), size)
+        });
         let sources = vec![SourceFile {
-            path: input.display().to_string(),
+            path,
             size,
             blake3: None,
         }];

@@ -14,6 +14,18 @@ use std::path::Path;
 /// most 8 levels deep). The report sums the files.
 pub fn verify(path: &Path) -> Result<VerifyReport> {
     let mut r = VerifyReport::default();
+    #[cfg(feature = "remote")]
+    if let Some(m) = crate::io::remote::mounted(path) {
+        match m {
+            crate::io::remote::Mounted::File(f) => add_report(&mut r, f.verify()?),
+            crate::io::remote::Mounted::Dir(d) => {
+                for (_, f) in d.weight_files() {
+                    add_report(&mut r, f.verify()?);
+                }
+            }
+        }
+        return Ok(r);
+    }
     match input_kind(path)? {
         InputKind::Container => add_report(&mut r, verify_container(path)?),
         InputKind::Safetensors => add_report(&mut r, SafetensorsFile::open(path)?.verify()?),

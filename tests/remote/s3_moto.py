@@ -1,0 +1,234 @@
+"""Remote inputs on S3 (feature `remote`), against a local S3 server.
+
+moto's S3 server runs in this process on 127.0.0.1; a small proxy in front of
+it injects transient faults (503 answers, responses cut off half-way). The
+`migrate` binary reads `s3://` URLs through the proxy, with credentials and
+endpoint from the standard AWS_* environment variables only.
+
+    python tests/remote/s3_moto.py target/debug/examples/migrate
+
+Each check asserts on migrate's output; the first failure ends the run with
+a non-zero exit code. Run by .ci/remote.sh (moto and boto3 pinned there).
+"""
+
+import hashlib
+import http.client
+import http.server
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests/fixtures/quanto/bf16-qint8"
+BUCKET = "ckptkit-test"
+
+
+class Faults:
+    """Faults the proxy injects into the next GET requests."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.fail_503 = 0
+        self.cut = 0
+        self.gets = 0
+        self.body_bytes = 0
+
+    def take(self):
+        with self.lock:
+            self.gets += 1
+            if self.fail_503:
+                self.fail_503 -= 1
+                return "503"
+            if self.cut:
+                self.cut -= 1
+                return "cut"
+            return None
+
+
+def start_proxy(upstream_port, faults):
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def forward(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else None
+            fault = faults.take() if self.command == "GET" else None
+            if fault == "503":
+                msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(msg)))
+                self.end_headers()
+                self.wfile.write(msg)
+                return
+            c = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+            c.request(self.command, self.path, body=body, headers=dict(self.headers))
+            r = c.getresponse()
+            data = r.read()
+            self.send_response(r.status)
+            for k, v in r.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(k, v)
+            # a HEAD answer keeps the object's length
+            length = r.getheader("Content-Length") if self.command == "HEAD" else len(data)
+            self.send_header("Content-Length", str(length or 0))
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            if fault == "cut":
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            with faults.lock:
+                faults.body_bytes += len(data)
+            self.wfile.write(data)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def model_dir(root):
+    d = Path(root) / "toy"
+    d.mkdir()
+    shutil.copy(FIXTURE / "quantized.safetensors", d / "diffusion_pytorch_model.safetensors")
+    shutil.copy(FIXTURE / "quanto_qmap.json", d / "quanto_qmap.json")
+    (d / "config.json").write_text(
+        '{"_class_name": "Toy", "quantization_config": {"quant_method": "quanto", "weights": "int8"}}'
+    )
+    (d / "README.md").write_text("a toy model\n")
+    return d
+
+
+def tree(d):
+    d = Path(d)
+    return sorted(
+        (str(p.relative_to(d)), hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in d.rglob("*")
+        if p.is_file()
+    )
+
+
+def main():
+    migrate = Path(sys.argv[1]).resolve()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    faults = Faults()
+    proxy = start_proxy(port, faults)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("AWS_")
+    } | {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}",
+        "AWS_ALLOW_HTTP": "true",
+    }
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=f"http://{host}:{port}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    s3.create_bucket(Bucket=BUCKET)
+
+    def run(*args, ok=True, environ=None):
+        r = subprocess.run(
+            [str(migrate), *args], capture_output=True, text=True, env=environ or env
+        )
+        if ok and r.returncode != 0:
+            raise AssertionError(f"migrate {args}: exit {r.returncode}: {r.stderr}")
+        return r
+
+    checks = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        local = model_dir(tmp)
+        for f in local.iterdir():
+            s3.upload_file(str(f), BUCKET, f"models/toy/{f.name}")
+        prefix = f"s3://{BUCKET}/models/toy/"
+
+        # inspect: the same layers as on disk, only headers and side files fetched
+        here = json.loads(run("inspect", str(local), "--json").stdout)
+        there = json.loads(run("inspect", prefix, "--json").stdout)
+        assert there["layers"] == here["layers"], "remote inspect differs"
+        assert there["input"] == prefix, there["input"]
+        size = (local / "diffusion_pytorch_model.safetensors").stat().st_size
+        fetched = there["remote"][0]["fetched_bytes"]
+        header = 8 + int.from_bytes(
+            (local / "diffusion_pytorch_model.safetensors").read_bytes()[:8], "little"
+        )
+        side = sum((local / n).stat().st_size for n in ("config.json", "quanto_qmap.json", "README.md"))
+        assert header <= fetched <= min(size, 64 << 10) + side, (fetched, size, side, header)
+        checks += 1
+
+        # convert from the bucket: byte-identical to convert of the files on disk
+        a, b = tmp / "a", tmp / "b"
+        run("convert", str(local), str(a), "--to", "plain", "-q")
+        run("convert", prefix, str(b), "--to", "plain", "-q")
+        assert tree(a) == tree(b), "remote convert differs"
+        checks += 1
+
+        # one object (its quanto_qmap.json read from beside it) to one file
+        fa, fb = tmp / "a.safetensors", tmp / "b.safetensors"
+        run("convert", str(local / "diffusion_pytorch_model.safetensors"), str(fa), "--to", "plain", "-q")
+        run("convert", prefix + "diffusion_pytorch_model.safetensors", str(fb), "--to", "plain", "-q")
+        assert fa.read_bytes() == fb.read_bytes(), "remote single-file convert differs"
+        checks += 1
+
+        # transient faults: three 503s and two responses cut off, retried
+        faults.fail_503, faults.cut = 3, 2
+        c = tmp / "c"
+        run("convert", prefix, str(c), "--to", "plain", "-q")
+        assert (faults.fail_503, faults.cut) == (0, 0), "faults not hit"
+        assert tree(a) == tree(c), "convert through faults differs"
+        checks += 1
+
+        # check against a local reference, from the bucket
+        r = json.loads(run("check", prefix, "--against", str(local), "--json").stdout)
+        assert r["compatible"] and r["remote"][0]["url"] == prefix, r
+        # against a plain reference: incompatible, and the fix names the URL
+        r = run("check", prefix, "--against", str(a), "--json", ok=False)
+        assert r.returncode == 1, r.stderr
+        fix = json.loads(r.stdout)["fix"]
+        assert prefix.rstrip("/") in fix and "ckptkit-remote-" not in fix, fix
+        checks += 1
+
+        # verify of a ckptkit-written object checks its recorded hashes
+        s3.upload_file(str(fa), BUCKET, "written/a.safetensors")
+        v = json.loads(run("verify", f"s3://{BUCKET}/written/a.safetensors", "--json").stdout)
+        assert v["tensors"] > 0 and v["unchecked"] == 0, v
+        checks += 1
+
+        # refusals: a missing bucket, a missing object
+        missing = run("inspect", f"s3://no-such-bucket-{os.getpid()}/m.safetensors", ok=False)
+        assert missing.returncode == 1 and "no-such-bucket" in missing.stderr, missing.stderr
+        gone = run("inspect", f"s3://{BUCKET}/models/absent.safetensors", ok=False)
+        assert gone.returncode == 1 and "no such object" in gone.stderr, gone.stderr
+        checks += 1
+
+    proxy.shutdown()
+    server.stop()
+    print(f"s3 (moto): {checks} checks passed")
+
+
+if __name__ == "__main__":
+    main()
