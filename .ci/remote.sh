@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 # the features the clippy step checked, so the library is built once more only
 cargo build --quiet --features fuzzing,remote --example migrate
 cargo test --quiet --features fuzzing,remote --test remote
+cargo test --quiet --features fuzzing,remote --doc remote
 VENV=target/remote-venv
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip --disable-pip-version-check --no-cache-dir install --quiet \

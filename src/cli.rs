@@ -487,6 +487,12 @@ fn print_plan(p: &Plan) {
 struct Mounts {
     #[cfg(feature = "remote")]
     list: Vec<crate::io::remote::Mount>,
+    /// A remote output: staged locally, uploaded after the conversion.
+    #[cfg(feature = "remote")]
+    upload: Option<crate::io::remote::Upload>,
+    /// What the upload sent.
+    #[cfg(feature = "remote")]
+    uploaded: std::sync::Mutex<Option<crate::io::remote::UploadReport>>,
 }
 
 impl Mounts {
@@ -518,6 +524,44 @@ impl Mounts {
         )))
     }
 
+    /// Prepares a remote output when `p` is a URL and makes `p` its local
+    /// staging path.
+    #[cfg_attr(not(feature = "remote"), allow(clippy::ptr_arg))]
+    fn output(&mut self, p: &mut PathBuf, overwrite: bool) -> Result<(), crate::Error> {
+        if !Self::is_url(p) {
+            return Ok(());
+        }
+        let s = p.to_string_lossy().into_owned();
+        #[cfg(feature = "remote")]
+        {
+            let dir = crate::migrate::output_kind(std::path::Path::new(&s))
+                == crate::migrate::OutputKind::Directory;
+            let u = crate::io::remote::Upload::prepare(&s, dir, overwrite)?;
+            *p = u.path().to_path_buf();
+            self.upload = Some(u);
+            Ok(())
+        }
+        #[cfg(not(feature = "remote"))]
+        {
+            let _ = overwrite;
+            Err(crate::Error::usage(format!(
+                "{s} is a URL: this migrate was built without remote outputs (build it with \
+                 `--features remote`)"
+            )))
+        }
+    }
+
+    /// Uploads a staged remote output, if any.
+    fn commit(&self, ctl: &crate::Control) -> Result<(), crate::Error> {
+        #[cfg(feature = "remote")]
+        if let Some(u) = &self.upload {
+            let r = u.commit(ctl)?;
+            *self.uploaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        }
+        let _ = ctl;
+        Ok(())
+    }
+
     /// How a path is shown: a mount's URL for its local path.
     fn shown(&self, p: &std::path::Path) -> String {
         #[cfg(feature = "remote")]
@@ -538,6 +582,10 @@ impl Mounts {
                 let url = m.url().trim_end_matches('/');
                 s = s.replace(&local, url);
             }
+            if let Some(u) = &self.upload {
+                let local = u.path().display().to_string();
+                s = s.replace(&local, u.url().trim_end_matches('/'));
+            }
             s
         }
         #[cfg(not(feature = "remote"))]
@@ -548,7 +596,7 @@ impl Mounts {
     /// was fetched (`"remote"`: per URL, bytes and requests).
     fn json<T: serde::Serialize>(&self, r: &T) -> String {
         #[cfg(feature = "remote")]
-        if !self.list.is_empty() {
+        if !self.list.is_empty() || self.upload.is_some() {
             let Ok(mut v) = serde_json::to_value(r) else {
                 return to_json(r);
             };
@@ -576,6 +624,11 @@ impl Mounts {
                     })
                     .collect();
                 o.insert("remote".into(), serde_json::Value::Array(remote));
+                if let Some(r) = &*self.uploaded.lock().unwrap_or_else(|p| p.into_inner()) {
+                    if let Ok(u) = serde_json::to_value(r) {
+                        o.insert("upload".into(), u);
+                    }
+                }
             }
             return to_json(&v);
         }
@@ -596,7 +649,12 @@ impl Mounts {
 fn run_cli(mut cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
     let mut mounts = Mounts::default();
     match &mut cli.cmd {
-        Cmd::Convert(a) => mounts.input(&mut a.input)?,
+        Cmd::Convert(a) => {
+            mounts.input(&mut a.input)?;
+            if !a.dry_run {
+                mounts.output(&mut a.output, a.force)?;
+            }
+        }
         Cmd::Inspect { input, .. } | Cmd::Verify { input, .. } => mounts.input(input)?,
         Cmd::Check { input, against, .. } => {
             mounts.input(input)?;
@@ -647,6 +705,8 @@ fn run_cmd(cli: Cli, cancel: crate::Cancel, mounts: &Mounts) -> Result<u8, crate
                 b.finish_and_clear();
             }
             let s = s?;
+            // a remote output: the staged, committed output is uploaded
+            mounts.commit(&opts.control)?;
             if !json {
                 for w in &s.warnings {
                     eprintln!("warning: {w}");
@@ -666,7 +726,7 @@ fn run_cmd(cli: Cli, cancel: crate::Cancel, mounts: &Mounts) -> Result<u8, crate
                         s.tensors,
                         s.layers,
                         s.bytes_in,
-                        output.display()
+                        mounts.shown(&output)
                     );
                 } else {
                     let gbs = s.bytes_in as f64 / s.seconds.max(1e-9) / 1e9;
@@ -677,7 +737,7 @@ fn run_cmd(cli: Cli, cancel: crate::Cancel, mounts: &Mounts) -> Result<u8, crate
                         .unwrap_or_else(|| "all kept, lossless".into());
                     println!(
                         "wrote {}: {} tensors, {} layers ({kinds}), {} bytes in, {} bytes out, {:.2} s ({gbs:.2} GB/s)",
-                        output.display(),
+                        mounts.shown(&output),
                         s.tensors,
                         s.layers,
                         s.bytes_in,
@@ -691,7 +751,7 @@ fn run_cmd(cli: Cli, cancel: crate::Cancel, mounts: &Mounts) -> Result<u8, crate
                         );
                     }
                     if let Some(h) = &s.blake3 {
-                        println!("blake3 {h}  {}", output.display());
+                        println!("blake3 {h}  {}", mounts.shown(&output));
                     }
                 }
             }

@@ -100,7 +100,7 @@ pub use crate::io::atomic::{recover, Recovered};
 pub use crate::io::container::{Container, VerifyReport};
 pub use crate::io::open::{open_source, InputKind};
 #[cfg(feature = "remote")]
-pub use crate::io::remote::Mount;
+pub use crate::io::remote::{Mount, Upload, UploadReport};
 pub use crate::io::safetensors_file::SafetensorsFile;
 pub use crate::io::sharded::ShardedDir;
 pub use crate::io::source::{SourceTensor, TensorSource};

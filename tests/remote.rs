@@ -217,6 +217,23 @@ fn hostile_remote_headers_are_refused_as_for_local_files() {
     assert_eq!(code(&o), 1);
 }
 
+#[test]
+fn an_http_url_is_an_input_only() {
+    let d = tempfile::tempdir().unwrap();
+    let input = model_dir(d.path());
+    let srv = Server::start(d.path());
+    let o = run(&[
+        "convert",
+        s(&input),
+        &srv.url("out.safetensors"),
+        "--to",
+        "plain",
+    ]);
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("inputs only"), "{}", err(&o));
+    assert!(!d.path().join("out.safetensors").exists());
+}
+
 /// A small HTTP/1.1 file server with byte ranges, ETags, `If-Match` and
 /// injected faults, for the tests only.
 mod server {

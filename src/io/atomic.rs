@@ -221,6 +221,18 @@ fn walk(dir: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// The entries a `.ckptkit-output.json` record lists (relative
+/// `/`-separated paths), or why it is not one (a remote output's record is
+/// read with it: only what it lists may be replaced).
+pub(crate) fn record_entries(bytes: &[u8]) -> std::result::Result<Vec<String>, String> {
+    if bytes.len() as u64 > MAX_RECORD_LEN {
+        return Err(format!("larger than {MAX_RECORD_LEN} bytes"));
+    }
+    serde_json::from_slice::<Record>(bytes)
+        .map(|r| r.entries)
+        .map_err(|e| e.to_string())
+}
+
 /// Refuses to replace a directory unless it is empty or every entry in it
 /// is listed in its ckptkit record.
 pub fn check_replaceable(dir: &Path) -> Result<()> {
@@ -232,10 +244,13 @@ pub fn check_replaceable(dir: &Path) -> Result<()> {
     let listed: std::collections::HashSet<String> = match fs::symlink_metadata(&rp) {
         Ok(md) if md.is_file() => {
             let bytes = crate::io::files::read_capped(&rp, MAX_RECORD_LEN, "output record size")?;
-            let r: Record = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::new(ErrorKind::Json(format!("ckptkit output record: {e}"))).with_file(&rp)
-            })?;
-            r.entries.into_iter().collect()
+            record_entries(&bytes)
+                .map_err(|e| {
+                    Error::new(ErrorKind::Json(format!("ckptkit output record: {e}")))
+                        .with_file(&rp)
+                })?
+                .into_iter()
+                .collect()
         }
         _ => Default::default(),
     };

@@ -18,10 +18,13 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+import urllib.parse
 from pathlib import Path
 
 import boto3
@@ -41,6 +44,10 @@ class Faults:
         self.cut = 0
         self.gets = 0
         self.body_bytes = 0
+        # every request: (method, path, query)
+        self.log = []
+        # seconds each UploadPart request waits before it is forwarded
+        self.part_delay = 0.0
 
     def take(self):
         with self.lock:
@@ -64,6 +71,10 @@ def start_proxy(upstream_port, faults):
         def forward(self):
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n) if n else None
+            with faults.lock:
+                faults.log.append((self.command, *self.path.split("?", 1), "")[:3])
+            if self.command == "PUT" and "partNumber=" in self.path and faults.part_delay:
+                time.sleep(faults.part_delay)
             fault = faults.take() if self.command == "GET" else None
             if fault == "503":
                 msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
@@ -225,9 +236,125 @@ def main():
         assert gone.returncode == 1 and "no such object" in gone.stderr, gone.stderr
         checks += 1
 
+        checks += check_outputs(run, s3, faults, tmp, local, a, migrate, env)
+
     proxy.shutdown()
     server.stop()
     print(f"s3 (moto): {checks} checks passed")
+
+
+def bf16_file(path, n_bytes):
+    """A safetensors file of one BF16 tensor with finite random values."""
+    data = bytearray(os.urandom(n_bytes))
+    # high bytes: keep sign and the low exponent bit, pin the rest (|x| < 2)
+    table = bytes(((b & 0x81) | 0x3C) for b in range(256))
+    data[1::2] = bytes(data[1::2]).translate(table)
+    n = n_bytes // 2
+    header = json.dumps(
+        {"w.weight": {"dtype": "BF16", "shape": [n // 1024, 1024], "data_offsets": [0, n_bytes]}}
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    Path(path).write_bytes(len(header).to_bytes(8, "little") + header + bytes(data))
+
+
+def objects(s3, prefix):
+    r = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"][len(prefix):] for o in r.get("Contents", []))
+
+
+def download_tree(s3, prefix, dest):
+    for rel in objects(s3, prefix):
+        p = Path(dest) / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(BUCKET, prefix + rel, str(p))
+
+
+def part_puts(faults, key):
+    """The part numbers of the UploadPart requests for `key`, in order."""
+    out = []
+    for method, path, query in faults.log:
+        q = urllib.parse.parse_qs(query)
+        if method == "PUT" and path == f"/{BUCKET}/{key}" and "partNumber" in q:
+            out.append(int(q["partNumber"][0]))
+    return out
+
+
+def check_outputs(run, s3, faults, tmp, local, plain_dir, migrate, env):
+    """Outputs at s3:// URLs: multipart uploads with the header part last,
+    byte-identical to local outputs; directories committed by their record;
+    --force limited to a previous output's objects; Ctrl-C aborts."""
+    checks = 0
+    big = tmp / "big.safetensors"
+    bf16_file(big, 12 << 20)
+    env_parts = dict(env, CKPTKIT_UPLOAD_PART_SIZE=str(5 << 20))
+
+    # one file: 24 MiB of F32 in 5 parts, part 1 (the header) sent last
+    here = tmp / "big-f32.safetensors"
+    run("convert", str(big), str(here), "--to", "plain:f32", "-q")
+    key = "out/big-f32.safetensors"
+    r = run("convert", str(big), f"s3://{BUCKET}/{key}", "--to", "plain:f32", "--json", environ=env_parts)
+    report = json.loads(r.stdout)
+    assert report["upload"]["parts"] == 5 and report["upload"]["objects"] == 1, report
+    assert report["output"] == f"s3://{BUCKET}/{key}", report["output"]
+    got = tmp / "got.safetensors"
+    s3.download_file(BUCKET, key, str(got))
+    assert got.read_bytes() == here.read_bytes(), "uploaded file differs from the local output"
+    parts = part_puts(faults, key)
+    assert sorted(parts) == [1, 2, 3, 4, 5] and parts[-1] == 1, parts
+    whole = [m for m, p, q in faults.log if m == "PUT" and p == f"/{BUCKET}/{key}" and "partNumber" not in q]
+    assert not whole, "a whole-object PUT was sent"
+    checks += 1
+
+    # an existing object is not replaced without --force
+    r = run("convert", str(big), f"s3://{BUCKET}/{key}", "--to", "plain:f32", ok=False)
+    assert r.returncode != 0 and "exists" in r.stderr, r.stderr
+    run("convert", str(big), f"s3://{BUCKET}/{key}", "--to", "plain:f32", "--force", "-q")
+    checks += 1
+
+    # a directory: the same files as a local directory output, its record last
+    dest = "out/toy/"
+    run("convert", str(local), f"s3://{BUCKET}/{dest}", "--to", "plain", "--max-shard-size", "6000", "-q")
+    six = tmp / "six"
+    run("convert", str(local), str(six), "--to", "plain", "--max-shard-size", "6000", "-q")
+    down = tmp / "down"
+    download_tree(s3, dest, down)
+    assert tree(down) == tree(six), "uploaded directory differs from the local output"
+    completes = [p for m, p, q in faults.log if m == "POST" and "uploadId=" in q and p.startswith(f"/{BUCKET}/{dest}")]
+    assert completes[-1].endswith("/.ckptkit-output.json"), completes[-3:]
+    assert completes[-2].endswith(".index.json"), completes[-3:]
+    checks += 1
+
+    # --force replaces only a previous output: the old shards go, a foreign object stops it
+    r = run("convert", str(local), f"s3://{BUCKET}/{dest}", "--to", "plain", ok=False)
+    assert r.returncode == 2 and "--force" in r.stderr, r.stderr
+    run("convert", str(local), f"s3://{BUCKET}/{dest}", "--to", "plain", "--force", "-q")
+    assert objects(s3, dest) == [p for p, _ in tree(plain_dir)], objects(s3, dest)
+    s3.put_object(Bucket=BUCKET, Key=dest + "notes/foreign.txt", Body=b"not ckptkit's")
+    r = run("convert", str(local), f"s3://{BUCKET}/{dest}", "--to", "plain", "--force", ok=False)
+    assert r.returncode == 1 and "notes/foreign.txt" in r.stderr, r.stderr
+    assert "notes/foreign.txt" in objects(s3, dest)
+    checks += 1
+
+    # Ctrl-C during the upload: the upload is aborted, nothing under the key
+    faults.part_delay = 1.0
+    key = "out/cancelled.safetensors"
+    p = subprocess.Popen(
+        [str(migrate), "convert", str(big), f"s3://{BUCKET}/{key}", "--to", "plain:f32", "-q"],
+        env=env_parts, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 60
+    while not part_puts(faults, key) and time.time() < deadline:
+        time.sleep(0.05)
+    assert part_puts(faults, key), "no part was sent"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    faults.part_delay = 0.0
+    assert p.returncode != 0 and "interrupted" in err.lower(), err
+    assert key not in objects(s3, ""), "a cancelled upload left an object"
+    pending = s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+    assert not [u for u in pending if u["Key"] == key], pending
+    checks += 1
+    return checks
 
 
 if __name__ == "__main__":

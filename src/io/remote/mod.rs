@@ -28,6 +28,9 @@ use crate::io::open::InputKind;
 use crate::io::safetensors_file::SafetensorsFile;
 use crate::io::sharded::ShardedDir;
 
+mod upload;
+pub use upload::{Upload, UploadReport};
+
 /// Bytes fetched with the first request for an object: the 8-byte length
 /// and, for most checkpoints, the whole safetensors header.
 pub(crate) const READ_AHEAD: u64 = 64 << 10;
@@ -69,6 +72,9 @@ pub fn is_url(s: &str) -> bool {
 /// from it.
 pub(crate) struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The same store's multipart uploads with explicit part numbers (S3,
+    /// GCS, Azure; not HTTP, which is read-only).
+    multipart: Option<Arc<dyn object_store::multipart::MultipartStore>>,
     rt: tokio::runtime::Runtime,
     fetched: AtomicU64,
     requests: AtomicU64,
@@ -104,34 +110,42 @@ fn retry_config() -> object_store::RetryConfig {
 
 /// Builds the store of a URL (credentials and endpoints from the
 /// environment) and the object path inside it.
-fn store_of(url: &str) -> Result<(Store, ObjectPath, url::Url)> {
+pub(crate) fn store_of(url: &str) -> Result<(Store, ObjectPath, url::Url)> {
     let u = url::Url::parse(url).map_err(|e| remote_err(url, "not a URL", e))?;
     let opts = object_store::ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(10))
         .with_timeout(Duration::from_secs(120));
-    let built: std::result::Result<Arc<dyn ObjectStore>, object_store::Error> =
+    type Built = (
+        Arc<dyn ObjectStore>,
+        Option<Arc<dyn object_store::multipart::MultipartStore>>,
+    );
+    fn both<S: ObjectStore + object_store::multipart::MultipartStore>(s: S) -> Built {
+        let s = Arc::new(s);
+        (s.clone(), Some(s))
+    }
+    let built: std::result::Result<Built, object_store::Error> =
         match u.scheme().to_ascii_lowercase().as_str() {
             "s3" => object_store::aws::AmazonS3Builder::from_env()
                 .with_url(url)
                 .with_retry(retry_config())
                 .build()
-                .map(|s| Arc::new(s) as _),
+                .map(both),
             "gs" => object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_url(url)
                 .with_retry(retry_config())
                 .build()
-                .map(|s| Arc::new(s) as _),
+                .map(both),
             "az" | "abfs" => object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_url(url)
                 .with_retry(retry_config())
                 .build()
-                .map(|s| Arc::new(s) as _),
+                .map(both),
             "http" | "https" => object_store::http::HttpBuilder::new()
                 .with_url(&u[..url::Position::BeforePath])
                 .with_client_options(opts.clone().with_allow_http(u.scheme() == "http"))
                 .with_retry(retry_config())
                 .build()
-                .map(|s| Arc::new(s) as _),
+                .map(|s| (Arc::new(s) as _, None)),
             s => {
                 return Err(remote_err(
                     url,
@@ -140,7 +154,7 @@ fn store_of(url: &str) -> Result<(Store, ObjectPath, url::Url)> {
                 ))
             }
         };
-    let inner = built.map_err(|e| remote_err(url, "cannot reach the store", e))?;
+    let (inner, multipart) = built.map_err(|e| remote_err(url, "cannot reach the store", e))?;
     let key = match u.scheme() {
         // the bucket is the host; the key is the path
         "http" | "https" | "s3" | "gs" | "az" | "abfs" => u.path().trim_start_matches('/'),
@@ -157,6 +171,7 @@ fn store_of(url: &str) -> Result<(Store, ObjectPath, url::Url)> {
     Ok((
         Store {
             inner,
+            multipart,
             rt,
             fetched: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -407,14 +422,15 @@ pub(crate) fn mounted_kind(path: &Path) -> Option<InputKind> {
 
 /// A remote checkpoint, mounted for the life of this value: pass
 /// [`path`](Mount::path) to any function that takes an input path
-/// ([`convert`](crate::convert), [`inspect`](crate::inspect),
-/// [`check`](crate::check), [`verify`](crate::verify)). Dropping it
+/// ([`convert`](crate::migrate::convert), [`inspect`](crate::migrate::inspect),
+/// [`check`](crate::migrate::check), [`verify`](crate::migrate::verify)). Dropping it
 /// removes its local side files and the mount.
 ///
 /// ```no_run
 /// # fn main() -> ckptkit::Result<()> {
 /// let m = ckptkit::Mount::open("s3://models/flux-dev/")?;
-/// let report = ckptkit::inspect(m.path(), &ckptkit::ConvertOptions::default())?;
+/// let opts = ckptkit::migrate::ConvertOptions::default();
+/// let report = ckptkit::migrate::inspect(m.path(), &opts)?;
 /// println!("{} layers; {} bytes fetched", report.layers.len(), m.fetched_bytes());
 /// # Ok(()) }
 /// ```
@@ -521,6 +537,11 @@ impl Mount {
             w
         } else {
             let listed = list(store, &dir_key, url)?;
+            if listed.is_empty() {
+                return Err(Error::new(ErrorKind::NotFound(format!(
+                    "{url}: no objects under this prefix"
+                ))));
+            }
             let side: Vec<&str> = listed
                 .iter()
                 .filter(|(n, _)| is_side_file(n))
@@ -603,6 +624,39 @@ fn child(dir_key: &str, name: &str, url: &str) -> Result<ObjectPath> {
     ObjectPath::parse(&k).map_err(|e| remote_err(url, "not an object path", e))
 }
 
+/// Every object under a prefix, at any depth, by its `/`-separated path
+/// relative to the prefix (at most `MAX_LISTED`).
+fn list_all(store: &Store, dir_key: &str, url: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir_key.to_string()];
+    while let Some(k) = stack.pop() {
+        let prefix = (!k.is_empty()).then(|| ObjectPath::from(k.as_str()));
+        store.requests.fetch_add(1, Ordering::Relaxed);
+        let r = store
+            .rt
+            .block_on(store.inner.list_with_delimiter(prefix.as_ref()))
+            .map_err(|e| remote_err(url, "cannot list the destination", e))?;
+        for m in r.objects {
+            let full = m.location.as_ref();
+            let rel = full
+                .strip_prefix(dir_key)
+                .unwrap_or(full)
+                .trim_start_matches('/');
+            out.push(rel.to_string());
+        }
+        for p in r.common_prefixes {
+            stack.push(p.as_ref().to_string());
+        }
+        if out.len() + stack.len() > MAX_LISTED {
+            return Err(Error::new(ErrorKind::Remote(format!(
+                "{url}: more than {MAX_LISTED} objects under this prefix"
+            ))));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The objects directly under a prefix, by name, with their sizes.
 fn list(store: &Store, dir_key: &str, url: &str) -> Result<Vec<(String, u64)>> {
     let prefix = if dir_key.is_empty() {
@@ -644,11 +698,6 @@ fn list(store: &Store, dir_key: &str, url: &str) -> Result<Vec<(String, u64)>> {
         .filter_map(|m| m.location.filename().map(|n| (n.to_string(), m.size)))
         .collect();
     out.sort();
-    if out.is_empty() {
-        return Err(Error::new(ErrorKind::NotFound(format!(
-            "{url}: no objects under this prefix"
-        ))));
-    }
     Ok(out)
 }
 
@@ -696,7 +745,7 @@ fn fetch_side_files(
 }
 
 /// A new private directory (mode 0700) under the temporary directory.
-fn private_dir() -> Result<PathBuf> {
+pub(crate) fn private_dir() -> Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     static N: AtomicU64 = AtomicU64::new(0);
     let base = std::env::temp_dir();

@@ -1,0 +1,409 @@
+//! Remote outputs (`s3://`, `gs://`, `az://`): a conversion writes its
+//! output, complete and committed, into a private local staging directory;
+//! [`Upload::commit`] then sends every file as a multipart upload with
+//! explicit part numbers, the first part (the file's header) last, and
+//! completes each upload only once all its parts are stored, so an object
+//! appears whole or not at all. A directory is committed by its index and
+//! its `.ckptkit-output.json` record, uploaded after every weight file.
+//! An error or a cancellation aborts the uploads in flight.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStoreExt;
+
+use super::{child, list_all, private_dir, remote_err, store_of, Store};
+use crate::control::Control;
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::atomic::RECORD_NAME;
+
+/// Default size of every part but the last.
+const PART: u64 = 32 << 20;
+/// The smallest part S3 accepts (but for the last).
+const MIN_PART: u64 = 5 << 20;
+/// The most parts of one upload (S3's limit).
+const MAX_PARTS: u64 = 10_000;
+/// Parts in flight at once, per file.
+const IN_FLIGHT: usize = 4;
+
+/// An output at a remote URL: where to write it locally first, then its
+/// upload. Dropping it removes the staging directory.
+///
+/// ```no_run
+/// # fn main() -> ckptkit::Result<()> {
+/// use ckptkit::migrate::{convert, ConvertOptions, Target};
+/// let up = ckptkit::Upload::prepare("s3://models/flux-bf16/", true, false)?;
+/// let opts = ConvertOptions::default().target(Target::parse("plain:bf16")?);
+/// convert("flux/".as_ref(), up.path(), &opts)?;
+/// let sent = up.commit(&opts.control)?;
+/// println!("{} objects, {} bytes uploaded", sent.objects, sent.uploaded_bytes);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Upload {
+    url: String,
+    store: Arc<Store>,
+    key: ObjectPath,
+    dir: bool,
+    root: PathBuf,
+    local: PathBuf,
+    /// Objects of a previous ckptkit output at the prefix (`--force`),
+    /// removed after the commit unless the new output has them too.
+    replaced: Vec<String>,
+    uploaded: AtomicU64,
+    parts: AtomicU64,
+}
+
+/// What [`Upload::commit`] sent.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UploadReport {
+    /// The output URL.
+    pub url: String,
+    /// Objects written.
+    pub objects: u64,
+    /// Bytes uploaded.
+    pub uploaded_bytes: u64,
+    /// Parts uploaded (over every object).
+    pub parts: u64,
+    /// Objects of the previous output removed (`--force`).
+    pub removed: Vec<String>,
+}
+
+impl Upload {
+    /// Prepares an output at `url` (a directory when `dir`: the URL is a
+    /// prefix): checks the destination (an existing object, or objects under
+    /// the prefix, are refused unless `overwrite`; with it, a prefix may
+    /// hold only what a previous ckptkit output's record there lists) and
+    /// makes the staging directory (under the temporary directory, or
+    /// `CKPTKIT_STAGING` when set).
+    pub fn prepare(url: &str, dir: bool, overwrite: bool) -> Result<Upload> {
+        let (store, key, u) = store_of(url)?;
+        if store.multipart.is_none() {
+            return Err(Error::usage(format!(
+                "{url}: {} URLs are inputs only; write outputs to s3://, gs:// or az://",
+                u.scheme()
+            )));
+        }
+        let store = Arc::new(store);
+        let key_s = key.as_ref().trim_end_matches('/').to_string();
+        if key_s.is_empty() {
+            return Err(Error::usage(format!(
+                "{url}: name an object or a prefix inside the bucket, not the bucket itself"
+            )));
+        }
+        let key = ObjectPath::from(key_s.as_str());
+        let mut replaced = Vec::new();
+        if dir {
+            let have = list_all(&store, &key_s, url)?;
+            if !have.is_empty() {
+                replaced = replaceable(&store, &key_s, url, &have, overwrite)?;
+            }
+        } else if store.head(&key, url)?.is_some() && !overwrite {
+            return Err(Error::new(ErrorKind::OutputExists(PathBuf::from(url))));
+        }
+        let root = match std::env::var_os("CKPTKIT_STAGING") {
+            Some(d) => {
+                let p = PathBuf::from(d).join(format!(
+                    ".ckptkit-staging-{}-{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or(0)
+                ));
+                std::fs::create_dir(&p).map_err(|e| Error::from(e).with_file(&p))?;
+                p
+            }
+            None => private_dir()?,
+        };
+        let name = key_s.rsplit('/').next().unwrap_or("output").to_string();
+        Ok(Upload {
+            url: url.to_string(),
+            store,
+            key,
+            dir,
+            local: root.join(name),
+            root,
+            replaced,
+            uploaded: AtomicU64::new(0),
+            parts: AtomicU64::new(0),
+        })
+    }
+
+    /// Where the conversion writes the output before it is uploaded.
+    pub fn path(&self) -> &Path {
+        &self.local
+    }
+
+    /// The output URL, as given.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Uploads the staged output: each file as a multipart upload whose
+    /// first part is sent last; for a directory, weight files first, then
+    /// other files, then indexes, then the output record; then the objects
+    /// of a replaced previous output that the new one does not have are
+    /// removed. Stops (aborting the uploads in flight) when `ctl` is
+    /// cancelled.
+    pub fn commit(&self, ctl: &Control) -> Result<UploadReport> {
+        let mut report = UploadReport {
+            url: self.url.clone(),
+            ..Default::default()
+        };
+        if !self.dir {
+            self.put_file(&self.local, &self.key, &self.url, ctl)?;
+            report.objects = 1;
+        } else {
+            let mut files = local_files(&self.local)?;
+            files.sort_by_key(|(rel, _)| (rank(rel), rel.clone()));
+            for (rel, p) in &files {
+                let key = child(self.key.as_ref(), rel, &self.url)?;
+                let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
+                self.put_file(p, &key, &u, ctl)?;
+                report.objects += 1;
+            }
+            let new: std::collections::HashSet<&str> =
+                files.iter().map(|(r, _)| r.as_str()).collect();
+            for old in &self.replaced {
+                if new.contains(old.as_str()) {
+                    continue;
+                }
+                let key = child(self.key.as_ref(), old, &self.url)?;
+                self.store
+                    .rt
+                    .block_on(self.store.inner.delete(&key))
+                    .map_err(|e| remote_err(&self.url, &format!("cannot remove `{old}`"), e))?;
+                report.removed.push(old.clone());
+            }
+        }
+        report.uploaded_bytes = self.uploaded.load(Ordering::Relaxed);
+        report.parts = self.parts.load(Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// One file as one multipart upload: parts 2.. in parallel, part 1 (the
+    /// header) last, then completed; aborted on any error.
+    fn put_file(&self, local: &Path, key: &ObjectPath, url: &str, ctl: &Control) -> Result<()> {
+        let mp = self
+            .store
+            .multipart
+            .as_ref()
+            .ok_or_else(|| Error::usage(format!("{url}: not a store that takes uploads")))?;
+        let f = crate::io::files::open_regular(local)?;
+        let size = f
+            .metadata()
+            .map_err(|e| Error::from(e).with_file(local))?
+            .len();
+        let part = part_size(size);
+        let n = size.div_ceil(part).max(1) as usize;
+        ctl.check()?;
+        let id = self
+            .store
+            .rt
+            .block_on(mp.create_multipart(key))
+            .map_err(|e| remote_err(url, "cannot start the upload", e))?;
+        let r = self.send_parts(mp.as_ref(), &f, local, key, url, &id, size, part, n, ctl);
+        match r {
+            Ok(ids) => {
+                let done = self
+                    .store
+                    .rt
+                    .block_on(mp.complete_multipart(key, &id, ids))
+                    .map_err(|e| remote_err(url, "cannot complete the upload", e));
+                if done.is_err() {
+                    let _ = self.store.rt.block_on(mp.abort_multipart(key, &id));
+                }
+                done.map(|_| ())
+            }
+            Err(e) => {
+                // nothing appears under the key; the parts are released
+                let _ = self.store.rt.block_on(mp.abort_multipart(key, &id));
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_parts(
+        &self,
+        mp: &dyn MultipartStore,
+        f: &std::fs::File,
+        local: &Path,
+        key: &ObjectPath,
+        url: &str,
+        id: &str,
+        size: u64,
+        part: u64,
+        n: usize,
+        ctl: &Control,
+    ) -> Result<Vec<PartId>> {
+        let ids: Mutex<Vec<Option<PartId>>> = Mutex::new(vec![None; n]);
+        let put = |i: usize| -> Result<()> {
+            ctl.check()?;
+            let off = i as u64 * part;
+            let len = part.min(size - off);
+            let mut buf = vec![0u8; len as usize];
+            crate::io::read_at(f, local, off, &mut buf)?;
+            let pid = self
+                .store
+                .rt
+                .block_on(mp.put_part(key, &id.to_string(), i, buf.into()))
+                .map_err(|e| {
+                    remote_err(url, &format!("cannot upload part {}", i + 1), e).with_offset(off)
+                })?;
+            self.uploaded.fetch_add(len, Ordering::Relaxed);
+            self.parts.fetch_add(1, Ordering::Relaxed);
+            ids.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(pid);
+            Ok(())
+        };
+        // every part but the first, a few at a time
+        let next = AtomicUsize::new(1);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..IN_FLIGHT.min(n.saturating_sub(1)) {
+                s.spawn(|| loop {
+                    if failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    if let Err(e) = put(i) {
+                        failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        return;
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        // the first part, holding the header, last
+        put(0)?;
+        ids.into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.ok_or_else(|| Error::usage(format!("internal: part {} not uploaded", i + 1)))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The part size for a file of `size` bytes: 32 MiB (or
+/// `CKPTKIT_UPLOAD_PART_SIZE`, at least 5 MiB), larger when the file would
+/// need more than 10 000 parts.
+fn part_size(size: u64) -> u64 {
+    let p = std::env::var("CKPTKIT_UPLOAD_PART_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|v| v.max(MIN_PART))
+        .unwrap_or(PART);
+    p.max(size.div_ceil(MAX_PARTS))
+}
+
+/// Upload order in a directory: weights, other files, indexes, the record.
+fn rank(rel: &str) -> u8 {
+    if rel == RECORD_NAME {
+        3
+    } else if rel.ends_with(".index.json") {
+        2
+    } else if rel.ends_with(".safetensors") || rel.ends_with(".ckpk") || rel.ends_with(".gguf") {
+        0
+    } else {
+        1
+    }
+}
+
+/// Every file under a staged output directory, by `/`-separated relative
+/// path.
+fn local_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, rel)) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| Error::from(e).with_file(&d))? {
+            let e = e.map_err(|e| Error::from(e).with_file(&d))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = e
+                .file_type()
+                .map_err(|er| Error::from(er).with_file(e.path()))?;
+            if ft.is_dir() {
+                stack.push((e.path(), r));
+            } else if ft.is_file() {
+                out.push((r, e.path()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The objects under a prefix that an upload with `overwrite` may replace:
+/// all of them, when the prefix holds a ckptkit output record listing each;
+/// otherwise the upload is refused, naming up to five objects.
+fn replaceable(
+    store: &Store,
+    key: &str,
+    url: &str,
+    have: &[String],
+    overwrite: bool,
+) -> Result<Vec<String>> {
+    if !overwrite {
+        return Err(Error::usage(format!(
+            "{url} already holds {} object(s) ({}); --force replaces a previous ckptkit output \
+             there (only the objects its {RECORD_NAME} lists)",
+            have.len(),
+            have.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let listed: std::collections::HashSet<String> = if have.iter().any(|h| h == RECORD_NAME) {
+        let p = child(key, RECORD_NAME, url)?;
+        let meta = store.head(&p, url)?;
+        let bytes = match meta {
+            Some(m) if m.size > 0 => {
+                store.get(&p, url, m.e_tag.as_deref(), 0..m.size.min(64 << 20))?
+            }
+            _ => Vec::new(),
+        };
+        crate::io::atomic::record_entries(&bytes)
+            .map_err(|e| {
+                Error::new(ErrorKind::Json(format!("ckptkit output record: {e}")))
+                    .with_file(format!("{}/{RECORD_NAME}", url.trim_end_matches('/')))
+            })?
+            .into_iter()
+            .collect()
+    } else {
+        Default::default()
+    };
+    let foreign: Vec<&String> = have
+        .iter()
+        .filter(|h| h.as_str() != RECORD_NAME && !listed.contains(h.as_str()))
+        .collect();
+    if !foreign.is_empty() {
+        return Err(Error::new(ErrorKind::ForeignEntries {
+            dir: PathBuf::from(url),
+            entries: foreign.iter().take(5).map(|s| s.to_string()).collect(),
+            total: foreign.len(),
+        }));
+    }
+    Ok(have.to_vec())
+}
