@@ -45,6 +45,10 @@ const MAX_SIDE_TOTAL: u64 = 1 << 30;
 /// Most objects listed under a remote directory.
 const MAX_LISTED: usize = 100_000;
 
+/// Pieces of one tensor fetched at once (memory: this many pieces of at
+/// most `PIECE` bytes per tensor being read).
+const AHEAD: usize = 4;
+
 /// Attempts for one ranged read whose response failed or came back short
 /// (the store's own client retries each request before that).
 const READ_ATTEMPTS: u32 = 4;
@@ -358,20 +362,49 @@ impl Object {
         self.fetch(offset, len)
     }
 
-    /// Hands the `len` bytes at `offset` to `f` in order, one fetched
-    /// piece of at most `PIECE` bytes at a time.
+    /// Hands the `len` bytes at `offset` to `f` in order, in pieces of at
+    /// most `PIECE` bytes, fetching up to `AHEAD` pieces at once.
     pub(crate) fn pieces(
         &self,
         offset: u64,
         len: u64,
         f: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
+        let piece = crate::io::source::PIECE as u64;
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(crate::io::source::PIECE as u64);
-            let b = self.range(offset + done, n)?;
-            f(&b)?;
-            done += n;
+            // up to AHEAD pieces fetched at once, handed on in order
+            let mut batch = Vec::with_capacity(AHEAD);
+            let mut at = done;
+            while at < len && batch.len() < AHEAD {
+                let n = (len - at).min(piece);
+                batch.push((offset + at, n));
+                at += n;
+            }
+            let got: Vec<Result<Vec<u8>>> = if batch.len() == 1 {
+                vec![self.range(batch[0].0, batch[0].1)]
+            } else {
+                std::thread::scope(|s| {
+                    let hs: Vec<_> = batch
+                        .iter()
+                        .map(|&(o, n)| s.spawn(move || self.range(o, n)))
+                        .collect();
+                    hs.into_iter()
+                        .map(|h| {
+                            h.join().unwrap_or_else(|_| {
+                                Err(Error::new(ErrorKind::Remote(format!(
+                                    "{}: a read thread panicked",
+                                    self.url
+                                ))))
+                            })
+                        })
+                        .collect()
+                })
+            };
+            for b in got {
+                f(&b?)?;
+            }
+            done = at;
         }
         Ok(())
     }
