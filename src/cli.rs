@@ -670,6 +670,7 @@ fn run_cli(mut cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
         _ => {}
     }
     run_cmd(cli, cancel, &mounts)
+        .map_err(|e| e.map_file(|p| PathBuf::from(mounts.unmounted(&p.display().to_string()))))
 }
 
 fn run_cmd(cli: Cli, cancel: crate::Cancel, mounts: &Mounts) -> Result<u8, crate::Error> {

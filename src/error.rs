@@ -274,6 +274,16 @@ impl Error {
         self
     }
 
+    /// Rewrites the file of the location with `f` (a remote input's local
+    /// stand-in shown as its URL).
+    #[cfg(feature = "cli")]
+    pub(crate) fn map_file(mut self, f: impl Fn(&Path) -> PathBuf) -> Self {
+        if let Some(p) = self.0.loc.file.take() {
+            self.0.loc.file = Some(f(&p));
+        }
+        self
+    }
+
     /// Sets the shard index, unless one is already set.
     pub fn with_shard(mut self, s: u32) -> Self {
         self.0.loc.shard.get_or_insert(s);

@@ -218,6 +218,25 @@ fn hostile_remote_headers_are_refused_as_for_local_files() {
 }
 
 #[test]
+fn errors_in_side_files_name_their_url_not_the_local_copy() {
+    let d = tempfile::tempdir().unwrap();
+    let input = model_dir(d.path());
+    std::fs::write(input.join("quanto_qmap.json"), "{ not json").unwrap();
+    let srv = Server::start(d.path());
+    let o = run(&[
+        "convert",
+        &srv.url("in/"),
+        s(&d.path().join("o")),
+        "--to",
+        "plain",
+    ]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    let e = err(&o);
+    assert!(e.contains(&srv.url("in/quanto_qmap.json")), "{e}");
+    assert!(!e.contains("ckptkit-remote-"), "{e}");
+}
+
+#[test]
 fn an_http_url_is_an_input_only() {
     let d = tempfile::tempdir().unwrap();
     let input = model_dir(d.path());
