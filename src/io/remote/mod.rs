@@ -236,17 +236,39 @@ impl Store {
                 if_match: etag.map(str::to_string),
                 ..Default::default()
             };
+            // the body is read up to the length asked for, never further: a
+            // server cannot make us hold more than the range
             let r = self.rt.block_on(async {
+                use futures_util::StreamExt;
                 let res = self.inner.get_opts(path, opts).await?;
-                res.bytes().await
+                let mut body = res.into_stream();
+                let mut out = Vec::new();
+                if out.try_reserve_exact(want as usize).is_err() {
+                    return Ok(Err(format!(
+                        "cannot hold a range of {want} bytes in memory"
+                    )));
+                }
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk?;
+                    if out.len() as u64 + chunk.len() as u64 > want {
+                        return Ok(Err(format!(
+                            "the server sent more than the {want} bytes asked for"
+                        )));
+                    }
+                    out.extend_from_slice(&chunk);
+                }
+                Ok(Ok(out))
             });
             match r {
-                Ok(b) if b.len() as u64 == want => {
+                Ok(Ok(b)) if b.len() as u64 == want => {
                     self.fetched.fetch_add(want, Ordering::Relaxed);
-                    return Ok(b.to_vec());
+                    return Ok(b);
                 }
-                Ok(b) => {
+                Ok(Ok(b)) => {
                     last = format!("asked for {want} bytes, got {}", b.len());
+                }
+                Ok(Err(msg)) => {
+                    return Err(remote_err(url, "refused", msg).with_offset(range.start));
                 }
                 Err(object_store::Error::Precondition { .. }) => {
                     return Err(Error::new(ErrorKind::Remote(format!(
