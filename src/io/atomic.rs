@@ -180,7 +180,7 @@ struct Record {
 /// symlinks), as relative `/`-separated paths, sorted. Non-UTF-8 names are
 /// rendered lossily (they can never match a record, so they count as
 /// foreign).
-fn walk(dir: &Path) -> Result<Vec<String>> {
+pub(crate) fn walk(dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), String::new(), 0usize)];
     while let Some((d, rel, depth)) = stack.pop() {

@@ -331,27 +331,14 @@ fn rank(rel: &str) -> u8 {
 }
 
 /// Every file under a staged output directory, by `/`-separated relative
-/// path.
+/// path (the walk that writes its record).
 fn local_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
-    let mut stack = vec![(dir.to_path_buf(), String::new())];
-    while let Some((d, rel)) = stack.pop() {
-        for e in std::fs::read_dir(&d).map_err(|e| Error::from(e).with_file(&d))? {
-            let e = e.map_err(|e| Error::from(e).with_file(&d))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let r = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
-            let ft = e
-                .file_type()
-                .map_err(|er| Error::from(er).with_file(e.path()))?;
-            if ft.is_dir() {
-                stack.push((e.path(), r));
-            } else if ft.is_file() {
-                out.push((r, e.path()));
-            }
+    for rel in crate::io::atomic::walk(dir)? {
+        let p = dir.join(&rel);
+        let md = std::fs::symlink_metadata(&p).map_err(|e| Error::from(e).with_file(&p))?;
+        if md.is_file() {
+            out.push((rel, p));
         }
     }
     Ok(out)
