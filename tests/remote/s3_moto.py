@@ -305,6 +305,25 @@ def check_outputs(run, s3, faults, tmp, local, plain_dir, migrate, env):
     assert not whole, "a whole-object PUT was sent"
     checks += 1
 
+    # a quanto output's quanto_qmap.json goes beside it, as on disk
+    qdir = tmp / "q"
+    qdir.mkdir()
+    run("convert", str(big), str(qdir / "model.safetensors"), "--to", "quanto:qint8", "-q")
+    run("convert", str(big), f"s3://{BUCKET}/q/model.safetensors", "--to", "quanto:qint8", "-q")
+    assert objects(s3, "q/") == ["model.safetensors", "quanto_qmap.json"], objects(s3, "q/")
+    qdown = tmp / "qdown"
+    download_tree(s3, "q/", qdown)
+    assert tree(qdown) == tree(qdir), "the quanto output or its map differs"
+    r = run("convert", str(big), f"s3://{BUCKET}/q/other.safetensors", "--to", "quanto:qint8", ok=False)
+    assert r.returncode != 0 and "quanto_qmap.json" in r.stderr, r.stderr
+    # with --force too: the map belongs to model.safetensors
+    r = run("convert", str(big), f"s3://{BUCKET}/q/other.safetensors", "--to", "quanto:qint8", "--force", ok=False)
+    assert r.returncode == 1 and "another weights file" in r.stderr, r.stderr
+    assert objects(s3, "q/") == ["model.safetensors", "quanto_qmap.json"], objects(s3, "q/")
+    # the same output again, with --force: replaced
+    run("convert", str(big), f"s3://{BUCKET}/q/model.safetensors", "--to", "quanto:qint8", "--force", "-q")
+    checks += 1
+
     # an existing object is not replaced without --force
     r = run("convert", str(big), f"s3://{BUCKET}/{key}", "--to", "plain:f32", ok=False)
     assert r.returncode != 0 and "exists" in r.stderr, r.stderr

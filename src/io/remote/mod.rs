@@ -713,7 +713,7 @@ fn list_all(store: &Store, dir_key: &str, url: &str) -> Result<Vec<String>> {
 }
 
 /// The objects directly under a prefix, by name, with their sizes.
-fn list(store: &Store, dir_key: &str, url: &str) -> Result<Vec<(String, u64)>> {
+pub(crate) fn list(store: &Store, dir_key: &str, url: &str) -> Result<Vec<(String, u64)>> {
     let prefix = if dir_key.is_empty() {
         None
     } else {

@@ -53,6 +53,8 @@ pub struct Upload {
     /// Objects of a previous ckptkit output at the prefix (`--force`),
     /// removed after the commit unless the new output has them too.
     replaced: Vec<String>,
+    /// `--force`: companions of a file output may replace objects too.
+    overwrite: bool,
     uploaded: AtomicU64,
     parts: AtomicU64,
 }
@@ -128,6 +130,7 @@ impl Upload {
             local: root.join(name),
             root,
             replaced,
+            overwrite,
             uploaded: AtomicU64::new(0),
             parts: AtomicU64::new(0),
         })
@@ -144,7 +147,9 @@ impl Upload {
     }
 
     /// Uploads the staged output: each file as a multipart upload whose
-    /// first part is sent last; for a directory, weight files first, then
+    /// first part is sent last; for a file, the files written beside it
+    /// first (a quanto output's `quanto_qmap.json`, checked like the output
+    /// against existing objects); for a directory, weight files first, then
     /// other files, then indexes, then the output record; then the objects
     /// of a replaced previous output that the new one does not have are
     /// removed. Stops (aborting the uploads in flight) when `ctl` is
@@ -155,8 +160,50 @@ impl Upload {
             ..Default::default()
         };
         if !self.dir {
+            // the files the conversion wrote beside it (a quanto output's
+            // quanto_qmap.json) go beside it, before it: a reader that sees
+            // the weights finds them
+            let parent = self
+                .key
+                .as_ref()
+                .rsplit_once('/')
+                .map(|(p, _)| p)
+                .unwrap_or("");
+            let parent_url = self.url.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+            let mut companions = Vec::new();
+            for (rel, p) in local_files(&self.root)? {
+                if p == self.local || rel.contains('/') {
+                    continue;
+                }
+                let key = child(parent, &rel, &self.url)?;
+                let u = format!("{parent_url}/{rel}");
+                if self.store.head(&key, &u)?.is_some() {
+                    if !self.overwrite {
+                        return Err(Error::new(ErrorKind::OutputExists(PathBuf::from(u))));
+                    }
+                    // as on disk: never another model's side file
+                    let own = self.key.as_ref().rsplit('/').next().unwrap_or("");
+                    let others: Vec<String> = super::list(&self.store, parent, &self.url)?
+                        .into_iter()
+                        .map(|(n, _)| n)
+                        .filter(|n| n.ends_with(".safetensors") && n != own)
+                        .collect();
+                    if !others.is_empty() {
+                        return Err(Error::new(ErrorKind::Conflict(format!(
+                            "{u} belongs to another weights file beside it ({}); replacing it \
+                             would break that model; write the output to another prefix",
+                            others.join(", ")
+                        ))));
+                    }
+                }
+                companions.push((key, u, p));
+            }
+            companions.sort_by(|a, b| a.1.cmp(&b.1));
+            for (key, u, p) in &companions {
+                self.put_file(p, key, u, ctl)?;
+            }
             self.put_file(&self.local, &self.key, &self.url, ctl)?;
-            report.objects = 1;
+            report.objects = 1 + companions.len() as u64;
         } else {
             let mut files = local_files(&self.local)?;
             files.sort_by_key(|(rel, _)| (rank(rel), rel.clone()));
