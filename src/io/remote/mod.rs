@@ -185,23 +185,11 @@ pub(crate) fn store_of(url: &str) -> Result<(Store, ObjectPath, url::Url)> {
     ))
 }
 
+/// A URL path's percent escapes decoded (invalid escapes kept as written).
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 impl Store {
@@ -359,14 +347,7 @@ impl Object {
     /// Reads exactly `buf.len()` bytes at `offset` (from the bytes fetched
     /// when the object was opened, when they hold them).
     pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let len = buf.len() as u64;
-        if let Some(end) = offset.checked_add(len) {
-            if end <= self.head.len() as u64 {
-                buf.copy_from_slice(&self.head[offset as usize..end as usize]);
-                return Ok(());
-            }
-        }
-        let b = self.fetch(offset, len)?;
+        let b = self.range(offset, buf.len() as u64)?;
         buf.copy_from_slice(&b);
         Ok(())
     }
@@ -374,14 +355,13 @@ impl Object {
     /// The `len` bytes at `offset`, owned.
     pub(crate) fn range(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         usize::try_from(len).map_err(|_| Error::overflow("remote read length"))?;
-        let mut b = vec![0u8; 0];
-        if let Some(end) = offset.checked_add(len) {
-            if end <= self.head.len() as u64 {
-                b.extend_from_slice(&self.head[offset as usize..end as usize]);
-                return Ok(b);
+        match offset.checked_add(len) {
+            // served from the bytes fetched when the object was opened
+            Some(end) if end <= self.head.len() as u64 => {
+                Ok(self.head[offset as usize..end as usize].to_vec())
             }
+            _ => self.fetch(offset, len),
         }
-        self.fetch(offset, len)
     }
 
     /// Hands the `len` bytes at `offset` to `f` in order, in pieces of at
@@ -801,9 +781,13 @@ fn fetch_side_files(
 
 /// A new private directory (mode 0700) under the temporary directory.
 pub(crate) fn private_dir() -> Result<PathBuf> {
+    private_dir_in(&std::env::temp_dir())
+}
+
+/// A new private directory (mode 0700) under `base`.
+pub(crate) fn private_dir_in(base: &Path) -> Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     static N: AtomicU64 = AtomicU64::new(0);
-    let base = std::env::temp_dir();
     for _ in 0..100 {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

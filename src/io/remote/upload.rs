@@ -15,7 +15,7 @@ use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStoreExt;
 
-use super::{child, list_all, private_dir, remote_err, store_of, Store};
+use super::{child, list_all, private_dir, private_dir_in, remote_err, store_of, Store};
 use crate::control::Control;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::atomic::RECORD_NAME;
@@ -107,18 +107,7 @@ impl Upload {
             return Err(Error::new(ErrorKind::OutputExists(PathBuf::from(url))));
         }
         let root = match std::env::var_os("CKPTKIT_STAGING") {
-            Some(d) => {
-                let p = PathBuf::from(d).join(format!(
-                    ".ckptkit-staging-{}-{}",
-                    std::process::id(),
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_nanos())
-                        .unwrap_or(0)
-                ));
-                std::fs::create_dir(&p).map_err(|e| Error::from(e).with_file(&p))?;
-                p
-            }
+            Some(d) => private_dir_in(Path::new(&d))?,
             None => private_dir()?,
         };
         let name = key_s.rsplit('/').next().unwrap_or("output").to_string();
