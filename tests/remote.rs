@@ -237,6 +237,22 @@ fn errors_in_side_files_name_their_url_not_the_local_copy() {
 }
 
 #[test]
+fn an_empty_side_file_is_fetched_and_carried() {
+    let d = tempfile::tempdir().unwrap();
+    let input = model_dir(d.path());
+    std::fs::write(input.join("generation_config.json"), "").unwrap();
+    let srv = Server::start(d.path());
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    run_ok(&["convert", s(&input), s(&a), "--to", "plain", "-q"]);
+    run_ok(&["convert", &srv.url("in/"), s(&b), "--to", "plain", "-q"]);
+    assert_eq!(tree(&a), tree(&b));
+    assert_eq!(
+        std::fs::read(b.join("generation_config.json")).unwrap(),
+        b""
+    );
+}
+
+#[test]
 fn an_http_url_is_an_input_only() {
     let d = tempfile::tempdir().unwrap();
     let input = model_dir(d.path());
