@@ -269,6 +269,97 @@ fn an_http_url_is_an_input_only() {
     assert!(!d.path().join("out.safetensors").exists());
 }
 
+/// A plain BF16 safetensors file of about 4 MiB (two tensors, finite
+/// values, no recorded hashes).
+fn bf16_file(p: &Path) {
+    let (rows, cols) = (1024usize, 2048usize);
+    let big = rows * cols * 2;
+    let header = format!(
+        r#"{{"blk.0.w.weight":{{"dtype":"BF16","shape":[{rows},{cols}],"data_offsets":[0,{big}]}},"blk.0.w.bias":{{"dtype":"BF16","shape":[{rows}],"data_offsets":[{big},{}]}}}}"#,
+        big + rows * 2
+    );
+    let mut h = header.into_bytes();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&h);
+    let mut x = 0x9e37_79b9_u32;
+    for i in 0..(rows * cols + rows) {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        // mantissa from the generator, exponent in [2^-4, 2^1], either sign
+        let hi = 0x3d + (x >> 24) as u8 % 4;
+        bytes.push((x >> 8) as u8);
+        bytes.push(if i % 3 == 0 { hi | 0x80 } else { hi });
+    }
+    std::fs::write(p, bytes).unwrap();
+}
+
+#[test]
+fn containers_and_gguf_files_are_read_from_urls_as_from_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let st = d.path().join("in.safetensors");
+    bf16_file(&st);
+    let (c, g) = (d.path().join("m.ckpk"), d.path().join("m.gguf"));
+    run_ok(&["convert", s(&st), s(&c), "-q"]);
+    run_ok(&[
+        "convert",
+        s(&st),
+        s(&g),
+        "--to",
+        "gguf:q8_0",
+        "--gguf-arch",
+        "test",
+        "-q",
+    ]);
+    let srv = Server::start(d.path());
+    for (name, local) in [("m.ckpk", &c), ("m.gguf", &g)] {
+        let url = srv.url(name);
+        let size = std::fs::metadata(local).unwrap().len();
+        // inspect: the same layers as on disk, from the header only
+        let here = json(&run_ok(&["inspect", s(local), "--json"]));
+        let there = json(&run_ok(&["inspect", &url, "--json"]));
+        assert_eq!(here["layers"], there["layers"], "{name}");
+        assert_eq!(here["total_bytes"], there["total_bytes"], "{name}");
+        assert_eq!(there["input"], url.as_str());
+        let fetched = there["remote"][0]["fetched_bytes"].as_u64().unwrap();
+        assert!(
+            fetched < 128 << 10 && fetched * 16 < size,
+            "{name}: {fetched} of {size}"
+        );
+        // verify: every recorded hash checked, as on disk
+        let here = json(&run_ok(&["verify", s(local), "--json"]));
+        let there = json(&run_ok(&["verify", &url, "--json"]));
+        for k in ["tensors", "bytes", "unchecked"] {
+            assert_eq!(here[k], there[k], "{name}: {k}");
+        }
+        assert!(there["tensors"].as_u64().unwrap() >= 2 && there["unchecked"] == 0);
+        // convert: byte-identical to converting the file on disk
+        let (a, b) = (
+            d.path().join(format!("{name}.a.safetensors")),
+            d.path().join(format!("{name}.b.safetensors")),
+        );
+        run_ok(&["convert", s(local), s(&a), "--to", "plain:f32", "-q"]);
+        run_ok(&["convert", &url, s(&b), "--to", "plain:f32", "-q"]);
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{name}"
+        );
+        // a flipped byte in the weight (the middle of the file) is found,
+        // and the URL named
+        let mut bytes = std::fs::read(local).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 1;
+        std::fs::write(local, &bytes).unwrap();
+        let o = run(&["verify", &url]);
+        assert_eq!(code(&o), 1, "{name}: {}", err(&o));
+        let e = err(&o);
+        assert!(e.contains(&url) && e.contains("blake3"), "{name}: {e}");
+        assert!(!e.contains("ckptkit-remote-"), "{name}: {e}");
+    }
+}
+
 /// A small HTTP/1.1 file server with byte ranges, ETags, `If-Match` and
 /// injected faults, for the tests only.
 mod server {

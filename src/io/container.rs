@@ -1,7 +1,6 @@
 //! Reading `.ckpk` containers.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -13,8 +12,9 @@ use crate::format::manifest::{Layer, Manifest, Shard, StoredTensor};
 use crate::format::st_header::{self, StHeader};
 use crate::format::validate::{self, Placement, TensorLoc};
 use crate::format::{decode_manifest, HEADER_LEN};
+use crate::io::backing::Backing;
 use crate::io::source::{duplicate_key, first_duplicate, SourceTensor, TensorSource, PIECE};
-use crate::io::{hash_range, map_window, read_at, TensorBytes};
+use crate::io::TensorBytes;
 
 /// An open, structurally validated container.
 ///
@@ -26,7 +26,9 @@ use crate::io::{hash_range, map_window, read_at, TensorBytes};
 #[derive(Debug)]
 pub struct Container {
     path: PathBuf,
-    file: File,
+    file: Backing,
+    /// The file's length in bytes.
+    len: u64,
     header: FixedHeader,
     manifest: Manifest,
     placement: Placement,
@@ -72,12 +74,24 @@ impl Container {
     }
 
     fn open_inner(path: &Path) -> Result<Container> {
-        let file = crate::io::files::open_regular(path)?;
-        let len = file.metadata()?.len();
+        let (file, len) = Backing::open_local(path)?;
+        Self::from_backing(path, file, len)
+    }
+
+    /// Opens a remote object (validated as [`open`](Self::open) validates a
+    /// file); its path is its URL.
+    #[cfg(feature = "remote")]
+    pub(crate) fn open_remote(obj: crate::io::remote::Object) -> Result<Container> {
+        let len = obj.size();
+        let path = PathBuf::from(obj.url());
+        Self::from_backing(&path, Backing::Remote(obj), len).map_err(|e| e.with_file(&path))
+    }
+
+    fn from_backing(path: &Path, file: Backing, len: u64) -> Result<Container> {
         let mut hb = [0u8; 64];
         if len < HEADER_LEN {
             let mut b = vec![0u8; len as usize];
-            read_at(&file, path, 0, &mut b)?;
+            file.read_at(path, 0, &mut b)?;
             if b.len() >= 8 && b[..8] != crate::format::MAGIC {
                 return Err(Error::new(ErrorKind::BadMagic).with_offset(0));
             }
@@ -87,10 +101,10 @@ impl Container {
                 available: len,
             }));
         }
-        read_at(&file, path, 0, &mut hb)?;
+        file.read_at(path, 0, &mut hb)?;
         let header = FixedHeader::decode(&hb, len)?;
         let mut mbytes = vec![0u8; header.manifest_len as usize];
-        read_at(&file, path, header.manifest_offset, &mut mbytes)?;
+        file.read_at(path, header.manifest_offset, &mut mbytes)?;
         let digest = FixedHeader::compute_digest(&header.prefix(), &mbytes);
         if digest != header.digest {
             return Err(Error::new(ErrorKind::HashMismatch {
@@ -114,7 +128,7 @@ impl Container {
         for (a, b) in gaps {
             if b > a {
                 let mut g = vec![0u8; (b - a) as usize];
-                read_at(&file, path, a, &mut g)?;
+                file.read_at(path, a, &mut g)?;
                 if let Some(i) = g.iter().position(|&x| x != 0) {
                     return Err(
                         Error::malformed("padding byte is not zero").with_offset(a + i as u64)
@@ -145,6 +159,7 @@ impl Container {
         Ok(Container {
             path: path.to_path_buf(),
             file,
+            len,
             header,
             manifest,
             placement,
@@ -155,7 +170,7 @@ impl Container {
         })
     }
 
-    fn check_shard_header(file: &File, path: &Path, s: &Shard) -> Result<(Vec<u8>, StHeader)> {
+    fn check_shard_header(file: &Backing, path: &Path, s: &Shard) -> Result<(Vec<u8>, StHeader)> {
         let mut hb = vec![0u8; s.header_len as usize];
         if s.header_len > crate::format::MAX_ST_HEADER_LEN + 8 {
             return Err(Error::new(ErrorKind::LimitExceeded {
@@ -164,7 +179,7 @@ impl Container {
                 limit: crate::format::MAX_ST_HEADER_LEN + 8,
             }));
         }
-        read_at(file, path, s.offset, &mut hb)?;
+        file.read_at(path, s.offset, &mut hb)?;
         let h = *blake3::hash(&hb).as_bytes();
         if h != s.header_blake3 {
             return Err(Error::new(ErrorKind::HashMismatch {
@@ -203,6 +218,11 @@ impl Container {
             }
         }
         Ok((hb, parsed))
+    }
+
+    /// The file's length in bytes.
+    pub fn byte_len(&self) -> u64 {
+        self.len
     }
 
     /// The path it was opened from.
@@ -280,13 +300,13 @@ impl Container {
 
     fn read_loc(&self, t: &StoredTensor, loc: &TensorLoc) -> Result<TensorBytes> {
         match loc {
-            TensorLoc::Plain { offset, len } => map_window(&self.file, &self.path, *offset, *len),
+            TensorLoc::Plain { offset, len } => self.file.window(&self.path, *offset, *len),
             TensorLoc::Chunked { codec, chunks, .. } => {
                 let mut out: Vec<u8> = Vec::new();
                 let mut stored = Vec::new();
                 for c in chunks {
                     stored.resize(c.stored_len as usize, 0);
-                    read_at(&self.file, &self.path, c.offset, &mut stored)?;
+                    self.file.read_at(&self.path, c.offset, &mut stored)?;
                     let start = out.len();
                     out.try_reserve(c.raw_len as usize)
                         .map_err(|_| Error::overflow("tensor buffer"))?;
@@ -310,7 +330,7 @@ impl Container {
     fn verify_loc(&self, t: &StoredTensor, loc: &TensorLoc) -> Result<u64> {
         let (h, n) = match loc {
             TensorLoc::Plain { offset, len } => (
-                *hash_range(&self.file, &self.path, *offset, *len)?.as_bytes(),
+                *self.file.hash_range(&self.path, *offset, *len)?.as_bytes(),
                 *len,
             ),
             TensorLoc::Chunked { codec, chunks, len } => {
@@ -319,7 +339,7 @@ impl Container {
                 let mut raw = Vec::new();
                 for c in chunks {
                     stored.resize(c.stored_len as usize, 0);
-                    read_at(&self.file, &self.path, c.offset, &mut stored)?;
+                    self.file.read_at(&self.path, c.offset, &mut stored)?;
                     raw.resize(c.raw_len as usize, 0);
                     decode_chunk(*codec, t.dtype, &stored, &mut raw)
                         .map_err(|e| e.with_offset(c.offset))?;
@@ -501,7 +521,7 @@ impl Container {
                 let mut done = 0u64;
                 while done < *len {
                     let n = (*len - done).min(PIECE as u64);
-                    let w = map_window(&self.file, &self.path, offset + done, n).map_err(at)?;
+                    let w = self.file.window(&self.path, offset + done, n).map_err(at)?;
                     f(&w)?;
                     done += n;
                 }
@@ -511,7 +531,9 @@ impl Container {
                 let mut raw = Vec::new();
                 for c in chunks {
                     stored.resize(c.stored_len as usize, 0);
-                    read_at(&self.file, &self.path, c.offset, &mut stored).map_err(at)?;
+                    self.file
+                        .read_at(&self.path, c.offset, &mut stored)
+                        .map_err(at)?;
                     raw.resize(c.raw_len as usize, 0);
                     decode_chunk(*codec, t.dtype, &stored, &mut raw)
                         .map_err(|e| at(e.with_offset(c.offset)))?;

@@ -5,14 +5,14 @@
 //! metadata, typed, in `ckptkit.gguf.kv`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::gguf::read::{self, Header, Parsed, Value};
 use crate::format::gguf::{orig_shape, GgmlType, ORIG_SHAPE_PREFIX};
+use crate::io::backing::Backing;
 use crate::io::source::{SourceTensor, TensorSource};
-use crate::io::{map_window, read_at, TensorBytes};
+use crate::io::TensorBytes;
 
 /// The metadata entry that records each block-quantized tensor's ggml type
 /// and logical shape (spec/gguf.md §3).
@@ -25,7 +25,10 @@ pub const KV_KEY: &str = "ckptkit.gguf.kv";
 #[derive(Debug)]
 pub struct GgufFile {
     path: PathBuf,
-    file: File,
+    file: Backing,
+    /// The file's length in bytes.
+    #[cfg_attr(not(feature = "remote"), allow(dead_code))]
+    len: u64,
     header: Header,
     tensors: Vec<SourceTensor>,
     metadata: BTreeMap<String, String>,
@@ -34,23 +37,36 @@ pub struct GgufFile {
     recorded: crate::io::source::RecordedHashes,
 }
 
-/// The first bytes read of a GGUF file; a longer header is read in
-/// doubling prefixes up to [`read::MAX_HEADER_LEN`].
-const FIRST_READ: u64 = 1 << 20;
-
 impl GgufFile {
     /// Opens a GGUF file and checks its header (every rule of
     /// spec/gguf.md §2) and that it holds only tensor types ckptkit reads.
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let file = crate::io::files::open_regular(path)?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::from(e).with_file(path))?
-            .len();
-        let mut want = len.min(FIRST_READ);
+        let (file, len) = Backing::open_local(path)?;
+        Self::from_backing(path, file, len)
+    }
+
+    /// Opens a remote object (validated as [`open`](Self::open) validates a
+    /// file); its path is its URL.
+    #[cfg(feature = "remote")]
+    pub(crate) fn open_remote(obj: crate::io::remote::Object) -> Result<GgufFile> {
+        let len = obj.size();
+        let path = PathBuf::from(obj.url());
+        Self::from_backing(&path, Backing::Remote(obj), len)
+    }
+
+    /// The file's length in bytes.
+    #[cfg(feature = "remote")]
+    pub(crate) fn byte_len(&self) -> u64 {
+        self.len
+    }
+
+    fn from_backing(path: &Path, file: Backing, len: u64) -> Result<GgufFile> {
+        // the header is read in doubling prefixes up to
+        // [`read::MAX_HEADER_LEN`], starting with what is cheap to read
+        let mut want = len.min(file.first_read().max(64));
         let header = loop {
             let mut buf = vec![0u8; want as usize];
-            read_at(&file, path, 0, &mut buf)?;
+            file.read_at(path, 0, &mut buf)?;
             match read::parse(&buf, len).map_err(|e| e.with_file(path))? {
                 Parsed::Done(h) => break *h,
                 Parsed::NeedMore(n) => {
@@ -186,6 +202,7 @@ impl GgufFile {
         Ok(GgufFile {
             path: path.to_path_buf(),
             file,
+            len,
             header,
             tensors,
             metadata,
@@ -213,7 +230,7 @@ impl GgufFile {
                 r.unchecked += 1;
                 continue;
             };
-            let got = crate::io::hash_range(&self.file, &self.path, self.start(t), t.n_bytes)?;
+            let got = self.file.hash_range(&self.path, self.start(t), t.n_bytes)?;
             if *got.as_bytes() != want {
                 return Err(crate::io::source::hash_mismatch(
                     self,
@@ -387,11 +404,14 @@ impl TensorSource for GgufFile {
     }
     fn read(&self, key: &str) -> Result<TensorBytes> {
         let t = self.find(key)?;
-        map_window(&self.file, &self.path, self.start(t), t.n_bytes).map_err(|e| e.with_tensor(key))
+        self.file
+            .window(&self.path, self.start(t), t.n_bytes)
+            .map_err(|e| e.with_tensor(key))
     }
     fn read_pieces(&self, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let t = self.find(key)?;
-        crate::io::read_windows(&self.file, &self.path, self.start(t), t.n_bytes, key, f)
+        self.file
+            .windows(&self.path, self.start(t), t.n_bytes, key, f)
     }
     fn recorded_hash(&self, key: &str) -> Result<Option<crate::format::manifest::Hash>> {
         crate::io::source::recorded_in(&self.recorded, key, &self.path)

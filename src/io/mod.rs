@@ -2,6 +2,7 @@
 //! containers; memory-mapped windows; atomic commits.
 
 pub mod atomic;
+pub(crate) mod backing;
 pub mod container;
 pub mod files;
 pub(crate) mod gguf_file;

@@ -68,6 +68,8 @@ pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
         return Ok(match m {
             crate::io::remote::Mounted::File(f) => Box::new(Shared(f)),
             crate::io::remote::Mounted::Dir(d) => Box::new(Shared(d)),
+            crate::io::remote::Mounted::Container(c) => Box::new(Shared(c)),
+            crate::io::remote::Mounted::Gguf(g) => Box::new(Shared(g)),
         });
     }
     Ok(match input_kind(path)? {
@@ -78,6 +80,20 @@ pub fn open_source(path: &Path) -> Result<Box<dyn TensorSource>> {
         InputKind::Container => Box::new(crate::io::container::Container::open(path)?),
         InputKind::Gguf => Box::new(crate::io::gguf_file::GgufFile::open(path)?),
     })
+}
+
+/// Opens a container input (a mounted remote one is shared, not opened
+/// again).
+pub(crate) fn open_container(
+    path: &Path,
+) -> Result<std::sync::Arc<crate::io::container::Container>> {
+    #[cfg(feature = "remote")]
+    if let Some(crate::io::remote::Mounted::Container(c)) = crate::io::remote::mounted(path) {
+        return Ok(c);
+    }
+    Ok(std::sync::Arc::new(crate::io::container::Container::open(
+        path,
+    )?))
 }
 
 /// A mounted remote input's source, shared by every command that opens it.

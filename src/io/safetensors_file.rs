@@ -1,15 +1,15 @@
 //! A single safetensors file as a tensor source.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::Hash;
 use crate::format::st_hashes;
 use crate::format::st_header::{self, StHeader};
+use crate::io::backing::Backing;
 use crate::io::source::{SourceTensor, TensorSource};
-use crate::io::{map_window, read_at, TensorBytes};
+use crate::io::TensorBytes;
 
 /// An open, validated safetensors file. Tensor bytes are mapped on demand,
 /// one window per tensor, and released when dropped (or, for a remote
@@ -35,12 +35,8 @@ impl SafetensorsFile {
         if let Some(journal) = crate::io::atomic::pending_commit(path)? {
             return Err(Error::new(ErrorKind::PendingCommit { journal }).with_file(path));
         }
-        let file = crate::io::files::open_regular(path)?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::from(e).with_file(path))?
-            .len();
-        Self::from_backing(path, Backing::Local(file), len)
+        let (file, len) = Backing::open_local(path)?;
+        Self::from_backing(path, file, len)
     }
 
     /// Opens a remote object (validated as [`open`](Self::open) validates a
@@ -220,63 +216,6 @@ impl TensorSource for SafetensorsFile {
                 .get(key)
                 .map(|t| self.header.header_len + t.start),
             ..Default::default()
-        }
-    }
-}
-
-/// Where a safetensors file's bytes are: a local file (mapped) or a remote
-/// object (fetched by range).
-#[derive(Debug)]
-enum Backing {
-    Local(File),
-    #[cfg(feature = "remote")]
-    Remote(crate::io::remote::Object),
-}
-
-impl Backing {
-    fn read_at(&self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match self {
-            Backing::Local(f) => read_at(f, path, offset, buf),
-            #[cfg(feature = "remote")]
-            Backing::Remote(o) => o.read_at(offset, buf),
-        }
-    }
-
-    fn window(&self, path: &Path, offset: u64, len: u64) -> Result<TensorBytes> {
-        match self {
-            Backing::Local(f) => map_window(f, path, offset, len),
-            #[cfg(feature = "remote")]
-            Backing::Remote(o) => o.range(offset, len).map(TensorBytes::Owned),
-        }
-    }
-
-    fn windows(
-        &self,
-        path: &Path,
-        offset: u64,
-        len: u64,
-        key: &str,
-        f: &mut dyn FnMut(&[u8]) -> Result<()>,
-    ) -> Result<()> {
-        match self {
-            Backing::Local(file) => crate::io::read_windows(file, path, offset, len, key, f),
-            #[cfg(feature = "remote")]
-            Backing::Remote(o) => o.pieces(offset, len, f).map_err(|e| e.with_tensor(key)),
-        }
-    }
-
-    fn hash_range(&self, path: &Path, offset: u64, len: u64) -> Result<blake3::Hash> {
-        match self {
-            Backing::Local(f) => crate::io::hash_range(f, path, offset, len),
-            #[cfg(feature = "remote")]
-            Backing::Remote(o) => {
-                let mut h = blake3::Hasher::new();
-                o.pieces(offset, len, &mut |b| {
-                    h.update_rayon(b);
-                    Ok(())
-                })?;
-                Ok(h.finalize())
-            }
         }
     }
 }

@@ -4,7 +4,6 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::Layer;
-use crate::io::container::Container;
 use crate::io::open::{input_kind, open_source, InputKind};
 use crate::io::source::{SourceTensor, TensorSource};
 use crate::layout::family::Hints;
@@ -25,7 +24,7 @@ pub fn input_layers(
     if input_kind(input)? == InputKind::Container {
         // the format fixes a record's form; its family checks its meaning
         // (spec/container.md §6, V9)
-        let mut layers = Container::open(input)?.layers().to_vec();
+        let mut layers = crate::io::open::open_container(input)?.layers().to_vec();
         for l in &layers {
             crate::layout::check_layer(l).map_err(|e| e.with_file(input))?;
         }

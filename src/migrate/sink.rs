@@ -6,7 +6,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::{Layer, SourceFile};
 use crate::format::st_header::data_order;
 use crate::io::atomic::AtomicDir;
-use crate::io::container::Container;
 use crate::io::open::{input_kind, InputKind};
 use crate::io::sharded::{find_index, plan_shards, ShardIndex};
 use crate::io::source::{Checked, SourceTensor, TensorSource};
@@ -52,7 +51,7 @@ impl Carry {
                 ..Default::default()
             });
         }
-        let c = Container::open(input)?;
+        let c = crate::io::open::open_container(input)?;
         Ok(Carry {
             metadata: src.metadata().clone(),
             extensions: c.manifest().extensions.clone(),

@@ -23,6 +23,8 @@ pub fn verify(path: &Path) -> Result<VerifyReport> {
                     add_report(&mut r, f.verify()?);
                 }
             }
+            crate::io::remote::Mounted::Container(c) => add_report(&mut r, check_container(&c)?),
+            crate::io::remote::Mounted::Gguf(g) => add_report(&mut r, g.verify()?),
         }
         return Ok(r);
     }
@@ -45,9 +47,12 @@ pub(crate) fn verify_gguf(path: &Path) -> Result<VerifyReport> {
 /// A container's structure, every layer record (it must be one the
 /// conversions accept) and every hash.
 pub(crate) fn verify_container(path: &Path) -> Result<VerifyReport> {
-    let c = Container::open(path)?;
+    check_container(&Container::open(path)?)
+}
+
+fn check_container(c: &Container) -> Result<VerifyReport> {
     for l in c.layers() {
-        crate::layout::check_layer(l).map_err(|e| e.with_file(path))?;
+        crate::layout::check_layer(l).map_err(|e| e.with_file(c.path()))?;
     }
     c.verify()
 }

@@ -305,6 +305,29 @@ def check_outputs(run, s3, faults, tmp, local, plain_dir, migrate, env):
     assert not whole, "a whole-object PUT was sent"
     checks += 1
 
+    # a container and a GGUF file: uploaded byte-identical to the local
+    # outputs, then read back from the bucket as from disk
+    for name, args in (("m.ckpk", ()), ("m.gguf", ("--to", "gguf:q8_0", "--gguf-arch", "test"))):
+        here = tmp / name
+        run("convert", str(big), str(here), *args, "-q")
+        url = f"s3://{BUCKET}/kinds/{name}"
+        run("convert", str(big), url, *args, "-q")
+        got = tmp / f"got-{name}"
+        s3.download_file(BUCKET, f"kinds/{name}", str(got))
+        assert got.read_bytes() == here.read_bytes(), f"the uploaded {name} differs"
+        i_here = json.loads(run("inspect", str(here), "--json").stdout)
+        i_there = json.loads(run("inspect", url, "--json").stdout)
+        assert i_there["layers"] == i_here["layers"], f"remote inspect of {name} differs"
+        fetched = i_there["remote"][0]["fetched_bytes"]
+        assert fetched < 128 << 10, (name, fetched)
+        v = json.loads(run("verify", url, "--json").stdout)
+        assert v["tensors"] >= 1 and v["unchecked"] == 0, (name, v)
+        fa, fb = tmp / f"{name}.a.safetensors", tmp / f"{name}.b.safetensors"
+        run("convert", str(here), str(fa), "--to", "plain:f32", "-q")
+        run("convert", url, str(fb), "--to", "plain:f32", "-q")
+        assert fa.read_bytes() == fb.read_bytes(), f"convert of the remote {name} differs"
+    checks += 1
+
     # a quanto output's quanto_qmap.json goes beside it, as on disk
     qdir = tmp / "q"
     qdir.mkdir()

@@ -24,6 +24,8 @@ use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::container::Container;
+use crate::io::gguf_file::GgufFile;
 use crate::io::open::InputKind;
 use crate::io::safetensors_file::SafetensorsFile;
 use crate::io::sharded::ShardedDir;
@@ -318,6 +320,11 @@ impl Object {
         self.size
     }
 
+    /// How many of its first bytes were fetched when it was opened.
+    pub(crate) fn read_ahead(&self) -> u64 {
+        self.head.len() as u64
+    }
+
     /// The object's URL.
     pub(crate) fn url(&self) -> &str {
         &self.url
@@ -419,6 +426,48 @@ pub(crate) enum Mounted {
     File(Arc<SafetensorsFile>),
     /// A directory (prefix) of safetensors objects.
     Dir(Arc<ShardedDir>),
+    /// One `.ckpk` container object.
+    Container(Arc<Container>),
+    /// One GGUF object.
+    Gguf(Arc<GgufFile>),
+}
+
+impl Mounted {
+    /// Opens one object as the kind its first bytes say (as
+    /// [`input_kind`](crate::io::open::input_kind) decides for a local
+    /// file): a container, a GGUF file, else safetensors.
+    fn of_object(obj: Object) -> Result<Mounted> {
+        let mut magic = [0u8; 8];
+        let n = obj.size().min(8) as usize;
+        obj.read_at(0, &mut magic[..n])?;
+        Ok(if n == 8 && magic == crate::format::MAGIC {
+            Mounted::Container(Arc::new(Container::open_remote(obj)?))
+        } else if n >= 4 && magic[..4] == crate::format::gguf::read::MAGIC {
+            Mounted::Gguf(Arc::new(GgufFile::open_remote(obj)?))
+        } else {
+            Mounted::File(Arc::new(SafetensorsFile::open_remote(obj)?))
+        })
+    }
+
+    /// Its kind, as an input.
+    fn kind(&self) -> InputKind {
+        match self {
+            Mounted::File(_) => InputKind::Safetensors,
+            Mounted::Dir(_) => InputKind::ShardedDir,
+            Mounted::Container(_) => InputKind::Container,
+            Mounted::Gguf(_) => InputKind::Gguf,
+        }
+    }
+
+    /// Its size in bytes, for a single object (0 for a directory).
+    fn byte_len(&self) -> u64 {
+        match self {
+            Mounted::File(f) => f.byte_len(),
+            Mounted::Dir(_) => 0,
+            Mounted::Container(c) => c.byte_len(),
+            Mounted::Gguf(g) => g.byte_len(),
+        }
+    }
 }
 
 type Registry = Mutex<BTreeMap<PathBuf, (Mounted, String)>>;
@@ -438,21 +487,12 @@ pub(crate) fn mounted(path: &Path) -> Option<Mounted> {
 /// provenance).
 pub(crate) fn mounted_url(path: &Path) -> Option<(String, u64)> {
     let r = registry().lock().unwrap_or_else(|p| p.into_inner());
-    r.get(path).map(|(m, u)| {
-        let size = match m {
-            Mounted::File(f) => f.byte_len(),
-            Mounted::Dir(_) => 0,
-        };
-        (u.clone(), size)
-    })
+    r.get(path).map(|(m, u)| (u.clone(), m.byte_len()))
 }
 
 /// The kind of the mounted input at `path`, if any.
 pub(crate) fn mounted_kind(path: &Path) -> Option<InputKind> {
-    mounted(path).map(|m| match m {
-        Mounted::File(_) => InputKind::Safetensors,
-        Mounted::Dir(_) => InputKind::ShardedDir,
-    })
+    mounted(path).map(|m| m.kind())
 }
 
 /// A remote checkpoint, mounted for the life of this value: pass
@@ -479,7 +519,8 @@ pub struct Mount {
 
 impl Mount {
     /// Mounts the checkpoint at `url`: an `s3://`, `gs://`, `az://` or
-    /// `http(s)://` URL of a `.safetensors` object, or of a directory
+    /// `http(s)://` URL of a `.safetensors`, `.ckpk` or `.gguf` object (its
+    /// kind read from its first bytes, as for a local file), or of a directory
     /// (prefix) holding a shard index or a single weight file. Credentials
     /// and endpoints come from each store's standard environment variables
     /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`). Reads the headers and the side
@@ -489,13 +530,6 @@ impl Mount {
             return Err(Error::usage(format!(
                 "{url} is not an s3://, gs://, az:// or http(s):// URL"
             )));
-        }
-        let lower = url.to_ascii_lowercase();
-        if lower.ends_with(".gguf") || lower.ends_with(".ckpk") {
-            return Err(Error::new(ErrorKind::Remote(format!(
-                "{url}: GGUF files and containers are not read remotely yet; download the \
-                 file (its size is all that is needed locally)"
-            ))));
         }
         let (store, path, u) = store_of(url)?;
         let store = Arc::new(store);
@@ -537,7 +571,11 @@ impl Mount {
                 .to_string()
         };
         let url_of = |name: &str| -> String { format!("{}/{name}", url.trim_end_matches('/')) };
-        if key.to_ascii_lowercase().ends_with(".safetensors") {
+        let lower = key.to_ascii_lowercase();
+        if [".safetensors", ".gguf", ".ckpk"]
+            .iter()
+            .any(|e| lower.ends_with(e))
+        {
             // a file: its side files are those beside it
             let name = name_of(&key);
             let dir_key = key.strip_suffix(&name).unwrap_or("").trim_end_matches('/');
@@ -547,8 +585,7 @@ impl Mount {
             let side = ["config.json", "quanto_qmap.json"];
             fetch_side_files(store, dir_key, dir_url, &local_dir, &side)?;
             let obj = Object::open(store, path.clone(), url.to_string())?;
-            let f = SafetensorsFile::open_remote(obj)?;
-            return Ok((local_dir.join(&name), Mounted::File(Arc::new(f))));
+            return Ok((local_dir.join(&name), Mounted::of_object(obj)?));
         }
         // a directory (prefix)
         let dir_key = key.trim_end_matches('/').to_string();
