@@ -498,10 +498,7 @@ struct Mounts {
 impl Mounts {
     /// Mounts `p` when it is a URL and makes it the mount's local path.
     fn is_url(p: &std::path::Path) -> bool {
-        let s = p.to_string_lossy().to_ascii_lowercase();
-        ["s3://", "gs://", "az://", "abfs://", "http://", "https://"]
-            .iter()
-            .any(|x| s.starts_with(x))
+        crate::io::paths::is_url(&p.to_string_lossy())
     }
 
     #[cfg_attr(not(feature = "remote"), allow(clippy::ptr_arg))]
@@ -660,13 +657,17 @@ fn run_cli(mut cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
             mounts.input(input)?;
             mounts.input(against)?;
         }
-        Cmd::Plan { args, .. } if Mounts::is_url(&args.input) => {
+        Cmd::Plan { args, .. } if Mounts::is_url(&args.output) => {
             return Err(crate::Error::usage(format!(
-                "{}: plans read inputs on local or shared file systems (every job opens \
-                 them); convert a remote input with `migrate convert`",
-                args.input.display()
+                "{}: a plan's jobs write to a local or shared directory; plan to one, then \
+                 copy the finished directory to the store",
+                args.output.display()
             )));
         }
+        // a plan's steps mount a remote input themselves (jobs.rs); without
+        // the feature, a URL is refused here as for the other commands
+        #[cfg(not(feature = "remote"))]
+        Cmd::Plan { args, .. } => mounts.input(&mut args.input.clone())?,
         _ => {}
     }
     run_cmd(cli, cancel, &mounts)

@@ -902,6 +902,13 @@ fn a_url_input_without_the_remote_feature_says_how_to_build_it() {
             "/nonexistent/out.safetensors",
         ],
         vec!["verify", "gs://bucket/dir/"],
+        vec![
+            "plan",
+            "s3://bucket/dir/",
+            "/nonexistent/out",
+            "--plan-file",
+            "/nonexistent/plan.json",
+        ],
     ] {
         let o = run(&cmd);
         assert_eq!(code(&o), 2, "{cmd:?}: {}", err(&o));

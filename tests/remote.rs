@@ -269,6 +269,67 @@ fn an_http_url_is_an_input_only() {
     assert!(!d.path().join("out.safetensors").exists());
 }
 
+#[test]
+fn a_plan_of_a_url_pins_its_objects_by_etag_and_its_jobs_write_what_convert_writes() {
+    let d = tempfile::tempdir().unwrap();
+    model_dir(d.path());
+    let srv = Server::start(d.path());
+    let url = srv.url("in/");
+    let opts = ["--to", "plain", "--max-shard-size", "6000", "-q"];
+    let a = d.path().join("a");
+    let mut args = vec!["convert", url.as_str(), s(&a)];
+    args.extend(opts);
+    run_ok(&args);
+    // plan, run every job, finish: what convert from the same URL wrote
+    let (b, plan) = (d.path().join("b"), d.path().join("plan.json"));
+    let mut args = vec!["plan", url.as_str(), s(&b), "--plan-file", s(&plan)];
+    args.extend(opts);
+    run_ok(&args);
+    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&plan).unwrap()).unwrap();
+    assert_eq!(p["input"], url.as_str());
+    let pins = p["inputs"].as_array().unwrap();
+    assert!(!pins.is_empty());
+    for pin in pins {
+        assert!(pin["path"].as_str().unwrap().starts_with(&url), "{pin}");
+        assert!(!pin["etag"].as_str().unwrap().is_empty(), "{pin}");
+    }
+    assert!(!std::fs::read_to_string(&plan)
+        .unwrap()
+        .contains("ckptkit-remote-"));
+    let n = p["jobs"].as_array().unwrap().len();
+    assert!(n > 1, "{n} job(s)");
+    for k in 0..n {
+        run_ok(&["run-shard", s(&plan), &k.to_string(), "-q"]);
+    }
+    run_ok(&["finish", s(&plan), "-q"]);
+    assert_eq!(tree(&a), tree(&b));
+    // an object replaced after the plan: its job is refused, naming it
+    let (c, plan) = (d.path().join("c"), d.path().join("plan-c.json"));
+    let mut args = vec!["plan", url.as_str(), s(&c), "--plan-file", s(&plan)];
+    args.extend(opts);
+    run_ok(&args);
+    // (every ETag the server gives from now on is another one)
+    srv.change_etag_after(srv.gets() - 1);
+    let o = run(&["run-shard", s(&plan), "0"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    let e = err(&o);
+    assert!(
+        e.contains("changed since the plan") && e.contains(&url),
+        "{e}"
+    );
+    assert!(!c.exists());
+    // the jobs write to a local or shared directory, not to a store
+    let o = run(&[
+        "plan",
+        &url,
+        "s3://bucket/out/",
+        "--plan-file",
+        s(&d.path().join("plan-s3.json")),
+    ]);
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("local or shared directory"), "{}", err(&o));
+}
+
 /// A plain BF16 safetensors file of about 4 MiB (two tensors, finite
 /// values, no recorded hashes).
 fn bf16_file(p: &Path) {

@@ -42,6 +42,16 @@ impl Backing {
         }
     }
 
+    /// The ETag of a remote object; `None` for a local file.
+    #[cfg(all(feature = "remote", feature = "cli"))]
+    pub(crate) fn etag(&self) -> Option<&str> {
+        match self {
+            Backing::Local(_) => None,
+            #[cfg(feature = "remote")]
+            Backing::Remote(o) => o.etag(),
+        }
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub(crate) fn read_at(&self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
         match self {

@@ -3,6 +3,16 @@
 
 use std::path::{Component, Path, PathBuf};
 
+/// True for the URL schemes ckptkit reads and writes remotely (feature
+/// `remote`): `s3://`, `gs://`, `az://`, `abfs://`, `http(s)://`, with
+/// something after the scheme.
+#[cfg(any(feature = "cli", feature = "remote"))]
+pub fn is_url(s: &str) -> bool {
+    ["s3://", "gs://", "az://", "abfs://", "http://", "https://"]
+        .iter()
+        .any(|p| s.len() > p.len() && s[..p.len()].eq_ignore_ascii_case(p))
+}
+
 /// The absolute, symlink-free form of `p`, for paths that may not exist
 /// yet: the longest existing ancestor is canonicalized (resolving
 /// symlinks), the rest is appended with `.` and `..` applied lexically.

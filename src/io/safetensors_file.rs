@@ -101,6 +101,22 @@ impl SafetensorsFile {
         self.len
     }
 
+    /// blake3 of the 8-byte length and the header, as stored (what a plan
+    /// pins).
+    #[cfg(all(feature = "remote", feature = "cli"))]
+    pub(crate) fn header_blake3(&self) -> Result<String> {
+        self.file
+            .hash_range(&self.path, 0, self.header.header_len)
+            .map(|h| h.to_hex().to_string())
+    }
+
+    /// The ETag of a remote object (every read of it is conditional on
+    /// it); `None` for a local file.
+    #[cfg(all(feature = "remote", feature = "cli"))]
+    pub(crate) fn etag(&self) -> Option<&str> {
+        self.file.etag()
+    }
+
     /// The path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -76,6 +76,10 @@ pub(crate) struct Pin {
     /// blake3 of its first bytes: the 8-byte length and the safetensors
     /// header (names, dtypes, shapes, offsets, metadata).
     pub header_blake3: String,
+    /// A remote object's ETag (feature `remote`): every ranged read of a
+    /// job is conditional on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 /// One output file and what writing it reads.
@@ -156,6 +160,43 @@ pub(crate) fn staging_dir(output: &Path) -> Result<PathBuf> {
     Ok(output.with_file_name(format!(".{name}{STAGING_SUFFIX}")))
 }
 
+/// Where a step reads the plan's input: a path, or (feature `remote`) a
+/// URL, mounted for as long as this value lives.
+struct Located {
+    /// The path to open (a mount's local stand-in for a URL).
+    path: PathBuf,
+    /// The URL, for a remote input.
+    url: Option<String>,
+    #[cfg(feature = "remote")]
+    _mount: Option<crate::io::remote::Mount>,
+}
+
+/// Locates the input as given to `plan` (mounting a URL).
+fn locate(given: &str) -> Result<Located> {
+    if !crate::io::paths::is_url(given) {
+        return Ok(Located {
+            path: PathBuf::from(given),
+            url: None,
+            #[cfg(feature = "remote")]
+            _mount: None,
+        });
+    }
+    #[cfg(feature = "remote")]
+    {
+        let m = crate::io::remote::Mount::open(given)?;
+        Ok(Located {
+            path: m.path().to_path_buf(),
+            url: Some(given.to_string()),
+            _mount: Some(m),
+        })
+    }
+    #[cfg(not(feature = "remote"))]
+    Err(Error::usage(format!(
+        "{given} is a URL: this ckptkit was built without remote inputs (build it with \
+         `--features remote`)"
+    )))
+}
+
 /// The input, opened as every step opens it (the kinds a plan takes).
 fn open_input(input: &Path) -> Result<Box<dyn TensorSource>> {
     match input_kind(input)? {
@@ -179,8 +220,13 @@ fn open_input(input: &Path) -> Result<Box<dyn TensorSource>> {
     open_source(input)
 }
 
-/// The pins of the input's files.
-fn pins(input: &Path, files: &[String]) -> Result<Vec<Pin>> {
+/// The pins of the input's files: for a URL, each object's URL, size,
+/// ETag and header blake3, from the mount.
+fn pins(input: &Located, files: &[String]) -> Result<Vec<Pin>> {
+    if let Some(url) = &input.url {
+        return remote_pins(&input.path, url);
+    }
+    let input = &input.path;
     let mut v = Vec::with_capacity(files.len());
     for f in files {
         let p = if input.is_dir() {
@@ -193,9 +239,39 @@ fn pins(input: &Path, files: &[String]) -> Result<Vec<Pin>> {
             path: p.to_string_lossy().into_owned(),
             size,
             header_blake3: h,
+            etag: None,
         });
     }
     Ok(v)
+}
+
+#[cfg(feature = "remote")]
+fn remote_pins(path: &Path, url: &str) -> Result<Vec<Pin>> {
+    use crate::io::remote::{mounted, Mounted};
+    let pin = |u: String, f: &crate::io::safetensors_file::SafetensorsFile| -> Result<Pin> {
+        Ok(Pin {
+            path: u,
+            size: f.byte_len(),
+            header_blake3: f.header_blake3()?,
+            etag: f.etag().map(str::to_string),
+        })
+    };
+    match mounted(path) {
+        Some(Mounted::File(f)) => Ok(vec![pin(url.to_string(), &f)?]),
+        Some(Mounted::Dir(d)) => d
+            .weight_files()
+            .map(|(n, f)| pin(format!("{}/{n}", url.trim_end_matches('/')), f))
+            .collect(),
+        _ => Err(Error::usage(format!(
+            "{url}: plans take a .safetensors file or a sharded directory; convert a container \
+             or GGUF input with `migrate convert`"
+        ))),
+    }
+}
+
+#[cfg(not(feature = "remote"))]
+fn remote_pins(_path: &Path, url: &str) -> Result<Vec<Pin>> {
+    Err(Error::usage(format!("{url}: built without remote inputs")))
 }
 
 /// Size and blake3 of the 8-byte length and header of a safetensors file.
@@ -303,8 +379,6 @@ pub(crate) fn make_plan(
     opts: &ConvertOptions,
     options: serde_json::Value,
 ) -> Result<JobPlan> {
-    check_overlap(input, output, opts)?;
-    crate::io::atomic::check_destination(output, DestKind::Dir, opts.overwrite)?;
     let text = |p: &Path| {
         p.to_str().map(str::to_owned).ok_or_else(|| {
             Error::usage(format!(
@@ -314,9 +388,12 @@ pub(crate) fn make_plan(
         })
     };
     let (input_text, output_text) = (text(input)?, text(output)?);
-    let raw = open_input(input)?;
+    let at = locate(&input_text)?;
+    check_overlap(&at.path, output, opts)?;
+    crate::io::atomic::check_destination(output, DestKind::Dir, opts.overwrite)?;
+    let raw = open_input(&at.path)?;
     let src = Checked::new(raw.as_ref(), opts.verify_input);
-    let d = derive(input, output, &src, opts)?;
+    let d = derive(&at.path, output, &src, opts)?;
     Ok(JobPlan {
         format: PLAN_FORMAT.into(),
         version: PLAN_VERSION,
@@ -324,7 +401,7 @@ pub(crate) fn make_plan(
         input: input_text,
         output: output_text,
         options,
-        inputs: pins(input, &src.files())?,
+        inputs: pins(&at, &src.files())?,
         jobs: d.jobs,
     })
 }
@@ -407,18 +484,43 @@ fn read_capped(path: &Path, cap: u64, what: &'static str) -> Result<Vec<u8>> {
 }
 
 /// Checks the plan's input files against their pins, before anything
-/// else reads them.
-fn check_pins(plan: &JobPlan) -> Result<()> {
+/// else reads them (a remote input: its objects as mounted now, whose
+/// every read is conditional on the ETag compared here).
+fn check_pins(plan: &JobPlan, at: &Located) -> Result<()> {
+    let now = match &at.url {
+        Some(url) => Some(remote_pins(&at.path, url)?),
+        None => None,
+    };
     for a in &plan.inputs {
         let p = Path::new(&a.path);
         let changed = |now: String| {
             job_error(format!(
-                "{} changed since the plan (planned: {} bytes, header blake3 {}; now: {now}): \
+                "{} changed since the plan (planned: {} bytes, header blake3 {}{}; now: {now}): \
                  plan again",
-                a.path, a.size, a.header_blake3
+                a.path,
+                a.size,
+                a.header_blake3,
+                a.etag
+                    .as_deref()
+                    .map(|e| format!(", ETag {e}"))
+                    .unwrap_or_default()
             ))
             .with_file(p)
         };
+        if let Some(now) = &now {
+            match now.iter().find(|n| n.path == a.path) {
+                Some(n) if n == a => continue,
+                Some(n) => {
+                    return Err(changed(format!(
+                        "{} bytes, header blake3 {}, ETag {}",
+                        n.size,
+                        n.header_blake3,
+                        n.etag.as_deref().unwrap_or("none")
+                    )))
+                }
+                None => return Err(changed("not among the input's files".into())),
+            }
+        }
         let size = crate::io::files::open_regular(p)?
             .metadata()
             .map_err(|e| Error::from(e).with_file(p))?
@@ -438,12 +540,13 @@ fn check_pins(plan: &JobPlan) -> Result<()> {
 /// must be the plan's.
 fn reopen<'a>(
     plan: &JobPlan,
+    at: &Located,
     raw: &'a dyn TensorSource,
     opts: &ConvertOptions,
 ) -> Result<(Checked<'a>, Derived)> {
-    let input = Path::new(&plan.input);
+    let input = at.path.as_path();
     let src = Checked::new(raw, opts.verify_input);
-    let now = pins(input, &src.files())?;
+    let now = pins(at, &src.files())?;
     if now != plan.inputs {
         return Err(job_error(format!(
             "the input {} has other files now than when planned: plan again",
@@ -571,9 +674,10 @@ pub(crate) fn run_job(
             lossy_layers: Vec::new(),
         });
     }
-    check_pins(plan)?;
-    let raw = open_input(Path::new(&plan.input))?;
-    let (src, d) = reopen(plan, raw.as_ref(), opts)?;
+    let at = locate(&plan.input)?;
+    check_pins(plan, &at)?;
+    let raw = open_input(&at.path)?;
+    let (src, d) = reopen(plan, &at, raw.as_ref(), opts)?;
     opts.control.set_total(job.bytes);
     let losses: Losses = Default::default();
     let md = output_metadata(src.metadata(), &d.plan);
@@ -621,7 +725,6 @@ pub(crate) fn finish(
     opts: &ConvertOptions,
 ) -> Result<(Vec<String>, Vec<String>)> {
     let output = Path::new(&plan.output);
-    let input = Path::new(&plan.input);
     let dir = staging(plan, id, false)?;
     let mut missing = Vec::new();
     for (k, job) in plan.jobs.iter().enumerate() {
@@ -639,9 +742,11 @@ pub(crate) fn finish(
         ))
         .with_file(&dir));
     }
-    check_pins(plan)?;
+    let at = locate(&plan.input)?;
+    let input = at.path.as_path();
+    check_pins(plan, &at)?;
     let raw = open_input(input)?;
-    let (_src, d) = reopen(plan, raw.as_ref(), opts)?;
+    let (_src, d) = reopen(plan, &at, raw.as_ref(), opts)?;
     check_overlap(input, output, opts)?;
     let out = AtomicDir::create(output, opts.overwrite)?;
     let mut warnings = Vec::new();

@@ -229,6 +229,20 @@ def main():
         assert v["tensors"] > 0 and v["unchecked"] == 0, v
         checks += 1
 
+        # a plan of the prefix: objects pinned by ETag, jobs read the bucket,
+        # finish gives what convert of the files on disk gives
+        pf, pd, ref = tmp / "plan.json", tmp / "planned", tmp / "ref6"
+        six = ("--to", "plain", "--max-shard-size", "6000")
+        r = json.loads(run("plan", prefix, str(pd), *six, "--plan-file", str(pf), "--json").stdout)
+        assert r["inputs"] and all(p["etag"] and p["path"].startswith(prefix) for p in r["inputs"]), r
+        assert len(r["jobs"]) > 1, r["jobs"]
+        for k in range(len(r["jobs"])):
+            run("run-shard", str(pf), str(k), "-q")
+        run("finish", str(pf), "-q")
+        run("convert", str(local), str(ref), *six, "-q")
+        assert tree(pd) == tree(ref), "the planned output differs from convert's"
+        checks += 1
+
         # refusals: a missing bucket, a missing object
         missing = run("inspect", f"s3://no-such-bucket-{os.getpid()}/m.safetensors", ok=False)
         assert missing.returncode == 1 and "no-such-bucket" in missing.stderr, missing.stderr

@@ -67,13 +67,6 @@ const HTTP_SIDE_FILES: &[&str] = &[
 /// Weight files looked for over HTTP(S) in a directory without an index.
 const HTTP_WEIGHT_FILES: &[&str] = &["model.safetensors", "diffusion_pytorch_model.safetensors"];
 
-/// True for the URL schemes ckptkit reads remotely.
-pub fn is_url(s: &str) -> bool {
-    ["s3://", "gs://", "az://", "abfs://", "http://", "https://"]
-        .iter()
-        .any(|p| s.len() > p.len() && s[..p.len()].eq_ignore_ascii_case(p))
-}
-
 /// One store (a bucket, a container, an HTTP host) and what was fetched
 /// from it.
 pub(crate) struct Store {
@@ -325,6 +318,12 @@ impl Object {
         self.head.len() as u64
     }
 
+    /// The ETag seen when it was opened (every read is conditional on it).
+    #[cfg(feature = "cli")]
+    pub(crate) fn etag(&self) -> Option<&str> {
+        self.etag.as_deref()
+    }
+
     /// The object's URL.
     pub(crate) fn url(&self) -> &str {
         &self.url
@@ -526,7 +525,7 @@ impl Mount {
     /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`). Reads the headers and the side
     /// files; no tensor bytes.
     pub fn open(url: &str) -> Result<Mount> {
-        if !is_url(url) {
+        if !crate::io::paths::is_url(url) {
             return Err(Error::usage(format!(
                 "{url} is not an s3://, gs://, az:// or http(s):// URL"
             )));
@@ -849,6 +848,7 @@ pub(crate) fn private_dir_in(base: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::paths::is_url;
 
     #[test]
     fn urls_are_recognised_by_scheme() {
