@@ -657,13 +657,6 @@ fn run_cli(mut cli: Cli, cancel: crate::Cancel) -> Result<u8, crate::Error> {
             mounts.input(input)?;
             mounts.input(against)?;
         }
-        Cmd::Plan { args, .. } if Mounts::is_url(&args.output) => {
-            return Err(crate::Error::usage(format!(
-                "{}: a plan's jobs write to a local or shared directory; plan to one, then \
-                 copy the finished directory to the store",
-                args.output.display()
-            )));
-        }
         // a plan's steps mount a remote input themselves (jobs.rs); without
         // the feature, a URL is refused here as for the other commands
         #[cfg(not(feature = "remote"))]

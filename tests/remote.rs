@@ -318,16 +318,18 @@ fn a_plan_of_a_url_pins_its_objects_by_etag_and_its_jobs_write_what_convert_writ
         "{e}"
     );
     assert!(!c.exists());
-    // the jobs write to a local or shared directory, not to a store
+    // jobs upload to object stores, never to an HTTP server
+    // (tests/remote/s3_moto.py runs a plan whose jobs upload to S3)
     let o = run(&[
         "plan",
         &url,
-        "s3://bucket/out/",
+        &srv.url("out/"),
         "--plan-file",
-        s(&d.path().join("plan-s3.json")),
+        s(&d.path().join("plan-http.json")),
     ]);
     assert_eq!(code(&o), 2, "{}", err(&o));
-    assert!(err(&o).contains("local or shared directory"), "{}", err(&o));
+    assert!(err(&o).contains("inputs only"), "{}", err(&o));
+    assert!(!d.path().join("plan-http.json").exists());
 }
 
 /// A plain BF16 safetensors file of about 4 MiB (two tensors, finite

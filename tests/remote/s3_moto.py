@@ -243,6 +243,32 @@ def main():
         assert tree(pd) == tree(ref), "the planned output differs from convert's"
         checks += 1
 
+        # a plan whose jobs upload to the bucket: each job's object and record
+        # there, finish refused until every job is done, then the prefix holds
+        # what convert writes, and no record is left
+        pf2, dest = tmp / "plan-s3.json", f"s3://{BUCKET}/planned/toy/"
+        r = json.loads(run("plan", prefix, dest, *six, "--plan-file", str(pf2), "--json").stdout)
+        n = len(r["jobs"])
+        for k in range(n - 1):
+            out = json.loads(run("run-shard", str(pf2), str(k), "--json").stdout)
+            assert out["etag"] and not out["already_done"], out
+        early = run("finish", str(pf2), ok=False)
+        assert early.returncode == 1 and f"{n - 1} (" in early.stderr, early.stderr
+        staged = objects(s3, "planned/toy/")
+        assert not [o for o in staged if o.endswith(".index.json") or o == ".ckptkit-output.json"], staged
+        # (migrate inspect refuses a prefix of several weights and no index)
+        partial = run("inspect", dest, ok=False)
+        assert partial.returncode != 0 and "index" in partial.stderr, partial.stderr
+        run("run-shard", str(pf2), str(n - 1), "-q")
+        again = json.loads(run("run-shard", str(pf2), "0", "--json").stdout)
+        assert again["already_done"], again
+        run("finish", str(pf2), "-q")
+        pdown = tmp / "planned-down"
+        download_tree(s3, "planned/toy/", pdown)
+        assert tree(pdown) == tree(ref), "the uploaded planned output differs from convert's"
+        assert not [o for o in objects(s3, "planned/toy/") if o.startswith(".ckptkit-jobs/")]
+        checks += 1
+
         # refusals: a missing bucket, a missing object
         missing = run("inspect", f"s3://no-such-bucket-{os.getpid()}/m.safetensors", ok=False)
         assert missing.returncode == 1 and "no-such-bucket" in missing.stderr, missing.stderr

@@ -31,6 +31,8 @@ use crate::io::safetensors_file::SafetensorsFile;
 use crate::io::sharded::ShardedDir;
 
 mod upload;
+#[cfg(feature = "cli")]
+pub(crate) use upload::JOBS_PREFIX;
 pub use upload::{Upload, UploadReport};
 
 /// Bytes fetched with the first request for an object: the 8-byte length

@@ -20,6 +20,9 @@ use crate::control::Control;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::atomic::RECORD_NAME;
 
+/// Where a plan's jobs put their completion records under a remote output
+/// prefix (removed when the plan is finished).
+pub(crate) const JOBS_PREFIX: &str = ".ckptkit-jobs/";
 /// Default size of every part but the last.
 const PART: u64 = 32 << 20;
 /// The smallest part S3 accepts (but for the last).
@@ -55,6 +58,9 @@ pub struct Upload {
     replaced: Vec<String>,
     /// `--force`: companions of a file output may replace objects too.
     overwrite: bool,
+    /// Files of a staged directory that are already stored under their
+    /// names (a plan's jobs uploaded them): listed in the record, not sent.
+    stored: std::collections::HashSet<String>,
     uploaded: AtomicU64,
     parts: AtomicU64,
 }
@@ -82,6 +88,33 @@ impl Upload {
     /// makes the staging directory (under the temporary directory, or
     /// `CKPTKIT_STAGING` when set).
     pub fn prepare(url: &str, dir: bool, overwrite: bool) -> Result<Upload> {
+        Self::prepare_impl(url, dir, overwrite, Some(&[]))
+    }
+
+    /// A plan job's upload to the directory output at `url`: its staging
+    /// directory, without the destination checks (the plan made them, and
+    /// other jobs' files may be there already).
+    #[cfg(feature = "cli")]
+    pub(crate) fn for_job(url: &str) -> Result<Upload> {
+        Self::prepare_impl(url, true, true, None)
+    }
+
+    /// [`prepare`](Self::prepare)s a directory output that a plan's jobs
+    /// have partly written: the objects named `ours` (the jobs' files) and
+    /// those under [`JOBS_PREFIX`] (their records, removed after the
+    /// commit) are not in the way.
+    #[cfg(feature = "cli")]
+    pub(crate) fn prepare_with(url: &str, overwrite: bool, ours: &[String]) -> Result<Upload> {
+        Self::prepare_impl(url, true, overwrite, Some(ours))
+    }
+
+    /// `ours`: `None` skips the destination checks.
+    fn prepare_impl(
+        url: &str,
+        dir: bool,
+        overwrite: bool,
+        ours: Option<&[String]>,
+    ) -> Result<Upload> {
         let (store, key, u) = store_of(url)?;
         if store.multipart.is_none() {
             return Err(Error::usage(format!(
@@ -98,12 +131,16 @@ impl Upload {
         }
         let key = ObjectPath::from(key_s.as_str());
         let mut replaced = Vec::new();
-        if dir {
-            let have = list_all(&store, &key_s, url)?;
+        if let (true, Some(ours)) = (dir, ours) {
+            let (jobs, have): (Vec<String>, Vec<String>) = list_all(&store, &key_s, url)?
+                .into_iter()
+                .filter(|h| !ours.contains(h))
+                .partition(|h| h.starts_with(JOBS_PREFIX));
             if !have.is_empty() {
                 replaced = replaceable(&store, &key_s, url, &have, overwrite)?;
             }
-        } else if store.head(&key, url)?.is_some() && !overwrite {
+            replaced.extend(jobs);
+        } else if !dir && store.head(&key, url)?.is_some() && !overwrite {
             return Err(Error::new(ErrorKind::OutputExists(PathBuf::from(url))));
         }
         let root = match std::env::var_os("CKPTKIT_STAGING") {
@@ -120,6 +157,7 @@ impl Upload {
             root,
             replaced,
             overwrite,
+            stored: Default::default(),
             uploaded: AtomicU64::new(0),
             parts: AtomicU64::new(0),
         })
@@ -199,7 +237,9 @@ impl Upload {
             for (rel, p) in &files {
                 let key = child(self.key.as_ref(), rel, &self.url)?;
                 let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
-                self.put_file(p, &key, &u, ctl)?;
+                if !self.stored.contains(rel) {
+                    self.put_file(p, &key, &u, ctl)?;
+                }
                 report.objects += 1;
             }
             let new: std::collections::HashSet<&str> =
@@ -219,6 +259,68 @@ impl Upload {
         report.uploaded_bytes = self.uploaded.load(Ordering::Relaxed);
         report.parts = self.parts.load(Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// Marks files of the staged directory as already stored under their
+    /// names (a plan's jobs uploaded them): [`commit`](Self::commit) lists
+    /// them in the record without sending them.
+    #[cfg(feature = "cli")]
+    pub(crate) fn already_stored(&mut self, names: impl IntoIterator<Item = String>) {
+        self.stored.extend(names);
+    }
+
+    /// Uploads one local file to `rel` under the output prefix (as
+    /// [`commit`](Self::commit) uploads each file); gives the object's size
+    /// and ETag as stored.
+    #[cfg(feature = "cli")]
+    pub(crate) fn put_one(
+        &self,
+        local: &Path,
+        rel: &str,
+        ctl: &Control,
+    ) -> Result<(u64, Option<String>)> {
+        let key = child(self.key.as_ref(), rel, &self.url)?;
+        let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
+        self.put_file(local, &key, &u, ctl)?;
+        let m = self.store.head(&key, &u)?.ok_or_else(|| {
+            Error::new(ErrorKind::Remote(format!(
+                "{u}: the object is not there after its upload completed"
+            )))
+        })?;
+        Ok((m.size, m.e_tag))
+    }
+
+    /// The size and ETag of `rel` under the output prefix, if it exists.
+    #[cfg(feature = "cli")]
+    pub(crate) fn stat(&self, rel: &str) -> Result<Option<(u64, Option<String>)>> {
+        let key = child(self.key.as_ref(), rel, &self.url)?;
+        let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
+        Ok(self.store.head(&key, &u)?.map(|m| (m.size, m.e_tag)))
+    }
+
+    /// The bytes of the small object `rel` under the output prefix (at most
+    /// `cap` bytes; a larger one is refused), if it exists.
+    #[cfg(feature = "cli")]
+    pub(crate) fn read_small(&self, rel: &str, cap: u64) -> Result<Option<Vec<u8>>> {
+        let key = child(self.key.as_ref(), rel, &self.url)?;
+        let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
+        let Some(m) = self.store.head(&key, &u)? else {
+            return Ok(None);
+        };
+        if m.size > cap {
+            return Err(Error::new(ErrorKind::LimitExceeded {
+                what: "object size",
+                value: m.size,
+                limit: cap,
+            })
+            .with_file(&u));
+        }
+        if m.size == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        self.store
+            .get(&key, &u, m.e_tag.as_deref(), 0..m.size)
+            .map(Some)
     }
 
     /// One file as one multipart upload: parts 2.. in parallel, part 1 (the

@@ -12,6 +12,10 @@
 //! `finish` after the commit. A job that crashes leaves at most a temporary
 //! file there, which the next writer of that file removes; nothing appears
 //! at the output before `finish` commits.
+//!
+//! With the `remote` feature, the input may be a URL (mounted by every step,
+//! its objects pinned by ETag) and the output an object-store prefix
+//! (`remote.rs`: the jobs upload their files and records there).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -24,6 +28,9 @@ use crate::io::atomic::{AtomicDir, AtomicFile, DestKind};
 use crate::io::open::{input_kind, open_source, InputKind};
 use crate::io::source::{Checked, TensorSource};
 use crate::migrate::plan::{Plan, Target};
+
+#[cfg(feature = "remote")]
+mod remote;
 use crate::migrate::{
     carry_model_files, check_overlap, group_layers, is_training_checkpoint, model_stem,
     output_kind, output_metadata, outputs_of, planned, shard_name, update_config,
@@ -132,6 +139,9 @@ pub(crate) struct JobRecord {
     pub size: u64,
     /// Its blake3.
     pub blake3: String,
+    /// The object's ETag, when the output is remote (feature `remote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 /// What [`run_job`] did.
@@ -195,6 +205,22 @@ fn locate(given: &str) -> Result<Located> {
         "{given} is a URL: this ckptkit was built without remote inputs (build it with \
          `--features remote`)"
     )))
+}
+
+/// True when the plan's output is a URL (refused without the `remote`
+/// feature).
+fn remote_output(output: &str) -> Result<bool> {
+    if !crate::io::paths::is_url(output) {
+        return Ok(false);
+    }
+    if cfg!(feature = "remote") {
+        Ok(true)
+    } else {
+        Err(Error::usage(format!(
+            "{output} is a URL: this ckptkit was built without remote outputs (build it with \
+             `--features remote`)"
+        )))
+    }
 }
 
 /// The input, opened as every step opens it (the kinds a plan takes).
@@ -389,8 +415,13 @@ pub(crate) fn make_plan(
     };
     let (input_text, output_text) = (text(input)?, text(output)?);
     let at = locate(&input_text)?;
-    check_overlap(&at.path, output, opts)?;
-    crate::io::atomic::check_destination(output, DestKind::Dir, opts.overwrite)?;
+    if remote_output(&output_text)? {
+        #[cfg(feature = "remote")]
+        remote::check_output(&output_text, opts.overwrite)?;
+    } else {
+        check_overlap(&at.path, output, opts)?;
+        crate::io::atomic::check_destination(output, DestKind::Dir, opts.overwrite)?;
+    }
     let raw = open_input(&at.path)?;
     let src = Checked::new(raw.as_ref(), opts.verify_input);
     let d = derive(&at.path, output, &src, opts)?;
@@ -666,6 +697,10 @@ pub(crate) fn run_job(
         ))
     })?;
     opts.control.check()?;
+    if remote_output(&plan.output)? {
+        #[cfg(feature = "remote")]
+        return remote::run_job(plan, id, k, job, opts);
+    }
     let dir = staging(plan, id, true)?;
     if let Some(record) = done(&dir, id, k, job)? {
         return Ok(JobOutcome {
@@ -701,6 +736,7 @@ pub(crate) fn run_job(
         shard: job.shard.clone(),
         size,
         blake3: crate::io::hash_file(&fp)?.to_hex().to_string(),
+        etag: None,
     };
     write_json(&record, &rp, true)?;
     Ok(JobOutcome {
@@ -724,6 +760,10 @@ pub(crate) fn finish(
     id: &str,
     opts: &ConvertOptions,
 ) -> Result<(Vec<String>, Vec<String>)> {
+    if remote_output(&plan.output)? {
+        #[cfg(feature = "remote")]
+        return remote::finish(plan, id, opts);
+    }
     let output = Path::new(&plan.output);
     let dir = staging(plan, id, false)?;
     let mut missing = Vec::new();
