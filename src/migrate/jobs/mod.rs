@@ -709,22 +709,13 @@ pub(crate) fn run_job(
             lossy_layers: Vec::new(),
         });
     }
-    let at = locate(&plan.input)?;
-    check_pins(plan, &at)?;
-    let raw = open_input(&at.path)?;
-    let (src, d) = reopen(plan, &at, raw.as_ref(), opts)?;
-    opts.control.set_total(job.bytes);
-    let losses: Losses = Default::default();
-    let md = output_metadata(src.metadata(), &d.plan);
     // a record left from an earlier run goes first: a crash below must not
     // leave it beside a file it does not describe
     let rp = record_path(&dir, &job.shard);
     if std::fs::symlink_metadata(&rp).is_ok() {
         std::fs::remove_file(&rp).map_err(|e| Error::from(e).with_file(&rp))?;
     }
-    write_model_shard(
-        &src, &d.plan, &d.groups, k, &losses, &dir, &d.stem, &md, opts,
-    )?;
+    let lossy_layers = write_job(plan, k, job, &dir, opts)?;
     crate::io::atomic::fault_point("job-before-record");
     let fp = dir.join(&job.shard);
     let size = std::fs::symlink_metadata(&fp)
@@ -742,13 +733,36 @@ pub(crate) fn run_job(
     Ok(JobOutcome {
         record,
         already_done: false,
-        lossy_layers: losses
-            .into_inner()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|l| l.layer)
-            .collect(),
+        lossy_layers,
     })
+}
+
+/// Writes job `k`'s file into `dir`: the input located and its pins
+/// checked, the plan derived again (it must be the plan's). Gives the
+/// layers whose re-layout was lossy.
+fn write_job(
+    plan: &JobPlan,
+    k: usize,
+    job: &Job,
+    dir: &Path,
+    opts: &ConvertOptions,
+) -> Result<Vec<String>> {
+    let at = locate(&plan.input)?;
+    check_pins(plan, &at)?;
+    let raw = open_input(&at.path)?;
+    let (src, d) = reopen(plan, &at, raw.as_ref(), opts)?;
+    opts.control.set_total(job.bytes);
+    let losses: Losses = Default::default();
+    let md = output_metadata(src.metadata(), &d.plan);
+    write_model_shard(
+        &src, &d.plan, &d.groups, k, &losses, dir, &d.stem, &md, opts,
+    )?;
+    Ok(losses
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|l| l.layer)
+        .collect())
 }
 
 /// Checks every job's record against its file, then commits the output

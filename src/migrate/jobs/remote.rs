@@ -13,17 +13,13 @@
 use std::path::Path;
 
 use super::{
-    check_pins, job_error, locate, open_input, reopen, write_json, Job, JobOutcome, JobPlan,
-    JobRecord, MAX_RECORD_LEN,
+    check_pins, job_error, locate, open_input, reopen, write_job, write_json, Job, JobOutcome,
+    JobPlan, JobRecord, MAX_RECORD_LEN,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::atomic::AtomicDir;
 use crate::io::remote::{Upload, JOBS_PREFIX};
-use crate::io::source::TensorSource;
-use crate::migrate::{
-    carry_model_files, output_metadata, update_config, write_model_shard, write_model_tail,
-    ConvertOptions, Losses,
-};
+use crate::migrate::{carry_model_files, update_config, write_model_tail, ConvertOptions};
 
 /// Checks the output prefix as `convert` to it would (refused when it
 /// holds objects, unless `overwrite` and a previous output's record lists
@@ -74,18 +70,9 @@ pub(super) fn run_job(
             lossy_layers: Vec::new(),
         });
     }
-    let at = locate(&plan.input)?;
-    check_pins(plan, &at)?;
-    let raw = open_input(&at.path)?;
-    let (src, d) = reopen(plan, &at, raw.as_ref(), opts)?;
-    opts.control.set_total(job.bytes);
-    let losses: Losses = Default::default();
-    let md = output_metadata(src.metadata(), &d.plan);
     let dir = up.path();
     std::fs::create_dir(dir).map_err(|e| Error::from(e).with_file(dir))?;
-    write_model_shard(
-        &src, &d.plan, &d.groups, k, &losses, dir, &d.stem, &md, opts,
-    )?;
+    let lossy_layers = write_job(plan, k, job, dir, opts)?;
     let fp = dir.join(&job.shard);
     let blake3 = crate::io::hash_file(&fp)?.to_hex().to_string();
     let (size, etag) = up.put_one(&fp, &job.shard, &opts.control)?;
@@ -110,12 +97,7 @@ pub(super) fn run_job(
     Ok(JobOutcome {
         record,
         already_done: false,
-        lossy_layers: losses
-            .into_inner()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|l| l.layer)
-            .collect(),
+        lossy_layers,
     })
 }
 
