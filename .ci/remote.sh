@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 cargo build --quiet --features fuzzing,remote --example migrate
 cargo test --quiet --features fuzzing,remote --test remote
 cargo test --quiet --features fuzzing,remote --doc remote
+# the remote module's unit tests (listing caps, URL parsing)
+cargo test --quiet --features fuzzing,remote --lib remote::
 VENV=target/remote-venv
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip --disable-pip-version-check --no-cache-dir install --quiet \

@@ -246,6 +246,19 @@ def main():
         assert not [o for o in objects(s3, "planned/toy/") if o.startswith(".ckptkit-jobs/")]
         checks += 1
 
+        # a prefix listed in several pages (moto answers 1000 keys a page):
+        # the model's files, listed after 1100 other objects, are found
+        for i in range(1100):
+            s3.put_object(Bucket=BUCKET, Key=f"models/paged/blob-{i:04}.bin", Body=b"x")
+        for f in local.iterdir():
+            s3.upload_file(str(f), BUCKET, f"models/paged/{f.name}")
+        before = len(faults.log)
+        paged = json.loads(run("inspect", f"s3://{BUCKET}/models/paged/", "--json").stdout)
+        assert paged["layers"] == here["layers"], "a listing of several pages lost files"
+        pages = [q for m, p, q in faults.log[before:] if m == "GET" and "list-type=2" in q]
+        assert len(pages) >= 2, pages
+        checks += 1
+
         # refusals: a missing bucket, a missing object
         missing = run("inspect", f"s3://no-such-bucket-{os.getpid()}/m.safetensors", ok=False)
         assert missing.returncode == 1 and "no-such-bucket" in missing.stderr, missing.stderr

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 
@@ -76,6 +77,9 @@ pub(crate) struct Store {
     /// The same store's multipart uploads with explicit part numbers (S3,
     /// GCS, Azure; not HTTP, which is read-only).
     multipart: Option<Arc<dyn object_store::multipart::MultipartStore>>,
+    /// The same store's listing page by page (S3, GCS, Azure; HTTP cannot
+    /// list).
+    paged: Option<Arc<dyn PaginatedListStore>>,
     rt: tokio::runtime::Runtime,
     fetched: AtomicU64,
     requests: AtomicU64,
@@ -119,10 +123,14 @@ pub(crate) fn store_of(url: &str) -> Result<(Store, ObjectPath, url::Url)> {
     type Built = (
         Arc<dyn ObjectStore>,
         Option<Arc<dyn object_store::multipart::MultipartStore>>,
+        Option<Arc<dyn PaginatedListStore>>,
     );
-    fn both<S: ObjectStore + object_store::multipart::MultipartStore>(s: S) -> Built {
+    fn both<S>(s: S) -> Built
+    where
+        S: ObjectStore + object_store::multipart::MultipartStore + PaginatedListStore,
+    {
         let s = Arc::new(s);
-        (s.clone(), Some(s))
+        (s.clone(), Some(s.clone()), Some(s))
     }
     let built: std::result::Result<Built, object_store::Error> =
         match u.scheme().to_ascii_lowercase().as_str() {
@@ -146,7 +154,7 @@ pub(crate) fn store_of(url: &str) -> Result<(Store, ObjectPath, url::Url)> {
                 .with_client_options(opts.clone().with_allow_http(u.scheme() == "http"))
                 .with_retry(retry_config())
                 .build()
-                .map(|s| (Arc::new(s) as _, None)),
+                .map(|s| (Arc::new(s) as _, None, None)),
             s => {
                 return Err(remote_err(
                     url,
@@ -155,7 +163,8 @@ pub(crate) fn store_of(url: &str) -> Result<(Store, ObjectPath, url::Url)> {
                 ))
             }
         };
-    let (inner, multipart) = built.map_err(|e| remote_err(url, "cannot reach the store", e))?;
+    let (inner, multipart, paged) =
+        built.map_err(|e| remote_err(url, "cannot reach the store", e))?;
     let key = match u.scheme() {
         // the bucket is the host; the key is the path
         "http" | "https" | "s3" | "gs" | "az" | "abfs" => u.path().trim_start_matches('/'),
@@ -173,6 +182,7 @@ pub(crate) fn store_of(url: &str) -> Result<(Store, ObjectPath, url::Url)> {
         Store {
             inner,
             multipart,
+            paged,
             rt,
             fetched: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -697,18 +707,76 @@ fn child(dir_key: &str, name: &str, url: &str) -> Result<ObjectPath> {
     ObjectPath::parse(&k).map_err(|e| remote_err(url, "not an object path", e))
 }
 
+/// The objects and sub-prefixes directly under a prefix.
+#[derive(Default)]
+struct Level {
+    objects: Vec<object_store::ObjectMeta>,
+    common_prefixes: Vec<ObjectPath>,
+}
+
+/// One level of a prefix: its objects and its sub-prefixes, read page by
+/// page, refused as soon as they pass `budget` entries (never collected
+/// whole first). A page cut off while its body is read is asked again (the
+/// client already retried the request itself).
+fn list_level(store: &Store, dir_key: &str, url: &str, what: &str, budget: usize) -> Result<Level> {
+    let paged = store.paged.as_ref().ok_or_else(|| {
+        Error::new(ErrorKind::Remote(format!(
+            "{url}: this store cannot list objects"
+        )))
+    })?;
+    // a paged listing takes its prefix as written: the level's delimiter
+    let prefix = (!dir_key.is_empty()).then(|| format!("{dir_key}/"));
+    let mut out = Level::default();
+    let mut token: Option<String> = None;
+    loop {
+        let opts = PaginatedListOptions {
+            delimiter: Some("/".into()),
+            page_token: token.clone(),
+            ..Default::default()
+        };
+        let mut attempt = 0;
+        let page = loop {
+            store.requests.fetch_add(1, Ordering::Relaxed);
+            match store
+                .rt
+                .block_on(paged.list_paginated(prefix.as_deref(), opts.clone()))
+            {
+                Ok(p) => break p,
+                Err(e @ object_store::Error::NotFound { .. }) => {
+                    return Err(remote_err(url, what, e))
+                }
+                Err(e) if attempt + 1 >= READ_ATTEMPTS => return Err(remote_err(url, what, e)),
+                Err(_) => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                }
+            }
+        };
+        out.objects.extend(page.result.objects);
+        out.common_prefixes.extend(page.result.common_prefixes);
+        if out.objects.len() + out.common_prefixes.len() > budget {
+            return Err(Error::new(ErrorKind::Remote(format!(
+                "{url}: more than {MAX_LISTED} objects under this prefix, more than a \
+                 checkpoint directory may hold"
+            ))));
+        }
+        match page.page_token {
+            Some(t) if Some(&t) != token.as_ref() => token = Some(t),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
 /// Every object under a prefix, at any depth, by its `/`-separated path
-/// relative to the prefix (at most `MAX_LISTED`).
+/// relative to the prefix (at most `MAX_LISTED` objects and sub-prefixes
+/// in all).
 fn list_all(store: &Store, dir_key: &str, url: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![dir_key.to_string()];
     while let Some(k) = stack.pop() {
-        let prefix = (!k.is_empty()).then(|| ObjectPath::from(k.as_str()));
-        store.requests.fetch_add(1, Ordering::Relaxed);
-        let r = store
-            .rt
-            .block_on(store.inner.list_with_delimiter(prefix.as_ref()))
-            .map_err(|e| remote_err(url, "cannot list the destination", e))?;
+        let budget = MAX_LISTED.saturating_sub(out.len() + stack.len());
+        let r = list_level(store, &k, url, "cannot list the destination", budget)?;
         for m in r.objects {
             let full = m.location.as_ref();
             let rel = full
@@ -720,11 +788,6 @@ fn list_all(store: &Store, dir_key: &str, url: &str) -> Result<Vec<String>> {
         for p in r.common_prefixes {
             stack.push(p.as_ref().to_string());
         }
-        if out.len() + stack.len() > MAX_LISTED {
-            return Err(Error::new(ErrorKind::Remote(format!(
-                "{url}: more than {MAX_LISTED} objects under this prefix"
-            ))));
-        }
     }
     out.sort();
     Ok(out)
@@ -732,39 +795,7 @@ fn list_all(store: &Store, dir_key: &str, url: &str) -> Result<Vec<String>> {
 
 /// The objects directly under a prefix, by name, with their sizes.
 pub(crate) fn list(store: &Store, dir_key: &str, url: &str) -> Result<Vec<(String, u64)>> {
-    let prefix = if dir_key.is_empty() {
-        None
-    } else {
-        Some(ObjectPath::from(dir_key))
-    };
-    // the client retries the request; a listing cut off while its body is
-    // read is asked again here
-    let mut attempt = 0;
-    let r = loop {
-        store.requests.fetch_add(1, Ordering::Relaxed);
-        match store
-            .rt
-            .block_on(store.inner.list_with_delimiter(prefix.as_ref()))
-        {
-            Ok(r) => break r,
-            Err(e @ object_store::Error::NotFound { .. }) => {
-                return Err(remote_err(url, "cannot list the directory", e))
-            }
-            Err(e) if attempt + 1 >= READ_ATTEMPTS => {
-                return Err(remote_err(url, "cannot list the directory", e))
-            }
-            Err(_) => {
-                attempt += 1;
-                std::thread::sleep(Duration::from_millis(100 << attempt));
-            }
-        }
-    };
-    if r.objects.len() > MAX_LISTED {
-        return Err(Error::new(ErrorKind::Remote(format!(
-            "{url}: {} objects listed, more than the {MAX_LISTED} a checkpoint directory may hold",
-            r.objects.len()
-        ))));
-    }
+    let r = list_level(store, dir_key, url, "cannot list the directory", MAX_LISTED)?;
     let mut out: Vec<(String, u64)> = r
         .objects
         .into_iter()
@@ -867,6 +898,66 @@ mod tests {
         assert_eq!(percent_decode("a%20b/c%2Fd"), "a b/c/d");
         assert_eq!(percent_decode("trailing%2"), "trailing%2");
         assert_eq!(percent_decode("bad%zzx"), "bad%zzx");
+    }
+
+    /// A store whose listing never ends: every page holds 1000 sub-prefixes
+    /// and a token for the next.
+    struct Endless(AtomicU64);
+
+    impl PaginatedListStore for Endless {
+        fn list_paginated<'a, 'b, 'f>(
+            &'a self,
+            _prefix: Option<&'b str>,
+            _opts: PaginatedListOptions,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = object_store::Result<object_store::list::PaginatedListResult>,
+                    > + Send
+                    + 'f,
+            >,
+        >
+        where
+            'a: 'f,
+            'b: 'f,
+            Self: 'f,
+        {
+            let n = self.0.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async move {
+                Ok(object_store::list::PaginatedListResult {
+                    result: object_store::ListResult {
+                        common_prefixes: (0..1000)
+                            .map(|i| ObjectPath::from(format!("p{n}-{i}")))
+                            .collect(),
+                        objects: Vec::new(),
+                        extensions: Default::default(),
+                    },
+                    page_token: Some(format!("t{n}")),
+                })
+            })
+        }
+    }
+
+    #[test]
+    fn an_endless_listing_is_refused_at_the_cap_while_it_is_paged() {
+        let endless = Arc::new(Endless(AtomicU64::new(0)));
+        let store = Store {
+            inner: Arc::new(object_store::memory::InMemory::new()),
+            multipart: None,
+            paged: Some(endless.clone()),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap(),
+            fetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        };
+        let e = list(&store, "dir", "s3://b/dir/").unwrap_err();
+        assert!(e.to_string().contains("more than 100000 objects"), "{e}");
+        // refused on the first page past the cap, not after collecting more
+        let pages = endless.0.load(Ordering::Relaxed);
+        assert_eq!(pages as usize, MAX_LISTED / 1000 + 1);
+        let e = list_all(&store, "dir", "s3://b/dir/").unwrap_err();
+        assert!(e.to_string().contains("more than 100000 objects"), "{e}");
     }
 
     #[test]
