@@ -496,7 +496,7 @@ struct Mounts {
 }
 
 impl Mounts {
-    /// Mounts `p` when it is a URL and makes it the mount's local path.
+    /// True when `p` is a URL (s3, gs, az, abfs, http, https).
     fn is_url(p: &std::path::Path) -> bool {
         crate::io::paths::is_url(&p.to_string_lossy())
     }

@@ -28,14 +28,14 @@ use crate::io::atomic::{AtomicDir, AtomicFile, DestKind};
 use crate::io::open::{input_kind, open_source, InputKind};
 use crate::io::source::{Checked, TensorSource};
 use crate::migrate::plan::{Plan, Target};
-
-#[cfg(feature = "remote")]
-mod remote;
 use crate::migrate::{
     carry_model_files, check_overlap, group_layers, is_training_checkpoint, model_stem,
     output_kind, output_metadata, outputs_of, planned, shard_name, update_config,
     write_model_shard, write_model_tail, ConvertOptions, Losses, OutputKind,
 };
+
+#[cfg(feature = "remote")]
+mod remote;
 
 /// The `format` field of a plan file.
 pub(crate) const PLAN_FORMAT: &str = "ckptkit-plan";
