@@ -501,6 +501,7 @@ impl Mounts {
         crate::io::paths::is_url(&p.to_string_lossy())
     }
 
+    /// Mounts `p` when it is a URL and makes it the mount's local path.
     #[cfg_attr(not(feature = "remote"), allow(clippy::ptr_arg))]
     fn input(&mut self, p: &mut PathBuf) -> Result<(), crate::Error> {
         if !Self::is_url(p) {
