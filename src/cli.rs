@@ -489,7 +489,7 @@ struct Mounts {
     list: Vec<crate::io::remote::Mount>,
     /// A remote output: staged locally, uploaded after the conversion.
     #[cfg(feature = "remote")]
-    upload: Option<crate::io::remote::Upload>,
+    upload: Option<std::sync::Arc<crate::io::remote::Upload>>,
     /// What the upload sent.
     #[cfg(feature = "remote")]
     uploaded: std::sync::Mutex<Option<crate::io::remote::UploadReport>>,
@@ -536,7 +536,7 @@ impl Mounts {
                 == crate::migrate::OutputKind::Directory;
             let u = crate::io::remote::Upload::prepare(&s, dir, overwrite)?;
             *p = u.path().to_path_buf();
-            self.upload = Some(u);
+            self.upload = Some(std::sync::Arc::new(u));
             Ok(())
         }
         #[cfg(not(feature = "remote"))]
@@ -547,6 +547,27 @@ impl Mounts {
                  `--features remote`)"
             )))
         }
+    }
+
+    /// The conversion's control, which uploads each weight file of a
+    /// remote directory output as soon as it is written (`Upload::stream_file`).
+    fn streaming(&self, control: crate::Control) -> crate::Control {
+        #[cfg(feature = "remote")]
+        if let Some(u) = &self.upload {
+            let (u, ctl) = (u.clone(), control.clone());
+            return control.with_file_done(move |path, name| u.stream_file(path, name, &ctl));
+        }
+        control
+    }
+
+    /// Bytes of a remote output uploaded while the conversion ran (not in
+    /// the staged output's size).
+    fn streamed_bytes(&self) -> u64 {
+        #[cfg(feature = "remote")]
+        if let Some(u) = &self.upload {
+            return u.streamed_bytes();
+        }
+        0
     }
 
     /// Uploads a staged remote output, if any.
@@ -695,12 +716,13 @@ fn run_cmd(cli: Cli, cancel: crate::Cancel, mounts: &Mounts) -> Result<u8, crate
                     b.set_position(p.bytes_done);
                 });
             }
-            let opts = opts.control(control);
+            let opts = opts.control(mounts.streaming(control));
             let s = convert(&input, &output, &opts);
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
-            let s = s?;
+            let mut s = s?;
+            s.bytes_out += mounts.streamed_bytes();
             // a remote output: the staged, committed output is uploaded
             mounts.commit(&opts.control)?;
             if !json {

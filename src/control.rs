@@ -86,6 +86,10 @@ pub struct Progress {
 /// most about ten times a second, and once more at the end.
 pub type ProgressFn = dyn Fn(Progress) + Send + Sync;
 
+/// Called with each weight file of a directory output once it is written
+/// and committed in place: its path and its name in the directory.
+pub(crate) type FileFn = dyn Fn(&std::path::Path, &str) -> Result<()> + Send + Sync;
+
 /// The control of one operation: its cancellation handle, its progress
 /// callback, and its own counters. Options carry one; each call starts
 /// from fresh counters, so one `Control` (or options holding it) can serve
@@ -94,6 +98,7 @@ pub type ProgressFn = dyn Fn(Progress) + Send + Sync;
 pub struct Control {
     cancel: Cancel,
     progress: Option<Arc<ProgressFn>>,
+    file_done: Option<Arc<FileFn>>,
     state: Arc<State>,
 }
 
@@ -102,6 +107,7 @@ impl std::fmt::Debug for Control {
         f.debug_struct("Control")
             .field("cancel", &self.cancel)
             .field("progress", &self.progress.is_some())
+            .field("file_done", &self.file_done.is_some())
             .field("bytes_done", &self.state.done.load(Ordering::Relaxed))
             .finish()
     }
@@ -148,6 +154,26 @@ impl Control {
         self
     }
 
+    /// With this callback for each weight file of a directory output, once
+    /// written (a remote output uploads it then).
+    #[cfg(all(feature = "remote", feature = "cli"))]
+    pub(crate) fn with_file_done(
+        mut self,
+        f: impl Fn(&std::path::Path, &str) -> Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.file_done = Some(Arc::new(f));
+        self
+    }
+
+    /// Tells the file callback, if any, that a directory output's weight
+    /// file `name` at `path` is written.
+    pub(crate) fn file_done(&self, path: &std::path::Path, name: &str) -> Result<()> {
+        match &self.file_done {
+            Some(f) => f(path, name),
+            None => Ok(()),
+        }
+    }
+
     /// The cancellation handle.
     pub fn cancel_handle(&self) -> &Cancel {
         &self.cancel
@@ -158,6 +184,7 @@ impl Control {
         Control {
             cancel: self.cancel.clone(),
             progress: self.progress.clone(),
+            file_done: self.file_done.clone(),
             state: Arc::new(State::default()),
         }
     }

@@ -472,6 +472,8 @@ pub(crate) fn write_model_dir(
     let groups = group_layers(p, opts.max_shard_size);
     for gi in 0..groups.len() {
         write_model_shard(src, p, &groups, gi, losses, dir, stem, md, opts)?;
+        let name = shard_name(stem, gi, groups.len());
+        opts.control.file_done(&dir.join(&name), &name)?;
     }
     write_model_tail(p, &groups, dir, stem)
 }

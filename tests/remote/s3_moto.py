@@ -370,13 +370,18 @@ def check_outputs(run, s3, faults, tmp, local, plain_dir, migrate, env):
     checks += 1
 
     # a directory: the same files as a local directory output, its record last
+    # (each weight file streamed as soon as it is written; bytes_out counts them)
     dest = "out/toy/"
-    run("convert", str(local), f"s3://{BUCKET}/{dest}", "--to", "plain", "--max-shard-size", "6000", "-q")
+    r = run("convert", str(local), f"s3://{BUCKET}/{dest}", "--to", "plain", "--max-shard-size", "6000", "--json")
+    report = json.loads(r.stdout)
     six = tmp / "six"
-    run("convert", str(local), str(six), "--to", "plain", "--max-shard-size", "6000", "-q")
+    here = json.loads(run("convert", str(local), str(six), "--to", "plain", "--max-shard-size", "6000", "--json").stdout)
     down = tmp / "down"
     download_tree(s3, dest, down)
     assert tree(down) == tree(six), "uploaded directory differs from the local output"
+    shards = [p for p, _ in tree(six) if p.endswith(".safetensors")]
+    assert len(shards) > 1 and report["upload"]["streamed"] == len(shards), (shards, report["upload"])
+    assert report["bytes_out"] == here["bytes_out"], (report["bytes_out"], here["bytes_out"])
     completes = [p for m, p, q in faults.log if m == "POST" and "uploadId=" in q and p.startswith(f"/{BUCKET}/{dest}")]
     assert completes[-1].endswith("/.ckptkit-output.json"), completes[-3:]
     assert completes[-2].endswith(".index.json"), completes[-3:]
@@ -391,6 +396,26 @@ def check_outputs(run, s3, faults, tmp, local, plain_dir, migrate, env):
     r = run("convert", str(local), f"s3://{BUCKET}/{dest}", "--to", "plain", "--force", ok=False)
     assert r.returncode == 1 and "notes/foreign.txt" in r.stderr, r.stderr
     assert "notes/foreign.txt" in objects(s3, dest)
+    checks += 1
+
+    # Ctrl-C once a directory's first weight file is streamed: what was
+    # streamed is removed, nothing is left under the prefix
+    faults.part_delay = 0.5
+    prefix = "out/cancelled-dir/"
+    p = subprocess.Popen(
+        [str(migrate), "convert", str(local), f"s3://{BUCKET}/{prefix}", "--to", "plain",
+         "--max-shard-size", "6000", "-q"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not objects(s3, prefix):
+        time.sleep(0.05)
+    assert objects(s3, prefix), "no weight file was streamed"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    faults.part_delay = 0.0
+    assert p.returncode != 0 and "interrupted" in err.lower(), err
+    assert objects(s3, prefix) == [], objects(s3, prefix)
     checks += 1
 
     # Ctrl-C during the upload: the upload is aborted, nothing under the key

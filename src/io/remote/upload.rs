@@ -59,8 +59,16 @@ pub struct Upload {
     /// `--force`: companions of a file output may replace objects too.
     overwrite: bool,
     /// Files of a staged directory that are already stored under their
-    /// names (a plan's jobs uploaded them): listed in the record, not sent.
-    stored: std::collections::HashSet<String>,
+    /// names (a plan's jobs uploaded them, or they were streamed): listed
+    /// in the record, not sent again.
+    stored: Mutex<std::collections::HashSet<String>>,
+    /// Files uploaded while the conversion ran
+    /// ([`stream_file`](Self::stream_file)): removed again if the output
+    /// is never committed.
+    streamed: Mutex<Vec<String>>,
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    streamed_bytes: AtomicU64,
+    committed: std::sync::atomic::AtomicBool,
     uploaded: AtomicU64,
     parts: AtomicU64,
 }
@@ -78,6 +86,10 @@ pub struct UploadReport {
     pub parts: u64,
     /// Objects of the previous output removed (`--force`).
     pub removed: Vec<String>,
+    /// Weight files of a directory output uploaded while the conversion
+    /// ran, each as soon as it was written (so the staging directory held
+    /// one at a time).
+    pub streamed: u64,
 }
 
 impl Upload {
@@ -158,6 +170,9 @@ impl Upload {
             replaced,
             overwrite,
             stored: Default::default(),
+            streamed: Default::default(),
+            streamed_bytes: AtomicU64::new(0),
+            committed: Default::default(),
             uploaded: AtomicU64::new(0),
             parts: AtomicU64::new(0),
         })
@@ -237,7 +252,7 @@ impl Upload {
             for (rel, p) in &files {
                 let key = child(self.key.as_ref(), rel, &self.url)?;
                 let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
-                if !self.stored.contains(rel) {
+                if !self.is_stored(rel) {
                     self.put_file(p, &key, &u, ctl)?;
                 }
                 report.objects += 1;
@@ -258,6 +273,8 @@ impl Upload {
         }
         report.uploaded_bytes = self.uploaded.load(Ordering::Relaxed);
         report.parts = self.parts.load(Ordering::Relaxed);
+        report.streamed = self.lock_streamed().len() as u64;
+        self.committed.store(true, Ordering::Relaxed);
         Ok(report)
     }
 
@@ -265,8 +282,50 @@ impl Upload {
     /// names (a plan's jobs uploaded them): [`commit`](Self::commit) lists
     /// them in the record without sending them.
     #[cfg(feature = "cli")]
-    pub(crate) fn already_stored(&mut self, names: impl IntoIterator<Item = String>) {
-        self.stored.extend(names);
+    pub(crate) fn already_stored(&self, names: impl IntoIterator<Item = String>) {
+        self.stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(names);
+    }
+
+    fn is_stored(&self, rel: &str) -> bool {
+        self.stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(rel)
+    }
+
+    fn lock_streamed(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.streamed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A weight file of a directory output, written and committed in the
+    /// staging directory (`local`, named `rel` in it): uploaded now, while
+    /// the conversion goes on, and its local copy emptied (it stays in the
+    /// staged directory, so the output record lists it), so the staging
+    /// file system holds one weight file at a time. Only for a directory
+    /// output replacing nothing (with `--force` over a previous output,
+    /// every file waits for [`commit`](Self::commit), which keeps the
+    /// previous output whole until then). If the output is never committed,
+    /// dropping this removes what was streamed.
+    #[cfg(feature = "cli")]
+    pub(crate) fn stream_file(&self, local: &Path, rel: &str, ctl: &Control) -> Result<()> {
+        if !self.dir || !self.replaced.is_empty() {
+            return Ok(());
+        }
+        self.lock_streamed().push(rel.to_string());
+        let (size, _) = self.put_one(local, rel, ctl)?;
+        self.streamed_bytes.fetch_add(size, Ordering::Relaxed);
+        self.already_stored([rel.to_string()]);
+        std::fs::File::create(local).map_err(|e| Error::from(e).with_file(local))?;
+        Ok(())
+    }
+
+    /// Bytes of the weight files uploaded while the conversion ran.
+    #[cfg(feature = "cli")]
+    pub(crate) fn streamed_bytes(&self) -> u64 {
+        self.streamed_bytes.load(Ordering::Relaxed)
     }
 
     /// Uploads one local file to `rel` under the output prefix (as
@@ -440,6 +499,16 @@ impl Upload {
 impl Drop for Upload {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
+        if self.committed.load(Ordering::Relaxed) {
+            return;
+        }
+        // an output never committed leaves none of its files behind (those
+        // a killed process streamed stay, without an index or a record)
+        for rel in self.lock_streamed().iter() {
+            if let Ok(key) = child(self.key.as_ref(), rel, &self.url) {
+                let _ = self.store.rt.block_on(self.store.inner.delete(&key));
+            }
+        }
     }
 }
 

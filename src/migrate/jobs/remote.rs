@@ -132,7 +132,7 @@ pub(super) fn finish(
     let raw = open_input(input)?;
     let (_src, d) = reopen(plan, &at, raw.as_ref(), opts)?;
     let shards: Vec<String> = plan.jobs.iter().map(|j| j.shard.clone()).collect();
-    let mut up = Upload::prepare_with(&plan.output, opts.overwrite, &shards)?;
+    let up = Upload::prepare_with(&plan.output, opts.overwrite, &shards)?;
     let out = AtomicDir::create(up.path(), false)?;
     if input.is_dir() {
         carry_model_files(input, out.path(), &opts.control)?;
