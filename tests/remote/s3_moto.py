@@ -295,6 +295,20 @@ def part_puts(faults, key):
     return out
 
 
+def interrupted(cmd, env, started, what):
+    """Runs `cmd`, sends it SIGINT once `started()` is true, and checks that
+    it stopped saying it was interrupted; gives its standard error."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not started() and time.time() < deadline:
+        time.sleep(0.05)
+    assert started(), what
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "interrupted" in err.lower(), err
+    return err
+
+
 def check_outputs(run, s3, faults, tmp, local, plain_dir, migrate, env):
     """Outputs at s3:// URLs: multipart uploads with the header part last,
     byte-identical to local outputs; directories committed by their record;
@@ -402,37 +416,23 @@ def check_outputs(run, s3, faults, tmp, local, plain_dir, migrate, env):
     # streamed is removed, nothing is left under the prefix
     faults.part_delay = 0.5
     prefix = "out/cancelled-dir/"
-    p = subprocess.Popen(
+    interrupted(
         [str(migrate), "convert", str(local), f"s3://{BUCKET}/{prefix}", "--to", "plain",
          "--max-shard-size", "6000", "-q"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env, lambda: objects(s3, prefix), "no weight file was streamed",
     )
-    deadline = time.time() + 60
-    while time.time() < deadline and not objects(s3, prefix):
-        time.sleep(0.05)
-    assert objects(s3, prefix), "no weight file was streamed"
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
     faults.part_delay = 0.0
-    assert p.returncode != 0 and "interrupted" in err.lower(), err
     assert objects(s3, prefix) == [], objects(s3, prefix)
     checks += 1
 
     # Ctrl-C during the upload: the upload is aborted, nothing under the key
     faults.part_delay = 1.0
     key = "out/cancelled.safetensors"
-    p = subprocess.Popen(
+    interrupted(
         [str(migrate), "convert", str(big), f"s3://{BUCKET}/{key}", "--to", "plain:f32", "-q"],
-        env=env_parts, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env_parts, lambda: part_puts(faults, key), "no part was sent",
     )
-    deadline = time.time() + 60
-    while not part_puts(faults, key) and time.time() < deadline:
-        time.sleep(0.05)
-    assert part_puts(faults, key), "no part was sent"
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
     faults.part_delay = 0.0
-    assert p.returncode != 0 and "interrupted" in err.lower(), err
     assert key not in objects(s3, ""), "a cancelled upload left an object"
     pending = s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
     assert not [u for u in pending if u["Key"] == key], pending
