@@ -168,6 +168,23 @@ def main():
         assert header <= fetched <= min(size, 64 << 10) + side, (fetched, size, side, header)
         checks += 1
 
+        # inspect of a 1 GiB object fetches its header only (under 1 MiB)
+        gib = tmp / "gib.safetensors"
+        header = json.dumps(
+            {"w.weight": {"dtype": "BF16", "shape": [32768, 16384], "data_offsets": [0, 1 << 30]}}
+        ).encode()
+        header += b" " * (-len(header) % 8)
+        with open(gib, "wb") as f:
+            f.write(len(header).to_bytes(8, "little") + header)
+            f.truncate(8 + len(header) + (1 << 30))
+        s3.upload_file(str(gib), BUCKET, "big/gib.safetensors")
+        gib.unlink()
+        r = json.loads(run("inspect", f"s3://{BUCKET}/big/gib.safetensors", "--json").stdout)
+        assert r["total_bytes"] == 1 << 30, r["total_bytes"]
+        assert r["remote"][0]["fetched_bytes"] < 1 << 20, r["remote"]
+        s3.delete_object(Bucket=BUCKET, Key="big/gib.safetensors")
+        checks += 1
+
         # convert from the bucket: byte-identical to convert of the files on disk
         a, b = tmp / "a", tmp / "b"
         run("convert", str(local), str(a), "--to", "plain", "-q")
