@@ -596,6 +596,20 @@ fn write_seeds() {
     g.resize(g.len().next_multiple_of(32), 0);
     out.put("regressions", "gguf", "zero_dim_hides_overflow", &g);
 
+    // gguf: an F64 value that is a NaN (i64::MAX's bytes), which once made
+    // the target's whole-versus-prefix comparison fail (NaN != NaN)
+    let mut g = b"GGUF".to_vec();
+    g.extend(3u32.to_le_bytes()); // version
+    g.extend(0u64.to_le_bytes()); // tensors
+    g.extend(1u64.to_le_bytes()); // metadata pairs
+    let name = b"ckptkit.test.f64";
+    g.extend((name.len() as u64).to_le_bytes());
+    g.extend(name);
+    g.extend(12u32.to_le_bytes()); // F64
+    g.extend(i64::MAX.to_le_bytes());
+    g.resize(g.len().next_multiple_of(32), 0);
+    out.put("regressions", "gguf", "nan_kv_value", &g);
+
     // manifest: a string length prefix of 2^40 (bincode varint 253 = u64)
     let mut m = vec![1, 0, 1, 253];
     m.extend_from_slice(&(1u64 << 40).to_le_bytes());
