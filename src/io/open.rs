@@ -33,20 +33,28 @@ pub fn input_kind(path: &Path) -> Result<InputKind> {
     }
     // refuses FIFOs, devices and sockets without blocking on them
     let f = crate::io::files::open_regular(path)?;
-    let mut magic = [0u8; 8];
+    let mut first = [0u8; 8];
+    let n = md.len().min(8) as usize;
     use std::os::unix::fs::FileExt;
-    let is_ckpk =
-        md.len() >= 8 && f.read_exact_at(&mut magic, 0).is_ok() && magic == crate::format::MAGIC;
-    let is_gguf = md.len() >= 4
-        && f.read_exact_at(&mut magic[..4], 0).is_ok()
-        && magic[..4] == crate::format::gguf::read::MAGIC;
-    Ok(if is_ckpk {
+    // a file that cannot be read here is read (and refused) as safetensors
+    let n = if f.read_exact_at(&mut first[..n], 0).is_ok() {
+        n
+    } else {
+        0
+    };
+    Ok(file_kind(&first[..n]))
+}
+
+/// The kind of a file (local or remote) by its first bytes (up to 8): the
+/// container magic, `GGUF`, else safetensors.
+pub(crate) fn file_kind(first: &[u8]) -> InputKind {
+    if first.len() >= 8 && first[..8] == crate::format::MAGIC {
         InputKind::Container
-    } else if is_gguf {
+    } else if first.len() >= 4 && first[..4] == crate::format::gguf::read::MAGIC {
         InputKind::Gguf
     } else {
         InputKind::Safetensors
-    })
+    }
 }
 
 /// The URL and size a mounted remote input is recorded by in provenance

@@ -448,15 +448,13 @@ impl Mounted {
     /// [`input_kind`](crate::io::open::input_kind) decides for a local
     /// file): a container, a GGUF file, else safetensors.
     fn of_object(obj: Object) -> Result<Mounted> {
-        let mut magic = [0u8; 8];
+        let mut first = [0u8; 8];
         let n = obj.size().min(8) as usize;
-        obj.read_at(0, &mut magic[..n])?;
-        Ok(if n == 8 && magic == crate::format::MAGIC {
-            Mounted::Container(Arc::new(Container::open_remote(obj)?))
-        } else if n >= 4 && magic[..4] == crate::format::gguf::read::MAGIC {
-            Mounted::Gguf(Arc::new(GgufFile::open_remote(obj)?))
-        } else {
-            Mounted::File(Arc::new(SafetensorsFile::open_remote(obj)?))
+        obj.read_at(0, &mut first[..n])?;
+        Ok(match crate::io::open::file_kind(&first[..n]) {
+            InputKind::Container => Mounted::Container(Arc::new(Container::open_remote(obj)?)),
+            InputKind::Gguf => Mounted::Gguf(Arc::new(GgufFile::open_remote(obj)?)),
+            _ => Mounted::File(Arc::new(SafetensorsFile::open_remote(obj)?)),
         })
     }
 

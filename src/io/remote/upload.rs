@@ -250,8 +250,7 @@ impl Upload {
             let mut files = local_files(&self.local)?;
             files.sort_by_key(|(rel, _)| (rank(rel), rel.clone()));
             for (rel, p) in &files {
-                let key = child(self.key.as_ref(), rel, &self.url)?;
-                let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
+                let (key, u) = self.at(rel)?;
                 if !self.is_stored(rel) {
                     self.put_file(p, &key, &u, ctl)?;
                 }
@@ -263,7 +262,7 @@ impl Upload {
                 if new.contains(old.as_str()) {
                     continue;
                 }
-                let key = child(self.key.as_ref(), old, &self.url)?;
+                let (key, _) = self.at(old)?;
                 self.store
                     .rt
                     .block_on(self.store.inner.delete(&key))
@@ -338,8 +337,7 @@ impl Upload {
         rel: &str,
         ctl: &Control,
     ) -> Result<(u64, Option<String>)> {
-        let key = child(self.key.as_ref(), rel, &self.url)?;
-        let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
+        let (key, u) = self.at(rel)?;
         self.put_file(local, &key, &u, ctl)?;
         let m = self.store.head(&key, &u)?.ok_or_else(|| {
             Error::new(ErrorKind::Remote(format!(
@@ -352,8 +350,7 @@ impl Upload {
     /// The size and ETag of `rel` under the output prefix, if it exists.
     #[cfg(feature = "cli")]
     pub(crate) fn stat(&self, rel: &str) -> Result<Option<(u64, Option<String>)>> {
-        let key = child(self.key.as_ref(), rel, &self.url)?;
-        let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
+        let (key, u) = self.at(rel)?;
         Ok(self.store.head(&key, &u)?.map(|m| (m.size, m.e_tag)))
     }
 
@@ -361,8 +358,7 @@ impl Upload {
     /// `cap` bytes; a larger one is refused), if it exists.
     #[cfg(feature = "cli")]
     pub(crate) fn read_small(&self, rel: &str, cap: u64) -> Result<Option<Vec<u8>>> {
-        let key = child(self.key.as_ref(), rel, &self.url)?;
-        let u = format!("{}/{rel}", self.url.trim_end_matches('/'));
+        let (key, u) = self.at(rel)?;
         let Some(m) = self.store.head(&key, &u)? else {
             return Ok(None);
         };
@@ -380,6 +376,13 @@ impl Upload {
         self.store
             .get(&key, &u, m.e_tag.as_deref(), 0..m.size)
             .map(Some)
+    }
+
+    /// The object `rel` under the output prefix: its path in the store and
+    /// its URL.
+    fn at(&self, rel: &str) -> Result<(ObjectPath, String)> {
+        let key = child(self.key.as_ref(), rel, &self.url)?;
+        Ok((key, format!("{}/{rel}", self.url.trim_end_matches('/'))))
     }
 
     /// One file as one multipart upload: parts 2.. in parallel, part 1 (the
@@ -505,7 +508,7 @@ impl Drop for Upload {
         // an output never committed leaves none of its files behind (those
         // a killed process streamed stay, without an index or a record)
         for rel in self.lock_streamed().iter() {
-            if let Ok(key) = child(self.key.as_ref(), rel, &self.url) {
+            if let Ok((key, _)) = self.at(rel) {
                 let _ = self.store.rt.block_on(self.store.inner.delete(&key));
             }
         }
